@@ -1,0 +1,201 @@
+"""The `courierd` command: parse arguments, build settings once, map errors to exit codes.
+
+Exit codes (CONTRACT.md section 1): 0 ok, 2 bad input or configuration (nothing sent),
+1 remote or fatal error. Errors are one line on stderr; `--debug` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from courierd import __version__, lifecycle
+from courierd.config import Settings, load_settings
+from courierd.errors import ConfigError, CourierdError, InputError, OneTabletError
+from courierd.logs import setup_logging
+from courierd.onetablet import CANCEL_REASONS, OneTabletClient, with_retries
+from courierd.order_schema import check_order
+from courierd.store import Store
+from courierd.telemetry import MAX_ID, format_ts
+
+log = logging.getLogger("courierd")
+
+EXIT_OK, EXIT_REMOTE, EXIT_INPUT = 0, 1, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="TOML settings file (default: $COURIERD_CONFIG, else none)",
+    )
+    common.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    common.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    common.add_argument("--log-format", choices=["text", "json"])
+
+    parser = argparse.ArgumentParser(
+        prog="courierd", description="Courier telemetry (MQTT) to OneTablet delivery statuses."
+    )
+    parser.add_argument("--version", action="version", version=f"courierd {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", parents=[common], help="run the daemon in the foreground")
+    run.add_argument("--mqtt-url", help="overrides mqtt.url")
+    run.add_argument("--store-path", help="overrides store.path")
+    run.add_argument("--http-listen", help="overrides http.listen (empty: off)")
+
+    order = commands.add_parser("order", help="submit, cancel or show an order")
+    order_cmds = order.add_subparsers(dest="order_command", required=True, metavar="ACTION")
+    submit = order_cmds.add_parser("submit", parents=[common], help="POST /orders")
+    submit.add_argument("file", metavar="FILE", help="order JSON file, or - for stdin")
+    cancel = order_cmds.add_parser("cancel", parents=[common], help="POST /orders/{id}/cancel")
+    cancel.add_argument("order_id", metavar="ORDER_ID")
+    cancel.add_argument("--reason", choices=CANCEL_REASONS, default="OTHER")
+    cancel.add_argument("--details", metavar="TEXT", help="free-text cancellation reason")
+    show = order_cmds.add_parser("show", parents=[common], help="print an order as JSON")
+    show.add_argument("order_id", metavar="ORDER_ID")
+
+    config = commands.add_parser("config", help="configuration tools")
+    config_cmds = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    config_cmds.add_parser(
+        "check", parents=[common], help="validate settings and print them, secrets masked"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings(args.config, _overrides(args))
+        setup_logging(settings.log.level, settings.log.format)
+        return _dispatch(args, settings)
+    except (ConfigError, InputError) as e:
+        return _fail(args, e, EXIT_INPUT)
+    except (OneTabletError, CourierdError) as e:
+        return _fail(args, e, EXIT_REMOTE)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
+    if args.command == "run":
+        from courierd.service import run_daemon  # the daemon's imports are for `run` only
+
+        return run_daemon(settings)
+    if args.command == "config":
+        print(json.dumps(masked_settings(settings), indent=2))
+        return EXIT_OK
+    if args.order_command == "show":
+        return _order_show(settings, args.order_id)
+    if args.order_command == "submit":
+        return _order_submit(settings, args.file)
+    return _order_cancel(settings, args.order_id, args.reason, args.details)
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Flags that map onto settings; only those given, so lower layers still apply."""
+    pairs = {
+        ("mqtt", "url"): getattr(args, "mqtt_url", None),
+        ("store", "path"): getattr(args, "store_path", None),
+        ("http", "listen"): getattr(args, "http_listen", None),
+        ("log", "level"): args.log_level,
+        ("log", "format"): args.log_format,
+    }
+    out: dict[str, dict[str, Any]] = {}
+    for (section, key), value in pairs.items():
+        if value is not None:
+            out.setdefault(section, {})[key] = value
+    return out
+
+
+def masked_settings(settings: Settings) -> dict[str, Any]:
+    """Effective settings as JSON; secrets appear as '**********' (or null when unset)."""
+    return settings.model_dump(mode="json")
+
+
+def _client(settings: Settings) -> OneTabletClient:
+    ot = settings.require_onetablet()
+    assert ot.base_url is not None and ot.api_key is not None
+    return OneTabletClient(
+        ot.base_url, ot.api_key.get_secret_value(), transport=ot.transport, timeout=ot.timeout_s
+    )
+
+
+def _retrying(settings: Settings) -> dict[str, Any]:
+    def on_retry(error: OneTabletError, delay: float) -> None:
+        log.warning("onetablet.retry in=%.1fs reason=%r", delay, str(error))
+
+    return {"schedule": settings.onetablet.retry_schedule_s, "on_retry": on_retry}
+
+
+def _order_submit(settings: Settings, file: str) -> int:
+    source = "stdin" if file == "-" else file
+    try:
+        document = sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
+    except OSError as e:
+        raise InputError(f"cannot read {source}: {e.strerror}") from None
+    order_id = check_order(document, source)
+    with _client(settings) as client:
+        reply = with_retries(lambda: client.submit_order(document, order_id), **_retrying(settings))
+    print(json.dumps({"order_id": order_id, "status": reply.status, "reply": reply.body}))
+    return EXIT_OK
+
+
+def _order_cancel(settings: Settings, order_id: str, reason: str, details: str | None) -> int:
+    if not order_id or len(order_id) > MAX_ID or "/" in order_id:
+        raise InputError(f"order id {order_id[:40]!r} must be 1-128 characters without '/'")
+    store = _store(settings)
+    try:
+        cancelled = lifecycle.cancel(store.get_order(order_id), order_id)  # refuses after dropoff
+        with _client(settings) as client:
+            reply = with_retries(
+                lambda: client.cancel_order(order_id, reason, details), **_retrying(settings)
+            )
+        dropped = store.save_cancel(cancelled, format_ts(datetime.now(UTC)))
+    finally:
+        store.close()
+    print(
+        json.dumps(
+            {
+                "order_id": order_id,
+                "cancelled": True,
+                "dropped_pushes": dropped,
+                "status": reply.status,
+                "reply": reply.body,
+            }
+        )
+    )
+    return EXIT_OK
+
+
+def _order_show(settings: Settings, order_id: str) -> int:
+    store = _store(settings)
+    try:
+        view = store.order_view(order_id)
+    finally:
+        store.close()
+    if view is None:
+        print(f"courierd: unknown order {order_id!r}", file=sys.stderr)
+        return EXIT_REMOTE
+    print(json.dumps(view, indent=2))
+    return EXIT_OK
+
+
+def _store(settings: Settings) -> Store:
+    return Store(settings.store.path, synchronous=settings.store.synchronous)
+
+
+def _fail(args: argparse.Namespace, error: Exception, code: int) -> int:
+    if getattr(args, "debug", False):
+        import traceback
+
+        traceback.print_exc()
+    print(f"courierd: {error}", file=sys.stderr)
+    return code

@@ -1,0 +1,211 @@
+"""Settings (CONTRACT.md section 2): flags > environment > TOML file > defaults.
+
+Environment names are `COURIERD_` + section + `__` + key. Settings are built once at
+startup by the CLI; each component is handed only its own section.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from courierd.errors import ConfigError
+
+ENV_PREFIX = "COURIERD_"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MqttSettings(_Section):
+    url: str = "mqtt://127.0.0.1:1883"
+    username: str | None = None
+    password: SecretStr | None = None
+    client_id: str = Field("courierd", min_length=1, max_length=64)
+    protocol: Literal["5", "3.1.1"] = "5"
+    # How long the broker keeps our session (and queues our messages) while we are away.
+    session_expiry_s: int = Field(7 * 24 * 3600, ge=60)
+    keepalive_s: int = Field(30, ge=5)
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+            raise ValueError("must look like mqtt://host:1883 or mqtts://host:8883")
+        _ = parts.port  # raises ValueError on a bad port
+        return value
+
+    @property
+    def tls(self) -> bool:
+        return urlsplit(self.url).scheme == "mqtts"
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or "127.0.0.1"
+
+    @property
+    def port(self) -> int:
+        return urlsplit(self.url).port or (8883 if self.tls else 1883)
+
+
+class OneTabletSettings(_Section):
+    base_url: str | None = None
+    api_key: SecretStr | None = None
+    transport: Literal["rest", "webhooks"] = "rest"
+    timeout_s: float = Field(30.0, gt=0)
+    # Waits between attempts of a failed call (the API text's 1 s, 5 s, 30 s).
+    retry_schedule_s: tuple[float, ...] = Field((1.0, 5.0, 30.0), min_length=1)
+    max_concurrency: int = Field(16, ge=1, le=256)
+
+    @field_validator("base_url")
+    @classmethod
+    def _base_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL")
+        return value.rstrip("/")
+
+    @field_validator("retry_schedule_s")
+    @classmethod
+    def _schedule(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if any(v < 0 for v in value):
+            raise ValueError("waits must not be negative")
+        return value
+
+
+class StoreSettings(_Section):
+    path: Path = Path("./var/courierd.db")
+    # FULL survives power loss; NORMAL in WAL mode may lose the last commits.
+    synchronous: Literal["FULL", "NORMAL"] = "FULL"
+
+
+class IngestSettings(_Section):
+    batch_size: int = Field(500, ge=1, le=10_000)
+    batch_ms: float = Field(10.0, ge=0)
+
+
+class HttpSettings(_Section):
+    listen: str = "127.0.0.1:8787"
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        if value == "":
+            return value
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("must be host:port, e.g. 127.0.0.1:8787, or empty to turn it off")
+        return value
+
+
+class LogSettings(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["text", "json"] = "text"
+
+
+class Settings(BaseSettings):
+    """Every setting of courierd, grouped by the component that uses it."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    mqtt: MqttSettings = MqttSettings()
+    onetablet: OneTabletSettings = OneTabletSettings()
+    store: StoreSettings = StoreSettings()
+    ingest: IngestSettings = IngestSettings()
+    http: HttpSettings = HttpSettings()
+    log: LogSettings = LogSettings()
+
+    def require_onetablet(self) -> OneTabletSettings:
+        """The OneTablet section, with the settings `run` and the order commands need."""
+        for key in ("base_url", "api_key"):
+            if getattr(self.onetablet, key) is None:
+                raise ConfigError(
+                    f"missing setting onetablet.{key} "
+                    f"(set {env_name(('onetablet', key))} or [onetablet] {key} in the config file)"
+                )
+        return self.onetablet
+
+
+def env_name(loc: tuple[str | int, ...]) -> str:
+    return ENV_PREFIX + "__".join(str(p).upper() for p in loc[:2])
+
+
+def load_settings(
+    config_file: Path | None = None, overrides: dict[str, Any] | None = None
+) -> Settings:
+    """Build settings once. `overrides` are the command-line flags, as nested dicts."""
+    path = config_file or _env_config_file()
+    if path is not None:
+        _check_toml(path)
+
+    class _Sourced(Settings):
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+            if path is not None:
+                sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+            return tuple(sources)
+
+    try:
+        built = _Sourced(**(overrides or {}))
+    except ValidationError as e:
+        raise ConfigError(_describe(e, path)) from None
+    return Settings.model_construct(
+        **{name: getattr(built, name) for name in Settings.model_fields}
+    )
+
+
+def _env_config_file() -> Path | None:
+    value = os.environ.get(ENV_PREFIX + "CONFIG")
+    return Path(value) if value else None
+
+
+def _check_toml(path: Path) -> None:
+    """A named config file must exist and parse; say which file and where it is wrong."""
+    try:
+        with path.open("rb") as f:
+            tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path} cannot be read: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+
+
+def _describe(error: ValidationError, path: Path | None) -> str:
+    """One line naming the first bad key and its variable; never echo secret values."""
+    first = error.errors()[0]
+    loc = tuple(p for p in first["loc"] if isinstance(p, str))
+    key = ".".join(loc) or "settings"
+    message = first["msg"]
+    if first["type"] == "extra_forbidden":
+        message = "unknown setting" + (f" in {path}" if path else "")
+    return f"invalid setting {key} ({env_name(loc)}): {message}"

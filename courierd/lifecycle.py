@@ -1,0 +1,156 @@
+"""The delivery lifecycle: one state machine, and the pure decision of what an event does.
+
+`DeliveryLifecycle` is the single definition of the chain. Building and driving a
+python-statemachine instance costs hundreds of microseconds, too much per MQTT message,
+so the transition table is read off the class once at import (`CHAIN`, `CANCELLABLE`)
+and `decide` works on that table. `tests/test_lifecycle.py` drives the real machine
+against the table to prove they agree.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from statemachine import State, StateMachine
+
+from courierd.errors import InputError, StoreError
+from courierd.model import (
+    CANCELLED,
+    NEW,
+    Decision,
+    Order,
+    Outcome,
+    Push,
+    Status,
+    StatusEvent,
+    Transition,
+    drop_nulls,
+    dumps,
+)
+
+
+class DeliveryLifecycle(StateMachine):
+    """dasher_confirmed → arriving_at_store → arrived_at_store → out_for_delivery → dropoff.
+
+    An order can be cancelled from any state before dropoff; dropoff and cancelled are final.
+    """
+
+    new = State(initial=True, value=NEW)
+    dasher_confirmed = State(value=Status.DASHER_CONFIRMED.value)
+    arriving_at_store = State(value=Status.ARRIVING_AT_STORE.value)
+    arrived_at_store = State(value=Status.ARRIVED_AT_STORE.value)
+    dasher_out_for_delivery = State(value=Status.DASHER_OUT_FOR_DELIVERY.value)
+    dropoff = State(final=True, value=Status.DROPOFF.value)
+    cancelled = State(final=True, value=CANCELLED)
+
+    advance = (
+        new.to(dasher_confirmed)
+        | dasher_confirmed.to(arriving_at_store)
+        | arriving_at_store.to(arrived_at_store)
+        | arrived_at_store.to(dasher_out_for_delivery)
+        | dasher_out_for_delivery.to(dropoff)
+    )
+    cancel = (
+        new.to(cancelled)
+        | dasher_confirmed.to(cancelled)
+        | arriving_at_store.to(cancelled)
+        | arrived_at_store.to(cancelled)
+        | dasher_out_for_delivery.to(cancelled)
+    )
+
+
+def _read_table() -> tuple[tuple[Status, ...], frozenset[str], frozenset[str]]:
+    """Follow `advance` from the initial state to get the chain; collect cancellable states."""
+    by_id = {s.id: s for s in DeliveryLifecycle.states}
+    advance: dict[str, str] = {}
+    cancellable: set[str] = set()
+    for state in DeliveryLifecycle.states:
+        for t in state.transitions:
+            target = t.targets[0]
+            if t.event == "advance":
+                advance[state.value] = target.value
+            elif t.event == "cancel":
+                cancellable.add(state.value)
+    chain: list[Status] = []
+    current = next(s for s in by_id.values() if s.initial).value
+    while current in advance:
+        current = advance[current]
+        chain.append(Status(current))
+    values = frozenset(s.value for s in DeliveryLifecycle.states)
+    return tuple(chain), frozenset(cancellable), values
+
+
+CHAIN, CANCELLABLE, STATE_VALUES = _read_table()
+_RANK: dict[str, int] = {NEW: -1, **{s.value: i for i, s in enumerate(CHAIN)}}
+
+
+def validate_state(value: str) -> str:
+    """A stored state value, checked against the machine (a corrupt row is fatal)."""
+    if value not in STATE_VALUES:
+        raise StoreError(f"unknown order state {value!r} in the database")
+    return value
+
+
+def idempotency_key(order_id: str, status: Status) -> str:
+    """Stable for the life of the push: each status is pushed once per order."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"courierd:{order_id}:{status.value}"))
+
+
+def push_body(status: Status, courier_info: Mapping[str, Any] | None) -> str:
+    """The delivery-status body; courier_info fields that are absent are left out."""
+    body: dict[str, Any] = {"delivery_status": status.value}
+    info = drop_nulls(dict(courier_info)) if courier_info else None
+    if info:
+        body["courier_info"] = info
+    return dumps(body)
+
+
+def decide(
+    order: Order | None,
+    event: StatusEvent,
+    *,
+    duplicate: bool,
+    profile: Mapping[str, Any] | None,
+    received_at: str,
+) -> Decision:
+    """What `event` does to `order` (None: not seen yet). Pure: no clock, no I/O.
+
+    `duplicate` says the event_id was seen before; `profile` is the courier's retained
+    courier_info, used when the event carries none; `received_at` dates transitions of
+    events without a `ts`.
+    """
+    current = order or Order(event.order_id)
+    if duplicate:
+        return Decision(Outcome.DUPLICATE, current)
+    if current.cancelled:
+        return Decision(Outcome.CANCELLED, current)
+    if current.courier_id is not None and current.courier_id != event.courier_id:
+        return Decision(Outcome.WRONG_COURIER, current)
+    have, want = _RANK[current.state], _RANK[event.status.value]
+    if want <= have:
+        return Decision(Outcome.STALE, current)
+
+    at = event.ts or received_at
+    info = event.courier_info if event.courier_info is not None else profile
+    reached = CHAIN[have + 1 : want + 1]
+    transitions = tuple(
+        Transition(event.order_id, s, s != event.status, event.event_id, at) for s in reached
+    )
+    pushes = tuple(
+        Push(event.order_id, s, push_body(s, info), idempotency_key(event.order_id, s))
+        for s in reached
+    )
+    after = Order(event.order_id, event.status.value, event.courier_id)
+    return Decision(Outcome.ACCEPTED, after, transitions, pushes)
+
+
+def cancel(order: Order | None, order_id: str) -> Order:
+    """The order after `courierd order cancel`; refused once it is dropped off."""
+    current = order or Order(order_id)
+    if current.state == Status.DROPOFF.value:
+        raise InputError(f"order {order_id} was already dropped off; it cannot be cancelled")
+    if current.state not in CANCELLABLE and not current.cancelled:
+        raise InputError(f"order {order_id} is {current.state}; it cannot be cancelled")
+    return Order(order_id, CANCELLED, current.courier_id)

@@ -1,0 +1,155 @@
+"""Plain values shared by the core and the edges: statuses, inputs, decisions.
+
+Everything here is a frozen dataclass or an enum, so the pure core can be driven with
+plain values in tests and nothing is mutated behind anyone's back.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+JSON = dict[str, Any]
+
+
+class Status(enum.StrEnum):
+    """Delivery statuses OneTablet knows (its "Delivery Status Values")."""
+
+    DASHER_CONFIRMED = "dasher_confirmed"
+    ARRIVING_AT_STORE = "arriving_at_store"
+    ARRIVED_AT_STORE = "arrived_at_store"
+    DASHER_OUT_FOR_DELIVERY = "dasher_out_for_delivery"
+    DROPOFF = "dropoff"
+
+
+# Order states beyond the delivery statuses: before the first status, and cancelled.
+NEW = "new"
+CANCELLED = "cancelled"
+
+
+class Outcome(enum.StrEnum):
+    """What one status event did to its order."""
+
+    ACCEPTED = "accepted"
+    DUPLICATE = "duplicate"  # event_id seen before
+    STALE = "stale"  # status at or behind the order's current one
+    CANCELLED = "cancelled"  # order was cancelled: rejected, dead-lettered
+    WRONG_COURIER = "wrong_courier"  # order is bound to another courier: rejected
+
+
+REJECTED_OUTCOMES = frozenset({Outcome.CANCELLED, Outcome.WRONG_COURIER})
+
+
+@dataclass(frozen=True, slots=True)
+class StatusEvent:
+    """A courier's status event from `couriers/{courier_id}/status`."""
+
+    event_id: str
+    order_id: str
+    courier_id: str
+    status: Status
+    ts: str | None = None  # RFC 3339, normalised to UTC
+    courier_info: Mapping[str, Any] | None = None
+    raw: bytes = field(default=b"", compare=False, repr=False)  # kept for dead letters
+
+
+@dataclass(frozen=True, slots=True)
+class LocationFix:
+    """A courier's position from `couriers/{courier_id}/location`."""
+
+    courier_id: str
+    ts: str
+    lat: float
+    lng: float
+    accuracy_m: float | None = None
+    speed_mps: float | None = None
+    heading: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileUpdate:
+    """A retained courier profile; `courier_info` None means the retained one was cleared."""
+
+    courier_id: str
+    courier_info: Mapping[str, Any] | None
+
+
+@dataclass(frozen=True, slots=True)
+class Assignment:
+    """Dispatch (re)binds an order to a courier."""
+
+    order_id: str
+    courier_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A message courierd could not use, kept with the reason."""
+
+    topic: str
+    payload: bytes
+    reason: str
+    detail: str
+
+
+Input = StatusEvent | LocationFix | ProfileUpdate | Assignment | DeadLetter
+
+
+@dataclass(frozen=True, slots=True)
+class Order:
+    """The stored state of one order."""
+
+    order_id: str
+    state: str = NEW
+    courier_id: str | None = None
+
+    @property
+    def cancelled(self) -> bool:
+        return self.state == CANCELLED
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """One status an order reached; `inferred` when filled in for a skipped status."""
+
+    order_id: str
+    status: Status
+    inferred: bool
+    event_id: str
+    at: str
+
+
+@dataclass(frozen=True, slots=True)
+class Push:
+    """One delivery-status call to make, in order, for an order."""
+
+    order_id: str
+    status: Status
+    body: str  # the JSON body, fixed when decided so every retry sends the same bytes
+    idempotency_key: str
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What an event does: the order afterwards, and what to record and push."""
+
+    outcome: Outcome
+    order: Order
+    transitions: tuple[Transition, ...] = ()
+    pushes: tuple[Push, ...] = ()
+
+
+def drop_nulls(value: Any) -> Any:
+    """Remove None values and empty objects, recursively: absent fields are left out."""
+    if isinstance(value, Mapping):
+        cleaned = {k: drop_nulls(v) for k, v in value.items() if v is not None}
+        return {k: v for k, v in cleaned.items() if v != {}}
+    return value
+
+
+def dumps(value: Any) -> str:
+    """Compact JSON, the one serialisation courierd stores and sends."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)

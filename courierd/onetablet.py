@@ -1,0 +1,202 @@
+"""The OneTablet HTTP client: submit order, cancel order, delivery status.
+
+Two transports (CONTRACT.md section 5): `rest` calls the three endpoints of the API
+text; `webhooks` sends each operation as one `POST /webhooks` whose body is the REST
+body plus an `event` object naming the operation (see the README for the envelope).
+Each method makes one attempt and maps failures onto the `OneTabletError` tree;
+`with_retries` adds the API text's retry schedule for the order commands.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+import httpx
+
+from courierd.errors import OneTabletError, Rejected, Unauthorized, Unavailable
+from courierd.model import dumps
+from courierd.policy import RETRY_SCHEDULE, Verdict, classify, parse_retry_after
+
+log = logging.getLogger(__name__)
+
+CANCEL_REASONS = ("ITEM_OUT_OF_STOCK", "STORE_CLOSED", "KITCHEN_BUSY", "OTHER")
+# Names of the operations in the webhooks envelope's `event.type`.
+SUBMIT, CANCEL, DELIVERY_STATUS = "order.submit", "order.cancel", "order.delivery_status"
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A 2xx reply: its status and body (parsed JSON where it is JSON, else text)."""
+
+    status: int
+    body: Any
+
+
+class OneTabletClient:
+    """One keep-alive connection pool to OneTablet; safe to share between threads."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        transport: str = "rest",
+        timeout: float = 30.0,
+        max_connections: int = 16,
+        http_transport: httpx.BaseTransport | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if transport not in ("rest", "webhooks"):
+            raise ValueError(f"unknown transport {transport!r}")
+        self.transport = transport
+        self._clock = clock
+        self._http = httpx.Client(
+            base_url=base_url,
+            headers={"x-api-key": api_key, "content-type": "application/json"},
+            timeout=timeout,
+            limits=httpx.Limits(
+                max_connections=max_connections, max_keepalive_connections=max_connections
+            ),
+            transport=http_transport,
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> OneTabletClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def submit_order(self, document: bytes, order_id: str) -> Reply:
+        """`POST /orders` with the document exactly as the user wrote it."""
+        if self.transport == "rest":
+            return self._call("/orders", order_id, document)
+        envelope = {"event": {"type": SUBMIT, "order_id": order_id}, **json.loads(document)}
+        return self._call("/webhooks", order_id, dumps(envelope).encode())
+
+    def cancel_order(self, order_id: str, reason: str, details: str | None) -> Reply:
+        """`POST /orders/{id}/cancel` with cancel_reason and, if given, cancel_details."""
+        body: dict[str, Any] = {"cancel_reason": reason}
+        if details is not None:
+            body["cancel_details"] = details
+        return self._operation(CANCEL, f"/orders/{_path(order_id)}/cancel", order_id, body)
+
+    def delivery_status(self, order_id: str, body: str, idempotency_key: str) -> Reply:
+        """`POST /orders/{id}/delivery-status` with a body fixed when the push was decided."""
+        headers = {"idempotency-key": idempotency_key}
+        if self.transport == "rest":
+            return self._call(
+                f"/orders/{_path(order_id)}/delivery-status", order_id, body.encode(), headers
+            )
+        return self._operation(DELIVERY_STATUS, "", order_id, json.loads(body), headers)
+
+    def _operation(
+        self,
+        kind: str,
+        path: str,
+        order_id: str,
+        body: dict[str, Any],
+        headers: dict[str, str] | None = None,
+    ) -> Reply:
+        if self.transport == "webhooks":
+            body = {"event": {"type": kind, "order_id": order_id}, "order_id": order_id, **body}
+            path = "/webhooks"
+        return self._call(path, order_id, dumps(body).encode(), headers)
+
+    def _call(
+        self, path: str, order_id: str, content: bytes, headers: dict[str, str] | None = None
+    ) -> Reply:
+        """One POST; logs one line; returns a 2xx reply or raises the matching error."""
+        endpoint = f"POST {path}"
+        started = time.perf_counter()
+        try:
+            response = self._http.post(path, content=content, headers=headers)
+        except httpx.TimeoutException:
+            _log_call(endpoint, order_id, None, "timeout", started)
+            raise Unavailable(f"{endpoint}: OneTablet did not answer in time") from None
+        except httpx.HTTPError as e:
+            _log_call(endpoint, order_id, None, f"connection error: {e}", started)
+            raise Unavailable(f"{endpoint}: cannot reach OneTablet ({e})") from None
+        status = response.status_code
+        body = _body(response)
+        verdict = classify(status)
+        error = None if verdict is Verdict.DELIVERED else _error_text(body, response)
+        _log_call(endpoint, order_id, status, error, started)
+        if verdict is Verdict.DELIVERED:
+            return Reply(status, body)
+        message = f"OneTablet answered {status} to {endpoint}: {error}"
+        if verdict is Verdict.RETRY:
+            retry_after = parse_retry_after(response.headers.get("retry-after"), self._clock())
+            raise Unavailable(message, status, retry_after)
+        if verdict is Verdict.UNAUTHORIZED:
+            raise Unauthorized(message, status)
+        raise Rejected(message, status)
+
+
+def with_retries(
+    call: Callable[[], T],
+    *,
+    schedule: Sequence[float] = RETRY_SCHEDULE,
+    sleep: Callable[[float], None] = time.sleep,
+    on_retry: Callable[[OneTabletError, float], None] | None = None,
+) -> T:
+    """Call, retrying `Unavailable` after each wait of `schedule` (Retry-After if longer).
+
+    4xx errors are not retried. After the last wait the last error is raised.
+    """
+    for wait in (*schedule, None):
+        try:
+            return call()
+        except Unavailable as e:
+            if wait is None:
+                raise
+            delay = max(wait, e.retry_after or 0.0)
+            if on_retry is not None:
+                on_retry(e, delay)
+            sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _path(order_id: str) -> str:
+    return quote(order_id, safe="")
+
+
+def _body(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        return response.text
+
+
+def _error_text(body: Any, response: httpx.Response) -> str:
+    """OneTablet's `{error, message}`, else the start of whatever it sent."""
+    if isinstance(body, dict) and ("message" in body or "error" in body):
+        error, message = body.get("error"), body.get("message")
+        return " - ".join(str(p) for p in (error, message) if p) or response.reason_phrase
+    text = str(body).strip()[:200]
+    return text or response.reason_phrase or f"HTTP {response.status_code}"
+
+
+def _log_call(
+    endpoint: str, order_id: str, status: int | None, error: str | None, started: float
+) -> None:
+    level = logging.INFO if error is None else logging.WARNING
+    log.log(
+        level,
+        "onetablet.call endpoint=%r order_id=%s status=%s error=%r ms=%.1f",
+        endpoint,
+        order_id,
+        status if status is not None else "-",
+        error or "-",
+        (time.perf_counter() - started) * 1000,
+    )

@@ -1,0 +1,104 @@
+"""What a batch of MQTT inputs does to the store: a pure fold over `lifecycle.decide`.
+
+The ingest thread loads a `Snapshot` of the rows the batch touches, calls `plan_batch`,
+and writes the resulting `Effects` in the same transaction. Keeping this pure lets the
+property tests replay arbitrary batchings, duplicates and crashes without a database.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from courierd.lifecycle import decide
+from courierd.model import (
+    REJECTED_OUTCOMES,
+    Assignment,
+    DeadLetter,
+    Input,
+    LocationFix,
+    Order,
+    ProfileUpdate,
+    Push,
+    StatusEvent,
+    Transition,
+)
+
+
+@dataclass(slots=True)
+class Snapshot:
+    """The stored rows a batch needs: its orders, which event ids were seen, profiles."""
+
+    orders: dict[str, Order] = field(default_factory=dict)
+    seen_event_ids: set[str] = field(default_factory=set)
+    profiles: dict[str, Mapping[str, Any]] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Effects:
+    """Everything one batch writes, in one transaction."""
+
+    orders: dict[str, Order] = field(default_factory=dict)
+    transitions: list[Transition] = field(default_factory=list)
+    pushes: list[Push] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    event_ids: list[str] = field(default_factory=list)
+    profiles: dict[str, Mapping[str, Any] | None] = field(default_factory=dict)
+    locations: dict[str, LocationFix] = field(default_factory=dict)
+    counts: Counter[str] = field(default_factory=Counter)
+
+
+def plan_batch(snapshot: Snapshot, inputs: Iterable[Input], *, received_at: str) -> Effects:
+    """Decide every input in arrival order; later inputs see earlier ones' effects."""
+    orders = dict(snapshot.orders)
+    seen = set(snapshot.seen_event_ids)
+    profiles: dict[str, Mapping[str, Any] | None] = dict(snapshot.profiles)
+    fx = Effects()
+    for item in inputs:
+        if isinstance(item, StatusEvent):
+            decision = decide(
+                orders.get(item.order_id),
+                item,
+                duplicate=item.event_id in seen,
+                profile=profiles.get(item.courier_id),
+                received_at=received_at,
+            )
+            if item.event_id not in seen:
+                seen.add(item.event_id)
+                fx.event_ids.append(item.event_id)
+            fx.counts[decision.outcome.value] += 1
+            if decision.outcome in REJECTED_OUTCOMES:
+                fx.dead_letters.append(_rejected(item, decision.outcome.value))
+                continue
+            if decision.transitions:
+                orders[item.order_id] = fx.orders[item.order_id] = decision.order
+                fx.transitions.extend(decision.transitions)
+                fx.pushes.extend(decision.pushes)
+        elif isinstance(item, LocationFix):
+            latest = fx.locations.get(item.courier_id)
+            if latest is None or item.ts >= latest.ts:
+                fx.locations[item.courier_id] = item
+            fx.counts["location"] += 1
+        elif isinstance(item, ProfileUpdate):
+            profiles[item.courier_id] = fx.profiles[item.courier_id] = item.courier_info
+            fx.counts["profile"] += 1
+        elif isinstance(item, Assignment):
+            current = orders.get(item.order_id) or Order(item.order_id)
+            bound = Order(item.order_id, current.state, item.courier_id)
+            orders[item.order_id] = fx.orders[item.order_id] = bound
+            fx.counts["assignment"] += 1
+        else:
+            fx.dead_letters.append(item)
+            fx.counts["rejected"] += 1
+    return fx
+
+
+def _rejected(event: StatusEvent, reason: str) -> DeadLetter:
+    """A refused event, kept as a dead letter with its original payload."""
+    if reason == "cancelled":
+        detail = f"order {event.order_id} is cancelled"
+    else:
+        detail = f"order {event.order_id} is bound to another courier than {event.courier_id}"
+    return DeadLetter(f"couriers/{event.courier_id}/status", event.raw, reason, detail)
