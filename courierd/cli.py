@@ -10,7 +10,7 @@ import argparse
 import json
 import logging
 import sys
-from datetime import UTC, datetime
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +18,11 @@ from courierd import __version__, lifecycle
 from courierd.config import Settings, load_settings
 from courierd.errors import ConfigError, CourierdError, InputError, OneTabletError
 from courierd.logs import setup_logging
+from courierd.model import iso
 from courierd.onetablet import CANCEL_REASONS, OneTabletClient, with_retries
 from courierd.order_schema import check_order
 from courierd.store import Store
-from courierd.telemetry import MAX_ID, format_ts
+from courierd.telemetry import MAX_ID
 
 log = logging.getLogger("courierd")
 
@@ -158,7 +159,7 @@ def _order_cancel(settings: Settings, order_id: str, reason: str, details: str |
             reply = with_retries(
                 lambda: client.cancel_order(order_id, reason, details), **_retrying(settings)
             )
-        dropped = store.save_cancel(cancelled, format_ts(datetime.now(UTC)))
+        dropped = store.save_cancel(cancelled, iso(time.time()))
     finally:
         store.close()
     print(

@@ -10,6 +10,7 @@ import enum
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 JSON = dict[str, Any]
@@ -153,3 +154,13 @@ def drop_nulls(value: Any) -> Any:
 def dumps(value: Any) -> str:
     """Compact JSON, the one serialisation courierd stores and sends."""
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def format_ts(when: datetime) -> str:
+    """The one timestamp format courierd stores: UTC, milliseconds, `Z`."""
+    return when.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def iso(unix_time: float) -> str:
+    """A unix time in the stored timestamp format."""
+    return format_ts(datetime.fromtimestamp(unix_time, UTC))

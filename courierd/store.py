@@ -20,8 +20,8 @@ import sqlite_utils
 
 from courierd.errors import StoreError
 from courierd.lifecycle import validate_state
-from courierd.model import CANCELLED, Order, dumps
-from courierd.planner import Effects, Snapshot
+from courierd.model import CANCELLED, Assignment, Input, Order, StatusEvent, dumps, iso
+from courierd.planner import Effects, Snapshot, plan_batch
 
 PENDING, DELIVERED, FAILED, DROPPED = "pending", "delivered", "failed", "cancelled"
 _CHUNK = 500  # bound on SQL parameters per IN (...) query
@@ -82,6 +82,7 @@ def _migration_1(db: sqlite_utils.Database) -> None:
     db.execute(
         "CREATE INDEX outbox_open ON outbox(order_id, id) WHERE state IN ('pending', 'failed')"
     )
+    db.execute("CREATE INDEX outbox_failed ON outbox(order_id, id) WHERE state = 'failed'")
     db.table("dead_letters").create(
         {
             "id": int,
@@ -113,6 +114,16 @@ def _migration_1(db: sqlite_utils.Database) -> None:
 
 # Append only: a released migration never changes; user_version counts those applied.
 MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_migration_1,)
+
+
+# Both halves use partial indexes (outbox_due, outbox_open): delivered rows cost nothing.
+CLAIM_SQL = (
+    "SELECT id, order_id, status, body, idempotency_key, attempts, created_at "
+    "FROM outbox AS o WHERE state = 'pending' AND next_attempt_at <= ? "
+    "AND NOT EXISTS (SELECT 1 FROM outbox AS p WHERE p.order_id = o.order_id "
+    "AND p.state IN ('pending', 'failed') AND p.id < o.id) "
+    "ORDER BY next_attempt_at, id LIMIT ?"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +207,27 @@ class Store:
             raise StoreError(f"commit to {self.path} failed: {e}") from e
 
     # -- ingest -----------------------------------------------------------------------
+
+    def commit_batch(self, inputs: Sequence[Input], *, now: float) -> Effects:
+        """Decide a batch of inputs and write all its effects in one transaction.
+
+        The rows are read inside the write transaction, so an order cancelled by the CLI
+        a moment ago is seen as cancelled: nobody can change them between read and write.
+        """
+        now_iso = iso(now)
+        order_ids, event_ids, courier_ids = [], [], []
+        for item in inputs:
+            if isinstance(item, StatusEvent):
+                order_ids.append(item.order_id)
+                event_ids.append(item.event_id)
+                courier_ids.append(item.courier_id)
+            elif isinstance(item, Assignment):
+                order_ids.append(item.order_id)
+        with self.transaction():
+            snap = self.snapshot(order_ids, event_ids, courier_ids)
+            fx = plan_batch(snap, inputs, received_at=now_iso)
+            self.write(fx, now=now, now_iso=now_iso)
+        return fx
 
     def snapshot(
         self, order_ids: Iterable[str], event_ids: Iterable[str], courier_ids: Iterable[str]
@@ -287,14 +319,7 @@ class Store:
         A push waits while an earlier push of the same order is pending or parked as
         failed: that is what keeps every order's statuses in chain order.
         """
-        rows = self.conn.execute(
-            "SELECT id, order_id, status, body, idempotency_key, attempts, created_at "
-            "FROM outbox AS o WHERE state = 'pending' AND next_attempt_at <= ? "
-            "AND NOT EXISTS (SELECT 1 FROM outbox AS p WHERE p.order_id = o.order_id "
-            "AND p.state IN ('pending', 'failed') AND p.id < o.id) "
-            "ORDER BY next_attempt_at, id LIMIT ?",
-            (now, limit + len(busy)),
-        ).fetchall()
+        rows = self.conn.execute(CLAIM_SQL, (now, limit + len(busy))).fetchall()
         skip = set(busy)
         return [OutboxRow(*r) for r in rows if r[0] not in skip][:limit]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from courierd.errors import TelemetryError
@@ -21,6 +21,7 @@ from courierd.model import (
     ProfileUpdate,
     Status,
     StatusEvent,
+    format_ts,
 )
 
 MAX_PAYLOAD = 64 * 1024
@@ -198,8 +199,3 @@ def _timestamp(doc: Mapping[str, Any], *, required: bool) -> str | None:
     if when.tzinfo is None or "T" not in text.upper():
         raise TelemetryError("bad_ts", f"ts {text[:40]!r} needs a date, a time and an offset")
     return format_ts(when)
-
-
-def format_ts(when: datetime) -> str:
-    """The one timestamp format courierd stores: UTC, milliseconds, `Z`."""
-    return when.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

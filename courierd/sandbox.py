@@ -1,0 +1,275 @@
+"""A local stand-in for OneTablet on loopback: for tests, the benchmark and the demo.
+
+It serves the three REST endpoints and `POST /webhooks`, checks `x-api-key`, validates
+bodies the way the API text describes (400/401 with `{error, message}`), keeps a log
+of every request, and can inject faults (a share of 500s, 429 with Retry-After,
+latency, an outage window). `GET /` is a small read-only page of the calls per order;
+`GET /requests` is the same log as JSON. Tests may also install a `responder` that
+answers in place of the normal logic, to script exact sequences of replies.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import unquote
+
+from courierd.model import Status
+
+CANCEL_REASONS = {"ITEM_OUT_OF_STOCK", "STORE_CLOSED", "KITCHEN_BUSY", "OTHER"}
+WEBHOOK_TYPES = {"order.submit", "order.cancel", "order.delivery_status"}
+_STATUSES = {s.value for s in Status}
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One request as the sandbox received it, and what it answered."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    status: int
+    at: float
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.body) if self.body else None
+
+    @property
+    def order_id(self) -> str | None:
+        parts = self.path.split("/")
+        if len(parts) >= 3 and parts[1] == "orders":
+            return unquote(parts[2])
+        doc = self.json if self.body[:1] == b"{" else None
+        if isinstance(doc, dict):
+            return doc.get("order_id") or doc.get("id")
+        return None
+
+
+@dataclass(slots=True)
+class Faults:
+    """Fault injection; fields may be changed while the sandbox runs."""
+
+    error_rate: float = 0.0  # share of requests answered 500
+    throttle_rate: float = 0.0  # share answered 429 with Retry-After
+    retry_after_s: int = 1
+    latency_ms: float = 0.0
+    outage: tuple[float, float] | None = None  # (start, end) seconds after start: 503
+    seed: int = 0
+    rng: random.Random = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(self.seed)
+
+
+Reply = tuple[int, dict[str, str], Any]
+Responder = Callable[[Request], Reply | None]
+
+
+class Sandbox:
+    """A threaded HTTP server; `start()` it, read `url`, `stop()` it."""
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        api_key: str = "sandbox-key",
+        faults: Faults | None = None,
+    ) -> None:
+        self.api_key = api_key
+        self.faults = faults or Faults()
+        self.responder: Responder | None = None
+        self._requests: list[Request] = []
+        self._cond = threading.Condition()
+        self._started = time.monotonic()
+        self._server = ThreadingHTTPServer((host, port), _handler(self))
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def start(self) -> Sandbox:
+        self._started = time.monotonic()
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def requests(self) -> list[Request]:
+        with self._cond:
+            return list(self._requests)
+
+    def wait_for(self, predicate: Callable[[list[Request]], bool], timeout: float = 10.0) -> bool:
+        """Block until `predicate(requests)` holds or the timeout passes; returns which."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not predicate(self._requests):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+            return True
+
+    def answer(self, method: str, path: str, headers: dict[str, str], body: bytes) -> Reply:
+        """Decide the reply to one request (faults, auth, validation), and log it."""
+        probe = Request(method, path, headers, body, 0, time.time())
+        reply = self.responder(probe) if self.responder else None
+        if reply is None:
+            reply = self._faulted() or self._normal(method, path, headers, body)
+        with self._cond:
+            self._requests.append(Request(method, path, headers, body, reply[0], probe.at))
+            self._cond.notify_all()
+        return reply
+
+    def _faulted(self) -> Reply | None:
+        f = self.faults
+        if f.latency_ms:
+            time.sleep(f.latency_ms / 1000)
+        if f.outage and f.outage[0] <= time.monotonic() - self._started < f.outage[1]:
+            return _error(503, "Service Unavailable", "outage (sandbox fault injection)")
+        roll = f.rng.random()
+        if roll < f.error_rate:
+            return _error(500, "Internal Server Error", "injected failure")
+        if roll < f.error_rate + f.throttle_rate:
+            status, headers, body = _error(429, "Too Many Requests", "slow down")
+            return status, {**headers, "Retry-After": str(f.retry_after_s)}, body
+        return None
+
+    def _normal(self, method: str, path: str, headers: dict[str, str], body: bytes) -> Reply:
+        if method != "POST":
+            return _error(405, "Method Not Allowed", "only POST is served")
+        if headers.get("x-api-key") != self.api_key:
+            return _error(401, "Unauthorized", "invalid or missing x-api-key")
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            return _error(400, "Bad Request", "body is not JSON")
+        if not isinstance(doc, dict):
+            return _error(400, "Bad Request", "body must be a JSON object")
+        parts = path.split("/")
+        if path == "/webhooks":
+            kind = (
+                (doc.get("event") or {}).get("type") if isinstance(doc.get("event"), dict) else None
+            )
+            if kind not in WEBHOOK_TYPES:
+                return _error(400, "Bad Request", "event.type must name an operation")
+            problem = _check(kind, doc)
+        elif path == "/orders":
+            problem = _check("order.submit", doc)
+        elif len(parts) == 4 and parts[1] == "orders" and parts[3] == "cancel":
+            problem = _check("order.cancel", doc)
+        elif len(parts) == 4 and parts[1] == "orders" and parts[3] == "delivery-status":
+            problem = _check("order.delivery_status", doc)
+        else:
+            return _error(404, "Not Found", f"no endpoint {path}")
+        if problem:
+            return _error(400, "Bad Request", problem)
+        return 200, {}, {"ok": True}
+
+    def page(self) -> str:
+        """The request-log dashboard: calls grouped by order."""
+        by_order: dict[str, list[Request]] = {}
+        for r in self.requests():
+            by_order.setdefault(r.order_id or "-", []).append(r)
+        rows = []
+        for order_id, calls in sorted(by_order.items()):
+            cells = "".join(
+                f"<li>{time.strftime('%H:%M:%S', time.localtime(c.at))} {html.escape(c.path)} "
+                f"&rarr; {c.status} <code>{html.escape(c.body.decode(errors='replace')[:200])}"
+                "</code></li>"
+                for c in calls
+            )
+            rows.append(f"<tr><td>{html.escape(order_id)}</td><td><ul>{cells}</ul></td></tr>")
+        return (
+            "<!doctype html><meta charset=utf-8><meta http-equiv=refresh content=2>"
+            "<title>OneTablet sandbox</title><h1>OneTablet sandbox: requests by order</h1>"
+            f"<table border=1><tr><th>order</th><th>calls</th></tr>{''.join(rows)}</table>"
+        )
+
+
+def _check(kind: str, doc: dict[str, Any]) -> str | None:
+    """What OneTablet would refuse in a body, or None."""
+    if kind == "order.submit":
+        if not isinstance(doc.get("id"), str) or not doc["id"]:
+            return "missing order id"
+    elif kind == "order.cancel":
+        reason = doc.get("cancel_reason", "OTHER")
+        if reason not in CANCEL_REASONS:
+            return f"cancel_reason must be one of {sorted(CANCEL_REASONS)}"
+    elif kind == "order.delivery_status":
+        if doc.get("delivery_status") not in _STATUSES:
+            return "delivery_status is missing or not a known status"
+        info = doc.get("courier_info")
+        if info is not None and not isinstance(info, dict):
+            return "courier_info must be an object"
+        if isinstance(info, dict) and any(v is None for v in info.values()):
+            return "courier_info fields must not be null"
+    return None
+
+
+def _error(status: int, error: str, message: str) -> Reply:
+    return status, {}, {"error": error, "message": message}
+
+
+def _handler(sandbox: Sandbox) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, as the real service
+        # Without this every reply waits ~40 ms on delayed ACK (measured: 23 requests/s).
+        disable_nagle_algorithm = True
+
+        def do_POST(self) -> None:
+            length = int(self.headers.get("content-length") or 0)
+            body = self.rfile.read(length)
+            headers = {k.lower(): v for k, v in self.headers.items()}
+            self._send(*sandbox.answer("POST", self.path, headers, body))
+
+        def do_GET(self) -> None:
+            if self.path == "/requests":
+                log = [
+                    {
+                        "method": r.method,
+                        "path": r.path,
+                        "status": r.status,
+                        "at": r.at,
+                        "order_id": r.order_id,
+                        "body": r.body.decode(errors="replace"),
+                        "idempotency_key": r.headers.get("idempotency-key"),
+                    }
+                    for r in sandbox.requests()
+                ]
+                self._send(200, {}, log)
+            elif self.path == "/":
+                self._send(200, {"content-type": "text/html; charset=utf-8"}, sandbox.page())
+            else:
+                self._send(404, {}, {"error": "Not Found", "message": self.path})
+
+        def _send(self, status: int, headers: dict[str, str], body: Any) -> None:
+            data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+            self.send_response(status)
+            if "content-type" not in {k.lower() for k in headers}:
+                self.send_header("content-type", "application/json")
+            for k, v in headers.items():
+                self.send_header(k, v)
+            self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass  # the request log is the record; stderr stays quiet
+
+    return Handler

@@ -1,0 +1,45 @@
+"""Retry policy and reply classification."""
+
+from __future__ import annotations
+
+from email.utils import formatdate
+
+import pytest
+
+from courierd.policy import MAX_RETRY_AFTER, Verdict, classify, parse_retry_after, retry_delay
+
+
+@pytest.mark.parametrize(
+    ("status", "verdict"),
+    [
+        (200, Verdict.DELIVERED),
+        (204, Verdict.DELIVERED),
+        (400, Verdict.FAILED),
+        (404, Verdict.FAILED),
+        (409, Verdict.FAILED),
+        (401, Verdict.UNAUTHORIZED),
+        (408, Verdict.RETRY),
+        (429, Verdict.RETRY),
+        (500, Verdict.RETRY),
+        (503, Verdict.RETRY),
+    ],
+)
+def test_classify(status: int, verdict: Verdict) -> None:
+    """CONTRACT.md 4.9: 5xx, 408, 429 retried; 401 pauses; other 4xx parked."""
+    assert classify(status) is verdict
+
+
+def test_backoff_follows_schedule_then_caps() -> None:
+    """1 s, 5 s, 30 s, then 30 s forever; a longer Retry-After wins, within a cap."""
+    assert [retry_delay(n) for n in range(1, 6)] == [1, 5, 30, 30, 30]
+    assert retry_delay(1, retry_after=12) == 12
+    assert retry_delay(3, retry_after=2) == 30
+    assert retry_delay(1, retry_after=10**9) == MAX_RETRY_AFTER
+
+
+def test_retry_after_seconds_and_http_date() -> None:
+    """Retry-After is read as delta-seconds or as an HTTP-date; junk is ignored."""
+    assert parse_retry_after("7", now=0) == 7
+    assert parse_retry_after(formatdate(1_000_060, usegmt=True), now=1_000_000) == 60
+    assert parse_retry_after("soon", now=0) is None
+    assert parse_retry_after(None, now=0) is None
