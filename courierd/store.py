@@ -323,9 +323,12 @@ class Store:
         skip = set(busy)
         return [OutboxRow(*r) for r in rows if r[0] not in skip][:limit]
 
-    def next_due_at(self) -> float | None:
+    def next_due_after(self, now: float) -> float | None:
+        """When the next pending push that is not due at `now` becomes due."""
         row = self.conn.execute(
-            "SELECT min(next_attempt_at) FROM outbox WHERE state = 'pending'"
+            "SELECT min(next_attempt_at) FROM outbox WHERE state = 'pending' "
+            "AND next_attempt_at > ?",
+            (now,),
         ).fetchone()
         return None if row[0] is None else float(row[0])
 

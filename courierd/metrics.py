@@ -1,0 +1,68 @@
+"""Prometheus metrics (prometheus-client), one registry per daemon so tests can run several."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+
+# The *_created series double the output and nobody alerts on them.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+
+class Metrics:
+    """Every metric courierd exports on /metrics (CONTRACT.md section 6)."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.received = Counter(
+            "courierd_messages_received", "MQTT messages received, by kind", ["kind"], registry=r
+        )
+        self.events = Counter(
+            "courierd_status_events",
+            "Status events by outcome (accepted, duplicate, stale, cancelled, wrong_courier)",
+            ["outcome"],
+            registry=r,
+        )
+        self.rejected = Counter(
+            "courierd_messages_rejected",
+            "Messages kept as dead letters, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.transitions = Counter(
+            "courierd_transitions", "Transitions recorded (inferred included)", registry=r
+        )
+        self.pushes = Counter(
+            "courierd_pushes",
+            "Delivery-status push attempts by outcome (delivered, retry, failed, unauthorized)",
+            ["outcome"],
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "courierd_ingest_batch_messages",
+            "Messages per committed ingest batch",
+            buckets=(1, 5, 20, 50, 100, 200, 500, 1000, 5000),
+            registry=r,
+        )
+        self.outbox_depth = Gauge(
+            "courierd_outbox_pending", "Pushes waiting to be delivered", registry=r
+        )
+        self.outbox_failed = Gauge(
+            "courierd_outbox_failed", "Pushes parked as failed (need an operator)", registry=r
+        )
+        self.oldest_pending = Gauge(
+            "courierd_outbox_oldest_pending_age_seconds",
+            "Age of the oldest pending push (0 when none)",
+            registry=r,
+        )
+        self.push_latency = Histogram(
+            "courierd_push_latency_seconds",
+            "From the commit of a transition to OneTablet's 2xx for its push",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+            registry=r,
+        )
+        self.auth_paused = Gauge(
+            "courierd_onetablet_auth_paused", "1 while pushes are paused by a 401", registry=r
+        )
+        self.mqtt_connected = Gauge(
+            "courierd_mqtt_connected", "1 while connected to the broker", registry=r
+        )

@@ -1,0 +1,142 @@
+"""The MQTT edge (paho-mqtt 2.x): connect, subscribe, hand messages over, ack later.
+
+Callbacks run on paho's network thread and only convert and enqueue. Messages are
+acknowledged by the ingest thread with `ack()` after the batch holding their effects
+has committed (manual ack). The session is persistent (clean_start=False and a session
+expiry interval on MQTT 5; clean_session=False on 3.1.1), so the broker keeps queueing
+for us while we are down, and redelivers whatever we had not acknowledged.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import ssl
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from courierd.config import MqttSettings
+from courierd.telemetry import SUBSCRIPTIONS
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One received message, with what is needed to acknowledge it later."""
+
+    topic: str
+    payload: bytes
+    mid: int
+    qos: int
+    generation: int  # which connection delivered it; acks never cross a reconnect
+
+
+class MqttEdge:
+    """A paho client feeding `inbox`; `connected` tells health whether the broker is there."""
+
+    def __init__(
+        self, settings: MqttSettings, inbox: queue.Queue[Message], receive_max: int
+    ) -> None:
+        self.settings = settings
+        self.inbox = inbox
+        self.connected = threading.Event()
+        self.subscribed = threading.Event()
+        self._generation = 0
+        self._stopping = False
+        v5 = settings.protocol == "5"
+        client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=settings.client_id,
+            protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
+            clean_session=None if v5 else False,
+            manual_ack=True,
+        )
+        # Without this, one exception in a callback kills paho's thread while
+        # is_connected() keeps answering True.
+        client.suppress_exceptions = True
+        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        if settings.username is not None:
+            password = settings.password.get_secret_value() if settings.password else None
+            client.username_pw_set(settings.username, password)
+        if settings.tls:
+            client.tls_set(
+                ca_certs=str(settings.ca_file) if settings.ca_file else None,
+                certfile=str(settings.cert_file) if settings.cert_file else None,
+                keyfile=str(settings.key_file) if settings.key_file else None,
+                cert_reqs=ssl.CERT_REQUIRED,
+            )
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
+        self._client = client
+        self._v5 = v5
+        self._receive_max = receive_max
+
+    def start(self) -> None:
+        """Connect in the background; paho reconnects with backoff on its own."""
+        properties = None
+        if self._v5:
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            properties.SessionExpiryInterval = self.settings.session_expiry_s
+            # How many unacked QoS 1 messages the broker may have out to us at once:
+            # ack-after-commit needs at least a batch's worth in flight.
+            properties.ReceiveMaximum = self._receive_max
+        self._client.connect_async(
+            self.settings.host,
+            self.settings.port,
+            keepalive=self.settings.keepalive_s,
+            clean_start=False if self._v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
+            properties=properties,
+        )
+        self._client.loop_start()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._client.disconnect()
+        self._client.loop_stop()
+        self.connected.clear()
+
+    def ack(self, message: Message) -> None:
+        """PUBACK a message whose effects are committed (no-op for QoS 0)."""
+        if message.qos and message.generation == self._generation:
+            self._client.ack(message.mid, message.qos)
+
+    def _on_connect(self, client: paho.Client, _u: Any, flags: Any, reason: Any, _p: Any) -> None:
+        if reason.is_failure:
+            log.error("mqtt.refused reason=%r", str(reason))
+            return
+        self._generation += 1
+        log.info(
+            "mqtt.connected broker=%s:%s session_present=%s",
+            self.settings.host,
+            self.settings.port,
+            flags.session_present,
+        )
+        # Subscribing here means a reconnect resubscribes, session or not.
+        client.subscribe([(topic, 1) for topic in SUBSCRIPTIONS])
+        self.connected.set()
+
+    def _on_subscribe(self, _c: paho.Client, _u: Any, _mid: int, reasons: Any, _p: Any) -> None:
+        if any(r.is_failure for r in reasons):
+            log.error("mqtt.subscribe_refused reasons=%r", [str(r) for r in reasons])
+        else:
+            self.subscribed.set()
+
+    def _on_disconnect(self, _c: paho.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        self.connected.clear()
+        self.subscribed.clear()
+        if not self._stopping:
+            log.warning("mqtt.disconnected reason=%r (reconnecting)", str(reason))
+
+    def _on_message(self, _c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
+        topic = msg._topic.decode("utf-8", errors="replace")
+        # Blocking here when the queue is full pushes back on the broker (TCP), by design.
+        self.inbox.put(Message(topic, bytes(msg.payload), msg.mid, msg.qos, self._generation))
