@@ -13,6 +13,7 @@ import logging
 import queue
 import ssl
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from courierd.config import MqttSettings
 from courierd.telemetry import SUBSCRIPTIONS
@@ -42,8 +44,13 @@ class MqttEdge:
     """A paho client feeding `inbox`; `connected` tells health whether the broker is there."""
 
     def __init__(
-        self, settings: MqttSettings, inbox: queue.Queue[Message], receive_max: int
+        self,
+        settings: MqttSettings,
+        inbox: queue.Queue[Message],
+        receive_max: int,
+        on_subscribed: Callable[[], None] = lambda: None,
     ) -> None:
+        self._on_subscribed = on_subscribed
         self.settings = settings
         self.inbox = inbox
         self.connected = threading.Event()
@@ -121,7 +128,15 @@ class MqttEdge:
             flags.session_present,
         )
         # Subscribing here means a reconnect resubscribes, session or not.
-        client.subscribe([(topic, 1) for topic in SUBSCRIPTIONS])
+        if self._v5:
+            # Retained messages only when the subscription is new: a resumed session
+            # already had them, so a reconnect does not replay every profile.
+            options = SubscribeOptions(
+                qos=1, retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB
+            )
+            client.subscribe([(topic, options) for topic in SUBSCRIPTIONS])
+        else:
+            client.subscribe([(topic, 1) for topic in SUBSCRIPTIONS])
         self.connected.set()
 
     def _on_subscribe(self, _c: paho.Client, _u: Any, _mid: int, reasons: Any, _p: Any) -> None:
@@ -129,6 +144,7 @@ class MqttEdge:
             log.error("mqtt.subscribe_refused reasons=%r", [str(r) for r in reasons])
         else:
             self.subscribed.set()
+            self._on_subscribed()
 
     def _on_disconnect(self, _c: paho.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         self.connected.clear()

@@ -47,8 +47,12 @@ class Daemon:
         self._fatal: list[BaseException] = []
         self.inbox: queue.Queue[Message] = queue.Queue(maxsize=settings.ingest.batch_size * 4)
         self.edge = MqttEdge(
-            settings.mqtt, self.inbox, receive_max=min(65535, settings.ingest.batch_size * 2)
+            settings.mqtt,
+            self.inbox,
+            receive_max=min(65535, settings.ingest.batch_size * 2),
+            on_subscribed=self._ready,
         )
+        self._is_ready = threading.Event()
         open_store: Callable[[], Store] = lambda: Store(  # noqa: E731
             settings.store.path, synchronous=settings.store.synchronous
         )
@@ -86,10 +90,17 @@ class Daemon:
             threading.Thread(target=self._guard, args=(self.dispatcher.run,), name="dispatch"),
         ]
 
+    def _ready(self) -> None:
+        """Store open and subscriptions granted: tell systemd once (called on paho's thread)."""
+        if not self._is_ready.is_set():
+            self._is_ready.set()
+            systemd.notify("READY=1\nSTATUS=connected, ingesting")
+            log.info("daemon.ready")
+
     def health(self) -> dict[str, Any]:
         """What /healthz reports: ok only if MQTT is up, the store works and the key is good."""
         reasons = []
-        if not self.edge.connected.is_set():
+        if not self.edge.subscribed.is_set():
             reasons.append("mqtt: not connected to the broker")
         if self._fatal:
             reasons.append(f"database: {self._fatal[0]}")
@@ -124,15 +135,10 @@ class Daemon:
             self.settings.mqtt.host,
             self.settings.mqtt.port,
         )
-        ready = False
         ping_every = systemd.watchdog_interval()
         next_ping = 0.0
         while not self.stop_requested.wait(0.2):
             self.metrics.mqtt_connected.set(1 if self.edge.connected.is_set() else 0)
-            if not ready and self.edge.subscribed.is_set():
-                ready = True
-                systemd.notify("READY=1\nSTATUS=connected, ingesting")
-                log.info("daemon.ready")
             if ping_every and time.monotonic() >= next_ping and self._loops_alive():
                 systemd.notify("WATCHDOG=1")
                 next_ping = time.monotonic() + ping_every

@@ -27,12 +27,9 @@ from courierd.model import (
 MAX_PAYLOAD = 64 * 1024
 MAX_ID = 128
 ASSIGNMENTS_TOPIC = "dispatch/assignments"
-SUBSCRIPTIONS = (
-    "couriers/+/status",
-    "couriers/+/location",
-    "couriers/+/profile",
-    ASSIGNMENTS_TOPIC,
-)
+# All of couriers/#, not only the three known kinds: a courier app publishing to a
+# wrong topic then shows up as an `unknown_topic` dead letter instead of vanishing.
+SUBSCRIPTIONS = ("couriers/#", ASSIGNMENTS_TOPIC)
 _STATUSES = {s.value: s for s in Status}
 _VEHICLE_FIELDS = ("color", "make", "model")
 

@@ -99,8 +99,11 @@ class Daemon:
     def start(self, wait_ready: bool = True) -> Daemon:
         out = self.log.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "courierd", "run"], env=self.env, cwd=self.dir,
-            stdout=out, stderr=out,
+            [sys.executable, "-m", "courierd", "run"],
+            env=self.env,
+            cwd=self.dir,
+            stdout=out,
+            stderr=out,
         )
         if wait_ready:
             wait_until(lambda: self.health()[0] == 200, 20, "daemon health to turn ok")
@@ -110,7 +113,9 @@ class Daemon:
         if self.proc is not None and self.proc.poll() is not None:
             raise AssertionError(f"daemon exited {self.proc.returncode}:\n{self.log.read_text()}")
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/healthz", timeout=2) as r:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{self.http_port}/healthz", timeout=2
+            ) as r:
                 return r.status, json.loads(r.read())
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read())
@@ -142,19 +147,24 @@ class Publisher:
     """A courier-side MQTT client publishing QoS 1 and waiting for each PUBACK."""
 
     def __init__(self, port: int, client_id: str = "test-publisher") -> None:
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
-                                  protocol=paho.MQTTv5)
+        self.client = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5
+        )
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()
 
-    def publish(self, topic: str, payload: bytes | str | dict[str, Any], retain: bool = False) -> None:
+    def publish(
+        self, topic: str, payload: bytes | str | dict[str, Any], retain: bool = False
+    ) -> None:
         data = json.dumps(payload).encode() if isinstance(payload, dict) else payload
         info = self.client.publish(topic, data, qos=1, retain=retain)
         info.wait_for_publish(10)
 
     def status(self, courier: str, event_id: str, order: str, status: str, **extra: Any) -> None:
-        self.publish(f"couriers/{courier}/status",
-                     {"event_id": event_id, "order_id": order, "status": status, **extra})
+        self.publish(
+            f"couriers/{courier}/status",
+            {"event_id": event_id, "order_id": order, "status": status, **extra},
+        )
 
     def close(self) -> None:
         self.client.disconnect()

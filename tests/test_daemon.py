@@ -1,0 +1,373 @@
+"""`courierd run` end to end: real Mosquitto on a free port, real HTTP stand-in for OneTablet.
+
+Each test starts its own broker and daemon, so it can stop, kill and restart them.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from courierd.lifecycle import CHAIN
+from courierd.sandbox import Request, Sandbox
+from courierd.store import Store
+from tests.conftest import API_KEY
+from tests.harness import Broker, Daemon, Publisher, wait_until
+
+pytestmark = pytest.mark.integration
+STATUSES = [s.value for s in CHAIN]
+
+
+@dataclass
+class Rig:
+    broker: Broker
+    onetablet: Sandbox
+    dir: Path
+
+    def daemon(self, **env: str) -> Daemon:
+        return Daemon(
+            self.dir,
+            {
+                "COURIERD_MQTT__URL": self.broker.url,
+                "COURIERD_MQTT__CLIENT_ID": "courierd-test",
+                "COURIERD_ONETABLET__BASE_URL": self.onetablet.url,
+                "COURIERD_ONETABLET__API_KEY": API_KEY,
+                "COURIERD_ONETABLET__RETRY_SCHEDULE_S": "[0.1, 0.2, 0.4]",
+                **env,
+            },
+        )
+
+    def publisher(self, name: str = "courier-app") -> Publisher:
+        return Publisher(self.broker.port, name)
+
+    def store(self) -> Store:
+        return Store(self.dir / "courierd.db")
+
+
+@pytest.fixture
+def rig(tmp_path: Path, onetablet: Sandbox) -> Iterator[Rig]:
+    broker = Broker(tmp_path / "broker").start()
+    yield Rig(broker, onetablet, tmp_path)
+    broker.stop()
+
+
+def delivered(onetablet: Sandbox) -> dict[str, list[Request]]:
+    """2xx delivery-status requests per order, in the order OneTablet received them."""
+    out: dict[str, list[Request]] = {}
+    for r in onetablet.requests():
+        if r.status == 200 and r.path.endswith("/delivery-status"):
+            out.setdefault(r.order_id or "", []).append(r)
+    return out
+
+
+def statuses(requests: list[Request]) -> list[str]:
+    return [r.json["delivery_status"] for r in requests]
+
+
+def all_dropped_off(onetablet: Sandbox, orders: list[str]) -> bool:
+    got = delivered(onetablet)
+    return all(o in got and statuses(got[o])[-1:] == ["dropoff"] for o in orders)
+
+
+def test_many_orders_through_the_chain(rig: Rig) -> None:
+    """Every order's five statuses reach OneTablet once each, in order, with key and courier."""
+    daemon = rig.daemon().start()
+    pub = rig.publisher()
+    orders = [f"order-{i}" for i in range(25)]
+    for i in range(5):
+        pub.publish(
+            f"couriers/c{i}/profile",
+            {"full_name": f"Courier {i}", "phone": "+1555", "vehicle": {"make": "Toyota"}},
+            retain=True,
+        )
+    for step, status in enumerate(STATUSES):
+        for n, order in enumerate(orders):
+            pub.status(f"c{n % 5}", f"{order}-{step}", order, status, ts="2024-01-15T18:05:00Z")
+    assert rig.onetablet.wait_for(lambda _: all_dropped_off(rig.onetablet, orders), 30)
+    got = delivered(rig.onetablet)
+    for n, order in enumerate(orders):
+        reqs = got[order]
+        assert statuses(reqs) == STATUSES
+        first = reqs[0]
+        assert first.headers["x-api-key"] == API_KEY
+        assert first.json == {
+            "delivery_status": "dasher_confirmed",
+            "courier_info": {
+                "full_name": f"Courier {n % 5}",
+                "phone": "+1555",
+                "vehicle": {"make": "Toyota"},
+            },
+        }
+        assert len({r.headers["idempotency-key"] for r in reqs}) == 5
+    wait_until(
+        lambda: daemon.metric('courierd_pushes_total{outcome="delivered"}') == 125,
+        5,
+        "delivered counter",
+    )
+    assert daemon.metric('courierd_status_events_total{outcome="accepted"}') == 125
+    assert daemon.stop() == 0
+    pub.close()
+
+
+def test_out_of_order_duplicates_and_skips_over_mqtt(rig: Rig) -> None:
+    """Reordered, repeated and skipping events still give the chain exactly once each."""
+    rig.daemon().start()
+    pub = rig.publisher()
+    pub.status("c1", "e3", "o1", "dasher_out_for_delivery")
+    pub.status("c1", "e1", "o1", "dasher_confirmed")
+    pub.status("c1", "e3", "o1", "dasher_out_for_delivery")
+    pub.status("c1", "e2", "o1", "arrived_at_store")
+    pub.status("c1", "e9", "o1", "dasher_out_for_delivery")
+    pub.status("c1", "e4", "o1", "dropoff")
+    pub.status("c1", "e4", "o1", "dropoff")
+    assert rig.onetablet.wait_for(lambda _: all_dropped_off(rig.onetablet, ["o1"]), 10)
+    assert statuses(delivered(rig.onetablet)["o1"]) == STATUSES
+    s = rig.store()
+    view = s.order_view("o1")
+    s.close()
+    assert view is not None
+    assert [t["inferred"] for t in view["transitions"]] == [True, True, True, False, False]
+
+
+def test_kill_9_mid_stream_loses_nothing(rig: Rig) -> None:
+    """SIGKILL three times while events flow: all statuses arrive, in order; a push sent
+    twice keeps its Idempotency-Key."""
+    rig.onetablet.faults.latency_ms = 3  # keep pushes in flight when the kill lands
+    daemon = rig.daemon().start()
+    orders = [f"k{i}" for i in range(30)]
+    events = [(o, step) for step in range(5) for o in orders]
+    done = threading.Event()
+
+    def publish_all() -> None:
+        pub = rig.publisher()
+        for o, step in events:
+            pub.status("c1", f"{o}-{step}", o, STATUSES[step])
+        pub.close()
+        done.set()
+
+    threading.Thread(target=publish_all, daemon=True).start()
+    rng = random.Random(7)
+    for _ in range(3):
+        wait_until(lambda: len(rig.onetablet.requests()) >= rng.randint(5, 40), 20, "some pushes")
+        daemon.kill()
+        rig.onetablet.requests()  # the daemon is gone; the broker keeps queueing
+        daemon = rig.daemon().start()
+    assert done.wait(30)
+    assert rig.onetablet.wait_for(lambda _: all_dropped_off(rig.onetablet, orders), 60)
+    keys: dict[tuple[str, str], str] = {}
+    for order, reqs in delivered(rig.onetablet).items():
+        seq = statuses(reqs)
+        deduped = [s for i, s in enumerate(seq) if i == 0 or seq[i - 1] != s]
+        assert deduped == STATUSES, (order, seq)  # nothing lost, nothing reordered
+        for r in reqs:
+            key = (order, r.json["delivery_status"])
+            assert (
+                keys.setdefault(key, r.headers["idempotency-key"]) == r.headers["idempotency-key"]
+            )
+    assert daemon.stop() == 0
+
+
+def test_broker_restart_and_daemon_downtime(rig: Rig) -> None:
+    """Broker restarted under the daemon: it reconnects. Daemon down while couriers
+    publish: the persistent session delivers everything when it is back."""
+    daemon = rig.daemon().start()
+    rig.broker.stop()
+    wait_until(lambda: daemon.health()[0] == 503, 10, "health to report the lost broker")
+    assert "mqtt" in daemon.health()[1]["reasons"][0]
+    rig.broker.start()
+    wait_until(lambda: daemon.health()[0] == 200, 20, "reconnect")
+    pub = rig.publisher()
+    pub.status("c1", "a1", "b1", "dasher_confirmed")
+    assert rig.onetablet.wait_for(lambda _: "b1" in delivered(rig.onetablet), 10)
+
+    assert daemon.stop() == 0
+    for step, status in enumerate(STATUSES[1:], start=2):
+        pub.status("c1", f"a{step}", "b1", status)
+    for i in range(20):
+        pub.status("c2", f"x{i}", f"late-{i}", "dropoff")
+    pub.close()
+    rig.daemon().start()
+    late = [f"late-{i}" for i in range(20)]
+    assert rig.onetablet.wait_for(lambda _: all_dropped_off(rig.onetablet, ["b1", *late]), 20)
+    assert statuses(delivered(rig.onetablet)["b1"]) == STATUSES
+
+
+def test_onetablet_outage_then_recovery_keeps_order(rig: Rig) -> None:
+    """500s and 503s for a while: every push is retried and delivered, in order."""
+    failures = {"left": 25}
+    lock = threading.Lock()
+
+    def flaky(_: Request) -> tuple[int, dict[str, str], object] | None:
+        with lock:
+            if failures["left"] > 0:
+                failures["left"] -= 1
+                code = 500 if failures["left"] % 2 else 503
+                return code, {}, {"error": "Down", "message": "maintenance"}
+        return None
+
+    rig.onetablet.responder = flaky
+    daemon = rig.daemon().start()
+    pub = rig.publisher()
+    for o in ("p1", "p2", "p3"):
+        for step, status in enumerate(STATUSES):
+            pub.status("c1", f"{o}-{step}", o, status)
+    assert rig.onetablet.wait_for(lambda _: all_dropped_off(rig.onetablet, ["p1", "p2", "p3"]), 30)
+    for o in ("p1", "p2", "p3"):
+        assert statuses(delivered(rig.onetablet)[o]) == STATUSES
+    assert daemon.metric('courierd_pushes_total{outcome="retry"}') >= 20
+    assert daemon.stop() == 0
+
+
+def test_401_pauses_everything_then_recovers(rig: Rig) -> None:
+    """With a refused key: few calls (no hammering), health 503; when fixed: all delivered."""
+    refusing = threading.Event()
+    refusing.set()
+    rig.onetablet.responder = lambda _: (
+        (401, {}, {"error": "Unauthorized", "message": "key revoked"})
+        if refusing.is_set()
+        else None
+    )
+    daemon = rig.daemon(COURIERD_ONETABLET__RETRY_SCHEDULE_S="[0.3, 0.6, 1.0]").start()
+    pub = rig.publisher()
+    for i in range(10):
+        pub.status("c1", f"u{i}", f"u{i}", "dasher_confirmed")
+    wait_until(lambda: daemon.health()[0] == 503, 10, "health to turn red")
+    assert "401" in daemon.health()[1]["reasons"][0]
+    calls_before = len(rig.onetablet.requests())
+    wait_until(lambda: len(rig.onetablet.requests()) >= calls_before + 2, 10, "probes")
+    assert len(rig.onetablet.requests()) <= calls_before + 5  # probes, one at a time
+    refusing.clear()
+    orders = [f"u{i}" for i in range(10)]
+    assert rig.onetablet.wait_for(lambda _: all(o in delivered(rig.onetablet) for o in orders), 15)
+    wait_until(lambda: daemon.health()[0] == 200, 5, "health to recover")
+    assert daemon.stop() == 0
+
+
+BAD_INPUTS = [
+    ("couriers/c1/status", b"\xff\xfe", "bad_utf8"),
+    ("couriers/c1/status", b"{nope", "bad_json"),
+    ("couriers/c1/status", b"[]", "not_object"),
+    ("couriers/c1/status", b'{"order_id": "o", "status": "dropoff"}', "missing_field"),
+    ("couriers/c1/status", b'{"event_id": 1, "order_id": "o", "status": "dropoff"}', "wrong_type"),
+    (
+        "couriers/c1/status",
+        b'{"event_id": "b", "order_id": "o", "status": "lost"}',
+        "unknown_status",
+    ),
+    (
+        "couriers/c1/status",
+        b'{"event_id": "b", "order_id": "o", "status": "dropoff", "ts": "x"}',
+        "bad_ts",
+    ),
+    (
+        "couriers/c1/status",
+        b'{"event_id": "b", "order_id": "", "status": "dropoff"}',
+        "bad_order_id",
+    ),
+    (
+        "couriers/c1/status",
+        ('{"event_id": "b", "order_id": "' + "x" * 129 + '", "status": "dropoff"}').encode(),
+        "bad_order_id",
+    ),
+    (
+        "couriers/c1/status",
+        b'{"event_id": "b", "order_id": "a/b", "status": "dropoff"}',
+        "bad_order_id",
+    ),
+    (
+        "couriers/c1/status",
+        b'{"event_id": "b", "order_id": "o", "status": "dropoff", "pad": "' + b"x" * 70000 + b'"}',
+        "too_large",
+    ),
+    ("couriers/c1/gps", b"{}", "unknown_topic"),
+]
+
+
+def test_every_bad_input_is_dead_lettered_and_daemon_goes_on(rig: Rig) -> None:
+    """Each bad message: acked, counted, kept with its reason, nothing pushed; then a valid
+    event still works."""
+    daemon = rig.daemon().start()
+    pub = rig.publisher()
+    for topic, payload, _ in BAD_INPUTS:
+        pub.publish(topic, payload)
+    pub.status("c1", "good-1", "fine", "dasher_confirmed")
+    assert rig.onetablet.wait_for(lambda rs: len(rs) >= 1, 10)
+    s = rig.store()
+    reasons = [r[0] for r in s.conn.execute("SELECT reason FROM dead_letters ORDER BY id")]
+    s.close()
+    assert reasons == [r for _, _, r in BAD_INPUTS]
+    assert [r.order_id for r in rig.onetablet.requests()] == ["fine"]
+    assert daemon.metric('courierd_messages_rejected_total{reason="bad_order_id"}') == 3
+    assert daemon.health()[0] == 200
+    assert daemon.stop() == 0
+
+
+def test_cancelled_order_gets_no_more_pushes(rig: Rig, cli) -> None:
+    """After `order cancel`, pending pushes are dropped and later events are rejected."""
+    rig.onetablet.responder = lambda r: (
+        (503, {}, {"error": "Busy", "message": "later"}) if "delivery-status" in r.path else None
+    )
+    rig.daemon().start()
+    pub = rig.publisher()
+    pub.status("c1", "z1", "zz", "arrived_at_store")
+    wait_until(lambda: len(rig.onetablet.requests()) >= 1, 10, "first attempt")
+    result = cli(
+        "order", "cancel", "zz", env={"COURIERD_STORE__PATH": str(rig.dir / "courierd.db")}
+    )
+    assert result.code == 0, result.err
+    rig.onetablet.responder = None
+    pub.status("c1", "z2", "zz", "dropoff")
+    pub.status("c1", "ok1", "other", "dasher_confirmed")
+    assert rig.onetablet.wait_for(lambda _: "other" in delivered(rig.onetablet), 10)
+    assert "zz" not in delivered(rig.onetablet)
+    s = rig.store()
+    assert [r[0] for r in s.conn.execute("SELECT reason FROM dead_letters")] == ["cancelled"]
+    s.close()
+
+
+def test_wrong_courier_and_dispatch_assignment(rig: Rig) -> None:
+    """An order bound to one courier refuses another's events; dispatch can rebind it."""
+    rig.daemon().start()
+    pub = rig.publisher()
+    pub.status("alice", "w1", "w", "dasher_confirmed")
+    pub.status("bob", "w2", "w", "arriving_at_store")
+    pub.publish("dispatch/assignments", {"order_id": "w", "courier_id": "bob"})
+    pub.status("bob", "w3", "w", "arrived_at_store")
+    pub.publish("dispatch/assignments", {"order_id": "v", "courier_id": "carol"})
+    pub.status("alice", "v1", "v", "dasher_confirmed")
+    pub.status("carol", "v2", "v", "dasher_confirmed")
+    assert rig.onetablet.wait_for(
+        lambda _: (
+            len(delivered(rig.onetablet).get("w", [])) == 3 and "v" in delivered(rig.onetablet)
+        ),
+        10,
+    )
+    assert statuses(delivered(rig.onetablet)["w"]) == STATUSES[:3]
+    s = rig.store()
+    rows = s.conn.execute("SELECT reason, payload FROM dead_letters ORDER BY id").fetchall()
+    s.close()
+    assert [r[0] for r in rows] == ["wrong_courier", "wrong_courier"]
+    assert b'"w2"' in rows[0][1] and b'"v1"' in rows[1][1]
+
+
+def test_clean_stop_bad_config_and_fatal_store(rig: Rig, tmp_path: Path) -> None:
+    """SIGINT exits 0; a bad setting exits 2 naming it; an unusable database exits 1."""
+    daemon = rig.daemon().start()
+    assert daemon.stop(signal.SIGINT) == 0
+    assert "daemon.ready" in daemon.log.read_text()
+    bad = rig.daemon(COURIERD_MQTT__URL="tcp://nowhere")
+    bad.start(wait_ready=False)
+    assert bad.proc is not None and bad.proc.wait(20) == 2
+    assert "COURIERD_MQTT__URL" in bad.log.read_text()
+    (tmp_path / "blocker").write_text("")
+    fatal = rig.daemon(COURIERD_STORE__PATH=str(tmp_path / "blocker" / "x.db"))
+    fatal.log = tmp_path / "fatal.log"
+    fatal.start(wait_ready=False)
+    assert fatal.proc is not None and fatal.proc.wait(20) == 1
+    assert "cannot open database" in fatal.log.read_text()
