@@ -63,6 +63,45 @@ def build_parser() -> argparse.ArgumentParser:
     show = order_cmds.add_parser("show", parents=[common], help="print an order as JSON")
     show.add_argument("order_id", metavar="ORDER_ID")
 
+    sandbox = commands.add_parser(
+        "sandbox", parents=[common], help="a local OneTablet stand-in, for trying and testing"
+    )
+    sandbox.add_argument("--host", default="127.0.0.1")
+    sandbox.add_argument("--port", type=int, default=8765)
+    sandbox.add_argument("--api-key", default="sandbox-key", help="the x-api-key it accepts")
+    sandbox.add_argument("--error-rate", type=_share, default=0.0, help="share answered 500")
+    sandbox.add_argument(
+        "--throttle-rate", type=_share, default=0.0, help="share answered 429 with Retry-After"
+    )
+    sandbox.add_argument("--retry-after", type=int, default=1, metavar="SECONDS")
+    sandbox.add_argument("--latency-ms", type=float, default=0.0)
+    sandbox.add_argument(
+        "--outage",
+        type=_window,
+        metavar="START:END",
+        help="answer 503 from START to END seconds after start",
+    )
+    sandbox.add_argument("--seed", type=int, default=0)
+
+    sim = commands.add_parser("simulate", parents=[common], help="couriers publishing on MQTT")
+    sim.add_argument("--mqtt-url", help="overrides mqtt.url")
+    sim.add_argument("--couriers", type=_positive, default=10)
+    sim.add_argument(
+        "--speed",
+        type=float,
+        default=60.0,
+        help="time compression: 60 turns a minute into a second",
+    )
+    sim.add_argument("--orders", type=_positive, help="stop after this many orders")
+    sim.add_argument("--duration", type=float, metavar="SECONDS", help="stop after this long")
+    for noise in ("duplicates", "reorder", "offline", "junk"):
+        sim.add_argument(f"--{noise}", type=_share, default=0.0, metavar="SHARE")
+    sim.add_argument("--seed", type=int)
+
+    commands.add_parser(
+        "demo", parents=[common], help="sandbox + broker + daemon + simulator, until Ctrl-C"
+    )
+
     config = commands.add_parser("config", help="configuration tools")
     config_cmds = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     config_cmds.add_parser(
@@ -90,6 +129,27 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         from courierd.service import run_daemon  # the daemon's imports are for `run` only
 
         return run_daemon(settings)
+    if args.command == "sandbox":
+        from courierd import demo
+        from courierd.sandbox import Faults
+
+        faults = Faults(
+            args.error_rate,
+            args.throttle_rate,
+            args.retry_after,
+            args.latency_ms,
+            args.outage,
+            args.seed,
+        )
+        return demo.run_sandbox(args.host, args.port, args.api_key, faults)
+    if args.command == "simulate":
+        from courierd import demo
+
+        return demo.run_simulate(settings.mqtt.host, settings.mqtt.port, args)
+    if args.command == "demo":
+        from courierd import demo
+
+        return demo.run_demo(settings)
     if args.command == "config":
         print(json.dumps(masked_settings(settings), indent=2))
         return EXIT_OK
@@ -114,6 +174,31 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         if value is not None:
             out.setdefault(section, {})[key] = value
     return out
+
+
+def _share(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not a share between 0 and 1")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
+def _window(text: str) -> tuple[float, float]:
+    start, sep, end = text.partition(":")
+    try:
+        window = (float(start), float(end))
+    except ValueError:
+        window = (0.0, -1.0)
+    if not sep or window[1] <= window[0]:
+        raise argparse.ArgumentTypeError(f"{text!r} is not START:END in seconds, START < END")
+    return window
 
 
 def masked_settings(settings: Settings) -> dict[str, Any]:

@@ -37,7 +37,7 @@ STALL_S = 30.0  # a loop silent this long is stuck: stop pinging the watchdog
 class Daemon:
     """The running service. `run()` blocks until stopped and returns the exit code."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, on_ready: Callable[[], None] = lambda: None) -> None:
         ot = settings.require_onetablet()
         assert ot.base_url is not None and ot.api_key is not None
         self.settings = settings
@@ -53,6 +53,7 @@ class Daemon:
             on_subscribed=self._ready,
         )
         self._is_ready = threading.Event()
+        self._on_ready = on_ready
         open_store: Callable[[], Store] = lambda: Store(  # noqa: E731
             settings.store.path, synchronous=settings.store.synchronous
         )
@@ -96,6 +97,7 @@ class Daemon:
             self._is_ready.set()
             systemd.notify("READY=1\nSTATUS=connected, ingesting")
             log.info("daemon.ready")
+            self._on_ready()
 
     def health(self) -> dict[str, Any]:
         """What /healthz reports: ok only if MQTT is up, the store works and the key is good."""
@@ -167,9 +169,9 @@ class Daemon:
         return code
 
 
-def run_daemon(settings: Settings) -> int:
-    """Entry point of `courierd run`."""
-    daemon = Daemon(settings)
+def run_daemon(settings: Settings, on_ready: Callable[[], None] = lambda: None) -> int:
+    """Entry point of `courierd run`; `on_ready` runs once MQTT subscriptions are granted."""
+    daemon = Daemon(settings, on_ready)
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         log.info("daemon.signal %s", signal.Signals(signum).name)

@@ -1,0 +1,174 @@
+"""`courierd sandbox`, `courierd simulate` and `courierd demo`: try courierd with nothing else.
+
+The demo starts the OneTablet sandbox, uses the local Mosquitto (or starts one when
+none answers and the `mosquitto` binary is installed), runs the daemon with its
+database in ./var, and a simulator feeding it, until Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from courierd.config import Settings
+from courierd.errors import ConfigError
+from courierd.sandbox import Faults, Sandbox
+from courierd.simulate import Noise, Simulation, mqtt_publisher, progress_line
+
+log = logging.getLogger(__name__)
+
+SANDBOX_PORT = 8765
+SANDBOX_KEY = "sandbox-key"
+
+
+def run_sandbox(host: str, port: int, api_key: str, faults: Faults) -> int:
+    """Serve the sandbox in the foreground until Ctrl-C or SIGTERM."""
+    try:
+        sandbox = Sandbox(host, port, api_key, faults).start()
+    except OSError as e:
+        raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    print(
+        f"OneTablet sandbox on {sandbox.url} (x-api-key: {api_key}); request log at {sandbox.url}/",
+        file=sys.stderr,
+    )
+    _wait_for_signal()
+    sandbox.stop()
+    return 0
+
+
+def run_simulate(host: str, port: int, args: Any) -> int:
+    """Publish as `args.couriers` couriers until done, `args.duration`, or Ctrl-C."""
+    if not _port_open(host, port):
+        raise ConfigError(f"no MQTT broker answers at {host}:{port} (set --mqtt-url)")
+    client, publish = mqtt_publisher(host, port, f"courierd-sim-{int(time.time())}")
+    noise = Noise(args.duplicates, args.reorder, args.offline, args.junk)
+    sim = Simulation(
+        publish,
+        couriers=args.couriers,
+        speed=args.speed,
+        orders=args.orders,
+        noise=noise,
+        seed=args.seed,
+        on_progress=progress_line,
+    )
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    if args.duration:
+        threading.Timer(args.duration, stop.set).start()
+    sent = sim.run(stop)
+    client.loop_stop()
+    client.disconnect()
+    sys.stderr.write("\n")
+    print(json.dumps({"orders_done": sim.orders_done, "sent": dict(sent)}))
+    return 0
+
+
+def run_demo(settings: Settings) -> int:
+    """Sandbox + broker + daemon + simulator, wired together, until Ctrl-C."""
+    from courierd.service import run_daemon
+
+    port = SANDBOX_PORT if not _port_open("127.0.0.1", SANDBOX_PORT) else 0
+    sandbox = Sandbox("127.0.0.1", port, SANDBOX_KEY).start()
+    broker = _broker(settings)
+    mqtt_url = broker[0]
+    demo_settings = settings.model_copy(
+        update={
+            "mqtt": settings.mqtt.model_copy(
+                update={"url": mqtt_url, "client_id": "courierd-demo"}
+            ),
+            "onetablet": settings.onetablet.model_copy(
+                update={"base_url": sandbox.url, "api_key": _secret(SANDBOX_KEY)}
+            ),
+        }
+    )
+    host, port_ = demo_settings.mqtt.host, demo_settings.mqtt.port
+    print(
+        f"courierd demo\n  MQTT broker   {mqtt_url}\n  OneTablet     {sandbox.url} "
+        f"(request log: {sandbox.url}/)\n  database      {settings.store.path}\n"
+        f"  health        http://{settings.http.listen}/healthz\n"
+        "Transitions appear below as couriers move; Ctrl-C stops.\n",
+        file=sys.stderr,
+    )
+    stop = threading.Event()
+    client, publish = mqtt_publisher(host, port_, "courierd-demo-couriers")
+    sim = Simulation(
+        publish, couriers=8, speed=60, noise=Noise(duplicates=0.05, reorder=0.05, junk=0.01)
+    )
+    simulator = threading.Thread(target=sim.run, args=(stop,), daemon=True, name="simulator")
+    try:
+        # Couriers start once the daemon is subscribed: a first run has no session yet.
+        return run_daemon(demo_settings, on_ready=simulator.start)
+    finally:
+        stop.set()
+        client.loop_stop()
+        sandbox.stop()
+        if broker[1] is not None:
+            broker[1].terminate()
+
+
+def _secret(value: str) -> Any:
+    from pydantic import SecretStr
+
+    return SecretStr(value)
+
+
+def _broker(settings: Settings) -> tuple[str, subprocess.Popen[bytes] | None]:
+    """The configured broker if it answers, else a Mosquitto of our own in ./var."""
+    if _port_open(settings.mqtt.host, settings.mqtt.port):
+        return settings.mqtt.url, None
+    exe = shutil.which("mosquitto") or (
+        "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
+    )
+    if exe is None:
+        raise ConfigError(
+            f"no MQTT broker answers at {settings.mqtt.url} and mosquitto is not installed "
+            "(apt-get install mosquitto, or set COURIERD_MQTT__URL)"
+        )
+    workdir = Path("var/mosquitto").resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    conf = workdir / "mosquitto.conf"
+    conf.write_text(
+        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
+        f"persistence_location {workdir}/\nautosave_interval 1\n"
+        "max_queued_messages 1000000\nmax_inflight_messages 1000\n"
+    )
+    proc = subprocess.Popen(
+        [exe, "-c", str(conf)],
+        stdout=subprocess.DEVNULL,
+        stderr=(workdir / "mosquitto.log").open("ab"),
+    )
+    deadline = time.monotonic() + 10
+    while not _port_open("127.0.0.1", port):
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise ConfigError(f"could not start mosquitto (see {workdir}/mosquitto.log)")
+        time.sleep(0.05)
+    return f"mqtt://127.0.0.1:{port}", proc
+
+
+def _port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _wait_for_signal() -> None:
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    while not stop.wait(0.5):
+        pass

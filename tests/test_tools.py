@@ -1,0 +1,139 @@
+"""The simulator, the sandbox command and the one-command demo."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import urllib.request
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+from courierd.lifecycle import CHAIN
+from courierd.simulate import Noise, Simulation
+from tests.harness import Broker, free_port, wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def simulate(noise: Noise | None = None, orders: int = 6) -> list[tuple[str, bytes, bool]]:
+    published: list[tuple[str, bytes, bool]] = []
+    sim = Simulation(
+        lambda t, p, r: published.append((t, p, r)),
+        couriers=3,
+        speed=1e5,
+        orders=orders,
+        noise=noise,
+        seed=1,
+    )
+    stop = threading.Event()
+    threading.Timer(20, stop.set).start()
+    sim.run(stop)
+    stop.set()
+    return published
+
+
+def test_simulated_couriers_walk_the_chain_with_pings_and_profiles() -> None:
+    """Without noise every order's statuses go out once, in chain order; profiles retained."""
+    published = simulate()
+    per_order: dict[str, list[str]] = defaultdict(list)
+    for topic, payload, _ in published:
+        if topic.endswith("/status"):
+            doc = json.loads(payload)
+            per_order[doc["order_id"]].append(doc["status"])
+    assert len(per_order) == 6
+    assert all(s == [c.value for c in CHAIN] for s in per_order.values())
+    profiles = [(t, r) for t, _, r in published if t.endswith("/profile")]
+    assert len(profiles) == 3 and all(r for _, r in profiles)
+    assert any(t.endswith("/location") for t, _, _ in published)
+
+
+def test_simulated_noise_is_produced() -> None:
+    """With noise on, duplicates and junk are actually sent."""
+    published = simulate(Noise(duplicates=0.5, junk=0.3), orders=4)
+    statuses = [p for t, p, _ in published if t.endswith("/status")]
+    assert len(statuses) != len(set(statuses))  # duplicates
+    assert any(not p.startswith(b'{"event_id"') for p in statuses)  # junk
+
+
+def test_sandbox_command_answers_and_injects_faults(tmp_path: Path) -> None:
+    """`courierd sandbox` serves, checks the key, and injects 500s on request."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "courierd",
+            "sandbox",
+            "--port",
+            str(port),
+            "--api-key",
+            "k1",
+            "--error-rate",
+            "1",
+        ],
+        stderr=subprocess.PIPE,
+    )
+    try:
+
+        def post(key: str) -> int:
+            req = urllib.request.Request(
+                f"http://127.0.0.1:{port}/orders/o1/delivery-status",
+                method="POST",
+                data=b'{"delivery_status": "dropoff"}',
+                headers={"x-api-key": key},
+            )
+            try:
+                with urllib.request.urlopen(req, timeout=2) as r:
+                    return r.status
+            except urllib.error.HTTPError as e:
+                return e.code
+            except OSError:
+                return 0
+
+        assert wait_until(lambda: post("k1"), 10, "sandbox to listen") == 500
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as r:
+            assert b"o1" in r.read()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(10) == 0
+
+
+def test_bad_tool_arguments_exit_2() -> None:
+    """Out-of-range shares and windows are refused before anything starts."""
+    for args in (
+        ["sandbox", "--error-rate", "2"],
+        ["sandbox", "--outage", "5:1"],
+        ["simulate", "--couriers", "0"],
+    ):
+        proc = subprocess.run([sys.executable, "-m", "courierd", *args], capture_output=True)
+        assert proc.returncode == 2, args
+
+
+@pytest.mark.integration
+def test_demo_brings_everything_up(tmp_path: Path) -> None:
+    """`courierd demo` with no configuration: health ok, transitions flow, Ctrl-C exits 0."""
+    broker = Broker(tmp_path / "broker").start()
+    http_port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COURIERD_")}
+    env |= {"COURIERD_MQTT__URL": broker.url, "COURIERD_HTTP__LISTEN": f"127.0.0.1:{http_port}"}
+    log = tmp_path / "demo.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "courierd", "demo"], cwd=tmp_path, env=env, stderr=log.open("wb")
+    )
+    try:
+        wait_until(
+            lambda: "onetablet.call" in log.read_text() and "status=200" in log.read_text(),
+            20,
+            "a delivered push",
+        )
+        assert (tmp_path / "var" / "courierd.db").exists()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(20) == 0, log.read_text()[-2000:]
+        broker.stop()
