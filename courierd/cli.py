@@ -11,10 +11,11 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from courierd import __version__, lifecycle
+from courierd import __version__, lifecycle, ops
 from courierd.config import Settings, load_settings
 from courierd.errors import ConfigError, CourierdError, InputError, OneTabletError
 from courierd.logs import setup_logging
@@ -62,6 +63,30 @@ def build_parser() -> argparse.ArgumentParser:
     cancel.add_argument("--details", metavar="TEXT", help="free-text cancellation reason")
     show = order_cmds.add_parser("show", parents=[common], help="print an order as JSON")
     show.add_argument("order_id", metavar="ORDER_ID")
+
+    outbox = commands.add_parser("outbox", help="operator view of pushes waiting or parked")
+    outbox_cmds = outbox.add_subparsers(dest="outbox_command", required=True, metavar="ACTION")
+    for name, text in (
+        ("status", "depth, oldest pending push, failed and dead-letter counts"),
+        ("failed", "pushes parked as failed, with OneTablet's reason"),
+    ):
+        cmd = outbox_cmds.add_parser(name, parents=[common], help=text)
+        cmd.add_argument("--json", action="store_true", help="machine-readable output")
+        cmd.add_argument("--limit", type=_positive, default=100)
+    retry = outbox_cmds.add_parser(
+        "retry", parents=[common], help="send parked pushes again (one order, or --all)"
+    )
+    retry.add_argument("order_id", nargs="?", metavar="ORDER_ID")
+    retry.add_argument("--all", action="store_true", help="every failed push")
+    retry.add_argument("--json", action="store_true")
+    dead = commands.add_parser("dead-letters", parents=[common], help="rejected MQTT messages")
+    dead.add_argument("--json", action="store_true")
+    dead.add_argument("--limit", type=_positive, default=50)
+    dead.add_argument("--reason", help="only this reason (e.g. bad_json)")
+    backup = commands.add_parser(
+        "backup", parents=[common], help="copy the database with SQLite's online backup API"
+    )
+    backup.add_argument("destination", type=Path, metavar="FILE")
 
     sandbox = commands.add_parser(
         "sandbox", parents=[common], help="a local OneTablet stand-in, for trying and testing"
@@ -150,6 +175,8 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         from courierd import demo
 
         return demo.run_demo(settings)
+    if args.command in ("outbox", "dead-letters", "backup"):
+        return _operate(args, settings)
     if args.command == "config":
         print(json.dumps(masked_settings(settings), indent=2))
         return EXIT_OK
@@ -271,6 +298,38 @@ def _order_show(settings: Settings, order_id: str) -> int:
         print(f"courierd: unknown order {order_id!r}", file=sys.stderr)
         return EXIT_REMOTE
     print(json.dumps(view, indent=2))
+    return EXIT_OK
+
+
+def _operate(args: argparse.Namespace, settings: Settings) -> int:
+    """The operator commands: outbox status/failed/retry, dead-letters, backup."""
+    store = _store(settings)
+    try:
+        if args.command == "backup":
+            size = ops.backup(store, args.destination)
+            print(f"backed up {settings.store.path} to {args.destination} ({size} bytes)")
+            return EXIT_OK
+        if args.command == "dead-letters":
+            rows = ops.dead_letters(store, args.limit, args.reason)
+            columns = ["id", "received_at", "reason", "topic", "detail"]
+            return _emit(args, rows, lambda: ops.table(rows, columns))
+        if args.outbox_command == "status":
+            status = ops.outbox_status(store, ops.now())
+            return _emit(args, status, lambda: "\n".join(f"{k}: {v}" for k, v in status.items()))
+        if args.outbox_command == "failed":
+            rows = ops.failed_pushes(store, args.limit)
+            columns = ["order_id", "status", "attempts", "last_error"]
+            return _emit(args, rows, lambda: ops.table(rows, columns))
+        if args.all == (args.order_id is not None):
+            raise InputError("give either ORDER_ID or --all")
+        count = ops.retry_failed(store, args.order_id, ops.now())
+        return _emit(args, {"retried": count}, lambda: f"{count} push(es) will be sent again")
+    finally:
+        store.close()
+
+
+def _emit(args: argparse.Namespace, data: Any, text: Callable[[], str]) -> int:
+    print(json.dumps(data, indent=2) if args.json else text())
     return EXIT_OK
 
 

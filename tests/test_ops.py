@@ -1,0 +1,124 @@
+"""Operator commands: outbox status, parked pushes, dead letters, retry, backup."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from courierd.model import DeadLetter, Status, StatusEvent
+from courierd.sandbox import Request, Sandbox
+from courierd.store import FAILED, PushResult, Store
+from tests.conftest import API_KEY
+from tests.harness import Broker, Daemon, Publisher, wait_until
+
+
+@pytest.fixture
+def parked(db_path: Path) -> None:
+    """An order whose first push was refused (parked), and two dead letters."""
+    s = Store(db_path)
+    s.commit_batch(
+        [
+            StatusEvent("e1", "o1", "c1", Status.ARRIVING_AT_STORE),
+            DeadLetter("couriers/c1/status", b"{", "bad_json", "payload is not JSON"),
+            DeadLetter("couriers/c1/status", b"[]", "not_object", "payload is a JSON list"),
+        ],
+        now=1000.0,
+    )
+    head = s.claim_due(1000.0, 1)[0]
+    s.record_results([PushResult(head.id, FAILED, 1001.0, None, "400 bad courier_info")])
+    s.close()
+
+
+def test_status_failed_and_dead_letters_as_json(cli, parked: None) -> None:
+    """Scripts get counts, parked pushes with their reason, and dead letters by reason."""
+    status = json.loads(cli("outbox", "status", "--json").out)
+    assert status["pending"] == 1 and status["failed"] == 1 and status["dead_letters"] == 2
+    assert status["oldest_pending_age_s"] > 0
+    failed = json.loads(cli("outbox", "failed", "--json").out)
+    assert failed == [
+        {
+            "order_id": "o1",
+            "status": "dasher_confirmed",
+            "attempts": 1,
+            "last_error": "400 bad courier_info",
+            "created_at": 1000.0,
+        }
+    ]
+    letters = json.loads(cli("dead-letters", "--json", "--reason", "bad_json").out)
+    assert [(d["reason"], d["payload"]) for d in letters] == [("bad_json", "{")]
+    text = cli("outbox", "failed").out
+    assert "order_id" in text and "400 bad courier_info" in text
+
+
+def test_retry_one_order_and_refusals(cli, parked: None, db_path: Path) -> None:
+    """retry ORDER_ID makes its failed pushes pending; bad arguments exit 2."""
+    assert cli("outbox", "retry").code == 2
+    assert cli("outbox", "retry", "o1", "--all").code == 2
+    r = cli("outbox", "retry", "nope")
+    assert r.code == 2 and "no failed pushes" in r.err
+    r = cli("outbox", "retry", "o1", "--json")
+    assert r.code == 0 and json.loads(r.out) == {"retried": 1}
+    s = Store(db_path)
+    assert s.outbox_stats()[2] == 0
+    assert [row.status for row in s.claim_due(10**10, 10)] == ["dasher_confirmed"]
+    s.close()
+
+
+def test_backup_is_a_consistent_copy(cli, parked: None, tmp_path: Path) -> None:
+    """backup writes a usable copy; it refuses to overwrite a file."""
+    r = cli("backup", "copy.db")
+    assert r.code == 0, r.err
+    copy = sqlite3.connect(tmp_path / "copy.db")
+    assert copy.execute("SELECT count(*) FROM dead_letters").fetchone()[0] == 2
+    copy.close()
+    r = cli("backup", "copy.db")
+    assert r.code == 2 and "exists" in r.err
+
+
+@pytest.mark.integration
+def test_parked_push_retried_while_daemon_runs(tmp_path: Path, onetablet: Sandbox, cli) -> None:
+    """A 400 parks the push and holds the order; after the fix, `outbox retry` delivers
+    the whole order in order, while the daemon keeps running."""
+    onetablet.responder = lambda r: (
+        (400, {}, {"error": "Bad Request", "message": "unknown store"})
+        if r.json.get("delivery_status") == "dasher_confirmed"
+        else None
+    )
+    broker = Broker(tmp_path / "broker").start()
+    daemon = Daemon(
+        tmp_path,
+        {
+            "COURIERD_MQTT__URL": broker.url,
+            "COURIERD_ONETABLET__BASE_URL": onetablet.url,
+            "COURIERD_ONETABLET__API_KEY": API_KEY,
+        },
+    ).start()
+    pub = Publisher(broker.port)
+    pub.status("c1", "e1", "held", "arrived_at_store")
+    store_env = {"COURIERD_STORE__PATH": str(tmp_path / "courierd.db")}
+    wait_until(
+        lambda: json.loads(cli("outbox", "failed", "--json", env=store_env).out),
+        10,
+        "the push to be parked",
+    )
+    shown = json.loads(cli("order", "show", "held", env=store_env).out)
+    assert "unknown store" in shown["pushes"][0]["last_error"]
+    assert len(onetablet.requests()) == 1  # later pushes wait behind the parked one
+    onetablet.responder = None
+    assert cli("outbox", "retry", "held", env=store_env).code == 0
+
+    def delivered(rs: list[Request]) -> list[str]:
+        return [r.json["delivery_status"] for r in rs if r.status == 200]
+
+    assert onetablet.wait_for(lambda rs: len(delivered(rs)) == 3, 10)
+    assert delivered(onetablet.requests()) == [
+        "dasher_confirmed",
+        "arriving_at_store",
+        "arrived_at_store",
+    ]
+    assert daemon.stop() == 0
+    pub.close()
+    broker.stop()
