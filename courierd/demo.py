@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -21,6 +18,7 @@ from typing import Any
 
 from courierd.config import Settings
 from courierd.errors import ConfigError
+from courierd.localbroker import LocalBroker, mosquitto_binary, port_open
 from courierd.sandbox import Faults, Sandbox
 from courierd.simulate import Noise, Simulation, mqtt_publisher, progress_line
 
@@ -47,7 +45,7 @@ def run_sandbox(host: str, port: int, api_key: str, faults: Faults) -> int:
 
 def run_simulate(host: str, port: int, args: Any) -> int:
     """Publish as `args.couriers` couriers until done, `args.duration`, or Ctrl-C."""
-    if not _port_open(host, port):
+    if not port_open(host, port):
         raise ConfigError(f"no MQTT broker answers at {host}:{port} (set --mqtt-url)")
     client, publish = mqtt_publisher(host, port, f"courierd-sim-{int(time.time())}")
     noise = Noise(args.duplicates, args.reorder, args.offline, args.junk)
@@ -77,7 +75,7 @@ def run_demo(settings: Settings) -> int:
     """Sandbox + broker + daemon + simulator, wired together, until Ctrl-C."""
     from courierd.service import run_daemon
 
-    port = SANDBOX_PORT if not _port_open("127.0.0.1", SANDBOX_PORT) else 0
+    port = SANDBOX_PORT if not port_open("127.0.0.1", SANDBOX_PORT) else 0
     sandbox = Sandbox("127.0.0.1", port, SANDBOX_KEY).start()
     broker = _broker(settings)
     mqtt_url = broker[0]
@@ -113,7 +111,7 @@ def run_demo(settings: Settings) -> int:
         client.loop_stop()
         sandbox.stop()
         if broker[1] is not None:
-            broker[1].terminate()
+            broker[1].stop()
 
 
 def _secret(value: str) -> Any:
@@ -122,48 +120,17 @@ def _secret(value: str) -> Any:
     return SecretStr(value)
 
 
-def _broker(settings: Settings) -> tuple[str, subprocess.Popen[bytes] | None]:
+def _broker(settings: Settings) -> tuple[str, LocalBroker | None]:
     """The configured broker if it answers, else a Mosquitto of our own in ./var."""
-    if _port_open(settings.mqtt.host, settings.mqtt.port):
+    if port_open(settings.mqtt.host, settings.mqtt.port):
         return settings.mqtt.url, None
-    exe = shutil.which("mosquitto") or (
-        "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
-    )
-    if exe is None:
+    if mosquitto_binary() is None:
         raise ConfigError(
             f"no MQTT broker answers at {settings.mqtt.url} and mosquitto is not installed "
             "(apt-get install mosquitto, or set COURIERD_MQTT__URL)"
         )
-    workdir = Path("var/mosquitto").resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    conf = workdir / "mosquitto.conf"
-    conf.write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
-        f"persistence_location {workdir}/\nautosave_interval 1\n"
-        "max_queued_messages 1000000\nmax_inflight_messages 1000\n"
-    )
-    proc = subprocess.Popen(
-        [exe, "-c", str(conf)],
-        stdout=subprocess.DEVNULL,
-        stderr=(workdir / "mosquitto.log").open("ab"),
-    )
-    deadline = time.monotonic() + 10
-    while not _port_open("127.0.0.1", port):
-        if time.monotonic() > deadline or proc.poll() is not None:
-            raise ConfigError(f"could not start mosquitto (see {workdir}/mosquitto.log)")
-        time.sleep(0.05)
-    return f"mqtt://127.0.0.1:{port}", proc
-
-
-def _port_open(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
+    broker = LocalBroker(Path("var/mosquitto")).start()
+    return broker.url, broker
 
 
 def _wait_for_signal() -> None:
