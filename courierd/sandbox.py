@@ -4,7 +4,8 @@ It serves the three REST endpoints and `POST /webhooks`, checks `x-api-key`, val
 bodies the way the API text describes (400/401 with `{error, message}`), keeps a log
 of every request, and can inject faults (a share of 500s, 429 with Retry-After,
 latency, an outage window). `GET /` is a small read-only page of the calls per order;
-`GET /requests` is the same log as JSON. Tests may also install a `responder` that
+`GET /requests[?since=N]` is the same log as JSON (from entry N on), and
+`GET /requests/count` its length. Tests may also install a `responder` that
 answers in place of the normal logic, to script exact sequences of replies.
 """
 
@@ -239,7 +240,9 @@ def _handler(sandbox: Sandbox) -> type[BaseHTTPRequestHandler]:
             self._send(*sandbox.answer("POST", self.path, headers, body))
 
         def do_GET(self) -> None:
-            if self.path == "/requests":
+            path, _, query = self.path.partition("?")
+            if path == "/requests":
+                since = int(query[6:]) if query.startswith("since=") and query[6:].isdigit() else 0
                 log = [
                     {
                         "method": r.method,
@@ -250,10 +253,12 @@ def _handler(sandbox: Sandbox) -> type[BaseHTTPRequestHandler]:
                         "body": r.body.decode(errors="replace"),
                         "idempotency_key": r.headers.get("idempotency-key"),
                     }
-                    for r in sandbox.requests()
+                    for r in sandbox.requests()[since:]
                 ]
                 self._send(200, {}, log)
-            elif self.path == "/":
+            elif path == "/requests/count":
+                self._send(200, {}, {"count": len(sandbox.requests())})
+            elif path == "/":
                 self._send(200, {"content-type": "text/html; charset=utf-8"}, sandbox.page())
             else:
                 self._send(404, {}, {"error": "Not Found", "message": self.path})

@@ -1,0 +1,478 @@
+"""courierd benchmark: one command, one run, figures and ratios against baselines.
+
+Starts its own Mosquitto on a free port, the OneTablet sandbox and the daemon, then
+measures (every ratio is against a baseline measured in the same run, on the same
+broker, so machine noise cancels out):
+
+1. ingest: a bare paho QoS 1 subscriber that only counts (the ceiling) versus courierd's
+   durable ingest (acked after commit, synchronous=FULL), both draining the same
+   backlog from a persistent session; for ping-heavy (95 %) and status-only traffic;
+2. pushes: raw httpx POSTs/s against the sandbox at the same concurrency versus
+   courierd's end-to-end delivery-status pushes/s from a filled outbox;
+3. latency: publish → POST p50/p99 for status events while 2k msg/s of pings flow;
+4. memory and start: RSS and time to ready with 100k active orders and 1M history rows,
+   beside the same figures on a nearly empty database.
+
+Usage: scripts/bench [--quick] [--out FILE]. Figures go to stdout and to a JSON file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from courierd.lifecycle import CHAIN, idempotency_key, push_body
+from courierd.localbroker import LocalBroker, free_port
+from courierd.store import Store
+
+KEY = "bench-key"
+STATUSES = [s.value for s in CHAIN]
+CONCURRENCY = 16
+RECEIVE_MAX = 1000
+
+
+def say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+# -- workloads ---------------------------------------------------------------------------
+
+
+def messages(n: int, ping_share: float, tag: str) -> list[tuple[str, bytes]]:
+    """n messages: pings from 200 couriers and status events walking orders through the chain.
+
+    Statuses go out step by step across orders (every order's confirm, then every
+    arriving, ...), spread evenly between the pings.
+    """
+    n_status = round(n * (1 - ping_share))
+    orders = max(1, -(-n_status // len(STATUSES)))
+    statuses = [
+        (f"couriers/c{o % 200}/status", json.dumps({
+            "event_id": f"{tag}-{o}-{s}", "order_id": f"{tag}-o{o}", "status": STATUSES[s],
+            "ts": "2026-01-01T00:00:00Z"}).encode())
+        for s in range(len(STATUSES)) for o in range(orders)
+    ][:n_status]
+    pings = [
+        (f"couriers/c{i % 200}/location", json.dumps({
+            "ts": f"2026-01-01T00:{i // 60 % 60:02d}:{i % 60:02d}Z", "lat": 40.7 + i % 100 / 1e4,
+            "lng": -74.0, "accuracy_m": 5.0, "speed_mps": 7.1, "heading": 90}).encode())
+        for i in range(n - n_status)
+    ]
+    keyed = [(i / len(pings), m) for i, m in enumerate(pings)]
+    keyed += [(k / len(statuses), m) for k, m in enumerate(statuses)]
+    return [m for _, m in sorted(keyed, key=lambda pair: pair[0])]
+
+
+def client(port: int, client_id: str, *, session: bool) -> paho.Client:
+    c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
+    c.max_inflight_messages_set(1000)
+    c.max_queued_messages_set(0)
+    props = None
+    if session:
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 3600
+        props.ReceiveMaximum = RECEIVE_MAX
+    c.connect("127.0.0.1", port, clean_start=not session, properties=props)
+    return c
+
+
+def publish_all(port: int, msgs: list[tuple[str, bytes]]) -> float:
+    """Publish QoS 1 and wait for every PUBACK; returns msgs/s (for information)."""
+    done = threading.Event()
+    acked = [0]
+
+    def on_publish(*_: Any) -> None:
+        acked[0] += 1
+        if acked[0] == len(msgs):
+            done.set()
+
+    c = client(port, f"bench-pub-{uuid.uuid4().hex[:6]}", session=False)
+    c.on_publish = on_publish
+    c.loop_start()
+    start = time.perf_counter()
+    for topic, payload in msgs:
+        c.publish(topic, payload, qos=1)
+    if not done.wait(300):
+        raise RuntimeError(f"publisher: only {acked[0]} of {len(msgs)} acknowledged")
+    rate = len(msgs) / (time.perf_counter() - start)
+    c.disconnect()
+    c.loop_stop()
+    return rate
+
+
+def register_bare(port: int, client_id: str) -> None:
+    c = client(port, client_id, session=True)
+    c.loop_start()
+    subscribed = threading.Event()
+    c.on_subscribe = lambda *_: subscribed.set()
+    c.subscribe([("couriers/#", 1), ("dispatch/assignments", 1)])
+    subscribed.wait(10)
+    c.disconnect()
+    c.loop_stop()
+
+
+def drain_bare(port: int, client_id: str, n: int) -> float:
+    """The ceiling: a QoS 1 subscriber that only counts, draining its queued backlog."""
+    seen = [0]
+    first = [0.0]
+    done = threading.Event()
+
+    def on_message(*_: Any) -> None:
+        if seen[0] == 0:
+            first[0] = time.perf_counter()
+        seen[0] += 1
+        if seen[0] >= n:
+            done.set()
+
+    c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
+    c.on_message = on_message
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = 3600
+    props.ReceiveMaximum = RECEIVE_MAX
+    c.connect("127.0.0.1", port, clean_start=False, properties=props)
+    c.loop_start()
+    if not done.wait(300):
+        raise RuntimeError(f"bare subscriber got {seen[0]} of {n}")
+    elapsed = time.perf_counter() - first[0]
+    c.disconnect()
+    c.loop_stop()
+    return (n - 1) / elapsed
+
+
+# -- the sandbox and the daemon, each in its own process -------------------------------
+
+
+class SandboxProc:
+    """`courierd sandbox` in a subprocess, so no client shares its interpreter."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "courierd", "sandbox", "--port", str(self.port),
+             "--api-key", KEY], stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                self.requests()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+
+    def requests(self, since: int = 0) -> list[dict[str, Any]]:
+        with urllib.request.urlopen(f"{self.url}/requests?since={since}", timeout=30) as r:
+            return list(json.loads(r.read()))
+
+    def count(self) -> int:
+        with urllib.request.urlopen(f"{self.url}/requests/count", timeout=10) as r:
+            return int(json.loads(r.read())["count"])
+
+    def wait_for_count(self, n: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while self.count() < n:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.1)
+        return True
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGINT)
+        self.proc.wait(10)
+
+
+# -- the daemon as a subprocess ----------------------------------------------------------
+
+
+class Courierd:
+    def __init__(self, workdir: Path, broker: LocalBroker, onetablet_url: str, name: str) -> None:
+        self.dir = workdir
+        self.port = free_port()
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("COURIERD_")},
+            "COURIERD_MQTT__URL": broker.url,
+            "COURIERD_MQTT__CLIENT_ID": name,
+            "COURIERD_ONETABLET__BASE_URL": onetablet_url,
+            "COURIERD_ONETABLET__API_KEY": KEY,
+            "COURIERD_ONETABLET__MAX_CONCURRENCY": str(CONCURRENCY),
+            "COURIERD_STORE__PATH": str(workdir / "courierd.db"),
+            "COURIERD_HTTP__LISTEN": f"127.0.0.1:{self.port}",
+            "COURIERD_LOG__LEVEL": "WARNING",
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> float:
+        """Start and wait for /healthz 200; returns seconds from spawn to ready."""
+        t0 = time.perf_counter()
+        log = (self.dir / "daemon.log").open("ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "courierd", "run"], env=self.env,
+                                     stdout=log, stderr=log)
+        while self.get("/healthz") is None:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"courierd exited; see {self.dir}/daemon.log")
+            time.sleep(0.005)
+        return time.perf_counter() - t0
+
+    def get(self, path: str) -> str | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=2) as r:
+                return r.read().decode()
+        except OSError:
+            return None
+
+    def received(self) -> float:
+        text = self.get("/metrics") or ""
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("courierd_messages_received_total"))
+
+    def rss_mb(self) -> float:
+        assert self.proc is not None
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(60)
+
+
+def drain_courierd(daemon: Courierd, n: int) -> float:
+    """courierd's durable ingest rate over a queued backlog (counted after commit)."""
+    daemon.start()
+    first_t, first_n = 0.0, 0.0
+    deadline = time.monotonic() + 600
+    while True:
+        got = daemon.received()
+        now = time.perf_counter()
+        if got and not first_t:
+            first_t, first_n = now, got
+        if got >= n:
+            break
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"courierd ingested {got} of {n}")
+        time.sleep(0.01)
+    return (n - first_n) / (now - first_t)
+
+
+# -- measurements ------------------------------------------------------------------------
+
+
+def ingest(broker: LocalBroker, sandbox: SandboxProc, root: Path, n: int, ping_share: float,
+           label: str) -> dict[str, float]:
+    say(f"ingest ({label}): {n} messages, {ping_share:.0%} pings")
+    bare_id = f"bench-bare-{label}"
+    register_bare(broker.port, bare_id)
+    work = root / f"ingest-{label}"
+    work.mkdir()
+    daemon = Courierd(work, broker, sandbox.url, f"bench-courierd-{label}")
+    daemon.start()  # registers its persistent session
+    daemon.stop()
+    publish_rate = publish_all(broker.port, messages(n, ping_share, label))
+    ceiling = drain_bare(broker.port, bare_id, n)
+    rate = drain_courierd(daemon, n)
+    daemon.stop()
+    say(f"  ceiling {ceiling:,.0f} msg/s, courierd {rate:,.0f} msg/s ({rate / ceiling:.2f}x)")
+    return {"messages": n, "publish_rate": round(publish_rate), "ceiling_msgs_per_s": round(ceiling),
+            "courierd_msgs_per_s": round(rate), "ratio": round(rate / ceiling, 3)}
+
+
+def fill_outbox(path: Path, orders: int, prefix: str) -> int:
+    """Commit `orders` × 5 pending pushes straight into a database, as ingest would."""
+    from courierd.model import Status, StatusEvent
+
+    store = Store(path)
+    events = [StatusEvent(f"{prefix}{o}-{s}", f"{prefix}{o}", "c1", Status(STATUSES[s]))
+              for s in range(len(STATUSES)) for o in range(orders)]
+    for i in range(0, len(events), 5000):
+        store.commit_batch(events[i:i + 5000], now=time.time())
+    store.close()
+    return len(events)
+
+
+def pushes(broker: LocalBroker, sandbox: SandboxProc, root: Path, n: int) -> dict[str, float]:
+    say(f"pushes: {n} delivery-status calls, concurrency {CONCURRENCY}")
+    body = push_body(CHAIN[0], {"full_name": "Bench Courier"})
+    with httpx.Client(base_url=sandbox.url, headers={"x-api-key": KEY},
+                      limits=httpx.Limits(max_connections=CONCURRENCY,
+                                          max_keepalive_connections=CONCURRENCY)) as c:
+        def post(i: int) -> None:
+            c.post(f"/orders/raw{i}/delivery-status", content=body,
+                   headers={"idempotency-key": idempotency_key(f"raw{i}", CHAIN[0])})
+
+        start = time.perf_counter()
+        with ThreadPoolExecutor(CONCURRENCY) as pool:
+            list(pool.map(post, range(n)))
+        raw = n / (time.perf_counter() - start)
+
+    work = root / "pushes"
+    work.mkdir()
+    total = fill_outbox(work / "courierd.db", n // len(STATUSES), "p")
+    before = sandbox.count()
+    daemon = Courierd(work, broker, sandbox.url, "bench-courierd-pushes")
+    daemon.start()
+    if not sandbox.wait_for_count(before + total, 600):
+        raise RuntimeError("courierd did not deliver every push")
+    daemon.stop()
+    times = [r["at"] for r in sandbox.requests(before)]
+    e2e = (len(times) - 1) / (max(times) - min(times))
+    say(f"  raw httpx {raw:,.0f}/s, courierd {e2e:,.0f}/s ({e2e / raw:.2f}x)")
+    return {"pushes": total, "raw_httpx_per_s": round(raw), "courierd_per_s": round(e2e),
+            "ratio": round(e2e / raw, 3)}
+
+
+def latency(broker: LocalBroker, sandbox: SandboxProc, root: Path, seconds: float,
+            rate: int = 2000) -> dict[str, float]:
+    say(f"latency: {seconds:.0f} s at {rate} msg/s (95% pings), publish → POST")
+    work = root / "latency"
+    work.mkdir()
+    daemon = Courierd(work, broker, sandbox.url, "bench-courierd-latency")
+    daemon.start()
+    c = client(broker.port, "bench-latency-pub", session=False)
+    c.loop_start()
+    sent: dict[tuple[str, str], float] = {}
+    tick, per_tick = 0.01, rate // 100
+    start = time.perf_counter()
+    next_tick, i = start, 0
+    before = sandbox.count()
+    while time.perf_counter() - start < seconds:
+        for _ in range(per_tick):
+            i += 1
+            if i % 20 == 0:  # 5 % status events, each order walking the chain
+                o, s = divmod(i // 20, len(STATUSES))
+                order = f"lat{o}"
+                payload = json.dumps({"event_id": f"lat-{i}", "order_id": order,
+                                      "status": STATUSES[s]}).encode()
+                sent[(order, STATUSES[s])] = time.time()
+                c.publish(f"couriers/c{o % 200}/status", payload, qos=1)
+            else:
+                c.publish(f"couriers/c{i % 200}/location", json.dumps(
+                    {"ts": "2026-01-01T00:00:00Z", "lat": 40.7, "lng": -74.0}).encode(), qos=1)
+        next_tick += tick
+        time.sleep(max(0.0, next_tick - time.perf_counter()))
+    sandbox.wait_for_count(before + len(sent), 30)
+    daemon.stop()
+    c.disconnect()
+    c.loop_stop()
+    arrivals = [((r["order_id"], json.loads(r["body"])["delivery_status"]), r["at"])
+                for r in sandbox.requests(before)]
+    delays = sorted((at - sent[key]) * 1000 for key, at in arrivals if key in sent)
+    p50 = statistics.median(delays)
+    p99 = delays[min(len(delays) - 1, int(len(delays) * 0.99))]
+    achieved = i / (time.perf_counter() - start)
+    say(f"  {len(delays)} status pushes: p50 {p50:.1f} ms, p99 {p99:.1f} ms "
+        f"(offered {achieved:,.0f} msg/s)")
+    return {"offered_msgs_per_s": round(achieved), "samples": len(delays),
+            "p50_ms": round(p50, 2), "p99_ms": round(p99, 2)}
+
+
+def big_database(path: Path, active: int, history: int) -> None:
+    """`active` orders mid-chain and `history` delivered transitions/pushes, by bulk SQL."""
+    store = Store(path)
+    done_orders = history // len(STATUSES)
+    now = time.time()
+    with store.transaction() as c:
+        c.executemany(
+            "INSERT INTO orders (order_id, state, courier_id, updated_at) VALUES (?, ?, ?, 'x')",
+            ((f"a{o}", "arrived_at_store", f"c{o % 500}") for o in range(active)))
+        c.executemany(
+            "INSERT INTO orders (order_id, state, courier_id, updated_at) VALUES (?, 'dropoff', ?, 'x')",
+            ((f"d{o}", f"c{o % 500}") for o in range(done_orders)))
+        rows = ((f"d{o}", STATUSES[s]) for o in range(done_orders) for s in range(len(STATUSES)))
+        c.executemany(
+            "INSERT INTO transitions (order_id, status, inferred, event_id, at, recorded_at) "
+            "VALUES (?, ?, 0, NULL, 'x', 'x')", rows)
+        rows = ((f"d{o}", STATUSES[s]) for o in range(done_orders) for s in range(len(STATUSES)))
+        c.executemany(
+            "INSERT INTO outbox (order_id, status, body, idempotency_key, state, attempts, "
+            "next_attempt_at, created_at, delivered_at) "
+            "VALUES (?1, ?2, '{}', ?1 || '/' || ?2, 'delivered', 1, 0, ?3, ?3)",
+            ((o, s, now) for o, s in rows))
+        c.executemany("INSERT INTO processed_events (event_id) VALUES (?)",
+                      ((f"h{i}",) for i in range(history)))
+    store.close()
+
+
+def memory_and_start(broker: LocalBroker, sandbox: SandboxProc, root: Path, active: int,
+                     history: int) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for label, a, h in (("small", 1000, 5000), ("large", active, history)):
+        work = root / f"mem-{label}"
+        work.mkdir()
+        say(f"memory/start ({label}): {a:,} active orders, {h:,} history rows")
+        big_database(work / "courierd.db", a, h)
+        daemon = Courierd(work, broker, sandbox.url, f"bench-courierd-mem-{label}")
+        ready = daemon.start()
+        idle = daemon.rss_mb()
+        # Move 5,000 of the active orders on and let the pushes go out.
+        before = sandbox.count()
+        msgs = [(f"couriers/c{o % 500}/status", json.dumps({
+            "event_id": f"m-{label}-{o}", "order_id": f"a{o}", "status": "dropoff"}).encode())
+            for o in range(min(a, 2500))]
+        publish_all(broker.port, msgs)
+        sandbox.wait_for_count(before + 2 * len(msgs), 120)
+        busy = daemon.rss_mb()
+        daemon.stop()
+        say(f"  ready in {ready:.2f} s; RSS idle {idle:.0f} MB, after traffic {busy:.0f} MB")
+        out |= {f"{label}_ready_s": round(ready, 3), f"{label}_rss_idle_mb": round(idle, 1),
+                f"{label}_rss_busy_mb": round(busy, 1)}
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smaller runs, for a smoke check")
+    parser.add_argument("--out", type=Path, help="JSON file (default bench/results/DATE.json)")
+    args = parser.parse_args()
+    scale = 0.1 if args.quick else 1.0
+    root = Path(tempfile.mkdtemp(prefix="courierd-bench-"))
+    broker = LocalBroker(root / "broker", persistence=True).start()
+    sandbox = SandboxProc()
+    results: dict[str, Any] = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                    "platform": platform.platform()},
+    }
+    try:
+        results["ingest_pings"] = ingest(broker, sandbox, root, int(60_000 * scale), 0.95, "pings")
+        results["ingest_status"] = ingest(broker, sandbox, root, int(30_000 * scale), 0.0, "status")
+        results["pushes"] = pushes(broker, sandbox, root, int(10_000 * scale))
+        results["latency"] = latency(broker, sandbox, root, 20 * scale if scale < 1 else 15)
+        results["memory"] = memory_and_start(broker, sandbox, root, int(100_000 * scale),
+                                             int(1_000_000 * scale))
+    finally:
+        sandbox.stop()
+        broker.stop()
+    out = args.out or Path("bench/results") / f"{results['date'][:10]}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+    say(f"written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
