@@ -54,9 +54,7 @@ class Daemon:
         )
         self._is_ready = threading.Event()
         self._on_ready = on_ready
-        open_store: Callable[[], Store] = lambda: Store(  # noqa: E731
-            settings.store.path, synchronous=settings.store.synchronous
-        )
+
         self.client = OneTabletClient(
             ot.base_url,
             ot.api_key.get_secret_value(),
@@ -64,7 +62,13 @@ class Daemon:
             timeout=ot.timeout_s,
             max_connections=ot.max_concurrency,
         )
-        self._stores = [open_store(), open_store()]  # one connection per writer thread
+        # One connection per writer thread. Ingest commits are what must survive power
+        # loss (store.synchronous). The dispatcher only marks pushes delivered: losing
+        # its last commits to a power cut re-sends those pushes, with the same
+        # Idempotency-Key, so it skips the fsync that would hold the write lock.
+        ingest_store = Store(settings.store.path, synchronous=settings.store.synchronous)
+        dispatch_store = Store(settings.store.path, synchronous="NORMAL")
+        self._stores = [ingest_store, dispatch_store]
         self.dispatcher = Dispatcher(
             self._stores[1],
             self.client,
