@@ -2,4 +2,6 @@
 
 from courierd.cli import main
 
-raise SystemExit(main())
+# Guarded: the core process is started with "spawn", which imports this module again.
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -15,12 +15,12 @@ import logging
 import queue
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from courierd.errors import Rejected, Unauthorized, Unavailable
-from courierd.metrics import Metrics
 from courierd.onetablet import OneTabletClient
 from courierd.policy import RETRY_SCHEDULE, retry_delay
 from courierd.store import DELIVERED, FAILED, PENDING, OutboxRow, PushResult, Store
@@ -38,6 +38,38 @@ class Attempt:
     retry_after: float | None = None
 
 
+@dataclass(slots=True)
+class DispatchStats:
+    """What the dispatcher did since the last report, and the outbox as it last saw it.
+
+    The dispatcher runs in the core process; these plain values travel to the MQTT
+    process, which owns /metrics and /healthz.
+    """
+
+    outcomes: Counter[str] = field(default_factory=Counter)
+    latencies: list[float] = field(default_factory=list)
+    auth_paused: bool = False
+    pending: int = 0
+    oldest_pending_age_s: float = 0.0
+    failed: int = 0
+    heartbeat_age_s: float = 0.0
+
+    def take(self, heartbeat: float) -> DispatchStats:
+        """A copy to send, resetting the deltas (outcomes, latencies)."""
+        out = DispatchStats(
+            Counter(self.outcomes),
+            list(self.latencies),
+            self.auth_paused,
+            self.pending,
+            self.oldest_pending_age_s,
+            self.failed,
+            time.monotonic() - heartbeat,
+        )
+        self.outcomes.clear()
+        self.latencies.clear()
+        return out
+
+
 class Dispatcher:
     """Owns the outbox delivery loop; `wake()` it when new pushes are committed."""
 
@@ -45,7 +77,6 @@ class Dispatcher:
         self,
         store: Store,
         client: OneTabletClient,
-        metrics: Metrics,
         *,
         concurrency: int = 16,
         schedule: Sequence[float] = RETRY_SCHEDULE,
@@ -53,7 +84,8 @@ class Dispatcher:
     ) -> None:
         self.store = store
         self.client = client
-        self.metrics = metrics
+        self.stats = DispatchStats()
+        self._stats_lock = threading.Lock()
         self.concurrency = concurrency
         self.schedule = tuple(schedule)
         self.clock = clock
@@ -65,7 +97,6 @@ class Dispatcher:
         self._wake = threading.Event()
         self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="push")
         self._next_stats = 0.0
-        self.outbox_pending = 0
 
     @property
     def auth_paused(self) -> bool:
@@ -143,10 +174,11 @@ class Dispatcher:
         self.store.record_results(results)
         for a in attempts:
             del self._inflight[a.row.id]
-            self.metrics.pushes.labels(a.outcome).inc()
-            if a.outcome == "delivered":
-                self.metrics.push_latency.observe(max(0.0, now - a.row.created_at))
-            elif a.outcome == "failed":
+            with self._stats_lock:
+                self.stats.outcomes[a.outcome] += 1
+                if a.outcome == "delivered":
+                    self.stats.latencies.append(max(0.0, now - a.row.created_at))
+            if a.outcome == "failed":
                 log.warning(
                     "dispatch.parked order_id=%s status=%s error=%r",
                     a.row.order_id,
@@ -159,14 +191,14 @@ class Dispatcher:
             if self.paused_until is not None:
                 log.info("dispatch.auth_recovered after=%d failures", self._auth_failures)
             self.paused_until, self._auth_failures = None, 0
-            self.metrics.auth_paused.set(0)
+            self.stats.auth_paused = False
             return PushResult(a.row.id, DELIVERED, now)
         if a.outcome == "failed":
             return PushResult(a.row.id, FAILED, now, None, a.error)
         if a.outcome == "unauthorized":
             self._auth_failures += 1
             self.paused_until = now + retry_delay(self._auth_failures, None, self.schedule)
-            self.metrics.auth_paused.set(1)
+            self.stats.auth_paused = True
             log.error(
                 "dispatch.auth_paused probe_in=%.0fs error=%r", self.paused_until - now, a.error
             )
@@ -193,7 +225,13 @@ class Dispatcher:
             return
         self._next_stats = now + 1.0
         pending, oldest, failed = self.store.outbox_stats()
-        self.outbox_pending = pending
-        self.metrics.outbox_depth.set(pending)
-        self.metrics.outbox_failed.set(failed)
-        self.metrics.oldest_pending.set(0 if oldest is None else max(0.0, self.clock() - oldest))
+        with self._stats_lock:
+            self.stats.pending, self.stats.failed = pending, failed
+            self.stats.oldest_pending_age_s = (
+                0.0 if oldest is None else max(0.0, self.clock() - oldest)
+            )
+
+    def report(self) -> DispatchStats:
+        """Deltas since the last report, plus the current gauges (thread-safe)."""
+        with self._stats_lock:
+            return self.stats.take(self.heartbeat)

@@ -1,14 +1,17 @@
-"""`courierd run`: wires the edges (MQTT, SQLite, OneTablet, HTTP) to the loops.
+"""`courierd run`: the MQTT process, which supervises the core process.
 
-Threads: paho's network thread (convert and enqueue), the ingest writer, the
-dispatcher with its push workers, the health server; the main thread supervises:
-it sends READY/WATCHDOG/STOPPING to systemd, watches for a dead loop (fatal, exit 1)
-and on SIGTERM/SIGINT stops intake, finishes the batch and in-flight pushes, exits 0.
+This process holds paho (its network thread converts and enqueues), the batcher that
+hands batches to the core process and acknowledges them once committed, /healthz and
+/metrics, and the main thread: READY/WATCHDOG/STOPPING for systemd, a dead loop or
+core process is fatal (exit 1), and SIGTERM/SIGINT stop intake, finish the batch and
+the in-flight pushes, and exit 0. See `core.py` for why there are two processes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import multiprocessing
 import queue
 import signal
 import threading
@@ -19,33 +22,39 @@ from typing import Any
 
 from courierd import systemd
 from courierd.config import Settings
-from courierd.dispatch import Dispatcher
+from courierd.core import core_main
+from courierd.dispatch import DispatchStats
 from courierd.errors import CourierdError
 from courierd.health import HealthServer
-from courierd.ingest import Ingest
+from courierd.ingest import record_batch, take_batch
 from courierd.metrics import Metrics
 from courierd.mqtt import Message, MqttEdge
-from courierd.onetablet import OneTabletClient
 from courierd.store import Store
 
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FATAL = 0, 1
 STALL_S = 30.0  # a loop silent this long is stuck: stop pinging the watchdog
+START_TIMEOUT_S = 60.0
 
 
 class Daemon:
     """The running service. `run()` blocks until stopped and returns the exit code."""
 
     def __init__(self, settings: Settings, on_ready: Callable[[], None] = lambda: None) -> None:
-        ot = settings.require_onetablet()
-        assert ot.base_url is not None and ot.api_key is not None
+        settings.require_onetablet()
         self.settings = settings
+        # Open (and migrate) the database here first: a bad path fails before anything starts.
+        Store(settings.store.path, synchronous=settings.store.synchronous).close()
         self.metrics = Metrics()
         self.stop_requested = threading.Event()
-        self._stop_loops = threading.Event()
-        self._fatal: list[BaseException] = []
-        self.inbox: queue.Queue[Message] = queue.Queue(maxsize=settings.ingest.batch_size * 4)
+        self._stop_intake = threading.Event()
+        self._fatal: list[str] = []
+        self._dispatch = DispatchStats()
+        self._last_report = time.monotonic()
+        self._batch_heartbeat = time.monotonic()
+        # SimpleQueue: put() is a fraction of Queue.put() on paho's busy thread.
+        self.inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
         self.edge = MqttEdge(
             settings.mqtt,
             self.inbox,
@@ -53,50 +62,27 @@ class Daemon:
             on_subscribed=self._ready,
         )
         self._is_ready = threading.Event()
+        self._core_ready = threading.Event()
         self._on_ready = on_ready
-
-        self.client = OneTabletClient(
-            ot.base_url,
-            ot.api_key.get_secret_value(),
-            transport=ot.transport,
-            timeout=ot.timeout_s,
-            max_connections=ot.max_concurrency,
-        )
-        # One connection per writer thread. Ingest commits are what must survive power
-        # loss (store.synchronous). The dispatcher only marks pushes delivered: losing
-        # its last commits to a power cut re-sends those pushes, with the same
-        # Idempotency-Key, so it skips the fsync that would hold the write lock.
-        ingest_store = Store(settings.store.path, synchronous=settings.store.synchronous)
-        dispatch_store = Store(settings.store.path, synchronous="NORMAL")
-        self._stores = [ingest_store, dispatch_store]
-        self.dispatcher = Dispatcher(
-            self._stores[1],
-            self.client,
-            self.metrics,
-            concurrency=ot.max_concurrency,
-            schedule=ot.retry_schedule_s,
-        )
-        self.ingest = Ingest(
-            self._stores[0],
-            self.inbox,
-            self.edge.ack,
-            self.metrics,
-            batch_size=settings.ingest.batch_size,
-            batch_ms=settings.ingest.batch_ms,
-            on_pushes=self.dispatcher.wake,
+        ctx = multiprocessing.get_context("spawn")
+        self._ingest_pipe, core_ingest = ctx.Pipe()
+        self._report_pipe, core_reports = ctx.Pipe(duplex=False)
+        self._core = ctx.Process(
+            target=core_main,
+            args=(settings, core_ingest, core_reports),
+            name="courierd-core",
+            daemon=True,
         )
         self.http = (
             HealthServer(settings.http.listen, self.health, self.metrics.registry)
             if settings.http.listen
             else None
         )
-        self._threads = [
-            threading.Thread(target=self._guard, args=(self.ingest.run,), name="ingest"),
-            threading.Thread(target=self._guard, args=(self.dispatcher.run,), name="dispatch"),
-        ]
+        self._batcher = threading.Thread(target=self._batch_loop, name="batcher")
+        self._reporter = threading.Thread(target=self._report_loop, name="reports", daemon=True)
 
     def _ready(self) -> None:
-        """Store open and subscriptions granted: tell systemd once (called on paho's thread)."""
+        """Core up and subscriptions granted: tell systemd once (called on paho's thread)."""
         if not self._is_ready.is_set():
             self._is_ready.set()
             systemd.notify("READY=1\nSTATUS=connected, ingesting")
@@ -108,32 +94,80 @@ class Daemon:
         reasons = []
         if not self.edge.subscribed.is_set():
             reasons.append("mqtt: not connected to the broker")
-        if self._fatal:
-            reasons.append(f"database: {self._fatal[0]}")
-        if self.dispatcher.auth_paused:
+        reasons += self._fatal
+        if self._dispatch.auth_paused:
             reasons.append("onetablet: API key refused (401); pushes paused")
         return {
             "status": "ok" if not reasons else "error",
             "reasons": reasons,
             "mqtt": "connected" if self.edge.connected.is_set() else "disconnected",
-            "onetablet": "unauthorized" if self.dispatcher.auth_paused else "ok",
-            "outbox_pending": self.dispatcher.outbox_pending,
+            "onetablet": "unauthorized" if self._dispatch.auth_paused else "ok",
+            "outbox_pending": self._dispatch.pending,
         }
 
-    def _guard(self, loop: Callable[[threading.Event], None]) -> None:
-        """Run a loop; any exception out of it is fatal for the whole process."""
+    def _die(self, reason: str) -> None:
+        log.error("daemon.fatal %s", reason)
+        self._fatal.append(reason)
+        self.stop_requested.set()
+
+    def _batch_loop(self) -> None:
+        """Take a batch, have the core commit it, then ack it: durable before acknowledged."""
+        size, wait_s = self.settings.ingest.batch_size, self.settings.ingest.batch_ms / 1000
         try:
-            loop(self._stop_loops)
-        except BaseException as e:
-            log.exception("daemon.fatal thread=%s", threading.current_thread().name)
-            self._fatal.append(e)
-            self.stop_requested.set()
+            while not self._stop_intake.is_set():
+                self._batch_heartbeat = time.monotonic()
+                batch = take_batch(self.inbox, size=size, wait_s=wait_s, timeout=0.2)
+                if not batch:
+                    continue
+                self._ingest_pipe.send(("batch", [(m.topic, m.payload) for m in batch]))
+                kind, result = self._ingest_pipe.recv()
+                if kind != "ok":
+                    self._die(str(result))
+                    return
+                for message in batch:
+                    self.edge.ack(message)
+                record_batch(self.metrics, result)
+        except (EOFError, OSError) as e:
+            self._die(f"core process: {e!r}")
+
+    def _report_loop(self) -> None:
+        """Dispatch stats from the core into /metrics and /healthz."""
+        m = self.metrics
+        while True:
+            try:
+                kind, value = self._report_pipe.recv()
+            except (EOFError, OSError):
+                if not self._stop_intake.is_set():
+                    self._die("core process exited")
+                return
+            if kind == "fatal":
+                self._die(str(value))
+            elif kind == "ready":
+                self._core_ready.set()
+            elif kind == "stats":
+                stats: DispatchStats = value
+                self._dispatch, self._last_report = stats, time.monotonic()
+                for outcome, n in stats.outcomes.items():
+                    m.pushes.labels(outcome).inc(n)
+                for seconds in stats.latencies:
+                    m.push_latency.observe(seconds)
+                m.auth_paused.set(1 if stats.auth_paused else 0)
+                m.outbox_depth.set(stats.pending)
+                m.outbox_failed.set(stats.failed)
+                m.oldest_pending.set(stats.oldest_pending_age_s)
 
     def run(self) -> int:
+        self._core.start()
+        self._reporter.start()
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not self._core_ready.wait(0.05):
+            if time.monotonic() > deadline:
+                self._die("core process did not start")
+            if self.stop_requested.is_set():
+                return self.shutdown()
         if self.http:
             self.http.start()
-        for t in self._threads:
-            t.start()
+        self._batcher.start()
         self.edge.start()
         log.info(
             "daemon.started store=%s mqtt=%s:%s",
@@ -152,22 +186,28 @@ class Daemon:
 
     def _loops_alive(self) -> bool:
         now = time.monotonic()
-        return all(now - hb < STALL_S for hb in (self.ingest.heartbeat, self.dispatcher.heartbeat))
+        return (
+            now - self._batch_heartbeat < STALL_S
+            and now - self._last_report < STALL_S
+            and self._dispatch.heartbeat_age_s < STALL_S
+        )
 
     def shutdown(self) -> int:
         """Stop intake, finish the batch and in-flight pushes (bounded), close everything."""
         systemd.notify("STOPPING=1")
         log.info("daemon.stopping")
-        self._stop_loops.set()
-        self.dispatcher.wake()
-        for t in self._threads:
-            t.join(timeout=15)
-        self.edge.stop()  # after ingest: the last batch's acks still go out
+        self._stop_intake.set()
+        if self._batcher.is_alive():
+            self._batcher.join(timeout=15)
+        if self._core.is_alive():
+            with contextlib.suppress(OSError):
+                self._ingest_pipe.send(("stop", None))
+            self._core.join(timeout=20)  # the dispatcher waits up to 10 s for pushes
+            if self._core.is_alive():
+                self._core.terminate()
+        self.edge.stop()  # after the batcher: the last batch's acks still go out
         if self.http:
             self.http.stop()
-        self.client.close()
-        for s in self._stores:
-            s.close()
         code = EXIT_FATAL if self._fatal else EXIT_OK
         log.info("daemon.stopped exit=%d", code)
         return code
