@@ -99,7 +99,10 @@ class StoreSettings(_Section):
 
 class IngestSettings(_Section):
     batch_size: int = Field(500, ge=1, le=10_000)
-    batch_ms: float = Field(10.0, ge=0)
+    # 0: commit whatever is queued at once; messages that arrive during a commit form
+    # the next batch, so batches grow with load by themselves (measured: faster than a
+    # 10 ms window at every load, and no added latency when traffic is light).
+    batch_ms: float = Field(0.0, ge=0)
 
 
 class HttpSettings(_Section):

@@ -47,7 +47,6 @@ class Daemon:
             **{k: v for k, v in os.environ.items() if not k.startswith("COURIERD_")},
             "COURIERD_HTTP__LISTEN": f"127.0.0.1:{self.http_port}",
             "COURIERD_STORE__PATH": str(workdir / "courierd.db"),
-            "COURIERD_INGEST__BATCH_MS": "5",
             **env,
         }
         self.proc: subprocess.Popen[bytes] | None = None
