@@ -6,6 +6,7 @@ autosave, a large queue for offline sessions, an in-flight window above the batc
 
 from __future__ import annotations
 
+import getpass
 import shutil
 import socket
 import subprocess
@@ -39,7 +40,14 @@ def mosquitto_binary() -> str | None:
 class LocalBroker:
     """`start()` a Mosquitto in `workdir`; `stop()` it; the port survives restarts."""
 
-    def __init__(self, workdir: Path, *, persistence: bool = True) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        persistence: bool = True,
+        listener_options: str = "",
+        anonymous: bool = True,
+    ) -> None:
         exe = mosquitto_binary()
         if exe is None:
             raise ConfigError("mosquitto is not installed (apt-get install mosquitto)")
@@ -50,7 +58,11 @@ class LocalBroker:
         self.conf = self.dir / "mosquitto.conf"
         self.conf.write_text(
             f"listener {self.port} 127.0.0.1\n"
-            "allow_anonymous true\n"
+            f"{listener_options}"
+            f"allow_anonymous {'true' if anonymous else 'false'}\n"
+            # Started as root, Mosquitto drops to user "mosquitto", which cannot write
+            # its persistence file here: stay the user we are.
+            f"user {getpass.getuser()}\n"
             f"persistence {'true' if persistence else 'false'}\n"
             f"persistence_location {self.dir}/\n"
             "autosave_interval 1\n"
@@ -77,4 +89,10 @@ class LocalBroker:
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
+            self.proc.wait(10)
+
+    def kill(self) -> None:
+        """SIGKILL: whatever the last autosave did not write is lost."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
             self.proc.wait(10)

@@ -166,3 +166,13 @@ def test_config_check_masks_secrets_and_flags_errors(cli, tmp_path: Path) -> Non
     (tmp_path / "bad.toml").write_text("[mqtt]\nurl = 5\n")
     r = cli("config", "check", "--config", "bad.toml")
     assert r.code == 2 and "mqtt.url (COURIERD_MQTT__URL)" in r.err
+
+
+def test_json_log_format(cli, tmp_path: Path, onetablet: Sandbox) -> None:
+    """--log-format json prints one JSON object per line, with the stable event name."""
+    (tmp_path / "o.json").write_text(json.dumps(ORDER))
+    r = cli("order", "submit", "o.json", "--log-format", "json")
+    assert r.code == 0
+    (line,) = [json.loads(x) for x in r.err.splitlines()]
+    assert line["event"] == "onetablet.call" and line["level"] == "info"
+    assert line["ts"].endswith("Z") and "order_id=o-42" in line["msg"]

@@ -5,14 +5,20 @@ Each test starts its own broker and daemon, so it can stop, kill and restart the
 
 from __future__ import annotations
 
+import json
 import random
+import shutil
 import signal
+import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import paho.mqtt.client as paho
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
 from courierd.lifecycle import CHAIN
 from courierd.sandbox import Request, Sandbox
@@ -371,3 +377,142 @@ def test_clean_stop_bad_config_and_fatal_store(rig: Rig, tmp_path: Path) -> None
     fatal.start(wait_ready=False)
     assert fatal.proc is not None and fatal.proc.wait(20) == 1
     assert "cannot open database" in fatal.log.read_text()
+
+
+def test_queued_messages_survive_a_broker_kill_9(rig: Rig) -> None:
+    """With persistence and a 1 s autosave (as config/mosquitto.conf), messages queued
+    for a stopped courierd survive a SIGKILLed broker."""
+    daemon = rig.daemon().start()
+    assert daemon.stop() == 0  # the broker now queues for courierd's session
+    pub = rig.publisher()
+    for i in range(20):
+        pub.status("c1", f"q{i}", f"queued-{i}", "dasher_confirmed")
+    published = time.time()
+    pub.close()
+    saved = rig.broker.dir / "mosquitto.db"
+    wait_until(
+        lambda: saved.exists() and saved.stat().st_mtime > published + 0.01,
+        10,
+        "the broker's autosave after the publishes",
+    )
+    rig.broker.kill()
+    rig.broker.start()
+    rig.daemon().start()
+    orders = [f"queued-{i}" for i in range(20)]
+    assert rig.onetablet.wait_for(lambda _: all(o in delivered(rig.onetablet) for o in orders), 20)
+
+
+def test_tls_and_password_auth(tmp_path: Path, onetablet: Sandbox) -> None:
+    """mqtts:// with a CA file and username/password: connects, ingests, pushes."""
+    if shutil.which("openssl") is None or shutil.which("mosquitto_passwd") is None:
+        pytest.skip("openssl or mosquitto_passwd not installed")
+    certs = tmp_path / "certs"
+    certs.mkdir()
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=certs, check=True, capture_output=True)
+
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-subj",
+        "/CN=courierd-test-ca",
+        "-days",
+        "1",
+    )
+    openssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    )
+    (certs / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    openssl(
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "1",
+        "-extfile",
+        "san.ext",
+    )
+    passwd = certs / "passwd"
+    passwd.touch()
+    for user, password in (("courierd", "s3cret"), ("c1", "phone")):
+        subprocess.run(["mosquitto_passwd", "-b", str(passwd), user, password], check=True)
+    broker = Broker(
+        tmp_path / "broker",
+        anonymous=False,
+        listener_options=(
+            f"cafile {certs}/ca.crt\ncertfile {certs}/server.crt\n"
+            f"keyfile {certs}/server.key\npassword_file {passwd}\n"
+        ),
+    ).start()
+    try:
+        env = {
+            "COURIERD_MQTT__URL": f"mqtts://127.0.0.1:{broker.port}",
+            "COURIERD_MQTT__CA_FILE": str(certs / "ca.crt"),
+            "COURIERD_MQTT__USERNAME": "courierd",
+            "COURIERD_MQTT__PASSWORD": "s3cret",
+            "COURIERD_ONETABLET__BASE_URL": onetablet.url,
+            "COURIERD_ONETABLET__API_KEY": API_KEY,
+        }
+        daemon = Daemon(tmp_path, env).start()
+        phone = paho.Client(CallbackAPIVersion.VERSION2, client_id="c1", protocol=paho.MQTTv5)
+        phone.tls_set(ca_certs=str(certs / "ca.crt"))
+        phone.username_pw_set("c1", "phone")
+        phone.connect("127.0.0.1", broker.port)
+        phone.loop_start()
+        phone.publish(
+            "couriers/c1/status",
+            json.dumps({"event_id": "t1", "order_id": "tls-1", "status": "dasher_confirmed"}),
+            qos=1,
+        ).wait_for_publish(10)
+        assert onetablet.wait_for(lambda _: "tls-1" in delivered(onetablet), 10)
+        phone.disconnect()
+        phone.loop_stop()
+        assert daemon.stop() == 0
+        assert "s3cret" not in daemon.log.read_text()  # the password is never logged
+        wrong = Daemon(tmp_path, {**env, "COURIERD_MQTT__PASSWORD": "nope"})
+        wrong.log = tmp_path / "wrong.log"
+        wrong.start(wait_ready=False)
+        wait_until(lambda: "mqtt.refused" in wrong.log.read_text(), 10, "a refused login")
+        assert wrong.health()[0] == 503
+        assert wrong.stop() == 0
+    finally:
+        broker.stop()
+
+
+def test_store_error_while_running_is_fatal(rig: Rig) -> None:
+    """A database error during ingest stops the daemon with exit 1 (systemd restarts it);
+    the message was not acknowledged, so nothing is lost."""
+    daemon = rig.daemon().start()
+    s = rig.store()
+    s.conn.execute("INSERT INTO orders (order_id, state, updated_at) VALUES ('bad', 'lost', 'x')")
+    s.close()
+    pub = rig.publisher()
+    pub.status("c1", "f1", "bad", "dropoff")
+    assert daemon.proc is not None and daemon.proc.wait(20) == 1
+    assert "unknown order state 'lost'" in daemon.log.read_text()
+    pub.close()
