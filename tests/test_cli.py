@@ -9,6 +9,14 @@ from courierd.model import Status, StatusEvent
 from courierd.sandbox import Sandbox
 from courierd.store import Store
 
+
+def seed(db_path: Path, order_id: str, status: Status, ts: str | None = None) -> None:
+    """Record one status event for an order, as the daemon would have."""
+    s = Store(db_path)
+    s.commit_batch([StatusEvent("e1", order_id, "c1", status, ts)], now=1.0)
+    s.close()
+
+
 ORDER = {
     "id": "o-42",
     "subtotal": 2500,
@@ -90,9 +98,7 @@ def test_cancel_records_locally_and_drops_pending_pushes(
     cli, db_path: Path, onetablet: Sandbox
 ) -> None:
     """Cancel POSTs the reason, marks the order cancelled and drops its unsent pushes."""
-    s = Store(db_path)
-    s.commit_batch([StatusEvent("e1", "o-7", "c1", Status.ARRIVING_AT_STORE)], now=1.0)
-    s.close()
+    seed(db_path, "o-7", Status.ARRIVING_AT_STORE)
     r = cli("order", "cancel", "o-7", "--reason", "KITCHEN_BUSY", "--details", "fire")
     assert r.code == 0, r.err
     assert json.loads(r.out)["dropped_pushes"] == 2
@@ -108,9 +114,7 @@ def test_cancel_records_locally_and_drops_pending_pushes(
 
 def test_cancel_refusals(cli, db_path: Path, onetablet: Sandbox) -> None:
     """After dropoff, with an unknown reason, or a bad id: exit 2, nothing sent."""
-    s = Store(db_path)
-    s.commit_batch([StatusEvent("e1", "o-9", "c1", Status.DROPOFF)], now=1.0)
-    s.close()
+    seed(db_path, "o-9", Status.DROPOFF)
     r = cli("order", "cancel", "o-9")
     assert r.code == 2 and "already dropped off" in r.err
     r = cli("order", "cancel", "o-1", "--reason", "BORED")
@@ -124,9 +128,7 @@ def test_cancel_remote_failure_leaves_order_uncancelled(
     cli, db_path: Path, onetablet: Sandbox
 ) -> None:
     """If OneTablet refuses the cancel, the order is not marked cancelled locally."""
-    s = Store(db_path)
-    s.commit_batch([StatusEvent("e1", "o-5", "c1", Status.DASHER_CONFIRMED)], now=1.0)
-    s.close()
+    seed(db_path, "o-5", Status.DASHER_CONFIRMED)
     onetablet.responder = lambda req: (400, {}, {"error": "Bad Request", "message": "too late"})
     r = cli("order", "cancel", "o-5")
     assert r.code == 1 and "too late" in r.err
@@ -135,12 +137,7 @@ def test_cancel_remote_failure_leaves_order_uncancelled(
 
 def test_show_contract_shape_and_unknown(cli, db_path: Path) -> None:
     """show prints the CONTRACT.md fields; an unknown order is exit 1."""
-    s = Store(db_path)
-    s.commit_batch(
-        [StatusEvent("e1", "o-3", "c1", Status.ARRIVED_AT_STORE, "2024-01-15T18:05:00.000Z")],
-        now=1.0,
-    )
-    s.close()
+    seed(db_path, "o-3", Status.ARRIVED_AT_STORE, ts="2024-01-15T18:05:00.000Z")
     r = cli("order", "show", "o-3")
     assert r.code == 0
     view = json.loads(r.out)
