@@ -11,7 +11,8 @@ broker, so machine noise cancels out):
    courierd's end-to-end delivery-status pushes/s from a filled outbox;
 3. latency: publish → POST p50/p99 for status events while 2k msg/s of pings flow;
 4. memory and start: RSS and time to ready with 100k active orders and 1M history rows,
-   beside the same figures on a nearly empty database.
+   beside the same figures on a nearly empty database;
+5. the lifecycle: `decide` per event versus a python-statemachine instance per event.
 
 Usage: scripts/bench [--quick] [--out FILE]. Figures go to stdout and to a JSON file.
 """
@@ -68,15 +69,34 @@ def messages(n: int, ping_share: float, tag: str) -> list[tuple[str, bytes]]:
     n_status = round(n * (1 - ping_share))
     orders = max(1, -(-n_status // len(STATUSES)))
     statuses = [
-        (f"couriers/c{o % 200}/status", json.dumps({
-            "event_id": f"{tag}-{o}-{s}", "order_id": f"{tag}-o{o}", "status": STATUSES[s],
-            "ts": "2026-01-01T00:00:00Z"}).encode())
-        for s in range(len(STATUSES)) for o in range(orders)
+        (
+            f"couriers/c{o % 200}/status",
+            json.dumps(
+                {
+                    "event_id": f"{tag}-{o}-{s}",
+                    "order_id": f"{tag}-o{o}",
+                    "status": STATUSES[s],
+                    "ts": "2026-01-01T00:00:00Z",
+                }
+            ).encode(),
+        )
+        for s in range(len(STATUSES))
+        for o in range(orders)
     ][:n_status]
     pings = [
-        (f"couriers/c{i % 200}/location", json.dumps({
-            "ts": f"2026-01-01T00:{i // 60 % 60:02d}:{i % 60:02d}Z", "lat": 40.7 + i % 100 / 1e4,
-            "lng": -74.0, "accuracy_m": 5.0, "speed_mps": 7.1, "heading": 90}).encode())
+        (
+            f"couriers/c{i % 200}/location",
+            json.dumps(
+                {
+                    "ts": f"2026-01-01T00:{i // 60 % 60:02d}:{i % 60:02d}Z",
+                    "lat": 40.7 + i % 100 / 1e4,
+                    "lng": -74.0,
+                    "accuracy_m": 5.0,
+                    "speed_mps": 7.1,
+                    "heading": 90,
+                }
+            ).encode(),
+        )
         for i in range(n - n_status)
     ]
     keyed = [(i / len(pings), m) for i, m in enumerate(pings)]
@@ -166,12 +186,23 @@ def drain_bare(port: int, client_id: str, n: int) -> float:
 class SandboxProc:
     """`courierd sandbox` in a subprocess, so no client shares its interpreter."""
 
-    def __init__(self) -> None:
+    def __init__(self, *flags: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "courierd", "sandbox", "--port", str(self.port),
-             "--api-key", KEY], stderr=subprocess.DEVNULL)
+            [
+                sys.executable,
+                "-m",
+                "courierd",
+                "sandbox",
+                "--port",
+                str(self.port),
+                "--api-key",
+                KEY,
+                *flags,
+            ],
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 10
         while True:
             try:
@@ -227,8 +258,9 @@ class Courierd:
         """Start and wait for /healthz 200; returns seconds from spawn to ready."""
         t0 = time.perf_counter()
         log = (self.dir / "daemon.log").open("ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "courierd", "run"], env=self.env,
-                                     stdout=log, stderr=log)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "courierd", "run"], env=self.env, stdout=log, stderr=log
+        )
         while self.get("/healthz") is None:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"courierd exited; see {self.dir}/daemon.log")
@@ -244,8 +276,11 @@ class Courierd:
 
     def received(self) -> float:
         text = self.get("/metrics") or ""
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith("courierd_messages_received_total"))
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("courierd_messages_received_total")
+        )
 
     def rss_mb(self) -> float:
         """Resident memory of the daemon: the MQTT process and its core process."""
@@ -260,9 +295,9 @@ class Courierd:
                     total += int(line.split()[1]) / 1024
         return total
 
-    def stop(self) -> None:
+    def stop(self, *, kill: bool = False) -> None:
         if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
             self.proc.wait(60)
 
 
@@ -287,8 +322,9 @@ def drain_courierd(daemon: Courierd, n: int) -> float:
 # -- measurements ------------------------------------------------------------------------
 
 
-def ingest(broker: LocalBroker, sandbox: SandboxProc, root: Path, n: int, ping_share: float,
-           label: str) -> dict[str, float]:
+def ingest(
+    broker: LocalBroker, sandbox: SandboxProc, root: Path, n: int, ping_share: float, label: str
+) -> dict[str, float]:
     say(f"ingest ({label}): {n} messages, {ping_share:.0%} pings")
     bare_id = f"bench-bare-{label}"
     register_bare(broker.port, bare_id)
@@ -302,19 +338,27 @@ def ingest(broker: LocalBroker, sandbox: SandboxProc, root: Path, n: int, ping_s
     rate = drain_courierd(daemon, n)
     daemon.stop()
     say(f"  ceiling {ceiling:,.0f} msg/s, courierd {rate:,.0f} msg/s ({rate / ceiling:.2f}x)")
-    return {"messages": n, "publish_rate": round(publish_rate), "ceiling_msgs_per_s": round(ceiling),
-            "courierd_msgs_per_s": round(rate), "ratio": round(rate / ceiling, 3)}
+    return {
+        "messages": n,
+        "publish_rate": round(publish_rate),
+        "ceiling_msgs_per_s": round(ceiling),
+        "courierd_msgs_per_s": round(rate),
+        "ratio": round(rate / ceiling, 3),
+    }
 
 
 def fill_outbox(path: Path, orders: int, prefix: str) -> int:
-    """Commit `orders` × 5 pending pushes straight into a database, as ingest would."""
+    """Commit `orders` x 5 pending pushes straight into a database, as ingest would."""
     from courierd.model import Status, StatusEvent
 
     store = Store(path)
-    events = [StatusEvent(f"{prefix}{o}-{s}", f"{prefix}{o}", "c1", Status(STATUSES[s]))
-              for s in range(len(STATUSES)) for o in range(orders)]
+    events = [
+        StatusEvent(f"{prefix}{o}-{s}", f"{prefix}{o}", "c1", Status(STATUSES[s]))
+        for s in range(len(STATUSES))
+        for o in range(orders)
+    ]
     for i in range(0, len(events), 5000):
-        store.commit_batch(events[i:i + 5000], now=time.time())
+        store.commit_batch(events[i : i + 5000], now=time.time())
     store.close()
     return len(events)
 
@@ -322,12 +366,18 @@ def fill_outbox(path: Path, orders: int, prefix: str) -> int:
 def pushes(broker: LocalBroker, sandbox: SandboxProc, root: Path, n: int) -> dict[str, float]:
     say(f"pushes: {n} delivery-status calls, concurrency {CONCURRENCY}")
     body = push_body(CHAIN[0], {"full_name": "Bench Courier"})
-    with httpx.Client(base_url=sandbox.url, headers={"x-api-key": KEY},
-                      limits=httpx.Limits(max_connections=CONCURRENCY,
-                                          max_keepalive_connections=CONCURRENCY)) as c:
+    with httpx.Client(
+        base_url=sandbox.url,
+        headers={"x-api-key": KEY},
+        limits=httpx.Limits(max_connections=CONCURRENCY, max_keepalive_connections=CONCURRENCY),
+    ) as c:
+
         def post(i: int) -> None:
-            c.post(f"/orders/raw{i}/delivery-status", content=body,
-                   headers={"idempotency-key": idempotency_key(f"raw{i}", CHAIN[0])})
+            c.post(
+                f"/orders/raw{i}/delivery-status",
+                content=body,
+                headers={"idempotency-key": idempotency_key(f"raw{i}", CHAIN[0])},
+            )
 
         start = time.perf_counter()
         with ThreadPoolExecutor(CONCURRENCY) as pool:
@@ -346,12 +396,17 @@ def pushes(broker: LocalBroker, sandbox: SandboxProc, root: Path, n: int) -> dic
     times = [r["at"] for r in sandbox.requests(before)]
     e2e = (len(times) - 1) / (max(times) - min(times))
     say(f"  raw httpx {raw:,.0f}/s, courierd {e2e:,.0f}/s ({e2e / raw:.2f}x)")
-    return {"pushes": total, "raw_httpx_per_s": round(raw), "courierd_per_s": round(e2e),
-            "ratio": round(e2e / raw, 3)}
+    return {
+        "pushes": total,
+        "raw_httpx_per_s": round(raw),
+        "courierd_per_s": round(e2e),
+        "ratio": round(e2e / raw, 3),
+    }
 
 
-def latency(broker: LocalBroker, sandbox: SandboxProc, root: Path, seconds: float,
-            rate: int = 2000) -> dict[str, float]:
+def latency(
+    broker: LocalBroker, sandbox: SandboxProc, root: Path, seconds: float, rate: int = 2000
+) -> dict[str, float]:
     say(f"latency: {seconds:.0f} s at {rate} msg/s (95% pings), publish → POST")
     work = root / "latency"
     work.mkdir()
@@ -370,29 +425,41 @@ def latency(broker: LocalBroker, sandbox: SandboxProc, root: Path, seconds: floa
             if i % 20 == 0:  # 5 % status events, each order walking the chain
                 o, s = divmod(i // 20, len(STATUSES))
                 order = f"lat{o}"
-                payload = json.dumps({"event_id": f"lat-{i}", "order_id": order,
-                                      "status": STATUSES[s]}).encode()
+                payload = json.dumps(
+                    {"event_id": f"lat-{i}", "order_id": order, "status": STATUSES[s]}
+                ).encode()
                 sent[(order, STATUSES[s])] = time.time()
                 c.publish(f"couriers/c{o % 200}/status", payload, qos=1)
             else:
-                c.publish(f"couriers/c{i % 200}/location", json.dumps(
-                    {"ts": "2026-01-01T00:00:00Z", "lat": 40.7, "lng": -74.0}).encode(), qos=1)
+                c.publish(
+                    f"couriers/c{i % 200}/location",
+                    json.dumps({"ts": "2026-01-01T00:00:00Z", "lat": 40.7, "lng": -74.0}).encode(),
+                    qos=1,
+                )
         next_tick += tick
         time.sleep(max(0.0, next_tick - time.perf_counter()))
     sandbox.wait_for_count(before + len(sent), 30)
     daemon.stop()
     c.disconnect()
     c.loop_stop()
-    arrivals = [((r["order_id"], json.loads(r["body"])["delivery_status"]), r["at"])
-                for r in sandbox.requests(before)]
+    arrivals = [
+        ((r["order_id"], json.loads(r["body"])["delivery_status"]), r["at"])
+        for r in sandbox.requests(before)
+    ]
     delays = sorted((at - sent[key]) * 1000 for key, at in arrivals if key in sent)
     p50 = statistics.median(delays)
     p99 = delays[min(len(delays) - 1, int(len(delays) * 0.99))]
     achieved = i / (time.perf_counter() - start)
-    say(f"  {len(delays)} status pushes: p50 {p50:.1f} ms, p99 {p99:.1f} ms "
-        f"(offered {achieved:,.0f} msg/s)")
-    return {"offered_msgs_per_s": round(achieved), "samples": len(delays),
-            "p50_ms": round(p50, 2), "p99_ms": round(p99, 2)}
+    say(
+        f"  {len(delays)} status pushes: p50 {p50:.1f} ms, p99 {p99:.1f} ms "
+        f"(offered {achieved:,.0f} msg/s)"
+    )
+    return {
+        "offered_msgs_per_s": round(achieved),
+        "samples": len(delays),
+        "p50_ms": round(p50, 2),
+        "p99_ms": round(p99, 2),
+    }
 
 
 def big_database(path: Path, active: int, history: int) -> None:
@@ -403,27 +470,36 @@ def big_database(path: Path, active: int, history: int) -> None:
     with store.transaction() as c:
         c.executemany(
             "INSERT INTO orders (order_id, state, courier_id, updated_at) VALUES (?, ?, ?, 'x')",
-            ((f"a{o}", "arrived_at_store", f"c{o % 500}") for o in range(active)))
+            ((f"a{o}", "arrived_at_store", f"c{o % 500}") for o in range(active)),
+        )
         c.executemany(
-            "INSERT INTO orders (order_id, state, courier_id, updated_at) VALUES (?, 'dropoff', ?, 'x')",
-            ((f"d{o}", f"c{o % 500}") for o in range(done_orders)))
+            "INSERT INTO orders (order_id, state, courier_id, updated_at) "
+            "VALUES (?, 'dropoff', ?, 'x')",
+            ((f"d{o}", f"c{o % 500}") for o in range(done_orders)),
+        )
         rows = ((f"d{o}", STATUSES[s]) for o in range(done_orders) for s in range(len(STATUSES)))
         c.executemany(
             "INSERT INTO transitions (order_id, status, inferred, event_id, at, recorded_at) "
-            "VALUES (?, ?, 0, NULL, 'x', 'x')", rows)
+            "VALUES (?, ?, 0, NULL, 'x', 'x')",
+            rows,
+        )
         rows = ((f"d{o}", STATUSES[s]) for o in range(done_orders) for s in range(len(STATUSES)))
         c.executemany(
             "INSERT INTO outbox (order_id, status, body, idempotency_key, state, attempts, "
             "next_attempt_at, created_at, delivered_at) "
             "VALUES (?1, ?2, '{}', ?1 || '/' || ?2, 'delivered', 1, 0, ?3, ?3)",
-            ((o, s, now) for o, s in rows))
-        c.executemany("INSERT INTO processed_events (event_id) VALUES (?)",
-                      ((f"h{i}",) for i in range(history)))
+            ((o, s, now) for o, s in rows),
+        )
+        c.executemany(
+            "INSERT INTO processed_events (event_id) VALUES (?)",
+            ((f"h{i}",) for i in range(history)),
+        )
     store.close()
 
 
-def memory_and_start(broker: LocalBroker, sandbox: SandboxProc, root: Path, active: int,
-                     history: int) -> dict[str, float]:
+def memory_and_start(
+    broker: LocalBroker, sandbox: SandboxProc, root: Path, active: int, history: int
+) -> dict[str, float]:
     out: dict[str, float] = {}
     for label, a, h in (("small", 1000, 5000), ("large", active, history)):
         work = root / f"mem-{label}"
@@ -435,17 +511,67 @@ def memory_and_start(broker: LocalBroker, sandbox: SandboxProc, root: Path, acti
         idle = daemon.rss_mb()
         # Move 5,000 of the active orders on and let the pushes go out.
         before = sandbox.count()
-        msgs = [(f"couriers/c{o % 500}/status", json.dumps({
-            "event_id": f"m-{label}-{o}", "order_id": f"a{o}", "status": "dropoff"}).encode())
-            for o in range(min(a, 2500))]
+        msgs = [
+            (
+                f"couriers/c{o % 500}/status",
+                json.dumps(
+                    {"event_id": f"m-{label}-{o}", "order_id": f"a{o}", "status": "dropoff"}
+                ).encode(),
+            )
+            for o in range(min(a, 2500))
+        ]
         publish_all(broker.port, msgs)
         sandbox.wait_for_count(before + 2 * len(msgs), 120)
         busy = daemon.rss_mb()
         daemon.stop()
         say(f"  ready in {ready:.2f} s; RSS idle {idle:.0f} MB, after traffic {busy:.0f} MB")
-        out |= {f"{label}_ready_s": round(ready, 3), f"{label}_rss_idle_mb": round(idle, 1),
-                f"{label}_rss_busy_mb": round(busy, 1)}
+        out |= {
+            f"{label}_ready_s": round(ready, 3),
+            f"{label}_rss_idle_mb": round(idle, 1),
+            f"{label}_rss_busy_mb": round(busy, 1),
+        }
     return out
+
+
+def lifecycle_cost(events: int = 20_000) -> dict[str, float]:
+    """µs per event: `decide` on the table read off the machine, versus binding a
+    python-statemachine instance to the order and sending the event (what decide avoids)."""
+    from courierd.lifecycle import DeliveryLifecycle, decide
+    from courierd.model import Order, Status, StatusEvent
+
+    say(f"lifecycle: {events:,} events through decide() and through the machine")
+    statuses = [Status(STATUSES[i % len(STATUSES)]) for i in range(events)]
+
+    class Model:
+        state = "new"
+
+    start = time.perf_counter()
+    order = None
+    for i, status in enumerate(statuses):
+        d = decide(
+            order,
+            StatusEvent(f"e{i}", "o", "c", status),
+            duplicate=False,
+            profile=None,
+            received_at="2026-01-01T00:00:00.000Z",
+        )
+        order = d.order if status is not CHAIN[-1] else Order("o")
+    table_us = (time.perf_counter() - start) / events * 1e6
+    start = time.perf_counter()
+    for status in statuses:
+        model = Model()
+        model.state = "new" if status is CHAIN[0] else CHAIN[CHAIN.index(status) - 1].value
+        DeliveryLifecycle(model=model, state_field="state").send("advance")
+    machine_us = (time.perf_counter() - start) / events * 1e6
+    say(
+        f"  decide {table_us:.1f} µs/event, machine {machine_us:.1f} µs/event "
+        f"({machine_us / table_us:.0f}x)"
+    )
+    return {
+        "decide_us": round(table_us, 2),
+        "machine_us": round(machine_us, 2),
+        "ratio": round(machine_us / table_us, 1),
+    }
 
 
 def main() -> int:
@@ -459,16 +585,21 @@ def main() -> int:
     sandbox = SandboxProc()
     results: dict[str, Any] = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                    "platform": platform.platform()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
     }
     try:
+        results["lifecycle"] = lifecycle_cost(int(20_000 * scale))
         results["ingest_pings"] = ingest(broker, sandbox, root, int(60_000 * scale), 0.95, "pings")
         results["ingest_status"] = ingest(broker, sandbox, root, int(30_000 * scale), 0.0, "status")
         results["pushes"] = pushes(broker, sandbox, root, int(10_000 * scale))
         results["latency"] = latency(broker, sandbox, root, 20 * scale if scale < 1 else 15)
-        results["memory"] = memory_and_start(broker, sandbox, root, int(100_000 * scale),
-                                             int(1_000_000 * scale))
+        results["memory"] = memory_and_start(
+            broker, sandbox, root, int(100_000 * scale), int(1_000_000 * scale)
+        )
     finally:
         sandbox.stop()
         broker.stop()

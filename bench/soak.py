@@ -1,0 +1,149 @@
+"""courierd soak: hours of noisy couriers, a flaky OneTablet and crashes, then a check.
+
+Runs its own Mosquitto, a sandbox that fails a share of calls (500s, 429s, latency),
+the daemon, and simulated couriers with duplicates, reordering, offline bursts and
+junk. Every `--kill-every` seconds the daemon is SIGKILLed and restarted; once in a
+while the broker is restarted too. At the end it lets the outbox drain and checks
+CONTRACT.md section 4 on what OneTablet received, for every order:
+
+- the statuses delivered are a prefix of the chain, in order, each once (a push sent
+  again after a crash must carry the same Idempotency-Key and follow its original);
+- the last status delivered is the order's state in the database, and every order
+  that reached a status in the database had its pushes delivered.
+
+Usage: scripts/soak [--minutes 10] [--couriers 50]. Exit 0 when every check holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from bench.bench import STATUSES, Courierd, SandboxProc, say
+from courierd.localbroker import LocalBroker
+from courierd.simulate import Noise, Simulation, mqtt_publisher
+from courierd.store import Store
+
+
+def check(requests: list[dict[str, object]], store: Store) -> tuple[int, list[str]]:
+    """(orders checked, problems) for the delivered delivery-status calls."""
+    per_order: dict[str, list[tuple[str, str]]] = {}
+    for r in requests:
+        if r["status"] == 200 and str(r["path"]).endswith("/delivery-status"):
+            body = json.loads(str(r["body"]))
+            per_order.setdefault(str(r["order_id"]), []).append(
+                (body["delivery_status"], str(r["idempotency_key"]))
+            )
+    problems = []
+    for order_id, pushes in per_order.items():
+        keys: dict[str, str] = {}
+        seq: list[str] = []
+        for status, key in pushes:
+            if keys.setdefault(status, key) != key:
+                problems.append(f"{order_id}: {status} sent with two Idempotency-Keys")
+            if seq and seq[-1] == status:
+                continue  # a re-send after a crash, right after its original
+            seq.append(status)
+        if seq != STATUSES[: len(seq)]:
+            problems.append(f"{order_id}: delivered {seq}, not a prefix of the chain")
+        order = store.get_order(order_id)
+        if order is None or (order.state != seq[-1] and order.state != "cancelled"):
+            problems.append(
+                f"{order_id}: delivered up to {seq[-1]}, stored "
+                f"{order.state if order else 'nothing'}"
+            )
+    # And the other way round: every status committed was delivered.
+    for order_id, state in store.conn.execute("SELECT order_id, state FROM orders"):
+        if state in STATUSES and order_id not in per_order:
+            problems.append(f"{order_id}: stored {state}, nothing delivered")
+    return len(per_order), problems
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--couriers", type=int, default=50)
+    parser.add_argument("--kill-every", type=float, default=20.0, metavar="SECONDS")
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args()
+    rng = random.Random(args.seed)
+    root = Path(tempfile.mkdtemp(prefix="courierd-soak-"))
+    broker = LocalBroker(root / "broker").start()
+    sandbox = SandboxProc(
+        "--error-rate",
+        "0.05",
+        "--throttle-rate",
+        "0.02",
+        "--latency-ms",
+        "3",
+        "--seed",
+        str(args.seed),
+    )
+    daemon = Courierd(root, broker, sandbox.url, "soak")
+    daemon.env["COURIERD_ONETABLET__RETRY_SCHEDULE_S"] = "[0.2, 1.0, 2.0]"
+    daemon.start()
+    client, publish = mqtt_publisher("127.0.0.1", broker.port, "soak-couriers")
+    sim = Simulation(
+        publish,
+        couriers=args.couriers,
+        speed=120,
+        seed=args.seed,
+        noise=Noise(duplicates=0.05, reorder=0.05, offline=0.02, junk=0.01),
+    )
+    stop = threading.Event()
+    threading.Thread(target=sim.run, args=(stop,), daemon=True).start()
+    end = time.monotonic() + args.minutes * 60
+    kills = restarts = 0
+    next_kill = time.monotonic() + args.kill_every
+    try:
+        while time.monotonic() < end:
+            time.sleep(1)
+            left = end - time.monotonic()
+            sys.stderr.write(
+                f"\rsoak: {left:5.0f} s left, orders done {sim.orders_done}, "
+                f"sent {sum(sim.sent.values())}, kills {kills}, "
+                f"broker restarts {restarts}   "
+            )
+            if time.monotonic() >= next_kill:
+                daemon.stop(kill=True)
+                kills += 1
+                if rng.random() < 0.2:
+                    broker.stop()
+                    broker.start()
+                    restarts += 1
+                daemon.start()
+                next_kill = time.monotonic() + args.kill_every * rng.uniform(0.5, 1.5)
+        stop.set()
+        say("\nsoak: couriers stopped; waiting for the outbox to drain")
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            health = json.loads(daemon.get("/healthz") or "{}")
+            if health.get("outbox_pending") == 0 and daemon.received() > 0:
+                break
+            time.sleep(1)
+        daemon.stop()
+        store = Store(root / "courierd.db")
+        orders, problems = check(sandbox.requests(), store)
+        store.close()
+    finally:
+        stop.set()
+        client.loop_stop()
+        sandbox.stop()
+        broker.stop()
+    for p in problems[:20]:
+        say(f"  PROBLEM {p}")
+    say(
+        f"soak: {orders} orders checked, {kills} kills, {restarts} broker restarts, "
+        f"{len(problems)} problems (work dir {root})"
+    )
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
