@@ -17,7 +17,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from courierd.errors import Rejected, Unauthorized, Unavailable
@@ -33,7 +33,7 @@ class Attempt:
     """What one push attempt got back, from a worker to the dispatcher thread."""
 
     row: OutboxRow
-    outcome: str  # delivered, retry, failed, unauthorized
+    outcome: str  # delivered, retry, failed, unauthorized; skipped (queued, paused, unsent)
     error: str | None = None
     retry_after: float | None = None
 
@@ -92,11 +92,15 @@ class Dispatcher:
         self.heartbeat = time.monotonic()
         self.paused_until: float | None = None  # set while OneTablet refuses our key
         self._auth_failures = 0
-        self._inflight: dict[int, OutboxRow] = {}
+        # Claimed pushes: running, or queued for the next free worker. Keeping up to
+        # `concurrency` queued means a worker that finishes starts the next push at
+        # once instead of waiting for this thread's record-and-claim round trip.
+        self._inflight: dict[int, tuple[OutboxRow, Future[None]]] = {}
         self._results: queue.SimpleQueue[Attempt] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="push")
         self._next_stats = 0.0
+        self._probe_id: int | None = None  # the one push sent while paused by a 401
 
     @property
     def auth_paused(self) -> bool:
@@ -116,6 +120,9 @@ class Dispatcher:
                 self._wake.wait(1.0 if claimed_all else self._until_next_due())
                 self._wake.clear()
         finally:
+            for row_id, (_, future) in list(self._inflight.items()):
+                if future.cancel():  # queued, never sent: it stays pending for next time
+                    del self._inflight[row_id]
             deadline = time.monotonic() + grace_s
             while self._inflight and time.monotonic() < deadline:
                 self._wake.wait(0.05)
@@ -130,20 +137,26 @@ class Dispatcher:
     def _claim(self) -> bool:
         """Start due pushes in the free slots; True if more may be waiting for a slot."""
         now = self.clock()
-        slots = self.concurrency - len(self._inflight)
+        slots = 2 * self.concurrency - len(self._inflight)
         if self.paused_until is not None:
             # Paused: one probe at a time, once its backoff has passed.
             slots = 1 if now >= self.paused_until and not self._inflight else 0
         if slots <= 0:
             return self.paused_until is None
         rows = self.store.claim_due(now, slots, busy=list(self._inflight))
+        if self.paused_until is not None and rows:
+            self._probe_id = rows[0].id
         for row in rows:
-            self._inflight[row.id] = row
-            self._pool.submit(self._attempt, row)
+            self._inflight[row.id] = (row, self._pool.submit(self._attempt, row))
         return len(rows) == slots
 
     def _attempt(self, row: OutboxRow) -> None:
         """Worker: one call to OneTablet; never raises (the report is the result)."""
+        if self.paused_until is not None and row.id != self._probe_id:
+            # Queued before a 401 paused everything: leave it pending, unsent.
+            self._results.put(Attempt(row, "skipped"))
+            self._wake.set()
+            return
         try:
             self.client.delivery_status(row.order_id, row.body, row.idempotency_key)
             attempt = Attempt(row, "delivered")
@@ -170,10 +183,11 @@ class Dispatcher:
         if not attempts:
             return
         now = self.clock()
-        results = [self._result(a, now) for a in attempts]
-        self.store.record_results(results)
+        sent = [a for a in attempts if a.outcome != "skipped"]
+        self.store.record_results([self._result(a, now) for a in sent])
         for a in attempts:
             del self._inflight[a.row.id]
+        for a in sent:
             with self._stats_lock:
                 self.stats.outcomes[a.outcome] += 1
                 if a.outcome == "delivered":

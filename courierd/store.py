@@ -334,6 +334,9 @@ class Store:
 
     def record_results(self, results: Iterable[PushResult]) -> None:
         """Record attempts in one commit; a push cancelled meanwhile stays cancelled."""
+        results = list(results)
+        if not results:
+            return
         with self.transaction() as c:
             c.executemany(
                 "UPDATE outbox SET state = ?, attempts = attempts + 1, last_error = ?, "
