@@ -1,10 +1,10 @@
-"""`courierd run`: the MQTT process, which supervises the core process.
+"""`courierd run`: the MQTT process, which supervises the ingest and dispatch processes.
 
 This process holds paho (its network thread converts and enqueues), the batcher that
-hands batches to the core process and acknowledges them once committed, /healthz and
+hands batches to the ingest process and acknowledges them once committed, /healthz and
 /metrics, and the main thread: READY/WATCHDOG/STOPPING for systemd, a dead loop or
-core process is fatal (exit 1), and SIGTERM/SIGINT stop intake, finish the batch and
-the in-flight pushes, and exit 0. See `core.py` for why there are two processes.
+worker process is fatal (exit 1), and SIGTERM/SIGINT stop intake, finish the batch and
+the in-flight pushes, and exit 0. See `core.py` for why there are three processes.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 
 from courierd import systemd
 from courierd.config import Settings
-from courierd.core import core_main
+from courierd.core import dispatch_main, ingest_main
 from courierd.dispatch import DispatchStats
 from courierd.errors import CourierdError
 from courierd.health import HealthServer
@@ -62,17 +62,27 @@ class Daemon:
             on_subscribed=self._ready,
         )
         self._is_ready = threading.Event()
-        self._core_ready = threading.Event()
+        self._dispatch_ready = threading.Event()
         self._on_ready = on_ready
         ctx = multiprocessing.get_context("spawn")
-        self._ingest_pipe, core_ingest = ctx.Pipe()
-        self._report_pipe, core_reports = ctx.Pipe(duplex=False)
-        self._core = ctx.Process(
-            target=core_main,
-            args=(settings, core_ingest, core_reports),
-            name="courierd-core",
+        self._ingest_pipe, ingest_end = ctx.Pipe()
+        self._report_pipe, report_end = ctx.Pipe(duplex=False)
+        control_end, self._control_pipe = ctx.Pipe(duplex=False)
+        wake_reader, wake_writer = ctx.Pipe(duplex=False)
+        self._ingest = ctx.Process(
+            target=ingest_main,
+            args=(settings, ingest_end, wake_writer),
+            name="courierd-ingest",
             daemon=True,
         )
+        self._dispatch_proc = ctx.Process(
+            target=dispatch_main,
+            args=(settings, report_end, control_end, wake_reader),
+            name="courierd-dispatch",
+            daemon=True,
+        )
+        # Ours to close once the children hold them, so a dead child reads as EOF here.
+        self._child_ends = [ingest_end, report_end, control_end, wake_reader, wake_writer]
         self.http = (
             HealthServer(settings.http.listen, self.health, self.metrics.registry)
             if settings.http.listen
@@ -82,7 +92,7 @@ class Daemon:
         self._reporter = threading.Thread(target=self._report_loop, name="reports", daemon=True)
 
     def _ready(self) -> None:
-        """Core up and subscriptions granted: tell systemd once (called on paho's thread)."""
+        """Workers up and subscriptions granted: tell systemd once (called on paho's thread)."""
         if not self._is_ready.is_set():
             self._is_ready.set()
             systemd.notify("READY=1\nSTATUS=connected, ingesting")
@@ -111,7 +121,7 @@ class Daemon:
         self.stop_requested.set()
 
     def _batch_loop(self) -> None:
-        """Take a batch, have the core commit it, then ack it: durable before acknowledged."""
+        """Take a batch, have the ingest process commit it, then ack it (durable, then acked)."""
         size, wait_s = self.settings.ingest.batch_size, self.settings.ingest.batch_ms / 1000
         try:
             while not self._stop_intake.is_set():
@@ -128,22 +138,22 @@ class Daemon:
                     self.edge.ack(message)
                 record_batch(self.metrics, result)
         except (EOFError, OSError) as e:
-            self._die(f"core process: {e!r}")
+            self._die(f"ingest process: {e!r}")
 
     def _report_loop(self) -> None:
-        """Dispatch stats from the core into /metrics and /healthz."""
+        """Dispatch stats from the dispatch process into /metrics and /healthz."""
         m = self.metrics
         while True:
             try:
                 kind, value = self._report_pipe.recv()
             except (EOFError, OSError):
                 if not self._stop_intake.is_set():
-                    self._die("core process exited")
+                    self._die("dispatch process exited")
                 return
             if kind == "fatal":
                 self._die(str(value))
             elif kind == "ready":
-                self._core_ready.set()
+                self._dispatch_ready.set()
             elif kind == "stats":
                 stats: DispatchStats = value
                 self._dispatch, self._last_report = stats, time.monotonic()
@@ -157,14 +167,13 @@ class Daemon:
                 m.oldest_pending.set(stats.oldest_pending_age_s)
 
     def run(self) -> int:
-        self._core.start()
+        self._ingest.start()
+        self._dispatch_proc.start()
+        for end in self._child_ends:
+            end.close()
         self._reporter.start()
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not self._core_ready.wait(0.05):
-            if time.monotonic() > deadline:
-                self._die("core process did not start")
-            if self.stop_requested.is_set():
-                return self.shutdown()
+        if not self._ingest_started() or not self._wait(self._dispatch_ready, "dispatch"):
+            return self.shutdown()
         if self.http:
             self.http.start()
         self._batcher.start()
@@ -179,10 +188,38 @@ class Daemon:
         next_ping = 0.0
         while not self.stop_requested.wait(0.2):
             self.metrics.mqtt_connected.set(1 if self.edge.connected.is_set() else 0)
+            for proc in (self._ingest, self._dispatch_proc):
+                if not proc.is_alive():
+                    self._die(f"{proc.name} exited with {proc.exitcode}")
             if ping_every and time.monotonic() >= next_ping and self._loops_alive():
                 systemd.notify("WATCHDOG=1")
                 next_ping = time.monotonic() + ping_every
         return self.shutdown()
+
+    def _ingest_started(self) -> bool:
+        """Wait for the ingest process's ("ready", None), or its fatal error."""
+        if not self._ingest_pipe.poll(START_TIMEOUT_S):
+            self._die("ingest process did not start")
+            return False
+        try:
+            kind, value = self._ingest_pipe.recv()
+        except (EOFError, OSError) as e:
+            self._die(f"ingest process: {e!r}")
+            return False
+        if kind != "ready":
+            self._die(str(value))
+            return False
+        return True
+
+    def _wait(self, event: threading.Event, what: str) -> bool:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not event.wait(0.05):
+            if self.stop_requested.is_set():
+                return False
+            if time.monotonic() > deadline:
+                self._die(f"{what} process did not start")
+                return False
+        return True
 
     def _loops_alive(self) -> bool:
         now = time.monotonic()
@@ -199,12 +236,16 @@ class Daemon:
         self._stop_intake.set()
         if self._batcher.is_alive():
             self._batcher.join(timeout=15)
-        if self._core.is_alive():
-            with contextlib.suppress(OSError):
-                self._ingest_pipe.send(("stop", None))
-            self._core.join(timeout=20)  # the dispatcher waits up to 10 s for pushes
-            if self._core.is_alive():
-                self._core.terminate()
+        for proc, pipe in (
+            (self._ingest, self._ingest_pipe),
+            (self._dispatch_proc, self._control_pipe),
+        ):
+            if proc.is_alive():
+                with contextlib.suppress(OSError):
+                    pipe.send(("stop", None))
+                proc.join(timeout=20)  # the dispatcher waits up to 10 s for pushes
+                if proc.is_alive():
+                    proc.terminate()
         self.edge.stop()  # after the batcher: the last batch's acks still go out
         if self.http:
             self.http.stop()

@@ -516,3 +516,28 @@ def test_store_error_while_running_is_fatal(rig: Rig) -> None:
     assert daemon.proc is not None and daemon.proc.wait(20) == 1
     assert "unknown order state 'lost'" in daemon.log.read_text()
     pub.close()
+
+
+def test_a_dead_worker_process_is_fatal(rig: Rig) -> None:
+    """If the ingest or dispatch process dies, the daemon exits 1 for systemd to restart it;
+    after the restart everything published meanwhile still arrives."""
+    for victim in ("courierd-ingest", "courierd-dispatch"):
+        daemon = rig.daemon().start()
+        assert daemon.proc is not None
+        children = subprocess.run(
+            ["pgrep", "-P", str(daemon.proc.pid)], capture_output=True, text=True
+        ).stdout.split()
+        # The two spawned workers, ingest first (it starts first); not the resource tracker.
+        workers = sorted(
+            int(c) for c in children if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text()
+        )
+        assert len(workers) == 2
+        worker = str(workers[0] if victim == "courierd-ingest" else workers[1])
+        subprocess.run(["kill", "-9", worker], check=True)
+        assert daemon.proc.wait(20) == 1
+        assert "exited" in daemon.log.read_text()
+    pub = rig.publisher()
+    pub.status("c1", "d1", "after-death", "dasher_confirmed")
+    rig.daemon().start()
+    assert rig.onetablet.wait_for(lambda _: "after-death" in delivered(rig.onetablet), 10)
+    pub.close()
