@@ -282,18 +282,23 @@ class Courierd:
             if line.startswith("courierd_messages_received_total")
         )
 
-    def rss_mb(self) -> float:
-        """Resident memory of the daemon: the MQTT process and its core process."""
+    def memory_mb(self) -> tuple[float, float]:
+        """(RSS, PSS) of the daemon's processes added up: MQTT, ingest, dispatch and
+        multiprocessing's resource tracker. PSS shares out the pages they have in
+        common (the interpreter, libraries), so it is what the daemon really costs."""
         assert self.proc is not None
         pids = [self.proc.pid]
         for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
             pids += [int(p) for p in (task / "children").read_text().split()]
-        total = 0.0
+        rss = pss = 0.0
         for pid in pids:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) / 1024
-        return total
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                key, _, value = line.partition(":")
+                if key == "Rss":
+                    rss += int(value.split()[0]) / 1024
+                elif key == "Pss":
+                    pss += int(value.split()[0]) / 1024
+        return rss, pss
 
     def stop(self, *, kill: bool = False) -> None:
         if self.proc and self.proc.poll() is None:
@@ -508,7 +513,7 @@ def memory_and_start(
         big_database(work / "courierd.db", a, h)
         daemon = Courierd(work, broker, sandbox.url, f"bench-courierd-mem-{label}")
         ready = daemon.start()
-        idle = daemon.rss_mb()
+        idle = daemon.memory_mb()
         # Move 5,000 of the active orders on and let the pushes go out.
         before = sandbox.count()
         msgs = [
@@ -522,13 +527,18 @@ def memory_and_start(
         ]
         publish_all(broker.port, msgs)
         sandbox.wait_for_count(before + 2 * len(msgs), 120)
-        busy = daemon.rss_mb()
+        busy = daemon.memory_mb()
         daemon.stop()
-        say(f"  ready in {ready:.2f} s; RSS idle {idle:.0f} MB, after traffic {busy:.0f} MB")
+        say(
+            f"  ready in {ready:.2f} s; RSS/PSS idle {idle[0]:.0f}/{idle[1]:.0f} MB, "
+            f"after traffic {busy[0]:.0f}/{busy[1]:.0f} MB"
+        )
         out |= {
             f"{label}_ready_s": round(ready, 3),
-            f"{label}_rss_idle_mb": round(idle, 1),
-            f"{label}_rss_busy_mb": round(busy, 1),
+            f"{label}_rss_idle_mb": round(idle[0], 1),
+            f"{label}_pss_idle_mb": round(idle[1], 1),
+            f"{label}_rss_busy_mb": round(busy[0], 1),
+            f"{label}_pss_busy_mb": round(busy[1], 1),
         }
     return out
 

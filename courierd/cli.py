@@ -10,20 +10,14 @@ import argparse
 import json
 import logging
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from courierd import __version__, lifecycle, ops
+from courierd import __version__
 from courierd.config import Settings, load_settings
 from courierd.errors import ConfigError, CourierdError, InputError, OneTabletError
 from courierd.logs import setup_logging
-from courierd.model import iso
-from courierd.onetablet import CANCEL_REASONS, OneTabletClient, with_retries
-from courierd.order_schema import check_order
-from courierd.store import Store
-from courierd.telemetry import MAX_ID
+from courierd.model import CANCEL_REASONS
 
 log = logging.getLogger("courierd")
 
@@ -175,16 +169,18 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         from courierd import demo
 
         return demo.run_demo(settings)
+    from courierd import commands  # only now: see commands.py
+
     if args.command in ("outbox", "dead-letters", "backup"):
-        return _operate(args, settings)
+        return commands.operate(args, settings)
     if args.command == "config":
         print(json.dumps(masked_settings(settings), indent=2))
         return EXIT_OK
     if args.order_command == "show":
-        return _order_show(settings, args.order_id)
+        return commands.order_show(settings, args.order_id)
     if args.order_command == "submit":
-        return _order_submit(settings, args.file)
-    return _order_cancel(settings, args.order_id, args.reason, args.details)
+        return commands.order_submit(settings, args.file)
+    return commands.order_cancel(settings, args.order_id, args.reason, args.details)
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -231,110 +227,6 @@ def _window(text: str) -> tuple[float, float]:
 def masked_settings(settings: Settings) -> dict[str, Any]:
     """Effective settings as JSON; secrets appear as '**********' (or null when unset)."""
     return settings.model_dump(mode="json")
-
-
-def _client(settings: Settings) -> OneTabletClient:
-    ot = settings.require_onetablet()
-    assert ot.base_url is not None and ot.api_key is not None
-    return OneTabletClient(
-        ot.base_url, ot.api_key.get_secret_value(), transport=ot.transport, timeout=ot.timeout_s
-    )
-
-
-def _retrying(settings: Settings) -> dict[str, Any]:
-    def on_retry(error: OneTabletError, delay: float) -> None:
-        log.warning("onetablet.retry in=%.1fs reason=%r", delay, str(error))
-
-    return {"schedule": settings.onetablet.retry_schedule_s, "on_retry": on_retry}
-
-
-def _order_submit(settings: Settings, file: str) -> int:
-    source = "stdin" if file == "-" else file
-    try:
-        document = sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
-    except OSError as e:
-        raise InputError(f"cannot read {source}: {e.strerror}") from None
-    order_id = check_order(document, source)
-    with _client(settings) as client:
-        reply = with_retries(lambda: client.submit_order(document, order_id), **_retrying(settings))
-    print(json.dumps({"order_id": order_id, "status": reply.status, "reply": reply.body}))
-    return EXIT_OK
-
-
-def _order_cancel(settings: Settings, order_id: str, reason: str, details: str | None) -> int:
-    if not order_id or len(order_id) > MAX_ID or "/" in order_id:
-        raise InputError(f"order id {order_id[:40]!r} must be 1-128 characters without '/'")
-    store = _store(settings)
-    try:
-        cancelled = lifecycle.cancel(store.get_order(order_id), order_id)  # refuses after dropoff
-        with _client(settings) as client:
-            reply = with_retries(
-                lambda: client.cancel_order(order_id, reason, details), **_retrying(settings)
-            )
-        dropped = store.save_cancel(cancelled, iso(time.time()))
-    finally:
-        store.close()
-    print(
-        json.dumps(
-            {
-                "order_id": order_id,
-                "cancelled": True,
-                "dropped_pushes": dropped,
-                "status": reply.status,
-                "reply": reply.body,
-            }
-        )
-    )
-    return EXIT_OK
-
-
-def _order_show(settings: Settings, order_id: str) -> int:
-    store = _store(settings)
-    try:
-        view = store.order_view(order_id)
-    finally:
-        store.close()
-    if view is None:
-        print(f"courierd: unknown order {order_id!r}", file=sys.stderr)
-        return EXIT_REMOTE
-    print(json.dumps(view, indent=2))
-    return EXIT_OK
-
-
-def _operate(args: argparse.Namespace, settings: Settings) -> int:
-    """The operator commands: outbox status/failed/retry, dead-letters, backup."""
-    store = _store(settings)
-    try:
-        if args.command == "backup":
-            size = ops.backup(store, args.destination)
-            print(f"backed up {settings.store.path} to {args.destination} ({size} bytes)")
-            return EXIT_OK
-        if args.command == "dead-letters":
-            rows = ops.dead_letters(store, args.limit, args.reason)
-            columns = ["id", "received_at", "reason", "topic", "detail"]
-            return _emit(args, rows, lambda: ops.table(rows, columns))
-        if args.outbox_command == "status":
-            status = ops.outbox_status(store, ops.now())
-            return _emit(args, status, lambda: "\n".join(f"{k}: {v}" for k, v in status.items()))
-        if args.outbox_command == "failed":
-            rows = ops.failed_pushes(store, args.limit)
-            columns = ["order_id", "status", "attempts", "last_error"]
-            return _emit(args, rows, lambda: ops.table(rows, columns))
-        if args.all == (args.order_id is not None):
-            raise InputError("give either ORDER_ID or --all")
-        count = ops.retry_failed(store, args.order_id, ops.now())
-        return _emit(args, {"retried": count}, lambda: f"{count} push(es) will be sent again")
-    finally:
-        store.close()
-
-
-def _emit(args: argparse.Namespace, data: Any, text: Callable[[], str]) -> int:
-    print(json.dumps(data, indent=2) if args.json else text())
-    return EXIT_OK
-
-
-def _store(settings: Settings) -> Store:
-    return Store(settings.store.path, synchronous=settings.store.synchronous)
 
 
 def _fail(args: argparse.Namespace, error: Exception, code: int) -> int:

@@ -28,12 +28,17 @@ import signal
 import threading
 import time
 from multiprocessing.connection import Connection, wait
+from typing import TYPE_CHECKING
 
 from courierd.config import Settings
 from courierd.errors import CourierdError
 from courierd.logs import setup_logging
-from courierd.store import Store
 
+if TYPE_CHECKING:
+    pass
+
+# Each worker imports only what its job needs (see the imports inside the entry points):
+# the MQTT process never loads sqlite or httpx, the ingest process never loads httpx.
 log = logging.getLogger(__name__)
 
 REPORT_S = 0.25
@@ -54,6 +59,7 @@ def _orphaned() -> None:
 def ingest_main(settings: Settings, ingest: Connection, wake: Connection) -> None:
     """Entry point of the ingest process: commit batches until told to stop."""
     from courierd.ingest import commit_messages
+    from courierd.store import Store
 
     _worker_setup(settings)
     try:
@@ -89,6 +95,7 @@ def dispatch_main(
     """Entry point of the dispatch process: deliver the outbox until told to stop."""
     from courierd.dispatch import Dispatcher
     from courierd.onetablet import OneTabletClient
+    from courierd.store import Store
 
     _worker_setup(settings)
     ot = settings.require_onetablet()

@@ -15,12 +15,12 @@ import logging
 import queue
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from courierd.errors import Rejected, Unauthorized, Unavailable
+from courierd.model import DispatchStats
 from courierd.onetablet import OneTabletClient
 from courierd.policy import RETRY_SCHEDULE, retry_delay
 from courierd.store import DELIVERED, FAILED, PENDING, OutboxRow, PushResult, Store
@@ -36,38 +36,6 @@ class Attempt:
     outcome: str  # delivered, retry, failed, unauthorized; skipped (queued, paused, unsent)
     error: str | None = None
     retry_after: float | None = None
-
-
-@dataclass(slots=True)
-class DispatchStats:
-    """What the dispatcher did since the last report, and the outbox as it last saw it.
-
-    The dispatcher runs in the core process; these plain values travel to the MQTT
-    process, which owns /metrics and /healthz.
-    """
-
-    outcomes: Counter[str] = field(default_factory=Counter)
-    latencies: list[float] = field(default_factory=list)
-    auth_paused: bool = False
-    pending: int = 0
-    oldest_pending_age_s: float = 0.0
-    failed: int = 0
-    heartbeat_age_s: float = 0.0
-
-    def take(self, heartbeat: float) -> DispatchStats:
-        """A copy to send, resetting the deltas (outcomes, latencies)."""
-        out = DispatchStats(
-            Counter(self.outcomes),
-            list(self.latencies),
-            self.auth_paused,
-            self.pending,
-            self.oldest_pending_age_s,
-            self.failed,
-            time.monotonic() - heartbeat,
-        )
-        self.outcomes.clear()
-        self.latencies.clear()
-        return out
 
 
 class Dispatcher:

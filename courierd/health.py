@@ -49,7 +49,8 @@ class HealthServer:
         log.info("http.listening port=%d", self.port)
 
     def stop(self) -> None:
-        self._server.shutdown()
+        if self._thread.is_alive():  # shutdown() would wait forever on a server never started
+            self._server.shutdown()
         self._server.server_close()
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import enum
 import json
+import time
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -25,6 +27,9 @@ class Status(enum.StrEnum):
     DASHER_OUT_FOR_DELIVERY = "dasher_out_for_delivery"
     DROPOFF = "dropoff"
 
+
+# OneTablet's cancel_reason values (API text, "Cancel Order").
+CANCEL_REASONS = ("ITEM_OUT_OF_STOCK", "STORE_CLOSED", "KITCHEN_BUSY", "OTHER")
 
 # Order states beyond the delivery statuses: before the first status, and cancelled.
 NEW = "new"
@@ -141,6 +146,50 @@ class Decision:
     order: Order
     transitions: tuple[Transition, ...] = ()
     pushes: tuple[Push, ...] = ()
+
+
+@dataclass(slots=True)
+class BatchReport:
+    """What one committed batch did: sent from the ingest process for /metrics."""
+
+    size: int
+    kinds: Counter[str] = field(default_factory=Counter)
+    outcomes: Counter[str] = field(default_factory=Counter)
+    rejected: Counter[str] = field(default_factory=Counter)
+    transitions: int = 0
+    pushes: int = 0
+
+
+@dataclass(slots=True)
+class DispatchStats:
+    """What the dispatcher did since the last report, and the outbox as it last saw it.
+
+    The dispatcher runs in its own process; these plain values travel to the MQTT
+    process, which owns /metrics and /healthz.
+    """
+
+    outcomes: Counter[str] = field(default_factory=Counter)
+    latencies: list[float] = field(default_factory=list)
+    auth_paused: bool = False
+    pending: int = 0
+    oldest_pending_age_s: float = 0.0
+    failed: int = 0
+    heartbeat_age_s: float = 0.0
+
+    def take(self, heartbeat: float) -> DispatchStats:
+        """A copy to send, resetting the deltas (outcomes, latencies)."""
+        out = DispatchStats(
+            Counter(self.outcomes),
+            list(self.latencies),
+            self.auth_paused,
+            self.pending,
+            self.oldest_pending_age_s,
+            self.failed,
+            time.monotonic() - heartbeat,
+        )
+        self.outcomes.clear()
+        self.latencies.clear()
+        return out
 
 
 def drop_nulls(value: Any) -> Any:

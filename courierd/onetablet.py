@@ -25,7 +25,6 @@ from courierd.policy import RETRY_SCHEDULE, Verdict, classify, parse_retry_after
 
 log = logging.getLogger(__name__)
 
-CANCEL_REASONS = ("ITEM_OUT_OF_STOCK", "STORE_CLOSED", "KITCHEN_BUSY", "OTHER")
 # Names of the operations in the webhooks envelope's `event.type`.
 SUBMIT, CANCEL, DELIVERY_STATUS = "order.submit", "order.cancel", "order.delivery_status"
 

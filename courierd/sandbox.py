@@ -22,9 +22,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import unquote
 
-from courierd.model import Status
+from courierd.model import CANCEL_REASONS, Status
 
-CANCEL_REASONS = {"ITEM_OUT_OF_STOCK", "STORE_CLOSED", "KITCHEN_BUSY", "OTHER"}
 WEBHOOK_TYPES = {"order.submit", "order.cancel", "order.delivery_status"}
 _STATUSES = {s.value for s in Status}
 

@@ -23,13 +23,11 @@ from typing import Any
 from courierd import systemd
 from courierd.config import Settings
 from courierd.core import dispatch_main, ingest_main
-from courierd.dispatch import DispatchStats
 from courierd.errors import CourierdError
 from courierd.health import HealthServer
-from courierd.ingest import record_batch, take_batch
 from courierd.metrics import Metrics
+from courierd.model import BatchReport, DispatchStats
 from courierd.mqtt import Message, MqttEdge
-from courierd.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +36,47 @@ STALL_S = 30.0  # a loop silent this long is stuck: stop pinging the watchdog
 START_TIMEOUT_S = 60.0
 
 
+def take_batch(
+    inbox: queue.SimpleQueue[Message], *, size: int, wait_s: float, timeout: float
+) -> list[Message]:
+    """The first message (waiting up to `timeout`), then whatever follows within `wait_s`."""
+    try:
+        batch = [inbox.get(timeout=timeout)]
+    except queue.Empty:
+        return []
+    deadline = time.monotonic() + wait_s
+    while len(batch) < size:
+        try:
+            batch.append(inbox.get_nowait())
+        except queue.Empty:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                batch.append(inbox.get(timeout=left))
+            except queue.Empty:
+                break
+    return batch
+
+
+def record_batch(metrics: Metrics, report: BatchReport) -> None:
+    """Apply a batch report to the Prometheus metrics."""
+    metrics.batch_size.observe(report.size)
+    for kind, n in report.kinds.items():
+        metrics.received.labels(kind).inc(n)
+    for outcome, n in report.outcomes.items():
+        metrics.events.labels(outcome).inc(n)
+    for reason, n in report.rejected.items():
+        metrics.rejected.labels(reason).inc(n)
+    metrics.transitions.inc(report.transitions)
+
+
 class Daemon:
     """The running service. `run()` blocks until stopped and returns the exit code."""
 
     def __init__(self, settings: Settings, on_ready: Callable[[], None] = lambda: None) -> None:
         settings.require_onetablet()
         self.settings = settings
-        # Open (and migrate) the database here first: a bad path fails before anything starts.
-        Store(settings.store.path, synchronous=settings.store.synchronous).close()
         self.metrics = Metrics()
         self.stop_requested = threading.Event()
         self._stop_intake = threading.Event()

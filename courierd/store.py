@@ -14,14 +14,15 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import sqlite_utils
+from typing import TYPE_CHECKING, Any
 
 from courierd.errors import StoreError
 from courierd.lifecycle import validate_state
 from courierd.model import CANCELLED, Assignment, Input, Order, StatusEvent, dumps, iso
 from courierd.planner import Effects, Snapshot, plan_batch
+
+if TYPE_CHECKING:
+    import sqlite_utils
 
 PENDING, DELIVERED, FAILED, DROPPED = "pending", "delivered", "failed", "cancelled"
 _CHUNK = 500  # bound on SQL parameters per IN (...) query
@@ -164,7 +165,6 @@ class Store:
             conn.execute("PRAGMA busy_timeout=10000")
             conn.execute("PRAGMA foreign_keys=ON")
             self.conn = conn
-            self.db = sqlite_utils.Database(conn)
             self._migrate()
         except (sqlite3.Error, OSError) as e:
             raise StoreError(f"cannot open database {path}: {e}") from e
@@ -184,8 +184,13 @@ class Store:
                     f"database {self.path} has schema version {version}, newer than this "
                     f"courierd understands ({len(MIGRATIONS)}); upgrade courierd"
                 )
+            if version == len(MIGRATIONS):
+                return
+            import sqlite_utils  # only when there is schema to build: it costs ~13 MB
+
+            db = sqlite_utils.Database(self.conn)
             for number, migration in enumerate(MIGRATIONS[version:], start=version + 1):
-                migration(self.db)
+                migration(db)
                 self.conn.execute(f"PRAGMA user_version={number}")
 
     @contextmanager
