@@ -81,21 +81,24 @@ class Dispatcher:
         """Until `stop`; then wait up to `grace_s` for in-flight pushes and record them."""
         try:
             while not stop.is_set():
+                # Clear before looking for work, not after waiting: a wake-up that lands
+                # between the wait and a clear would be lost for up to a second.
+                self._wake.clear()
                 self.heartbeat = time.monotonic()
                 self._record()
                 claimed_all = self._claim()
                 self._refresh_stats()
                 self._wake.wait(1.0 if claimed_all else self._until_next_due())
-                self._wake.clear()
         finally:
             for row_id, (_, future) in list(self._inflight.items()):
                 if future.cancel():  # queued, never sent: it stays pending for next time
                     del self._inflight[row_id]
             deadline = time.monotonic() + grace_s
             while self._inflight and time.monotonic() < deadline:
-                self._wake.wait(0.05)
                 self._wake.clear()
                 self._record()
+                self._wake.wait(0.05)
+            self._record()
             self._pool.shutdown(wait=False, cancel_futures=True)
             if self._inflight:
                 log.warning(
