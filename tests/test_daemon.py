@@ -159,10 +159,10 @@ def test_kill_9_mid_stream_loses_nothing(rig: Rig) -> None:
 
     threading.Thread(target=publish_all, daemon=True).start()
     rng = random.Random(7)
-    for _ in range(3):
-        wait_until(lambda: len(rig.onetablet.requests()) >= rng.randint(5, 40), 20, "some pushes")
-        daemon.kill()
-        rig.onetablet.requests()  # the daemon is gone; the broker keeps queueing
+    for _ in range(3):  # kill after a random number of further pushes, three times
+        target = len(rig.onetablet.requests()) + rng.randint(5, 40)
+        wait_until(lambda: len(rig.onetablet.requests()) >= target, 20, "some pushes")
+        daemon.kill()  # the broker keeps queueing for courierd's session meanwhile
         daemon = rig.daemon().start()
     assert done.wait(30)
     assert rig.onetablet.wait_for(lambda _: all_dropped_off(rig.onetablet, orders), 60)
