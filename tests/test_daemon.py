@@ -161,7 +161,7 @@ def test_kill_9_mid_stream_loses_nothing(rig: Rig) -> None:
     rng = random.Random(7)
     for _ in range(3):  # kill after a random number of further pushes, three times
         target = len(rig.onetablet.requests()) + rng.randint(5, 40)
-        wait_until(lambda: len(rig.onetablet.requests()) >= target, 20, "some pushes")
+        wait_until(lambda n=target: len(rig.onetablet.requests()) >= n, 20, "some pushes")
         daemon.kill()  # the broker keeps queueing for courierd's session meanwhile
         daemon = rig.daemon().start()
     assert done.wait(30)
