@@ -541,3 +541,19 @@ def test_a_dead_worker_process_is_fatal(rig: Rig) -> None:
     rig.daemon().start()
     assert rig.onetablet.wait_for(lambda _: "after-death" in delivered(rig.onetablet), 10)
     pub.close()
+
+
+def test_mqtt_3_1_1_fallback_keeps_its_session(rig: Rig) -> None:
+    """With mqtt.protocol 3.1.1 (clean_session=False) events flow, and events published
+    while courierd is down arrive when it is back."""
+    daemon = rig.daemon(COURIERD_MQTT__PROTOCOL="3.1.1").start()
+    pub = rig.publisher()
+    pub.status("c1", "v1", "old-proto", "dasher_confirmed")
+    assert rig.onetablet.wait_for(lambda _: "old-proto" in delivered(rig.onetablet), 10)
+    assert daemon.stop() == 0
+    pub.status("c1", "v2", "old-proto", "arriving_at_store")
+    rig.daemon(COURIERD_MQTT__PROTOCOL="3.1.1").start()
+    assert rig.onetablet.wait_for(
+        lambda _: len(delivered(rig.onetablet).get("old-proto", [])) == 2, 10
+    )
+    pub.close()
