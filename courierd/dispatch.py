@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import random
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -26,6 +27,8 @@ from courierd.policy import RETRY_SCHEDULE, retry_delay
 from courierd.store import DELIVERED, FAILED, PENDING, OutboxRow, PushResult, Store
 
 log = logging.getLogger(__name__)
+
+RETRY_SPREAD = 0.1  # retries land within ±10 % of their scheduled wait
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +52,7 @@ class Dispatcher:
         concurrency: int = 16,
         schedule: Sequence[float] = RETRY_SCHEDULE,
         clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
     ) -> None:
         self.store = store
         self.client = client
@@ -57,6 +61,7 @@ class Dispatcher:
         self.concurrency = concurrency
         self.schedule = tuple(schedule)
         self.clock = clock
+        self.rng = rng or random.Random()
         self.heartbeat = time.monotonic()
         self.paused_until: float | None = None  # set while OneTablet refuses our key
         self._auth_failures = 0
@@ -188,7 +193,8 @@ class Dispatcher:
                 "dispatch.auth_paused probe_in=%.0fs error=%r", self.paused_until - now, a.error
             )
             return PushResult(a.row.id, PENDING, now, self.paused_until, a.error)
-        delay = retry_delay(a.row.attempts + 1, a.retry_after, self.schedule)
+        spread = self.rng.uniform(-RETRY_SPREAD, RETRY_SPREAD)
+        delay = retry_delay(a.row.attempts + 1, a.retry_after, self.schedule, spread)
         return PushResult(a.row.id, PENDING, now, now + delay, a.error)
 
     def _until_next_due(self) -> float:

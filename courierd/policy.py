@@ -33,13 +33,19 @@ def classify(status: int) -> Verdict:
 
 
 def retry_delay(
-    failures: int, retry_after: float | None = None, schedule: Sequence[float] = RETRY_SCHEDULE
+    failures: int,
+    retry_after: float | None = None,
+    schedule: Sequence[float] = RETRY_SCHEDULE,
+    spread: float = 0.0,
 ) -> float:
     """Seconds to wait after the `failures`-th failed attempt (1-based).
 
-    A longer Retry-After wins, up to MAX_RETRY_AFTER.
+    `spread` (a fraction, e.g. a random one in ±0.1 from the caller) stretches or
+    shrinks the scheduled wait, so orders that failed together do not all retry on the
+    same beat after an outage. A longer Retry-After wins, up to MAX_RETRY_AFTER; it is
+    never shortened.
     """
-    base = schedule[min(max(failures, 1), len(schedule)) - 1]
+    base = schedule[min(max(failures, 1), len(schedule)) - 1] * (1.0 + spread)
     if retry_after is None:
         return base
     return max(base, min(retry_after, MAX_RETRY_AFTER))

@@ -37,6 +37,13 @@ def test_backoff_follows_schedule_then_caps() -> None:
     assert retry_delay(1, retry_after=10**9) == MAX_RETRY_AFTER
 
 
+def test_spread_moves_the_schedule_but_never_shortens_retry_after() -> None:
+    """A ±10 % spread spreads retries out; a Retry-After is still honoured in full."""
+    assert retry_delay(3, spread=0.1) == pytest.approx(33.0)
+    assert retry_delay(3, spread=-0.1) == pytest.approx(27.0)
+    assert retry_delay(1, retry_after=5, spread=-0.1) == 5
+
+
 def test_retry_after_seconds_and_http_date() -> None:
     """Retry-After is read as delta-seconds or as an HTTP-date; junk is ignored."""
     assert parse_retry_after("7", now=0) == 7
