@@ -75,10 +75,6 @@ class Dispatcher:
         self._next_stats = 0.0
         self._probe_id: int | None = None  # the one push sent while paused by a 401
 
-    @property
-    def auth_paused(self) -> bool:
-        return self.paused_until is not None
-
     def wake(self) -> None:
         self._wake.set()
 

@@ -63,6 +63,11 @@ class Metrics:
         self.auth_paused = Gauge(
             "courierd_onetablet_auth_paused", "1 while pushes are paused by a 401", registry=r
         )
+        self.dropped_qos0 = Counter(
+            "courierd_mqtt_dropped_qos0",
+            "QoS 0 messages dropped because ingest was too far behind (QoS 1 never is)",
+            registry=r,
+        )
         self.mqtt_connected = Gauge(
             "courierd_mqtt_connected", "1 while connected to the broker", registry=r
         )

@@ -217,8 +217,11 @@ class Daemon:
         )
         ping_every = systemd.watchdog_interval()
         next_ping = 0.0
+        dropped = 0
         while not self.stop_requested.wait(0.2):
             self.metrics.mqtt_connected.set(1 if self.edge.connected.is_set() else 0)
+            self.metrics.dropped_qos0.inc(self.edge.dropped_qos0 - dropped)
+            dropped = self.edge.dropped_qos0
             for proc in (self._ingest, self._dispatch_proc):
                 if not proc.is_alive():
                     self._die(f"{proc.name} exited with {proc.exitcode}")
