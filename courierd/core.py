@@ -95,7 +95,7 @@ def dispatch_main(
     """Entry point of the dispatch process: deliver the outbox until told to stop."""
     from courierd.dispatch import Dispatcher
     from courierd.onetablet import OneTabletClient
-    from courierd.store import Store
+    from courierd.store import PendingCheck, Store
 
     _worker_setup(settings)
     ot = settings.require_onetablet()
@@ -115,7 +115,11 @@ def dispatch_main(
         max_connections=ot.max_concurrency,
     )
     dispatcher = Dispatcher(
-        store, client, concurrency=ot.max_concurrency, schedule=ot.retry_schedule_s
+        store,
+        client,
+        concurrency=ot.max_concurrency,
+        schedule=ot.retry_schedule_s,
+        still_pending=PendingCheck(settings.store.path),
     )
     stop = threading.Event()
     send_lock = threading.Lock()

@@ -36,7 +36,7 @@ class Attempt:
     """What one push attempt got back, from a worker to the dispatcher thread."""
 
     row: OutboxRow
-    outcome: str  # delivered, retry, failed, unauthorized; skipped (queued, paused, unsent)
+    outcome: str  # delivered, retry, failed, unauthorized; skipped (unsent: paused or cancelled)
     error: str | None = None
     retry_after: float | None = None
 
@@ -53,6 +53,7 @@ class Dispatcher:
         schedule: Sequence[float] = RETRY_SCHEDULE,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        still_pending: Callable[[int], bool] = lambda _push_id: True,
     ) -> None:
         self.store = store
         self.client = client
@@ -62,6 +63,7 @@ class Dispatcher:
         self.schedule = tuple(schedule)
         self.clock = clock
         self.rng = rng or random.Random()
+        self.still_pending = still_pending
         self.heartbeat = time.monotonic()
         self.paused_until: float | None = None  # set while OneTablet refuses our key
         self._auth_failures = 0
@@ -124,8 +126,10 @@ class Dispatcher:
 
     def _attempt(self, row: OutboxRow) -> None:
         """Worker: one call to OneTablet; never raises (the report is the result)."""
-        if self.paused_until is not None and row.id != self._probe_id:
-            # Queued before a 401 paused everything: leave it pending, unsent.
+        paused = self.paused_until is not None and row.id != self._probe_id
+        # Queued before a 401 paused everything, or cancelled (`order cancel`) since it
+        # was claimed: leave it as the database has it, unsent.
+        if paused or not self.still_pending(row.id):
             self._results.put(Attempt(row, "skipped"))
             self._wake.set()
             return

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -422,6 +423,22 @@ class Store:
             "transitions": transitions,
             "pushes": pushes,
         }
+
+
+class PendingCheck:
+    """Answers "is this push still pending?" from any thread, on its own read-only
+    connection: a push claimed a moment ago may have been cancelled since."""
+
+    def __init__(self, path: Path) -> None:
+        self.uri = Path(path).resolve().as_uri() + "?mode=ro"
+        self._local = threading.local()
+
+    def __call__(self, push_id: int) -> bool:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = sqlite3.connect(self.uri, uri=True)
+        row = conn.execute("SELECT state FROM outbox WHERE id = ?", (push_id,)).fetchone()
+        return row is not None and row[0] == PENDING
 
 
 def _chunks(values: Iterable[str]) -> Iterator[list[str]]:
