@@ -127,9 +127,14 @@ class Dispatcher:
     def _attempt(self, row: OutboxRow) -> None:
         """Worker: one call to OneTablet; never raises (the report is the result)."""
         paused = self.paused_until is not None and row.id != self._probe_id
+        try:
+            cancelled = not paused and not self.still_pending(row.id)
+        except Exception:  # cannot tell: send it (at-least-once), but say so
+            log.exception("dispatch.pending_check_failed order_id=%s", row.order_id)
+            cancelled = False
         # Queued before a 401 paused everything, or cancelled (`order cancel`) since it
         # was claimed: leave it as the database has it, unsent.
-        if paused or not self.still_pending(row.id):
+        if paused or cancelled:
             self._results.put(Attempt(row, "skipped"))
             self._wake.set()
             return
