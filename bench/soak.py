@@ -121,14 +121,20 @@ def main() -> int:
                 next_kill = time.monotonic() + args.kill_every * rng.uniform(0.5, 1.5)
         stop.set()
         say("\nsoak: couriers stopped; waiting for the outbox to drain")
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            health = json.loads(daemon.get("/healthz") or "{}")
-            if health.get("outbox_pending") == 0 and daemon.received() > 0:
-                break
-            time.sleep(1)
-        daemon.stop()
+        # Ask the database, not /healthz: its outbox gauge is refreshed once a second and
+        # can still say 0 just after a commit; and the last messages may still be in
+        # flight, so the outbox must stay empty for a few seconds.
         store = Store(root / "courierd.db")
+        deadline, empty_since = time.monotonic() + 300, None
+        while time.monotonic() < deadline:
+            if store.outbox_stats()[0] > 0:
+                empty_since = None
+            elif empty_since is None:
+                empty_since = time.monotonic()
+            elif time.monotonic() - empty_since > 5:
+                break
+            time.sleep(0.5)
+        daemon.stop()
         orders, problems = check(sandbox.requests(), store)
         store.close()
     finally:
