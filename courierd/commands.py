@@ -111,7 +111,7 @@ def operate(args: argparse.Namespace, settings: Settings) -> int:
             columns = ["id", "received_at", "reason", "topic", "detail"]
             return _emit(args, rows, lambda: ops.table(rows, columns))
         if args.outbox_command == "status":
-            status = ops.outbox_status(store, ops.now())
+            status = ops.outbox_status(store, time.time())
             return _emit(args, status, lambda: "\n".join(f"{k}: {v}" for k, v in status.items()))
         if args.outbox_command == "failed":
             rows = ops.failed_pushes(store, args.limit)
@@ -119,7 +119,7 @@ def operate(args: argparse.Namespace, settings: Settings) -> int:
             return _emit(args, rows, lambda: ops.table(rows, columns))
         if args.all == (args.order_id is not None):
             raise InputError("give either ORDER_ID or --all")
-        count = ops.retry_failed(store, args.order_id, ops.now())
+        count = ops.retry_failed(store, args.order_id, time.time())
         return _emit(args, {"retried": count}, lambda: f"{count} push(es) will be sent again")
     finally:
         store.close()

@@ -230,4 +230,4 @@ class Dispatcher:
     def report(self) -> DispatchStats:
         """Deltas since the last report, plus the current gauges (thread-safe)."""
         with self._stats_lock:
-            return self.stats.take(self.heartbeat)
+            return self.stats.take(time.monotonic() - self.heartbeat)

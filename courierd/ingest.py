@@ -15,6 +15,7 @@ from courierd.model import (
     BatchReport,
     DeadLetter,
     LocationFix,
+    Outcome,
     ProfileUpdate,
     StatusEvent,
 )
@@ -23,7 +24,7 @@ from courierd.telemetry import parse
 
 log = logging.getLogger(__name__)
 
-OUTCOMES = ("accepted", "duplicate", "stale", "cancelled", "wrong_courier")
+OUTCOMES = tuple(o.value for o in Outcome)
 _KINDS = {
     StatusEvent: "status",
     LocationFix: "location",

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import enum
 import json
-import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -176,7 +175,7 @@ class DispatchStats:
     failed: int = 0
     heartbeat_age_s: float = 0.0
 
-    def take(self, heartbeat: float) -> DispatchStats:
+    def take(self, heartbeat_age_s: float) -> DispatchStats:
         """A copy to send, resetting the deltas (outcomes, latencies)."""
         out = DispatchStats(
             Counter(self.outcomes),
@@ -185,7 +184,7 @@ class DispatchStats:
             self.pending,
             self.oldest_pending_age_s,
             self.failed,
-            time.monotonic() - heartbeat,
+            heartbeat_age_s,
         )
         self.outcomes.clear()
         self.latencies.clear()

@@ -33,22 +33,6 @@ SUBSCRIPTIONS = ("couriers/#", ASSIGNMENTS_TOPIC)
 _STATUSES = {s.value: s for s in Status}
 _VEHICLE_FIELDS = ("color", "make", "model")
 
-# Reason codes, stable: they label metrics and are stored with dead letters.
-REASONS = (
-    "too_large",
-    "bad_utf8",
-    "bad_json",
-    "not_object",
-    "missing_field",
-    "wrong_type",
-    "unknown_status",
-    "bad_ts",
-    "bad_order_id",
-    "unknown_topic",
-    "cancelled",
-    "wrong_courier",
-)
-
 
 def parse(topic: str, payload: bytes) -> Input:
     """Turn one message into an input; anything unusable becomes a DeadLetter."""
