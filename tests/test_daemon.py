@@ -557,3 +557,26 @@ def test_mqtt_3_1_1_fallback_keeps_its_session(rig: Rig) -> None:
         lambda _: len(delivered(rig.onetablet).get("old-proto", [])) == 2, 10
     )
     pub.close()
+
+
+def test_pushes_over_the_webhooks_transport(rig: Rig) -> None:
+    """With transport = webhooks, each transition is one POST /webhooks carrying
+    event.type, the order id and the REST body (CONTRACT.md section 5)."""
+    rig.daemon(COURIERD_ONETABLET__TRANSPORT="webhooks").start()
+    pub = rig.publisher()
+    pub.status(
+        "c1", "wh1", "hooked", "arriving_at_store", courier_info={"full_name": "Mike Driver"}
+    )
+    assert rig.onetablet.wait_for(lambda rs: len([r for r in rs if r.status == 200]) == 2, 10)
+    bodies = [r.json for r in rig.onetablet.requests()]
+    assert {r.path for r in rig.onetablet.requests()} == {"/webhooks"}
+    assert bodies == [
+        {
+            "event": {"type": "order.delivery_status", "order_id": "hooked"},
+            "order_id": "hooked",
+            "delivery_status": status,
+            "courier_info": {"full_name": "Mike Driver"},
+        }
+        for status in STATUSES[:2]
+    ]
+    pub.close()
