@@ -43,9 +43,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from courierd.lifecycle import CHAIN, idempotency_key, push_body
-from courierd.localbroker import LocalBroker, free_port
-from courierd.store import Store
+from courierd.devtools.localbroker import LocalBroker, free_port
+from courierd.domain.lifecycle import CHAIN, idempotency_key, push_body
+from courierd.store.sqlite import Store
 
 KEY = "bench-key"
 STATUSES = [s.value for s in CHAIN]
@@ -366,7 +366,7 @@ def ingest(
 
 def fill_outbox(path: Path, orders: int, prefix: str) -> int:
     """Commit `orders` x 5 pending pushes straight into a database, as ingest would."""
-    from courierd.model import Status, StatusEvent
+    from courierd.domain.model import Status, StatusEvent
 
     store = Store(path)
     events = [
@@ -563,8 +563,8 @@ def memory_and_start(
 def lifecycle_cost(events: int = 20_000) -> dict[str, float]:
     """µs per event: `decide` on the table read off the machine, versus binding a
     python-statemachine instance to the order and sending the event (what decide avoids)."""
-    from courierd.lifecycle import DeliveryLifecycle, decide
-    from courierd.model import Order, Status, StatusEvent
+    from courierd.domain.lifecycle import DeliveryLifecycle, decide
+    from courierd.domain.model import Order, Status, StatusEvent
 
     say(f"lifecycle: {events:,} events through decide() and through the machine")
     statuses = [Status(STATUSES[i % len(STATUSES)]) for i in range(events)]

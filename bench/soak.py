@@ -26,9 +26,9 @@ import time
 from pathlib import Path
 
 from bench.bench import STATUSES, Courierd, SandboxProc, say
-from courierd.localbroker import LocalBroker
-from courierd.simulate import Noise, Simulation, mqtt_publisher
-from courierd.store import Store
+from courierd.devtools.localbroker import LocalBroker
+from courierd.devtools.simulate import Noise, Simulation, mqtt_publisher
+from courierd.store.sqlite import Store
 
 
 def check(requests: list[dict[str, object]], store: Store) -> tuple[int, list[str]]:

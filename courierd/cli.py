@@ -15,9 +15,9 @@ from typing import Any
 
 from courierd import __version__
 from courierd.config import Settings, load_settings
+from courierd.domain.model import CANCEL_REASONS
 from courierd.errors import ConfigError, CourierdError, InputError, OneTabletError
 from courierd.logs import setup_logging
-from courierd.model import CANCEL_REASONS
 
 log = logging.getLogger("courierd")
 
@@ -145,12 +145,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "run":
-        from courierd.service import run_daemon  # the daemon's imports are for `run` only
+        from courierd.daemon.supervisor import run_daemon  # the daemon's imports are for `run` only
 
         return run_daemon(settings)
     if args.command == "sandbox":
-        from courierd import demo
-        from courierd.sandbox import Faults
+        from courierd.devtools import demo
+        from courierd.devtools.sandbox import Faults
 
         faults = Faults(
             args.error_rate,
@@ -162,25 +162,26 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         )
         return demo.run_sandbox(args.host, args.port, args.api_key, faults)
     if args.command == "simulate":
-        from courierd import demo
+        from courierd.devtools import demo
 
         return demo.run_simulate(settings.mqtt.host, settings.mqtt.port, args)
     if args.command == "demo":
-        from courierd import demo
+        from courierd.devtools import demo
 
         return demo.run_demo(settings)
-    from courierd import commands  # only now: see commands.py
+    # Only now: the daemon's worker processes re-import this module when they start.
+    from courierd.commands import operate, orders
 
     if args.command in ("outbox", "dead-letters", "backup"):
-        return commands.operate(args, settings)
+        return operate.operate(args, settings)
     if args.command == "config":
         print(json.dumps(masked_settings(settings), indent=2))
         return EXIT_OK
     if args.order_command == "show":
-        return commands.order_show(settings, args.order_id)
+        return orders.order_show(settings, args.order_id)
     if args.order_command == "submit":
-        return commands.order_submit(settings, args.file)
-    return commands.order_cancel(settings, args.order_id, args.reason, args.details)
+        return orders.order_submit(settings, args.file)
+    return orders.order_cancel(settings, args.order_id, args.reason, args.details)
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from courierd.sandbox import Sandbox
-from courierd.store import Store
+from courierd.devtools.sandbox import Sandbox
+from courierd.store.sqlite import Store
 
 API_KEY = "test-key-5f2c"
 

@@ -16,7 +16,7 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from courierd.localbroker import LocalBroker, free_port
+from courierd.devtools.localbroker import LocalBroker, free_port
 
 __all__ = ["Broker", "Daemon", "Publisher", "free_port", "wait_until"]
 

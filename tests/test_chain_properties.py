@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from courierd import lifecycle
+from courierd.domain import lifecycle
+from courierd.domain.lifecycle import CHAIN
+from courierd.domain.model import CANCELLED, NEW, Input, Order, Status, StatusEvent
+from courierd.domain.planner import Snapshot, plan_batch
 from courierd.errors import InputError
-from courierd.lifecycle import CHAIN
-from courierd.model import CANCELLED, NEW, Input, Order, Status, StatusEvent
-from courierd.planner import Snapshot, plan_batch
 
 NOW = "2026-01-01T00:00:00.000Z"
 RANK = {s: i for i, s in enumerate(CHAIN)}

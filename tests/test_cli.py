@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from courierd.model import Status, StatusEvent
-from courierd.sandbox import Sandbox
-from courierd.store import Store
+from courierd.devtools.sandbox import Sandbox
+from courierd.domain.model import Status, StatusEvent
+from courierd.store.sqlite import Store
 
 
 def seed(db_path: Path, order_id: str, status: Status, ts: str | None = None) -> None:

@@ -20,9 +20,9 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from courierd.lifecycle import CHAIN
-from courierd.sandbox import Request, Sandbox
-from courierd.store import Store
+from courierd.devtools.sandbox import Request, Sandbox
+from courierd.domain.lifecycle import CHAIN
+from courierd.store.sqlite import Store
 from tests.conftest import API_KEY
 from tests.harness import Broker, Daemon, Publisher, wait_until
 

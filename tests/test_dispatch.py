@@ -5,12 +5,12 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from courierd.dispatch import Dispatcher
-from courierd.lifecycle import cancel
-from courierd.model import Status, StatusEvent
-from courierd.onetablet import OneTabletClient
-from courierd.sandbox import Request, Sandbox
-from courierd.store import PendingCheck, Store
+from courierd.daemon.dispatch import Dispatcher
+from courierd.devtools.sandbox import Request, Sandbox
+from courierd.domain.lifecycle import cancel
+from courierd.domain.model import Status, StatusEvent
+from courierd.edges.onetablet import OneTabletClient
+from courierd.store.sqlite import PendingCheck, Store
 from tests.conftest import API_KEY
 from tests.harness import wait_until
 

@@ -6,10 +6,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from courierd import lifecycle
+from courierd.domain import lifecycle
+from courierd.domain.lifecycle import CHAIN, DeliveryLifecycle, decide
+from courierd.domain.model import CANCELLED, NEW, Order, Outcome, Status, StatusEvent
 from courierd.errors import InputError, StoreError
-from courierd.lifecycle import CHAIN, DeliveryLifecycle, decide
-from courierd.model import CANCELLED, NEW, Order, Outcome, Status, StatusEvent
 
 NOW = "2026-01-01T00:00:00.000Z"
 

@@ -7,7 +7,7 @@ import queue
 import paho.mqtt.client as paho
 
 from courierd.config import MqttSettings
-from courierd.mqtt import Message, MqttEdge
+from courierd.edges.mqtt import Message, MqttEdge
 
 
 def message(mid: int, qos: int) -> paho.MQTTMessage:

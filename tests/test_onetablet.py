@@ -8,9 +8,9 @@ import threading
 import httpx
 import pytest
 
+from courierd.devtools.sandbox import Request, Sandbox
+from courierd.edges.onetablet import OneTabletClient, with_retries
 from courierd.errors import Rejected, Unauthorized, Unavailable
-from courierd.onetablet import OneTabletClient, with_retries
-from courierd.sandbox import Request, Sandbox
 from tests.conftest import API_KEY
 
 ORDER = b'{"id": "o-1", "subtotal": 2500, "zz_custom": {"keep": [1, 2]}}'
@@ -172,7 +172,7 @@ def test_api_key_never_logged(onetablet: Sandbox, caplog: pytest.LogCaptureFixtu
         with pytest.raises(Unavailable):
             c.delivery_status("o-7", BODY, "k")
         c.delivery_status("o-7", BODY, "k")
-    lines = [r.getMessage() for r in caplog.records if r.name == "courierd.onetablet"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "courierd.edges.onetablet"]
     assert len(lines) == 2
     assert "endpoint='POST /orders/o-7/delivery-status' order_id=o-7 status=500" in lines[0]
     assert "E - down" in lines[0] and "status=200 error='-'" in lines[1]

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from courierd.model import DeadLetter, Status, StatusEvent
-from courierd.sandbox import Request, Sandbox
-from courierd.store import FAILED, PushResult, Store
+from courierd.devtools.sandbox import Request, Sandbox
+from courierd.domain.model import DeadLetter, Status, StatusEvent
+from courierd.store.sqlite import FAILED, PushResult, Store
 from tests.conftest import API_KEY
 from tests.harness import Broker, Daemon, Publisher, wait_until
 

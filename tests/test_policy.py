@@ -6,7 +6,13 @@ from email.utils import formatdate
 
 import pytest
 
-from courierd.policy import MAX_RETRY_AFTER, Verdict, classify, parse_retry_after, retry_delay
+from courierd.domain.policy import (
+    MAX_RETRY_AFTER,
+    Verdict,
+    classify,
+    parse_retry_after,
+    retry_delay,
+)
 
 
 @pytest.mark.parametrize(

@@ -7,11 +7,26 @@ from pathlib import Path
 
 import pytest
 
+from courierd.domain.lifecycle import cancel
+from courierd.domain.model import (
+    DeadLetter,
+    LocationFix,
+    ProfileUpdate,
+    Status,
+    StatusEvent,
+    Transition,
+)
+from courierd.domain.planner import Effects
 from courierd.errors import StoreError
-from courierd.lifecycle import cancel
-from courierd.model import DeadLetter, LocationFix, ProfileUpdate, Status, StatusEvent, Transition
-from courierd.planner import Effects
-from courierd.store import CLAIM_SQL, DELIVERED, FAILED, MIGRATIONS, PENDING, PushResult, Store
+from courierd.store.sqlite import (
+    CLAIM_SQL,
+    DELIVERED,
+    FAILED,
+    MIGRATIONS,
+    PENDING,
+    PushResult,
+    Store,
+)
 
 T0 = 1_700_000_000.0
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from courierd import systemd
 from courierd.config import load_settings
-from courierd.sandbox import Sandbox
+from courierd.devtools.sandbox import Sandbox
+from courierd.edges import systemd
 from tests.conftest import API_KEY
 from tests.harness import Broker, Daemon, wait_until
 

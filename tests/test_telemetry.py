@@ -8,8 +8,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from courierd.model import Assignment, DeadLetter, LocationFix, ProfileUpdate, Status, StatusEvent
-from courierd.telemetry import parse
+from courierd.domain.model import (
+    Assignment,
+    DeadLetter,
+    LocationFix,
+    ProfileUpdate,
+    Status,
+    StatusEvent,
+)
+from courierd.domain.telemetry import parse
 
 GOOD = {
     "event_id": "3f0c7f0e",

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from courierd.lifecycle import CHAIN
-from courierd.simulate import Noise, Simulation
+from courierd.devtools.simulate import Noise, Simulation
+from courierd.domain.lifecycle import CHAIN
 from tests.harness import Broker, free_port, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent

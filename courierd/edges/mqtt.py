@@ -23,7 +23,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from courierd.config import MqttSettings
-from courierd.telemetry import SUBSCRIPTIONS
+from courierd.domain.telemetry import SUBSCRIPTIONS
 
 log = logging.getLogger(__name__)
 

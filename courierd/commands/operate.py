@@ -1,4 +1,4 @@
-"""Operator tools over the store: outbox status, parked pushes, dead letters, retry, backup.
+"""The operator commands: outbox status, parked pushes, dead letters, retry, backup.
 
 All of these work while the daemon runs (SQLite WAL); `retry` writes in one short
 transaction, and the dispatcher picks the pushes up on its next pass.
@@ -6,12 +6,19 @@ transaction, and the dispatcher picks the pushes up on its next pass.
 
 from __future__ import annotations
 
+import argparse
+import json
 import sqlite3
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from courierd.config import Settings
 from courierd.errors import InputError, StoreError
-from courierd.store import Store
+from courierd.store.sqlite import Store
+
+EXIT_OK = 0
 
 
 def outbox_status(store: Store, now: float) -> dict[str, Any]:
@@ -92,3 +99,39 @@ def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
     return "\n".join(line.rstrip() for line in lines)
+
+
+def operate(args: argparse.Namespace, settings: Settings) -> int:
+    """The operator commands: outbox status/failed/retry, dead-letters, backup."""
+    store = _store(settings)
+    try:
+        if args.command == "backup":
+            size = backup(store, args.destination)
+            print(f"backed up {settings.store.path} to {args.destination} ({size} bytes)")
+            return EXIT_OK
+        if args.command == "dead-letters":
+            rows = dead_letters(store, args.limit, args.reason)
+            columns = ["id", "received_at", "reason", "topic", "detail"]
+            return _emit(args, rows, lambda: table(rows, columns))
+        if args.outbox_command == "status":
+            status = outbox_status(store, time.time())
+            return _emit(args, status, lambda: "\n".join(f"{k}: {v}" for k, v in status.items()))
+        if args.outbox_command == "failed":
+            rows = failed_pushes(store, args.limit)
+            columns = ["order_id", "status", "attempts", "last_error"]
+            return _emit(args, rows, lambda: table(rows, columns))
+        if args.all == (args.order_id is not None):
+            raise InputError("give either ORDER_ID or --all")
+        count = retry_failed(store, args.order_id, time.time())
+        return _emit(args, {"retried": count}, lambda: f"{count} push(es) will be sent again")
+    finally:
+        store.close()
+
+
+def _emit(args: argparse.Namespace, data: Any, text: Callable[[], str]) -> int:
+    print(json.dumps(data, indent=2) if args.json else text())
+    return EXIT_OK
+
+
+def _store(settings: Settings) -> Store:
+    return Store(settings.store.path, synchronous=settings.store.synchronous)

@@ -25,8 +25,8 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from courierd.lifecycle import CHAIN
-from courierd.model import format_ts
+from courierd.domain.lifecycle import CHAIN
+from courierd.domain.model import format_ts
 
 # Typical seconds from one status to the next: confirmed → arriving → arrived → out → dropoff.
 STEP_SECONDS = (20.0, 300.0, 420.0, 600.0)

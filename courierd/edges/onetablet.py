@@ -19,9 +19,9 @@ from urllib.parse import quote
 
 import httpx
 
+from courierd.domain.model import dumps
+from courierd.domain.policy import RETRY_SCHEDULE, Verdict, classify, parse_retry_after
 from courierd.errors import OneTabletError, Rejected, Unauthorized, Unavailable
-from courierd.model import dumps
-from courierd.policy import RETRY_SCHEDULE, Verdict, classify, parse_retry_after
 
 log = logging.getLogger(__name__)
 

@@ -20,14 +20,14 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
-from courierd import systemd
 from courierd.config import Settings
-from courierd.core import dispatch_main, ingest_main
+from courierd.daemon.workers import dispatch_main, ingest_main
+from courierd.domain.model import BatchReport, DispatchStats
+from courierd.edges import systemd
+from courierd.edges.health import HealthServer
+from courierd.edges.metrics import Metrics
+from courierd.edges.mqtt import Message, MqttEdge
 from courierd.errors import CourierdError
-from courierd.health import HealthServer
-from courierd.metrics import Metrics
-from courierd.model import BatchReport, DispatchStats
-from courierd.mqtt import Message, MqttEdge
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 
-from courierd.model import (
+from courierd.domain.model import (
     Assignment,
     BatchReport,
     DeadLetter,
@@ -19,8 +19,8 @@ from courierd.model import (
     ProfileUpdate,
     StatusEvent,
 )
-from courierd.store import Store
-from courierd.telemetry import parse
+from courierd.domain.telemetry import parse
+from courierd.store.sqlite import Store
 
 log = logging.getLogger(__name__)
 

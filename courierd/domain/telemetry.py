@@ -12,8 +12,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from courierd.errors import TelemetryError
-from courierd.model import (
+from courierd.domain.model import (
     Assignment,
     DeadLetter,
     Input,
@@ -23,6 +22,7 @@ from courierd.model import (
     StatusEvent,
     format_ts,
 )
+from courierd.errors import TelemetryError
 
 MAX_PAYLOAD = 64 * 1024
 MAX_ID = 128

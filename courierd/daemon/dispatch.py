@@ -20,11 +20,11 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
+from courierd.domain.model import DispatchStats
+from courierd.domain.policy import RETRY_SCHEDULE, retry_delay
+from courierd.edges.onetablet import OneTabletClient
 from courierd.errors import Rejected, Unauthorized, Unavailable
-from courierd.model import DispatchStats
-from courierd.onetablet import OneTabletClient
-from courierd.policy import RETRY_SCHEDULE, retry_delay
-from courierd.store import DELIVERED, FAILED, PENDING, OutboxRow, PushResult, Store
+from courierd.store.sqlite import DELIVERED, FAILED, PENDING, OutboxRow, PushResult, Store
 
 log = logging.getLogger(__name__)
 

@@ -7,23 +7,21 @@ httpx, sqlite-utils and the order schema they never use.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from courierd import lifecycle, ops
 from courierd.config import Settings
+from courierd.domain import lifecycle
+from courierd.domain.model import iso
+from courierd.domain.order_schema import check_order
+from courierd.domain.telemetry import MAX_ID
+from courierd.edges.onetablet import OneTabletClient, with_retries
 from courierd.errors import InputError, OneTabletError
-from courierd.model import iso
-from courierd.onetablet import OneTabletClient, with_retries
-from courierd.order_schema import check_order
-from courierd.store import Store
-from courierd.telemetry import MAX_ID
+from courierd.store.sqlite import Store
 
 log = logging.getLogger("courierd")
 
@@ -95,38 +93,6 @@ def order_show(settings: Settings, order_id: str) -> int:
         print(f"courierd: unknown order {order_id!r}", file=sys.stderr)
         return EXIT_UNKNOWN
     print(json.dumps(view, indent=2))
-    return EXIT_OK
-
-
-def operate(args: argparse.Namespace, settings: Settings) -> int:
-    """The operator commands: outbox status/failed/retry, dead-letters, backup."""
-    store = _store(settings)
-    try:
-        if args.command == "backup":
-            size = ops.backup(store, args.destination)
-            print(f"backed up {settings.store.path} to {args.destination} ({size} bytes)")
-            return EXIT_OK
-        if args.command == "dead-letters":
-            rows = ops.dead_letters(store, args.limit, args.reason)
-            columns = ["id", "received_at", "reason", "topic", "detail"]
-            return _emit(args, rows, lambda: ops.table(rows, columns))
-        if args.outbox_command == "status":
-            status = ops.outbox_status(store, time.time())
-            return _emit(args, status, lambda: "\n".join(f"{k}: {v}" for k, v in status.items()))
-        if args.outbox_command == "failed":
-            rows = ops.failed_pushes(store, args.limit)
-            columns = ["order_id", "status", "attempts", "last_error"]
-            return _emit(args, rows, lambda: ops.table(rows, columns))
-        if args.all == (args.order_id is not None):
-            raise InputError("give either ORDER_ID or --all")
-        count = ops.retry_failed(store, args.order_id, time.time())
-        return _emit(args, {"retried": count}, lambda: f"{count} push(es) will be sent again")
-    finally:
-        store.close()
-
-
-def _emit(args: argparse.Namespace, data: Any, text: Callable[[], str]) -> int:
-    print(json.dumps(data, indent=2) if args.json else text())
     return EXIT_OK
 
 

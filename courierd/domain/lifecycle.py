@@ -15,8 +15,7 @@ from typing import Any
 
 from statemachine import State, StateMachine
 
-from courierd.errors import InputError, StoreError
-from courierd.model import (
+from courierd.domain.model import (
     CANCELLED,
     NEW,
     Decision,
@@ -29,6 +28,7 @@ from courierd.model import (
     drop_nulls,
     dumps,
 )
+from courierd.errors import InputError, StoreError
 
 
 class DeliveryLifecycle(StateMachine):

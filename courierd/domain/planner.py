@@ -12,8 +12,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from courierd.lifecycle import decide
-from courierd.model import (
+from courierd.domain.lifecycle import decide
+from courierd.domain.model import (
     REJECTED_OUTCOMES,
     Assignment,
     DeadLetter,

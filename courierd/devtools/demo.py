@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from courierd.config import Settings
+from courierd.devtools.localbroker import LocalBroker, mosquitto_binary, port_open
+from courierd.devtools.sandbox import Faults, Sandbox
+from courierd.devtools.simulate import Noise, Simulation, mqtt_publisher, progress_line
 from courierd.errors import ConfigError
-from courierd.localbroker import LocalBroker, mosquitto_binary, port_open
-from courierd.sandbox import Faults, Sandbox
-from courierd.simulate import Noise, Simulation, mqtt_publisher, progress_line
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def run_simulate(host: str, port: int, args: Any) -> int:
 
 def run_demo(settings: Settings) -> int:
     """Sandbox + broker + daemon + simulator, wired together, until Ctrl-C."""
-    from courierd.service import run_daemon
+    from courierd.daemon.supervisor import run_daemon
 
     port = SANDBOX_PORT if not port_open("127.0.0.1", SANDBOX_PORT) else 0
     sandbox = Sandbox("127.0.0.1", port, SANDBOX_KEY).start()

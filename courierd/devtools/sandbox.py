@@ -22,7 +22,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import unquote
 
-from courierd.model import CANCEL_REASONS, Status
+from courierd.domain.model import CANCEL_REASONS, Status
 
 WEBHOOK_TYPES = {"order.submit", "order.cancel", "order.delivery_status"}
 _STATUSES = {s.value for s in Status}

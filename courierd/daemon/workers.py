@@ -58,8 +58,8 @@ def _orphaned() -> None:
 
 def ingest_main(settings: Settings, ingest: Connection, wake: Connection) -> None:
     """Entry point of the ingest process: commit batches until told to stop."""
-    from courierd.ingest import commit_messages
-    from courierd.store import Store
+    from courierd.daemon.ingest import commit_messages
+    from courierd.store.sqlite import Store
 
     _worker_setup(settings)
     try:
@@ -93,9 +93,9 @@ def dispatch_main(
     settings: Settings, reports: Connection, control: Connection, wake: Connection
 ) -> None:
     """Entry point of the dispatch process: deliver the outbox until told to stop."""
-    from courierd.dispatch import Dispatcher
-    from courierd.onetablet import OneTabletClient
-    from courierd.store import PendingCheck, Store
+    from courierd.daemon.dispatch import Dispatcher
+    from courierd.edges.onetablet import OneTabletClient
+    from courierd.store.sqlite import PendingCheck, Store
 
     _worker_setup(settings)
     ot = settings.require_onetablet()

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from courierd.domain.lifecycle import validate_state
+from courierd.domain.model import CANCELLED, Assignment, Input, Order, StatusEvent, dumps, iso
+from courierd.domain.planner import Effects, Snapshot, plan_batch
 from courierd.errors import StoreError
-from courierd.lifecycle import validate_state
-from courierd.model import CANCELLED, Assignment, Input, Order, StatusEvent, dumps, iso
-from courierd.planner import Effects, Snapshot, plan_batch
 
 if TYPE_CHECKING:
     import sqlite_utils
