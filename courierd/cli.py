@@ -178,10 +178,28 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         print(json.dumps(masked_settings(settings), indent=2))
         return EXIT_OK
     if args.order_command == "show":
-        return orders.order_show(settings, args.order_id)
+        view = orders.show(settings, args.order_id)
+        if view is None:
+            print(f"courierd: unknown order {args.order_id!r}", file=sys.stderr)
+            return EXIT_REMOTE
+        print(json.dumps(view, indent=2))
+        return EXIT_OK
     if args.order_command == "submit":
-        return orders.order_submit(settings, args.file)
-    return orders.order_cancel(settings, args.order_id, args.reason, args.details)
+        print(json.dumps(orders.submit(settings, _read(args.file), _source(args.file))))
+        return EXIT_OK
+    print(json.dumps(orders.cancel(settings, args.order_id, args.reason, args.details)))
+    return EXIT_OK
+
+
+def _source(file: str) -> str:
+    return "stdin" if file == "-" else file
+
+
+def _read(file: str) -> bytes:
+    try:
+        return sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
+    except OSError as e:
+        raise InputError(f"cannot read {_source(file)}: {e.strerror}") from None
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:

@@ -95,6 +95,10 @@ class StoreSettings(_Section):
     path: Path = Path("./var/courierd.db")
     # FULL survives power loss; NORMAL in WAL mode may lose the last commits.
     synchronous: Literal["FULL", "NORMAL"] = "FULL"
+    # What finished orders leave behind, and dead letters, are deleted after this.
+    retention_days: float = Field(30.0, gt=0, le=36500)
+    # How long a write waits for a lock another connection holds (an operator's shell).
+    busy_timeout_s: float = Field(10.0, gt=0, le=600)
 
 
 class IngestSettings(_Section):

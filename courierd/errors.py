@@ -4,7 +4,8 @@
     ├── ConfigError          startup only → exit 2
     ├── InputError           bad CLI input (order file, arguments) → exit 2, nothing sent
     ├── TelemetryError       bad topic/payload → dead letter, ack, go on
-    ├── StoreError           fatal → exit non-zero, systemd restarts (the outbox makes it safe)
+    ├── StoreError           cannot open or migrate the database → exit 1
+    │   └── StoreUnavailable disk full, locked, connection lost → nothing written; retry
     └── OneTabletError
         ├── Unavailable      timeout, connection, 5xx, 408, 429 (retry_after) → retry
         ├── Unauthorized     401 → global pause, health red
@@ -39,7 +40,12 @@ class TelemetryError(CourierdError):
 
 
 class StoreError(CourierdError):
-    """The database cannot be used (corrupt, unknown state value, not writable)."""
+    """The database cannot be used (cannot be opened, newer schema, held by a daemon)."""
+
+
+class StoreUnavailable(StoreError):
+    """The database failed this time (full, locked, I/O, connection lost): nothing was
+    written, and the same work can be tried again later."""
 
 
 class OneTabletError(CourierdError):

@@ -1,20 +1,102 @@
-"""Shared fixtures: a real OneTablet stand-in on loopback, a temp store, the CLI."""
+"""Shared fixtures: a real OneTablet stand-in on loopback, a temp store, the CLI, and
+a guard that no process a test started outlives it.
+
+Every process the suite starts inherits TESTRUN_COURIERD (a fresh value per run), so
+whatever a test leaves behind, however deep in a process tree, can be found in /proc.
+After each test the leftovers are killed and recorded; the session then fails.
+"""
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from courierd.config import StoreSettings
 from courierd.devtools.sandbox import Sandbox
-from courierd.store.sqlite import Store
+from courierd.store import Store, open_store
 
 API_KEY = "test-key-5f2c"
+MARKER = "TESTRUN_COURIERD"
+_LEAKS: list[str] = []
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    os.environ.setdefault(MARKER, uuid.uuid4().hex)
+
+
+def marked_processes() -> dict[int, str]:
+    """pid → command line of every live process carrying this run's marker."""
+    needle = f"{MARKER}={os.environ[MARKER]}".encode()
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                if state != "Z":  # a zombie is already dead, only not yet reaped
+                    found[int(entry.name)] = cmd.strip()
+        except OSError:
+            continue
+    return found
+
+
+def _kill_all(pids: dict[int, str]) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and any(p in marked_processes() for p in pids):
+            time.sleep(0.05)
+
+
+@pytest.fixture(autouse=True)
+def no_process_outlives_the_test(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Runs last: whatever a test (or its fixtures) left running is killed and recorded."""
+    yield
+    # Workers of a daemon that was just killed exit on their own within moments.
+    deadline = time.monotonic() + 3
+    while (left := marked_processes()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if left:
+        _kill_all(left)
+        _LEAKS.extend(f"{request.node.nodeid}: pid {p} {cmd[:120]}" for p, cmd in left.items())
+
+
+@pytest.fixture(autouse=True)
+def stop_what_the_test_started(no_process_outlives_the_test: None) -> Iterator[None]:
+    """Ends the brokers and daemons a test started (before the guard looks for leftovers)."""
+    from tests.harness import stop_all
+
+    yield
+    stop_all()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    left = marked_processes()
+    _kill_all(left)
+    leaks = _LEAKS + [f"(at the end) pid {p} {cmd[:120]}" for p, cmd in left.items()]
+    if leaks:
+        sys.stderr.write("\nprocesses outlived their tests:\n  " + "\n  ".join(leaks) + "\n")
+        session.exitstatus = 1
+
+
+def open_path(path: Path) -> Store:
+    """A store on the SQLite file at `path` (created and migrated if new)."""
+    return open_store(StoreSettings(path=path))
 
 
 @pytest.fixture
@@ -32,7 +114,7 @@ def db_path(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def store(db_path: Path) -> Iterator[Store]:
-    s = Store(db_path)
+    s = open_path(db_path)
     yield s
     s.close()
 

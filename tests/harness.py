@@ -18,7 +18,28 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from courierd.devtools.localbroker import LocalBroker, free_port
 
-__all__ = ["Broker", "Daemon", "Publisher", "free_port", "wait_until"]
+__all__ = ["Broker", "Daemon", "Publisher", "free_port", "stop_all", "wait_until"]
+
+# Every broker and daemon a test starts, so that the test's teardown ends them even when
+# the test failed half way (tests/conftest.py; a process left over fails the suite).
+_STARTED: list[Broker | Daemon] = []
+
+
+def stop_all() -> None:
+    """Stop every daemon (SIGTERM, then SIGKILL) and broker the current test started."""
+    while _STARTED:
+        proc = _STARTED.pop()
+        try:
+            if isinstance(proc, Daemon):
+                if proc.proc is not None and proc.proc.poll() is None:
+                    try:
+                        proc.stop(timeout=40)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+            else:
+                proc.stop()
+        except Exception:  # the guard in conftest kills whatever is still there
+            pass
 
 
 def wait_until(condition: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:
@@ -35,6 +56,12 @@ def wait_until(condition: Callable[[], Any], timeout: float = 15.0, what: str = 
 
 class Broker(LocalBroker):
     """The test broker: a LocalBroker with persistence, restartable on the same port."""
+
+    def start(self, timeout: float = 10.0) -> Broker:
+        if self not in _STARTED:
+            _STARTED.append(self)
+        super().start(timeout)
+        return self
 
 
 class Daemon:
@@ -54,6 +81,8 @@ class Daemon:
 
     def start(self, wait_ready: bool = True) -> Daemon:
         out = self.log.open("ab")
+        if self not in _STARTED:
+            _STARTED.append(self)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "courierd", "run"],
             env=self.env,

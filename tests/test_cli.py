@@ -7,13 +7,13 @@ from pathlib import Path
 
 from courierd.devtools.sandbox import Sandbox
 from courierd.domain.model import Status, StatusEvent
-from courierd.store.sqlite import Store
+from tests.conftest import open_path
 
 
 def seed(db_path: Path, order_id: str, status: Status, ts: str | None = None) -> None:
     """Record one status event for an order, as the daemon would have."""
-    s = Store(db_path)
-    s.commit_batch([StatusEvent("e1", order_id, "c1", status, ts)], now=1.0)
+    s = open_path(db_path)
+    s.writer.commit([StatusEvent("e1", order_id, "c1", status, ts)], now=1.0)
     s.close()
 
 

@@ -10,16 +10,17 @@ import pytest
 
 from courierd.devtools.sandbox import Request, Sandbox
 from courierd.domain.model import DeadLetter, Status, StatusEvent
-from courierd.store.sqlite import FAILED, PushResult, Store
-from tests.conftest import API_KEY
+from courierd.store.outbox import PushResult
+from courierd.store.schema import FAILED
+from tests.conftest import API_KEY, open_path
 from tests.harness import Broker, Daemon, Publisher, wait_until
 
 
 @pytest.fixture
 def parked(db_path: Path) -> None:
     """An order whose first push was refused (parked), and two dead letters."""
-    s = Store(db_path)
-    s.commit_batch(
+    s = open_path(db_path)
+    s.writer.commit(
         [
             StatusEvent("e1", "o1", "c1", Status.ARRIVING_AT_STORE),
             DeadLetter("couriers/c1/status", b"{", "bad_json", "payload is not JSON"),
@@ -27,8 +28,8 @@ def parked(db_path: Path) -> None:
         ],
         now=1000.0,
     )
-    head = s.claim_due(1000.0, 1)[0]
-    s.record_results([PushResult(head.id, FAILED, 1001.0, None, "400 bad courier_info")])
+    head = s.outbox.claim_due(1000.0, 1)[0]
+    s.outbox.record_results([PushResult(head.id, FAILED, 1001.0, None, "400 bad courier_info")])
     s.close()
 
 
@@ -61,9 +62,9 @@ def test_retry_one_order_and_refusals(cli, parked: None, db_path: Path) -> None:
     assert r.code == 2 and "no failed pushes" in r.err
     r = cli("outbox", "retry", "o1", "--json")
     assert r.code == 0 and json.loads(r.out) == {"retried": 1}
-    s = Store(db_path)
-    assert s.outbox_stats()[2] == 0
-    assert [row.status for row in s.claim_due(10**10, 10)] == ["dasher_confirmed"]
+    s = open_path(db_path)
+    assert s.outbox.stats()[2] == 0
+    assert [row.status for row in s.outbox.claim_due(10**10, 10)] == ["dasher_confirmed"]
     s.close()
 
 

@@ -44,10 +44,12 @@ def test_backoff_follows_schedule_then_caps() -> None:
 
 
 def test_spread_moves_the_schedule_but_never_shortens_retry_after() -> None:
-    """A ±10 % spread spreads retries out; a Retry-After is still honoured in full."""
+    """A ±10 % spread spreads retries out; a Retry-After is spread too, but only longer."""
     assert retry_delay(3, spread=0.1) == pytest.approx(33.0)
     assert retry_delay(3, spread=-0.1) == pytest.approx(27.0)
-    assert retry_delay(1, retry_after=5, spread=-0.1) == 5
+    assert retry_delay(1, retry_after=5, spread=-0.1) == pytest.approx(5.5)
+    assert retry_delay(1, retry_after=5, spread=0.1) == pytest.approx(5.5)
+    assert retry_delay(1, retry_after=5, spread=0.0) == 5
 
 
 def test_retry_after_seconds_and_http_date() -> None:

@@ -1,4 +1,4 @@
-"""The SQLite store on a real file: batches are atomic, migrations, outbox claims."""
+"""The store on a real database: batches are atomic, migrations, outbox claims, holds."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from courierd.domain.lifecycle import cancel
 from courierd.domain.model import (
     DeadLetter,
     LocationFix,
@@ -16,17 +15,13 @@ from courierd.domain.model import (
     StatusEvent,
     Transition,
 )
-from courierd.domain.planner import Effects
-from courierd.errors import StoreError
-from courierd.store.sqlite import (
-    CLAIM_SQL,
-    DELIVERED,
-    FAILED,
-    MIGRATIONS,
-    PENDING,
-    PushResult,
-    Store,
-)
+from courierd.domain.planner import Effects, Snapshot
+from courierd.errors import InputError, StoreError
+from courierd.store import Store
+from courierd.store.outbox import CLAIM_SQL, PushResult
+from courierd.store.schema import DELIVERED, FAILED, PENDING, SQLITE_MIGRATIONS
+from courierd.store.sqlite import SqliteDatabase
+from tests.conftest import open_path
 
 T0 = 1_700_000_000.0
 
@@ -37,7 +32,7 @@ def status(eid: str, order: str, st: Status, courier: str = "c1") -> StatusEvent
 
 def test_commit_batch_persists_everything_in_the_file(store: Store, db_path: Path) -> None:
     """Orders, transitions, pushes, dead letters, events, profile and latest fix survive reopen."""
-    store.commit_batch(
+    store.writer.commit(
         [
             ProfileUpdate("c1", {"full_name": "Mike"}),
             status("e1", "o1", Status.ARRIVING_AT_STORE),
@@ -48,8 +43,8 @@ def test_commit_batch_persists_everything_in_the_file(store: Store, db_path: Pat
         now=T0,
     )
     store.close()
-    again = Store(db_path)
-    view = again.order_view("o1")
+    again = open_path(db_path)
+    view = again.queries.order_view("o1")
     assert view is not None
     assert view["state"] == "arriving_at_store" and view["courier_id"] == "c1"
     assert [(t["status"], t["inferred"]) for t in view["transitions"]] == [
@@ -58,67 +53,123 @@ def test_commit_batch_persists_everything_in_the_file(store: Store, db_path: Pat
     ]
     assert [p["status"] for p in view["pushes"]] == ["dasher_confirmed", "arriving_at_store"]
     assert all(not p["delivered"] and p["attempts"] == 0 for p in view["pushes"])
-    body = again.conn.execute("SELECT body FROM outbox ORDER BY id").fetchone()[0]
+    db = again.db
+    body = db.value("SELECT body FROM outbox ORDER BY id")
     assert body == '{"delivery_status":"dasher_confirmed","courier_info":{"full_name":"Mike"}}'
-    assert again.conn.execute("SELECT reason, payload FROM dead_letters").fetchall() == [
-        ("bad_json", b"{")
-    ]
-    assert again.conn.execute("SELECT lat, lng FROM couriers").fetchall() == [(1.0, 2.0)]
-    assert again.conn.execute("SELECT event_id FROM processed_events").fetchall() == [("e1",)]
+    assert db.rows("SELECT reason, payload, size FROM dead_letters") == [("bad_json", b"{", 1)]
+    assert db.rows("SELECT lat, lng FROM couriers") == [(1.0, 2.0)]
+    assert db.rows("SELECT event_id, order_id FROM processed_events") == [("e1", "o1")]
     again.close()
 
 
 def test_batch_fails_midway_nothing_lands(store: Store) -> None:
     """A failure after some rows were written rolls the whole batch back."""
-    fx = store.commit_batch([status("e1", "o1", Status.DASHER_CONFIRMED)], now=T0)
+    fx = store.writer.commit([status("e1", "o1", Status.DASHER_CONFIRMED)], now=T0)
     assert fx.pushes
     poisoned = Effects()
-    poisoned.orders["o2"] = cancel(None, "o2")
-    poisoned.event_ids.append("e2")
+    poisoned.event_ids["e2"] = "o2"
     poisoned.transitions.append(Transition("o2", Status.DROPOFF, False, "e2", None))  # type: ignore[arg-type]
-    with pytest.raises(sqlite3.IntegrityError), store.transaction():
-        store.write(poisoned, now=T0, now_iso="2026-01-01T00:00:00.000Z")
-    assert store.get_order("o2") is None
-    assert store.conn.execute("SELECT count(*) FROM processed_events").fetchone()[0] == 1
+    with pytest.raises(sqlite3.IntegrityError), store.db.transaction():
+        store.writer.write(poisoned, Snapshot(), now=T0, now_iso="2026-01-01T00:00:00.000Z")
+    assert store.outbox.get_order("o2") is None
+    assert store.db.value("SELECT count(*) FROM processed_events") == 1
     # and the store is still usable afterwards
-    store.commit_batch([status("e3", "o1", Status.ARRIVING_AT_STORE)], now=T0)
-    assert store.get_order("o1").state == "arriving_at_store"  # type: ignore[union-attr]
+    store.writer.commit([status("e3", "o1", Status.ARRIVING_AT_STORE)], now=T0)
+    assert store.outbox.get_order("o1").state == "arriving_at_store"  # type: ignore[union-attr]
 
 
 def test_migrations_on_empty_and_existing_database(tmp_path: Path) -> None:
     """An empty file is brought to the latest version; reopening keeps data and version."""
     path = tmp_path / "db.sqlite"
     sqlite3.connect(path).close()  # an existing, empty database file
-    s = Store(path)
-    assert s.schema_version == len(MIGRATIONS)
-    s.commit_batch([status("e1", "o1", Status.DASHER_CONFIRMED)], now=T0)
+    s = open_path(path)
+    assert s.db.schema_version == len(SQLITE_MIGRATIONS)
+    s.writer.commit([status("e1", "o1", Status.DASHER_CONFIRMED)], now=T0)
     s.close()
-    s = Store(path)
-    assert s.schema_version == len(MIGRATIONS)
-    assert s.get_order("o1") is not None
-    mode = s.conn.execute("PRAGMA journal_mode").fetchone()[0]
-    sync = s.conn.execute("PRAGMA synchronous").fetchone()[0]
-    assert (mode, sync) == ("wal", 2)  # 2 = FULL
+    s = open_path(path)
+    assert s.db.schema_version == len(SQLITE_MIGRATIONS)
+    assert s.outbox.get_order("o1") is not None
+    assert s.db.rows("PRAGMA journal_mode") == [("wal",)]
+    assert s.db.rows("PRAGMA synchronous") == [(2,)]  # 2 = FULL
+    assert s.db.rows("PRAGMA auto_vacuum") == [(2,)]  # 2 = INCREMENTAL, for retention
     s.close()
+
+
+def test_upgrade_from_version_1_keeps_data(tmp_path: Path) -> None:
+    """A database written by the first release is migrated in place; its rows survive."""
+    path = tmp_path / "v1.db"
+    old = SqliteDatabase(path, migrations=SQLITE_MIGRATIONS[:1])
+    old.execute(
+        "INSERT INTO orders (order_id, state, courier_id, updated_at) "
+        "VALUES ('o1', 'arrived_at_store', 'c1', 'x')"
+    )
+    old.execute("INSERT INTO processed_events (event_id) VALUES ('old-event')")
+    old.close()
+    s = open_path(path)
+    assert s.db.schema_version == len(SQLITE_MIGRATIONS)
+    assert s.outbox.get_order("o1").state == "arrived_at_store"  # type: ignore[union-attr]
+    fx = s.writer.commit([status("old-event", "o1", Status.DROPOFF)], now=T0)
+    assert fx.counts["duplicate"] == 1  # event ids from before the upgrade still count
+    s.close()
+
+
+def test_a_failing_migration_changes_nothing(tmp_path: Path) -> None:
+    """Each migration is atomic with its version bump: a failure midway leaves no table
+    behind (sqlite-utils must not commit inside Table.create)."""
+    path = tmp_path / "db.sqlite"
+
+    def broken(db: object) -> None:
+        SQLITE_MIGRATIONS[0](db)  # type: ignore[arg-type]
+        raise RuntimeError("disk on fire")
+
+    with pytest.raises(StoreError, match="disk on fire"):
+        SqliteDatabase(path, migrations=(broken,))
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone() == (0,)
+    assert conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall() == []
+    conn.close()
 
 
 def test_newer_schema_refused(tmp_path: Path) -> None:
     """A database from a newer courierd is refused with an upgrade hint, not damaged."""
     path = tmp_path / "db.sqlite"
     conn = sqlite3.connect(path)
-    conn.execute(f"PRAGMA user_version={len(MIGRATIONS) + 1}")
+    conn.execute(f"PRAGMA user_version={len(SQLITE_MIGRATIONS) + 1}")
     conn.close()
     with pytest.raises(StoreError, match="newer than this courierd"):
-        Store(path)
+        open_path(path)
 
 
-def test_corrupt_state_value_is_a_store_error(store: Store) -> None:
-    """A state the machine does not know, found on load, is fatal rather than guessed at."""
-    store.conn.execute(
+def test_corrupt_rows_dead_letter_the_events_that_need_them(store: Store) -> None:
+    """An unknown state or a profile that is not JSON refuses only the events touching
+    them (corrupt_row); the rest of the batch commits."""
+    store.db.execute(
         "INSERT INTO orders (order_id, state, updated_at) VALUES ('o9', 'teleported', 'x')"
     )
-    with pytest.raises(StoreError, match="teleported"):
-        store.commit_batch([status("e1", "o9", Status.DROPOFF)], now=T0)
+    store.db.execute("INSERT INTO couriers (courier_id, profile) VALUES ('c2', '{not json')")
+    fx = store.writer.commit(
+        [
+            status("e1", "o9", Status.DROPOFF),
+            status("e2", "fresh", Status.DASHER_CONFIRMED, courier="c2"),
+            StatusEvent(
+                "e3", "other", "c2", Status.DASHER_CONFIRMED, courier_info={"full_name": "X"}
+            ),
+            status("e4", "fine", Status.DASHER_CONFIRMED),
+        ],
+        now=T0,
+    )
+    assert [d.reason for d in fx.dead_letters] == ["corrupt_row", "corrupt_row"]
+    assert [p.order_id for p in fx.pushes] == ["other", "fine"]  # e3 carries its own info
+    assert store.db.value("SELECT state FROM orders WHERE order_id = 'o9'") == "teleported"
+    # A new retained profile repairs the courier.
+    fx = store.writer.commit(
+        [
+            ProfileUpdate("c2", {"full_name": "Z"}),
+            status("e5", "fresh", Status.DASHER_CONFIRMED, "c2"),
+        ],
+        now=T0,
+    )
+    assert [p.order_id for p in fx.pushes] == ["fresh"] and not fx.dead_letters
 
 
 def test_unwritable_path_is_a_store_error(tmp_path: Path) -> None:
@@ -126,7 +177,7 @@ def test_unwritable_path_is_a_store_error(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("")
     with pytest.raises(StoreError, match="cannot open database"):
-        Store(blocker / "sub" / "db.sqlite")
+        open_path(blocker / "sub" / "db.sqlite")
 
 
 def _ids(rows: list) -> list[tuple[str, str]]:  # type: ignore[type-arg]
@@ -135,17 +186,18 @@ def _ids(rows: list) -> list[tuple[str, str]]:  # type: ignore[type-arg]
 
 def test_claims_head_of_each_order_only(store: Store) -> None:
     """Only the first pending push of each order is claimable; in-flight ones are skipped."""
-    store.commit_batch(
+    store.writer.commit(
         [status("a", "o1", Status.ARRIVED_AT_STORE), status("b", "o2", Status.DASHER_CONFIRMED)],
         now=T0,
     )
-    rows = store.claim_due(T0, limit=10)
+    out = store.outbox
+    rows = out.claim_due(T0, limit=10)
     assert _ids(rows) == [("o1", "dasher_confirmed"), ("o2", "dasher_confirmed")]
-    assert store.claim_due(T0 - 1, limit=10) == []  # nothing due before it was created
-    assert _ids(store.claim_due(T0, limit=10, busy=[rows[0].id])) == [("o2", "dasher_confirmed")]
+    assert out.claim_due(T0 - 1, limit=10) == []  # nothing due before it was created
+    assert _ids(out.claim_due(T0, limit=10, busy=[rows[0].id])) == [("o2", "dasher_confirmed")]
 
-    store.record_results([PushResult(rows[0].id, DELIVERED, T0)])
-    assert _ids(store.claim_due(T0, 10)) == [
+    out.record_results([PushResult(rows[0].id, DELIVERED, T0)])
+    assert _ids(out.claim_due(T0, 10)) == [
         ("o1", "arriving_at_store"),
         ("o2", "dasher_confirmed"),
     ]
@@ -153,33 +205,84 @@ def test_claims_head_of_each_order_only(store: Store) -> None:
 
 def test_retry_failure_and_cancel_states(store: Store) -> None:
     """A retry waits until its time; a parked failure blocks the order; cancel drops pushes."""
-    store.commit_batch([status("a", "o1", Status.ARRIVING_AT_STORE)], now=T0)
-    head = store.claim_due(T0, 10)[0]
-    store.record_results([PushResult(head.id, PENDING, T0, T0 + 5, "503 busy")])
-    assert store.claim_due(T0 + 4, 10) == []
-    assert _ids(store.claim_due(T0 + 5, 10)) == [("o1", "dasher_confirmed")]
-    store.record_results([PushResult(head.id, FAILED, T0 + 5, None, "400 bad courier_info")])
-    assert store.claim_due(T0 + 100, 10) == []  # the second push waits behind the failure
-    assert store.outbox_stats() == (1, T0, 1)
-    view = store.order_view("o1")
+    store.writer.commit([status("a", "o1", Status.ARRIVING_AT_STORE)], now=T0)
+    out = store.outbox
+    head = out.claim_due(T0, 10)[0]
+    out.record_results([PushResult(head.id, PENDING, T0, T0 + 5, "503 busy")])
+    assert out.claim_due(T0 + 4, 10) == []
+    assert _ids(out.claim_due(T0 + 5, 10)) == [("o1", "dasher_confirmed")]
+    out.record_results([PushResult(head.id, FAILED, T0 + 5, None, "400 bad courier_info")])
+    assert out.claim_due(T0 + 100, 10) == []  # the second push waits behind the failure
+    assert out.stats() == (1, T0, 1)
+    view = store.queries.order_view("o1")
     assert view is not None
     assert [(p["state"], p["attempts"], p["last_error"]) for p in view["pushes"]] == [
         ("failed", 2, "400 bad courier_info"),
         ("pending", 0, None),
     ]
-    assert store.save_cancel(cancel(store.get_order("o1"), "o1"), "now") == 2
-    assert store.outbox_stats() == (0, None, 0)
-    store.record_results([PushResult(head.id, DELIVERED, T0)])  # a late reply changes nothing
-    assert store.order_view("o1")["pushes"][0]["state"] == "cancelled"  # type: ignore[index]
+    out.hold_for_cancel("o1", T0, 60)
+    assert out.finish_cancel("o1", T0) == 2
+    assert out.stats() == (0, None, 0)
+    out.record_results([PushResult(head.id, DELIVERED, T0)])  # a late reply changes nothing
+    assert store.queries.order_view("o1")["pushes"][0]["state"] == "cancelled"  # type: ignore[index]
+
+
+def test_cancel_hold_keeps_pushes_and_refuses_a_dropped_off_order(store: Store) -> None:
+    """While a cancel is asked, the order's pushes (old and new) are held; a dropoff that
+    lands meanwhile is recorded but not pushed; released, the pushes flow again."""
+    out = store.outbox
+    store.writer.commit([status("a", "o1", Status.ARRIVING_AT_STORE)], now=T0)
+    out.hold_for_cancel("o1", T0, 60)
+    assert out.claim_due(T0 + 1, 10) == []
+    with pytest.raises(InputError, match="being cancelled"):
+        out.hold_for_cancel("o1", T0 + 1, 60)
+    store.writer.commit([status("b", "o1", Status.DROPOFF)], now=T0 + 1)
+    assert out.claim_due(T0 + 1, 10) == []  # the dropoff's push waits too
+    assert store.queries.order_view("o1")["cancelling"] is True  # type: ignore[index]
+    out.release_hold("o1")
+    assert _ids(out.claim_due(T0 + 2, 10)) == [("o1", "dasher_confirmed")]
+    with pytest.raises(InputError, match="dropped off"):
+        out.hold_for_cancel("o1", T0 + 2, 60)
+
+
+def test_a_cancel_hold_that_expires_lets_pushes_go(store: Store) -> None:
+    """A cancel command that died leaves a hold; once it expires the pushes flow."""
+    out = store.outbox
+    store.writer.commit([status("a", "o1", Status.DASHER_CONFIRMED)], now=T0)
+    out.hold_for_cancel("o1", T0, 60)
+    assert out.release_expired_holds(T0 + 59) == 0
+    assert out.release_expired_holds(T0 + 61) == 1
+    assert _ids(out.claim_due(T0 + 61, 10)) == [("o1", "dasher_confirmed")]
+
+
+def test_clock_step_keeps_what_was_due_and_what_was_waiting(store: Store) -> None:
+    """After the clock is set back an hour, a push that was due is still due, and a retry
+    that was 30 s away is still 30 s away."""
+    out = store.outbox
+    store.writer.commit(
+        [status("a", "o1", Status.DASHER_CONFIRMED), status("b", "o2", Status.DASHER_CONFIRMED)],
+        now=T0,
+    )
+    first = out.claim_due(T0, 1)[0]
+    out.record_results([PushResult(first.id, PENDING, T0, T0 + 30, "503")])
+    assert out.shift_schedule(-3600) == 2
+    assert _ids(out.claim_due(T0 - 3600, 10)) == [("o2", "dasher_confirmed")]
+    assert {r.order_id for r in out.claim_due(T0 - 3600 + 30, 10)} == {"o1", "o2"}
 
 
 def test_claim_and_stats_use_partial_indexes(store: Store) -> None:
     """Claiming never scans the outbox table, however many delivered rows it holds."""
-    plan = " ".join(r[3] for r in store.conn.execute("EXPLAIN QUERY PLAN " + CLAIM_SQL, (0, 1)))
-    assert "USING INDEX outbox_due" in plan and "USING INDEX outbox_open" in plan
-    for sql in (
-        "SELECT count(*), min(created_at) FROM outbox WHERE state = 'pending'",
-        "SELECT count(*) FROM outbox WHERE state = 'failed'",
+
+    def plan(sql: str, params: tuple[object, ...] = ()) -> list[str]:
+        return [r[3] for r in store.db.rows("EXPLAIN QUERY PLAN " + sql, params)]
+
+    claim = plan(CLAIM_SQL, (0, 1))
+    assert any("USING INDEX outbox_due" in step for step in claim), claim
+    assert any("USING INDEX outbox_open" in step for step in claim), claim
+    assert not any(step.startswith("SCAN outbox") and "INDEX" not in step for step in claim)
+    for sql, index in (
+        ("SELECT count(*), min(created_at) FROM outbox WHERE state = 'pending'", "outbox_due"),
+        ("SELECT count(*) FROM outbox WHERE state = 'failed'", "outbox_failed"),
     ):
-        plan = " ".join(r[3] for r in store.conn.execute("EXPLAIN QUERY PLAN " + sql))
-        assert "INDEX" in plan, plan
+        steps = plan(sql)
+        assert any(f"INDEX {index}" in s for s in steps), steps

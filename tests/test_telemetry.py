@@ -18,6 +18,7 @@ from courierd.domain.model import (
 )
 from courierd.domain.telemetry import parse
 
+NOW = 1_705_341_900.0  # 2024-01-15T18:05:00Z
 GOOD = {
     "event_id": "3f0c7f0e",
     "order_id": "your-order-uuid",
@@ -33,7 +34,7 @@ GOOD = {
 
 
 def status(doc: object, topic: str = "couriers/c7/status") -> object:
-    return parse(topic, json.dumps(doc).encode())
+    return parse(topic, json.dumps(doc).encode(), now=NOW)
 
 
 def test_contract_example_status_event_parses() -> None:
@@ -94,7 +95,7 @@ def test_contract_example_status_event_parses() -> None:
         (
             "couriers/c7/location",
             b'{"ts": "2024-01-15T18:05:00Z", "lat": 91, "lng": 0}',
-            "wrong_type",
+            "out_of_range",
         ),
         (
             "couriers/c7/location",
@@ -108,7 +109,7 @@ def test_contract_example_status_event_parses() -> None:
 )
 def test_bad_input_becomes_dead_letter_with_reason(topic: str, payload: bytes, reason: str) -> None:
     """Each kind of bad message is a dead letter with its stable reason and the raw bytes."""
-    result = parse(topic, payload)
+    result = parse(topic, payload, now=NOW)
     assert isinstance(result, DeadLetter)
     assert (result.reason, result.topic, result.payload) == (reason, topic, payload)
     assert result.detail
@@ -124,15 +125,16 @@ def test_location_profile_assignment_parse() -> None:
     fix = parse(
         "couriers/c7/location",
         b'{"ts": "2024-01-15T19:05:00+01:00", "lat": 40.7, "lng": -74, "heading": 90}',
+        now=NOW,
     )
     assert fix == LocationFix("c7", "2024-01-15T18:05:00.000Z", 40.7, -74.0, heading=90.0)
-    assert parse("couriers/c7/profile", b'{"full_name": "Mike", "x": 1}') == ProfileUpdate(
+    assert parse("couriers/c7/profile", b'{"full_name": "Mike", "x": 1}', now=NOW) == ProfileUpdate(
         "c7", {"full_name": "Mike"}
     )
-    assert parse("couriers/c7/profile", b"") == ProfileUpdate("c7", None)
-    assert parse("dispatch/assignments", b'{"order_id": "o1", "courier_id": "c9"}') == Assignment(
-        "o1", "c9"
-    )
+    assert parse("couriers/c7/profile", b"", now=NOW) == ProfileUpdate("c7", None)
+    assert parse(
+        "dispatch/assignments", b'{"order_id": "o1", "courier_id": "c9"}', now=NOW
+    ) == Assignment("o1", "c9")
 
 
 @given(
@@ -143,4 +145,4 @@ def test_location_profile_assignment_parse() -> None:
 )
 def test_parse_never_raises(payload: bytes, topic: str) -> None:
     """Arbitrary bytes never raise out of parse: they are a value or a dead letter."""
-    parse(topic, payload)
+    parse(topic, payload, now=NOW)

@@ -1,34 +1,29 @@
-"""What the order and operator commands do; `cli.py` parses and maps errors to exits.
+"""What `courierd order submit|cancel|show` do; `cli.py` parses and maps errors to exits.
 
-Kept apart from `cli.py` so that the daemon's worker processes, which import the
-command-line module again when they start (multiprocessing "spawn"), do not also load
-httpx, sqlite-utils and the order schema they never use.
+Each action returns the JSON document the command prints, so that other front doors
+(the dispatch API) do exactly the same thing. Kept apart from `cli.py` so that the
+daemon's worker processes, which import the command-line module again when they start
+(multiprocessing "spawn"), do not also load httpx and the order schema.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from courierd.config import Settings
-from courierd.domain import lifecycle
-from courierd.domain.model import iso
+from courierd.domain.fields import MAX_ID
 from courierd.domain.order_schema import check_order
-from courierd.domain.telemetry import MAX_ID
+from courierd.domain.policy import CLI_MAX_RETRY_AFTER
 from courierd.edges.onetablet import OneTabletClient, with_retries
 from courierd.errors import InputError, OneTabletError
-from courierd.store.sqlite import Store
+from courierd.store import Store, open_store
 
 log = logging.getLogger("courierd")
 
-EXIT_OK, EXIT_UNKNOWN = 0, 1
 
-
-def _client(settings: Settings) -> OneTabletClient:
+def client(settings: Settings) -> OneTabletClient:
     ot = settings.require_onetablet()
     assert ot.base_url is not None and ot.api_key is not None
     return OneTabletClient(
@@ -43,58 +38,59 @@ def _retrying(settings: Settings) -> dict[str, Any]:
     return {"schedule": settings.onetablet.retry_schedule_s, "on_retry": on_retry}
 
 
-def order_submit(settings: Settings, file: str) -> int:
-    source = "stdin" if file == "-" else file
-    try:
-        document = sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
-    except OSError as e:
-        raise InputError(f"cannot read {source}: {e.strerror}") from None
+def cancel_hold_s(settings: Settings) -> float:
+    """How long a cancel may hold an order's pushes: every attempt timing out, every
+    wait at its longest, and a minute to spare. A dead command's hold ends by itself."""
+    ot = settings.onetablet
+    waits = sum(max(w, CLI_MAX_RETRY_AFTER) for w in ot.retry_schedule_s)
+    return ot.timeout_s * (len(ot.retry_schedule_s) + 1) + waits + 60.0
+
+
+def submit(settings: Settings, document: bytes, source: str) -> dict[str, Any]:
+    """Validate the order, then `POST /orders` it as written (with retries)."""
     order_id = check_order(document, source)
-    with _client(settings) as client:
-        reply = with_retries(lambda: client.submit_order(document, order_id), **_retrying(settings))
-    print(json.dumps({"order_id": order_id, "status": reply.status, "reply": reply.body}))
-    return EXIT_OK
+    with client(settings) as ot:
+        reply = with_retries(lambda: ot.submit_order(document, order_id), **_retrying(settings))
+    return {"order_id": order_id, "status": reply.status, "reply": reply.body}
 
 
-def order_cancel(settings: Settings, order_id: str, reason: str, details: str | None) -> int:
+def cancel(
+    settings: Settings, order_id: str, reason: str, details: str | None, store: Store | None = None
+) -> dict[str, Any]:
+    """Hold the order's pushes, ask OneTablet to cancel, then cancel locally or let go.
+
+    The check (refused after dropoff) and the hold are one write transaction, so a
+    dropoff cannot slip in between; while OneTablet is being asked, the order's pushes
+    wait. If OneTablet accepts, the order is cancelled and its unsent pushes dropped;
+    if not, the hold is released and the pushes flow as before.
+    """
     if not order_id or len(order_id) > MAX_ID or "/" in order_id:
         raise InputError(f"order id {order_id[:40]!r} must be 1-128 characters without '/'")
-    store = _store(settings)
+    own = store is None
+    store = store or open_store(settings.store)
     try:
-        cancelled = lifecycle.cancel(store.get_order(order_id), order_id)  # refuses after dropoff
-        with _client(settings) as client:
-            reply = with_retries(
-                lambda: client.cancel_order(order_id, reason, details), **_retrying(settings)
-            )
-        dropped = store.save_cancel(cancelled, iso(time.time()))
+        store.outbox.hold_for_cancel(order_id, time.time(), cancel_hold_s(settings))
+        try:
+            with client(settings) as ot:
+                reply = with_retries(
+                    lambda: ot.cancel_order(order_id, reason, details), **_retrying(settings)
+                )
+        except BaseException:
+            store.outbox.release_hold(order_id)
+            raise
+        dropped = store.outbox.finish_cancel(order_id, time.time())
     finally:
-        store.close()
-    print(
-        json.dumps(
-            {
-                "order_id": order_id,
-                "cancelled": True,
-                "dropped_pushes": dropped,
-                "status": reply.status,
-                "reply": reply.body,
-            }
-        )
-    )
-    return EXIT_OK
+        if own:
+            store.close()
+    return {
+        "order_id": order_id,
+        "cancelled": True,
+        "dropped_pushes": dropped,
+        "status": reply.status,
+        "reply": reply.body,
+    }
 
 
-def order_show(settings: Settings, order_id: str) -> int:
-    store = _store(settings)
-    try:
-        view = store.order_view(order_id)
-    finally:
-        store.close()
-    if view is None:
-        print(f"courierd: unknown order {order_id!r}", file=sys.stderr)
-        return EXIT_UNKNOWN
-    print(json.dumps(view, indent=2))
-    return EXIT_OK
-
-
-def _store(settings: Settings) -> Store:
-    return Store(settings.store.path, synchronous=settings.store.synchronous)
+def show(settings: Settings, order_id: str) -> dict[str, Any] | None:
+    with open_store(settings.store) as store:
+        return store.queries.order_view(order_id)

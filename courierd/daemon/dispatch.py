@@ -1,12 +1,12 @@
-"""The dispatcher: delivers the outbox to OneTablet, in order per order, parallel across.
+"""The dispatch process: delivers the outbox to OneTablet, in order per order, parallel across.
 
-One thread claims due pushes that head their order's queue (`Store.claim_due`) and
+One thread claims due pushes that head their order's queue (`Outbox.claim_due`) and
 hands them to a bounded worker pool sharing one keep-alive connection pool. Workers
 only call OneTablet and report; the dispatcher thread records results in batches
 (one commit for many replies) and decides what happens next:
 2xx delivered; retryable → next attempt after 1 s, 5 s, 30 s, ... (Retry-After wins);
-other 4xx → parked as failed; 401 → every push pauses and one probe is sent with
-backoff until the key works again.
+other 4xx → parked as failed; 401 → every push pauses, and one probe at a time is sent,
+with backoff, until the key works again.
 """
 
 from __future__ import annotations
@@ -19,16 +19,23 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
 
+from courierd.config import Settings
+from courierd.daemon.housekeeping import Housekeeper
+from courierd.daemon.ipc import REPORT_S, orphaned, worker_setup
 from courierd.domain.model import DispatchStats
 from courierd.domain.policy import RETRY_SCHEDULE, retry_delay
 from courierd.edges.onetablet import OneTabletClient
-from courierd.errors import Rejected, Unauthorized, Unavailable
-from courierd.store.sqlite import DELIVERED, FAILED, PENDING, OutboxRow, PushResult, Store
+from courierd.errors import CourierdError, Rejected, Unauthorized, Unavailable
+from courierd.store import open_store
+from courierd.store.outbox import Outbox, OutboxRow, PushResult
+from courierd.store.schema import DELIVERED, FAILED, PENDING
 
 log = logging.getLogger(__name__)
 
 RETRY_SPREAD = 0.1  # retries land within ±10 % of their scheduled wait
+CLOCK_STEP_S = 2.0  # a wall-clock jump beyond this (against the monotonic clock) is a step
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,31 +49,40 @@ class Attempt:
 
 
 class Dispatcher:
-    """Owns the outbox delivery loop; `wake()` it when new pushes are committed."""
+    """Owns the outbox delivery loop; `wake()` it when new pushes are committed.
+
+    `clock` (wall time, stored in the database), `monotonic` and `rng` are arguments so
+    tests drive the policy without waiting. When the wall clock steps (NTP, an
+    operator), pending retries are moved by the same amount: a retry due in 30 s stays
+    due in 30 s, instead of waiting out an hour the clock was set back.
+    """
 
     def __init__(
         self,
-        store: Store,
+        outbox: Outbox,
         client: OneTabletClient,
         *,
         concurrency: int = 16,
         schedule: Sequence[float] = RETRY_SCHEDULE,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         still_pending: Callable[[int], bool] = lambda _push_id: True,
     ) -> None:
-        self.store = store
+        self.outbox = outbox
         self.client = client
         self.stats = DispatchStats()
         self._stats_lock = threading.Lock()
         self.concurrency = concurrency
         self.schedule = tuple(schedule)
         self.clock = clock
+        self.monotonic = monotonic
         self.rng = rng or random.Random()
         self.still_pending = still_pending
-        self.heartbeat = time.monotonic()
+        self.heartbeat = monotonic()
         self.paused_until: float | None = None  # set while OneTablet refuses our key
         self._auth_failures = 0
+        self._clock_offset = clock() - monotonic()
         # Claimed pushes: running, or queued for the next free worker. Keeping up to
         # `concurrency` queued means a worker that finishes starts the next push at
         # once instead of waiting for this thread's record-and-claim round trip.
@@ -76,6 +92,7 @@ class Dispatcher:
         self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="push")
         self._next_stats = 0.0
         self._probe_id: int | None = None  # the one push sent while paused by a 401
+        self._claimed_all = False
 
     def wake(self) -> None:
         self._wake.set()
@@ -84,29 +101,50 @@ class Dispatcher:
         """Until `stop`; then wait up to `grace_s` for in-flight pushes and record them."""
         try:
             while not stop.is_set():
-                # Clear before looking for work, not after waiting: a wake-up that lands
-                # between the wait and a clear would be lost for up to a second.
-                self._wake.clear()
-                self.heartbeat = time.monotonic()
-                self._record()
-                claimed_all = self._claim()
-                self._refresh_stats()
-                self._wake.wait(1.0 if claimed_all else self._until_next_due())
+                self.turn()
+                self._wake.wait(self._idle_wait())
         finally:
-            for row_id, (_, future) in list(self._inflight.items()):
-                if future.cancel():  # queued, never sent: it stays pending for next time
-                    del self._inflight[row_id]
-            deadline = time.monotonic() + grace_s
-            while self._inflight and time.monotonic() < deadline:
-                self._wake.clear()
-                self._record()
-                self._wake.wait(0.05)
+            self._drain(grace_s)
+
+    def turn(self) -> bool:
+        """One pass: record finished attempts, claim due pushes; True if slots are full."""
+        # Clear before looking for work, not after waiting: a wake-up that lands
+        # between the wait and a clear would be lost for up to a second.
+        self._wake.clear()
+        self.heartbeat = self.monotonic()
+        self._follow_clock_step()
+        self._record()
+        self._claimed_all = self._claim()
+        self._refresh_stats()
+        return self._claimed_all
+
+    def _idle_wait(self) -> float:
+        return 1.0 if self._claimed_all else self._until_next_due()
+
+    def _drain(self, grace_s: float) -> None:
+        for row_id, (_, future) in list(self._inflight.items()):
+            if future.cancel():  # queued, never sent: it stays pending for next time
+                del self._inflight[row_id]
+        deadline = time.monotonic() + grace_s
+        while self._inflight and time.monotonic() < deadline:
+            self._wake.clear()
             self._record()
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            if self._inflight:
-                log.warning(
-                    "dispatch.unfinished pushes=%d (sent again on start)", len(self._inflight)
-                )
+            self._wake.wait(0.05)
+        self._record()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._inflight:
+            log.warning("dispatch.unfinished pushes=%d (sent again on start)", len(self._inflight))
+
+    def _follow_clock_step(self) -> None:
+        offset = self.clock() - self.monotonic()
+        step = offset - self._clock_offset
+        self._clock_offset = offset  # slow drift (NTP slewing) is followed quietly
+        if abs(step) < CLOCK_STEP_S:
+            return
+        moved = self.outbox.shift_schedule(step)
+        if self.paused_until is not None:
+            self.paused_until += step
+        log.warning("dispatch.clock_step seconds=%+.1f pushes_rescheduled=%d", step, moved)
 
     def _claim(self) -> bool:
         """Start due pushes in the free slots; True if more may be waiting for a slot."""
@@ -117,7 +155,7 @@ class Dispatcher:
             slots = 1 if now >= self.paused_until and not self._inflight else 0
         if slots <= 0:
             return self.paused_until is None
-        rows = self.store.claim_due(now, slots, busy=list(self._inflight))
+        rows = self.outbox.claim_due(now, slots, busy=list(self._inflight))
         if self.paused_until is not None and rows:
             self._probe_id = rows[0].id
         for row in rows:
@@ -132,8 +170,8 @@ class Dispatcher:
         except Exception:  # cannot tell: send it (at-least-once), but say so
             log.exception("dispatch.pending_check_failed order_id=%s", row.order_id)
             cancelled = False
-        # Queued before a 401 paused everything, or cancelled (`order cancel`) since it
-        # was claimed: leave it as the database has it, unsent.
+        # Queued before a 401 paused everything, or cancelled/held (`order cancel`)
+        # since it was claimed: leave it as the database has it, unsent.
         if paused or cancelled:
             self._results.put(Attempt(row, "skipped"))
             self._wake.set()
@@ -165,9 +203,11 @@ class Dispatcher:
             return
         now = self.clock()
         sent = [a for a in attempts if a.outcome != "skipped"]
-        self.store.record_results([self._result(a, now) for a in sent])
+        self.outbox.record_results([self._result(a, now) for a in sent])
         for a in attempts:
             del self._inflight[a.row.id]
+            if a.row.id == self._probe_id:
+                self._probe_id = None
         for a in sent:
             with self._stats_lock:
                 self.stats.outcomes[a.outcome] += 1
@@ -182,22 +222,30 @@ class Dispatcher:
                 )
 
     def _result(self, a: Attempt, now: float) -> PushResult:
+        probe = a.row.id == self._probe_id
         if a.outcome == "delivered":
             if self.paused_until is not None:
                 log.info("dispatch.auth_recovered after=%d failures", self._auth_failures)
             self.paused_until, self._auth_failures = None, 0
             self.stats.auth_paused = False
             return PushResult(a.row.id, DELIVERED, now)
+        if a.outcome == "unauthorized":
+            # One step of backoff per probe: the replies of pushes that were already in
+            # flight when the first 401 came back wait for the same probe.
+            if self.paused_until is None or probe:
+                self._auth_failures += 1
+                self.paused_until = now + retry_delay(self._auth_failures, None, self.schedule)
+                log.error(
+                    "dispatch.auth_paused probe_in=%.0fs error=%r", self.paused_until - now, a.error
+                )
+            self.stats.auth_paused = True
+            return PushResult(a.row.id, PENDING, now, self.paused_until, a.error)
+        if probe and self.paused_until is not None:
+            # The probe got no answer on the key (5xx, timeout, another 4xx): still
+            # paused; the next probe waits the current backoff, not zero.
+            self.paused_until = now + retry_delay(self._auth_failures, None, self.schedule)
         if a.outcome == "failed":
             return PushResult(a.row.id, FAILED, now, None, a.error)
-        if a.outcome == "unauthorized":
-            self._auth_failures += 1
-            self.paused_until = now + retry_delay(self._auth_failures, None, self.schedule)
-            self.stats.auth_paused = True
-            log.error(
-                "dispatch.auth_paused probe_in=%.0fs error=%r", self.paused_until - now, a.error
-            )
-            return PushResult(a.row.id, PENDING, now, self.paused_until, a.error)
         spread = self.rng.uniform(-RETRY_SPREAD, RETRY_SPREAD)
         delay = retry_delay(a.row.attempts + 1, a.retry_after, self.schedule, spread)
         return PushResult(a.row.id, PENDING, now, now + delay, a.error)
@@ -211,16 +259,16 @@ class Dispatcher:
         now = self.clock()
         if self.paused_until is not None:
             return max(0.01, min(1.0, self.paused_until - now))
-        due = self.store.next_due_after(now)
+        due = self.outbox.next_due_after(now)
         return 1.0 if due is None else max(0.001, min(1.0, due - now))
 
     def _refresh_stats(self) -> None:
         """Outbox gauges, at most once a second (they are counts over an index)."""
-        now = time.monotonic()
+        now = self.monotonic()
         if now < self._next_stats:
             return
         self._next_stats = now + 1.0
-        pending, oldest, failed = self.store.outbox_stats()
+        pending, oldest, failed = self.outbox.stats()
         with self._stats_lock:
             self.stats.pending, self.stats.failed = pending, failed
             self.stats.oldest_pending_age_s = (
@@ -230,4 +278,104 @@ class Dispatcher:
     def report(self) -> DispatchStats:
         """Deltas since the last report, plus the current gauges (thread-safe)."""
         with self._stats_lock:
-            return self.stats.take(time.monotonic() - self.heartbeat)
+            return self.stats.take(self.monotonic() - self.heartbeat)
+
+
+class _PendingCheck:
+    """ "Still pending?" from any worker thread, each on its own read-only connection."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._local = threading.local()
+
+    def __call__(self, push_id: int) -> bool:
+        outbox = getattr(self._local, "outbox", None)
+        if outbox is None:
+            outbox = self._local.outbox = open_store(self.settings.store, readonly=True).outbox
+        return bool(outbox.is_pending(push_id))
+
+
+def dispatch_main(
+    settings: Settings, reports: Connection, control: Connection, wake: Connection
+) -> None:
+    """Entry point of the dispatch process: deliver the outbox until told to stop."""
+    worker_setup(settings)
+    ot = settings.require_onetablet()
+    assert ot.base_url is not None and ot.api_key is not None
+    try:
+        # Deliveries are marked durably (FULL, one fsync per batch of results): after a
+        # power cut only the pushes in flight are sent again, as CONTRACT.md 4.10 says.
+        store = open_store(settings.store)
+        housekeeping_store = open_store(settings.store)
+    except CourierdError as e:
+        reports.send(("fatal", str(e)))
+        return
+    client = OneTabletClient(
+        ot.base_url,
+        ot.api_key.get_secret_value(),
+        transport=ot.transport,
+        timeout=ot.timeout_s,
+        max_connections=ot.max_concurrency,
+    )
+    dispatcher = Dispatcher(
+        store.outbox,
+        client,
+        concurrency=ot.max_concurrency,
+        schedule=ot.retry_schedule_s,
+        still_pending=_PendingCheck(settings),
+    )
+    housekeeper = Housekeeper(housekeeping_store)
+    stop = threading.Event()
+    send_lock = threading.Lock()
+
+    def report(kind: str, value: object) -> None:
+        with send_lock:
+            try:
+                reports.send((kind, value))
+            except OSError:
+                orphaned()
+
+    def run_dispatcher() -> None:
+        try:
+            dispatcher.run(stop)
+        except BaseException as e:
+            log.exception("dispatch.failed")
+            report("fatal", f"dispatcher: {e}")
+
+    def run_reporter() -> None:
+        while not stop.wait(REPORT_S):
+            report("stats", dispatcher.report())
+
+    worker = threading.Thread(target=run_dispatcher, name="dispatch")
+    worker.start()
+    threading.Thread(target=run_reporter, name="reporter", daemon=True).start()
+    keeper = threading.Thread(target=housekeeper.run, args=(stop,), name="housekeeping")
+    keeper.start()
+    report("ready", None)
+    _listen(control, wake, dispatcher.wake)
+    stop.set()
+    dispatcher.wake()
+    worker.join()
+    keeper.join(5)
+    report("stats", dispatcher.report())
+    client.close()
+    store.close()
+    housekeeping_store.close()
+
+
+def _listen(control: Connection, wake: Connection, on_wake: Callable[[], None]) -> None:
+    """Relay wake-ups from ingest to the dispatcher until the control pipe says stop."""
+    channels: list[Connection] = [control, wake]
+    while True:
+        for ready in wait(channels):
+            assert isinstance(ready, Connection)
+            try:
+                message = ready.recv_bytes() if ready is wake else ready.recv()
+            except (EOFError, OSError):
+                if ready is wake:  # the ingest process ended; keep serving the outbox
+                    channels.remove(wake)
+                    continue
+                orphaned()
+            if ready is control and message[0] == "stop":
+                return
+            on_wake()

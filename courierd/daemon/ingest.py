@@ -1,29 +1,45 @@
-"""Committing a batch of MQTT messages: the job of the ingest process.
+"""The ingest process: parse and commit batches of MQTT messages, one transaction each.
 
-`commit_messages` parses every message (bad ones become dead letters), commits the
-whole batch in one transaction (`Store.commit_batch`) and returns a `BatchReport`.
-Only then does the MQTT process acknowledge the batch to the broker. One fsync per
-batch, not per message, is what makes `synchronous=FULL` affordable.
+`commit_messages` parses every message (bad ones become dead letters) and commits the
+batch in one transaction; only then does the MQTT process acknowledge it. One fsync
+per batch, not per message, is what makes `synchronous=FULL` affordable.
+
+No message can stop ingest (CONTRACT.md 4.14). If the commit fails and the database
+is not the cause (`StoreUnavailable` would say so), one of the messages is: the batch
+is committed again one message at a time, and the one that still fails is kept as an
+`unprocessable` dead letter while the others commit. If the database is the cause
+(disk full, locked), nothing was written: the MQTT process retries the batch later.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
+from collections.abc import Sequence
+from multiprocessing.connection import Connection
 
+from courierd.config import Settings
+from courierd.daemon.ipc import orphaned, worker_setup
 from courierd.domain.model import (
     Assignment,
     BatchReport,
     DeadLetter,
+    Input,
     LocationFix,
     Outcome,
     ProfileUpdate,
     StatusEvent,
 )
+from courierd.domain.planner import Effects
 from courierd.domain.telemetry import parse
-from courierd.store.sqlite import Store
+from courierd.errors import CourierdError, StoreUnavailable
+from courierd.store import Store, open_store
+from courierd.store.writer import safe_text
 
 log = logging.getLogger(__name__)
 
+Raw = tuple[str, bytes, int]  # topic, payload (maybe only its start), original size
 OUTCOMES = tuple(o.value for o in Outcome)
 _KINDS = {
     StatusEvent: "status",
@@ -34,10 +50,10 @@ _KINDS = {
 }
 
 
-def commit_messages(store: Store, messages: list[tuple[str, bytes]], now: float) -> BatchReport:
-    """Parse and commit one batch. Store errors propagate: they are fatal."""
-    inputs = [parse(topic, payload) for topic, payload in messages]
-    fx = store.commit_batch(inputs, now=now)
+def commit_messages(store: Store, messages: Sequence[Raw], now: float) -> BatchReport:
+    """Parse and commit one batch; raises only StoreUnavailable (nothing written)."""
+    inputs = [parse(topic, payload, now=now, size=size) for topic, payload, size in messages]
+    fx = _commit_isolating(store, messages, inputs, now)
     report = BatchReport(len(inputs), transitions=len(fx.transitions), pushes=len(fx.pushes))
     report.kinds.update(_KINDS[type(item)] for item in inputs)
     report.outcomes.update({k: fx.counts[k] for k in OUTCOMES if fx.counts[k]})
@@ -46,8 +62,8 @@ def commit_messages(store: Store, messages: list[tuple[str, bytes]], now: float)
         log.warning(
             "ingest.rejected reason=%s topic=%s detail=%r",
             letter.reason,
-            letter.topic,
-            letter.detail,
+            letter.topic[:200],
+            letter.detail[:300],
         )
     for t in fx.transitions:
         log.info(
@@ -57,3 +73,68 @@ def commit_messages(store: Store, messages: list[tuple[str, bytes]], now: float)
             t.inferred,
         )
     return report
+
+
+def _commit_isolating(
+    store: Store, messages: Sequence[Raw], inputs: list[Input], now: float
+) -> Effects:
+    """The batch in one transaction, or one message at a time if a message breaks it."""
+    try:
+        return store.writer.commit(inputs, now=now)
+    except StoreUnavailable:
+        raise
+    except Exception as e:
+        if len(inputs) == 1:
+            topic, payload, size = messages[0]
+            log.error("ingest.poison topic=%s error=%r", topic[:200], e)
+            letter = DeadLetter(
+                topic, payload, "unprocessable", safe_text(f"{type(e).__name__}: {e}")[:500], size
+            )
+            return store.writer.commit([letter], now=now)
+        log.warning("ingest.isolating batch=%d error=%r", len(inputs), e)
+    merged = Effects()
+    for one_message, one_input in zip(messages, inputs, strict=True):
+        fx = _commit_isolating(store, [one_message], [one_input], now)
+        merged.transitions += fx.transitions
+        merged.pushes += fx.pushes
+        merged.dead_letters += fx.dead_letters
+        merged.counts.update(fx.counts)
+    return merged
+
+
+def ingest_main(settings: Settings, pipe: Connection, wake: Connection) -> None:
+    """Entry point of the ingest process: commit batches until told to stop."""
+    worker_setup(settings)
+    try:
+        store = open_store(settings.store)
+    except CourierdError as e:
+        pipe.send(("fatal", str(e)))
+        return
+    pipe.send(("ready", None))
+    while True:
+        try:
+            kind, batch = pipe.recv()
+        except (EOFError, OSError):
+            orphaned()
+        if kind == "stop":
+            break
+        try:
+            if kind == "probe":
+                store.writer.heartbeat(time.time())
+                pipe.send(("ok", None))
+                continue
+            result = commit_messages(store, batch, time.time())
+        except StoreUnavailable as e:
+            log.error("ingest.database_unavailable error=%s", e)
+            pipe.send(("unavailable", str(e)))
+            continue
+        except Exception as e:  # a bug: say so, and let systemd restart us
+            log.exception("ingest.failed")
+            pipe.send(("fatal", f"ingest: {e!r}"))
+            break
+        pipe.send(("ok", result))
+        if result.pushes:
+            # If the dispatcher is gone, the MQTT process hears of it on its own pipe.
+            with contextlib.suppress(OSError):
+                wake.send_bytes(b"w")
+    store.close()

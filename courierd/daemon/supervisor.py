@@ -1,10 +1,21 @@
 """`courierd run`: the MQTT process, which supervises the ingest and dispatch processes.
 
-This process holds paho (its network thread converts and enqueues), the batcher that
-hands batches to the ingest process and acknowledges them once committed, /healthz and
-/metrics, and the main thread: READY/WATCHDOG/STOPPING for systemd, a dead loop or
-worker process is fatal (exit 1), and SIGTERM/SIGINT stop intake, finish the batch and
-the in-flight pushes, and exit 0. See `core.py` for why there are three processes.
+Why three processes: paho parses MQTT packets in Python, and at full speed its
+network thread needs an interpreter to itself; ingest and push threads in the same
+process cut the drain rate roughly in half (measured), and sixteen push threads
+starve the ingest writer the same way one level down. So:
+
+- this process: paho (its network thread only converts and enqueues), the batcher
+  (batcher.py), /healthz and /metrics, and the main thread: READY/WATCHDOG/STOPPING
+  for systemd, supervision, signals;
+- the ingest process (ingest.py): commits batches;
+- the dispatch process (dispatch.py): delivers the outbox, and does housekeeping.
+
+Start-up: the database lock (one daemon per SQLite file), then both workers open the
+database, then READY — without waiting for the broker, which may be down: the outbox
+is still delivered, health says MQTT is down, and paho connects when it can.
+Stop: one deadline (STOP_DEADLINE_S, under the unit's TimeoutStopSec) for intake,
+the last batch, and in-flight pushes; whatever is still running then is killed.
 """
 
 from __future__ import annotations
@@ -21,7 +32,9 @@ from types import FrameType
 from typing import Any
 
 from courierd.config import Settings
-from courierd.daemon.workers import dispatch_main, ingest_main
+from courierd.daemon.batcher import Batcher, IngestFailed
+from courierd.daemon.ipc import dispatch_process, ingest_process
+from courierd.daemon.lock import DaemonLock
 from courierd.domain.model import BatchReport, DispatchStats
 from courierd.edges import systemd
 from courierd.edges.health import HealthServer
@@ -32,31 +45,9 @@ from courierd.errors import CourierdError
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FATAL = 0, 1
-STALL_S = 30.0  # a loop silent this long is stuck: stop pinging the watchdog
+STALL_S = 30.0  # a loop silent this long is stuck: health turns red, watchdog pings stop
 START_TIMEOUT_S = 60.0
-
-
-def take_batch(
-    inbox: queue.SimpleQueue[Message], *, size: int, wait_s: float, timeout: float
-) -> list[Message]:
-    """The first message (waiting up to `timeout`), then whatever follows within `wait_s`."""
-    try:
-        batch = [inbox.get(timeout=timeout)]
-    except queue.Empty:
-        return []
-    deadline = time.monotonic() + wait_s
-    while len(batch) < size:
-        try:
-            batch.append(inbox.get_nowait())
-        except queue.Empty:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            try:
-                batch.append(inbox.get(timeout=left))
-            except queue.Empty:
-                break
-    return batch
+STOP_DEADLINE_S = 30.0  # the unit's TimeoutStopSec is 45 s
 
 
 def record_batch(metrics: Metrics, report: BatchReport) -> None:
@@ -74,7 +65,11 @@ def record_batch(metrics: Metrics, report: BatchReport) -> None:
 class Daemon:
     """The running service. `run()` blocks until stopped and returns the exit code."""
 
-    def __init__(self, settings: Settings, on_ready: Callable[[], None] = lambda: None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        on_subscribed: Callable[[], None] = lambda: None,
+    ) -> None:
         settings.require_onetablet()
         self.settings = settings
         self.metrics = Metrics()
@@ -83,58 +78,59 @@ class Daemon:
         self._fatal: list[str] = []
         self._dispatch = DispatchStats()
         self._last_report = time.monotonic()
-        self._batch_heartbeat = time.monotonic()
         # SimpleQueue: put() is a fraction of Queue.put() on paho's busy thread.
         self.inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
         self.edge = MqttEdge(
             settings.mqtt,
             self.inbox,
             receive_max=min(65535, settings.ingest.batch_size * 2),
-            on_subscribed=self._ready,
+            on_subscribed=on_subscribed,
         )
-        self._is_ready = threading.Event()
         self._dispatch_ready = threading.Event()
-        self._on_ready = on_ready
         ctx = multiprocessing.get_context("spawn")
         self._ingest_pipe, ingest_end = ctx.Pipe()
         self._report_pipe, report_end = ctx.Pipe(duplex=False)
         control_end, self._control_pipe = ctx.Pipe(duplex=False)
         wake_reader, wake_writer = ctx.Pipe(duplex=False)
         self._ingest = ctx.Process(
-            target=ingest_main,
+            target=ingest_process,
             args=(settings, ingest_end, wake_writer),
             name="courierd-ingest",
             daemon=True,
         )
         self._dispatch_proc = ctx.Process(
-            target=dispatch_main,
+            target=dispatch_process,
             args=(settings, report_end, control_end, wake_reader),
             name="courierd-dispatch",
             daemon=True,
         )
         # Ours to close once the children hold them, so a dead child reads as EOF here.
         self._child_ends = [ingest_end, report_end, control_end, wake_reader, wake_writer]
+        self.batcher = Batcher(
+            self.inbox,
+            self._ingest_pipe,
+            self.edge,
+            size=settings.ingest.batch_size,
+            wait_s=settings.ingest.batch_ms / 1000,
+            on_report=lambda report: record_batch(self.metrics, report),
+        )
         self.http = (
             HealthServer(settings.http.listen, self.health, self.metrics.registry)
             if settings.http.listen
             else None
         )
-        self._batcher = threading.Thread(target=self._batch_loop, name="batcher")
+        self._batch_thread = threading.Thread(target=self._batch_loop, name="batcher")
         self._reporter = threading.Thread(target=self._report_loop, name="reports", daemon=True)
 
-    def _ready(self) -> None:
-        """Workers up and subscriptions granted: tell systemd once (called on paho's thread)."""
-        if not self._is_ready.is_set():
-            self._is_ready.set()
-            systemd.notify("READY=1\nSTATUS=connected, ingesting")
-            log.info("daemon.ready")
-            self._on_ready()
-
     def health(self) -> dict[str, Any]:
-        """What /healthz reports: ok only if MQTT is up, the store works and the key is good."""
+        """What /healthz reports: ok only if MQTT is up, the database takes writes, the
+        ingest and dispatch loops are turning and OneTablet accepts the key."""
         reasons = []
         if not self.edge.subscribed.is_set():
-            reasons.append("mqtt: not connected to the broker")
+            reasons.append("mqtt: disconnected from the broker")
+        if self.batcher.database_problem is not None:
+            reasons.append(f"database: {self.batcher.database_problem}")
+        reasons += self._stalled()
         reasons += self._fatal
         if self._dispatch.auth_paused:
             reasons.append("onetablet: API key refused (401); pushes paused")
@@ -142,9 +138,24 @@ class Daemon:
             "status": "ok" if not reasons else "error",
             "reasons": reasons,
             "mqtt": "connected" if self.edge.connected.is_set() else "disconnected",
+            "database": "ok" if self.batcher.database_problem is None else "unavailable",
             "onetablet": "unauthorized" if self._dispatch.auth_paused else "ok",
             "outbox_pending": self._dispatch.pending,
         }
+
+    def _stalled(self) -> list[str]:
+        """Loops that stopped turning (they would otherwise look healthy while idle)."""
+        if not self._dispatch_ready.is_set():
+            return []
+        now = time.monotonic()
+        out = []
+        if self._batch_thread.is_alive() and now - self.batcher.heartbeat > STALL_S:
+            out.append(f"ingest: batcher loop stalled for {now - self.batcher.heartbeat:.0f}s")
+        if now - self._last_report > STALL_S:
+            out.append(f"dispatch: no report for {now - self._last_report:.0f}s")
+        elif self._dispatch.heartbeat_age_s > STALL_S:
+            out.append(f"dispatch: loop stalled for {self._dispatch.heartbeat_age_s:.0f}s")
+        return out
 
     def _die(self, reason: str) -> None:
         log.error("daemon.fatal %s", reason)
@@ -152,24 +163,13 @@ class Daemon:
         self.stop_requested.set()
 
     def _batch_loop(self) -> None:
-        """Take a batch, have the ingest process commit it, then ack it (durable, then acked)."""
-        size, wait_s = self.settings.ingest.batch_size, self.settings.ingest.batch_ms / 1000
         try:
-            while not self._stop_intake.is_set():
-                self._batch_heartbeat = time.monotonic()
-                batch = take_batch(self.inbox, size=size, wait_s=wait_s, timeout=0.2)
-                if not batch:
-                    continue
-                self._ingest_pipe.send(("batch", [(m.topic, m.payload) for m in batch]))
-                kind, result = self._ingest_pipe.recv()
-                if kind != "ok":
-                    self._die(str(result))
-                    return
-                for message in batch:
-                    self.edge.ack(message)
-                record_batch(self.metrics, result)
-        except (EOFError, OSError) as e:
-            self._die(f"ingest process: {e!r}")
+            self.batcher.run(self._stop_intake)
+        except IngestFailed as e:
+            self._die(str(e))
+        except Exception as e:  # a bug in this thread must not leave health green
+            log.exception("daemon.batcher_failed")
+            self._die(f"batcher: {e!r}")
 
     def _report_loop(self) -> None:
         """Dispatch stats from the dispatch process into /metrics and /healthz."""
@@ -184,6 +184,7 @@ class Daemon:
             if kind == "fatal":
                 self._die(str(value))
             elif kind == "ready":
+                self._last_report = time.monotonic()
                 self._dispatch_ready.set()
             elif kind == "stats":
                 stats: DispatchStats = value
@@ -207,10 +208,11 @@ class Daemon:
             return self.shutdown()
         if self.http:
             self.http.start()
-        self._batcher.start()
-        self.edge.start()
+        self._batch_thread.start()
+        self.edge.start()  # paho connects in the background, and keeps trying
+        systemd.notify("READY=1\nSTATUS=database open; connecting to the broker")
         log.info(
-            "daemon.started store=%s mqtt=%s:%s",
+            "daemon.ready store=%s mqtt=%s:%s",
             self.settings.store.path,
             self.settings.mqtt.host,
             self.settings.mqtt.port,
@@ -220,12 +222,13 @@ class Daemon:
         dropped = 0
         while not self.stop_requested.wait(0.2):
             self.metrics.mqtt_connected.set(1 if self.edge.connected.is_set() else 0)
+            self.metrics.database_ok.set(0 if self.batcher.database_problem else 1)
             self.metrics.dropped_qos0.inc(self.edge.dropped_qos0 - dropped)
             dropped = self.edge.dropped_qos0
             for proc in (self._ingest, self._dispatch_proc):
                 if not proc.is_alive():
                     self._die(f"{proc.name} exited with {proc.exitcode}")
-            if ping_every and time.monotonic() >= next_ping and self._loops_alive():
+            if ping_every and time.monotonic() >= next_ping and not self._stalled():
                 systemd.notify("WATCHDOG=1")
                 next_ping = time.monotonic() + ping_every
         return self.shutdown()
@@ -255,21 +258,18 @@ class Daemon:
                 return False
         return True
 
-    def _loops_alive(self) -> bool:
-        now = time.monotonic()
-        return (
-            now - self._batch_heartbeat < STALL_S
-            and now - self._last_report < STALL_S
-            and self._dispatch.heartbeat_age_s < STALL_S
-        )
-
     def shutdown(self) -> int:
-        """Stop intake, finish the batch and in-flight pushes (bounded), close everything."""
+        """Stop intake, finish the batch and in-flight pushes, all within one deadline."""
         systemd.notify("STOPPING=1")
         log.info("daemon.stopping")
+        deadline = time.monotonic() + STOP_DEADLINE_S
+
+        def left() -> float:
+            return max(0.0, deadline - time.monotonic())
+
         self._stop_intake.set()
-        if self._batcher.is_alive():
-            self._batcher.join(timeout=15)
+        if self._batch_thread.is_alive():
+            self._batch_thread.join(timeout=min(15.0, left()))
         for proc, pipe in (
             (self._ingest, self._ingest_pipe),
             (self._dispatch_proc, self._control_pipe),
@@ -277,9 +277,12 @@ class Daemon:
             if proc.is_alive():
                 with contextlib.suppress(OSError):
                     pipe.send(("stop", None))
-                proc.join(timeout=20)  # the dispatcher waits up to 10 s for pushes
-                if proc.is_alive():
-                    proc.terminate()
+                proc.join(timeout=left())
+        for proc in (self._ingest, self._dispatch_proc):
+            if proc.is_alive():  # they ignore SIGTERM: the pipe is how they are told
+                log.warning("daemon.killing %s (past the stop deadline)", proc.name)
+                proc.kill()
+                proc.join(5)
         self.edge.stop()  # after the batcher: the last batch's acks still go out
         if self.http:
             self.http.stop()
@@ -288,10 +291,18 @@ class Daemon:
         return code
 
 
-def run_daemon(settings: Settings, on_ready: Callable[[], None] = lambda: None) -> int:
-    """Entry point of `courierd run`; `on_ready` runs once MQTT subscriptions are granted."""
-    daemon = Daemon(settings, on_ready)
+def run_daemon(settings: Settings, on_subscribed: Callable[[], None] = lambda: None) -> int:
+    """Entry point of `courierd run`; `on_subscribed` runs once MQTT subscriptions are
+    granted (the demo starts its couriers then: a first run has no session yet)."""
+    # First of all: a second daemon on the same database stops here (exit 1, one line).
+    lock = DaemonLock(settings.store.path).acquire()
+    try:
+        return _run(Daemon(settings, on_subscribed))
+    finally:
+        lock.release()
 
+
+def _run(daemon: Daemon) -> int:
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         log.info("daemon.signal %s", signal.Signals(signum).name)
         daemon.stop_requested.set()

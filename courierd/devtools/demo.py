@@ -105,7 +105,7 @@ def run_demo(settings: Settings) -> int:
     simulator = threading.Thread(target=sim.run, args=(stop,), daemon=True, name="simulator")
     try:
         # Couriers start once the daemon is subscribed: a first run has no session yet.
-        return run_daemon(demo_settings, on_ready=simulator.start)
+        return run_daemon(demo_settings, on_subscribed=simulator.start)
     finally:
         stop.set()
         client.loop_stop()

@@ -43,9 +43,10 @@ class Outcome(enum.StrEnum):
     STALE = "stale"  # status at or behind the order's current one
     CANCELLED = "cancelled"  # order was cancelled: rejected, dead-lettered
     WRONG_COURIER = "wrong_courier"  # order is bound to another courier: rejected
+    CORRUPT_ROW = "corrupt_row"  # a stored row it needs is unreadable: rejected
 
 
-REJECTED_OUTCOMES = frozenset({Outcome.CANCELLED, Outcome.WRONG_COURIER})
+REJECTED_OUTCOMES = frozenset({Outcome.CANCELLED, Outcome.WRONG_COURIER, Outcome.CORRUPT_ROW})
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +89,7 @@ class Assignment:
 
     order_id: str
     courier_id: str
+    raw: bytes = field(default=b"", compare=False, repr=False)  # kept for dead letters
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,9 +97,10 @@ class DeadLetter:
     """A message courierd could not use, kept with the reason."""
 
     topic: str
-    payload: bytes
+    payload: bytes  # at most the first DEAD_LETTER_KEEP bytes are stored
     reason: str
     detail: str
+    size: int | None = None  # the original payload size, when only its start was kept
 
 
 Input = StatusEvent | LocationFix | ProfileUpdate | Assignment | DeadLetter
@@ -110,6 +113,7 @@ class Order:
     order_id: str
     state: str = NEW
     courier_id: str | None = None
+    held: bool = False  # a cancel is in progress: new pushes wait until it is decided
 
     @property
     def cancelled(self) -> bool:

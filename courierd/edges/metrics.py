@@ -68,6 +68,11 @@ class Metrics:
             "QoS 0 messages dropped because ingest was too far behind (QoS 1 never is)",
             registry=r,
         )
+        self.database_ok = Gauge(
+            "courierd_database_ok",
+            "1 while the database takes writes (0: disk full, locked, unreachable)",
+            registry=r,
+        )
         self.mqtt_connected = Gauge(
             "courierd_mqtt_connected", "1 while connected to the broker", registry=r
         )

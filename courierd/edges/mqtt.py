@@ -23,9 +23,13 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from courierd.config import MqttSettings
-from courierd.domain.telemetry import SUBSCRIPTIONS
+from courierd.domain.telemetry import MAX_PAYLOAD, SUBSCRIPTIONS
 
 log = logging.getLogger(__name__)
+
+# An oversized payload is a dead letter whatever it holds: only its start travels on
+# (to be kept for operators), not megabytes through the queue, pickling and the pipe.
+KEEP_OVERSIZED = 4096
 
 
 class Message(NamedTuple):
@@ -36,10 +40,11 @@ class Message(NamedTuple):
     """
 
     topic: str
-    payload: bytes
+    payload: bytes  # only the first KEEP_OVERSIZED bytes of a payload over MAX_PAYLOAD
     mid: int
     qos: int
     generation: int  # which connection delivered it; acks never cross a reconnect
+    size: int  # the payload's real size
 
 
 class MqttEdge:
@@ -163,4 +168,8 @@ class MqttEdge:
         if msg.qos == 0 and self.inbox.qsize() > self.max_backlog:
             self.dropped_qos0 += 1
             return
-        self.inbox.put(Message(topic, bytes(msg.payload), msg.mid, msg.qos, self._generation))
+        payload = msg.payload
+        size = len(payload)
+        if size > MAX_PAYLOAD:
+            payload = payload[:KEEP_OVERSIZED]
+        self.inbox.put(Message(topic, bytes(payload), msg.mid, msg.qos, self._generation, size))

@@ -20,7 +20,13 @@ from urllib.parse import quote
 import httpx
 
 from courierd.domain.model import dumps
-from courierd.domain.policy import RETRY_SCHEDULE, Verdict, classify, parse_retry_after
+from courierd.domain.policy import (
+    CLI_MAX_RETRY_AFTER,
+    RETRY_SCHEDULE,
+    Verdict,
+    classify,
+    parse_retry_after,
+)
 from courierd.errors import OneTabletError, Rejected, Unauthorized, Unavailable
 
 log = logging.getLogger(__name__)
@@ -80,7 +86,7 @@ class OneTabletClient:
         """`POST /orders` with the document exactly as the user wrote it."""
         if self.transport == "rest":
             return self._call("/orders", order_id, document)
-        envelope = {"event": {"type": SUBMIT, "order_id": order_id}, **json.loads(document)}
+        envelope = _envelope(SUBMIT, order_id, json.loads(document))
         return self._call("/webhooks", order_id, dumps(envelope).encode())
 
     def cancel_order(self, order_id: str, reason: str, details: str | None) -> Reply:
@@ -108,7 +114,7 @@ class OneTabletClient:
         headers: dict[str, str] | None = None,
     ) -> Reply:
         if self.transport == "webhooks":
-            body = {"event": {"type": kind, "order_id": order_id}, "order_id": order_id, **body}
+            body = _envelope(kind, order_id, {"order_id": order_id, **body})
             path = "/webhooks"
         return self._call(path, order_id, dumps(body).encode(), headers)
 
@@ -149,7 +155,8 @@ def with_retries(
     sleep: Callable[[float], None] = time.sleep,
     on_retry: Callable[[OneTabletError, float], None] | None = None,
 ) -> T:
-    """Call, retrying `Unavailable` after each wait of `schedule` (Retry-After if longer).
+    """Call, retrying `Unavailable` after each wait of `schedule` (Retry-After if longer,
+    up to CLI_MAX_RETRY_AFTER: someone is waiting at a prompt).
 
     4xx errors are not retried. After the last wait the last error is raised.
     """
@@ -159,11 +166,17 @@ def with_retries(
         except Unavailable as e:
             if wait is None:
                 raise
-            delay = max(wait, e.retry_after or 0.0)
+            delay = max(wait, min(e.retry_after or 0.0, CLI_MAX_RETRY_AFTER))
             if on_retry is not None:
                 on_retry(e, delay)
             sleep(delay)
     raise AssertionError("unreachable")
+
+
+def _envelope(kind: str, order_id: str, body: dict[str, Any]) -> dict[str, Any]:
+    """The webhooks body: `event` first; a field of that name in the body never wins."""
+    rest = {k: v for k, v in body.items() if k != "event"}
+    return {"event": {"type": kind, "order_id": order_id}, **rest}
 
 
 def _path(order_id: str) -> str:

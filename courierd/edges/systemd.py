@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+
+log = logging.getLogger(__name__)
 
 
 def notify(message: str) -> bool:
@@ -13,9 +16,13 @@ def notify(message: str) -> bool:
         return False
     if address.startswith("@"):  # abstract namespace socket
         address = "\0" + address[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-        sock.connect(address)
-        sock.sendall(message.encode())
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(address)
+            sock.sendall(message.encode())
+    except OSError as e:  # systemd gone or restarting: telling it is not worth dying for
+        log.warning("systemd.notify_failed message=%s error=%s", message.split("=")[0], e)
+        return False
     return True
 
 

@@ -1,0 +1,54 @@
+"""courierd's storage: one interface over SQLite (embedded default) or PostgreSQL.
+
+`open_store(settings)` picks the backend from the settings; every job talks to the
+same `Store`, whose parts each do one thing:
+
+- `writer`  (writer.py): a batch of MQTT inputs → one transaction of effects;
+- `outbox`  (outbox.py): push claims in order per order, results, cancel holds;
+- `queries` (queries.py): what `order show` and the operator commands read;
+- `retention` (retention.py): pruning what finished orders leave behind.
+
+The backend (`db`) is a `Database` (db.py): sqlite.py today.
+"""
+
+from __future__ import annotations
+
+from courierd.config import StoreSettings
+from courierd.store.db import Database
+from courierd.store.outbox import Outbox
+from courierd.store.queries import Queries
+from courierd.store.retention import Retention
+from courierd.store.writer import BatchWriter
+
+
+class Store:
+    """One connection to courierd's database and the jobs done over it."""
+
+    def __init__(self, db: Database, *, retention_s: float = 30 * 86400.0) -> None:
+        self.db = db
+        self.writer = BatchWriter(db)
+        self.outbox = Outbox(db)
+        self.queries = Queries(db)
+        self.retention = Retention(db, retention_s)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_store(settings: StoreSettings, *, readonly: bool = False) -> Store:
+    """The configured database, opened (and migrated, unless `readonly`)."""
+    from courierd.store.sqlite import SqliteDatabase
+
+    db = SqliteDatabase(
+        settings.path,
+        synchronous=settings.synchronous,
+        busy_timeout_s=settings.busy_timeout_s,
+        readonly=readonly,
+    )
+    return Store(db, retention_s=settings.retention_days * 86400.0)

@@ -1,0 +1,127 @@
+"""The batcher thread of the MQTT process: take a batch, have it committed, then ack it.
+
+Durable, then acknowledged (CONTRACT.md 4.7): messages are PUBACKed only after the
+ingest process answers that their batch is committed. When the database is the
+problem (disk full, locked), the same batch is offered again with backoff, nothing is
+acknowledged meanwhile (so the broker stops sending once Receive Maximum is reached),
+and health says why; when the database works again, intake resumes by itself.
+While idle, it asks the ingest process for a real write every PROBE_EVERY_S, so that
+health knows the database takes writes even when no traffic proves it.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from typing import Any
+
+from courierd.domain.model import BatchReport
+from courierd.edges.mqtt import Message, MqttEdge
+
+log = logging.getLogger(__name__)
+
+PROBE_EVERY_S = 5.0
+BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+
+
+def take_batch(
+    inbox: queue.SimpleQueue[Message], *, size: int, wait_s: float, timeout: float
+) -> list[Message]:
+    """The first message (waiting up to `timeout`), then whatever follows within `wait_s`."""
+    try:
+        batch = [inbox.get(timeout=timeout)]
+    except queue.Empty:
+        return []
+    deadline = time.monotonic() + wait_s
+    while len(batch) < size:
+        try:
+            batch.append(inbox.get_nowait())
+        except queue.Empty:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                batch.append(inbox.get(timeout=left))
+            except queue.Empty:
+                break
+    return batch
+
+
+class IngestFailed(Exception):
+    """The ingest process died or reported a bug: fatal for the daemon."""
+
+
+class Batcher:
+    """`run(stop)` on its own thread; `heartbeat` and `database_problem` feed health."""
+
+    def __init__(
+        self,
+        inbox: queue.SimpleQueue[Message],
+        pipe: Connection,
+        edge: MqttEdge,
+        *,
+        size: int,
+        wait_s: float,
+        on_report: Callable[[BatchReport], None],
+    ) -> None:
+        self.inbox = inbox
+        self.pipe = pipe
+        self.edge = edge
+        self.size = size
+        self.wait_s = wait_s
+        self.on_report = on_report
+        self.heartbeat = time.monotonic()
+        self.database_problem: str | None = None
+        self._last_write = time.monotonic()
+
+    def run(self, stop: threading.Event) -> None:
+        """Until `stop`; raises IngestFailed if the ingest process fails."""
+        while not stop.is_set():
+            self.heartbeat = time.monotonic()
+            batch = take_batch(self.inbox, size=self.size, wait_s=self.wait_s, timeout=0.2)
+            if not batch:
+                if time.monotonic() - self._last_write >= PROBE_EVERY_S:
+                    self._until_committed(("probe", None), stop)
+                continue
+            request = ("batch", [(m.topic, m.payload, m.size) for m in batch])
+            report = self._until_committed(request, stop)
+            if report is None:
+                return  # stopping with the batch uncommitted: it is redelivered later
+            for message in batch:
+                self.edge.ack(message)
+            self.on_report(report)
+
+    def _until_committed(self, request: tuple[str, Any], stop: threading.Event) -> Any:
+        """Send until the ingest process commits it; None if stopped first."""
+        failures = 0
+        while True:
+            kind, value = self._exchange(request)
+            if kind == "ok":
+                self._last_write = time.monotonic()
+                if self.database_problem is not None:
+                    log.warning("ingest.database_recovered after=%d attempts", failures)
+                    self.database_problem = None
+                return value if value is not None else True
+            if kind != "unavailable":
+                raise IngestFailed(str(value))
+            self.database_problem = str(value)
+            delay = BACKOFF_S[min(failures, len(BACKOFF_S) - 1)]
+            failures += 1
+            log.error("ingest.retrying in=%.1fs attempt=%d reason=%s", delay, failures, value)
+            deadline = time.monotonic() + delay
+            while time.monotonic() < deadline:  # keep the heartbeat: we are alive, waiting
+                self.heartbeat = time.monotonic()
+                if stop.wait(min(0.2, deadline - time.monotonic())):
+                    return None
+
+    def _exchange(self, request: tuple[str, Any]) -> tuple[str, Any]:
+        try:
+            self.pipe.send(request)
+            kind, value = self.pipe.recv()
+        except (EOFError, OSError) as e:
+            raise IngestFailed(f"ingest process: {e!r}") from None
+        return str(kind), value

@@ -1,0 +1,63 @@
+"""What the daemon's processes share: how a worker starts, and how it dies with its parent.
+
+`courierd run` is three processes (see supervisor.py for why). The MQTT process
+starts the ingest and dispatch processes with multiprocessing "spawn" and talks to
+them over pipes; the database is the only state they share. Messages are tuples
+`(kind, value)`:
+
+- ingest pipe, request/reply: ("batch", [(topic, payload, size), ...]) or ("probe",
+  None) → ("ok", BatchReport | None) or ("unavailable", reason: the database failed,
+  nothing was written, try again), or ("fatal", reason); ("stop", None) ends it. It
+  announces itself with ("ready", None) once its database is open.
+- report pipe, dispatch → MQTT process: ("ready", None), then ("stats", DispatchStats)
+  every REPORT_S, or ("fatal", reason).
+- control pipe, MQTT process → dispatch: ("stop", None).
+- wake pipe, ingest → dispatch: a byte after each commit that enqueued pushes.
+
+If the MQTT process disappears (kill -9), the pipes close and both workers exit at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from multiprocessing.connection import Connection
+
+from courierd.config import Settings
+from courierd.logs import setup_logging
+
+log = logging.getLogger(__name__)
+
+REPORT_S = 0.25
+
+
+def worker_setup(settings: Settings) -> None:
+    """Logging as the parent's; signals ignored: the MQTT process says when to stop."""
+    setup_logging(settings.log.level, settings.log.format)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def orphaned() -> None:
+    """The MQTT process is gone: exit at once, leaving the rest to the database."""
+    log.error("daemon.orphaned (the MQTT process is gone); exiting")
+    os._exit(1)
+
+
+# The processes' entry points. They import their job's modules only once started, so
+# the MQTT process (which must name them) never loads sqlite3, httpx or the store.
+
+
+def ingest_process(settings: Settings, pipe: Connection, wake: Connection) -> None:
+    from courierd.daemon.ingest import ingest_main
+
+    ingest_main(settings, pipe, wake)
+
+
+def dispatch_process(
+    settings: Settings, reports: Connection, control: Connection, wake: Connection
+) -> None:
+    from courierd.daemon.dispatch import dispatch_main
+
+    dispatch_main(settings, reports, control, wake)

@@ -1,0 +1,204 @@
+"""Strict JSON and field readers for untrusted payloads: every failure is a TelemetryError.
+
+Anything a phone sends passes here, so "valid" is narrower than Python's json module:
+no NaN or Infinity, no number that does not fit a float, no nesting deeper than the
+interpreter can recurse, strings that are real Unicode (no lone surrogates, no NUL,
+which neither SQLite's UTF-8 binding nor PostgreSQL's text type accepts), and
+timestamps that are RFC 3339 exactly and representable in UTC.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+
+from courierd.domain.model import format_ts
+from courierd.errors import TelemetryError
+
+MAX_NUMBER_DIGITS = 40  # longer integer literals are not telemetry (Python would parse 4,300)
+MAX_TEXT = 256  # courier names, phones, vehicle fields, event ids
+MAX_ID = 128  # order ids (they go into URL paths)
+
+# RFC 3339 section 5.6: date-time = full-date "T" full-time; "t" and a space are allowed
+# separators, "z" for "Z"; the offset is Z or +HH:MM, never +HHMM or a week date.
+_RFC3339 = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?"
+    r"(?:[Zz]|([+-])(\d{2}):(\d{2}))"
+)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:20]} is out of range")
+    return value
+
+
+def _bounded_int(text: str) -> int:
+    if len(text) > MAX_NUMBER_DIGITS:
+        raise ValueError(f"integer of {len(text)} digits")
+    return int(text)
+
+
+_DECODER = json.JSONDecoder(
+    parse_constant=_reject_constant, parse_float=_finite_float, parse_int=_bounded_int
+)
+
+
+def load_object(payload: bytes) -> dict[str, Any]:
+    """A JSON object from UTF-8 bytes, or TelemetryError (bad_utf8, bad_json, not_object)."""
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise TelemetryError("bad_utf8", f"payload is not UTF-8 ({e.reason} at {e.start})") from e
+    try:
+        doc = _DECODER.decode(text)
+    except json.JSONDecodeError as e:
+        raise TelemetryError("bad_json", f"payload is not JSON ({e.msg} at {e.pos})") from e
+    except RecursionError:
+        raise TelemetryError("bad_json", "payload is nested too deeply") from None
+    except ValueError as e:  # from the hooks above
+        raise TelemetryError("bad_json", f"payload is not strict JSON ({e})") from None
+    if not isinstance(doc, dict):
+        raise TelemetryError("not_object", f"payload is a JSON {type(doc).__name__}, not an object")
+    return doc
+
+
+def check_text(value: str, name: str, limit: int = MAX_TEXT) -> str:
+    """A string that every store and OneTablet can take: valid Unicode, no NUL, bounded."""
+    if len(value) > limit:
+        raise TelemetryError("too_long", f"{name} is {len(value)} characters (at most {limit})")
+    if "\x00" in value:
+        raise TelemetryError("bad_unicode", f"{name} contains a NUL character")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise TelemetryError("bad_unicode", f"{name} contains a lone surrogate") from None
+    return value
+
+
+def string(
+    doc: Mapping[str, Any],
+    key: str,
+    *,
+    required: bool = False,
+    where: str = "",
+    limit: int = MAX_TEXT,
+) -> str | None:
+    """An optional (or required, non-empty) string field."""
+    name = f"{where}.{key}" if where else key
+    value = doc.get(key)
+    if value is None:
+        if required:
+            raise TelemetryError("missing_field", f"{name} is required")
+        return None
+    if not isinstance(value, str):
+        raise TelemetryError("wrong_type", f"{name} must be a string")
+    if required and not value:
+        raise TelemetryError("missing_field", f"{name} is empty")
+    return check_text(value, name, limit)
+
+
+def required_string(doc: Mapping[str, Any], key: str, limit: int = MAX_TEXT) -> str:
+    value = string(doc, key, required=True, limit=limit)
+    assert value is not None
+    return value
+
+
+def order_id(doc: Mapping[str, Any], key: str = "order_id") -> str:
+    """1-128 characters without '/': it becomes a path segment of OneTablet's URLs."""
+    value = doc.get(key)
+    if value is None:
+        raise TelemetryError("missing_field", f"{key} is required")
+    if not isinstance(value, str):
+        raise TelemetryError("wrong_type", f"{key} must be a string")
+    if not value or len(value) > MAX_ID or "/" in value:
+        raise TelemetryError(
+            "bad_order_id", f"{key} {value[:40]!r} must be 1-128 characters without '/'"
+        )
+    return check_text(value, key, MAX_ID)
+
+
+def number(
+    doc: Mapping[str, Any],
+    key: str,
+    *,
+    required: bool = False,
+    low: float = -math.inf,
+    high: float = math.inf,
+    where: str = "",
+) -> float | None:
+    """An optional (or required) finite number within [low, high]."""
+    name = f"{where}.{key}" if where else key
+    value = doc.get(key)
+    if value is None:
+        if required:
+            raise TelemetryError("missing_field", f"{name} is required")
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TelemetryError("wrong_type", f"{name} must be a number")
+    result = float(value)  # ints are at most MAX_NUMBER_DIGITS long: this cannot overflow
+    if not low <= result <= high:
+        raise TelemetryError("out_of_range", f"{name} {result:g} is outside {low:g}..{high:g}")
+    return result
+
+
+def position(
+    doc: Mapping[str, Any], lat_key: str, lng_key: str, where: str = ""
+) -> tuple[float, float]:
+    """A required latitude/longitude pair on Earth."""
+    lat = number(doc, lat_key, required=True, low=-90, high=90, where=where)
+    lng = number(doc, lng_key, required=True, low=-180, high=180, where=where)
+    assert lat is not None and lng is not None
+    return lat, lng
+
+
+def parse_rfc3339(text: str) -> datetime:
+    """An RFC 3339 date-time as an aware UTC datetime, or TelemetryError(bad_ts)."""
+    m = _RFC3339.fullmatch(text)
+    if m is None:
+        raise TelemetryError("bad_ts", f"ts {text[:40]!r} is not RFC 3339 (date, time and offset)")
+    year, month, day, hour, minute, second = (int(g) for g in m.group(1, 2, 3, 4, 5, 6))
+    micros = int((m.group(7) or "0")[:6].ljust(6, "0"))
+    sign, off_h, off_m = m.group(8, 9, 10)
+    if second == 60:  # a leap second: Python has none, the instant before is as good
+        second, micros = 59, 999_999
+    try:
+        offset = timedelta(hours=int(off_h or 0), minutes=int(off_m or 0))
+        if offset >= timedelta(hours=24) or int(off_m or 0) > 59:
+            raise ValueError("offset out of range")
+        tz = timezone(-offset if sign == "-" else offset)
+        return datetime(year, month, day, hour, minute, second, micros, tz).astimezone(UTC)
+    except (ValueError, OverflowError) as e:
+        raise TelemetryError("bad_ts", f"ts {text[:40]!r} is not a valid instant ({e})") from None
+
+
+def timestamp(doc: Mapping[str, Any], key: str = "ts", *, required: bool) -> datetime | None:
+    """An optional (or required) RFC 3339 field."""
+    text = string(doc, key, required=required, limit=64)
+    return None if text is None else parse_rfc3339(text)
+
+
+def epoch_seconds(value: float, name: str) -> datetime:
+    """A unix time (OwnTracks `tst`) as a UTC datetime, or TelemetryError(bad_ts)."""
+    try:
+        return datetime.fromtimestamp(value, UTC)
+    except (ValueError, OverflowError, OSError) as e:
+        raise TelemetryError("bad_ts", f"{name} {value:g} is not a valid time ({e})") from None
+
+
+def not_in_future(when: datetime, now: float, slack_s: float, name: str = "ts") -> str:
+    """`when` in the stored format, unless it is more than `slack_s` ahead of `now`."""
+    if when.timestamp() > now + slack_s:
+        raise TelemetryError(
+            "future_ts", f"{name} {format_ts(when)} is more than {slack_s:.0f} s in the future"
+        )
+    return format_ts(when)

@@ -1,0 +1,187 @@
+"""The push outbox: claims in order per order, results, gauges, and cancel holds.
+
+A push is claimable only when it heads its order's queue: no earlier push of the same
+order is still pending, parked as failed, or held by a cancel in progress. That one
+rule is what keeps every order's statuses in chain order, whatever the concurrency.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from courierd.domain import lifecycle
+from courierd.domain.model import CANCELLED, Order, iso
+from courierd.errors import InputError
+from courierd.store.db import Database
+from courierd.store.schema import PENDING
+
+# Both halves use partial indexes (outbox_due, outbox_open): delivered rows cost nothing.
+CLAIM_SQL = (
+    "SELECT id, order_id, status, body, idempotency_key, attempts, created_at "
+    "FROM outbox AS o WHERE state = 'pending' AND next_attempt_at <= ? "
+    "AND NOT EXISTS (SELECT 1 FROM outbox AS p WHERE p.order_id = o.order_id "
+    "AND p.state IN ('pending', 'failed') AND p.id < o.id) "
+    "ORDER BY next_attempt_at, id LIMIT ?"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    """A pending push claimed by the dispatcher."""
+
+    id: int
+    order_id: str
+    status: str
+    body: str
+    idempotency_key: str
+    attempts: int
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class PushResult:
+    """How one attempt of a push ended, to be recorded."""
+
+    id: int
+    state: str  # PENDING (retry at next_attempt_at), DELIVERED or FAILED
+    at: float
+    next_attempt_at: float | None = None
+    error: str | None = None
+
+
+class Outbox:
+    """Outbox operations on one database connection."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    # -- dispatcher -------------------------------------------------------------------
+
+    def claim_due(self, now: float, limit: int, busy: Sequence[int] = ()) -> list[OutboxRow]:
+        """Due pushes that head their order's queue; `busy` are ids already in flight."""
+        rows = self.db.rows(CLAIM_SQL, (now, limit + len(busy)))
+        skip = set(busy)
+        return [OutboxRow(*r) for r in rows if r[0] not in skip][:limit]
+
+    def next_due_after(self, now: float) -> float | None:
+        """When the next pending push that is not due at `now` becomes due."""
+        due = self.db.value(
+            "SELECT min(next_attempt_at) FROM outbox WHERE state = 'pending' "
+            "AND next_attempt_at > ?",
+            (now,),
+        )
+        return None if due is None else float(due)
+
+    def record_results(self, results: Iterable[PushResult]) -> None:
+        """Record attempts in one commit; a push cancelled or held meanwhile stays so."""
+        results = list(results)
+        if not results:
+            return
+        with self.db.transaction():
+            self.db.executemany(
+                "UPDATE outbox SET state = ?, attempts = attempts + 1, last_error = ?, "
+                "next_attempt_at = coalesce(?, next_attempt_at), "
+                "delivered_at = CASE WHEN ? = 'delivered' THEN ? END "
+                "WHERE id = ? AND state = 'pending'",
+                [(r.state, r.error, r.next_attempt_at, r.state, r.at, r.id) for r in results],
+            )
+
+    def shift_schedule(self, delta: float) -> int:
+        """Move every pending push by `delta` seconds: the wall clock stepped by that much,
+        and what was due in 30 s (or overdue) must stay so in the new time."""
+        with self.db.transaction():
+            return self.db.changed(
+                "UPDATE outbox SET next_attempt_at = next_attempt_at + ? WHERE state = 'pending'",
+                (delta,),
+            )
+
+    def stats(self) -> tuple[int, float | None, int]:
+        """(pending pushes, created_at of the oldest pending, failed pushes)."""
+        pending, oldest = self.db.row(
+            "SELECT count(*), min(created_at) FROM outbox WHERE state = 'pending'"
+        ) or (0, None)
+        failed = self.db.value("SELECT count(*) FROM outbox WHERE state = 'failed'")
+        return int(pending), oldest, int(failed)
+
+    def is_pending(self, push_id: int) -> bool:
+        """Still pending? A push claimed a moment ago may have been cancelled or held since."""
+        state = self.db.value("SELECT state FROM outbox WHERE id = ?", (push_id,))
+        return bool(state == PENDING)
+
+    # -- order cancel -----------------------------------------------------------------
+
+    def get_order(self, order_id: str) -> Order | None:
+        row = self.db.row(
+            "SELECT state, courier_id, hold_until FROM orders WHERE order_id = ?", (order_id,)
+        )
+        if row is None:
+            return None
+        state, courier_id, hold_until = row
+        return Order(order_id, state, courier_id, hold_until is not None)
+
+    def hold_for_cancel(self, order_id: str, now: float, hold_s: float) -> Order:
+        """Check the order can be cancelled and hold its pushes while OneTablet is asked.
+
+        One write transaction: nothing can move the order between the check and the
+        hold. Refused (InputError) after dropoff, or while another cancel holds it.
+        """
+        with self.db.transaction():
+            row = self.db.row(
+                "SELECT state, courier_id, hold_until FROM orders WHERE order_id = ?"
+                + self.db.for_update,
+                (order_id,),
+            )
+            current = None if row is None else Order(order_id, row[0], row[1])
+            if row is not None and row[2] is not None and row[2] > now:
+                raise InputError(f"order {order_id} is being cancelled by another command")
+            lifecycle.cancel(current, order_id)  # raises InputError when refused
+            self.db.execute(
+                "INSERT INTO orders (order_id, state, courier_id, updated_at, hold_until) "
+                "VALUES (?, 'new', NULL, ?, ?) ON CONFLICT (order_id) DO UPDATE SET "
+                "hold_until = excluded.hold_until",
+                (order_id, iso(now), now + hold_s),
+            )
+            self.db.execute(
+                "UPDATE outbox SET state = 'held' WHERE order_id = ? AND state = 'pending'",
+                (order_id,),
+            )
+        return current or Order(order_id)
+
+    def finish_cancel(self, order_id: str, now: float) -> int:
+        """OneTablet accepted the cancel: the order is cancelled, its unsent pushes dropped."""
+        with self.db.transaction():
+            self.db.execute(
+                "UPDATE orders SET state = ?, hold_until = NULL, updated_at = ? WHERE order_id = ?",
+                (CANCELLED, iso(now), order_id),
+            )
+            return self.db.changed(
+                "UPDATE outbox SET state = 'cancelled', last_error = 'order cancelled' "
+                "WHERE order_id = ? AND state IN ('pending', 'failed', 'held')",
+                (order_id,),
+            )
+
+    def release_hold(self, order_id: str) -> None:
+        """The cancel did not go through: the order's pushes flow again."""
+        with self.db.transaction():
+            self._release(
+                "UPDATE orders SET hold_until = NULL WHERE order_id = ?",
+                "order_id = ?",
+                (order_id,),
+            )
+
+    def release_expired_holds(self, now: float) -> int:
+        """Holds left by a cancel command that died mid-way: give their pushes back."""
+        with self.db.transaction():
+            return self._release(
+                "UPDATE orders SET hold_until = NULL WHERE hold_until <= ?",
+                "order_id IN (SELECT order_id FROM orders WHERE hold_until <= ?)",
+                (now,),
+            )
+
+    def _release(self, orders_sql: str, which: str, params: tuple[object, ...]) -> int:
+        released = self.db.changed(
+            f"UPDATE outbox SET state = 'pending' WHERE state = 'held' AND {which}", params
+        )
+        self.db.execute(orders_sql, params)
+        return released

@@ -1,0 +1,98 @@
+"""Retention (CONTRACT.md 4.12): forget finished orders and old dead letters, a bit at a time.
+
+What a finished order (dropoff or cancelled) leaves behind (its row, transitions,
+delivered pushes, event ids) and dead letters go once older than the retention. An
+order with a push still pending, parked or held is kept whole, however old. Each
+step is one short transaction; the number of rows per step adapts so that a step
+stays near `budget_s`, because the ingest writer waits while a step holds the lock.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from courierd.domain.model import iso
+from courierd.store.db import Database, placeholders
+
+MAX_BATCH = 5000
+
+
+@dataclass(slots=True)
+class Pruned:
+    """What one step removed."""
+
+    orders: int = 0
+    dead_letters: int = 0
+    legacy_events: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.orders + self.dead_letters + self.legacy_events
+
+
+class Retention:
+    """Prunes one database; call `step` until it returns nothing removed."""
+
+    def __init__(
+        self,
+        db: Database,
+        retention_s: float,
+        *,
+        budget_s: float = 0.05,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.db = db
+        self.retention_s = retention_s
+        self.budget_s = budget_s
+        self.clock = clock
+        self.batch = 100
+        self.longest_s = 0.0  # the slowest step so far, for the tests and the log
+
+    def step(self, now: float) -> Pruned:
+        """One transaction removing up to `batch` finished orders and dead letters each."""
+        cutoff = iso(now - self.retention_s)
+        started = self.clock()
+        done = Pruned()
+        with self.db.transaction():
+            done.orders = self._orders(cutoff)
+            done.dead_letters = self.db.changed(
+                "DELETE FROM dead_letters WHERE id IN (SELECT id FROM dead_letters "
+                "WHERE received_at < ? ORDER BY received_at LIMIT ?)",
+                (cutoff, self.batch),
+            )
+            since = self.db.value("SELECT value FROM meta WHERE key = 'legacy_events_since'")
+            if since is not None and since < cutoff:
+                done.legacy_events = self.db.changed(
+                    "DELETE FROM processed_events WHERE event_id IN (SELECT event_id FROM "
+                    "processed_events WHERE order_id IS NULL LIMIT ?)",
+                    (self.batch,),
+                )
+                if done.legacy_events == 0:
+                    self.db.execute("DELETE FROM meta WHERE key = 'legacy_events_since'")
+        elapsed = self.clock() - started
+        self.longest_s = max(self.longest_s, elapsed)
+        if elapsed > self.budget_s:
+            self.batch = max(1, self.batch // 2)
+        elif elapsed < self.budget_s / 4 and done.total >= self.batch:
+            self.batch = min(MAX_BATCH, self.batch * 2)
+        return done
+
+    def _orders(self, cutoff: str) -> int:
+        ids = [
+            r[0]
+            for r in self.db.rows(
+                "SELECT order_id FROM orders AS o WHERE state IN ('dropoff', 'cancelled') "
+                "AND updated_at < ? AND hold_until IS NULL AND NOT EXISTS (SELECT 1 FROM "
+                "outbox WHERE outbox.order_id = o.order_id AND state IN ('pending', 'failed', "
+                f"'held')) ORDER BY updated_at LIMIT ?{self.db.for_update}",
+                (cutoff, self.batch),
+            )
+        ]
+        if not ids:
+            return 0
+        qs = placeholders(ids)
+        for table in ("transitions", "outbox", "processed_events", "orders"):
+            self.db.execute(f"DELETE FROM {table} WHERE order_id IN ({qs})", ids)
+        return len(ids)

@@ -1,0 +1,131 @@
+"""Schema migrations: append only. A released migration never changes.
+
+SQLite counts applied migrations in `PRAGMA user_version`; each migration runs in
+its own transaction together with the version bump, so a failure leaves the database
+exactly as it was. sqlite-utils builds the first schema (from 4.0 on it no longer
+commits inside `Table.create`, which is what makes that transaction hold: see the
+floor in pyproject.toml and tests/test_store.py); later ones are plain DDL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import sqlite_utils
+
+PENDING, DELIVERED, FAILED, DROPPED, HELD = "pending", "delivered", "failed", "cancelled", "held"
+
+
+def _sqlite_1(db: sqlite_utils.Database) -> None:
+    """The first schema: orders, transitions, outbox, dead letters, events, couriers."""
+    db.table("orders").create(
+        {"order_id": str, "state": str, "courier_id": str, "updated_at": str},
+        pk="order_id",
+        not_null={"state", "updated_at"},
+    )
+    db.table("transitions").create(
+        {
+            "id": int,
+            "order_id": str,
+            "status": str,
+            "inferred": int,
+            "event_id": str,
+            "at": str,
+            "recorded_at": str,
+        },
+        pk="id",
+        not_null={"order_id", "status", "inferred", "at", "recorded_at"},
+    )
+    db.table("transitions").create_index(["order_id", "id"])
+    db.table("outbox").create(
+        {
+            "id": int,
+            "order_id": str,
+            "status": str,
+            "body": str,
+            "idempotency_key": str,
+            "state": str,
+            "attempts": int,
+            "next_attempt_at": float,
+            "last_error": str,
+            "created_at": float,
+            "delivered_at": float,
+        },
+        pk="id",
+        not_null={
+            "order_id",
+            "status",
+            "body",
+            "idempotency_key",
+            "state",
+            "attempts",
+            "next_attempt_at",
+            "created_at",
+        },
+        defaults={"state": PENDING, "attempts": 0},
+    )
+    db.table("outbox").create_index(["idempotency_key"], unique=True)
+    db.table("outbox").create_index(["order_id", "id"])
+    # Partial indexes: claiming and counting never touch delivered rows, however many.
+    db.execute("CREATE INDEX outbox_due ON outbox(next_attempt_at) WHERE state = 'pending'")
+    db.execute(
+        "CREATE INDEX outbox_open ON outbox(order_id, id) WHERE state IN ('pending', 'failed')"
+    )
+    db.execute("CREATE INDEX outbox_failed ON outbox(order_id, id) WHERE state = 'failed'")
+    db.table("dead_letters").create(
+        {
+            "id": int,
+            "topic": str,
+            "payload": bytes,
+            "reason": str,
+            "detail": str,
+            "received_at": str,
+        },
+        pk="id",
+        not_null={"topic", "payload", "reason", "received_at"},
+    )
+    db.execute("CREATE TABLE processed_events (event_id TEXT PRIMARY KEY) WITHOUT ROWID")
+    db.table("couriers").create(
+        {
+            "courier_id": str,
+            "profile": str,
+            "profile_at": str,
+            "fix_ts": str,
+            "lat": float,
+            "lng": float,
+            "accuracy_m": float,
+            "speed_mps": float,
+            "heading": float,
+        },
+        pk="courier_id",
+    )
+
+
+_SQLITE_2 = (
+    # A cancel in progress holds the order's pushes until it is done (or this passes).
+    "ALTER TABLE orders ADD COLUMN hold_until REAL",
+    "CREATE INDEX outbox_held ON outbox(order_id) WHERE state = 'held'",
+    "CREATE INDEX orders_held ON orders(hold_until) WHERE hold_until IS NOT NULL",
+    # Retention: what finished orders leave behind, and dead letters, by age.
+    "CREATE INDEX orders_finished ON orders(updated_at) WHERE state IN ('dropoff', 'cancelled')",
+    "ALTER TABLE processed_events ADD COLUMN order_id TEXT",
+    "ALTER TABLE processed_events ADD COLUMN seen_at TEXT",
+    "CREATE INDEX processed_events_order ON processed_events(order_id)",
+    "ALTER TABLE dead_letters ADD COLUMN size INTEGER",
+    "CREATE INDEX dead_letters_received ON dead_letters(received_at)",
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID",
+    # Event ids from before this migration name no order: they age from now.
+    "INSERT INTO meta VALUES ('legacy_events_since', strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))",
+)
+
+
+def _sqlite_2(db: sqlite_utils.Database) -> None:
+    """Cancel holds, retention indexes, dead-letter sizes, a meta table."""
+    for statement in _SQLITE_2:
+        db.execute(statement)
+
+
+# Append only: a released migration never changes; user_version counts those applied.
+SQLITE_MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_sqlite_1, _sqlite_2)
