@@ -43,9 +43,10 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from courierd.config import StoreSettings
 from courierd.devtools.localbroker import LocalBroker, free_port
 from courierd.domain.lifecycle import CHAIN, idempotency_key, push_body
-from courierd.store.sqlite import Store
+from courierd.store import open_store
 
 KEY = "bench-key"
 STATUSES = [s.value for s in CHAIN]
@@ -368,14 +369,14 @@ def fill_outbox(path: Path, orders: int, prefix: str) -> int:
     """Commit `orders` x 5 pending pushes straight into a database, as ingest would."""
     from courierd.domain.model import Status, StatusEvent
 
-    store = Store(path)
+    store = open_store(StoreSettings(path=path))
     events = [
         StatusEvent(f"{prefix}{o}-{s}", f"{prefix}{o}", "c1", Status(STATUSES[s]))
         for s in range(len(STATUSES))
         for o in range(orders)
     ]
     for i in range(0, len(events), 5000):
-        store.commit_batch(events[i : i + 5000], now=time.time())
+        store.writer.commit(events[i : i + 5000], now=time.time())
     store.close()
     return len(events)
 
@@ -485,33 +486,34 @@ def latency(
 
 def big_database(path: Path, active: int, history: int) -> None:
     """`active` orders mid-chain and `history` delivered transitions/pushes, by bulk SQL."""
-    store = Store(path)
+    store = open_store(StoreSettings(path=path))
     done_orders = history // len(STATUSES)
     now = time.time()
-    with store.transaction() as c:
-        c.executemany(
+    db = store.db
+    with db.transaction():
+        db.executemany(
             "INSERT INTO orders (order_id, state, courier_id, updated_at) VALUES (?, ?, ?, 'x')",
             ((f"a{o}", "arrived_at_store", f"c{o % 500}") for o in range(active)),
         )
-        c.executemany(
+        db.executemany(
             "INSERT INTO orders (order_id, state, courier_id, updated_at) "
             "VALUES (?, 'dropoff', ?, 'x')",
             ((f"d{o}", f"c{o % 500}") for o in range(done_orders)),
         )
         rows = ((f"d{o}", STATUSES[s]) for o in range(done_orders) for s in range(len(STATUSES)))
-        c.executemany(
+        db.executemany(
             "INSERT INTO transitions (order_id, status, inferred, event_id, at, recorded_at) "
             "VALUES (?, ?, 0, NULL, 'x', 'x')",
             rows,
         )
         rows = ((f"d{o}", STATUSES[s]) for o in range(done_orders) for s in range(len(STATUSES)))
-        c.executemany(
+        db.executemany(
             "INSERT INTO outbox (order_id, status, body, idempotency_key, state, attempts, "
             "next_attempt_at, created_at, delivered_at) "
             "VALUES (?1, ?2, '{}', ?1 || '/' || ?2, 'delivered', 1, 0, ?3, ?3)",
             ((o, s, now) for o, s in rows),
         )
-        c.executemany(
+        db.executemany(
             "INSERT INTO processed_events (event_id) VALUES (?)",
             ((f"h{i}",) for i in range(history)),
         )

@@ -26,9 +26,10 @@ import time
 from pathlib import Path
 
 from bench.bench import STATUSES, Courierd, SandboxProc, say
+from courierd.config import StoreSettings
 from courierd.devtools.localbroker import LocalBroker
 from courierd.devtools.simulate import Noise, Simulation, mqtt_publisher
-from courierd.store.sqlite import Store
+from courierd.store import Store, open_store
 
 
 def check(requests: list[dict[str, object]], store: Store) -> tuple[int, list[str]]:
@@ -52,14 +53,14 @@ def check(requests: list[dict[str, object]], store: Store) -> tuple[int, list[st
             seq.append(status)
         if seq != STATUSES[: len(seq)]:
             problems.append(f"{order_id}: delivered {seq}, not a prefix of the chain")
-        order = store.get_order(order_id)
+        order = store.outbox.get_order(order_id)
         if order is None or (order.state != seq[-1] and order.state != "cancelled"):
             problems.append(
                 f"{order_id}: delivered up to {seq[-1]}, stored "
                 f"{order.state if order else 'nothing'}"
             )
     # And the other way round: every status committed was delivered.
-    for order_id, state in store.conn.execute("SELECT order_id, state FROM orders"):
+    for order_id, state in store.db.rows("SELECT order_id, state FROM orders"):
         if state in STATUSES and order_id not in per_order:
             problems.append(f"{order_id}: stored {state}, nothing delivered")
     return len(per_order), problems
@@ -124,10 +125,10 @@ def main() -> int:
         # Ask the database, not /healthz: its outbox gauge is refreshed once a second and
         # can still say 0 just after a commit; and the last messages may still be in
         # flight, so the outbox must stay empty for a few seconds.
-        store = Store(root / "courierd.db")
+        store = open_store(StoreSettings(path=root / "courierd.db"))
         deadline, empty_since = time.monotonic() + 300, None
         while time.monotonic() < deadline:
-            if store.outbox_stats()[0] > 0:
+            if store.outbox.stats()[0] > 0:
                 empty_since = None
             elif empty_since is None:
                 empty_since = time.monotonic()

@@ -123,6 +123,14 @@ class HttpSettings(_Section):
         return value
 
 
+class DaemonSettings(_Section):
+    # A loop (ingest, dispatch) silent this long is stuck: /healthz turns 503 and the
+    # systemd watchdog pings stop, so systemd restarts the daemon.
+    stall_after_s: float = Field(30.0, gt=0, le=3600)
+    # SIGTERM to exit, in-flight pushes included; keep it under the unit's TimeoutStopSec.
+    stop_timeout_s: float = Field(30.0, gt=0, le=600)
+
+
 class LogSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["text", "json"] = "text"
@@ -140,6 +148,7 @@ class Settings(BaseSettings):
     store: StoreSettings = StoreSettings()
     ingest: IngestSettings = IngestSettings()
     http: HttpSettings = HttpSettings()
+    daemon: DaemonSettings = DaemonSettings()
     log: LogSettings = LogSettings()
 
     def require_onetablet(self) -> OneTabletSettings:

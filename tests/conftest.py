@@ -8,6 +8,7 @@ After each test the leftovers are killed and recorded; the session then fails.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -20,11 +21,11 @@ from pathlib import Path
 
 import pytest
 
-from courierd.config import StoreSettings
 from courierd.devtools.sandbox import Sandbox
-from courierd.store import Store, open_store
+from courierd.store import Store
+from tests.harness import API_KEY, Broker, Rig, open_path
 
-API_KEY = "test-key-5f2c"
+__all__ = ["API_KEY", "open_path"]
 MARKER = "TESTRUN_COURIERD"
 _LEAKS: list[str] = []
 
@@ -54,10 +55,8 @@ def marked_processes() -> dict[int, str]:
 def _kill_all(pids: dict[int, str]) -> None:
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in pids:
-            try:
+            with contextlib.suppress(OSError):
                 os.kill(pid, sig)
-            except OSError:
-                pass
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline and any(p in marked_processes() for p in pids):
             time.sleep(0.05)
@@ -94,17 +93,18 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         session.exitstatus = 1
 
 
-def open_path(path: Path) -> Store:
-    """A store on the SQLite file at `path` (created and migrated if new)."""
-    return open_store(StoreSettings(path=path))
-
-
 @pytest.fixture
 def onetablet() -> Iterator[Sandbox]:
     """A real HTTP server on 127.0.0.1 standing in for OneTablet."""
     sandbox = Sandbox(api_key=API_KEY).start()
     yield sandbox
     sandbox.stop()
+
+
+@pytest.fixture
+def rig(tmp_path: Path, onetablet: Sandbox) -> Iterator[Rig]:
+    broker = Broker(tmp_path / "broker").start()
+    yield Rig(broker, onetablet, tmp_path)
 
 
 @pytest.fixture

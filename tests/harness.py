@@ -10,15 +10,34 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
+from courierd.config import StoreSettings
 from courierd.devtools.localbroker import LocalBroker, free_port
+from courierd.devtools.sandbox import Request, Sandbox
+from courierd.store import Store, open_store
 
-__all__ = ["Broker", "Daemon", "Publisher", "free_port", "stop_all", "wait_until"]
+API_KEY = "test-key-5f2c"
+
+__all__ = [
+    "API_KEY",
+    "Broker",
+    "Daemon",
+    "Publisher",
+    "Rig",
+    "all_dropped_off",
+    "delivered",
+    "free_port",
+    "open_path",
+    "statuses",
+    "stop_all",
+    "wait_until",
+]
 
 # Every broker and daemon a test starts, so that the test's teardown ends them even when
 # the test failed half way (tests/conftest.py; a process left over fails the suite).
@@ -127,6 +146,13 @@ class Daemon:
     def kill(self) -> None:
         self.stop(signal.SIGKILL)
 
+    def workers(self) -> dict[str, int]:
+        """{"ingest": pid, "dispatch": pid} of the run started last, from its ready line."""
+        lines = [ln for ln in self.log.read_text().splitlines() if "daemon.ready" in ln]
+        assert lines, "the daemon has not logged daemon.ready yet"
+        fields = dict(f.split("=", 1) for f in lines[-1].split() if "=" in f)
+        return {"ingest": int(fields["ingest_pid"]), "dispatch": int(fields["dispatch_pid"])}
+
 
 class Publisher:
     """A courier-side MQTT client publishing QoS 1 and waiting for each PUBACK."""
@@ -154,3 +180,52 @@ class Publisher:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+
+def open_path(path: Path) -> Store:
+    """A store on the SQLite file at `path` (created and migrated if new)."""
+    return open_store(StoreSettings(path=path))
+
+
+@dataclass
+class Rig:
+    broker: Broker
+    onetablet: Sandbox
+    dir: Path
+
+    def daemon(self, **env: str) -> Daemon:
+        return Daemon(
+            self.dir,
+            {
+                "COURIERD_MQTT__URL": self.broker.url,
+                "COURIERD_MQTT__CLIENT_ID": "courierd-test",
+                "COURIERD_ONETABLET__BASE_URL": self.onetablet.url,
+                "COURIERD_ONETABLET__API_KEY": API_KEY,
+                "COURIERD_ONETABLET__RETRY_SCHEDULE_S": "[0.1, 0.2, 0.4]",
+                **env,
+            },
+        )
+
+    def publisher(self, name: str = "courier-app") -> Publisher:
+        return Publisher(self.broker.port, name)
+
+    def store(self) -> Store:
+        return open_path(self.dir / "courierd.db")
+
+
+def delivered(onetablet: Sandbox) -> dict[str, list[Request]]:
+    """2xx delivery-status requests per order, in the order OneTablet received them."""
+    out: dict[str, list[Request]] = {}
+    for r in onetablet.requests():
+        if r.status == 200 and r.path.endswith("/delivery-status"):
+            out.setdefault(r.order_id or "", []).append(r)
+    return out
+
+
+def statuses(requests: list[Request]) -> list[str]:
+    return [r.json["delivery_status"] for r in requests]
+
+
+def all_dropped_off(onetablet: Sandbox, orders: list[str]) -> bool:
+    got = delivered(onetablet)
+    return all(o in got and statuses(got[o])[-1:] == ["dropoff"] for o in orders)

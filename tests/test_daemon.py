@@ -6,14 +6,13 @@ Each test starts its own broker and daemon, so it can stop, kill and restart the
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import paho.mqtt.client as paho
@@ -22,63 +21,19 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from courierd.devtools.sandbox import Request, Sandbox
 from courierd.domain.lifecycle import CHAIN
-from courierd.store import Store
-from tests.conftest import API_KEY, open_path
-from tests.harness import Broker, Daemon, Publisher, wait_until
+from tests.harness import (
+    API_KEY,
+    Broker,
+    Daemon,
+    Rig,
+    all_dropped_off,
+    delivered,
+    statuses,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 STATUSES = [s.value for s in CHAIN]
-
-
-@dataclass
-class Rig:
-    broker: Broker
-    onetablet: Sandbox
-    dir: Path
-
-    def daemon(self, **env: str) -> Daemon:
-        return Daemon(
-            self.dir,
-            {
-                "COURIERD_MQTT__URL": self.broker.url,
-                "COURIERD_MQTT__CLIENT_ID": "courierd-test",
-                "COURIERD_ONETABLET__BASE_URL": self.onetablet.url,
-                "COURIERD_ONETABLET__API_KEY": API_KEY,
-                "COURIERD_ONETABLET__RETRY_SCHEDULE_S": "[0.1, 0.2, 0.4]",
-                **env,
-            },
-        )
-
-    def publisher(self, name: str = "courier-app") -> Publisher:
-        return Publisher(self.broker.port, name)
-
-    def store(self) -> Store:
-        return open_path(self.dir / "courierd.db")
-
-
-@pytest.fixture
-def rig(tmp_path: Path, onetablet: Sandbox) -> Iterator[Rig]:
-    broker = Broker(tmp_path / "broker").start()
-    yield Rig(broker, onetablet, tmp_path)
-    broker.stop()
-
-
-def delivered(onetablet: Sandbox) -> dict[str, list[Request]]:
-    """2xx delivery-status requests per order, in the order OneTablet received them."""
-    out: dict[str, list[Request]] = {}
-    for r in onetablet.requests():
-        if r.status == 200 and r.path.endswith("/delivery-status"):
-            out.setdefault(r.order_id or "", []).append(r)
-    return out
-
-
-def statuses(requests: list[Request]) -> list[str]:
-    return [r.json["delivery_status"] for r in requests]
-
-
-def all_dropped_off(onetablet: Sandbox, orders: list[str]) -> bool:
-    got = delivered(onetablet)
-    return all(o in got and statuses(got[o])[-1:] == ["dropoff"] for o in orders)
 
 
 def test_many_orders_through_the_chain(rig: Rig) -> None:
@@ -292,12 +247,42 @@ BAD_INPUTS = [
         "too_large",
     ),
     ("couriers/c1/gps", b"{}", "unknown_topic"),
+    # What used to stop the daemon for good (it exited, was restarted, got the same
+    # unacknowledged batch, and exited again):
+    ("couriers/c1/status", b"[" * 3000 + b"]" * 3000, "bad_json"),
+    ("couriers/c1/status", b'{"event_id": ' + b"9" * 5000 + b"}", "bad_json"),
+    (
+        "couriers/c1/status",
+        b'{"event_id": "b", "order_id": "o", "status": "dropoff", '
+        b'"ts": "0001-01-01T00:00:00+01:00"}',
+        "bad_ts",
+    ),
+    (
+        "couriers/c1/status",
+        b'{"event_id": "b", "order_id": "o", "status": "dropoff", '
+        b'"ts": "9999-12-31T23:59:59-01:00"}',
+        "bad_ts",
+    ),
+    (
+        "couriers/c1/status",
+        rb'{"event_id": "\ud800", "order_id": "o", "status": "dropoff"}',
+        "bad_unicode",
+    ),
+    ("couriers/c1/profile", rb'{"full_name": "\udfff"}', "bad_unicode"),
+    ("couriers/c1/location", b'{"ts": "2024-01-15T18:05:00Z", "lat": NaN, "lng": 0}', "bad_json"),
+    ("couriers/c1/location", b'{"ts": "2024-01-15T18:05:00Z", "lat": 1, "lng": 1e999}', "bad_json"),
+    (
+        "couriers/c1/location",
+        b'{"ts": "2024-01-15T18:05:00Z", "lat": 95, "lng": 0}',
+        "out_of_range",
+    ),
+    ("couriers/c1/status", b'{"pad": "' + b"x" * 200_000 + b'"}', "too_large"),
 ]
 
 
 def test_every_bad_input_is_dead_lettered_and_daemon_goes_on(rig: Rig) -> None:
-    """Each bad message: acked, counted, kept with its reason, nothing pushed; then a valid
-    event still works."""
+    """Each bad message, the hostile ones included: acked, counted, kept with its reason,
+    nothing pushed. After a restart (kill -9) the daemon stays up and valid events flow."""
     daemon = rig.daemon().start()
     pub = rig.publisher()
     for topic, payload, _ in BAD_INPUTS:
@@ -305,11 +290,18 @@ def test_every_bad_input_is_dead_lettered_and_daemon_goes_on(rig: Rig) -> None:
     pub.status("c1", "good-1", "fine", "dasher_confirmed")
     assert rig.onetablet.wait_for(lambda rs: len(rs) >= 1, 10)
     s = rig.store()
-    reasons = [r[0] for r in s.db.rows("SELECT reason FROM dead_letters ORDER BY id")]
-    s.close()
-    assert reasons == [r for _, _, r in BAD_INPUTS]
+    rows = s.db.rows("SELECT reason, length(payload), size FROM dead_letters ORDER BY id")
+    assert [r[0] for r in rows] == [r for _, _, r in BAD_INPUTS]
+    assert rows[-1] == ("too_large", 4096, len(BAD_INPUTS[-1][1]))  # its start and size
     assert [r.order_id for r in rig.onetablet.requests()] == ["fine"]
     assert daemon.metric('courierd_messages_rejected_total{reason="bad_order_id"}') == 3
+    assert daemon.health()[0] == 200
+    daemon.kill()
+    daemon = rig.daemon().start()
+    pub.status("c1", "good-2", "fine", "arriving_at_store")
+    assert rig.onetablet.wait_for(lambda _: len(delivered(rig.onetablet)["fine"]) == 2, 10)
+    assert s.db.value("SELECT count(*) FROM dead_letters") == len(BAD_INPUTS)  # none again
+    s.close()
     assert daemon.health()[0] == 200
     assert daemon.stop() == 0
 
@@ -529,19 +521,10 @@ def test_a_corrupt_row_costs_one_event_not_the_daemon(rig: Rig) -> None:
 def test_a_dead_worker_process_is_fatal(rig: Rig) -> None:
     """If the ingest or dispatch process dies, the daemon exits 1 for systemd to restart it;
     after the restart everything published meanwhile still arrives."""
-    for victim in ("courierd-ingest", "courierd-dispatch"):
+    for victim in ("ingest", "dispatch"):
         daemon = rig.daemon().start()
         assert daemon.proc is not None
-        children = subprocess.run(
-            ["pgrep", "-P", str(daemon.proc.pid)], capture_output=True, text=True
-        ).stdout.split()
-        # The two spawned workers, ingest first (it starts first); not the resource tracker.
-        workers = sorted(
-            int(c) for c in children if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text()
-        )
-        assert len(workers) == 2
-        worker = str(workers[0] if victim == "courierd-ingest" else workers[1])
-        subprocess.run(["kill", "-9", worker], check=True)
+        os.kill(daemon.workers()[victim], signal.SIGKILL)
         assert daemon.proc.wait(20) == 1
         assert "exited" in daemon.log.read_text()
     pub = rig.publisher()

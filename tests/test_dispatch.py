@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import threading
 from pathlib import Path
 
@@ -60,3 +61,118 @@ def test_push_claimed_before_a_cancel_is_not_sent(db_path: Path, onetablet: Sand
     store.close()
     dispatch_store.close()
     checker.close()
+
+
+class Clocks:
+    """The wall and monotonic clocks, set by the test: `advance` moves both, as time
+    passing does; setting `wall` alone is a clock step."""
+
+    def __init__(self, wall: float) -> None:
+        self.wall, self.mono = wall, 0.0
+
+    def advance(self, seconds: float) -> None:
+        self.wall += seconds
+        self.mono += seconds
+
+    def to(self, wall: float) -> None:
+        self.advance(wall - self.wall)
+
+
+def _dispatcher(
+    store_path: Path, onetablet: Sandbox, clocks: Clocks
+) -> tuple[Dispatcher, OneTabletClient]:
+    client = OneTabletClient(onetablet.url, API_KEY)
+    d = Dispatcher(
+        open_path(store_path).outbox,
+        client,
+        concurrency=4,
+        schedule=(1.0, 5.0, 30.0),
+        clock=lambda: clocks.wall,
+        monotonic=lambda: clocks.mono,
+        rng=random.Random(0),
+    )
+    return d, client
+
+
+def _settle(d: Dispatcher) -> None:
+    """Turn until every claimed push has come back and been recorded."""
+    wait_until(lambda: (d.turn(), not d._inflight)[1], 10, "replies to be recorded")
+
+
+def test_401_backs_off_once_per_probe_up_to_30s_and_a_5xx_probe_keeps_the_pause(
+    db_path: Path, onetablet: Sandbox
+) -> None:
+    """Eight pushes in flight all get 401: one step of backoff, not eight. Each probe that
+    gets 401 steps 1 s → 5 s → 30 s; a probe answered 503 keeps the pause (no next probe
+    at once); once the key works, everything is delivered."""
+    store = open_path(db_path)
+    T0 = 1_000_000.0
+    store.writer.commit(
+        [StatusEvent(f"e{i}", f"o{i}", "c1", Status.DASHER_CONFIRMED) for i in range(12)], now=T0
+    )
+    answer: dict[str, tuple[int, dict[str, str], object] | None] = {
+        "now": (401, {}, {"error": "Unauthorized", "message": "key revoked"})
+    }
+    onetablet.responder = lambda _: answer["now"]
+    clocks = Clocks(T0)
+    d, client = _dispatcher(db_path, onetablet, clocks)
+    try:
+        _settle(d)
+        assert d.paused_until == T0 + 1  # first step only, however many 401s came back
+        sent = len(onetablet.requests())
+        for delay in (5.0, 30.0, 30.0):  # each probe answered 401 steps the backoff once
+            clocks.to(d.paused_until)
+            _settle(d)
+            assert len(onetablet.requests()) == sent + 1  # one probe, not a burst
+            sent += 1
+            assert d.paused_until == clocks.wall + delay
+        answer["now"] = (503, {}, {"error": "Unavailable", "message": "deploying"})
+        clocks.to(d.paused_until)
+        _settle(d)
+        assert d.paused_until == clocks.wall + 30  # still paused, still 30 s apart
+        clocks.advance(1)
+        _settle(d)
+        assert len(onetablet.requests()) == sent + 1  # no second probe right after the 503
+        answer["now"] = None
+        clocks.to(d.paused_until)
+        _settle(d)
+        assert d.paused_until is None
+        clocks.advance(40)  # past every retry that was scheduled meanwhile
+        wait_until(lambda: (d.turn(), store.outbox.stats()[0] == 0)[1], 10, "the backlog")
+    finally:
+        client.close()
+        store.close()
+
+
+def test_retries_follow_elapsed_time_when_the_wall_clock_steps(
+    db_path: Path, onetablet: Sandbox
+) -> None:
+    """A push that failed is retried ~1 s later by the monotonic clock even if the wall
+    clock was set back an hour meanwhile (the schedule follows the step)."""
+    store = open_path(db_path)
+    T0 = 1_000_000.0
+    store.writer.commit([StatusEvent("e1", "o1", "c1", Status.DASHER_CONFIRMED)], now=T0)
+    answer: dict[str, tuple[int, dict[str, str], object] | None] = {
+        "now": (503, {}, {"error": "Unavailable", "message": "later"})
+    }
+    onetablet.responder = lambda _: answer["now"]
+    clocks = Clocks(T0)
+    d, client = _dispatcher(db_path, onetablet, clocks)
+    try:
+        _settle(d)
+        assert len(onetablet.requests()) == 1
+        answer["now"] = None
+        clocks.wall -= 3600  # the wall clock is set back an hour
+        d.turn()
+        clocks.advance(0.5)
+        d.turn()
+        assert ok(onetablet) == []  # not yet: the retry is due ~1 s after the failure
+        clocks.advance(0.7)
+        wait_until(lambda: (d.turn(), "o1" in {r.order_id for r in ok(onetablet)})[1], 10)
+    finally:
+        client.close()
+        store.close()
+
+
+def ok(onetablet: Sandbox) -> list[Request]:
+    return [r for r in onetablet.requests() if r.status == 200]

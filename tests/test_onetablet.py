@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from courierd.devtools.sandbox import Request, Sandbox
+from courierd.domain.policy import CLI_MAX_RETRY_AFTER
 from courierd.edges.onetablet import OneTabletClient, with_retries
 from courierd.errors import Rejected, Unauthorized, Unavailable
 from tests.conftest import API_KEY
@@ -73,6 +74,16 @@ def test_webhooks_transport_envelope(onetablet: Sandbox) -> None:
         **json.loads(BODY),
     }
     assert st.headers["idempotency-key"] == "key-9" and all(r.status == 200 for r in (sub, can, st))
+
+
+def test_webhooks_envelope_event_is_never_overwritten_by_the_order(onetablet: Sandbox) -> None:
+    """An order document with its own `event` field cannot replace the envelope's."""
+    order = json.dumps({"id": "o-2", "event": {"type": "order.cancel", "order_id": "x"}})
+    with client(onetablet, transport="webhooks") as c:
+        c.submit_order(order.encode(), "o-2")
+    (sent,) = onetablet.requests()
+    assert sent.json["event"] == {"type": "order.submit", "order_id": "o-2"}
+    assert sent.status == 200
 
 
 def test_order_id_is_escaped_in_the_path(onetablet: Sandbox) -> None:
@@ -151,6 +162,17 @@ def test_with_retries_schedule_retry_after_and_no_retry_on_4xx(onetablet: Sandbo
     with client(onetablet) as c, pytest.raises(Rejected):
         with_retries(lambda: c.submit_order(ORDER, "o-1"), sleep=waits.append)
     assert len(onetablet.requests()) == 8 and len(waits) == 5
+
+
+def test_with_retries_caps_retry_after_for_a_person_waiting(onetablet: Sandbox) -> None:
+    """A Retry-After of a day (or of 400 digits) waits at most a minute at the prompt."""
+    waits: list[float] = []
+    reply_with(
+        onetablet, (429, {"Retry-After": "86400"}, {}), (503, {"Retry-After": "9" * 400}, {})
+    )
+    with client(onetablet) as c:
+        reply = with_retries(lambda: c.submit_order(ORDER, "o-1"), sleep=waits.append)
+    assert reply.status == 200 and waits == [CLI_MAX_RETRY_AFTER, CLI_MAX_RETRY_AFTER]
 
 
 def test_non_json_error_body_is_shown_shortened() -> None:

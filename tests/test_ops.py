@@ -62,6 +62,8 @@ def test_retry_one_order_and_refusals(cli, parked: None, db_path: Path) -> None:
     assert r.code == 2 and "no failed pushes" in r.err
     r = cli("outbox", "retry", "o1", "--json")
     assert r.code == 0 and json.loads(r.out) == {"retried": 1}
+    r = cli("outbox", "retry", "--all")  # nothing left to retry: documented exit 2
+    assert r.code == 2 and "no failed pushes" in r.err
     s = open_path(db_path)
     assert s.outbox.stats()[2] == 0
     assert [row.status for row in s.outbox.claim_due(10**10, 10)] == ["dasher_confirmed"]

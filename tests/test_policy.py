@@ -58,3 +58,12 @@ def test_retry_after_seconds_and_http_date() -> None:
     assert parse_retry_after(formatdate(1_000_060, usegmt=True), now=1_000_000) == 60
     assert parse_retry_after("soon", now=0) is None
     assert parse_retry_after(None, now=0) is None
+
+
+def test_retry_after_extremes_and_zones() -> None:
+    """Huge values are capped instead of infinite; an HTTP-date in -0000 is UTC."""
+    assert parse_retry_after("9" * 400, now=0) == MAX_RETRY_AFTER
+    assert parse_retry_after("86400", now=0) == MAX_RETRY_AFTER
+    assert parse_retry_after("Thu, 01 Jan 1970 00:01:00 -0000", now=0) == 60
+    assert parse_retry_after("Thu, 01 Jan 1970 00:01:00 GMT", now=0) == 60
+    assert parse_retry_after("Fri, 31 Dec 9999 23:59:59 GMT", now=0) == MAX_RETRY_AFTER

@@ -72,6 +72,13 @@ def test_unit_contract() -> None:
         assert line in text
 
 
+def test_stop_deadline_fits_inside_the_units_stop_timeout() -> None:
+    """The daemon's own stop deadline ends before systemd's TimeoutStopSec kills it."""
+    match = re.search(r"^TimeoutStopSec=(\d+)$", UNIT.read_text(), flags=re.M)
+    assert match, "TimeoutStopSec missing"
+    assert load_settings().daemon.stop_timeout_s + 5 <= int(match.group(1))
+
+
 def test_shipped_config_file_is_valid_and_states_the_defaults(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -96,7 +103,8 @@ def test_notify_sends_datagrams_to_notify_socket(
 
 
 def test_daemon_notifies_ready_watchdog_stopping(tmp_path: Path, onetablet: Sandbox) -> None:
-    """Under systemd the daemon sends READY=1 once connected, WATCHDOG=1 pings, STOPPING=1."""
+    """Under systemd the daemon sends READY=1 once its database is open, WATCHDOG=1 pings,
+    and STOPPING=1."""
     broker = Broker(tmp_path / "broker").start()
     path = tmp_path / "notify.sock"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:

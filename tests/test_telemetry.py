@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
 from courierd.domain.model import (
     Assignment,
@@ -137,12 +135,100 @@ def test_location_profile_assignment_parse() -> None:
     ) == Assignment("o1", "c9")
 
 
-@given(
-    st.binary(max_size=300),
-    st.sampled_from(
-        ["couriers/c/status", "couriers/c/location", "couriers/c/profile", "dispatch/assignments"]
-    ),
+@pytest.mark.parametrize(
+    ("ts", "stored"),
+    [
+        ("2024-01-15T18:05:00Z", "2024-01-15T18:05:00.000Z"),
+        ("2024-01-15t18:05:00z", "2024-01-15T18:05:00.000Z"),
+        ("2024-01-15 18:05:00Z", "2024-01-15T18:05:00.000Z"),
+        ("2024-01-15T19:35:00.123456789+01:30", "2024-01-15T18:05:00.123Z"),
+        ("2016-12-31T23:59:60Z", "2016-12-31T23:59:59.999Z"),  # a leap second
+    ],
 )
-def test_parse_never_raises(payload: bytes, topic: str) -> None:
-    """Arbitrary bytes never raise out of parse: they are a value or a dead letter."""
-    parse(topic, payload, now=NOW)
+def test_rfc3339_timestamps_accepted(ts: str, stored: str) -> None:
+    """RFC 3339 as written: T, t or a space; Z, z or ±HH:MM; any fraction; leap seconds."""
+    e = status({**GOOD, "ts": ts})
+    assert isinstance(e, StatusEvent) and e.ts == stored
+
+
+@pytest.mark.parametrize(
+    "ts",
+    [
+        "2024-W03-1T18:05:00Z",  # ISO week date
+        "2024-01-15T18:05:00+0530",  # offset without a colon
+        "2024-01-15T18:05Z",  # no seconds
+        "20240115T180500Z",  # basic format
+        "2024-02-30T00:00:00Z",  # no such day
+        "0001-01-01T00:00:00+01:00",  # before year 1 in UTC
+        "9999-12-31T23:59:59-01:00",  # after year 9999 in UTC
+        "2024-01-15T18:05:00+24:00",
+        "\uff12\uff10\uff12\uff14-01-15T18:05:00Z",  # non-ASCII digits
+    ],
+)
+def test_not_rfc3339_is_bad_ts(ts: str) -> None:
+    """Anything else Python's fromisoformat would take, or that overflows, is bad_ts."""
+    result = status({**GOOD, "ts": ts})
+    assert isinstance(result, DeadLetter) and result.reason == "bad_ts", result
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (rb'{"event_id": "\\ud800", "order_id": "o", "status": "dropoff"}', None),
+        (rb'{"event_id": "\ud800", "order_id": "o", "status": "dropoff"}', "bad_unicode"),
+        (rb'{"event_id": "e", "order_id": "\udfff", "status": "dropoff"}', "bad_unicode"),
+        (rb'{"event_id": "e\u0000", "order_id": "o", "status": "dropoff"}', "bad_unicode"),
+        (b'{"event_id": "e", "order_id": "o", "status": "dropoff", "x": NaN}', "bad_json"),
+        (b'{"event_id": "e", "order_id": "o", "status": "dropoff", "x": 1e999}', "bad_json"),
+        (
+            b'{"event_id": "e", "order_id": "o", "status": "dropoff", "x": ' + b"9" * 5000 + b"}",
+            "bad_json",
+        ),
+        (
+            b'{"event_id": "e", "order_id": "o", "status": "dropoff", "x": '
+            + b"[" * 3000
+            + b"]" * 3000
+            + b"}",
+            "bad_json",
+        ),
+        (b'{"event_id": "' + b"e" * 300 + b'", "order_id": "o", "status": "dropoff"}', "too_long"),
+    ],
+)
+def test_strings_and_numbers_that_would_explode_later(payload: bytes, reason: str | None) -> None:
+    """Lone surrogates, NUL, NaN, infinities, 5,000-digit integers, deep nesting and
+    overlong fields are dead letters with a reason, not exceptions in the database."""
+    result = parse("couriers/c7/status", payload, now=NOW)
+    if reason is None:
+        assert isinstance(result, StatusEvent)  # an escaped backslash is just text
+    else:
+        assert isinstance(result, DeadLetter) and result.reason == reason, result
+
+
+def test_location_from_the_future_is_refused() -> None:
+    """A fix more than 5 minutes ahead of the clock would pin the courier: future_ts."""
+    ahead = b'{"ts": "2024-01-15T18:11:00Z", "lat": 1, "lng": 2}'
+    result = parse("couriers/c7/location", ahead, now=NOW)
+    assert isinstance(result, DeadLetter) and result.reason == "future_ts"
+    near = b'{"ts": "2024-01-15T18:09:00Z", "lat": 1, "lng": 2}'
+    assert isinstance(parse("couriers/c7/location", near, now=NOW), LocationFix)
+
+
+@pytest.mark.parametrize(
+    "fix",
+    [
+        b'{"ts": "2024-01-15T18:05:00Z", "lat": 0, "lng": 180.5}',
+        b'{"ts": "2024-01-15T18:05:00Z", "lat": -90.1, "lng": 0}',
+        b'{"ts": "2024-01-15T18:05:00Z", "lat": 0, "lng": 0, "accuracy_m": -1}',
+    ],
+)
+def test_positions_off_earth_are_out_of_range(fix: bytes) -> None:
+    """lat within ±90, lng within ±180, accuracy not negative."""
+    result = parse("couriers/c7/location", fix, now=NOW)
+    assert isinstance(result, DeadLetter) and result.reason == "out_of_range"
+
+
+def test_oversized_payload_known_only_by_its_size() -> None:
+    """The MQTT edge forwards only the start of a huge payload; its size still decides."""
+    result = parse("couriers/c7/status", b'{"event_id"', now=NOW, size=70_000)
+    assert isinstance(result, DeadLetter) and result.reason == "too_large"
+    assert result.size == 70_000

@@ -12,6 +12,7 @@ with backoff, until the key works again.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import random
 import threading
@@ -27,7 +28,7 @@ from courierd.daemon.ipc import REPORT_S, orphaned, worker_setup
 from courierd.domain.model import DispatchStats
 from courierd.domain.policy import RETRY_SCHEDULE, retry_delay
 from courierd.edges.onetablet import OneTabletClient
-from courierd.errors import CourierdError, Rejected, Unauthorized, Unavailable
+from courierd.errors import CourierdError, Rejected, StoreUnavailable, Unauthorized, Unavailable
 from courierd.store import open_store
 from courierd.store.outbox import Outbox, OutboxRow, PushResult
 from courierd.store.schema import DELIVERED, FAILED, PENDING
@@ -97,11 +98,17 @@ class Dispatcher:
     def wake(self) -> None:
         self._wake.set()
 
-    def run(self, stop: threading.Event, grace_s: float = 10.0) -> None:
+    def run(self, stop: threading.Event, grace_s: float = 5.0) -> None:
         """Until `stop`; then wait up to `grace_s` for in-flight pushes and record them."""
         try:
             while not stop.is_set():
-                self.turn()
+                try:
+                    self.turn()
+                except StoreUnavailable as e:  # disk full, locked: try again shortly
+                    log.error("dispatch.database_unavailable error=%s", e)
+                    self._claimed_all = False
+                    stop.wait(1.0)
+                    continue
                 self._wake.wait(self._idle_wait())
         finally:
             self._drain(grace_s)
@@ -203,11 +210,16 @@ class Dispatcher:
             return
         now = self.clock()
         sent = [a for a in attempts if a.outcome != "skipped"]
-        self.outbox.record_results([self._result(a, now) for a in sent])
-        for a in attempts:
-            del self._inflight[a.row.id]
-            if a.row.id == self._probe_id:
-                self._probe_id = None
+        try:
+            self.outbox.record_results([self._result(a, now) for a in sent])
+        finally:
+            # Recorded or not, these are no longer in flight. If the database refused the
+            # results, the pushes are still pending there and are claimed (and sent, with
+            # the same key) again: at-least-once, never lost.
+            for a in attempts:
+                del self._inflight[a.row.id]
+                if a.row.id == self._probe_id:
+                    self._probe_id = None
         for a in sent:
             with self._stats_lock:
                 self.stats.outcomes[a.outcome] += 1
@@ -337,7 +349,7 @@ def dispatch_main(
 
     def run_dispatcher() -> None:
         try:
-            dispatcher.run(stop)
+            dispatcher.run(stop, grace_s=settings.daemon.stop_timeout_s / 3)
         except BaseException as e:
             log.exception("dispatch.failed")
             report("fatal", f"dispatcher: {e}")
@@ -358,9 +370,12 @@ def dispatch_main(
     worker.join()
     keeper.join(5)
     report("stats", dispatcher.report())
-    client.close()
     store.close()
     housekeeping_store.close()
+    # Not client.close() and a normal exit: a push stuck on a hung OneTablet would hold
+    # either until its timeout. It stays pending and is sent again on the next start.
+    logging.shutdown()
+    os._exit(0)
 
 
 def _listen(control: Connection, wake: Connection, on_wake: Callable[[], None]) -> None:

@@ -14,7 +14,7 @@ starve the ingest writer the same way one level down. So:
 Start-up: the database lock (one daemon per SQLite file), then both workers open the
 database, then READY — without waiting for the broker, which may be down: the outbox
 is still delivered, health says MQTT is down, and paho connects when it can.
-Stop: one deadline (STOP_DEADLINE_S, under the unit's TimeoutStopSec) for intake,
+Stop: one deadline (daemon.stop_timeout_s, under the unit's TimeoutStopSec) for intake,
 the last batch, and in-flight pushes; whatever is still running then is killed.
 """
 
@@ -45,9 +45,7 @@ from courierd.errors import CourierdError
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FATAL = 0, 1
-STALL_S = 30.0  # a loop silent this long is stuck: health turns red, watchdog pings stop
 START_TIMEOUT_S = 60.0
-STOP_DEADLINE_S = 30.0  # the unit's TimeoutStopSec is 45 s
 
 
 def record_batch(metrics: Metrics, report: BatchReport) -> None:
@@ -148,12 +146,13 @@ class Daemon:
         if not self._dispatch_ready.is_set():
             return []
         now = time.monotonic()
+        stall = self.settings.daemon.stall_after_s
         out = []
-        if self._batch_thread.is_alive() and now - self.batcher.heartbeat > STALL_S:
+        if self._batch_thread.is_alive() and now - self.batcher.heartbeat > stall:
             out.append(f"ingest: batcher loop stalled for {now - self.batcher.heartbeat:.0f}s")
-        if now - self._last_report > STALL_S:
+        if now - self._last_report > stall:
             out.append(f"dispatch: no report for {now - self._last_report:.0f}s")
-        elif self._dispatch.heartbeat_age_s > STALL_S:
+        elif self._dispatch.heartbeat_age_s > stall:
             out.append(f"dispatch: loop stalled for {self._dispatch.heartbeat_age_s:.0f}s")
         return out
 
@@ -212,10 +211,12 @@ class Daemon:
         self.edge.start()  # paho connects in the background, and keeps trying
         systemd.notify("READY=1\nSTATUS=database open; connecting to the broker")
         log.info(
-            "daemon.ready store=%s mqtt=%s:%s",
+            "daemon.ready store=%s mqtt=%s:%s ingest_pid=%s dispatch_pid=%s",
             self.settings.store.path,
             self.settings.mqtt.host,
             self.settings.mqtt.port,
+            self._ingest.pid,
+            self._dispatch_proc.pid,
         )
         ping_every = systemd.watchdog_interval()
         next_ping = 0.0
@@ -262,14 +263,14 @@ class Daemon:
         """Stop intake, finish the batch and in-flight pushes, all within one deadline."""
         systemd.notify("STOPPING=1")
         log.info("daemon.stopping")
-        deadline = time.monotonic() + STOP_DEADLINE_S
+        deadline = time.monotonic() + self.settings.daemon.stop_timeout_s
 
         def left() -> float:
             return max(0.0, deadline - time.monotonic())
 
         self._stop_intake.set()
         if self._batch_thread.is_alive():
-            self._batch_thread.join(timeout=min(15.0, left()))
+            self._batch_thread.join(timeout=left())
         for proc, pipe in (
             (self._ingest, self._ingest_pipe),
             (self._dispatch_proc, self._control_pipe),

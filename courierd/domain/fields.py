@@ -27,7 +27,8 @@ MAX_ID = 128  # order ids (they go into URL paths)
 # separators, "z" for "Z"; the offset is Z or +HH:MM, never +HHMM or a week date.
 _RFC3339 = re.compile(
     r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?"
-    r"(?:[Zz]|([+-])(\d{2}):(\d{2}))"
+    r"(?:[Zz]|([+-])(\d{2}):(\d{2}))",
+    re.ASCII,  # \d is 0-9 only: not the other scripts' digits
 )
 
 
