@@ -651,12 +651,21 @@ def main() -> int:
     finally:
         sandbox.stop()
         broker.stop()
-    out = args.out or Path("bench/results") / f"{results['date'][:10]}.json"
+    out = args.out or _new_file(Path("bench/results"), results["date"][:10])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
     say(f"written to {out}")
     return 0
+
+
+def _new_file(folder: Path, date: str) -> Path:
+    """bench/results/DATE.json, or DATE-2.json, ...: never overwrite an earlier run."""
+    out, n = folder / f"{date}.json", 1
+    while out.exists():
+        n += 1
+        out = folder / f"{date}-{n}.json"
+    return out
 
 
 if __name__ == "__main__":

@@ -1,0 +1,109 @@
+"""Bounded growth (CONTRACT.md 4.12): under steady load the database file stops growing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from courierd.config import StoreSettings
+from courierd.daemon.housekeeping import Housekeeper
+from courierd.domain.model import DeadLetter, Status, StatusEvent
+from courierd.store import open_store
+from courierd.store.outbox import PushResult
+from courierd.store.schema import DELIVERED
+
+HOUR = 3600.0
+
+
+def one_hour_of_traffic(store, hour: int, start: float, orders: int = 300) -> None:  # type: ignore[no-untyped-def]
+    """`orders` orders through the whole chain, every push delivered, and some junk."""
+    for n in range(orders):
+        order = f"h{hour}-o{n}"
+        at = start + n * HOUR / orders
+        store.writer.commit(
+            [StatusEvent(f"{order}-{s.value}", order, f"c{n % 50}", s) for s in Status]
+            + [DeadLetter("couriers/x/status", b"{junk" * 20, "bad_json", "not JSON")],
+            now=at,
+        )
+        rows = store.outbox.claim_due(at, 10)
+        while rows:
+            store.outbox.record_results([PushResult(r.id, DELIVERED, at) for r in rows])
+            rows = store.outbox.claim_due(at, 10)
+
+
+def file_size(path: Path, store) -> int:  # type: ignore[no-untyped-def]
+    store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+    return path.stat().st_size
+
+
+def test_the_file_stops_growing_over_many_retention_periods(tmp_path: Path) -> None:
+    """A retention of one (simulated) hour, 16 hours of steady traffic, pruned every
+    quarter of the retention as the daemon does: after the first few hours the file
+    size is flat, and finished orders older than the retention are gone."""
+    path = tmp_path / "db.sqlite"
+    store = open_store(StoreSettings(path=path, retention_days=HOUR / 86400))
+    now = {"t": 1_700_000_000.0}
+    keeper = Housekeeper(store, clock=lambda: now["t"])
+    assert keeper.prune_every_s == HOUR / 4
+    sizes = []
+    for hour in range(16):
+        start = now["t"]
+        for quarter in range(4):
+            one_hour_of_traffic(store, hour * 4 + quarter, start + quarter * HOUR / 4, 75)
+            now["t"] = start + (quarter + 1) * HOUR / 4
+            keeper.prune_now()
+        sizes.append(file_size(path, store))
+    written = 16 * 300
+    kept = store.db.value("SELECT count(*) FROM orders")
+    assert kept <= 2 * 300  # at most the last retention period (plus one pruning interval)
+    assert store.db.value("SELECT count(*) FROM dead_letters") <= 2 * 300
+    assert written > 5 * kept
+    settled = sizes[4]
+    assert max(sizes[4:]) <= settled * 1.15, sizes  # flat, not growing with the traffic
+    assert sizes[-1] < sizes[0] * 3, sizes
+    store.close()
+
+
+def test_pending_and_parked_pushes_are_never_pruned(tmp_path: Path) -> None:
+    """A finished order whose push is still pending (OneTablet down for weeks) or parked
+    as failed keeps everything, however old."""
+    store = open_store(StoreSettings(path=tmp_path / "db.sqlite", retention_days=1))
+    t0 = 1_700_000_000.0
+    for order in ("pending", "parked", "done"):
+        store.writer.commit([StatusEvent(f"{order}-e", order, "c1", Status.DROPOFF)], now=t0)
+    for row in store.outbox.claim_due(t0, 10):
+        state = {"done": DELIVERED, "parked": "failed"}.get(row.order_id)
+        if state:
+            store.outbox.record_results([PushResult(row.id, state, t0)])
+    done = store.outbox.claim_due(t0, 10)
+    while any(r.order_id == "done" for r in done):
+        store.outbox.record_results(
+            [PushResult(r.id, DELIVERED, t0) for r in done if r.order_id == "done"]
+        )
+        done = store.outbox.claim_due(t0, 10)
+    Housekeeper(store, clock=lambda: t0 + 30 * 86400).prune_now()
+    left = {r[0] for r in store.db.rows("SELECT order_id FROM orders")}
+    assert left == {"pending", "parked"}
+    assert store.db.value("SELECT count(*) FROM outbox WHERE order_id = 'pending'") == 5
+    store.close()
+
+
+def test_a_big_backlog_is_pruned_in_many_small_transactions(tmp_path: Path) -> None:
+    """Thousands of old orders are removed a batch at a time, not in one long write that
+    would stall ingest."""
+    store = open_store(StoreSettings(path=tmp_path / "db.sqlite", retention_days=1))
+    t0 = 1_700_000_000.0
+    db = store.db
+    with db.transaction():
+        db.executemany(
+            "INSERT INTO orders (order_id, state, updated_at) VALUES (?, 'dropoff', ?)",
+            [(f"o{i}", "2020-01-01T00:00:00.000Z") for i in range(6000)],
+        )
+    steps = []
+    while True:
+        done = store.retention.step(t0)
+        if not done.total:
+            break
+        steps.append(done.orders)
+    assert sum(steps) == 6000 and len(steps) > 2
+    assert max(steps) <= 5000
+    store.close()
