@@ -82,6 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     backup.add_argument("destination", type=Path, metavar="FILE")
 
+    stores = commands.add_parser("stores", help="the store registry (pickup places)")
+    store_cmds = stores.add_subparsers(dest="stores_command", required=True, metavar="ACTION")
+    imp = store_cmds.add_parser(
+        "import", parents=[common], help="load merchant_supplied_id,lat,lng,radius_m from CSV"
+    )
+    imp.add_argument("file", metavar="FILE", help="CSV file, or - for stdin")
+    lst = store_cmds.add_parser("list", parents=[common], help="the stores courierd knows")
+    lst.add_argument("--json", action="store_true")
+
     sandbox = commands.add_parser(
         "sandbox", parents=[common], help="a local OneTablet stand-in, for trying and testing"
     )
@@ -170,8 +179,12 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
 
         return demo.run_demo(settings)
     # Only now: the daemon's worker processes re-import this module when they start.
-    from courierd.commands import operate, orders
+    from courierd.commands import operate, orders, stores
 
+    if args.command == "stores":
+        if args.stores_command == "import":
+            return stores.import_file(settings, args.file)
+        return stores.list_stores(settings, args.json)
     if args.command in ("outbox", "dead-letters", "backup"):
         return operate.operate(args, settings)
     if args.command == "config":

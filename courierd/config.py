@@ -123,6 +123,35 @@ class HttpSettings(_Section):
         return value
 
 
+class GeofenceSettings(_Section):
+    """CONTRACT.md 7: statuses inferred from fixes. Distances in metres, times in seconds
+    of the fixes' own clock."""
+
+    enabled: bool = True
+    max_accuracy_m: float = Field(50.0, gt=0)  # a fix reporting worse accuracy is ignored
+    max_speed_mps: float = Field(50.0, gt=0)  # a fix needing a faster jump is ignored
+    approach_m: float = Field(1000.0, gt=0)  # within this of the pickup: arriving_at_store
+    radius_m: float = Field(100.0, gt=0)  # the pickup's radius when its place has none
+    dwell_s: float = Field(30.0, ge=0)  # inside the radius this long: arrived_at_store
+    min_fixes: int = Field(2, ge=1, le=100)  # ...and across this many consecutive fixes
+    depart_after_s: float = Field(60.0, ge=0)  # at arrived_at_store this long before leaving
+    exit_factor: float = Field(2.0, ge=1.0)  # leaving means beyond exit_factor x radius
+    auto_dropoff: bool = False  # infer dropoff too
+    dropoff_radius_m: float = Field(50.0, gt=0)
+    dropoff_dwell_s: float = Field(60.0, ge=0)
+
+
+class WatchdogSettings(_Section):
+    # A courier with active orders silent this long (by courierd's clock) is offline.
+    offline_after_s: float = Field(300.0, ge=10, le=86400)
+
+
+class OwnTracksSettings(_Section):
+    enabled: bool = True
+    # Which part of an OwnTracks message names the courier.
+    courier_id: Literal["user", "device", "tid"] = "user"
+
+
 class DaemonSettings(_Section):
     # A loop (ingest, dispatch) silent this long is stuck: /healthz turns 503 and the
     # systemd watchdog pings stop, so systemd restarts the daemon.
@@ -148,6 +177,9 @@ class Settings(BaseSettings):
     store: StoreSettings = StoreSettings()
     ingest: IngestSettings = IngestSettings()
     http: HttpSettings = HttpSettings()
+    geofence: GeofenceSettings = GeofenceSettings()
+    watchdog: WatchdogSettings = WatchdogSettings()
+    owntracks: OwnTracksSettings = OwnTracksSettings()
     daemon: DaemonSettings = DaemonSettings()
     log: LogSettings = LogSettings()
 

@@ -21,6 +21,7 @@ from courierd.domain.planner import Snapshot, plan_batch
 from courierd.errors import InputError
 
 NOW = "2026-01-01T00:00:00.000Z"
+T_NOW = 1_767_225_600.0  # the same instant, as courierd's clock gives it
 RANK = {s: i for i, s in enumerate(CHAIN)}
 
 
@@ -33,7 +34,7 @@ class Pipeline:
 
     def batch(self, inputs: list[Input], *, crash: bool) -> bool:
         """Plan one batch; commit it unless `crash`. Returns whether it committed."""
-        fx = plan_batch(Snapshot(dict(self.orders), set(self.seen)), inputs, received_at=NOW)
+        fx = plan_batch(Snapshot(dict(self.orders), set(self.seen)), inputs, now=T_NOW)
         if crash:
             return False
         self.orders.update(fx.orders)
@@ -169,7 +170,7 @@ def test_a_duplicate_event_id_never_changes_anything(ops, data) -> None:
         data.draw(st.sampled_from(["c1", "c2"])),
         data.draw(statuses),
     )
-    fx = plan_batch(Snapshot(dict(p.orders), set(p.seen)), [replay], received_at=NOW)
+    fx = plan_batch(Snapshot(dict(p.orders), set(p.seen)), [replay], now=T_NOW)
     assert (fx.orders, fx.transitions, fx.pushes, fx.dead_letters) == ({}, [], [], [])
     assert fx.counts == {"duplicate": 1}
 
@@ -182,7 +183,7 @@ def test_events_from_another_courier_never_push(seq) -> None:
     fx = plan_batch(
         Snapshot(dict(p.orders), set(p.seen)),
         [ev(i + 1, s, courier="c2") for i, s in enumerate(seq)],
-        received_at=NOW,
+        now=T_NOW,
     )
     assert fx.pushes == [] and fx.orders == {}
     assert [d.reason for d in fx.dead_letters] == ["wrong_courier"] * len(seq)
@@ -208,9 +209,7 @@ class Outbox:
     def batch(self, inputs: list[Input], mode: str) -> bool:
         """mode: "ok", "crash" (nothing committed, redelivered), or "unacked" (committed,
         but the broker never got the ack: the same messages come again)."""
-        fx = plan_batch(
-            Snapshot(dict(self.pipe.orders), set(self.pipe.seen)), inputs, received_at=NOW
-        )
+        fx = plan_batch(Snapshot(dict(self.pipe.orders), set(self.pipe.seen)), inputs, now=T_NOW)
         if mode == "crash":
             return False
         self.pipe.orders.update(fx.orders)

@@ -141,13 +141,26 @@ def test_show_contract_shape_and_unknown(cli, db_path: Path) -> None:
     r = cli("order", "show", "o-3")
     assert r.code == 0
     view = json.loads(r.out)
-    assert {"order_id", "state", "courier_id", "cancelled", "transitions", "pushes"} <= set(view)
+    assert {
+        "order_id",
+        "state",
+        "courier_id",
+        "cancelled",
+        "transitions",
+        "pushes",
+        "courier_last_seen",
+        "courier_offline",
+        "eta",
+    } <= set(view)
     assert view["transitions"][2] == {
         "status": "arrived_at_store",
         "at": "2024-01-15T18:05:00.000Z",
         "inferred": False,
+        "source": "app",
         "event_id": "e1",
     }
+    assert [t["source"] for t in view["transitions"]] == ["fill", "fill", "app"]
+    assert view["courier_offline"] is False and view["eta"] is None  # no position known
     assert {"status", "delivered", "attempts", "last_error"} <= set(view["pushes"][0])
     r = cli("order", "show", "nope")
     assert r.code == 1 and "unknown order 'nope'" in r.err

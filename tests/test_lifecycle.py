@@ -68,7 +68,7 @@ def test_first_event_accepted_and_binds_courier() -> None:
     """dasher_confirmed on an unknown order is accepted, pushed once, and binds the courier."""
     d = decide(None, event(Status.DASHER_CONFIRMED), duplicate=False, profile=None, received_at=NOW)
     assert d.outcome is Outcome.ACCEPTED
-    assert d.order == Order("o1", "dasher_confirmed", "c1")
+    assert d.order == Order("o1", "dasher_confirmed", "c1", status_at=NOW)
     assert [p.status for p in d.pushes] == [Status.DASHER_CONFIRMED]
     assert d.pushes[0].body == '{"delivery_status":"dasher_confirmed"}'
 

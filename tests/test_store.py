@@ -70,7 +70,7 @@ def test_batch_fails_midway_nothing_lands(store: Store) -> None:
     poisoned.event_ids["e2"] = "o2"
     poisoned.transitions.append(Transition("o2", Status.DROPOFF, False, "e2", None))  # type: ignore[arg-type]
     with pytest.raises(sqlite3.IntegrityError), store.db.transaction():
-        store.writer.write(poisoned, Snapshot(), now=T0, now_iso="2026-01-01T00:00:00.000Z")
+        store.writer.write(poisoned, Snapshot(), now=T0)
     assert store.outbox.get_order("o2") is None
     assert store.db.value("SELECT count(*) FROM processed_events") == 1
     # and the store is still usable afterwards

@@ -17,7 +17,7 @@ from courierd.domain.fields import MAX_ID
 from courierd.domain.order_schema import check_order
 from courierd.domain.policy import CLI_MAX_RETRY_AFTER
 from courierd.edges.onetablet import OneTabletClient, with_retries
-from courierd.errors import InputError, OneTabletError
+from courierd.errors import InputError, OneTabletError, StoreError
 from courierd.store import Store, open_store
 
 log = logging.getLogger("courierd")
@@ -47,11 +47,19 @@ def cancel_hold_s(settings: Settings) -> float:
 
 
 def submit(settings: Settings, document: bytes, source: str) -> dict[str, Any]:
-    """Validate the order, then `POST /orders` it as written (with retries)."""
-    order_id = check_order(document, source)
+    """Validate the order, `POST /orders` it as written (with retries), then keep its
+    store id and delivery point locally for the geofences (CONTRACT.md 7)."""
+    facts = check_order(document, source)
     with client(settings) as ot:
-        reply = with_retries(lambda: ot.submit_order(document, order_id), **_retrying(settings))
-    return {"order_id": order_id, "status": reply.status, "reply": reply.body}
+        reply = with_retries(
+            lambda: ot.submit_order(document, facts.order_id), **_retrying(settings)
+        )
+    try:
+        with open_store(settings.store) as store:
+            store.registry.record_order(facts, time.time())
+    except StoreError as e:  # OneTablet has the order: that must not read as a failure
+        log.warning("order.places_not_recorded order_id=%s error=%s", facts.order_id, e)
+    return {"order_id": facts.order_id, "status": reply.status, "reply": reply.body}
 
 
 def cancel(

@@ -25,9 +25,11 @@ from multiprocessing.connection import Connection, wait
 from courierd.config import Settings
 from courierd.daemon.housekeeping import Housekeeper
 from courierd.daemon.ipc import REPORT_S, orphaned, worker_setup
+from courierd.daemon.notifier import Notifier
 from courierd.domain.model import DispatchStats
 from courierd.domain.policy import RETRY_SCHEDULE, retry_delay
 from courierd.edges.onetablet import OneTabletClient
+from courierd.edges.publisher import MqttPublisher
 from courierd.errors import CourierdError, Rejected, StoreUnavailable, Unauthorized, Unavailable
 from courierd.store import open_store
 from courierd.store.outbox import Outbox, OutboxRow, PushResult
@@ -319,6 +321,7 @@ def dispatch_main(
         # power cut only the pushes in flight are sent again, as CONTRACT.md 4.10 says.
         store = open_store(settings.store)
         housekeeping_store = open_store(settings.store)
+        notifier_store = open_store(settings.store)
     except CourierdError as e:
         reports.send(("fatal", str(e)))
         return
@@ -336,7 +339,13 @@ def dispatch_main(
         schedule=ot.retry_schedule_s,
         still_pending=_PendingCheck(settings),
     )
-    housekeeper = Housekeeper(housekeeping_store)
+    publisher = MqttPublisher(settings.mqtt, f"{settings.mqtt.client_id}-out")
+    notifier = Notifier(notifier_store.notices, publisher)
+    housekeeper = Housekeeper(
+        housekeeping_store,
+        offline_after_s=settings.watchdog.offline_after_s,
+        on_alert=notifier.wake,
+    )
     stop = threading.Event()
     send_lock = threading.Lock()
 
@@ -356,22 +365,33 @@ def dispatch_main(
 
     def run_reporter() -> None:
         while not stop.wait(REPORT_S):
-            report("stats", dispatcher.report())
+            stats = dispatcher.report()
+            stats.couriers_offline = housekeeper.couriers_offline
+            stats.watchdog_alerts = housekeeper.take_reported()
+            report("stats", stats)
+
+    def on_wake() -> None:  # ingest committed pushes or notifications
+        dispatcher.wake()
+        notifier.wake()
 
     worker = threading.Thread(target=run_dispatcher, name="dispatch")
     worker.start()
     threading.Thread(target=run_reporter, name="reporter", daemon=True).start()
     keeper = threading.Thread(target=housekeeper.run, args=(stop,), name="housekeeping")
     keeper.start()
+    publishing = threading.Thread(target=notifier.run, args=(stop,), name="notifier")
+    publishing.start()
     report("ready", None)
-    _listen(control, wake, dispatcher.wake)
+    _listen(control, wake, on_wake)
     stop.set()
     dispatcher.wake()
+    notifier.wake()
     worker.join()
     keeper.join(5)
+    publishing.join(5)
     report("stats", dispatcher.report())
-    store.close()
-    housekeeping_store.close()
+    for each in (store, housekeeping_store, notifier_store):
+        each.close()
     # Not client.close() and a normal exit: a push stuck on a hung OneTablet would hold
     # either until its timeout. It stays pending and is sent again on the next start.
     logging.shutdown()

@@ -1,4 +1,5 @@
-"""Upkeep that runs beside the dispatcher: retention, and holds left by a dead cancel.
+"""Upkeep that runs beside the dispatcher: the offline watchdog, retention, and holds
+left by a dead cancel.
 
 A thread of the dispatch process, on its own database connection. It never stops the
 daemon: a failure is logged and tried again on the next round.
@@ -18,6 +19,7 @@ from courierd.store.retention import Pruned
 log = logging.getLogger(__name__)
 
 HOLDS_EVERY_S = 5.0
+WATCHDOG_EVERY_S = 5.0  # the contract asks for a check at least every 10 s
 FIRST_PRUNE_AFTER_S = 10.0
 RECLAIM_PAGES = 512  # pages given back per vacuum step (2 MiB at 4 KiB pages)
 
@@ -25,19 +27,33 @@ RECLAIM_PAGES = 512  # pages given back per vacuum step (2 MiB at 4 KiB pages)
 class Housekeeper:
     """`run(stop)` until stopped; `prune_now` does one whole retention pass."""
 
-    def __init__(self, store: Store, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        offline_after_s: float = 300.0,
+        on_alert: Callable[[], None] = lambda: None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.store = store
         self.clock = clock
+        self.offline_after_s = offline_after_s
+        self.on_alert = on_alert
+        self.couriers_offline = 0  # the gauge, refreshed with every watchdog round
+        self.reported = 0  # alerts written since `take_reported` was last called
         retention_s = store.retention.retention_s
         # CONTRACT.md 4.12 / the retention issue: at least every min(1 h, retention / 4).
         self.prune_every_s = min(3600.0, retention_s / 4)
 
     def run(self, stop: threading.Event) -> None:
         next_prune = self.clock() + min(FIRST_PRUNE_AFTER_S, self.prune_every_s)
-        next_holds = 0.0
+        next_holds = next_watch = 0.0
         while not stop.wait(min(1.0, self.prune_every_s)):
             now = self.clock()
             try:
+                if now >= next_watch:
+                    next_watch = now + WATCHDOG_EVERY_S
+                    self.watch(now)
                 if now >= next_holds:
                     next_holds = now + HOLDS_EVERY_S
                     released = self.store.outbox.release_expired_holds(now)
@@ -51,6 +67,22 @@ class Housekeeper:
             except Exception:
                 log.exception("housekeeping.failed (trying again)")
 
+    def watch(self, now: float) -> list[str]:
+        """Report couriers silent for too long (one alert each); refresh the gauge."""
+        reported = self.store.notices.report_silent(now, self.offline_after_s)
+        for courier_id in reported:
+            log.warning("watchdog.courier_offline courier_id=%s", courier_id)
+        if reported:
+            self.reported += len(reported)
+            self.on_alert()
+        self.couriers_offline = self.store.notices.offline_count()
+        return reported
+
+    def take_reported(self) -> int:
+        """Alerts written since the last call (for /metrics)."""
+        n, self.reported = self.reported, 0
+        return n
+
     def prune_now(self, stop: threading.Event | None = None) -> Pruned:
         """Prune in short transactions until nothing old is left, then reclaim pages."""
         total = Pruned()
@@ -60,6 +92,7 @@ class Housekeeper:
             total.orders += step.orders
             total.dead_letters += step.dead_letters
             total.legacy_events += step.legacy_events
+            total.track_points += step.track_points
             if step.total == 0:
                 break
             # Let the ingest writer in between steps: it waits while a step holds the lock.
@@ -67,11 +100,12 @@ class Housekeeper:
         reclaimed = self.store.db.reclaim_free_pages(RECLAIM_PAGES)
         if total.total or reclaimed:
             log.info(
-                "retention.pruned orders=%d dead_letters=%d legacy_events=%d "
+                "retention.pruned orders=%d dead_letters=%d legacy_events=%d track_points=%d "
                 "pages_reclaimed=%d seconds=%.2f longest_step_ms=%.1f",
                 total.orders,
                 total.dead_letters,
                 total.legacy_events,
+                total.track_points,
                 reclaimed,
                 time.monotonic() - started,
                 self.store.retention.longest_s * 1000,

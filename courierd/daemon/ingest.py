@@ -24,13 +24,16 @@ from courierd.daemon.ipc import orphaned, worker_setup
 from courierd.domain.model import (
     Assignment,
     BatchReport,
+    CourierOffline,
     DeadLetter,
+    Ignored,
     Input,
     LocationFix,
     Outcome,
     ProfileUpdate,
     StatusEvent,
 )
+from courierd.domain.owntracks import CourierIdFrom
 from courierd.domain.planner import Effects
 from courierd.domain.telemetry import parse
 from courierd.errors import CourierdError, StoreUnavailable
@@ -41,22 +44,38 @@ log = logging.getLogger(__name__)
 
 Raw = tuple[str, bytes, int]  # topic, payload (maybe only its start), original size
 OUTCOMES = tuple(o.value for o in Outcome)
+# Counts about fixes, geofences, alerts and ignored messages, for /metrics.
+_TRACKING = ("fix_", "geofence_", "courier_", "ignored_")
 _KINDS = {
     StatusEvent: "status",
     LocationFix: "location",
     ProfileUpdate: "profile",
     Assignment: "assignment",
+    CourierOffline: "lwt",
+    Ignored: "ignored",
     DeadLetter: "invalid",
 }
 
 
-def commit_messages(store: Store, messages: Sequence[Raw], now: float) -> BatchReport:
-    """Parse and commit one batch; raises only StoreUnavailable (nothing written)."""
-    inputs = [parse(topic, payload, now=now, size=size) for topic, payload, size in messages]
+def commit_messages(
+    store: Store,
+    messages: Sequence[Raw],
+    now: float,
+    owntracks: CourierIdFrom | None = "user",
+) -> BatchReport:
+    """Parse and commit one batch; raises only StoreUnavailable (nothing written).
+
+    `owntracks` says where OwnTracks courier ids come from (None: OwnTracks is off).
+    """
+    inputs = [
+        parse(topic, payload, now=now, size=size, owntracks=owntracks)
+        for topic, payload, size in messages
+    ]
     fx = _commit_isolating(store, messages, inputs, now)
     report = BatchReport(len(inputs), transitions=len(fx.transitions), pushes=len(fx.pushes))
     report.kinds.update(_KINDS[type(item)] for item in inputs)
     report.outcomes.update({k: fx.counts[k] for k in OUTCOMES if fx.counts[k]})
+    report.tracking.update({k: n for k, n in fx.counts.items() if k.startswith(_TRACKING)})
     for letter in fx.dead_letters:
         report.rejected[letter.reason] += 1
         log.warning(
@@ -105,8 +124,9 @@ def _commit_isolating(
 def ingest_main(settings: Settings, pipe: Connection, wake: Connection) -> None:
     """Entry point of the ingest process: commit batches until told to stop."""
     worker_setup(settings)
+    owntracks = settings.owntracks.courier_id if settings.owntracks.enabled else None
     try:
-        store = open_store(settings.store)
+        store = open_store(settings.store, geofence=settings.geofence)
     except CourierdError as e:
         pipe.send(("fatal", str(e)))
         return
@@ -123,7 +143,7 @@ def ingest_main(settings: Settings, pipe: Connection, wake: Connection) -> None:
                 store.writer.heartbeat(time.time())
                 pipe.send(("ok", None))
                 continue
-            result = commit_messages(store, batch, time.time())
+            result = commit_messages(store, batch, time.time(), owntracks)
         except StoreUnavailable as e:
             log.error("ingest.database_unavailable error=%s", e)
             pipe.send(("unavailable", str(e)))
@@ -133,7 +153,7 @@ def ingest_main(settings: Settings, pipe: Connection, wake: Connection) -> None:
             pipe.send(("fatal", f"ingest: {e!r}"))
             break
         pipe.send(("ok", result))
-        if result.pushes:
+        if result.pushes or result.tracking["courier_offline"] or result.tracking["courier_back"]:
             # If the dispatcher is gone, the MQTT process hears of it on its own pipe.
             with contextlib.suppress(OSError):
                 wake.send_bytes(b"w")

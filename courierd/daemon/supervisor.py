@@ -36,6 +36,8 @@ from courierd.daemon.batcher import Batcher, IngestFailed
 from courierd.daemon.ipc import dispatch_process, ingest_process
 from courierd.daemon.lock import DaemonLock
 from courierd.domain.model import BatchReport, DispatchStats
+from courierd.domain.owntracks import SUBSCRIPTIONS as OWNTRACKS
+from courierd.domain.telemetry import SUBSCRIPTIONS
 from courierd.edges import systemd
 from courierd.edges.health import HealthServer
 from courierd.edges.metrics import Metrics
@@ -58,6 +60,16 @@ def record_batch(metrics: Metrics, report: BatchReport) -> None:
     for reason, n in report.rejected.items():
         metrics.rejected.labels(reason).inc(n)
     metrics.transitions.inc(report.transitions)
+    for key, n in report.tracking.items():
+        kind, _, name = key.partition("_")
+        if kind == "fix":
+            metrics.fixes_ignored.labels(name).inc(n)
+        elif kind == "ignored":
+            metrics.ignored.labels(name).inc(n)
+        elif key == "geofence_status":
+            metrics.geofence_statuses.inc(n)
+        elif key in ("courier_offline", "courier_back"):
+            metrics.alerts.labels(key).inc(n)
 
 
 class Daemon:
@@ -78,11 +90,14 @@ class Daemon:
         self._last_report = time.monotonic()
         # SimpleQueue: put() is a fraction of Queue.put() on paho's busy thread.
         self.inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
+        owntracks = settings.owntracks.enabled
         self.edge = MqttEdge(
             settings.mqtt,
             self.inbox,
             receive_max=min(65535, settings.ingest.batch_size * 2),
             on_subscribed=on_subscribed,
+            subscriptions=SUBSCRIPTIONS + (OWNTRACKS if owntracks else ()),
+            unsubscriptions=() if owntracks else OWNTRACKS,
         )
         self._dispatch_ready = threading.Event()
         ctx = multiprocessing.get_context("spawn")
@@ -196,6 +211,8 @@ class Daemon:
                 m.outbox_depth.set(stats.pending)
                 m.outbox_failed.set(stats.failed)
                 m.oldest_pending.set(stats.oldest_pending_age_s)
+                m.couriers_offline.set(stats.couriers_offline)
+                m.alerts.labels("courier_offline").inc(stats.watchdog_alerts)
 
     def run(self) -> int:
         self._ingest.start()

@@ -84,6 +84,8 @@ def _read_table() -> tuple[tuple[Status, ...], frozenset[str], frozenset[str]]:
 
 
 CHAIN, CANCELLABLE, STATE_VALUES = _read_table()
+# Orders nothing more happens to: the chain's end, and cancelled.
+FINISHED = frozenset({CHAIN[-1].value, CANCELLED})
 _RANK: dict[str, int] = {NEW: -1, **{s.value: i for i, s in enumerate(CHAIN)}}
 
 
@@ -134,14 +136,24 @@ def decide(
     at = event.ts or received_at
     info = event.courier_info if event.courier_info is not None else profile
     reached = CHAIN[have + 1 : want + 1]
+    sources = {s: event.source if s == event.status else "fill" for s in reached}
     transitions = tuple(
-        Transition(event.order_id, s, s != event.status, event.event_id, at) for s in reached
-    )
-    pushes = tuple(
-        Push(event.order_id, s, push_body(s, info), idempotency_key(event.order_id, s))
+        Transition(
+            event.order_id,
+            s,
+            s != event.status,
+            event.event_id,
+            at,
+            sources[s],
+            event.where if s == event.status else None,
+        )
         for s in reached
     )
-    after = replace(current, state=event.status.value, courier_id=event.courier_id)
+    pushes = tuple(
+        Push(event.order_id, s, push_body(s, info), idempotency_key(event.order_id, s), sources[s])
+        for s in reached
+    )
+    after = replace(current, state=event.status.value, courier_id=event.courier_id, status_at=at)
     return Decision(Outcome.ACCEPTED, after, transitions, pushes)
 
 

@@ -60,6 +60,8 @@ class StatusEvent:
     ts: str | None = None  # RFC 3339, normalised to UTC
     courier_info: Mapping[str, Any] | None = None
     raw: bytes = field(default=b"", compare=False, repr=False)  # kept for dead letters
+    source: str = "app"  # or "geofence": inferred from the courier's fixes
+    where: tuple[float, float] | None = None  # the fix a geofence status fired at
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,12 +86,37 @@ class ProfileUpdate:
 
 
 @dataclass(frozen=True, slots=True)
+class Place:
+    """A pickup or dropoff point; `radius_m` None means the configured default."""
+
+    lat: float
+    lng: float
+    radius_m: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Assignment:
-    """Dispatch (re)binds an order to a courier."""
+    """Dispatch (re)binds an order to a courier, and may say where its places are."""
 
     order_id: str
     courier_id: str
     raw: bytes = field(default=b"", compare=False, repr=False)  # kept for dead letters
+    pickup: Place | None = None
+    dropoff: Place | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CourierOffline:
+    """The courier's phone is gone: its MQTT last will (courierd's or OwnTracks')."""
+
+    courier_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Ignored:
+    """A valid message courierd has no use for (an OwnTracks waypoint, say): counted."""
+
+    kind: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +130,9 @@ class DeadLetter:
     size: int | None = None  # the original payload size, when only its start was kept
 
 
-Input = StatusEvent | LocationFix | ProfileUpdate | Assignment | DeadLetter
+Input = (
+    StatusEvent | LocationFix | ProfileUpdate | Assignment | CourierOffline | Ignored | DeadLetter
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +143,7 @@ class Order:
     state: str = NEW
     courier_id: str | None = None
     held: bool = False  # a cancel is in progress: new pushes wait until it is decided
+    status_at: str | None = None  # when it reached `state` (the transition's `at`)
 
     @property
     def cancelled(self) -> bool:
@@ -122,13 +152,20 @@ class Order:
 
 @dataclass(frozen=True, slots=True)
 class Transition:
-    """One status an order reached; `inferred` when filled in for a skipped status."""
+    """One status an order reached; `inferred` when filled in for a skipped status.
+
+    `source`: "app" (the courier's app said so), "geofence" (its fixes did) or "fill"
+    (skipped, filled in before a later status); `where` is the fix a geofence status
+    fired at.
+    """
 
     order_id: str
     status: Status
     inferred: bool
     event_id: str
     at: str
+    source: str = "app"
+    where: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +176,7 @@ class Push:
     status: Status
     body: str  # the JSON body, fixed when decided so every retry sends the same bytes
     idempotency_key: str
+    source: str = "app"  # the transition's: app, geofence or fill
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +197,7 @@ class BatchReport:
     kinds: Counter[str] = field(default_factory=Counter)
     outcomes: Counter[str] = field(default_factory=Counter)
     rejected: Counter[str] = field(default_factory=Counter)
+    tracking: Counter[str] = field(default_factory=Counter)  # fix_*, geofence_*, ...
     transitions: int = 0
     pushes: int = 0
 
@@ -178,6 +217,8 @@ class DispatchStats:
     oldest_pending_age_s: float = 0.0
     failed: int = 0
     heartbeat_age_s: float = 0.0
+    couriers_offline: int = 0
+    watchdog_alerts: int = 0  # courier_offline alerts the watchdog wrote since last report
 
     def take(self, heartbeat_age_s: float) -> DispatchStats:
         """A copy to send, resetting the deltas (outcomes, latencies)."""
@@ -189,6 +230,7 @@ class DispatchStats:
             self.oldest_pending_age_s,
             self.failed,
             heartbeat_age_s,
+            self.couriers_offline,
         )
         self.outcomes.clear()
         self.latencies.clear()

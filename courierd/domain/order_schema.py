@@ -7,11 +7,13 @@ the document is sent exactly as written, so this model only ever reads it.
 
 from __future__ import annotations
 
-import json
+import math
+from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
-from courierd.errors import InputError
+from courierd.domain import fields
+from courierd.errors import InputError, TelemetryError
 
 
 class _Part(BaseModel):
@@ -87,16 +89,29 @@ class OrderDocument(_Part):
     applied_discounts: list[object] | None = None
 
 
-def check_order(document: bytes, source: str) -> str:
-    """Validate an order document; return its id, or raise InputError naming the field."""
+@dataclass(frozen=True, slots=True)
+class OrderFacts:
+    """What courierd keeps of a submitted order: its id, store and delivery point."""
+
+    order_id: str
+    store_id: str | None
+    address: tuple[float, float] | None  # delivery_address lat/lng, when they are numbers
+
+
+def check_order(document: bytes, source: str) -> OrderFacts:
+    """Validate an order document, or raise InputError naming the field.
+
+    The JSON must be strict (what `fields.load_object` accepts: no NaN, no runaway
+    nesting or digits); the document itself is sent to OneTablet exactly as written.
+    """
     try:
-        parsed = json.loads(document)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{source} is not valid JSON: {e}") from None
-    if not isinstance(parsed, dict):
-        raise InputError(f"{source} must hold one JSON object (an order), not a list or value")
+        parsed = fields.load_object(document)
+    except TelemetryError as e:
+        if e.reason == "not_object":
+            raise InputError(f"{source} must hold one JSON object (an order): {e.detail}") from None
+        raise InputError(f"{source} is not valid JSON: {e.detail}") from None
     try:
-        return OrderDocument.model_validate(parsed).id
+        order = OrderDocument.model_validate(parsed)
     except ValidationError as e:
         first = e.errors()[0]
         field = ".".join(str(p) for p in first["loc"]) or "order"
@@ -105,3 +120,25 @@ def check_order(document: bytes, source: str) -> str:
         raise InputError(
             f"invalid order in {source}: field {field!r}: {first['msg']}{more}"
         ) from None
+    try:
+        order_id = fields.check_text(order.id, "id", fields.MAX_ID)
+        store = order.store.merchant_supplied_id if order.store else None
+        store_id = None if store is None else fields.check_text(store, "store", fields.MAX_ID)
+    except TelemetryError as e:
+        raise InputError(f"invalid order in {source}: {e.detail}") from None
+    return OrderFacts(order_id, store_id, _point(order.delivery_address))
+
+
+def _point(address: DeliveryAddress | None) -> tuple[float, float] | None:
+    """The API text sends coordinates as strings; a point only if both are real ones."""
+    if address is None or address.lat is None or address.lng is None:
+        return None
+    try:
+        lat, lng = float(address.lat), float(address.lng)
+    except ValueError:
+        return None
+    if not (math.isfinite(lat) and math.isfinite(lng)):
+        return None
+    if not (-90 <= lat <= 90 and -180 <= lng <= 180):
+        return None
+    return lat, lng

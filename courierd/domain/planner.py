@@ -4,6 +4,12 @@ The ingest process loads a `Snapshot` of the rows the batch touches, calls
 `plan_batch`, and writes the resulting `Effects` in the same transaction. Keeping this
 pure lets the property tests replay arbitrary batchings, duplicates and crashes
 without a database.
+
+Every status goes through `decide`, whoever says so: a courier's app, or the geofence
+rules reading its fixes (an inferred status is an ordinary status event of the bound
+courier, with a deterministic id `geo:{order}:{status}`). Fixes also keep each courier's
+last accepted position, and every valid message from a courier marks it seen: one that
+had been reported offline is reported back (CONTRACT.md 9).
 """
 
 from __future__ import annotations
@@ -11,32 +17,70 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from typing import Any
 
-from courierd.domain.lifecycle import decide
+from courierd.domain import geofence
+from courierd.domain.geofence import GeofenceRules, Track
+from courierd.domain.lifecycle import FINISHED, decide
 from courierd.domain.model import (
     REJECTED_OUTCOMES,
     Assignment,
+    CourierOffline,
     DeadLetter,
     Decision,
+    Ignored,
     Input,
     LocationFix,
     Order,
     Outcome,
+    Place,
     ProfileUpdate,
     Push,
     StatusEvent,
     Transition,
+    dumps,
+    iso,
 )
+
+ALERTS_TOPIC = "dispatch/alerts"
+
+
+@dataclass(slots=True)
+class CourierState:
+    """What courierd keeps per courier: its last accepted fix, when it was last heard
+    from (courierd's clock), and whether it has been reported offline."""
+
+    fix: LocationFix | None = None
+    last_seen: float | None = None
+    offline: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Places:
+    """Where an order is picked up and dropped off, as far as courierd knows."""
+
+    pickup: Place | None = None
+    dropoff: Place | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Notification:
+    """A QoS 1 message for courierd to publish (alerts, order events), JSON payload."""
+
+    topic: str
+    payload: str
 
 
 @dataclass(slots=True)
 class Snapshot:
-    """The stored rows a batch needs: its orders, which event ids were seen, profiles.
+    """The stored rows a batch needs.
 
     Rows that could not be read (an unknown state, a profile that is not JSON) are
     named in `corrupt_orders` / `corrupt_profiles`: events that need them are refused
-    (`corrupt_row`) instead of stopping ingest for everyone.
+    (`corrupt_row`) instead of stopping ingest for everyone. `active` lists, for the
+    couriers that sent fixes or a last will, their orders that are bound and not
+    finished; `places` and `tracks` are those orders' places and geofence state.
     """
 
     orders: dict[str, Order] = field(default_factory=dict)
@@ -44,6 +88,10 @@ class Snapshot:
     profiles: dict[str, Mapping[str, Any]] = field(default_factory=dict)
     corrupt_orders: set[str] = field(default_factory=set)
     corrupt_profiles: set[str] = field(default_factory=set)
+    couriers: dict[str, CourierState] = field(default_factory=dict)
+    active: dict[str, set[str]] = field(default_factory=dict)
+    places: dict[str, Places] = field(default_factory=dict)
+    tracks: dict[str, Track] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -56,71 +104,234 @@ class Effects:
     dead_letters: list[DeadLetter] = field(default_factory=list)
     event_ids: dict[str, str] = field(default_factory=dict)  # event id → its order id
     profiles: dict[str, Mapping[str, Any] | None] = field(default_factory=dict)
-    locations: dict[str, LocationFix] = field(default_factory=dict)
+    couriers: dict[str, CourierState] = field(default_factory=dict)  # changed ones
+    assigned: dict[str, Places] = field(default_factory=dict)  # places from dispatch
+    tracks: dict[str, Track] = field(default_factory=dict)
+    track_points: list[LocationFix] = field(default_factory=list)
+    notifications: list[Notification] = field(default_factory=list)
     counts: Counter[str] = field(default_factory=Counter)
 
 
-def plan_batch(snapshot: Snapshot, inputs: Iterable[Input], *, received_at: str) -> Effects:
-    """Decide every input in arrival order; later inputs see earlier ones' effects."""
-    orders = dict(snapshot.orders)
-    seen = set(snapshot.seen_event_ids)
-    profiles: dict[str, Mapping[str, Any] | None] = dict(snapshot.profiles)
-    corrupt_profiles = set(snapshot.corrupt_profiles)
-    fx = Effects()
+def plan_batch(
+    snapshot: Snapshot,
+    inputs: Iterable[Input],
+    *,
+    now: float,
+    geofence_rules: GeofenceRules | None = None,
+) -> Effects:
+    """Decide every input in arrival order; later inputs see earlier ones' effects.
+
+    `now` is courierd's clock (receive time); `geofence_rules` None turns inference off.
+    """
+    batch = _Batch(snapshot, now, geofence_rules)
     for item in inputs:
+        batch.add(item)
+    return batch.fx
+
+
+def fix_time(fix: LocationFix) -> float:
+    """A fix's own time as unix seconds (its `ts` is the stored UTC text)."""
+    return datetime.fromisoformat(fix.ts).timestamp()
+
+
+class _Batch:
+    """The fold's state: the snapshot, updated by each input in turn."""
+
+    def __init__(self, snap: Snapshot, now: float, rules: GeofenceRules | None) -> None:
+        self.snap = snap
+        self.now = now
+        self.received_at = iso(now)
+        self.rules = rules
+        self.orders = dict(snap.orders)
+        self.seen = set(snap.seen_event_ids)
+        self.profiles: dict[str, Mapping[str, Any] | None] = dict(snap.profiles)
+        self.corrupt_profiles = set(snap.corrupt_profiles)
+        self.active = {c: set(ids) for c, ids in snap.active.items()}
+        self.places = dict(snap.places)
+        self.tracks = dict(snap.tracks)
+        self.fx = Effects()
+
+    def add(self, item: Input) -> None:
         if isinstance(item, StatusEvent):
-            if item.order_id in snapshot.corrupt_orders or (
-                item.courier_info is None and item.courier_id in corrupt_profiles
-            ):
-                decision = Decision(Outcome.CORRUPT_ROW, Order(item.order_id))
-            else:
-                decision = decide(
-                    orders.get(item.order_id),
-                    item,
-                    duplicate=item.event_id in seen,
-                    profile=profiles.get(item.courier_id),
-                    received_at=received_at,
-                )
-            if item.event_id not in seen and decision.outcome is not Outcome.CORRUPT_ROW:
-                seen.add(item.event_id)
-                fx.event_ids[item.event_id] = item.order_id
-            fx.counts[decision.outcome.value] += 1
-            if decision.outcome in REJECTED_OUTCOMES:
-                fx.dead_letters.append(_rejected(item, decision.outcome))
-                continue
-            if decision.transitions:
-                orders[item.order_id] = fx.orders[item.order_id] = decision.order
-                fx.transitions.extend(decision.transitions)
-                fx.pushes.extend(decision.pushes)
+            self._seen(item.courier_id)
+            self._status(item)
         elif isinstance(item, LocationFix):
-            latest = fx.locations.get(item.courier_id)
-            if latest is None or item.ts >= latest.ts:
-                fx.locations[item.courier_id] = item
-            fx.counts["location"] += 1
+            self._seen(item.courier_id)
+            self._fix(item)
         elif isinstance(item, ProfileUpdate):
-            profiles[item.courier_id] = fx.profiles[item.courier_id] = item.courier_info
-            corrupt_profiles.discard(item.courier_id)  # a new profile replaces the bad row
-            fx.counts["profile"] += 1
+            self.profiles[item.courier_id] = self.fx.profiles[item.courier_id] = item.courier_info
+            self.corrupt_profiles.discard(item.courier_id)  # a new profile replaces a bad row
+            self.fx.counts["profile"] += 1
         elif isinstance(item, Assignment):
-            if item.order_id in snapshot.corrupt_orders:
-                fx.dead_letters.append(
-                    DeadLetter(
-                        "dispatch/assignments",
-                        item.raw,
-                        Outcome.CORRUPT_ROW.value,
-                        f"the stored row of order {item.order_id} is unreadable",
-                    )
-                )
-                fx.counts[Outcome.CORRUPT_ROW.value] += 1
-                continue
-            current = orders.get(item.order_id) or Order(item.order_id)
-            bound = replace(current, courier_id=item.courier_id)
-            orders[item.order_id] = fx.orders[item.order_id] = bound
-            fx.counts["assignment"] += 1
+            self._assignment(item)
+        elif isinstance(item, CourierOffline):
+            self._offline(item.courier_id)
+        elif isinstance(item, Ignored):
+            self.fx.counts[f"ignored_{item.kind}"] += 1
         else:
-            fx.dead_letters.append(item)
-            fx.counts["rejected"] += 1
-    return fx
+            self.fx.dead_letters.append(item)
+            self.fx.counts["rejected"] += 1
+
+    # -- statuses ---------------------------------------------------------------------
+
+    def _status(self, event: StatusEvent) -> None:
+        if event.order_id in self.snap.corrupt_orders or (
+            event.courier_info is None and event.courier_id in self.corrupt_profiles
+        ):
+            decision = Decision(Outcome.CORRUPT_ROW, Order(event.order_id))
+        else:
+            decision = decide(
+                self.orders.get(event.order_id),
+                event,
+                duplicate=event.event_id in self.seen,
+                profile=self.profiles.get(event.courier_id),
+                received_at=self.received_at,
+            )
+        if event.event_id not in self.seen and decision.outcome is not Outcome.CORRUPT_ROW:
+            self.seen.add(event.event_id)
+            self.fx.event_ids[event.event_id] = event.order_id
+        if event.source == "app":
+            self.fx.counts[decision.outcome.value] += 1
+        elif decision.outcome is Outcome.ACCEPTED:
+            self.fx.counts["geofence_status"] += 1
+        if decision.outcome in REJECTED_OUTCOMES:
+            self.fx.dead_letters.append(_rejected(event, decision.outcome))
+            return
+        if decision.transitions:
+            self._bind(decision.order)
+            self.fx.transitions.extend(decision.transitions)
+            self.fx.pushes.extend(decision.pushes)
+
+    def _bind(self, order: Order) -> None:
+        """Record the order's new state, and keep `active` (courier → orders) true."""
+        before = self.orders.get(order.order_id)
+        self.orders[order.order_id] = self.fx.orders[order.order_id] = order
+        if before is not None and before.courier_id is not None:
+            self.active.get(before.courier_id, set()).discard(order.order_id)
+        if order.courier_id is not None and order.state not in FINISHED:
+            self.active.setdefault(order.courier_id, set()).add(order.order_id)
+
+    def _assignment(self, item: Assignment) -> None:
+        if item.order_id in self.snap.corrupt_orders:
+            self.fx.dead_letters.append(
+                DeadLetter(
+                    "dispatch/assignments",
+                    item.raw,
+                    Outcome.CORRUPT_ROW.value,
+                    f"the stored row of order {item.order_id} is unreadable",
+                )
+            )
+            self.fx.counts[Outcome.CORRUPT_ROW.value] += 1
+            return
+        current = self.orders.get(item.order_id) or Order(item.order_id)
+        if current.courier_id != item.courier_id:
+            self.tracks[item.order_id] = self.fx.tracks[item.order_id] = Track()  # new courier
+        self._bind(replace(current, courier_id=item.courier_id))
+        if item.pickup is not None or item.dropoff is not None:
+            known = self.places.get(item.order_id, Places())
+            places = Places(item.pickup or known.pickup, item.dropoff or known.dropoff)
+            self.places[item.order_id] = places
+            self.fx.assigned[item.order_id] = Places(item.pickup, item.dropoff)
+        self.fx.counts["assignment"] += 1
+
+    # -- couriers ---------------------------------------------------------------------
+
+    def _courier(self, courier_id: str) -> CourierState:
+        state = self.fx.couriers.get(courier_id)
+        if state is None:
+            known = self.snap.couriers.get(courier_id) or CourierState()
+            state = self.fx.couriers[courier_id] = CourierState(
+                known.fix, known.last_seen, known.offline
+            )
+        return state
+
+    def _seen(self, courier_id: str) -> None:
+        """A valid message from the courier: it is there (and back, if reported gone)."""
+        state = self._courier(courier_id)
+        state.last_seen = self.now
+        if state.offline:
+            state.offline = False
+            self._alert("courier_back", courier_id, self.now)
+
+    def _offline(self, courier_id: str) -> None:
+        """A last will: reported offline at once, if it has work (once per silence)."""
+        self.fx.counts["lwt"] += 1
+        state = self._courier(courier_id)
+        if state.offline or not self.active.get(courier_id):
+            return
+        state.offline = True
+        self._alert("courier_offline", courier_id, state.last_seen)
+
+    def _alert(self, kind: str, courier_id: str, last_seen: float | None) -> None:
+        payload = {
+            "type": kind,
+            "courier_id": courier_id,
+            "order_ids": sorted(self.active.get(courier_id, ())),
+            "last_seen": None if last_seen is None else iso(last_seen),
+            "at": self.received_at,
+        }
+        self.fx.notifications.append(Notification(ALERTS_TOPIC, dumps(payload)))
+        self.fx.counts[kind] += 1
+
+    # -- fixes ------------------------------------------------------------------------
+
+    def _fix(self, fix: LocationFix) -> None:
+        """Screen the fix against the courier's last accepted one; then the geofences of
+        the courier's active orders that have places."""
+        state = self._courier(fix.courier_id)
+        point = geofence.Fix(fix_time(fix), fix.lat, fix.lng, fix.accuracy_m, fix.speed_mps)
+        last = state.fix
+        previous = None
+        if last is not None:
+            previous = geofence.Fix(fix_time(last), last.lat, last.lng, last.accuracy_m)
+        rules = self.rules or GeofenceRules()
+        reason = geofence.screen(previous, point, rules)
+        if reason is not None:
+            self.fx.counts[f"fix_{reason}"] += 1
+            return
+        state.fix = fix
+        self.fx.counts["location"] += 1
+        if self.rules is None:
+            return
+        tracked = False
+        for order_id in sorted(self.active.get(fix.courier_id, ())):
+            places = self.places.get(order_id)
+            order = self.orders.get(order_id)
+            if places is None or order is None or order.courier_id != fix.courier_id:
+                continue
+            tracked = True
+            self._step(order, places, fix, point)
+        if tracked:
+            self.fx.track_points.append(fix)
+
+    def _step(self, order: Order, places: Places, fix: LocationFix, point: geofence.Fix) -> None:
+        track = self.tracks.get(order.order_id, Track())
+        since = None if order.status_at is None else _unix(order.status_at)
+        assert self.rules is not None
+        track, status = geofence.step(
+            track, order.state, since, places.pickup, places.dropoff, point, self.rules
+        )
+        self.tracks[order.order_id] = self.fx.tracks[order.order_id] = track
+        if status is None:
+            return
+        self._status(
+            StatusEvent(
+                f"geo:{order.order_id}:{status.value}",
+                order.order_id,
+                order.courier_id or fix.courier_id,
+                status,
+                fix.ts,
+                source="geofence",
+                where=(fix.lat, fix.lng),
+            )
+        )
+
+
+def _unix(text: str) -> float | None:
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        return None
 
 
 def _rejected(event: StatusEvent, outcome: Outcome) -> DeadLetter:

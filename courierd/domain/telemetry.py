@@ -14,14 +14,18 @@ from typing import Any
 from courierd.domain import fields
 from courierd.domain.model import (
     Assignment,
+    CourierOffline,
     DeadLetter,
+    Ignored,
     Input,
     LocationFix,
+    Place,
     ProfileUpdate,
     Status,
     StatusEvent,
     format_ts,
 )
+from courierd.domain.owntracks import CourierIdFrom, parse_owntracks
 from courierd.errors import TelemetryError
 
 log = logging.getLogger(__name__)
@@ -34,17 +38,39 @@ ASSIGNMENTS_TOPIC = "dispatch/assignments"
 # All of couriers/#, not only the known kinds: a courier app publishing to a wrong
 # topic then shows up as an `unknown_topic` dead letter instead of vanishing.
 SUBSCRIPTIONS = ("couriers/#", ASSIGNMENTS_TOPIC)
+# courierd's own topics under couriers/ (order events for the courier): not input.
+OUTPUT_KINDS = frozenset({"orders"})
 _STATUSES = {s.value: s for s in Status}
 _VEHICLE_FIELDS = ("color", "make", "model")
 
 
-def parse(topic: str, payload: bytes, *, now: float, size: int | None = None) -> Input:
+def parse(
+    topic: str,
+    payload: bytes,
+    *,
+    now: float,
+    size: int | None = None,
+    owntracks: CourierIdFrom | None = "user",
+) -> Input:
     """Turn one message into an input; anything unusable becomes a DeadLetter.
 
     `now` (unix time) bounds how far in the future a fix may be; `size` is the
-    original payload size when the edge kept only the start of an oversized payload.
+    original payload size when the edge kept only the start of an oversized payload;
+    `owntracks` says where an OwnTracks courier id comes from (None: OwnTracks is off).
     """
     try:
+        if topic.startswith("owntracks/"):
+            if owntracks is None:
+                return Ignored("owntracks_disabled")
+            if (len(payload) if size is None else size) > MAX_PAYLOAD:
+                raise TelemetryError("too_large", "OwnTracks payload exceeds 64 KiB")
+            return parse_owntracks(
+                topic,
+                payload,
+                now=now,
+                courier_id_from=owntracks,
+                future_slack_s=FUTURE_SLACK_S,
+            )
         return _parse(topic, payload, now, len(payload) if size is None else size)
     except TelemetryError as e:
         return DeadLetter(topic, payload, e.reason, e.detail, size)
@@ -61,7 +87,8 @@ def _parse(topic: str, payload: bytes, now: float, size: int) -> Input:
         courier_id = fields.required_string(doc, "courier_id", fields.MAX_ID)
         if any(c in courier_id for c in "/+#"):
             raise TelemetryError("wrong_type", "courier_id must be one topic level (no / + #)")
-        return Assignment(fields.order_id(doc), courier_id, payload)
+        pickup, dropoff = place(doc, "pickup"), place(doc, "dropoff")
+        return Assignment(fields.order_id(doc), courier_id, payload, pickup, dropoff)
     parts = topic.split("/")
     if len(parts) != 3 or parts[0] != "couriers" or not parts[1]:
         raise TelemetryError("unknown_topic", f"topic {topic[:200]!r} is not one courierd reads")
@@ -75,6 +102,10 @@ def _parse(topic: str, payload: bytes, now: float, size: int) -> Input:
         if not payload:
             return ProfileUpdate(courier_id, None)
         return ProfileUpdate(courier_id, courier_info(fields.load_object(payload), "profile"))
+    if kind == "lwt":  # the app's MQTT last will: whatever the payload, it is gone
+        return CourierOffline(courier_id)
+    if kind in OUTPUT_KINDS:  # what courierd itself publishes to the courier
+        return Ignored("courierd_output")
     raise TelemetryError("unknown_topic", f"topic {topic[:200]!r} is not one courierd reads")
 
 
@@ -104,6 +135,18 @@ def _location(courier_id: str, doc: dict[str, Any], now: float) -> LocationFix:
         fields.number(doc, "speed_mps", low=0),
         fields.number(doc, "heading", low=-360, high=360),
     )
+
+
+def place(doc: dict[str, Any], key: str) -> Place | None:
+    """An optional place `{"lat", "lng", "radius_m"?}` (CONTRACT.md 7)."""
+    value = doc.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise TelemetryError("wrong_type", f"{key} must be an object with lat and lng")
+    lat, lng = fields.position(value, "lat", "lng", where=key)
+    radius = fields.number(value, "radius_m", low=1, high=100_000, where=key)
+    return Place(lat, lng, radius)
 
 
 def courier_info(value: Any, where: str) -> dict[str, Any]:

@@ -68,6 +68,34 @@ class Metrics:
             "QoS 0 messages dropped because ingest was too far behind (QoS 1 never is)",
             registry=r,
         )
+        self.fixes_ignored = Counter(
+            "courierd_fixes_ignored",
+            "Location fixes the filters ignored (inaccurate, not_newer, too_fast)",
+            ["reason"],
+            registry=r,
+        )
+        self.geofence_statuses = Counter(
+            "courierd_geofence_statuses",
+            "Statuses inferred from fixes and accepted (each is pushed like an app's)",
+            registry=r,
+        )
+        self.alerts = Counter(
+            "courierd_alerts",
+            "Alerts written to dispatch/alerts (courier_offline, courier_back)",
+            ["type"],
+            registry=r,
+        )
+        self.ignored = Counter(
+            "courierd_messages_ignored",
+            "Valid messages courierd has no use for (OwnTracks waypoints, its own output)",
+            ["kind"],
+            registry=r,
+        )
+        self.couriers_offline = Gauge(
+            "courierd_couriers_offline",
+            "Couriers with active orders reported offline (silent, or their last will)",
+            registry=r,
+        )
         self.database_ok = Gauge(
             "courierd_database_ok",
             "1 while the database takes writes (0: disk full, locked, unreachable)",

@@ -23,7 +23,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from courierd.config import MqttSettings
-from courierd.domain.telemetry import MAX_PAYLOAD, SUBSCRIPTIONS
+from courierd.domain.telemetry import MAX_PAYLOAD
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +56,14 @@ class MqttEdge:
         inbox: queue.SimpleQueue[Message],
         receive_max: int,
         on_subscribed: Callable[[], None] = lambda: None,
+        subscriptions: tuple[str, ...] = ("couriers/#", "dispatch/assignments"),
+        unsubscriptions: tuple[str, ...] = (),
     ) -> None:
         self._on_subscribed = on_subscribed
+        self.subscriptions = subscriptions
+        # Filters a persistent session may still hold from an earlier configuration
+        # (OwnTracks turned off): dropped on every connect, or they would keep flowing.
+        self.unsubscriptions = unsubscriptions
         self.max_backlog = max(10_000, receive_max * 4)
         self.dropped_qos0 = 0
         self.settings = settings
@@ -143,9 +149,11 @@ class MqttEdge:
             options = SubscribeOptions(
                 qos=1, retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB
             )
-            client.subscribe([(topic, options) for topic in SUBSCRIPTIONS])
+            client.subscribe([(topic, options) for topic in self.subscriptions])
         else:
-            client.subscribe([(topic, 1) for topic in SUBSCRIPTIONS])
+            client.subscribe([(topic, 1) for topic in self.subscriptions])
+        if self.unsubscriptions:
+            client.unsubscribe(list(self.unsubscriptions))
         self.connected.set()
 
     def _on_subscribe(self, _c: paho.Client, _u: Any, _mid: int, reasons: Any, _p: Any) -> None:

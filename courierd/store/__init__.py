@@ -6,6 +6,8 @@ same `Store`, whose parts each do one thing:
 - `writer`  (writer.py): a batch of MQTT inputs → one transaction of effects;
 - `outbox`  (outbox.py): push claims in order per order, results, cancel holds;
 - `queries` (queries.py): what `order show` and the operator commands read;
+- `notices` (notices.py): MQTT messages to publish, and the offline watchdog;
+- `registry` (registry.py): the store registry, and the places of submitted orders;
 - `retention` (retention.py): pruning what finished orders leave behind.
 
 The backend (`db`) is a `Database` (db.py): sqlite.py today.
@@ -13,22 +15,35 @@ The backend (`db`) is a `Database` (db.py): sqlite.py today.
 
 from __future__ import annotations
 
-from courierd.config import StoreSettings
+from courierd.config import GeofenceSettings, StoreSettings
+from courierd.domain.geofence import GeofenceRules
 from courierd.store.db import Database
+from courierd.store.notices import Notices
 from courierd.store.outbox import Outbox
 from courierd.store.queries import Queries
+from courierd.store.registry import Registry
 from courierd.store.retention import Retention
 from courierd.store.writer import BatchWriter
+
+DEFAULT_RULES = GeofenceRules()
 
 
 class Store:
     """One connection to courierd's database and the jobs done over it."""
 
-    def __init__(self, db: Database, *, retention_s: float = 30 * 86400.0) -> None:
+    def __init__(
+        self,
+        db: Database,
+        *,
+        retention_s: float = 30 * 86400.0,
+        geofence_rules: GeofenceRules | None = DEFAULT_RULES,
+    ) -> None:
         self.db = db
-        self.writer = BatchWriter(db)
+        self.writer = BatchWriter(db, geofence_rules)
         self.outbox = Outbox(db)
         self.queries = Queries(db)
+        self.notices = Notices(db)
+        self.registry = Registry(db)
         self.retention = Retention(db, retention_s)
 
     def close(self) -> None:
@@ -41,7 +56,12 @@ class Store:
         self.close()
 
 
-def open_store(settings: StoreSettings, *, readonly: bool = False) -> Store:
+def open_store(
+    settings: StoreSettings,
+    *,
+    readonly: bool = False,
+    geofence: GeofenceSettings | None = None,
+) -> Store:
     """The configured database, opened (and migrated, unless `readonly`)."""
     from courierd.store.sqlite import SqliteDatabase
 
@@ -51,4 +71,15 @@ def open_store(settings: StoreSettings, *, readonly: bool = False) -> Store:
         busy_timeout_s=settings.busy_timeout_s,
         readonly=readonly,
     )
-    return Store(db, retention_s=settings.retention_days * 86400.0)
+    return Store(
+        db,
+        retention_s=settings.retention_days * 86400.0,
+        geofence_rules=geofence_rules(geofence or GeofenceSettings()),
+    )
+
+
+def geofence_rules(settings: GeofenceSettings) -> GeofenceRules | None:
+    """The rules the planner applies; None when inference is turned off."""
+    if not settings.enabled:
+        return None
+    return GeofenceRules(**settings.model_dump(exclude={"enabled"}))

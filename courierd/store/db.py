@@ -54,6 +54,11 @@ class Database(abc.ABC):
     @abc.abstractmethod
     def schema_version(self) -> int: ...
 
+    def for_update_of(self, alias: str) -> str:
+        """`for_update` limited to one table of a join (PostgreSQL refuses to lock the
+        nullable side of an outer join)."""
+        return f"{self.for_update} OF {alias}" if self.for_update else ""
+
     def reclaim_free_pages(self, step: int) -> int:
         """Give freed space back to the file system, if the engine needs telling."""
         return 0

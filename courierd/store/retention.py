@@ -17,6 +17,7 @@ from courierd.domain.model import iso
 from courierd.store.db import Database, placeholders
 
 MAX_BATCH = 5000
+TRACK_KEPT_S = 86400.0  # the operator page's courier tracks: a day at most
 
 
 @dataclass(slots=True)
@@ -26,10 +27,11 @@ class Pruned:
     orders: int = 0
     dead_letters: int = 0
     legacy_events: int = 0
+    track_points: int = 0
 
     @property
     def total(self) -> int:
-        return self.orders + self.dead_letters + self.legacy_events
+        return self.orders + self.dead_letters + self.legacy_events + self.track_points
 
 
 class Retention:
@@ -61,6 +63,11 @@ class Retention:
                 "DELETE FROM dead_letters WHERE id IN (SELECT id FROM dead_letters "
                 "WHERE received_at < ? ORDER BY received_at LIMIT ?)",
                 (cutoff, self.batch),
+            )
+            done.track_points = self.db.changed(
+                "DELETE FROM track_points WHERE id IN (SELECT id FROM track_points "
+                "WHERE recorded_at < ? ORDER BY recorded_at LIMIT ?)",
+                (iso(now - min(self.retention_s, TRACK_KEPT_S)), self.batch * 10),
             )
             since = self.db.value("SELECT value FROM meta WHERE key = 'legacy_events_since'")
             if since is not None and since < cutoff:

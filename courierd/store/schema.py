@@ -127,5 +127,57 @@ def _sqlite_2(db: sqlite_utils.Database) -> None:
         db.execute(statement)
 
 
+_SQLITE_3 = (
+    # When the order reached its state (the geofence's departure rule needs it).
+    "ALTER TABLE orders ADD COLUMN status_at TEXT",
+    # Places: from dispatch's assignment, else the store registry / the order's address.
+    "ALTER TABLE orders ADD COLUMN pickup_lat REAL",
+    "ALTER TABLE orders ADD COLUMN pickup_lng REAL",
+    "ALTER TABLE orders ADD COLUMN pickup_radius_m REAL",
+    "ALTER TABLE orders ADD COLUMN dropoff_lat REAL",
+    "ALTER TABLE orders ADD COLUMN dropoff_lng REAL",
+    "ALTER TABLE orders ADD COLUMN dropoff_radius_m REAL",
+    "ALTER TABLE orders ADD COLUMN store_id TEXT",  # the order's store.merchant_supplied_id
+    "ALTER TABLE orders ADD COLUMN address_lat REAL",  # the order's delivery_address
+    "ALTER TABLE orders ADD COLUMN address_lng REAL",
+    "ALTER TABLE orders ADD COLUMN track TEXT",  # the geofence rules' state, JSON
+    # A courier's active orders, found without a scan on every fix.
+    "CREATE INDEX orders_active ON orders(courier_id) "
+    "WHERE courier_id IS NOT NULL AND state NOT IN ('dropoff', 'cancelled')",
+    # Where a status came from (app, geofence, fill) and, for a geofence one, where.
+    "ALTER TABLE transitions ADD COLUMN source TEXT",
+    "UPDATE transitions SET source = CASE WHEN inferred = 1 THEN 'fill' ELSE 'app' END",
+    "ALTER TABLE transitions ADD COLUMN lat REAL",
+    "ALTER TABLE transitions ADD COLUMN lng REAL",
+    "ALTER TABLE outbox ADD COLUMN source TEXT",
+    # The offline watchdog: when a courier was last heard from, and whether it was
+    # reported offline (one alert per silence).
+    "ALTER TABLE couriers ADD COLUMN last_seen REAL",
+    "ALTER TABLE couriers ADD COLUMN offline INTEGER NOT NULL DEFAULT 0",
+    "CREATE INDEX couriers_online ON couriers(last_seen) WHERE offline = 0",
+    "CREATE TABLE stores (merchant_supplied_id TEXT PRIMARY KEY, lat REAL NOT NULL, "
+    "lng REAL NOT NULL, radius_m REAL, updated_at TEXT NOT NULL) WITHOUT ROWID",
+    # Recent accepted fixes of couriers with geofenced orders, for the operator page.
+    "CREATE TABLE track_points (id INTEGER PRIMARY KEY, courier_id TEXT NOT NULL, "
+    "ts TEXT NOT NULL, lat REAL NOT NULL, lng REAL NOT NULL, accuracy_m REAL, "
+    "recorded_at TEXT NOT NULL)",
+    "CREATE INDEX track_points_courier ON track_points(courier_id, ts)",
+    "CREATE INDEX track_points_recorded ON track_points(recorded_at)",
+    # MQTT messages for courierd to publish (alerts, order events): an outbox too.
+    "CREATE TABLE notifications (id INTEGER PRIMARY KEY, topic TEXT NOT NULL, "
+    "payload TEXT NOT NULL, created_at REAL NOT NULL)",
+)
+
+
+def _sqlite_3(db: sqlite_utils.Database) -> None:
+    """Places, geofence state, sources, the offline watchdog, stores, track, notifications."""
+    for statement in _SQLITE_3:
+        db.execute(statement)
+
+
 # Append only: a released migration never changes; user_version counts those applied.
-SQLITE_MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_sqlite_1, _sqlite_2)
+SQLITE_MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (
+    _sqlite_1,
+    _sqlite_2,
+    _sqlite_3,
+)

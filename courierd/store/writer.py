@@ -1,24 +1,47 @@
 """The batch writer: read the rows a batch touches, plan it, write every effect at once.
 
 One transaction per batch (group commit): orders, transitions, outbox rows, dead
-letters, event ids and courier rows are committed together, and only then does the
-MQTT process acknowledge the batch. The rows are read inside the write transaction, so
-nothing (an `order cancel`, another instance) changes them between read and write.
+letters, event ids, courier rows, geofence tracks and notifications are committed
+together, and only then does the MQTT process acknowledge the batch. The rows are read
+inside the write transaction, so nothing (an `order cancel`, another instance) changes
+them between read and write: SQLite's BEGIN IMMEDIATE makes the transaction exclusive;
+on PostgreSQL the rows are locked (`for_update`), orders before couriers, each sorted,
+so that instances never deadlock.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
+from typing import Any
 
+from courierd.domain.geofence import GeofenceRules, Track
 from courierd.domain.lifecycle import valid_state
-from courierd.domain.model import Assignment, Input, Order, StatusEvent, dumps, iso
-from courierd.domain.planner import Effects, Snapshot, plan_batch
+from courierd.domain.model import (
+    Assignment,
+    CourierOffline,
+    Input,
+    LocationFix,
+    Order,
+    Place,
+    StatusEvent,
+    dumps,
+    iso,
+)
+from courierd.domain.planner import CourierState, Effects, Places, Snapshot, plan_batch
 from courierd.store.db import Database, chunks, placeholders
 from courierd.store.schema import HELD, PENDING
 
 # Dead letters keep the start of the payload (enough to see what an app sent) and its size.
 DEAD_LETTER_KEEP = 4096
+
+_ORDER_COLUMNS = (
+    "o.order_id, o.state, o.courier_id, o.hold_until, o.status_at, "
+    "o.pickup_lat, o.pickup_lng, o.pickup_radius_m, s.lat, s.lng, s.radius_m, "
+    "o.dropoff_lat, o.dropoff_lng, o.dropoff_radius_m, o.address_lat, o.address_lng, o.track"
+)
+_ORDERS_FROM = "FROM orders AS o LEFT JOIN stores AS s ON s.merchant_supplied_id = o.store_id"
 
 
 def safe_text(text: str) -> str:
@@ -26,52 +49,75 @@ def safe_text(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "")
 
 
+def _place(lat: Any, lng: Any, radius: Any) -> Place | None:
+    return None if lat is None or lng is None else Place(lat, lng, radius)
+
+
 class BatchWriter:
     """Commits batches of parsed inputs; see the module text."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, geofence_rules: GeofenceRules | None = None) -> None:
         self.db = db
+        self.geofence_rules = geofence_rules
 
     def commit(self, inputs: Sequence[Input], *, now: float) -> Effects:
         """Decide a batch of inputs and write all its effects in one transaction."""
-        now_iso = iso(now)
-        order_ids, event_ids, courier_ids = [], [], []
+        order_ids: set[str] = set()
+        event_ids: list[str] = []
+        couriers: set[str] = set()
+        tracked: set[str] = set()  # couriers whose active orders the batch needs
         for item in inputs:
             if isinstance(item, StatusEvent):
-                order_ids.append(item.order_id)
+                order_ids.add(item.order_id)
                 event_ids.append(item.event_id)
-                courier_ids.append(item.courier_id)
+                couriers.add(item.courier_id)
+            elif isinstance(item, LocationFix | CourierOffline):
+                couriers.add(item.courier_id)
+                tracked.add(item.courier_id)
             elif isinstance(item, Assignment):
-                order_ids.append(item.order_id)
+                order_ids.add(item.order_id)
+                couriers.add(item.courier_id)
         with self.db.transaction():
-            snap = self.snapshot(order_ids, event_ids, courier_ids, now=now)
-            fx = plan_batch(snap, inputs, received_at=now_iso)
-            self.write(fx, snap, now=now, now_iso=now_iso)
+            snap = self.snapshot(order_ids, event_ids, couriers, tracked, now=now)
+            fx = plan_batch(snap, inputs, now=now, geofence_rules=self.geofence_rules)
+            self.write(fx, snap, now=now)
         return fx
 
     def snapshot(
         self,
-        order_ids: Iterable[str],
-        event_ids: Iterable[str],
-        courier_ids: Iterable[str],
+        order_ids: set[str],
+        event_ids: list[str],
+        couriers: set[str],
+        tracked: set[str],
         *,
         now: float,
     ) -> Snapshot:
         """The rows a batch needs; call inside `transaction()` so nobody changes them."""
         snap = Snapshot()
         db = self.db
-        # Sorted: instances sharing a PostgreSQL database lock rows in the same order.
-        for chunk in chunks(sorted(set(order_ids))):
-            for oid, state, courier, hold_until in db.rows(
-                "SELECT order_id, state, courier_id, hold_until FROM orders "
-                f"WHERE order_id IN ({placeholders(chunk)}) ORDER BY order_id{db.for_update}",
-                chunk,
-            ):
-                if not valid_state(state):
-                    snap.corrupt_orders.add(oid)
-                    continue
-                held = hold_until is not None and hold_until > now
-                snap.orders[oid] = Order(oid, state, courier, held)
+        self._couriers(snap, couriers)
+        # Couriers reported offline need their orders too: a message brings them back.
+        tracked |= {c for c, state in snap.couriers.items() if state.offline}
+        where = []
+        params: list[Any] = []
+        for chunk in chunks(order_ids):
+            where.append(f"o.order_id IN ({placeholders(chunk)})")
+            params += chunk
+        for chunk in chunks(tracked):
+            where.append(
+                f"(o.courier_id IN ({placeholders(chunk)}) "
+                "AND o.state NOT IN ('dropoff', 'cancelled'))"
+            )
+            params += chunk
+        if where:
+            # One statement, sorted: PostgreSQL instances lock orders in the same order.
+            rows = db.rows(
+                f"SELECT {_ORDER_COLUMNS} {_ORDERS_FROM} WHERE {' OR '.join(where)} "
+                f"ORDER BY o.order_id{db.for_update_of('o')}",
+                params,
+            )
+            for row in rows:
+                self._order(snap, row, now)
         for chunk in chunks(event_ids):
             snap.seen_event_ids.update(
                 row[0]
@@ -81,12 +127,23 @@ class BatchWriter:
                     chunk,
                 )
             )
-        for chunk in chunks(courier_ids):
-            for cid, profile in db.rows(
-                "SELECT courier_id, profile FROM couriers "
-                f"WHERE courier_id IN ({placeholders(chunk)}) AND profile IS NOT NULL",
+        return snap
+
+    def _couriers(self, snap: Snapshot, couriers: set[str]) -> None:
+        for chunk in chunks(sorted(couriers)):
+            for cid, profile, fix_ts, lat, lng, acc, speed, heading, seen, offline in self.db.rows(
+                "SELECT courier_id, profile, fix_ts, lat, lng, accuracy_m, speed_mps, "
+                "heading, last_seen, offline FROM couriers "
+                f"WHERE courier_id IN ({placeholders(chunk)}) "
+                f"ORDER BY courier_id{self.db.for_update}",
                 chunk,
             ):
+                fix = None
+                if fix_ts is not None and lat is not None and lng is not None:
+                    fix = LocationFix(cid, fix_ts, lat, lng, acc, speed, heading)
+                snap.couriers[cid] = CourierState(fix, seen, bool(offline))
+                if profile is None:
+                    continue
                 try:
                     info = json.loads(profile)
                 except (TypeError, ValueError, RecursionError):
@@ -95,22 +152,66 @@ class BatchWriter:
                     snap.profiles[cid] = info
                 else:
                     snap.corrupt_profiles.add(cid)
-        return snap
 
-    def write(self, fx: Effects, snap: Snapshot, *, now: float, now_iso: str) -> None:
+    @staticmethod
+    def _order(snap: Snapshot, row: tuple[Any, ...], now: float) -> None:
+        (oid, state, courier, hold_until, status_at, p_lat, p_lng, p_rad, s_lat, s_lng, s_rad,
+         d_lat, d_lng, d_rad, a_lat, a_lng, track) = row  # fmt: skip
+        if not valid_state(state):
+            snap.corrupt_orders.add(oid)
+            return
+        held = hold_until is not None and hold_until > now
+        snap.orders[oid] = Order(oid, state, courier, held, status_at)
+        if courier is not None and state not in ("dropoff", "cancelled"):
+            snap.active.setdefault(courier, set()).add(oid)
+        pickup = _place(p_lat, p_lng, p_rad) or _place(s_lat, s_lng, s_rad)
+        dropoff = _place(d_lat, d_lng, d_rad) or _place(a_lat, a_lng, None)
+        if pickup is not None or dropoff is not None:
+            snap.places[oid] = Places(pickup, dropoff)
+        if track is not None:
+            with contextlib.suppress(ValueError):  # unreadable: the rules start over
+                snap.tracks[oid] = Track.from_json(track)
+
+    def write(self, fx: Effects, snap: Snapshot, *, now: float) -> None:
         """Write every effect of a batch; call inside `transaction()` (one commit)."""
         db = self.db
+        now_iso = iso(now)
         db.executemany(
-            "INSERT INTO orders (order_id, state, courier_id, updated_at) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT (order_id) DO UPDATE SET state = excluded.state, "
-            "courier_id = excluded.courier_id, updated_at = excluded.updated_at",
-            [(o.order_id, o.state, o.courier_id, now_iso) for o in fx.orders.values()],
+            "INSERT INTO orders (order_id, state, courier_id, updated_at, status_at) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (order_id) DO UPDATE SET "
+            "state = excluded.state, courier_id = excluded.courier_id, "
+            "updated_at = excluded.updated_at, status_at = excluded.status_at",
+            [(o.order_id, o.state, o.courier_id, now_iso, o.status_at) for o in fx.orders.values()],
+        )
+        for kind in ("pickup", "dropoff"):  # an assignment's place replaces the known one
+            db.executemany(
+                f"UPDATE orders SET {kind}_lat = ?, {kind}_lng = ?, {kind}_radius_m = ? "
+                "WHERE order_id = ?",
+                [
+                    (place.lat, place.lng, place.radius_m, oid)
+                    for oid, places in fx.assigned.items()
+                    if (place := getattr(places, kind)) is not None
+                ],
+            )
+        db.executemany(
+            "UPDATE orders SET track = ? WHERE order_id = ?",
+            [(track.to_json(), oid) for oid, track in fx.tracks.items()],
         )
         db.executemany(
-            "INSERT INTO transitions (order_id, status, inferred, event_id, at, recorded_at) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT INTO transitions (order_id, status, inferred, event_id, at, recorded_at, "
+            "source, lat, lng) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
-                (t.order_id, t.status.value, int(t.inferred), t.event_id, t.at, now_iso)
+                (
+                    t.order_id,
+                    t.status.value,
+                    int(t.inferred),
+                    t.event_id,
+                    t.at,
+                    now_iso,
+                    t.source,
+                    None if t.where is None else t.where[0],
+                    None if t.where is None else t.where[1],
+                )
                 for t in fx.transitions
             ],
         )
@@ -118,7 +219,7 @@ class BatchWriter:
         held = {oid for oid, o in {**snap.orders, **fx.orders}.items() if o.held}
         db.executemany(
             "INSERT INTO outbox (order_id, status, body, idempotency_key, state, "
-            "attempts, next_attempt_at, created_at) VALUES (?, ?, ?, ?, ?, 0, ?, ?) "
+            "attempts, next_attempt_at, created_at, source) VALUES (?, ?, ?, ?, ?, 0, ?, ?, ?) "
             "ON CONFLICT (idempotency_key) DO NOTHING",
             [
                 (
@@ -129,6 +230,7 @@ class BatchWriter:
                     HELD if p.order_id in held else PENDING,
                     now,
                     now,
+                    p.source,
                 )
                 for p in fx.pushes
             ],
@@ -162,18 +264,24 @@ class BatchWriter:
                 for cid, info in fx.profiles.items()
             ],
         )
-        # Pings arrive out of order too: an older fix never replaces a newer one.
+        # The planner read these rows in this transaction: what it says is the truth.
         db.executemany(
-            "INSERT INTO couriers (courier_id, fix_ts, lat, lng, accuracy_m, speed_mps, heading) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (courier_id) DO UPDATE SET "
-            "fix_ts = excluded.fix_ts, lat = excluded.lat, lng = excluded.lng, "
-            "accuracy_m = excluded.accuracy_m, speed_mps = excluded.speed_mps, "
-            "heading = excluded.heading "
-            "WHERE couriers.fix_ts IS NULL OR excluded.fix_ts >= couriers.fix_ts",
-            [
-                (f.courier_id, f.ts, f.lat, f.lng, f.accuracy_m, f.speed_mps, f.heading)
-                for f in fx.locations.values()
-            ],
+            "INSERT INTO couriers (courier_id, fix_ts, lat, lng, accuracy_m, speed_mps, "
+            "heading, last_seen, offline) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (courier_id) DO UPDATE SET fix_ts = excluded.fix_ts, "
+            "lat = excluded.lat, lng = excluded.lng, accuracy_m = excluded.accuracy_m, "
+            "speed_mps = excluded.speed_mps, heading = excluded.heading, "
+            "last_seen = excluded.last_seen, offline = excluded.offline",
+            [_courier_row(cid, state) for cid, state in sorted(fx.couriers.items())],
+        )
+        db.executemany(
+            "INSERT INTO track_points (courier_id, ts, lat, lng, accuracy_m, recorded_at) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            [(f.courier_id, f.ts, f.lat, f.lng, f.accuracy_m, now_iso) for f in fx.track_points],
+        )
+        db.executemany(
+            "INSERT INTO notifications (topic, payload, created_at) VALUES (?, ?, ?)",
+            [(n.topic, n.payload, now) for n in fx.notifications],
         )
 
     def heartbeat(self, now: float) -> None:
@@ -184,3 +292,20 @@ class BatchWriter:
                 "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                 (iso(now),),
             )
+
+
+def _courier_row(courier_id: str, state: CourierState) -> tuple[Any, ...]:
+    f = state.fix
+    if f is None:
+        return (courier_id, None, None, None, None, None, None, state.last_seen, int(state.offline))
+    return (
+        courier_id,
+        f.ts,
+        f.lat,
+        f.lng,
+        f.accuracy_m,
+        f.speed_mps,
+        f.heading,
+        state.last_seen,
+        int(state.offline),
+    )

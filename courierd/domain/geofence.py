@@ -1,0 +1,262 @@
+"""Statuses inferred from location fixes: the geofence rules of CONTRACT.md 7, pure.
+
+Two steps, both plain functions of plain values (no I/O, no clock; times are the fixes'
+own `ts`, so buffered fixes sent late replay exactly as they would have live):
+
+- `screen` is the per-courier filter: it drops fixes that are inaccurate, not newer than
+  the courier's last accepted one, or that would need an impossible speed to reach.
+- `step` takes one accepted fix of the order's bound courier and the order's `Track`
+  (the little state the rules need, stored per order as JSON) and returns the new track
+  and at most one status to infer, the furthest the rules justify. The caller turns it
+  into an ordinary status event (`lifecycle.decide` fills skipped statuses, drops stale
+  ones and keeps cancelled orders cancelled).
+
+Why these rules do not flap. A naive geofence (Traccar's, for one) fires enter and exit
+on every crossing of the circle, so a courier parked at its edge, or one GPS glitch,
+produces a stream of events. Here a status is only ever inferred forwards, and each rule
+needs sustained evidence:
+
+- *Filters*: a fix whose reported accuracy is worse than `max_accuracy_m`, or which is
+  further from the last accepted fix than `max_speed_mps` allows, never reaches the rules.
+- *Dwell*: arrival needs the courier inside the radius for `dwell_s` AND across
+  `min_fixes` consecutive fixes; any fix outside starts the streak over. One fix inside
+  (a drive-by, a glitch) is not an arrival, nor are two fixes a second apart.
+- *Hysteresis*: departure is judged against `exit_factor` x radius, not the radius
+  itself, so noise around the edge of the circle is neither in nor out; it needs
+  `min_fixes` consecutive fixes beyond it, and only once the order has sat at
+  `arrived_at_store` for `depart_after_s` (a courier who just arrived is not leaving).
+- *Dropoff* is off unless `auto_dropoff`: telling a customer their food is at the door
+  on a guess is worse than waiting for the courier to tap the button.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from courierd.domain.geo import between
+from courierd.domain.lifecycle import CHAIN
+from courierd.domain.model import NEW, Place, Status, dumps
+
+_RANK: dict[str, int] = {NEW: -1, **{s.value: i for i, s in enumerate(CHAIN)}}
+_ARRIVING = _RANK[Status.ARRIVING_AT_STORE.value]
+_ARRIVED = _RANK[Status.ARRIVED_AT_STORE.value]
+_OUT = _RANK[Status.DASHER_OUT_FOR_DELIVERY.value]
+_DROPOFF = _RANK[Status.DROPOFF.value]
+
+
+@dataclass(frozen=True, slots=True)
+class GeofenceRules:
+    """The `[geofence]` settings the rules use (`enabled` is the caller's business)."""
+
+    max_accuracy_m: float = 50.0
+    max_speed_mps: float = 50.0
+    approach_m: float = 1000.0
+    radius_m: float = 100.0
+    dwell_s: float = 30.0
+    min_fixes: int = 2
+    depart_after_s: float = 60.0
+    exit_factor: float = 2.0
+    auto_dropoff: bool = False
+    dropoff_radius_m: float = 50.0
+    dropoff_dwell_s: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Fix:
+    """One location fix; `ts` is the fix's own unix time in seconds."""
+
+    ts: float
+    lat: float
+    lng: float
+    accuracy_m: float | None = None
+    speed_mps: float | None = None
+
+
+def screen(last: Fix | None, fix: Fix, rules: GeofenceRules) -> str | None:
+    """None if `fix` is accepted, else why not: "inaccurate", "not_newer" or "too_fast".
+
+    `last` is the courier's last ACCEPTED fix (None before the first). A fix without an
+    accuracy is accepted. Comparisons are written so that NaN is rejected, never accepted.
+
+    An outlier that does get accepted (the first fix after a silence, say) heals by
+    itself: the distance allowed from it grows with the time since it, so the courier's
+    true fixes are accepted again after at most distance ÷ `max_speed_mps` seconds,
+    and only they, never the outlier, can then move the rules along.
+    """
+    if fix.accuracy_m is not None and not fix.accuracy_m <= rules.max_accuracy_m:
+        return "inaccurate"
+    if last is None:
+        return None
+    elapsed = fix.ts - last.ts
+    if not elapsed > 0:
+        return "not_newer"
+    if not between(last, fix) <= rules.max_speed_mps * elapsed:
+        return "too_fast"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Track:
+    """Per-order state of the rules, stored as JSON and rewritten on every accepted fix.
+
+    `last_ts`: the ts of the last fix consumed (an older or equal one changes nothing).
+    `seen`, `since`: the order state the track last saw and the ts of the first fix seen
+    at it, the start of that status when the caller does not know when it began.
+    `inside_since`, `inside_count`: the current streak of fixes within the pickup radius.
+    `outside_count`: the current streak of fixes beyond the exit radius (departure).
+    `drop_since`, `drop_count`: the current streak of fixes within the dropoff radius.
+    """
+
+    last_ts: float | None = None
+    seen: str | None = None
+    since: float | None = None
+    inside_since: float | None = None
+    inside_count: int = 0
+    outside_count: int = 0
+    drop_since: float | None = None
+    drop_count: int = 0
+
+    def to_json(self) -> str:
+        """Compact JSON; empty streaks are left out."""
+        doc: dict[str, Any] = {}
+        if self.last_ts is not None:
+            doc["last"] = self.last_ts
+        if self.seen is not None:
+            doc["seen"], doc["since"] = self.seen, self.since
+        if self.inside_count:
+            doc["in"] = [self.inside_since, self.inside_count]
+        if self.outside_count:
+            doc["out"] = self.outside_count
+        if self.drop_count:
+            doc["drop"] = [self.drop_since, self.drop_count]
+        return dumps(doc)
+
+    @classmethod
+    def from_json(cls, text: str) -> Track:
+        """Read a stored track; ValueError if it is anything but what `to_json` writes."""
+        try:
+            doc = json.loads(text, parse_constant=_reject_constant)
+        except RecursionError as e:
+            raise ValueError("track JSON is nested too deeply") from e
+        if not isinstance(doc, dict):
+            raise ValueError("track JSON is not an object")
+        extra = set(doc) - {"last", "seen", "since", "in", "out", "drop"}
+        if extra:
+            raise ValueError(f"track JSON has unknown keys {sorted(extra)}")
+        last = _time(doc["last"]) if "last" in doc else None
+        seen: str | None = None
+        since: float | None = None
+        if "seen" in doc or "since" in doc:
+            seen, since = doc.get("seen"), _time(doc.get("since"))
+            if not isinstance(seen, str) or seen not in _RANK:
+                raise ValueError("track JSON has an unknown `seen` state")
+        inside_since, inside_count = _streak(doc["in"]) if "in" in doc else (None, 0)
+        drop_since, drop_count = _streak(doc["drop"]) if "drop" in doc else (None, 0)
+        outside_count = _count(doc["out"]) if "out" in doc else 0
+        return cls(
+            last, seen, since, inside_since, inside_count, outside_count, drop_since, drop_count
+        )
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"track JSON holds {name}")
+
+
+def _time(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("track JSON has a time that is not a number")
+    if not math.isfinite(value):
+        raise ValueError("track JSON has a time that is not finite")
+    return float(value)
+
+
+def _count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError("track JSON has a count that is not a positive integer")
+    return value
+
+
+def _streak(value: Any) -> tuple[float | None, int]:
+    if not isinstance(value, list) or len(value) != 2:
+        raise ValueError("track JSON has a streak that is not [since, count]")
+    return _time(value[0]), _count(value[1])
+
+
+def radius(place: Place, default_m: float) -> float:
+    """The place's own radius, else the configured one."""
+    return default_m if place.radius_m is None else place.radius_m
+
+
+def step(
+    track: Track,
+    status: str,
+    status_at: float | None,
+    pickup: Place | None,
+    dropoff: Place | None,
+    fix: Fix,
+    rules: GeofenceRules,
+) -> tuple[Track, Status | None]:
+    """Feed one accepted fix of the bound courier to an order's track.
+
+    `status` is the order's state ("new" or a chain value), `status_at` the unix time it
+    reached it (None when unknown: the first fix seen at that status then stands in).
+    Returns the new track and at most one status to infer, always ahead of `status`.
+    A fix not newer than the last one consumed, or a finished (or unknown) state,
+    changes nothing.
+    """
+    rank = _RANK.get(status)
+    if rank is None or rank >= _DROPOFF:
+        return track, None
+    if track.last_ts is not None and not fix.ts > track.last_ts:
+        return track, None
+    since = track.since if track.seen == status and track.since is not None else fix.ts
+    # Each streak only runs while the order is at the statuses its rule serves; moving
+    # on starts the next rule's streak from nothing.
+    inside: tuple[float | None, int] = (None, 0)
+    outside = 0
+    drop: tuple[float | None, int] = (None, 0)
+    found: Status | None = None
+
+    if pickup is not None and rank < _ARRIVED:
+        d = between(fix, pickup)
+        if d <= radius(pickup, rules.radius_m):
+            inside = _extend(track.inside_since, track.inside_count, fix.ts)
+            if _dwelt(inside, fix.ts, rules.dwell_s, rules.min_fixes):
+                found = Status.ARRIVED_AT_STORE
+        if found is None and rank < _ARRIVING and d <= rules.approach_m:
+            found = Status.ARRIVING_AT_STORE
+    elif pickup is not None and rank == _ARRIVED:
+        start = since if status_at is None else status_at
+        exit_m = rules.exit_factor * radius(pickup, rules.radius_m)
+        if fix.ts >= start + rules.depart_after_s and between(fix, pickup) > exit_m:
+            outside = track.outside_count + 1
+            if outside >= rules.min_fixes:
+                found = Status.DASHER_OUT_FOR_DELIVERY
+    elif (
+        dropoff is not None
+        and rank == _OUT
+        and rules.auto_dropoff
+        and between(fix, dropoff) <= radius(dropoff, rules.dropoff_radius_m)
+    ):
+        drop = _extend(track.drop_since, track.drop_count, fix.ts)
+        if _dwelt(drop, fix.ts, rules.dropoff_dwell_s, rules.min_fixes):
+            found = Status.DROPOFF
+
+    after = Track(fix.ts, status, since, inside[0], inside[1], outside, drop[0], drop[1])
+    return after, found
+
+
+def _extend(since: float | None, count: int, ts: float) -> tuple[float, int]:
+    """The streak after one more fix in it (a new streak starts at `ts`)."""
+    if since is None or count == 0:
+        return ts, 1
+    return since, count + 1
+
+
+def _dwelt(streak: tuple[float | None, int], ts: float, dwell_s: float, min_fixes: int) -> bool:
+    """Whether a streak is long enough in both time and fixes."""
+    start, count = streak
+    return start is not None and count >= min_fixes and ts - start >= dwell_s
