@@ -186,7 +186,7 @@ class Dispatcher:
             self._wake.set()
             return
         try:
-            self.client.delivery_status(row.order_id, row.body, row.idempotency_key)
+            self.client.delivery_status(row.order_id, row.body, row.idempotency_key, row.source)
             attempt = Attempt(row, "delivered")
         except Unavailable as e:
             attempt = Attempt(row, "retry", str(e), e.retry_after)

@@ -96,9 +96,17 @@ class OneTabletClient:
             body["cancel_details"] = details
         return self._operation(CANCEL, f"/orders/{_path(order_id)}/cancel", order_id, body)
 
-    def delivery_status(self, order_id: str, body: str, idempotency_key: str) -> Reply:
-        """`POST /orders/{id}/delivery-status` with a body fixed when the push was decided."""
+    def delivery_status(
+        self, order_id: str, body: str, idempotency_key: str, source: str | None = None
+    ) -> Reply:
+        """`POST /orders/{id}/delivery-status` with a body fixed when the push was decided.
+
+        `source` (app, geofence, fill) travels in `x-courierd-source`: OneTablet ignores
+        it, the sandbox's page shows it.
+        """
         headers = {"idempotency-key": idempotency_key}
+        if source:
+            headers["x-courierd-source"] = source
         if self.transport == "rest":
             return self._call(
                 f"/orders/{_path(order_id)}/delivery-status", order_id, body.encode(), headers

@@ -18,7 +18,7 @@ from courierd.store.schema import PENDING
 
 # Both halves use partial indexes (outbox_due, outbox_open): delivered rows cost nothing.
 CLAIM_SQL = (
-    "SELECT id, order_id, status, body, idempotency_key, attempts, created_at "
+    "SELECT id, order_id, status, body, idempotency_key, attempts, created_at, source "
     "FROM outbox AS o WHERE state = 'pending' AND next_attempt_at <= ? "
     "AND NOT EXISTS (SELECT 1 FROM outbox AS p WHERE p.order_id = o.order_id "
     "AND p.state IN ('pending', 'failed') AND p.id < o.id) "
@@ -37,6 +37,7 @@ class OutboxRow:
     idempotency_key: str
     attempts: int
     created_at: float
+    source: str | None = None  # app, geofence or fill (shown to the sandbox in a header)
 
 
 @dataclass(frozen=True, slots=True)
