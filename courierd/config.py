@@ -92,6 +92,9 @@ class OneTabletSettings(_Section):
 
 
 class StoreSettings(_Section):
+    # postgresql://user:password@host/db selects PostgreSQL (several instances as one
+    # cluster); `path` is then ignored. The password is kept out of logs and messages.
+    url: SecretStr | None = None
     path: Path = Path("./var/courierd.db")
     # FULL survives power loss; NORMAL in WAL mode may lose the last commits.
     synchronous: Literal["FULL", "NORMAL"] = "FULL"
@@ -99,6 +102,26 @@ class StoreSettings(_Section):
     retention_days: float = Field(30.0, gt=0, le=36500)
     # How long a write waits for a lock another connection holds (an operator's shell).
     busy_timeout_s: float = Field(10.0, gt=0, le=600)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        parts = urlsplit(value.get_secret_value())
+        if parts.scheme not in ("postgresql", "postgres") or not parts.path.strip("/"):
+            raise ValueError("must look like postgresql://user:password@host:5432/dbname")
+        return value
+
+    @property
+    def postgres_url(self) -> str | None:
+        return None if self.url is None else self.url.get_secret_value()
+
+
+class ClusterSettings(_Section):
+    # MQTT sessions the instances of a cluster share out (PostgreSQL only). More slots
+    # than instances lets the load spread; keep it once chosen (see README).
+    slots: int = Field(4, ge=1, le=64)
 
 
 class IngestSettings(_Section):
@@ -175,6 +198,7 @@ class Settings(BaseSettings):
     mqtt: MqttSettings = MqttSettings()
     onetablet: OneTabletSettings = OneTabletSettings()
     store: StoreSettings = StoreSettings()
+    cluster: ClusterSettings = ClusterSettings()
     ingest: IngestSettings = IngestSettings()
     http: HttpSettings = HttpSettings()
     geofence: GeofenceSettings = GeofenceSettings()

@@ -5,7 +5,8 @@
     ├── InputError           bad CLI input (order file, arguments) → exit 2, nothing sent
     ├── TelemetryError       bad topic/payload → dead letter, ack, go on
     ├── StoreError           cannot open or migrate the database → exit 1
-    │   └── StoreUnavailable disk full, locked, connection lost → nothing written; retry
+    │   ├── StoreUnavailable disk full, locked, connection lost → nothing written; retry
+    │   └── FencedOut        these MQTT slots are another instance's now → drop, no ack
     └── OneTabletError
         ├── Unavailable      timeout, connection, 5xx, 408, 429 (retry_after) → retry
         ├── Unauthorized     401 → global pause, health red
@@ -46,6 +47,11 @@ class StoreError(CourierdError):
 class StoreUnavailable(StoreError):
     """The database failed this time (full, locked, I/O, connection lost): nothing was
     written, and the same work can be tried again later."""
+
+
+class FencedOut(StoreError):
+    """The batch came through MQTT sessions this instance no longer holds (another one
+    took them over while it was paused): nothing written, and it must not be acked."""
 
 
 class OneTabletError(CourierdError):

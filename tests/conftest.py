@@ -21,8 +21,10 @@ from pathlib import Path
 
 import pytest
 
+from courierd.config import StoreSettings
 from courierd.devtools.sandbox import Sandbox
-from courierd.store import Store
+from courierd.store import Store, open_store
+from tests import pg
 from tests.harness import API_KEY, Broker, Rig, open_path
 
 __all__ = ["API_KEY", "open_path"]
@@ -32,6 +34,8 @@ _LEAKS: list[str] = []
 
 def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault(MARKER, uuid.uuid4().hex)
+    if pg.available() is None:
+        pg.drop_leftovers()  # databases a crashed earlier run left behind
 
 
 def marked_processes() -> dict[int, str]:
@@ -85,6 +89,8 @@ def stop_what_the_test_started(no_process_outlives_the_test: None) -> Iterator[N
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if pg.available() is None:
+        pg.drop_leftovers(everything=True)  # every database this run created
     left = marked_processes()
     _kill_all(left)
     leaks = _LEAKS + [f"(at the end) pid {p} {cmd[:120]}" for p, cmd in left.items()]
@@ -112,8 +118,38 @@ def db_path(tmp_path: Path) -> Path:
     return tmp_path / "var" / "courierd.db"
 
 
+BACKENDS = ["sqlite", "postgres"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    """Each test using it runs once per store backend."""
+    if request.param == "postgres" and (why := pg.available()) is not None:
+        pytest.skip(why)
+    return str(request.param)
+
+
 @pytest.fixture
-def store(db_path: Path) -> Iterator[Store]:
+def store_settings(backend: str, db_path: Path) -> Iterator[StoreSettings]:
+    """Settings of a fresh store on `backend`: a file, or a database dropped afterwards."""
+    if backend == "sqlite":
+        yield StoreSettings(path=db_path)
+        return
+    with pg.database() as url:
+        yield StoreSettings(url=url)
+
+
+@pytest.fixture
+def store(store_settings: StoreSettings) -> Iterator[Store]:
+    """A fresh store, on each backend in turn."""
+    s = open_store(store_settings)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def sqlite_store(db_path: Path) -> Iterator[Store]:
+    """A fresh SQLite store, for what only SQLite has (PRAGMAs, query plans, files)."""
     s = open_path(db_path)
     yield s
     s.close()

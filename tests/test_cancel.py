@@ -4,13 +4,12 @@ store and a real OneTablet stand-in, deterministically (CONTRACT.md 4.4)."""
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from courierd.commands import orders
-from courierd.config import Settings, load_settings
+from courierd.config import Settings, StoreSettings, load_settings
 from courierd.devtools.sandbox import Request, Sandbox
 from courierd.domain.model import Status, StatusEvent
 from courierd.errors import InputError, Rejected
@@ -21,7 +20,11 @@ T0 = 1_700_000_000.0
 
 
 @pytest.fixture
-def settings(onetablet: Sandbox, db_path: Path) -> Settings:
+def settings(onetablet: Sandbox, store_settings: StoreSettings) -> Settings:
+    """Settings for the order commands, on the same store as the `store` fixture."""
+    store = {"path": str(store_settings.path)}
+    if store_settings.postgres_url is not None:
+        store = {"url": store_settings.postgres_url}
     return load_settings(
         None,
         {
@@ -30,7 +33,7 @@ def settings(onetablet: Sandbox, db_path: Path) -> Settings:
                 "api_key": API_KEY,
                 "retry_schedule_s": [0.05],
             },
-            "store": {"path": str(db_path)},
+            "store": store,
         },
     )
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+import psycopg
 import pytest
 
+from courierd.config import StoreSettings
 from courierd.domain.model import (
     DeadLetter,
     LocationFix,
@@ -17,7 +19,7 @@ from courierd.domain.model import (
 )
 from courierd.domain.planner import Effects, Snapshot
 from courierd.errors import InputError, StoreError
-from courierd.store import Store
+from courierd.store import Store, open_store
 from courierd.store.outbox import CLAIM_SQL, PushResult
 from courierd.store.schema import DELIVERED, FAILED, PENDING, SQLITE_MIGRATIONS
 from courierd.store.sqlite import SqliteDatabase
@@ -30,7 +32,9 @@ def status(eid: str, order: str, st: Status, courier: str = "c1") -> StatusEvent
     return StatusEvent(eid, order, courier, st)
 
 
-def test_commit_batch_persists_everything_in_the_file(store: Store, db_path: Path) -> None:
+def test_commit_batch_persists_everything_in_the_file(
+    store: Store, store_settings: StoreSettings
+) -> None:
     """Orders, transitions, pushes, dead letters, events, profile and latest fix survive reopen."""
     store.writer.commit(
         [
@@ -43,7 +47,7 @@ def test_commit_batch_persists_everything_in_the_file(store: Store, db_path: Pat
         now=T0,
     )
     store.close()
-    again = open_path(db_path)
+    again = open_store(store_settings)
     view = again.queries.order_view("o1")
     assert view is not None
     assert view["state"] == "arriving_at_store" and view["courier_id"] == "c1"
@@ -69,7 +73,7 @@ def test_batch_fails_midway_nothing_lands(store: Store) -> None:
     poisoned = Effects()
     poisoned.event_ids["e2"] = "o2"
     poisoned.transitions.append(Transition("o2", Status.DROPOFF, False, "e2", None))  # type: ignore[arg-type]
-    with pytest.raises(sqlite3.IntegrityError), store.db.transaction():
+    with pytest.raises((sqlite3.IntegrityError, psycopg.IntegrityError)), store.db.transaction():
         store.writer.write(poisoned, Snapshot(), now=T0)
     assert store.outbox.get_order("o2") is None
     assert store.db.value("SELECT count(*) FROM processed_events") == 1
@@ -191,12 +195,14 @@ def test_claims_head_of_each_order_only(store: Store) -> None:
         now=T0,
     )
     out = store.outbox
+    assert out.claim_due(T0 - 1, limit=10) == []  # nothing due before it was created
     rows = out.claim_due(T0, limit=10)
     assert _ids(rows) == [("o1", "dasher_confirmed"), ("o2", "dasher_confirmed")]
-    assert out.claim_due(T0 - 1, limit=10) == []  # nothing due before it was created
+    out.unclaim([rows[1].id])  # o1's push stays in flight; o2's was given back
     assert _ids(out.claim_due(T0, limit=10, busy=[rows[0].id])) == [("o2", "dasher_confirmed")]
 
     out.record_results([PushResult(rows[0].id, DELIVERED, T0)])
+    out.unclaim([rows[1].id])
     assert _ids(out.claim_due(T0, 10)) == [
         ("o1", "arriving_at_store"),
         ("o2", "dasher_confirmed"),
@@ -266,12 +272,15 @@ def test_clock_step_keeps_what_was_due_and_what_was_waiting(store: Store) -> Non
     first = out.claim_due(T0, 1)[0]
     out.record_results([PushResult(first.id, PENDING, T0, T0 + 30, "503")])
     assert out.shift_schedule(-3600) == 2
-    assert _ids(out.claim_due(T0 - 3600, 10)) == [("o2", "dasher_confirmed")]
+    due = out.claim_due(T0 - 3600, 10)
+    assert _ids(due) == [("o2", "dasher_confirmed")]
+    out.unclaim([r.id for r in due])
     assert {r.order_id for r in out.claim_due(T0 - 3600 + 30, 10)} == {"o1", "o2"}
 
 
-def test_claim_and_stats_use_partial_indexes(store: Store) -> None:
+def test_claim_and_stats_use_partial_indexes(sqlite_store: Store) -> None:
     """Claiming never scans the outbox table, however many delivered rows it holds."""
+    store = sqlite_store
 
     def plan(sql: str, params: tuple[object, ...] = ()) -> list[str]:
         return [r[3] for r in store.db.rows("EXPLAIN QUERY PLAN " + sql, params)]

@@ -237,8 +237,9 @@ def test_owntracks_booklet_examples_parse() -> None:
     assert type(off).__name__ == "Ignored"
 
 
-def test_the_active_orders_lookup_uses_its_partial_index(store: Store) -> None:
+def test_the_active_orders_lookup_uses_its_partial_index(sqlite_store: Store) -> None:
     """Finding a courier's active orders on every fix is an index lookup, not a scan."""
+    store = sqlite_store
     plan = [
         r[3]
         for r in store.db.rows(

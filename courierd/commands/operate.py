@@ -45,6 +45,12 @@ def operate(args: argparse.Namespace, settings: Settings) -> int:
 def _backup(args: argparse.Namespace, settings: Settings) -> int:
     from courierd.store.sqlite import SqliteDatabase
 
+    if settings.store.url is not None:
+        raise InputError(
+            "backup copies courierd's SQLite file; with PostgreSQL use its own tools, e.g. "
+            'pg_dump --format=custom --file=courierd.dump "$COURIERD_STORE__URL" '
+            "(and pg_restore to bring it back)"
+        )
     destination = args.destination
     if destination.exists():
         raise InputError(f"{destination} exists; choose a new file")

@@ -19,8 +19,9 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
+from courierd.daemon.sessions import Sessions
 from courierd.domain.model import BatchReport
-from courierd.edges.mqtt import Message, MqttEdge
+from courierd.edges.mqtt import Message
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,9 @@ def take_batch(
     return batch
 
 
+FENCED = object()  # the batch's slots are another instance's now: drop it, unacknowledged
+
+
 class IngestFailed(Exception):
     """The ingest process died or reported a bug: fatal for the daemon."""
 
@@ -62,7 +66,7 @@ class Batcher:
         self,
         inbox: queue.SimpleQueue[Message],
         pipe: Connection,
-        edge: MqttEdge,
+        sessions: Sessions,
         *,
         size: int,
         wait_s: float,
@@ -70,7 +74,7 @@ class Batcher:
     ) -> None:
         self.inbox = inbox
         self.pipe = pipe
-        self.edge = edge
+        self.sessions = sessions
         self.size = size
         self.wait_s = wait_s
         self.on_report = on_report
@@ -87,12 +91,15 @@ class Batcher:
                 if time.monotonic() - self._last_write >= PROBE_EVERY_S:
                     self._until_committed(("probe", None), stop)
                 continue
-            request = ("batch", [(m.topic, m.payload, m.size) for m in batch])
+            fence = self.sessions.fence(batch) if self.sessions.shared else None
+            request = ("batch", ([(m.topic, m.payload, m.size) for m in batch], fence))
             report = self._until_committed(request, stop)
             if report is None:
                 return  # stopping with the batch uncommitted: it is redelivered later
+            if report is FENCED:
+                continue  # our slots were taken over: the new holder gets these again
             for message in batch:
-                self.edge.ack(message)
+                self.sessions.ack(message)
             self.on_report(report)
 
     def _until_committed(self, request: tuple[str, Any], stop: threading.Event) -> Any:
@@ -106,6 +113,9 @@ class Batcher:
                     log.warning("ingest.database_recovered after=%d attempts", failures)
                     self.database_problem = None
                 return value if value is not None else True
+            if kind == "fenced":
+                log.warning("ingest.fenced reason=%s (not acknowledged)", value)
+                return FENCED
             if kind != "unavailable":
                 raise IngestFailed(str(value))
             self.database_problem = str(value)

@@ -11,6 +11,7 @@ with backoff, until the key works again.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -31,13 +32,14 @@ from courierd.domain.policy import RETRY_SCHEDULE, retry_delay
 from courierd.edges.onetablet import OneTabletClient
 from courierd.edges.publisher import MqttPublisher
 from courierd.errors import CourierdError, Rejected, StoreUnavailable, Unauthorized, Unavailable
-from courierd.store import open_store
+from courierd.store import Store, open_store
 from courierd.store.outbox import Outbox, OutboxRow, PushResult
 from courierd.store.schema import DELIVERED, FAILED, PENDING
 
 log = logging.getLogger(__name__)
 
 RETRY_SPREAD = 0.1  # retries land within ±10 % of their scheduled wait
+SLOTS_EVERY_S = 2.0  # a cluster member's rounds: heartbeat, renew, rebalance
 CLOCK_STEP_S = 2.0  # a wall-clock jump beyond this (against the monotonic clock) is a step
 
 
@@ -96,6 +98,7 @@ class Dispatcher:
         self._next_stats = 0.0
         self._probe_id: int | None = None  # the one push sent while paused by a 401
         self._claimed_all = False
+        self._next_renew = 0.0
 
     def wake(self) -> None:
         self._wake.set()
@@ -123,17 +126,31 @@ class Dispatcher:
         self.heartbeat = self.monotonic()
         self._follow_clock_step()
         self._record()
+        self._renew()
         self._claimed_all = self._claim()
         self._refresh_stats()
         return self._claimed_all
+
+    def _renew(self) -> None:
+        """On a shared database, keep the claims of pushes still in flight (a dead
+        instance's lapse within `lease_s`, and others take them over)."""
+        now = self.monotonic()
+        if now < self._next_renew or not self._inflight:
+            return
+        self._next_renew = now + self.outbox.lease_s / 3
+        self.outbox.renew(list(self._inflight), self.clock())
 
     def _idle_wait(self) -> float:
         return 1.0 if self._claimed_all else self._until_next_due()
 
     def _drain(self, grace_s: float) -> None:
+        unsent = []
         for row_id, (_, future) in list(self._inflight.items()):
             if future.cancel():  # queued, never sent: it stays pending for next time
                 del self._inflight[row_id]
+                unsent.append(row_id)
+        with contextlib.suppress(StoreUnavailable):
+            self.outbox.unclaim(unsent)  # another instance may take them at once
         deadline = time.monotonic() + grace_s
         while self._inflight and time.monotonic() < deadline:
             self._wake.clear()
@@ -213,6 +230,7 @@ class Dispatcher:
         now = self.clock()
         sent = [a for a in attempts if a.outcome != "skipped"]
         try:
+            self.outbox.unclaim([a.row.id for a in attempts if a.outcome == "skipped"])
             self.outbox.record_results([self._result(a, now) for a in sent])
         finally:
             # Recorded or not, these are no longer in flight. If the database refused the
@@ -296,32 +314,53 @@ class Dispatcher:
 
 
 class _PendingCheck:
-    """ "Still pending?" from any worker thread, each on its own read-only connection."""
+    """ "Still pending, and still ours?" from any worker thread, over a few connections
+    of its own (read-only on SQLite) that the workers take turns with."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, instance: str, connections: int = 4) -> None:
         self.settings = settings
-        self._local = threading.local()
+        self.instance = instance
+        self._free: queue.SimpleQueue[Outbox] = queue.SimpleQueue()
+        self._opened = 0
+        self._lock = threading.Lock()
+        self._limit = connections
 
     def __call__(self, push_id: int) -> bool:
-        outbox = getattr(self._local, "outbox", None)
-        if outbox is None:
-            outbox = self._local.outbox = open_store(self.settings.store, readonly=True).outbox
-        return bool(outbox.is_pending(push_id))
+        outbox = self._take()
+        try:
+            return bool(outbox.is_pending(push_id, time.time()))
+        finally:
+            self._free.put(outbox)
+
+    def _take(self) -> Outbox:
+        with self._lock:
+            if self._free.empty() and self._opened < self._limit:
+                self._opened += 1
+                store = open_store(self.settings.store, readonly=True, instance=self.instance)
+                return store.outbox
+        return self._free.get()
 
 
 def dispatch_main(
-    settings: Settings, reports: Connection, control: Connection, wake: Connection
+    settings: Settings,
+    reports: Connection,
+    control: Connection,
+    wake: Connection,
+    instance: str,
 ) -> None:
     """Entry point of the dispatch process: deliver the outbox until told to stop."""
     worker_setup(settings)
     ot = settings.require_onetablet()
     assert ot.base_url is not None and ot.api_key is not None
+
+    def connect() -> Store:
+        return open_store(settings.store, instance=instance, slots=settings.cluster.slots)
+
     try:
         # Deliveries are marked durably (FULL, one fsync per batch of results): after a
         # power cut only the pushes in flight are sent again, as CONTRACT.md 4.10 says.
-        store = open_store(settings.store)
-        housekeeping_store = open_store(settings.store)
-        notifier_store = open_store(settings.store)
+        store, housekeeping_store, notifier_store = connect(), connect(), connect()
+        cluster_store = connect() if store.db.concurrent else None
     except CourierdError as e:
         reports.send(("fatal", str(e)))
         return
@@ -337,10 +376,12 @@ def dispatch_main(
         client,
         concurrency=ot.max_concurrency,
         schedule=ot.retry_schedule_s,
-        still_pending=_PendingCheck(settings),
+        still_pending=_PendingCheck(settings, instance),
     )
-    publisher = MqttPublisher(settings.mqtt, f"{settings.mqtt.client_id}-out")
-    notifier = Notifier(notifier_store.notices, publisher)
+    # One publisher per instance: a cluster's instances must not share a client id.
+    suffix = "out" if cluster_store is None else f"out-{instance.rsplit(':', 1)[-1]}"
+    publisher = MqttPublisher(settings.mqtt, f"{settings.mqtt.client_id}-{suffix}")
+    notifier = Notifier(notifier_store, publisher)
     housekeeper = Housekeeper(
         housekeeping_store,
         offline_after_s=settings.watchdog.offline_after_s,
@@ -374,9 +415,32 @@ def dispatch_main(
         dispatcher.wake()
         notifier.wake()
 
+    def run_slots(cluster: Store) -> None:
+        """A cluster member: hold a fair share of the MQTT session slots (cluster.py)."""
+        assert cluster.slots is not None
+        held: dict[int, int] = {}
+        cluster.slots.join(time.time(), settings.http.listen)
+        while True:
+            try:
+                now_held = cluster.slots.rebalance(time.time(), held)
+                if now_held != held:
+                    log.info("cluster.slots holding=%s", sorted(now_held))
+                held = now_held
+                report("slots", held)
+            except StoreUnavailable as e:  # the leases run out by themselves meanwhile
+                log.warning("cluster.database_unavailable error=%s", e)
+                held = {}
+                report("slots", held)
+            if stop.wait(SLOTS_EVERY_S):
+                break
+
     worker = threading.Thread(target=run_dispatcher, name="dispatch")
     worker.start()
     threading.Thread(target=run_reporter, name="reporter", daemon=True).start()
+    manager = None
+    if cluster_store is not None:
+        manager = threading.Thread(target=run_slots, args=(cluster_store,), name="slots")
+        manager.start()
     keeper = threading.Thread(target=housekeeper.run, args=(stop,), name="housekeeping")
     keeper.start()
     publishing = threading.Thread(target=notifier.run, args=(stop,), name="notifier")
@@ -389,6 +453,12 @@ def dispatch_main(
     worker.join()
     keeper.join(5)
     publishing.join(5)
+    if manager is not None and cluster_store is not None and cluster_store.slots is not None:
+        manager.join(5)
+        # The MQTT process has disconnected our sessions by now: hand them over at once.
+        with contextlib.suppress(CourierdError):
+            cluster_store.slots.leave()
+        cluster_store.close()
     report("stats", dispatcher.report())
     for each in (store, housekeeping_store, notifier_store):
         each.close()

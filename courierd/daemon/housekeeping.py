@@ -18,6 +18,7 @@ from courierd.store.retention import Pruned
 
 log = logging.getLogger(__name__)
 
+LEASE_S = 15.0  # a cluster: one housekeeper at a time
 HOLDS_EVERY_S = 5.0
 WATCHDOG_EVERY_S = 5.0  # the contract asks for a check at least every 10 s
 FIRST_PRUNE_AFTER_S = 10.0
@@ -51,6 +52,10 @@ class Housekeeper:
         while not stop.wait(min(1.0, self.prune_every_s)):
             now = self.clock()
             try:
+                if self.store.db.concurrent and not self.store.leases.hold(
+                    "housekeeping", now, LEASE_S
+                ):
+                    continue  # another instance of the cluster does it
                 if now >= next_watch:
                     next_watch = now + WATCHDOG_EVERY_S
                     self.watch(now)

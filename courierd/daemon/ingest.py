@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from multiprocessing.connection import Connection
 
 from courierd.config import Settings
@@ -36,7 +36,7 @@ from courierd.domain.model import (
 from courierd.domain.owntracks import CourierIdFrom
 from courierd.domain.planner import Effects
 from courierd.domain.telemetry import parse
-from courierd.errors import CourierdError, StoreUnavailable
+from courierd.errors import CourierdError, FencedOut, StoreError, StoreUnavailable
 from courierd.store import Store, open_store
 from courierd.store.writer import safe_text
 
@@ -62,16 +62,19 @@ def commit_messages(
     messages: Sequence[Raw],
     now: float,
     owntracks: CourierIdFrom | None = "user",
+    slots: Mapping[int, int] | None = None,
 ) -> BatchReport:
-    """Parse and commit one batch; raises only StoreUnavailable (nothing written).
+    """Parse and commit one batch; raises only StoreUnavailable or FencedOut (then
+    nothing was written).
 
-    `owntracks` says where OwnTracks courier ids come from (None: OwnTracks is off).
+    `owntracks` says where OwnTracks courier ids come from (None: OwnTracks is off);
+    `slots` are the cluster's MQTT slots (with epochs) the batch came through.
     """
     inputs = [
         parse(topic, payload, now=now, size=size, owntracks=owntracks)
         for topic, payload, size in messages
     ]
-    fx = _commit_isolating(store, messages, inputs, now)
+    fx = _commit_isolating(store, messages, inputs, now, slots)
     report = BatchReport(len(inputs), transitions=len(fx.transitions), pushes=len(fx.pushes))
     report.kinds.update(_KINDS[type(item)] for item in inputs)
     report.outcomes.update({k: fx.counts[k] for k in OUTCOMES if fx.counts[k]})
@@ -95,12 +98,16 @@ def commit_messages(
 
 
 def _commit_isolating(
-    store: Store, messages: Sequence[Raw], inputs: list[Input], now: float
+    store: Store,
+    messages: Sequence[Raw],
+    inputs: list[Input],
+    now: float,
+    slots: Mapping[int, int] | None = None,
 ) -> Effects:
     """The batch in one transaction, or one message at a time if a message breaks it."""
     try:
-        return store.writer.commit(inputs, now=now)
-    except StoreUnavailable:
+        return store.writer.commit(inputs, now=now, slots=slots)
+    except StoreError:  # the database, or fenced: not the data's fault
         raise
     except Exception as e:
         if len(inputs) == 1:
@@ -109,11 +116,11 @@ def _commit_isolating(
             letter = DeadLetter(
                 topic, payload, "unprocessable", safe_text(f"{type(e).__name__}: {e}")[:500], size
             )
-            return store.writer.commit([letter], now=now)
+            return store.writer.commit([letter], now=now, slots=slots)
         log.warning("ingest.isolating batch=%d error=%r", len(inputs), e)
     merged = Effects()
     for one_message, one_input in zip(messages, inputs, strict=True):
-        fx = _commit_isolating(store, [one_message], [one_input], now)
+        fx = _commit_isolating(store, [one_message], [one_input], now, slots)
         merged.transitions += fx.transitions
         merged.pushes += fx.pushes
         merged.dead_letters += fx.dead_letters
@@ -121,12 +128,12 @@ def _commit_isolating(
     return merged
 
 
-def ingest_main(settings: Settings, pipe: Connection, wake: Connection) -> None:
+def ingest_main(settings: Settings, pipe: Connection, wake: Connection, instance: str) -> None:
     """Entry point of the ingest process: commit batches until told to stop."""
     worker_setup(settings)
     owntracks = settings.owntracks.courier_id if settings.owntracks.enabled else None
     try:
-        store = open_store(settings.store, geofence=settings.geofence)
+        store = open_store(settings.store, geofence=settings.geofence, instance=instance)
     except CourierdError as e:
         pipe.send(("fatal", str(e)))
         return
@@ -143,7 +150,11 @@ def ingest_main(settings: Settings, pipe: Connection, wake: Connection) -> None:
                 store.writer.heartbeat(time.time())
                 pipe.send(("ok", None))
                 continue
-            result = commit_messages(store, batch, time.time(), owntracks)
+            messages, slots = batch
+            result = commit_messages(store, messages, time.time(), owntracks, slots)
+        except FencedOut as e:
+            pipe.send(("fenced", str(e)))
+            continue
         except StoreUnavailable as e:
             log.error("ingest.database_unavailable error=%s", e)
             pipe.send(("unavailable", str(e)))

@@ -5,12 +5,15 @@ starts the ingest and dispatch processes with multiprocessing "spawn" and talks 
 them over pipes; the database is the only state they share. Messages are tuples
 `(kind, value)`:
 
-- ingest pipe, request/reply: ("batch", [(topic, payload, size), ...]) or ("probe",
-  None) → ("ok", BatchReport | None) or ("unavailable", reason: the database failed,
-  nothing was written, try again), or ("fatal", reason); ("stop", None) ends it. It
-  announces itself with ("ready", None) once its database is open.
+- ingest pipe, request/reply: ("batch", ([(topic, payload, size), ...], fence)) or
+  ("probe", None) → ("ok", BatchReport | None), ("unavailable", reason: the database
+  failed, nothing was written, try again), ("fenced", reason: the slots in `fence` are
+  another instance's now, nothing written, do not ack) or ("fatal", reason);
+  ("stop", None) ends it. It announces itself with ("ready", None) once its database
+  is open.
 - report pipe, dispatch → MQTT process: ("ready", None), then ("stats", DispatchStats)
-  every REPORT_S, or ("fatal", reason).
+  every REPORT_S, ("slots", {slot: epoch}) (a cluster: the MQTT sessions to hold), or
+  ("fatal", reason).
 - control pipe, MQTT process → dispatch: ("stop", None).
 - wake pipe, ingest → dispatch: a byte after each commit that enqueued pushes.
 
@@ -49,15 +52,15 @@ def orphaned() -> None:
 # the MQTT process (which must name them) never loads sqlite3, httpx or the store.
 
 
-def ingest_process(settings: Settings, pipe: Connection, wake: Connection) -> None:
+def ingest_process(settings: Settings, pipe: Connection, wake: Connection, instance: str) -> None:
     from courierd.daemon.ingest import ingest_main
 
-    ingest_main(settings, pipe, wake)
+    ingest_main(settings, pipe, wake, instance)
 
 
 def dispatch_process(
-    settings: Settings, reports: Connection, control: Connection, wake: Connection
+    settings: Settings, reports: Connection, control: Connection, wake: Connection, instance: str
 ) -> None:
     from courierd.daemon.dispatch import dispatch_main
 
-    dispatch_main(settings, reports, control, wake)
+    dispatch_main(settings, reports, control, wake, instance)

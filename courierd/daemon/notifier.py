@@ -1,26 +1,32 @@
 """Publishes the notification outbox (alerts, order events) over MQTT, in order.
 
 A thread of the dispatch process. Each notification is published QoS 1 and deleted once
-the broker has acknowledged it; if the broker is away, they wait in the database.
+the broker has acknowledged it; if the broker is away, they wait in the database. In a
+cluster only the instance holding the `notifier` lease publishes, so that alerts keep
+their order (a paused holder's lease runs out, and another takes over).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from courierd.edges.publisher import MqttPublisher
 from courierd.errors import StoreUnavailable
-from courierd.store.notices import Notices
+from courierd.store import Store
 
 log = logging.getLogger(__name__)
+
+LEASE_S = 15.0
 
 
 class Notifier:
     """`run(stop)` until stopped; `wake()` when notifications were written."""
 
-    def __init__(self, notices: Notices, publisher: MqttPublisher) -> None:
-        self.notices = notices
+    def __init__(self, store: Store, publisher: MqttPublisher) -> None:
+        self.store = store
+        self.notices = store.notices
         self.publisher = publisher
         self._wake = threading.Event()
 
@@ -49,6 +55,10 @@ class Notifier:
         """Publish what is due, in order, until one is not acknowledged; how many went."""
         if not self.publisher.connected.is_set():
             return 0
+        if self.store.db.concurrent and not self.store.leases.hold(
+            "notifier", time.time(), LEASE_S
+        ):
+            return 0  # another instance publishes
         done: list[int] = []
         for notice in self.notices.due(limit):
             if not self.publisher.publish(notice.topic, notice.payload):

@@ -23,10 +23,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing
+import os
 import queue
 import signal
+import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from types import FrameType
 from typing import Any
@@ -35,19 +38,37 @@ from courierd.config import Settings
 from courierd.daemon.batcher import Batcher, IngestFailed
 from courierd.daemon.ipc import dispatch_process, ingest_process
 from courierd.daemon.lock import DaemonLock
+from courierd.daemon.sessions import PROFILES, SHARED_KINDS, Sessions
 from courierd.domain.model import BatchReport, DispatchStats
 from courierd.domain.owntracks import SUBSCRIPTIONS as OWNTRACKS
-from courierd.domain.telemetry import SUBSCRIPTIONS
+from courierd.domain.telemetry import ASSIGNMENTS_TOPIC, SUBSCRIPTIONS
 from courierd.edges import systemd
 from courierd.edges.health import HealthServer
 from courierd.edges.metrics import Metrics
-from courierd.edges.mqtt import Message, MqttEdge
+from courierd.edges.mqtt import Message
 from courierd.errors import CourierdError
 
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FATAL = 0, 1
 START_TIMEOUT_S = 60.0
+
+
+def instance_name() -> str:
+    """This run's name in a cluster: host, pid and a random part (a restarted instance,
+    even with the same pid, is a new member with new claims)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+def _once(callback: Callable[[], None]) -> Callable[[], None]:
+    done = threading.Event()
+
+    def call() -> None:
+        if not done.is_set():
+            done.set()
+            callback()
+
+    return call
 
 
 def record_batch(metrics: Metrics, report: BatchReport) -> None:
@@ -91,13 +112,19 @@ class Daemon:
         # SimpleQueue: put() is a fraction of Queue.put() on paho's busy thread.
         self.inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
         owntracks = settings.owntracks.enabled
-        self.edge = MqttEdge(
+        # A cluster (PostgreSQL) reads the broker through shared subscriptions; alone,
+        # courierd subscribes to all of couriers/# (see sessions.py).
+        self.clustered = settings.store.url is not None
+        self.instance = instance_name()
+        kinds = (*SHARED_KINDS, PROFILES, ASSIGNMENTS_TOPIC) if self.clustered else SUBSCRIPTIONS
+        self.sessions = Sessions(
             settings.mqtt,
             self.inbox,
             receive_max=min(65535, settings.ingest.batch_size * 2),
-            on_subscribed=on_subscribed,
-            subscriptions=SUBSCRIPTIONS + (OWNTRACKS if owntracks else ()),
+            subscriptions=kinds + (OWNTRACKS if owntracks else ()),
             unsubscriptions=() if owntracks else OWNTRACKS,
+            shared=self.clustered,
+            on_subscribed=_once(on_subscribed),
         )
         self._dispatch_ready = threading.Event()
         ctx = multiprocessing.get_context("spawn")
@@ -107,13 +134,13 @@ class Daemon:
         wake_reader, wake_writer = ctx.Pipe(duplex=False)
         self._ingest = ctx.Process(
             target=ingest_process,
-            args=(settings, ingest_end, wake_writer),
+            args=(settings, ingest_end, wake_writer, self.instance),
             name="courierd-ingest",
             daemon=True,
         )
         self._dispatch_proc = ctx.Process(
             target=dispatch_process,
-            args=(settings, report_end, control_end, wake_reader),
+            args=(settings, report_end, control_end, wake_reader, self.instance),
             name="courierd-dispatch",
             daemon=True,
         )
@@ -122,7 +149,7 @@ class Daemon:
         self.batcher = Batcher(
             self.inbox,
             self._ingest_pipe,
-            self.edge,
+            self.sessions,
             size=settings.ingest.batch_size,
             wait_s=settings.ingest.batch_ms / 1000,
             on_report=lambda report: record_batch(self.metrics, report),
@@ -139,22 +166,29 @@ class Daemon:
         """What /healthz reports: ok only if MQTT is up, the database takes writes, the
         ingest and dispatch loops are turning and OneTablet accepts the key."""
         reasons = []
-        if not self.edge.subscribed.is_set():
-            reasons.append("mqtt: disconnected from the broker")
+        if not self.sessions.subscribed():
+            if self.clustered and not self.sessions.held():
+                pass  # more instances than slots: this one only delivers pushes
+            else:
+                reasons.append("mqtt: disconnected from the broker")
         if self.batcher.database_problem is not None:
             reasons.append(f"database: {self.batcher.database_problem}")
         reasons += self._stalled()
         reasons += self._fatal
         if self._dispatch.auth_paused:
             reasons.append("onetablet: API key refused (401); pushes paused")
-        return {
+        report: dict[str, Any] = {
             "status": "ok" if not reasons else "error",
             "reasons": reasons,
-            "mqtt": "connected" if self.edge.connected.is_set() else "disconnected",
+            "mqtt": "connected" if self.sessions.connected() else "disconnected",
             "database": "ok" if self.batcher.database_problem is None else "unavailable",
             "onetablet": "unauthorized" if self._dispatch.auth_paused else "ok",
             "outbox_pending": self._dispatch.pending,
         }
+        if self.clustered:
+            report["instance"] = self.instance
+            report["slots"] = self.sessions.held()
+        return report
 
     def _stalled(self) -> list[str]:
         """Loops that stopped turning (they would otherwise look healthy while idle)."""
@@ -200,6 +234,8 @@ class Daemon:
             elif kind == "ready":
                 self._last_report = time.monotonic()
                 self._dispatch_ready.set()
+            elif kind == "slots":
+                self.sessions.hold(value)
             elif kind == "stats":
                 stats: DispatchStats = value
                 self._dispatch, self._last_report = stats, time.monotonic()
@@ -225,7 +261,8 @@ class Daemon:
         if self.http:
             self.http.start()
         self._batch_thread.start()
-        self.edge.start()  # paho connects in the background, and keeps trying
+        if not self.clustered:  # a cluster's slots come from the dispatch process
+            self.sessions.hold({0: 0})  # paho connects in the background, and keeps trying
         systemd.notify("READY=1\nSTATUS=database open; connecting to the broker")
         log.info(
             "daemon.ready store=%s mqtt=%s:%s ingest_pid=%s dispatch_pid=%s",
@@ -239,10 +276,11 @@ class Daemon:
         next_ping = 0.0
         dropped = 0
         while not self.stop_requested.wait(0.2):
-            self.metrics.mqtt_connected.set(1 if self.edge.connected.is_set() else 0)
+            self.metrics.mqtt_connected.set(1 if self.sessions.connected() else 0)
             self.metrics.database_ok.set(0 if self.batcher.database_problem else 1)
-            self.metrics.dropped_qos0.inc(self.edge.dropped_qos0 - dropped)
-            dropped = self.edge.dropped_qos0
+            now_dropped = self.sessions.dropped_qos0()
+            self.metrics.dropped_qos0.inc(max(0, now_dropped - dropped))
+            dropped = now_dropped
             for proc in (self._ingest, self._dispatch_proc):
                 if not proc.is_alive():
                     self._die(f"{proc.name} exited with {proc.exitcode}")
@@ -288,6 +326,9 @@ class Daemon:
         self._stop_intake.set()
         if self._batch_thread.is_alive():
             self._batch_thread.join(timeout=left())
+        # After the batcher (the last batch's acks still go out), before the dispatch
+        # process gives a cluster's slots back: the next holder must not find us there.
+        self.sessions.stop()
         for proc, pipe in (
             (self._ingest, self._ingest_pipe),
             (self._dispatch_proc, self._control_pipe),
@@ -301,7 +342,6 @@ class Daemon:
                 log.warning("daemon.killing %s (past the stop deadline)", proc.name)
                 proc.kill()
                 proc.join(5)
-        self.edge.stop()  # after the batcher: the last batch's acks still go out
         if self.http:
             self.http.stop()
         code = EXIT_FATAL if self._fatal else EXIT_OK
@@ -312,12 +352,14 @@ class Daemon:
 def run_daemon(settings: Settings, on_subscribed: Callable[[], None] = lambda: None) -> int:
     """Entry point of `courierd run`; `on_subscribed` runs once MQTT subscriptions are
     granted (the demo starts its couriers then: a first run has no session yet)."""
-    # First of all: a second daemon on the same database stops here (exit 1, one line).
-    lock = DaemonLock(settings.store.path).acquire()
+    # First of all: a second daemon on the same SQLite file stops here (exit 1, one line).
+    # PostgreSQL is meant to be shared: its instances form a cluster instead.
+    lock = None if settings.store.url is not None else DaemonLock(settings.store.path).acquire()
     try:
         return _run(Daemon(settings, on_subscribed))
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
 
 
 def _run(daemon: Daemon) -> int:

@@ -45,6 +45,7 @@ class Message(NamedTuple):
     qos: int
     generation: int  # which connection delivered it; acks never cross a reconnect
     size: int  # the payload's real size
+    slot: int = 0  # which of the daemon's MQTT sessions delivered it
 
 
 class MqttEdge:
@@ -58,7 +59,10 @@ class MqttEdge:
         on_subscribed: Callable[[], None] = lambda: None,
         subscriptions: tuple[str, ...] = ("couriers/#", "dispatch/assignments"),
         unsubscriptions: tuple[str, ...] = (),
+        slot: int = 0,
+        client_id: str | None = None,
     ) -> None:
+        self.slot = slot
         self._on_subscribed = on_subscribed
         self.subscriptions = subscriptions
         # Filters a persistent session may still hold from an earlier configuration
@@ -75,7 +79,7 @@ class MqttEdge:
         v5 = settings.protocol == "5"
         client = paho.Client(
             CallbackAPIVersion.VERSION2,
-            client_id=settings.client_id,
+            client_id=client_id or settings.client_id,
             protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
             clean_session=None if v5 else False,
             manual_ack=True,
@@ -137,9 +141,10 @@ class MqttEdge:
             return
         self._generation += 1
         log.info(
-            "mqtt.connected broker=%s:%s session_present=%s",
+            "mqtt.connected broker=%s:%s slot=%d session_present=%s",
             self.settings.host,
             self.settings.port,
+            self.slot,
             flags.session_present,
         )
         # Subscribing here means a reconnect resubscribes, session or not.
@@ -180,4 +185,6 @@ class MqttEdge:
         size = len(payload)
         if size > MAX_PAYLOAD:
             payload = payload[:KEEP_OVERSIZED]
-        self.inbox.put(Message(topic, bytes(payload), msg.mid, msg.qos, self._generation, size))
+        self.inbox.put(
+            Message(topic, bytes(payload), msg.mid, msg.qos, self._generation, size, self.slot)
+        )

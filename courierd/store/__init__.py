@@ -10,13 +10,15 @@ same `Store`, whose parts each do one thing:
 - `registry` (registry.py): the store registry, and the places of submitted orders;
 - `retention` (retention.py): pruning what finished orders leave behind.
 
-The backend (`db`) is a `Database` (db.py): sqlite.py today.
+The backend (`db`) is a `Database` (db.py): sqlite.py (the embedded default) or
+postgres.py (`store.url`; several instances share it: cluster.py).
 """
 
 from __future__ import annotations
 
 from courierd.config import GeofenceSettings, StoreSettings
 from courierd.domain.geofence import GeofenceRules
+from courierd.store.cluster import Leases, Slots
 from courierd.store.db import Database
 from courierd.store.notices import Notices
 from courierd.store.outbox import Outbox
@@ -37,10 +39,17 @@ class Store:
         *,
         retention_s: float = 30 * 86400.0,
         geofence_rules: GeofenceRules | None = DEFAULT_RULES,
+        instance: str = "local",
+        slots: int = 4,
     ) -> None:
         self.db = db
-        self.writer = BatchWriter(db, geofence_rules)
-        self.outbox = Outbox(db)
+        self.instance = instance
+        # Shared databases only: the cluster's MQTT session slots, and its leases.
+        self.slots = Slots(db, instance, slots) if db.concurrent else None
+        self.leases = Leases(db, instance)
+        fence = self.slots.holds if self.slots is not None else None
+        self.writer = BatchWriter(db, geofence_rules, fence)
+        self.outbox = Outbox(db, holder=instance)
         self.queries = Queries(db)
         self.notices = Notices(db)
         self.registry = Registry(db)
@@ -61,20 +70,35 @@ def open_store(
     *,
     readonly: bool = False,
     geofence: GeofenceSettings | None = None,
+    instance: str = "local",
+    slots: int = 4,
 ) -> Store:
-    """The configured database, opened (and migrated, unless `readonly`)."""
-    from courierd.store.sqlite import SqliteDatabase
+    """The configured database, opened (and migrated, unless `readonly`).
 
-    db = SqliteDatabase(
-        settings.path,
-        synchronous=settings.synchronous,
-        busy_timeout_s=settings.busy_timeout_s,
-        readonly=readonly,
-    )
+    `instance` names this process's instance in claims and leases (a cluster's members
+    must differ); `slots` is the cluster's MQTT session count.
+    """
+    db: Database
+    url = settings.postgres_url
+    if url is not None:
+        from courierd.store.postgres import PostgresDatabase
+
+        db = PostgresDatabase(url)
+    else:
+        from courierd.store.sqlite import SqliteDatabase
+
+        db = SqliteDatabase(
+            settings.path,
+            synchronous=settings.synchronous,
+            busy_timeout_s=settings.busy_timeout_s,
+            readonly=readonly,
+        )
     return Store(
         db,
         retention_s=settings.retention_days * 86400.0,
         geofence_rules=geofence_rules(geofence or GeofenceSettings()),
+        instance=instance,
+        slots=slots,
     )
 
 

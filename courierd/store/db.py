@@ -30,6 +30,8 @@ class Database(abc.ABC):
     for_update: ClassVar[str] = ""
     # Appended to a claim: rows another instance holds are skipped, not waited for.
     skip_locked: ClassVar[str] = ""
+    # Several instances may share this database: claims then carry a lease.
+    concurrent: ClassVar[bool] = False
 
     #: Where the data lives, for messages (a path, or a URL without its password).
     location: str

@@ -16,13 +16,21 @@ from courierd.errors import InputError
 from courierd.store.db import Database
 from courierd.store.schema import PENDING
 
+_COLUMNS = "id, order_id, status, body, idempotency_key, attempts, created_at, source"
 # Both halves use partial indexes (outbox_due, outbox_open): delivered rows cost nothing.
-CLAIM_SQL = (
-    "SELECT id, order_id, status, body, idempotency_key, attempts, created_at, source "
+_HEADS = (
     "FROM outbox AS o WHERE state = 'pending' AND next_attempt_at <= ? "
     "AND NOT EXISTS (SELECT 1 FROM outbox AS p WHERE p.order_id = o.order_id "
-    "AND p.state IN ('pending', 'failed') AND p.id < o.id) "
-    "ORDER BY next_attempt_at, id LIMIT ?"
+    "AND p.state IN ('pending', 'failed') AND p.id < o.id)"
+)
+CLAIM_SQL = f"SELECT {_COLUMNS} {_HEADS} ORDER BY next_attempt_at, id LIMIT ?"
+# Shared databases: a claim is a lease on the row, taken with SKIP LOCKED so instances
+# never wait for each other; a head row leased by another instance keeps its order's
+# later pushes waiting, exactly as an in-flight push does within one instance.
+LEASED_CLAIM_SQL = (
+    f"UPDATE outbox SET claimed_by = ?, lease_until = ? WHERE id IN (SELECT id {_HEADS} "
+    "AND (lease_until IS NULL OR lease_until < ?) ORDER BY next_attempt_at, id LIMIT ? "
+    f"FOR UPDATE SKIP LOCKED) RETURNING {_COLUMNS}"
 )
 
 
@@ -52,18 +60,52 @@ class PushResult:
 
 
 class Outbox:
-    """Outbox operations on one database connection."""
+    """Outbox operations on one database connection.
 
-    def __init__(self, db: Database) -> None:
+    `holder` names this instance in claims; `lease_s` is how long a claim holds on a
+    shared database before another instance may take the push over (renew the claims of
+    pushes still in flight with `renew`).
+    """
+
+    def __init__(self, db: Database, holder: str = "local", lease_s: float = 30.0) -> None:
         self.db = db
+        self.holder = holder
+        self.lease_s = lease_s
 
     # -- dispatcher -------------------------------------------------------------------
 
     def claim_due(self, now: float, limit: int, busy: Sequence[int] = ()) -> list[OutboxRow]:
         """Due pushes that head their order's queue; `busy` are ids already in flight."""
+        if self.db.concurrent:
+            with self.db.transaction():
+                rows = self.db.rows(
+                    LEASED_CLAIM_SQL, (self.holder, now + self.lease_s, now, now, limit)
+                )
+            return sorted((OutboxRow(*r) for r in rows), key=lambda r: r.id)
         rows = self.db.rows(CLAIM_SQL, (now, limit + len(busy)))
         skip = set(busy)
         return [OutboxRow(*r) for r in rows if r[0] not in skip][:limit]
+
+    def renew(self, ids: Sequence[int], now: float) -> None:
+        """Extend this instance's claims on pushes still in flight."""
+        if not self.db.concurrent or not ids:
+            return
+        with self.db.transaction():
+            self.db.executemany(
+                "UPDATE outbox SET lease_until = ? WHERE id = ? AND claimed_by = ?",
+                [(now + self.lease_s, i, self.holder) for i in ids],
+            )
+
+    def unclaim(self, ids: Sequence[int]) -> None:
+        """Give back claims on pushes that were not sent (paused, stopping)."""
+        if not self.db.concurrent or not ids:
+            return
+        with self.db.transaction():
+            self.db.executemany(
+                "UPDATE outbox SET claimed_by = NULL, lease_until = NULL "
+                "WHERE id = ? AND claimed_by = ?",
+                [(i, self.holder) for i in ids],
+            )
 
     def next_due_after(self, now: float) -> float | None:
         """When the next pending push that is not due at `now` becomes due."""
@@ -75,7 +117,8 @@ class Outbox:
         return None if due is None else float(due)
 
     def record_results(self, results: Iterable[PushResult]) -> None:
-        """Record attempts in one commit; a push cancelled or held meanwhile stays so."""
+        """Record attempts in one commit; a push cancelled or held meanwhile stays so,
+        and so does one another instance took over (its claim is no longer ours)."""
         results = list(results)
         if not results:
             return
@@ -83,9 +126,13 @@ class Outbox:
             self.db.executemany(
                 "UPDATE outbox SET state = ?, attempts = attempts + 1, last_error = ?, "
                 "next_attempt_at = coalesce(?, next_attempt_at), "
-                "delivered_at = CASE WHEN ? = 'delivered' THEN ? END "
-                "WHERE id = ? AND state = 'pending'",
-                [(r.state, r.error, r.next_attempt_at, r.state, r.at, r.id) for r in results],
+                "delivered_at = CASE WHEN ? = 'delivered' THEN ? END, "
+                "claimed_by = NULL, lease_until = NULL "
+                "WHERE id = ? AND state = 'pending' AND (claimed_by IS NULL OR claimed_by = ?)",
+                [
+                    (r.state, r.error, r.next_attempt_at, r.state, r.at, r.id, self.holder)
+                    for r in results
+                ],
             )
 
     def shift_schedule(self, delta: float) -> int:
@@ -105,10 +152,17 @@ class Outbox:
         failed = self.db.value("SELECT count(*) FROM outbox WHERE state = 'failed'")
         return int(pending), oldest, int(failed)
 
-    def is_pending(self, push_id: int) -> bool:
-        """Still pending? A push claimed a moment ago may have been cancelled or held since."""
-        state = self.db.value("SELECT state FROM outbox WHERE id = ?", (push_id,))
-        return bool(state == PENDING)
+    def is_pending(self, push_id: int, now: float | None = None) -> bool:
+        """Still pending, and still ours? A push claimed a moment ago may have been
+        cancelled or held since, or (a paused instance) taken over by another."""
+        row = self.db.row(
+            "SELECT state, claimed_by, lease_until FROM outbox WHERE id = ?", (push_id,)
+        )
+        if row is None or row[0] != PENDING:
+            return False
+        if row[1] is None or not self.db.concurrent:
+            return True
+        return bool(row[1] == self.holder and (now is None or (row[2] or 0) > now))
 
     # -- order cancel -----------------------------------------------------------------
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from courierd.domain.geofence import GeofenceRules, Track
@@ -30,6 +30,7 @@ from courierd.domain.model import (
     iso,
 )
 from courierd.domain.planner import CourierState, Effects, Places, Snapshot, plan_batch
+from courierd.errors import FencedOut
 from courierd.store.db import Database, chunks, placeholders
 from courierd.store.schema import HELD, PENDING
 
@@ -53,15 +54,32 @@ def _place(lat: Any, lng: Any, radius: Any) -> Place | None:
     return None if lat is None or lng is None else Place(lat, lng, radius)
 
 
-class BatchWriter:
-    """Commits batches of parsed inputs; see the module text."""
+Fence = Callable[[Mapping[int, int]], bool]
 
-    def __init__(self, db: Database, geofence_rules: GeofenceRules | None = None) -> None:
+
+class BatchWriter:
+    """Commits batches of parsed inputs; see the module text.
+
+    `fence` (shared databases) checks, inside the transaction, that the MQTT slots the
+    batch came through are still this instance's: `commit(..., slots=...)`.
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        geofence_rules: GeofenceRules | None = None,
+        fence: Fence | None = None,
+    ) -> None:
         self.db = db
         self.geofence_rules = geofence_rules
+        self.fence = fence
 
-    def commit(self, inputs: Sequence[Input], *, now: float) -> Effects:
-        """Decide a batch of inputs and write all its effects in one transaction."""
+    def commit(
+        self, inputs: Sequence[Input], *, now: float, slots: Mapping[int, int] | None = None
+    ) -> Effects:
+        """Decide a batch of inputs and write all its effects in one transaction.
+
+        Raises FencedOut (nothing written) if `slots` are no longer this instance's."""
         order_ids: set[str] = set()
         event_ids: list[str] = []
         couriers: set[str] = set()
@@ -78,10 +96,28 @@ class BatchWriter:
                 order_ids.add(item.order_id)
                 couriers.add(item.courier_id)
         with self.db.transaction():
+            if slots and self.fence is not None and not self.fence(slots):
+                raise FencedOut(f"MQTT slots {sorted(slots)} were taken over by another instance")
+            if self.db.concurrent:
+                self._create_rows(order_ids, couriers, now)
             snap = self.snapshot(order_ids, event_ids, couriers, tracked, now=now)
             fx = plan_batch(snap, inputs, now=now, geofence_rules=self.geofence_rules)
             self.write(fx, snap, now=now)
         return fx
+
+    def _create_rows(self, order_ids: set[str], couriers: set[str], now: float) -> None:
+        """Make sure the rows a batch reads exist, so that reading them locks them: two
+        instances taking the same new order then wait for each other instead of both
+        deciding it afresh. Sorted, like every lock courierd takes."""
+        self.db.executemany(
+            "INSERT INTO orders (order_id, state, updated_at) VALUES (?, 'new', ?) "
+            "ON CONFLICT (order_id) DO NOTHING",
+            [(oid, iso(now)) for oid in sorted(order_ids)],
+        )
+        self.db.executemany(
+            "INSERT INTO couriers (courier_id) VALUES (?) ON CONFLICT (courier_id) DO NOTHING",
+            [(cid,) for cid in sorted(couriers)],
+        )
 
     def snapshot(
         self,

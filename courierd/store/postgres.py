@@ -1,0 +1,176 @@
+"""The PostgreSQL backend (psycopg 3): the same store, shared by several instances.
+
+What differs from SQLite is only what sharing needs. Rows a batch rewrites are locked
+(`FOR UPDATE`, orders before couriers, each sorted, so instances never deadlock);
+claims skip rows another instance holds (`SKIP LOCKED`) and carry a lease
+(`concurrent = True` tells the outbox). Migrations run under a transaction-level
+advisory lock, so instances starting together migrate once. SQL is written with `?`
+placeholders for both engines and translated here.
+
+Errors: a lost connection, a server shutting down, a full disk, a serialization
+failure or a deadlock mean "try again" (`StoreUnavailable`); the connection is opened
+again on the next use. Anything else (a NUL byte in a text value, say) is the data's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+from psycopg import errors as pg_errors
+
+from courierd.errors import StoreError, StoreUnavailable
+from courierd.store.db import Database
+from courierd.store.schema import POSTGRES_MIGRATIONS
+
+MIGRATION_LOCK = 7_204_301  # pg_advisory_xact_lock key: one migrator at a time
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _is_unavailable(error: Exception) -> bool:
+    """The database failed this time (connection, server, resources, contention)."""
+    return isinstance(
+        error,
+        psycopg.OperationalError
+        | pg_errors.InsufficientResources
+        | pg_errors.SerializationFailure
+        | pg_errors.DeadlockDetected
+        | pg_errors.LockNotAvailable
+        | pg_errors.AdminShutdown
+        | pg_errors.CannotConnectNow,
+    ) or (isinstance(error, psycopg.InterfaceError) and "closed" in str(error))
+
+
+class PostgresDatabase(Database):
+    dialect = "postgres"
+    for_update = " FOR UPDATE"
+    skip_locked = " SKIP LOCKED"
+    concurrent = True
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        migrate: bool = True,
+        migrations: Sequence[Sequence[str]] = POSTGRES_MIGRATIONS,
+        connect_timeout_s: float = 10.0,
+    ) -> None:
+        self.url = url
+        self.location = redact(url)
+        self._migrations = tuple(migrations)
+        self._connect_timeout = connect_timeout_s
+        self._sql: dict[str, str] = {}
+        try:
+            self.conn = self._connect()
+            if migrate:
+                self._migrate()
+        except StoreError:
+            raise
+        except psycopg.Error as e:
+            raise StoreError(f"cannot open database {self.location}: {e}") from e
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        try:
+            return psycopg.connect(
+                self.url, autocommit=True, connect_timeout=int(self._connect_timeout)
+            )
+        except psycopg.Error as e:
+            raise StoreUnavailable(f"cannot connect to {self.location}: {e}") from e
+
+    def _live(self) -> psycopg.Connection[Any]:
+        """The connection, opened again if the last one was lost."""
+        if self.conn.closed or self.conn.broken:
+            self.conn = self._connect()
+        return self.conn
+
+    def _translate(self, sql: str) -> str:
+        out = self._sql.get(sql)
+        if out is None:
+            out = self._sql[sql] = sql.replace("%", "%%").replace("?", "%s")
+        return out
+
+    # -- Database ---------------------------------------------------------------------
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> psycopg.Cursor[Any]:
+        try:
+            return self._live().execute(self._translate(sql), tuple(params) or None)
+        except psycopg.Error as e:
+            if _is_unavailable(e):
+                raise StoreUnavailable(f"database {self.location}: {e}") from e
+            raise
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        batch = [tuple(r) for r in rows]
+        if not batch:
+            return
+        try:
+            with self._live().cursor() as cur:
+                cur.executemany(self._translate(sql), batch)
+        except psycopg.Error as e:
+            if _is_unavailable(e):
+                raise StoreUnavailable(f"database {self.location}: {e}") from e
+            raise
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        try:
+            conn = self._live()
+            tx = conn.transaction()
+            tx.__enter__()
+        except psycopg.Error as e:
+            raise StoreUnavailable(f"cannot write to {self.location}: {e}") from e
+        try:
+            yield
+        except BaseException as e:
+            with contextlib.suppress(psycopg.Error):
+                tx.__exit__(type(e), e, e.__traceback__)
+            if isinstance(e, psycopg.Error) and _is_unavailable(e):
+                raise StoreUnavailable(f"write to {self.location} failed: {e}") from e
+            raise
+        try:
+            tx.__exit__(None, None, None)
+        except psycopg.Error as e:
+            if _is_unavailable(e):
+                raise StoreUnavailable(f"commit to {self.location} failed: {e}") from e
+            raise
+
+    def close(self) -> None:
+        with contextlib.suppress(psycopg.Error):
+            self.conn.close()
+
+    @property
+    def schema_version(self) -> int:
+        self.execute("CREATE TABLE IF NOT EXISTS schema_version (version integer NOT NULL)")
+        found = self.value("SELECT max(version) FROM schema_version")
+        return 0 if found is None else int(found)
+
+    # -- PostgreSQL only --------------------------------------------------------------
+
+    def _migrate(self) -> None:
+        """Apply missing migrations, each atomic with its version row; one migrator at a
+        time (instances starting together wait for each other, then find nothing to do)."""
+        latest = len(self._migrations)
+        with self.transaction():
+            self.execute("SELECT pg_advisory_xact_lock(?)", (MIGRATION_LOCK,))
+            version = self.schema_version
+            if version > latest:
+                raise StoreError(
+                    f"database {self.location} has schema version {version}, newer than "
+                    f"this courierd understands ({latest}); upgrade courierd"
+                )
+            for number in range(version + 1, latest + 1):
+                for statement in self._migrations[number - 1]:
+                    self.execute(statement)
+                self.execute("INSERT INTO schema_version (version) VALUES (?)", (number,))
