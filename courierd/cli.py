@@ -113,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     sim = commands.add_parser("simulate", parents=[common], help="couriers publishing on MQTT")
     sim.add_argument("--mqtt-url", help="overrides mqtt.url")
+    sim.add_argument(
+        "--mode",
+        choices=("status", "telemetry", "mixed"),
+        default="status",
+        help="status: apps send every status; telemetry: dispatch assigns places, apps send "
+        "GPS fixes and only dasher_confirmed and dropoff; mixed: half of each",
+    )
     sim.add_argument("--couriers", type=_positive, default=10)
     sim.add_argument(
         "--speed",
@@ -124,6 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--duration", type=float, metavar="SECONDS", help="stop after this long")
     for noise in ("duplicates", "reorder", "offline", "junk"):
         sim.add_argument(f"--{noise}", type=_share, default=0.0, metavar="SHARE")
+    sim.add_argument(
+        "--glitches",
+        type=_share,
+        default=0.0,
+        metavar="SHARE",
+        help="share of telemetry fixes that are wrong: inaccurate (80-300 m) or a GPS jump",
+    )
     sim.add_argument("--seed", type=int)
 
     commands.add_parser(

@@ -2,7 +2,10 @@
 
 The demo starts the OneTablet sandbox, uses the local Mosquitto (or starts one when
 none answers and the `mosquitto` binary is installed), runs the daemon with its
-database in ./var, and a simulator feeding it, until Ctrl-C.
+database in ./var, and a simulator feeding it, until Ctrl-C. Its couriers are of both
+kinds: half send every status from their app, half are given their places by dispatch
+and send GPS fixes (courierd's geofence infers the statuses in between), with a little
+of every kind of noise.
 """
 
 from __future__ import annotations
@@ -43,12 +46,22 @@ def run_sandbox(host: str, port: int, api_key: str, faults: Faults) -> int:
     return 0
 
 
+# The demo's couriers: both kinds, a little of every noise (a phone that drops out now
+# and then; per message, and telemetry couriers send a fix every few seconds).
+DEMO_NOISE = Noise(duplicates=0.05, reorder=0.05, offline=0.002, junk=0.01, glitches=0.02)
+
+
 def run_simulate(host: str, port: int, args: Any) -> int:
-    """Publish as `args.couriers` couriers until done, `args.duration`, or Ctrl-C."""
+    """Publish as `args.couriers` couriers until done, `args.duration`, or Ctrl-C.
+
+    On stderr a progress line; at the end, on stdout, one JSON object: the mode, how many
+    couriers of each kind ran, the orders done and the messages sent by kind
+    (`assignment`, `location`, `status`, `profile`, and the noise: `duplicate`, `junk`...).
+    """
     if not port_open(host, port):
         raise ConfigError(f"no MQTT broker answers at {host}:{port} (set --mqtt-url)")
     client, publish = mqtt_publisher(host, port, f"courierd-sim-{int(time.time())}")
-    noise = Noise(args.duplicates, args.reorder, args.offline, args.junk)
+    noise = Noise(args.duplicates, args.reorder, args.offline, args.junk, args.glitches)
     sim = Simulation(
         publish,
         couriers=args.couriers,
@@ -56,6 +69,7 @@ def run_simulate(host: str, port: int, args: Any) -> int:
         orders=args.orders,
         noise=noise,
         seed=args.seed,
+        mode=args.mode,
         on_progress=progress_line,
     )
     stop = threading.Event()
@@ -67,7 +81,13 @@ def run_simulate(host: str, port: int, args: Any) -> int:
     client.loop_stop()
     client.disconnect()
     sys.stderr.write("\n")
-    print(json.dumps({"orders_done": sim.orders_done, "sent": dict(sent)}))
+    summary = {
+        "mode": sim.mode,
+        "couriers": sim.kinds(),
+        "orders_done": sim.orders_done,
+        "sent": dict(sorted(sent.items())),
+    }
+    print(json.dumps(summary))
     return 0
 
 
@@ -90,17 +110,21 @@ def run_demo(settings: Settings) -> int:
         }
     )
     host, port_ = demo_settings.mqtt.host, demo_settings.mqtt.port
+    stop = threading.Event()
+    client, publish = mqtt_publisher(host, port_, "courierd-demo-couriers")
+    sim = Simulation(publish, couriers=8, speed=60, mode="mixed", noise=DEMO_NOISE)
+    kinds = sim.kinds()
     print(
         f"courierd demo\n  MQTT broker   {mqtt_url}\n  OneTablet     {sandbox.url} "
         f"(request log: {sandbox.url}/)\n  database      {settings.store.path}\n"
         f"  health        http://{settings.http.listen}/healthz\n"
-        "Transitions appear below as couriers move; Ctrl-C stops.\n",
+        f"  couriers      {kinds['status']} send every status from their app; "
+        f"{kinds['telemetry']} send GPS fixes only\n"
+        "                (dispatch gives them the store and the customer; courierd's geofence\n"
+        "                infers arriving, arrived and out for delivery)\n"
+        "Transitions appear below as couriers move; the request log labels each status\n"
+        "with its source (app, geofence or fill). Ctrl-C stops.\n",
         file=sys.stderr,
-    )
-    stop = threading.Event()
-    client, publish = mqtt_publisher(host, port_, "courierd-demo-couriers")
-    sim = Simulation(
-        publish, couriers=8, speed=60, noise=Noise(duplicates=0.05, reorder=0.05, junk=0.01)
     )
     simulator = threading.Thread(target=sim.run, args=(stop,), daemon=True, name="simulator")
     try:

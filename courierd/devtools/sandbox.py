@@ -5,8 +5,11 @@ bodies the way the API text describes (400/401 with `{error, message}`), keeps a
 of every request, and can inject faults (a share of 500s, 429 with Retry-After,
 latency, an outage window). `GET /` is a small read-only page of the calls per order;
 `GET /requests[?since=N]` is the same log as JSON (from entry N on), and
-`GET /requests/count` its length. Tests may also install a `responder` that
-answers in place of the normal logic, to script exact sequences of replies.
+`GET /requests/count` its length. courierd says where each delivery status came from
+(the courier's app, its geofence, or filled in for a skipped one) in the header
+`x-courierd-source`; the page labels each call with it and the log has it as `source`.
+Tests may also install a `responder` that answers in place of the normal logic, to
+script exact sequences of replies.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from urllib.parse import unquote
 from courierd.domain.model import CANCEL_REASONS, Status
 
 WEBHOOK_TYPES = {"order.submit", "order.cancel", "order.delivery_status"}
+SOURCES = ("app", "geofence", "fill")  # the values of x-courierd-source the page colours
 _STATUSES = {s.value for s in Status}
 
 
@@ -52,6 +56,11 @@ class Request:
         if isinstance(doc, dict):
             return doc.get("order_id") or doc.get("id")
         return None
+
+    @property
+    def source(self) -> str | None:
+        """Where courierd says a delivery status came from: app, geofence or fill."""
+        return self.headers.get("x-courierd-source")
 
 
 @dataclass(slots=True)
@@ -181,25 +190,56 @@ class Sandbox:
             return _error(400, "Bad Request", problem)
         return 200, {}, {"ok": True}
 
+    def log(self, since: int = 0) -> list[dict[str, Any]]:
+        """The request log from entry `since` on, as `GET /requests` serves it."""
+        return [
+            {
+                "method": r.method,
+                "path": r.path,
+                "status": r.status,
+                "at": r.at,
+                "order_id": r.order_id,
+                "body": r.body.decode(errors="replace"),
+                "idempotency_key": r.headers.get("idempotency-key"),
+                "source": r.source,
+            }
+            for r in self.requests()[since:]
+        ]
+
     def page(self) -> str:
-        """The request-log dashboard: calls grouped by order."""
+        """The request-log dashboard: calls grouped by order, each labelled with its source."""
         by_order: dict[str, list[Request]] = {}
         for r in self.requests():
             by_order.setdefault(r.order_id or "-", []).append(r)
         rows = []
         for order_id, calls in sorted(by_order.items()):
             cells = "".join(
-                f"<li>{time.strftime('%H:%M:%S', time.localtime(c.at))} {html.escape(c.path)} "
-                f"&rarr; {c.status} <code>{html.escape(c.body.decode(errors='replace')[:200])}"
-                "</code></li>"
+                f"<li>{time.strftime('%H:%M:%S', time.localtime(c.at))} {_label(c.source)}"
+                f"{html.escape(c.path)} &rarr; {c.status} "
+                f"<code>{html.escape(c.body.decode(errors='replace')[:200])}</code></li>"
                 for c in calls
             )
             rows.append(f"<tr><td>{html.escape(order_id)}</td><td><ul>{cells}</ul></td></tr>")
         return (
             "<!doctype html><meta charset=utf-8><meta http-equiv=refresh content=2>"
-            "<title>OneTablet sandbox</title><h1>OneTablet sandbox: requests by order</h1>"
+            "<title>OneTablet sandbox</title><style>.src{font:bold 11px sans-serif;"
+            "padding:1px 5px;border-radius:3px;background:#ddd}.src-app{background:#d4f0d4}"
+            ".src-geofence{background:#cfe2ff}.src-fill{background:#eee;color:#777}</style>"
+            "<h1>OneTablet sandbox: requests by order</h1>"
+            "<p>Delivery statuses are labelled with their source: <span class='src src-app'>app"
+            "</span> the courier's app sent it, <span class='src src-geofence'>geofence</span> "
+            "courierd inferred it from location fixes, <span class='src src-fill'>fill</span> "
+            "filled in for a status that was skipped.</p>"
             f"<table border=1><tr><th>order</th><th>calls</th></tr>{''.join(rows)}</table>"
         )
+
+
+def _label(source: str | None) -> str:
+    """A small coloured label for a call's x-courierd-source (nothing when it has none)."""
+    if source is None:
+        return ""
+    kind = source if source in SOURCES else "other"
+    return f"<span class='src src-{kind}'>{html.escape(source)}</span> "
 
 
 def _check(kind: str, doc: dict[str, Any]) -> str | None:
@@ -242,19 +282,7 @@ def _handler(sandbox: Sandbox) -> type[BaseHTTPRequestHandler]:
             path, _, query = self.path.partition("?")
             if path == "/requests":
                 since = int(query[6:]) if query.startswith("since=") and query[6:].isdigit() else 0
-                log = [
-                    {
-                        "method": r.method,
-                        "path": r.path,
-                        "status": r.status,
-                        "at": r.at,
-                        "order_id": r.order_id,
-                        "body": r.body.decode(errors="replace"),
-                        "idempotency_key": r.headers.get("idempotency-key"),
-                    }
-                    for r in sandbox.requests()[since:]
-                ]
-                self._send(200, {}, log)
+                self._send(200, {}, sandbox.log(since))
             elif path == "/requests/count":
                 self._send(200, {}, {"count": len(sandbox.requests())})
             elif path == "/":
