@@ -25,7 +25,7 @@ from courierd.config import StoreSettings
 from courierd.devtools.sandbox import Sandbox
 from courierd.store import Store, open_store
 from tests import pg
-from tests.harness import API_KEY, Broker, Rig, open_path
+from tests.harness import API_KEY, Broker, Rig, open_path, stop_all
 
 __all__ = ["API_KEY", "open_path"]
 MARKER = "TESTRUN_COURIERD"
@@ -108,7 +108,21 @@ def onetablet() -> Iterator[Sandbox]:
 
 
 @pytest.fixture
-def rig(tmp_path: Path, onetablet: Sandbox) -> Iterator[Rig]:
+def rig(tmp_path: Path, onetablet: Sandbox, backend: str) -> Iterator[Rig]:
+    """Broker, OneTablet stand-in and store for daemons: on each backend in turn (on
+    PostgreSQL the daemon is a cluster of one, through shared subscriptions)."""
+    broker = Broker(tmp_path / "broker").start()
+    if backend == "sqlite":
+        yield Rig(broker, onetablet, tmp_path)
+        return
+    with pg.database() as url:
+        yield Rig(broker, onetablet, tmp_path, url)
+        stop_all()  # the daemons, before their database is dropped
+
+
+@pytest.fixture
+def sqlite_rig(tmp_path: Path, onetablet: Sandbox) -> Iterator[Rig]:
+    """The same on SQLite only: for what is about SQLite, or the same on any store."""
     broker = Broker(tmp_path / "broker").start()
     yield Rig(broker, onetablet, tmp_path)
 

@@ -189,9 +189,24 @@ def open_path(path: Path) -> Store:
 
 @dataclass
 class Rig:
+    """A broker, a OneTablet stand-in and a store (SQLite file, or a PostgreSQL URL) for
+    daemons to run against."""
+
     broker: Broker
     onetablet: Sandbox
     dir: Path
+    pg_url: str | None = None
+
+    @property
+    def backend(self) -> str:
+        return "sqlite" if self.pg_url is None else "postgres"
+
+    @property
+    def store_env(self) -> dict[str, str]:
+        """The environment that points courierd (daemon or command) at this store."""
+        if self.pg_url is not None:
+            return {"COURIERD_STORE__URL": self.pg_url}
+        return {"COURIERD_STORE__PATH": str(self.dir / "courierd.db")}
 
     def daemon(self, **env: str) -> Daemon:
         return Daemon(
@@ -202,6 +217,7 @@ class Rig:
                 "COURIERD_ONETABLET__BASE_URL": self.onetablet.url,
                 "COURIERD_ONETABLET__API_KEY": API_KEY,
                 "COURIERD_ONETABLET__RETRY_SCHEDULE_S": "[0.1, 0.2, 0.4]",
+                **self.store_env,
                 **env,
             },
         )
@@ -210,6 +226,8 @@ class Rig:
         return Publisher(self.broker.port, name)
 
     def store(self) -> Store:
+        if self.pg_url is not None:
+            return open_store(StoreSettings(url=self.pg_url), instance="test")
         return open_path(self.dir / "courierd.db")
 
 

@@ -57,9 +57,10 @@ def notify(tmp_path: Path) -> Iterator[NotifySocket]:
     sock.close()
 
 
-def test_a_second_daemon_on_the_same_database_refuses_to_start(rig: Rig, cli) -> None:
+def test_a_second_daemon_on_the_same_database_refuses_to_start(sqlite_rig: Rig, cli) -> None:
     """One daemon per database (4.13): the second exits 1 with one line naming the
     holder; order commands keep working beside the first."""
+    rig = sqlite_rig
     first = rig.daemon().start()
     second = rig.daemon()
     second.log = rig.dir / "second.log"
@@ -123,9 +124,12 @@ def fill(disk: Path) -> Path:
     return filler
 
 
-def test_a_full_disk_turns_health_red_then_ingest_resumes(rig: Rig, small_disk: Path) -> None:
+def test_a_full_disk_turns_health_red_then_ingest_resumes(
+    sqlite_rig: Rig, small_disk: Path
+) -> None:
     """Disk full: health 503 naming the database, nothing acknowledged, no exit and no
     crash loop; when space returns, the waiting events are committed and pushed."""
+    rig = sqlite_rig
     daemon = rig.daemon(COURIERD_STORE__PATH=str(small_disk / "courierd.db")).start()
     pub = rig.publisher()
     pub.status("c1", "f1", "full", "dasher_confirmed")
@@ -151,9 +155,10 @@ def test_a_full_disk_turns_health_red_then_ingest_resumes(rig: Rig, small_disk: 
     assert daemon.stop() == 0
 
 
-def test_a_write_lock_held_past_the_busy_timeout_is_waited_out(rig: Rig) -> None:
+def test_a_write_lock_held_past_the_busy_timeout_is_waited_out(sqlite_rig: Rig) -> None:
     """An operator's shell holding the write lock longer than busy_timeout: ingest retries
     (health says why) and commits once the lock is gone; the daemon never exits."""
+    rig = sqlite_rig
     daemon = rig.daemon(COURIERD_STORE__BUSY_TIMEOUT_S="0.2").start()
     shell = sqlite3.connect(rig.dir / "courierd.db", isolation_level=None)
     shell.execute("BEGIN IMMEDIATE")
@@ -196,11 +201,12 @@ def test_stop_has_one_deadline_even_when_onetablet_hangs(rig: Rig) -> None:
 
 
 def test_a_stalled_loop_turns_health_red_and_stops_watchdog_pings(
-    rig: Rig, notify: NotifySocket
+    sqlite_rig: Rig, notify: NotifySocket
 ) -> None:
     """A worker that stops turning (SIGSTOP) makes /healthz 503 naming the loop and stops
     the WATCHDOG=1 pings, so systemd restarts the daemon; when it turns again, both
     recover."""
+    rig = sqlite_rig
     daemon = rig.daemon(
         NOTIFY_SOCKET=str(notify.path),
         WATCHDOG_USEC="1000000",
@@ -230,8 +236,11 @@ def test_a_stalled_loop_turns_health_red_and_stops_watchdog_pings(
     assert daemon.stop() == 0
 
 
-def test_an_unusable_notify_socket_does_not_stop_the_daemon(rig: Rig, tmp_path: Path) -> None:
+def test_an_unusable_notify_socket_does_not_stop_the_daemon(
+    sqlite_rig: Rig, tmp_path: Path
+) -> None:
     """NOTIFY_SOCKET pointing nowhere (systemd restarting): notify fails, the daemon runs."""
+    rig = sqlite_rig
     daemon = rig.daemon(NOTIFY_SOCKET=str(tmp_path / "gone.sock"), WATCHDOG_USEC="400000").start()
     pub = rig.publisher()
     pub.status("c1", "n1", "notify", "dasher_confirmed")
@@ -254,7 +263,7 @@ def test_retention_prunes_finished_orders_while_running(rig: Rig, cli) -> None:
     pub.status("c1", "r2", "kept", "dropoff")
     pub.publish("couriers/c1/status", b"{junk")
     assert rig.onetablet.wait_for(lambda _: "gone" in delivered(rig.onetablet), 10)
-    env = {"COURIERD_STORE__PATH": str(rig.dir / "courierd.db")}
+    env = rig.store_env
     assert cli("order", "show", "gone", env=env).code == 0
     wait_until(lambda: cli("order", "show", "gone", env=env).code == 1, 40, "pruning")
     assert cli("order", "show", "kept", env=env).code == 0  # its push is parked, not pruned

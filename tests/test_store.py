@@ -42,7 +42,7 @@ def test_commit_batch_persists_everything_in_the_file(
             status("e1", "o1", Status.ARRIVING_AT_STORE),
             DeadLetter("couriers/c1/status", b"{", "bad_json", "payload is not JSON"),
             LocationFix("c1", "2024-01-01T00:00:02.000Z", 1.0, 2.0),
-            LocationFix("c1", "2024-01-01T00:00:01.000Z", 9.0, 9.0),  # older: ignored
+            LocationFix("c1", "2024-01-01T00:00:01.000Z", 1.0001, 2.0),  # older: taken first
         ],
         now=T0,
     )

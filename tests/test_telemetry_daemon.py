@@ -162,7 +162,8 @@ def test_the_watchdog_alerts_once_per_silence_and_when_the_courier_is_back(rig: 
     pub = rig.publisher()
     pub.status("c1", "w1", "watched", "dasher_confirmed")
     pub.status("c2", "w2", "willed", "dasher_confirmed")
-    pub.publish("couriers/c2/lwt", b"")
+    assert rig.onetablet.wait_for(lambda _: {"watched", "willed"} <= set(delivered(rig.onetablet)))
+    pub.publish("couriers/c2/lwt", b"")  # after: a cluster does not keep the arrival order
     wait_until(lambda: alerts.messages(), 10, "the last will's alert")
     assert [(m["type"], m["courier_id"]) for _, m in alerts.messages()] == [
         ("courier_offline", "c2")

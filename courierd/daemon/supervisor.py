@@ -127,6 +127,7 @@ class Daemon:
             on_subscribed=_once(on_subscribed),
         )
         self._dispatch_ready = threading.Event()
+        self._slots_known = threading.Event()  # a cluster: the first share came in
         ctx = multiprocessing.get_context("spawn")
         self._ingest_pipe, ingest_end = ctx.Pipe()
         self._report_pipe, report_end = ctx.Pipe(duplex=False)
@@ -166,7 +167,9 @@ class Daemon:
         """What /healthz reports: ok only if MQTT is up, the database takes writes, the
         ingest and dispatch loops are turning and OneTablet accepts the key."""
         reasons = []
-        if not self.sessions.subscribed():
+        if self.clustered and not self._slots_known.is_set():
+            reasons.append("cluster: waiting for this instance's share of MQTT sessions")
+        elif not self.sessions.subscribed():
             if self.clustered and not self.sessions.held():
                 pass  # more instances than slots: this one only delivers pushes
             else:
@@ -236,6 +239,7 @@ class Daemon:
                 self._dispatch_ready.set()
             elif kind == "slots":
                 self.sessions.hold(value)
+                self._slots_known.set()
             elif kind == "stats":
                 stats: DispatchStats = value
                 self._dispatch, self._last_report = stats, time.monotonic()

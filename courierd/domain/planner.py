@@ -124,9 +124,26 @@ def plan_batch(
     `now` is courierd's clock (receive time); `geofence_rules` None turns inference off.
     """
     batch = _Batch(snapshot, now, geofence_rules)
-    for item in inputs:
+    for item in fixes_in_time_order(inputs):
         batch.add(item)
     return batch.fx
+
+
+def fixes_in_time_order(inputs: Iterable[Input]) -> list[Input]:
+    """The batch with its location fixes put in the order they were taken, each in one of
+    the places the fixes held; every other input keeps its place.
+
+    Fixes reach courierd out of order: a phone flushes a buffer, and a cluster's shared
+    subscriptions hand a courier's consecutive messages to different sessions. Taken
+    out of order, a newer fix would make the older ones "not newer", and they would be
+    ignored; in time order, all of them count.
+    """
+    items = list(inputs)
+    where = [i for i, item in enumerate(items) if isinstance(item, LocationFix)]
+    fixes = sorted((f for f in items if isinstance(f, LocationFix)), key=lambda f: f.ts)
+    for i, fix in zip(where, fixes, strict=True):
+        items[i] = fix
+    return items
 
 
 def fix_time(fix: LocationFix) -> float:
