@@ -10,7 +10,7 @@ import os
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
@@ -122,6 +122,9 @@ class ClusterSettings(_Section):
     # MQTT sessions the instances of a cluster share out (PostgreSQL only). More slots
     # than instances lets the load spread; keep it once chosen (see README).
     slots: int = Field(4, ge=1, le=64)
+    # How long an instance's hold on a slot (and, twice that, on a claimed push) lasts
+    # without renewal: a dead instance's share is taken over after this.
+    lease_s: float = Field(15.0, ge=3, le=300)
 
 
 class IngestSettings(_Section):
@@ -134,6 +137,9 @@ class IngestSettings(_Section):
 
 class HttpSettings(_Section):
     listen: str = "127.0.0.1:8787"
+    # Bearer token of the dispatch API and the operator page (`Authorization: Bearer …`).
+    # Unset: the API's writes are off, and `listen` must be a loopback address.
+    token: SecretStr | None = None
 
     @field_validator("listen")
     @classmethod
@@ -143,6 +149,18 @@ class HttpSettings(_Section):
         host, sep, port = value.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError("must be host:port, e.g. 127.0.0.1:8787, or empty to turn it off")
+        return value
+
+    @field_validator("token")
+    @classmethod
+    def _token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or value.get_secret_value() == "":
+            return None  # an empty variable means no token, as if unset
+        secret = value.get_secret_value()
+        if len(secret) < 16 or len(secret) > 256:
+            raise ValueError("must be 16 to 256 characters (e.g. `openssl rand -hex 32`)")
+        if not all("!" <= c <= "~" for c in secret):
+            raise ValueError("must be printable ASCII without spaces")
         return value
 
 
@@ -216,6 +234,15 @@ class Settings(BaseSettings):
                     f"(set {env_name(('onetablet', key))} or [onetablet] {key} in the config file)"
                 )
         return self.onetablet
+
+
+def redact(url: str) -> str:
+    """A database URL without its password, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def env_name(loc: tuple[str | int, ...]) -> str:

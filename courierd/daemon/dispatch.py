@@ -336,7 +336,13 @@ class _PendingCheck:
         with self._lock:
             if self._free.empty() and self._opened < self._limit:
                 self._opened += 1
-                store = open_store(self.settings.store, readonly=True, instance=self.instance)
+                cluster = self.settings.cluster
+                store = open_store(
+                    self.settings.store,
+                    readonly=True,
+                    instance=self.instance,
+                    lease_s=cluster.lease_s,
+                )
                 return store.outbox
         return self._free.get()
 
@@ -354,7 +360,12 @@ def dispatch_main(
     assert ot.base_url is not None and ot.api_key is not None
 
     def connect() -> Store:
-        return open_store(settings.store, instance=instance, slots=settings.cluster.slots)
+        return open_store(
+            settings.store,
+            instance=instance,
+            slots=settings.cluster.slots,
+            lease_s=settings.cluster.lease_s,
+        )
 
     try:
         # Deliveries are marked durably (FULL, one fsync per batch of results): after a
@@ -419,7 +430,12 @@ def dispatch_main(
         """A cluster member: hold a fair share of the MQTT session slots (cluster.py)."""
         assert cluster.slots is not None
         held: dict[int, int] = {}
-        cluster.slots.join(time.time(), settings.http.listen)
+        try:
+            cluster.slots.join(time.time(), settings.http.listen)
+        except CourierdError as e:
+            log.error("cluster.join_failed error=%s", e)
+            report("fatal", str(e))
+            return
         while True:
             try:
                 now_held = cluster.slots.rebalance(time.time(), held)

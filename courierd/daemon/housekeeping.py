@@ -18,7 +18,6 @@ from courierd.store.retention import Pruned
 
 log = logging.getLogger(__name__)
 
-LEASE_S = 15.0  # a cluster: one housekeeper at a time
 HOLDS_EVERY_S = 5.0
 WATCHDOG_EVERY_S = 5.0  # the contract asks for a check at least every 10 s
 FIRST_PRUNE_AFTER_S = 10.0
@@ -53,7 +52,7 @@ class Housekeeper:
             now = self.clock()
             try:
                 if self.store.db.concurrent and not self.store.leases.hold(
-                    "housekeeping", now, LEASE_S
+                    "housekeeping", now, self.store.lease_s
                 ):
                     continue  # another instance of the cluster does it
                 if now >= next_watch:

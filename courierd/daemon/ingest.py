@@ -133,7 +133,13 @@ def ingest_main(settings: Settings, pipe: Connection, wake: Connection, instance
     worker_setup(settings)
     owntracks = settings.owntracks.courier_id if settings.owntracks.enabled else None
     try:
-        store = open_store(settings.store, geofence=settings.geofence, instance=instance)
+        store = open_store(
+            settings.store,
+            geofence=settings.geofence,
+            instance=instance,
+            slots=settings.cluster.slots,
+            lease_s=settings.cluster.lease_s,
+        )
     except CourierdError as e:
         pipe.send(("fatal", str(e)))
         return

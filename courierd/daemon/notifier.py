@@ -18,8 +18,6 @@ from courierd.store import Store
 
 log = logging.getLogger(__name__)
 
-LEASE_S = 15.0
-
 
 class Notifier:
     """`run(stop)` until stopped; `wake()` when notifications were written."""
@@ -56,7 +54,7 @@ class Notifier:
         if not self.publisher.connected.is_set():
             return 0
         if self.store.db.concurrent and not self.store.leases.hold(
-            "notifier", time.time(), LEASE_S
+            "notifier", time.time(), self.store.lease_s
         ):
             return 0  # another instance publishes
         done: list[int] = []

@@ -41,15 +41,17 @@ class Store:
         geofence_rules: GeofenceRules | None = DEFAULT_RULES,
         instance: str = "local",
         slots: int = 4,
+        lease_s: float = 15.0,
     ) -> None:
         self.db = db
         self.instance = instance
+        self.lease_s = lease_s
         # Shared databases only: the cluster's MQTT session slots, and its leases.
-        self.slots = Slots(db, instance, slots) if db.concurrent else None
+        self.slots = Slots(db, instance, slots, lease_s) if db.concurrent else None
         self.leases = Leases(db, instance)
         fence = self.slots.holds if self.slots is not None else None
         self.writer = BatchWriter(db, geofence_rules, fence)
-        self.outbox = Outbox(db, holder=instance)
+        self.outbox = Outbox(db, holder=instance, lease_s=2 * lease_s)
         self.queries = Queries(db)
         self.notices = Notices(db)
         self.registry = Registry(db)
@@ -72,6 +74,7 @@ def open_store(
     geofence: GeofenceSettings | None = None,
     instance: str = "local",
     slots: int = 4,
+    lease_s: float = 15.0,
 ) -> Store:
     """The configured database, opened (and migrated, unless `readonly`).
 
@@ -83,7 +86,7 @@ def open_store(
     if url is not None:
         from courierd.store.postgres import PostgresDatabase
 
-        db = PostgresDatabase(url)
+        db = PostgresDatabase(url, idle_in_transaction_s=lease_s)
     else:
         from courierd.store.sqlite import SqliteDatabase
 
@@ -99,6 +102,7 @@ def open_store(
         geofence_rules=geofence_rules(geofence or GeofenceSettings()),
         instance=instance,
         slots=slots,
+        lease_s=lease_s,
     )
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
+from courierd.errors import StoreError
 from courierd.store.db import Database, placeholders
 
 HEARTBEAT_STALE_S = 10.0  # an instance silent this long is not counted as live
@@ -61,8 +62,25 @@ class Slots:
         self.lease_s = lease_s
 
     def join(self, now: float, http: str = "") -> None:
-        """Register this instance, and make sure every slot row exists."""
+        """Register this instance, and make sure every slot row exists.
+
+        The slot count is the cluster's, not the instance's: a session that nobody holds
+        any more would keep receiving its share of messages, queued for no one. So the
+        first instance records it, and an instance configured otherwise is refused.
+        """
         with self.db.transaction():
+            known = self.db.value("SELECT value FROM meta WHERE key = 'cluster_slots'")
+            if known is None:
+                self.db.execute(
+                    "INSERT INTO meta (key, value) VALUES ('cluster_slots', ?) "
+                    "ON CONFLICT (key) DO NOTHING",
+                    (str(self.count),),
+                )
+            elif int(known) != self.count:
+                raise StoreError(
+                    f"cluster.slots is {known} for this database but {self.count} here: every "
+                    "instance must use the same value (see README, Scaling out)"
+                )
             self.db.execute(
                 "INSERT INTO instances (instance_id, started_at, heartbeat_at, http) "
                 "VALUES (?, ?, ?, ?) ON CONFLICT (instance_id) DO UPDATE SET "

@@ -18,25 +18,16 @@ import contextlib
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 from psycopg import errors as pg_errors
 
+from courierd.config import redact
 from courierd.errors import StoreError, StoreUnavailable
 from courierd.store.db import Database
 from courierd.store.schema import POSTGRES_MIGRATIONS
 
 MIGRATION_LOCK = 7_204_301  # pg_advisory_xact_lock key: one migrator at a time
-
-
-def redact(url: str) -> str:
-    """The URL without its password, for messages and logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _is_unavailable(error: Exception) -> bool:
@@ -66,8 +57,10 @@ class PostgresDatabase(Database):
         migrate: bool = True,
         migrations: Sequence[Sequence[str]] = POSTGRES_MIGRATIONS,
         connect_timeout_s: float = 10.0,
+        idle_in_transaction_s: float = 15.0,
     ) -> None:
         self.url = url
+        self._idle_ms = int(idle_in_transaction_s * 1000)
         self.location = redact(url)
         self._migrations = tuple(migrations)
         self._connect_timeout = connect_timeout_s
@@ -82,9 +75,14 @@ class PostgresDatabase(Database):
             raise StoreError(f"cannot open database {self.location}: {e}") from e
 
     def _connect(self) -> psycopg.Connection[Any]:
+        # A transaction left idle means its process is stopped (SIGSTOP, a debugger):
+        # the server ends it, so that its row locks do not hold the cluster up.
         try:
             return psycopg.connect(
-                self.url, autocommit=True, connect_timeout=int(self._connect_timeout)
+                self.url,
+                autocommit=True,
+                connect_timeout=int(self._connect_timeout),
+                options=f"-c idle_in_transaction_session_timeout={self._idle_ms}",
             )
         except psycopg.Error as e:
             raise StoreUnavailable(f"cannot connect to {self.location}: {e}") from e

@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from courierd.domain.geo import eta
-from courierd.domain.lifecycle import valid_state
-from courierd.domain.model import CANCELLED, Place, iso
+from courierd.domain.lifecycle import CHAIN, valid_state
+from courierd.domain.model import CANCELLED, NEW, Place, Status, iso
 from courierd.errors import InputError
-from courierd.store.db import Database
+from courierd.store.db import Database, Row, chunks, placeholders
 from courierd.store.schema import DELIVERED
 
 
@@ -171,6 +171,220 @@ class Queries:
             which = f"order {order_id!r} has" if order_id is not None else "there are"
             raise InputError(f"{which} no failed pushes to retry")
         return changed
+
+    # -- The dispatch API and the operator page (README "Dispatch API") ---------------
+
+    def order_page(
+        self,
+        *,
+        state: str | None,
+        courier_id: str | None,
+        limit: int,
+        after: tuple[str, str] | None,
+    ) -> tuple[list[dict[str, Any]], tuple[str, str] | None]:
+        """Orders, most recently updated first, and the (updated_at, order_id) of the last
+        one when more follow. `state` may be "active" (not finished); `after` is the key
+        the previous page ended on (keyset paging: stable while orders change)."""
+        where: list[str] = []
+        params: list[Any] = []
+        if state == "active":
+            where.append(f"state NOT IN ({_FINISHED_SQL})")
+        elif state is not None:
+            where.append("state = ?")
+            params.append(state)
+        if courier_id is not None:
+            where.append("courier_id = ?")
+            params.append(courier_id)
+        if after is not None:
+            where.append("(updated_at < ? OR (updated_at = ? AND order_id < ?))")
+            params += [after[0], after[0], after[1]]
+        rows = self.db.rows(
+            f"SELECT {_SUMMARY} FROM orders {'WHERE ' + ' AND '.join(where) if where else ''} "
+            "ORDER BY updated_at DESC, order_id DESC LIMIT ?",
+            (*params, limit + 1),
+        )
+        page = [_summary(row) for row in rows[:limit]]
+        last = rows[limit - 1] if len(rows) > limit else None
+        return page, None if last is None else (last[3], last[0])
+
+    def couriers_overview(self, limit: int) -> list[dict[str, Any]]:
+        """Couriers, most recently heard from first: last fix, liveness, active orders
+        (the one furthest along the chain first) and the ETA of that first order."""
+        rows = self.db.rows(
+            "SELECT courier_id, fix_ts, lat, lng, accuracy_m, speed_mps, heading, last_seen, "
+            "offline FROM couriers ORDER BY CASE WHEN last_seen IS NULL THEN 1 ELSE 0 END, "
+            "last_seen DESC, courier_id LIMIT ?",
+            (limit,),
+        )
+        active = self._active_orders([row[0] for row in rows])
+        out = []
+        for courier_id, *fix_row, last_seen, offline in rows:
+            fix = _fix(*fix_row)
+            orders = active.get(courier_id, [])
+            estimate = None
+            if orders and fix is not None:
+                order_id, state = orders[0]
+                pickup, dropoff = self.places(order_id)
+                here = Place(fix["lat"], fix["lng"])
+                found = eta(state, here, pickup, dropoff, fix["speed_mps"])
+                estimate = None if found is None else {"order_id": order_id, **found.as_json()}
+            out.append(
+                {
+                    "courier_id": courier_id,
+                    "fix": fix,
+                    "last_seen": None if last_seen is None else iso(last_seen),
+                    "offline": bool(offline),
+                    "active_order_ids": [order_id for order_id, _ in orders],
+                    "eta": estimate,
+                }
+            )
+        return out
+
+    def _active_orders(self, courier_ids: list[str]) -> dict[str, list[tuple[str, str]]]:
+        """courier id → its unfinished (order id, state), furthest along the chain first."""
+        found: dict[str, list[tuple[str, str, str]]] = {}
+        for chunk in chunks(courier_ids):
+            for order_id, courier_id, state, updated_at in self.db.rows(
+                "SELECT order_id, courier_id, state, updated_at FROM orders "
+                f"WHERE courier_id IN ({placeholders(chunk)}) AND state NOT IN ({_FINISHED_SQL})",
+                chunk,
+            ):
+                found.setdefault(courier_id, []).append((order_id, state, updated_at))
+        return {
+            courier_id: [
+                (o, st)
+                for o, st, _ in sorted(orders, key=lambda r: (-_RANKS.get(r[1], -2), r[2], r[0]))
+            ]
+            for courier_id, orders in found.items()
+        }
+
+    def dashboard(self, now: float, *, active_cap: int, dead_letters: int) -> dict[str, Any]:
+        """What the operator page's front view shows (auth pause aside: not in the
+        database): orders by state, the active ones, couriers offline, the outbox and
+        the latest dead letters."""
+        by_state = dict.fromkeys(_STATES, 0)
+        for state, n in self.db.rows("SELECT state, count(*) FROM orders GROUP BY state"):
+            by_state[str(state)] = int(n)
+        active, more = self.order_page(
+            state="active", courier_id=None, limit=active_cap, after=None
+        )
+        offline_rows = self.db.rows(
+            "SELECT c.courier_id, c.last_seen FROM couriers AS c WHERE c.offline = 1 AND EXISTS "
+            "(SELECT 1 FROM orders AS o WHERE o.courier_id = c.courier_id "
+            f"AND o.state NOT IN ({_FINISHED_SQL})) ORDER BY c.last_seen, c.courier_id LIMIT ?",
+            (active_cap,),
+        )
+        orders = self._active_orders([row[0] for row in offline_rows])
+        return {
+            "orders_by_state": by_state,
+            "active_orders": active,
+            "active_total": sum(n for s, n in by_state.items() if s not in _FINISHED),
+            "active_truncated": more is not None,
+            "couriers_offline": [
+                {
+                    "courier_id": courier_id,
+                    "last_seen": None if last_seen is None else iso(last_seen),
+                    "order_ids": [order_id for order_id, _ in orders.get(courier_id, [])],
+                }
+                for courier_id, last_seen in offline_rows
+            ],
+            "outbox": self.outbox_status(now),
+            "dead_letters": self.dead_letters(dead_letters, None),
+        }
+
+    def order_track(
+        self,
+        order_id: str,
+        *,
+        pickup_radius_m: float,
+        dropoff_radius_m: float,
+        exit_factor: float,
+        limit: int,
+    ) -> dict[str, Any] | None:
+        """What the page draws for one order: its courier's accepted fixes since the
+        order began (its first transition, else its last change) until it finished,
+        its places with radius and exit radius, and where each status fired."""
+        row = self.db.row(
+            "SELECT state, courier_id, updated_at FROM orders WHERE order_id = ?", (order_id,)
+        )
+        if row is None:
+            return None
+        state, courier_id, updated_at = row
+        transitions = [
+            {"status": s, "source": src or ("fill" if inf else "app"), "at": at, "lat": y, "lng": x}
+            for s, src, inf, at, y, x in self.db.rows(
+                "SELECT status, source, inferred, at, lat, lng FROM transitions "
+                "WHERE order_id = ? ORDER BY id",
+                (order_id,),
+            )
+        ]
+        since = min((t["at"] for t in transitions), default=updated_at)
+        until = None
+        if state == CANCELLED:
+            until = updated_at
+        elif state in _FINISHED:
+            until = max((t["at"] for t in transitions), default=updated_at)
+        points: list[Row] = []
+        if courier_id is not None:
+            bound = "" if until is None else "AND ts <= ? "
+            points = self.db.rows(
+                "SELECT ts, lat, lng, accuracy_m FROM track_points WHERE courier_id = ? "
+                f"AND ts >= ? {bound}ORDER BY ts DESC, id DESC LIMIT ?",
+                (courier_id, since, *(() if until is None else (until,)), limit + 1),
+            )
+        pickup, dropoff = self.places(order_id)
+        return {
+            "order_id": order_id,
+            "state": state,
+            "courier_id": courier_id,
+            "since": since,
+            "until": until,
+            "points": [
+                {"ts": ts, "lat": y, "lng": x, "accuracy_m": acc}
+                for ts, y, x, acc in reversed(points[:limit])
+            ],
+            "truncated": len(points) > limit,
+            "pickup": _circle(pickup, pickup_radius_m, exit_factor),
+            "dropoff": _circle(dropoff, dropoff_radius_m, exit_factor),
+            "transitions": transitions,
+        }
+
+
+_STATES = (NEW, *(s.value for s in CHAIN), CANCELLED)
+_RANKS = {state: i for i, state in enumerate(_STATES[:-1])}
+_FINISHED = frozenset({Status.DROPOFF.value, CANCELLED})
+_FINISHED_SQL = ", ".join(f"'{s}'" for s in sorted(_FINISHED))
+_SUMMARY = "order_id, state, courier_id, updated_at, status_at, hold_until"
+
+
+def _summary(row: Row) -> dict[str, Any]:
+    order_id, state, courier_id, updated_at, status_at, hold_until = row
+    return {
+        "order_id": order_id,
+        "state": state,
+        "courier_id": courier_id,
+        "updated_at": updated_at,
+        "status_at": status_at,
+        "cancelling": hold_until is not None,
+    }
+
+
+def _fix(*row: Any) -> dict[str, Any] | None:
+    """A couriers row's last fix (ts, lat, lng, accuracy_m, speed_mps, heading), if any."""
+    fix = dict(zip(("ts", "lat", "lng", "accuracy_m", "speed_mps", "heading"), row, strict=True))
+    return None if None in (fix["ts"], fix["lat"], fix["lng"]) else fix
+
+
+def _circle(place: Place | None, default_m: float, exit_factor: float) -> dict[str, Any] | None:
+    if place is None:
+        return None
+    radius = default_m if place.radius_m is None else place.radius_m
+    return {
+        "lat": place.lat,
+        "lng": place.lng,
+        "radius_m": radius,
+        "exit_radius_m": radius * exit_factor,
+    }
 
 
 def _place(lat: Any, lng: Any, radius: Any) -> Place | None:
