@@ -2,13 +2,15 @@
 COURIERD_TEST_PG_URL), one database per test, dropped afterwards.
 
 A template database, migrated once per run, makes each test's database a fast copy.
-Every database the suite creates is named `courierd_t_<run>_...`, so whatever a crash
-left behind is found and dropped at the next start.
+Every database the suite creates is named `courierd_t_<start time>_<run>_...`: at the
+end of a run its own are dropped, and at the next start whatever a crashed run left
+behind (started hours ago; never a run still going beside this one) is dropped too.
 """
 
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,8 +18,9 @@ from contextlib import contextmanager
 import psycopg
 
 ADMIN_URL = os.environ.get("COURIERD_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-RUN = uuid.uuid4().hex[:8]
+RUN = f"{int(time.time())}_{uuid.uuid4().hex[:6]}"
 PREFIX = "courierd_t_"
+STALE_S = 3 * 3600  # a run that started this long ago is over
 
 
 def url_of(dbname: str) -> str:
@@ -69,7 +72,8 @@ def database(from_template: bool = True) -> Iterator[str]:
 
 
 def drop_leftovers(everything: bool = False) -> list[str]:
-    """Drop test databases of earlier runs (or, at the end, this run's template too)."""
+    """Drop test databases of runs that crashed hours ago, or (`everything`, at the end
+    of a run) every database of this run."""
     with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
         names = [
             r[0]
@@ -79,7 +83,10 @@ def drop_leftovers(everything: bool = False) -> list[str]:
         ]
     dropped = []
     for name in names:
-        if everything or not name.startswith(f"{PREFIX}{RUN}_"):
+        ours = name.startswith(f"{PREFIX}{RUN}_")
+        started = name[len(PREFIX) :].split("_", 1)[0]
+        stale = not started.isdigit() or int(started) < time.time() - STALE_S
+        if (everything and ours) or (not ours and stale):
             _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
             dropped.append(name)
     return dropped

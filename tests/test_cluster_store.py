@@ -12,7 +12,7 @@ import pytest
 from courierd.config import StoreSettings
 from courierd.domain.lifecycle import CHAIN
 from courierd.domain.model import Status, StatusEvent
-from courierd.errors import FencedOut
+from courierd.errors import FencedOut, StoreUnavailable
 from courierd.store import Store, open_store
 from courierd.store.outbox import PushResult
 from courierd.store.schema import DELIVERED
@@ -150,6 +150,10 @@ def test_slots_are_shared_out_taken_over_and_fenced(shared: StoreSettings) -> No
     survivors = [slot for n, h in held.items() if n != victim for slot in h]
     assert sorted(survivors) == [0, 1, 2, 3]
     assert all(len(h) == 2 for n, h in held.items() if n != victim)
+    # The survivors ended the silent instance's database sessions: waking up, its first
+    # call fails (nothing it had half done commits), then it reconnects, fenced off.
+    with pytest.raises(StoreUnavailable):
+        vs.db.value("SELECT 1")
     with vs.db.transaction():
         assert not vs.holds(lost)
     with pytest.raises(FencedOut):

@@ -86,7 +86,9 @@ def open_store(
     if url is not None:
         from courierd.store.postgres import PostgresDatabase
 
-        db = PostgresDatabase(url, idle_in_transaction_s=lease_s)
+        db = PostgresDatabase(
+            url, idle_in_transaction_s=lease_s, application_name=session_name(instance)
+        )
     else:
         from courierd.store.sqlite import SqliteDatabase
 
@@ -104,6 +106,11 @@ def open_store(
         slots=slots,
         lease_s=lease_s,
     )
+
+
+def session_name(instance: str) -> str:
+    """The PostgreSQL application_name of an instance's connections."""
+    return f"courierd {instance}"
 
 
 def geofence_rules(settings: GeofenceSettings) -> GeofenceRules | None:

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from courierd.errors import StoreError
 from courierd.store.db import Database, placeholders
 
-HEARTBEAT_STALE_S = 10.0  # an instance silent this long is not counted as live
+MIN_STALE_S = 10.0  # an instance silent this long (or a lease, if longer) is gone
 
 
 class Leases:
@@ -60,6 +60,7 @@ class Slots:
         self.instance = instance
         self.count = count
         self.lease_s = lease_s
+        self.stale_s = max(MIN_STALE_S, lease_s)
 
     def join(self, now: float, http: str = "") -> None:
         """Register this instance, and make sure every slot row exists.
@@ -111,16 +112,20 @@ class Slots:
         floor, and takes more than the floor only while nobody else is short of it.
         Returns the slots to hold, with their epochs.
         """
+        self._bury(now)
         with self.db.transaction():
+            if self.db.dialect == "postgres":  # never hang on a lock: next round instead
+                self.db.execute("SET LOCAL lock_timeout = '2s'")
             self.db.execute(
-                "UPDATE instances SET heartbeat_at = ? WHERE instance_id = ?",
-                (now, self.instance),
+                "INSERT INTO instances (instance_id, started_at, heartbeat_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (instance_id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
+                (self.instance, now, now),
             )
             live = [
                 r[0]
                 for r in self.db.rows(
                     "SELECT instance_id FROM instances WHERE heartbeat_at >= ?",
-                    (now - HEARTBEAT_STALE_S,),
+                    (now - self.stale_s,),
                 )
             ]
             counts: dict[str, int] = dict(
@@ -155,10 +160,35 @@ class Slots:
                 if taken is None:
                     break
                 held[int(taken[0])] = int(taken[1])
-            self.db.execute(
-                "DELETE FROM instances WHERE heartbeat_at < ?", (now - 60 * HEARTBEAT_STALE_S,)
-            )
         return held
+
+    def _bury(self, now: float) -> None:
+        """Forget instances that stopped beating, and end their database sessions.
+
+        A stopped process (SIGSTOP) can sit in the middle of a transaction, its row
+        locks holding every other instance up; the server's idle timeout does not end a
+        session that stopped half way through sending its statements (a pipeline), so
+        the cluster does, first, before anything here could wait on those locks."""
+        gone = [
+            r[0]
+            for r in self.db.rows(
+                "SELECT instance_id FROM instances WHERE heartbeat_at < ? AND instance_id <> ?",
+                (now - self.stale_s, self.instance),
+            )
+        ]
+        if not gone:
+            return
+        if self.db.dialect == "postgres":
+            from courierd.store import session_name
+
+            names = [session_name(i)[:63] for i in gone]
+            self.db.rows(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = "
+                f"current_database() AND application_name IN ({placeholders(names)})",
+                names,
+            )
+        with self.db.transaction():
+            self.db.executemany("DELETE FROM instances WHERE instance_id = ?", [(g,) for g in gone])
 
     def _still_ours(self, keep: Mapping[int, int], now: float) -> dict[int, int]:
         if not keep:

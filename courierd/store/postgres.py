@@ -40,7 +40,9 @@ def _is_unavailable(error: Exception) -> bool:
         | pg_errors.DeadlockDetected
         | pg_errors.LockNotAvailable
         | pg_errors.AdminShutdown
-        | pg_errors.CannotConnectNow,
+        | pg_errors.CannotConnectNow
+        | pg_errors.IdleInTransactionSessionTimeout
+        | pg_errors.IdleSessionTimeout,
     ) or (isinstance(error, psycopg.InterfaceError) and "closed" in str(error))
 
 
@@ -58,8 +60,10 @@ class PostgresDatabase(Database):
         migrations: Sequence[Sequence[str]] = POSTGRES_MIGRATIONS,
         connect_timeout_s: float = 10.0,
         idle_in_transaction_s: float = 15.0,
+        application_name: str = "courierd",
     ) -> None:
         self.url = url
+        self.application_name = application_name[:63]
         self._idle_ms = int(idle_in_transaction_s * 1000)
         self.location = redact(url)
         self._migrations = tuple(migrations)
@@ -83,6 +87,9 @@ class PostgresDatabase(Database):
                 autocommit=True,
                 connect_timeout=int(self._connect_timeout),
                 options=f"-c idle_in_transaction_session_timeout={self._idle_ms}",
+                # Who is who, for DBAs, and for the cluster: it ends the sessions of an
+                # instance that stopped beating (cluster.py).
+                application_name=self.application_name,
             )
         except psycopg.Error as e:
             raise StoreUnavailable(f"cannot connect to {self.location}: {e}") from e
@@ -92,6 +99,10 @@ class PostgresDatabase(Database):
         if self.conn.closed or self.conn.broken:
             self.conn = self._connect()
         return self.conn
+
+    def _lost(self, error: psycopg.Error) -> bool:
+        """The database failed (or the connection is gone), rather than the data."""
+        return _is_unavailable(error) or self.conn.closed or self.conn.broken
 
     def _translate(self, sql: str) -> str:
         out = self._sql.get(sql)
@@ -105,7 +116,7 @@ class PostgresDatabase(Database):
         try:
             return self._live().execute(self._translate(sql), tuple(params) or None)
         except psycopg.Error as e:
-            if _is_unavailable(e):
+            if self._lost(e):
                 raise StoreUnavailable(f"database {self.location}: {e}") from e
             raise
 
@@ -117,7 +128,7 @@ class PostgresDatabase(Database):
             with self._live().cursor() as cur:
                 cur.executemany(self._translate(sql), batch)
         except psycopg.Error as e:
-            if _is_unavailable(e):
+            if self._lost(e):
                 raise StoreUnavailable(f"database {self.location}: {e}") from e
             raise
 
@@ -134,13 +145,13 @@ class PostgresDatabase(Database):
         except BaseException as e:
             with contextlib.suppress(psycopg.Error):
                 tx.__exit__(type(e), e, e.__traceback__)
-            if isinstance(e, psycopg.Error) and _is_unavailable(e):
+            if isinstance(e, psycopg.Error) and self._lost(e):
                 raise StoreUnavailable(f"write to {self.location} failed: {e}") from e
             raise
         try:
             tx.__exit__(None, None, None)
         except psycopg.Error as e:
-            if _is_unavailable(e):
+            if self._lost(e):
                 raise StoreUnavailable(f"commit to {self.location} failed: {e}") from e
             raise
 
