@@ -34,7 +34,7 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
-from courierd.config import Settings
+from courierd.config import Settings, redact
 from courierd.daemon.batcher import Batcher, IngestFailed
 from courierd.daemon.ipc import dispatch_process, ingest_process
 from courierd.daemon.lock import DaemonLock
@@ -156,7 +156,13 @@ class Daemon:
             on_report=lambda report: record_batch(self.metrics, report),
         )
         self.http = (
-            HealthServer(settings.http.listen, self.health, self.metrics.registry)
+            HealthServer(
+                settings.http.listen,
+                self.health,
+                self.metrics.registry,
+                settings=settings,
+                live=lambda: {"health": self.health(), "dispatch": self._dispatch},
+            )
             if settings.http.listen
             else None
         )
@@ -268,9 +274,10 @@ class Daemon:
         if not self.clustered:  # a cluster's slots come from the dispatch process
             self.sessions.hold({0: 0})  # paho connects in the background, and keeps trying
         systemd.notify("READY=1\nSTATUS=database open; connecting to the broker")
+        store = self.settings.store
         log.info(
             "daemon.ready store=%s mqtt=%s:%s ingest_pid=%s dispatch_pid=%s",
-            self.settings.store.path,
+            store.path if store.url is None else redact(store.url.get_secret_value()),
             self.settings.mqtt.host,
             self.settings.mqtt.port,
             self._ingest.pid,

@@ -117,6 +117,7 @@ def run_demo(settings: Settings) -> int:
     print(
         f"courierd demo\n  MQTT broker   {mqtt_url}\n  OneTablet     {sandbox.url} "
         f"(request log: {sandbox.url}/)\n  database      {settings.store.path}\n"
+        f"  operator page http://{settings.http.listen}/  (API: /v1/..., /openapi.json)\n"
         f"  health        http://{settings.http.listen}/healthz\n"
         f"  couriers      {kinds['status']} send every status from their app; "
         f"{kinds['telemetry']} send GPS fixes only\n"
