@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -164,6 +172,25 @@ class HttpSettings(_Section):
         return value
 
 
+class WebhookSettings(_Section):
+    # OneTablet's calls to courierd (CONTRACT.md 11): "host:port", or empty for off.
+    listen: str = ""
+    # The x-api-key OneTablet sends; required when `listen` is set. A secret.
+    secret: SecretStr | None = Field(None, validate_default=True)
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        return HttpSettings._listen(value)
+
+    @field_validator("secret")
+    @classmethod
+    def _needs_secret(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        if info.data.get("listen") and (value is None or not value.get_secret_value()):
+            raise ValueError("required when webhook.listen is set")
+        return value
+
+
 class GeofenceSettings(_Section):
     """CONTRACT.md 7: statuses inferred from fixes. Distances in metres, times in seconds
     of the fixes' own clock."""
@@ -219,6 +246,7 @@ class Settings(BaseSettings):
     cluster: ClusterSettings = ClusterSettings()
     ingest: IngestSettings = IngestSettings()
     http: HttpSettings = HttpSettings()
+    webhook: WebhookSettings = WebhookSettings()
     geofence: GeofenceSettings = GeofenceSettings()
     watchdog: WatchdogSettings = WatchdogSettings()
     owntracks: OwnTracksSettings = OwnTracksSettings()
@@ -304,7 +332,7 @@ def _describe(error: ValidationError, path: Path | None) -> str:
     first = error.errors()[0]
     loc = tuple(p for p in first["loc"] if isinstance(p, str))
     key = ".".join(loc) or "settings"
-    message = first["msg"]
+    message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         message = "unknown setting" + (f" in {path}" if path else "")
     return f"invalid setting {key} ({env_name(loc)}): {message}"

@@ -44,6 +44,7 @@ from courierd.domain.owntracks import SUBSCRIPTIONS as OWNTRACKS
 from courierd.domain.telemetry import ASSIGNMENTS_TOPIC, SUBSCRIPTIONS
 from courierd.edges import systemd
 from courierd.edges.health import HealthServer
+from courierd.edges.webhook import WebhookServer
 from courierd.edges.metrics import Metrics
 from courierd.edges.mqtt import Message
 from courierd.errors import CourierdError
@@ -166,6 +167,8 @@ class Daemon:
             if settings.http.listen
             else None
         )
+        # OneTablet's calls (CONTRACT.md 11), on a listener of their own.
+        self.webhook = WebhookServer(settings) if settings.webhook.listen else None
         self._batch_thread = threading.Thread(target=self._batch_loop, name="batcher")
         self._reporter = threading.Thread(target=self._report_loop, name="reports", daemon=True)
 
@@ -270,6 +273,8 @@ class Daemon:
             return self.shutdown()
         if self.http:
             self.http.start()
+        if self.webhook:
+            self.webhook.start()
         self._batch_thread.start()
         if not self.clustered:  # a cluster's slots come from the dispatch process
             self.sessions.hold({0: 0})  # paho connects in the background, and keeps trying
@@ -355,6 +360,8 @@ class Daemon:
                 proc.join(5)
         if self.http:
             self.http.stop()
+        if self.webhook:
+            self.webhook.stop()
         code = EXIT_FATAL if self._fatal else EXIT_OK
         log.info("daemon.stopped exit=%d", code)
         return code

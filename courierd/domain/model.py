@@ -144,6 +144,8 @@ class Order:
     courier_id: str | None = None
     held: bool = False  # a cancel is in progress: new pushes wait until it is decided
     status_at: str | None = None  # when it reached `state` (the transition's `at`)
+    confirmed_at: str | None = None  # OneTablet said the restaurant confirmed it
+    ready_at: str | None = None  # OneTablet said the food is ready
 
     @property
     def cancelled(self) -> bool:

@@ -42,6 +42,7 @@ from courierd.domain.model import (
     dumps,
     iso,
 )
+from courierd.domain.restaurant import Kind, courier_topic, message
 
 ALERTS_TOPIC = "dispatch/alerts"
 
@@ -220,13 +221,23 @@ class _Batch:
             self.fx.pushes.extend(decision.pushes)
 
     def _bind(self, order: Order) -> None:
-        """Record the order's new state, and keep `active` (courier → orders) true."""
+        """Record the order's new state, and keep `active` (courier → orders) true. A
+        courier newly bound is told what OneTablet already said about the order."""
         before = self.orders.get(order.order_id)
         self.orders[order.order_id] = self.fx.orders[order.order_id] = order
         if before is not None and before.courier_id is not None:
             self.active.get(before.courier_id, set()).discard(order.order_id)
         if order.courier_id is not None and order.state not in FINISHED:
             self.active.setdefault(order.courier_id, set()).add(order.order_id)
+        if order.courier_id is not None and (
+            before is None or before.courier_id != order.courier_id
+        ):
+            for kind, at in ((Kind.CONFIRMED, order.confirmed_at), (Kind.READY, order.ready_at)):
+                if at is not None:
+                    topic = courier_topic(order.courier_id)
+                    self.fx.notifications.append(
+                        Notification(topic, message(kind, order.order_id, at))
+                    )
 
     def _assignment(self, item: Assignment) -> None:
         if item.order_id in self.snap.corrupt_orders:

@@ -8,6 +8,7 @@ same `Store`, whose parts each do one thing:
 - `queries` (queries.py): what `order show` and the operator commands read;
 - `notices` (notices.py): MQTT messages to publish, and the offline watchdog;
 - `registry` (registry.py): the store registry, and the places of submitted orders;
+- `inbound` (inbound.py): what OneTablet tells courierd about orders;
 - `retention` (retention.py): pruning what finished orders leave behind.
 
 The backend (`db`) is a `Database` (db.py): sqlite.py (the embedded default) or
@@ -20,6 +21,7 @@ from courierd.config import GeofenceSettings, StoreSettings
 from courierd.domain.geofence import GeofenceRules
 from courierd.store.cluster import Leases, Slots
 from courierd.store.db import Database
+from courierd.store.inbound import Inbound
 from courierd.store.notices import Notices
 from courierd.store.outbox import Outbox
 from courierd.store.queries import Queries
@@ -55,6 +57,7 @@ class Store:
         self.queries = Queries(db)
         self.notices = Notices(db)
         self.registry = Registry(db)
+        self.inbound = Inbound(db)
         self.retention = Retention(db, retention_s)
 
     def close(self) -> None:

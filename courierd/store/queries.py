@@ -60,11 +60,13 @@ class Queries:
     def order_view(self, order_id: str) -> dict[str, Any] | None:
         """The JSON `courierd order show` prints (CONTRACT.md sections 1, 7 and 9)."""
         row = self.db.row(
-            "SELECT state, courier_id, hold_until FROM orders WHERE order_id = ?", (order_id,)
+            "SELECT state, courier_id, hold_until, confirmed_at, ready_at FROM orders "
+            "WHERE order_id = ?",
+            (order_id,),
         )
         if row is None:
             return None
-        state, courier_id, hold_until = row
+        state, courier_id, hold_until, confirmed_at, ready_at = row
         transitions = [
             {
                 "status": s,
@@ -113,6 +115,7 @@ class Queries:
             "courier_offline": False if courier is None else courier["offline"],
             "eta": None if estimate is None else estimate.as_json(),
             "places": {"pickup": _place_json(pickup), "dropoff": _place_json(dropoff)},
+            "restaurant": {"confirmed_at": confirmed_at, "ready_at": ready_at},
         }
 
     def outbox_status(self, now: float) -> dict[str, Any]:

@@ -100,6 +100,6 @@ class Retention:
         if not ids:
             return 0
         qs = placeholders(ids)
-        for table in ("transitions", "outbox", "processed_events", "orders"):
+        for table in ("transitions", "outbox", "processed_events", "onetablet_events", "orders"):
             self.db.execute(f"DELETE FROM {table} WHERE order_id IN ({qs})", ids)
         return len(ids)

@@ -191,12 +191,29 @@ def _sqlite_4(db: sqlite_utils.Database) -> None:
         db.execute(statement)
 
 
+# OneTablet's events about orders (CONTRACT.md 11), shared by both engines.
+_EVENTS = (
+    "ALTER TABLE orders ADD COLUMN confirmed_at TEXT",
+    "ALTER TABLE orders ADD COLUMN ready_at TEXT",
+    "CREATE TABLE onetablet_events (event_id TEXT PRIMARY KEY, order_id TEXT NOT NULL, "
+    "type TEXT NOT NULL, received_at TEXT NOT NULL)",
+    "CREATE INDEX onetablet_events_order ON onetablet_events(order_id)",
+)
+
+
+def _sqlite_5(db: sqlite_utils.Database) -> None:
+    """The restaurant's confirmation and readiness, and OneTablet's event ids."""
+    for statement in _EVENTS:
+        db.execute(statement)
+
+
 # Append only: a released migration never changes; user_version counts those applied.
 SQLITE_MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (
     _sqlite_1,
     _sqlite_2,
     _sqlite_3,
     _sqlite_4,
+    _sqlite_5,
 )
 
 
@@ -263,4 +280,4 @@ _PG_1 = (
 )
 
 # Append only, like SQLite's.
-POSTGRES_MIGRATIONS: tuple[tuple[str, ...], ...] = (_PG_1,)
+POSTGRES_MIGRATIONS: tuple[tuple[str, ...], ...] = (_PG_1, _EVENTS)

@@ -40,7 +40,8 @@ DEAD_LETTER_KEEP = 4096
 _ORDER_COLUMNS = (
     "o.order_id, o.state, o.courier_id, o.hold_until, o.status_at, "
     "o.pickup_lat, o.pickup_lng, o.pickup_radius_m, s.lat, s.lng, s.radius_m, "
-    "o.dropoff_lat, o.dropoff_lng, o.dropoff_radius_m, o.address_lat, o.address_lng, o.track"
+    "o.dropoff_lat, o.dropoff_lng, o.dropoff_radius_m, o.address_lat, o.address_lng, o.track, "
+    "o.confirmed_at, o.ready_at"
 )
 _ORDERS_FROM = "FROM orders AS o LEFT JOIN stores AS s ON s.merchant_supplied_id = o.store_id"
 
@@ -192,12 +193,12 @@ class BatchWriter:
     @staticmethod
     def _order(snap: Snapshot, row: tuple[Any, ...], now: float) -> None:
         (oid, state, courier, hold_until, status_at, p_lat, p_lng, p_rad, s_lat, s_lng, s_rad,
-         d_lat, d_lng, d_rad, a_lat, a_lng, track) = row  # fmt: skip
+         d_lat, d_lng, d_rad, a_lat, a_lng, track, confirmed_at, ready_at) = row  # fmt: skip
         if not valid_state(state):
             snap.corrupt_orders.add(oid)
             return
         held = hold_until is not None and hold_until > now
-        snap.orders[oid] = Order(oid, state, courier, held, status_at)
+        snap.orders[oid] = Order(oid, state, courier, held, status_at, confirmed_at, ready_at)
         if courier is not None and state not in ("dropoff", "cancelled"):
             snap.active.setdefault(courier, set()).add(oid)
         pickup = _place(p_lat, p_lng, p_rad) or _place(s_lat, s_lng, s_rad)
