@@ -44,9 +44,9 @@ from courierd.domain.owntracks import SUBSCRIPTIONS as OWNTRACKS
 from courierd.domain.telemetry import ASSIGNMENTS_TOPIC, SUBSCRIPTIONS
 from courierd.edges import systemd
 from courierd.edges.health import HealthServer
-from courierd.edges.webhook import WebhookServer
 from courierd.edges.metrics import Metrics
 from courierd.edges.mqtt import Message
+from courierd.edges.webhook import WebhookServer
 from courierd.errors import CourierdError
 
 log = logging.getLogger(__name__)
