@@ -73,8 +73,12 @@ class Dispatcher:
         monotonic: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         still_pending: Callable[[int], bool] = lambda _push_id: True,
+        follow_clock_steps: bool = True,
     ) -> None:
         self.outbox = outbox
+        # Alone, courierd moves the schedule with its clock's steps; in a cluster one
+        # host's step must not move everyone's shared schedule (NTP keeps them agreed).
+        self.follow_clock_steps = follow_clock_steps
         self.client = client
         self.stats = DispatchStats()
         self._stats_lock = threading.Lock()
@@ -165,7 +169,7 @@ class Dispatcher:
         offset = self.clock() - self.monotonic()
         step = offset - self._clock_offset
         self._clock_offset = offset  # slow drift (NTP slewing) is followed quietly
-        if abs(step) < CLOCK_STEP_S:
+        if abs(step) < CLOCK_STEP_S or not self.follow_clock_steps:
             return
         moved = self.outbox.shift_schedule(step)
         if self.paused_until is not None:
@@ -388,6 +392,7 @@ def dispatch_main(
         concurrency=ot.max_concurrency,
         schedule=ot.retry_schedule_s,
         still_pending=_PendingCheck(settings, instance),
+        follow_clock_steps=not store.db.concurrent,
     )
     # One publisher per instance: a cluster's instances must not share a client id.
     suffix = "out" if cluster_store is None else f"out-{instance.rsplit(':', 1)[-1]}"
