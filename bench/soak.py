@@ -11,7 +11,12 @@ CONTRACT.md section 4 on what OneTablet received, for every order:
 - the last status delivered is the order's state in the database, and every order
   that reached a status in the database had its pushes delivered.
 
-Usage: scripts/soak [--minutes 10] [--couriers 50]. Exit 0 when every check holds.
+With `--postgres`, the same against a cluster: `--instances` (default 3) courierd
+processes on one PostgreSQL database (a fresh one on the local server, or `--pg-url`,
+dropped afterwards); each kill takes a random instance down and starts a new member.
+
+Usage: scripts/soak [--minutes 10] [--couriers 50] [--postgres [--instances 3]].
+Exit 0 when every check holds.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+import psycopg
 
 from bench.bench import STATUSES, Courierd, SandboxProc, say
 from courierd.config import StoreSettings
@@ -72,7 +79,27 @@ def main() -> int:
     parser.add_argument("--couriers", type=int, default=50)
     parser.add_argument("--kill-every", type=float, default=20.0, metavar="SECONDS")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--postgres", action="store_true", help="a cluster on PostgreSQL")
+    parser.add_argument("--instances", type=int, default=3, help="cluster members")
+    parser.add_argument(
+        "--pg-url",
+        default="postgresql://postgres@127.0.0.1:5432/postgres",
+        help="a server where a database can be created (its own is made and dropped)",
+    )
     args = parser.parse_args()
+    if not args.postgres:
+        return soak(args, None)
+    name = f"courierd_soak_{int(time.time())}"
+    admin = psycopg.connect(args.pg_url, autocommit=True)
+    admin.execute(f'CREATE DATABASE "{name}"')  # type: ignore[arg-type]
+    try:
+        return soak(args, args.pg_url.rsplit("/", 1)[0] + f"/{name}")
+    finally:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')  # type: ignore[arg-type]
+        admin.close()
+
+
+def soak(args: argparse.Namespace, pg_url: str | None) -> int:
     rng = random.Random(args.seed)
     root = Path(tempfile.mkdtemp(prefix="courierd-soak-"))
     broker = LocalBroker(root / "broker").start()
@@ -86,9 +113,23 @@ def main() -> int:
         "--seed",
         str(args.seed),
     )
-    daemon = Courierd(root, broker, sandbox.url, "soak")
-    daemon.env["COURIERD_ONETABLET__RETRY_SCHEDULE_S"] = "[0.2, 1.0, 2.0]"
-    daemon.start()
+    members = 0
+
+    def member() -> Courierd:
+        nonlocal members
+        members += 1
+        folder = root / f"instance-{members}"
+        folder.mkdir()
+        d = Courierd(folder, broker, sandbox.url, "soak")
+        d.env["COURIERD_ONETABLET__RETRY_SCHEDULE_S"] = "[0.2, 1.0, 2.0]"
+        if pg_url is not None:
+            d.env["COURIERD_STORE__URL"] = pg_url
+        else:
+            d.env["COURIERD_STORE__PATH"] = str(root / "courierd.db")
+        d.start()
+        return d
+
+    daemons = [member() for _ in range(args.instances if pg_url else 1)]
     client, publish = mqtt_publisher("127.0.0.1", broker.port, "soak-couriers")
     sim = Simulation(
         publish,
@@ -112,20 +153,22 @@ def main() -> int:
                 f"broker restarts {restarts}   "
             )
             if time.monotonic() >= next_kill:
-                daemon.stop(kill=True)
+                victim = rng.randrange(len(daemons))
+                daemons[victim].stop(kill=True)
                 kills += 1
                 if rng.random() < 0.2:
                     broker.stop()
                     broker.start()
                     restarts += 1
-                daemon.start()
+                daemons[victim] = member()  # alone: the same again; a cluster: a new member
                 next_kill = time.monotonic() + args.kill_every * rng.uniform(0.5, 1.5)
         stop.set()
         say("\nsoak: couriers stopped; waiting for the outbox to drain")
         # Ask the database, not /healthz: its outbox gauge is refreshed once a second and
         # can still say 0 just after a commit; and the last messages may still be in
         # flight, so the outbox must stay empty for a few seconds.
-        store = open_store(StoreSettings(path=root / "courierd.db"))
+        settings = StoreSettings(url=pg_url) if pg_url else StoreSettings(path=root / "courierd.db")
+        store = open_store(settings, instance="soak-check")
         deadline, empty_since = time.monotonic() + 300, None
         while time.monotonic() < deadline:
             if store.outbox.stats()[0] > 0:
@@ -135,19 +178,23 @@ def main() -> int:
             elif time.monotonic() - empty_since > 5:
                 break
             time.sleep(0.5)
-        daemon.stop()
+        for d in daemons:
+            d.stop()
         orders, problems = check(sandbox.requests(), store)
         store.close()
     finally:
         stop.set()
         client.loop_stop()
+        for d in daemons:
+            d.stop(kill=True)
         sandbox.stop()
         broker.stop()
     for p in problems[:20]:
         say(f"  PROBLEM {p}")
+    where = f"a cluster of {args.instances} on PostgreSQL" if pg_url else "SQLite"
     say(
-        f"soak: {orders} orders checked, {kills} kills, {restarts} broker restarts, "
-        f"{len(problems)} problems (work dir {root})"
+        f"soak ({where}): {orders} orders checked, {kills} kills, {restarts} broker "
+        f"restarts, {len(problems)} problems (work dir {root})"
     )
     return 1 if problems else 0
 
