@@ -258,7 +258,14 @@ class SandboxProc:
 
 
 class Courierd:
-    def __init__(self, workdir: Path, broker: LocalBroker, onetablet_url: str, name: str) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        broker: LocalBroker,
+        onetablet_url: str,
+        name: str,
+        pg_url: str | None = None,
+    ) -> None:
         self.dir = workdir
         self.port = free_port()
         self.env = {
@@ -272,6 +279,8 @@ class Courierd:
             "COURIERD_HTTP__LISTEN": f"127.0.0.1:{self.port}",
             "COURIERD_LOG__LEVEL": "WARNING",
         }
+        if pg_url is not None:  # an instance of a cluster on PostgreSQL
+            self.env["COURIERD_STORE__URL"] = pg_url
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> float:
@@ -320,19 +329,46 @@ class Courierd:
                     pss += int(value.split()[0]) / 1024
         return rss, pss
 
+    def tree(self) -> list[int]:
+        """The daemon's processes: the MQTT process and its workers."""
+        assert self.proc is not None
+        pids = [self.proc.pid]
+        for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
+            pids += [int(p) for p in (task / "children").read_text().split()]
+        return pids
+
+    def pause(self) -> None:
+        for pid in self.tree():
+            os.kill(pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        for pid in self.tree():
+            os.kill(pid, signal.SIGCONT)
+
     def stop(self, *, kill: bool = False) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
             self.proc.wait(60)
 
 
-def drain_courierd(daemon: Courierd, n: int) -> float:
-    """courierd's durable ingest rate over a queued backlog (counted after commit)."""
-    daemon.start()
+def wait_for_shares(daemons: list[Courierd], timeout: float = 120) -> None:
+    """Until every instance of a cluster holds MQTT slots (each its share)."""
+    deadline = time.monotonic() + timeout
+    while not all(json.loads(d.get("/healthz") or "{}").get("slots") for d in daemons):
+        if time.monotonic() > deadline:
+            raise RuntimeError("the cluster's instances did not share the slots out")
+        time.sleep(0.5)
+
+
+def drain_courierd(daemons: list[Courierd], n: int, *, resume: bool = False) -> float:
+    """courierd's durable ingest rate over a queued backlog (counted after commit), by
+    one daemon (started now) or a cluster's paused instances (`resume`d together)."""
+    for daemon in daemons:
+        daemon.resume() if resume else daemon.start()
     first_t, first_n = 0.0, 0.0
     deadline = time.monotonic() + 600
     while True:
-        got = daemon.received()
+        got = sum(daemon.received() for daemon in daemons)
         now = time.perf_counter()
         if got and not first_t:
             first_t, first_n = now, got
@@ -347,11 +383,11 @@ def drain_courierd(daemon: Courierd, n: int) -> float:
 # -- measurements ------------------------------------------------------------------------
 
 
-def geofenced_orders(path: Path, n: int) -> None:
+def geofenced_orders(settings: StoreSettings, n: int) -> None:
     """One active order per pinging courier, with a pickup and a dropoff: every ping is
     screened and run through that order's geofence rules (the couriers stay far from
     the store, so nothing fires: the cost measured is the evaluation itself)."""
-    store = open_store(StoreSettings(path=path))
+    store = open_store(settings)
     db = store.db
     with db.transaction():
         db.executemany(
@@ -371,24 +407,48 @@ def ingest(
     ping_share: float,
     label: str,
     places: int = 0,
+    pg_url: str | None = None,
+    instances: int = 1,
 ) -> dict[str, float]:
     more = f", {places:,} active orders with places" if places else ""
-    say(f"ingest ({label}): {n} messages, {ping_share:.0%} pings{more}")
+    where = "" if pg_url is None else f", PostgreSQL x{instances}"
+    say(f"ingest ({label}): {n} messages, {ping_share:.0%} pings{more}{where}")
     bare_id = f"bench-bare-{label}"
     register_bare(broker.port, bare_id)
     work = root / f"ingest-{label}"
     work.mkdir()
-    daemon = Courierd(work, broker, sandbox.url, f"bench-courierd-{label}")
-    daemon.start()  # registers its persistent session
-    daemon.stop()
+    daemons = []
+    for i in range(instances):
+        folder = work / f"instance-{i}"
+        folder.mkdir()
+        daemons.append(Courierd(folder, broker, sandbox.url, f"bench-courierd-{label}", pg_url))
+    for daemon in daemons:
+        daemon.env["COURIERD_CLUSTER__LEASE_S"] = "120"  # pauses below stay well inside it
+        daemon.start()  # registers its persistent sessions (a cluster: its slots')
     if places:
-        geofenced_orders(work / "courierd.db", places)
-    publish_rate = publish_all(broker.port, messages(n, ping_share, label))
-    ceiling = drain_bare(broker.port, bare_id, n)
-    rate = drain_courierd(daemon, n)
-    daemon.stop()
+        store = StoreSettings(path=daemons[0].dir / "courierd.db")
+        geofenced_orders(StoreSettings(url=pg_url) if pg_url else store, places)
+    if instances == 1:
+        daemons[0].stop()
+        publish_rate = publish_all(broker.port, messages(n, ping_share, label))
+        ceiling = drain_bare(broker.port, bare_id, n)
+        rate = drain_courierd(daemons, n)
+    else:
+        # A cluster must share the backlog as it would in use: wait until every instance
+        # holds its slots, then pause them all (SIGSTOP: the broker queues in their
+        # sessions) while the backlog is published, and let them drain it together.
+        wait_for_shares(daemons)
+        for daemon in daemons:
+            daemon.pause()
+        publish_rate = publish_all(broker.port, messages(n, ping_share, label))
+        ceiling = drain_bare(broker.port, bare_id, n)
+        rate = drain_courierd(daemons, n, resume=True)
+    for daemon in daemons:
+        daemon.stop()
     forget_session(broker.port, bare_id)
     forget_session(broker.port, f"bench-courierd-{label}")
+    for slot in range(4 if pg_url else 0):
+        forget_session(broker.port, f"bench-courierd-{label}-{slot}")
     say(f"  ceiling {ceiling:,.0f} msg/s, courierd {rate:,.0f} msg/s ({rate / ceiling:.2f}x)")
     return {
         "messages": n,
@@ -399,11 +459,11 @@ def ingest(
     }
 
 
-def fill_outbox(path: Path, orders: int, prefix: str) -> int:
+def fill_outbox(settings: StoreSettings, orders: int, prefix: str) -> int:
     """Commit `orders` x 5 pending pushes straight into a database, as ingest would."""
     from courierd.domain.model import Status, StatusEvent
 
-    store = open_store(StoreSettings(path=path))
+    store = open_store(settings)
     events = [
         StatusEvent(f"{prefix}{o}-{s}", f"{prefix}{o}", "c1", Status(STATUSES[s]))
         for s in range(len(STATUSES))
@@ -416,9 +476,15 @@ def fill_outbox(path: Path, orders: int, prefix: str) -> int:
 
 
 def pushes(
-    broker: LocalBroker, sandbox: SandboxProc, root: Path, n: int, label: str
+    broker: LocalBroker,
+    sandbox: SandboxProc,
+    root: Path,
+    n: int,
+    label: str,
+    pg_url: str | None = None,
 ) -> dict[str, float]:
-    say(f"pushes: {n} delivery-status calls, concurrency {CONCURRENCY}")
+    where = "" if pg_url is None else ", PostgreSQL"
+    say(f"pushes: {n} delivery-status calls, concurrency {CONCURRENCY}{where}")
     body = push_body(CHAIN[0], {"full_name": "Bench Courier"})
     with httpx.Client(
         base_url=sandbox.url,
@@ -440,14 +506,17 @@ def pushes(
 
     work = root / f"pushes-{label}"
     work.mkdir()
-    total = fill_outbox(work / "courierd.db", n // len(STATUSES), label)
+    settings = StoreSettings(url=pg_url) if pg_url else StoreSettings(path=work / "courierd.db")
+    total = fill_outbox(settings, n // len(STATUSES), label)
     before = sandbox.count()
-    daemon = Courierd(work, broker, sandbox.url, f"bench-courierd-{label}")
+    daemon = Courierd(work, broker, sandbox.url, f"bench-courierd-{label}", pg_url)
     daemon.start()
     if not sandbox.wait_for_count(before + total, 600):
         raise RuntimeError("courierd did not deliver every push")
     daemon.stop()
     forget_session(broker.port, f"bench-courierd-{label}")
+    for slot in range(4 if pg_url else 0):
+        forget_session(broker.port, f"bench-courierd-{label}-{slot}")
     times = [r["at"] for r in sandbox.requests(before)]
     e2e = (len(times) - 1) / (max(times) - min(times))
     say(f"  raw httpx {raw:,.0f}/s, courierd {e2e:,.0f}/s ({e2e / raw:.2f}x)")
@@ -637,6 +706,54 @@ def lifecycle_cost(events: int = 20_000) -> dict[str, float]:
     }
 
 
+def postgres_phases(
+    broker: LocalBroker,
+    sandbox: SandboxProc,
+    root: Path,
+    scale: float,
+    reps: range,
+    server: str,
+) -> dict[str, Any]:
+    """One instance on PostgreSQL (ingest, pushes) and two instances (ingest), each run
+    on a database of its own, made and dropped here."""
+    import psycopg
+
+    out: dict[str, Any] = {}
+    admin = psycopg.connect(server, autocommit=True)
+
+    def fresh(tag: str) -> str:
+        name = f"courierd_bench_{int(time.time())}_{tag}"
+        admin.execute(f'CREATE DATABASE "{name}"')  # type: ignore[arg-type]
+        made.append(name)
+        return server.rsplit("/", 1)[0] + f"/{name}"
+
+    made: list[str] = []
+    try:
+        n = int(40_000 * scale)
+        out["ingest_pg"] = median_run(
+            [ingest(broker, sandbox, root, n, 0.95, f"pg{i}", pg_url=fresh(f"i{i}")) for i in reps]
+        )
+        out["ingest_pg2"] = median_run(
+            [
+                ingest(
+                    broker, sandbox, root, n, 0.95, f"pgx{i}", pg_url=fresh(f"x{i}"), instances=2
+                )
+                for i in reps
+            ]
+        )
+        out["pushes_pg"] = median_run(
+            [
+                pushes(broker, sandbox, root, int(5_000 * scale), f"pp{i}", fresh(f"p{i}"))
+                for i in reps
+            ]
+        )
+    finally:
+        for name in made:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')  # type: ignore[arg-type]
+        admin.close()
+    return out
+
+
 def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The run with the median ratio, plus every run's ratio: one noisy run cannot decide."""
     ordered = sorted(runs, key=lambda r: r["ratio"])
@@ -647,6 +764,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller runs, for a smoke check")
     parser.add_argument("--out", type=Path, help="JSON file (default bench/results/DATE.json)")
+    parser.add_argument("--no-postgres", action="store_true", help="skip the PostgreSQL phases")
+    parser.add_argument(
+        "--pg-url",
+        default="postgresql://postgres@127.0.0.1:5432/postgres",
+        help="a PostgreSQL server where the bench may create (and drop) its databases",
+    )
     parser.add_argument(
         "--repeats",
         type=int,
@@ -691,6 +814,8 @@ def main() -> int:
         results["pushes"] = median_run(
             [pushes(broker, sandbox, root, int(5_000 * scale), f"p{i}") for i in reps]
         )
+        if not args.no_postgres:
+            results.update(postgres_phases(broker, sandbox, root, scale, reps, args.pg_url))
         results["latency"] = latency(broker, sandbox, root, 20 * scale if scale < 1 else 15)
         results["memory"] = memory_and_start(
             broker, sandbox, root, int(100_000 * scale), int(1_000_000 * scale)
