@@ -79,6 +79,12 @@ class Faults:
         self.rng = random.Random(self.seed)
 
 
+class _Server(ThreadingHTTPServer):
+    # courierd opens hundreds of connections at once; the default backlog of 5 would
+    # drop most of their SYNs, and the client would retry them a second later.
+    request_queue_size = 1024
+
+
 Reply = tuple[int, dict[str, str], Any]
 Responder = Callable[[Request], Reply | None]
 
@@ -99,7 +105,7 @@ class Sandbox:
         self._requests: list[Request] = []
         self._cond = threading.Condition()
         self._started = time.monotonic()
-        self._server = ThreadingHTTPServer((host, port), _handler(self))
+        self._server = _Server((host, port), _handler(self))
         self._server.daemon_threads = True
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
@@ -291,7 +297,10 @@ def _handler(sandbox: Sandbox) -> type[BaseHTTPRequestHandler]:
                 self._send(404, {}, {"error": "Not Found", "message": self.path})
 
         def _send(self, status: int, headers: dict[str, str], body: Any) -> None:
-            data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+            if isinstance(body, bytes):  # a responder's raw bytes (a proxy's page, say)
+                data = body
+            else:
+                data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
             self.send_response(status)
             if "content-type" not in {k.lower() for k in headers}:
                 self.send_header("content-type", "application/json")

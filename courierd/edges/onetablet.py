@@ -99,19 +99,11 @@ class OneTabletClient:
     def delivery_status(
         self, order_id: str, body: str, idempotency_key: str, source: str | None = None
     ) -> Reply:
-        """`POST /orders/{id}/delivery-status` with a body fixed when the push was decided.
-
-        `source` (app, geofence, fill) travels in `x-courierd-source`: OneTablet ignores
-        it, the sandbox's page shows it.
-        """
-        headers = {"idempotency-key": idempotency_key}
-        if source:
-            headers["x-courierd-source"] = source
-        if self.transport == "rest":
-            return self._call(
-                f"/orders/{_path(order_id)}/delivery-status", order_id, body.encode(), headers
-            )
-        return self._operation(DELIVERY_STATUS, "", order_id, json.loads(body), headers)
+        """`POST /orders/{id}/delivery-status` with a body fixed when the push was decided
+        (the daemon sends these through `edges/pusher.py`; this is the same call, once)."""
+        return self._call(
+            *delivery_status_request(self.transport, order_id, body, idempotency_key, source)
+        )
 
     def _operation(
         self,
@@ -135,25 +127,75 @@ class OneTabletClient:
         try:
             response = self._http.post(path, content=content, headers=headers)
         except httpx.TimeoutException:
-            _log_call(endpoint, order_id, None, "timeout", started)
-            raise Unavailable(f"{endpoint}: OneTablet did not answer in time") from None
+            raise no_reply(endpoint, order_id, started, None) from None
         except httpx.HTTPError as e:
-            _log_call(endpoint, order_id, None, f"connection error: {e}", started)
-            raise Unavailable(f"{endpoint}: cannot reach OneTablet ({e})") from None
-        status = response.status_code
-        body = _body(response)
-        verdict = classify(status)
-        error = None if verdict is Verdict.DELIVERED else _error_text(body, response)
-        _log_call(endpoint, order_id, status, error, started)
-        if verdict is Verdict.DELIVERED:
-            return Reply(status, body)
-        message = f"OneTablet answered {status} to {endpoint}: {error}"
-        if verdict is Verdict.RETRY:
-            retry_after = parse_retry_after(response.headers.get("retry-after"), self._clock())
-            raise Unavailable(message, status, retry_after)
-        if verdict is Verdict.UNAUTHORIZED:
-            raise Unauthorized(message, status)
-        raise Rejected(message, status)
+            raise no_reply(endpoint, order_id, started, e) from None
+        return interpret(
+            endpoint,
+            order_id,
+            Answer(response.status_code, response.reason_phrase, response.content),
+            response.headers.get("retry-after"),
+            started,
+            self._clock(),
+        )
+
+
+def delivery_status_request(
+    transport: str, order_id: str, body: str, idempotency_key: str, source: str | None
+) -> tuple[str, str, bytes, dict[str, str]]:
+    """(path, order id, content, headers) of a delivery-status push on `transport`.
+
+    `source` (app, geofence, fill) travels in `x-courierd-source`: OneTablet ignores it,
+    the sandbox's page shows it.
+    """
+    headers = {"idempotency-key": idempotency_key}
+    if source:
+        headers["x-courierd-source"] = source
+    if transport == "rest":
+        return f"/orders/{_path(order_id)}/delivery-status", order_id, body.encode(), headers
+    envelope = _envelope(DELIVERY_STATUS, order_id, {"order_id": order_id, **json.loads(body)})
+    return "/webhooks", order_id, dumps(envelope).encode(), headers
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """What came back on the wire, whichever HTTP client fetched it."""
+
+    status: int
+    reason: str
+    content: bytes
+
+
+def interpret(
+    endpoint: str,
+    order_id: str,
+    answer: Answer,
+    retry_after: str | None,
+    started: float,
+    now: float,
+) -> Reply:
+    """Log the call's one line; return a 2xx reply or raise the matching error."""
+    body = _body(answer.content)
+    verdict = classify(answer.status)
+    error = None if verdict is Verdict.DELIVERED else _error_text(body, answer)
+    _log_call(endpoint, order_id, answer.status, error, started)
+    if verdict is Verdict.DELIVERED:
+        return Reply(answer.status, body)
+    message = f"OneTablet answered {answer.status} to {endpoint}: {error}"
+    if verdict is Verdict.RETRY:
+        raise Unavailable(message, answer.status, parse_retry_after(retry_after, now))
+    if verdict is Verdict.UNAUTHORIZED:
+        raise Unauthorized(message, answer.status)
+    raise Rejected(message, answer.status)
+
+
+def no_reply(endpoint: str, order_id: str, started: float, error: Exception | None) -> Unavailable:
+    """The error (retryable) for a call that got no answer: `error` None is a timeout."""
+    if error is None:
+        _log_call(endpoint, order_id, None, "timeout", started)
+        return Unavailable(f"{endpoint}: OneTablet did not answer in time")
+    _log_call(endpoint, order_id, None, f"connection error: {error}", started)
+    return Unavailable(f"{endpoint}: cannot reach OneTablet ({error})")
 
 
 def with_retries(
@@ -191,20 +233,21 @@ def _path(order_id: str) -> str:
     return quote(order_id, safe="")
 
 
-def _body(response: httpx.Response) -> Any:
+def _body(content: bytes) -> Any:
+    """Parsed JSON where it is JSON, else the text."""
     try:
-        return response.json()
-    except ValueError:
-        return response.text
+        return json.loads(content)
+    except ValueError:  # not JSON, or not UTF-8 (UnicodeDecodeError is a ValueError)
+        return content.decode("utf-8", "replace")
 
 
-def _error_text(body: Any, response: httpx.Response) -> str:
+def _error_text(body: Any, answer: Answer) -> str:
     """OneTablet's `{error, message}`, else the start of whatever it sent."""
     if isinstance(body, dict) and ("message" in body or "error" in body):
         error, message = body.get("error"), body.get("message")
-        return " - ".join(str(p) for p in (error, message) if p) or response.reason_phrase
+        return " - ".join(str(p) for p in (error, message) if p) or answer.reason
     text = str(body).strip()[:200]
-    return text or response.reason_phrase or f"HTTP {response.status_code}"
+    return text or answer.reason or f"HTTP {answer.status}"
 
 
 def _log_call(

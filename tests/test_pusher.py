@@ -1,0 +1,160 @@
+"""The push path's client (aiohttp) against a real HTTP server on 127.0.0.1: it sends
+exactly what the order commands' client (httpx) sends, and reads replies the same way."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from courierd.devtools.sandbox import Request, Sandbox
+from courierd.edges.onetablet import OneTabletClient, Reply
+from courierd.edges.pusher import Push, Pusher
+from courierd.errors import Rejected, Unauthorized, Unavailable
+from tests.conftest import API_KEY
+from tests.test_onetablet import BODY, reply_with
+
+Call = Callable[..., Reply]
+
+
+@pytest.fixture(params=["httpx", "aiohttp"])
+def delivery_status(request: pytest.FixtureRequest) -> Iterator[Callable[..., Call]]:
+    """`make(url, key, **options)` → a delivery-status call by one client or the other."""
+    made: list[OneTabletClient | Pusher] = []
+
+    def make(url: str, key: str = API_KEY, **options: object) -> Call:
+        kind = OneTabletClient if request.param == "httpx" else Pusher
+        client = kind(url, key, **options)  # type: ignore[arg-type]
+        made.append(client)
+        return client.delivery_status
+
+    yield make
+    for client in made:
+        client.close()
+
+
+def sent_by_both(onetablet: Sandbox, transport: str, *args: str) -> tuple[Request, Request]:
+    with OneTabletClient(onetablet.url, API_KEY, transport=transport) as c:
+        c.delivery_status(*args)
+    with Pusher(onetablet.url, API_KEY, transport=transport) as p:
+        p.delivery_status(*args)
+    first, second = onetablet.requests()[-2:]
+    return first, second
+
+
+@pytest.mark.parametrize("transport", ["rest", "webhooks"])
+def test_the_pusher_sends_what_the_httpx_client_sends(onetablet: Sandbox, transport: str) -> None:
+    """Same path, body bytes, key, idempotency key and source header, on both transports;
+    an order id that needs escaping is escaped once."""
+    by_httpx, by_pusher = sent_by_both(onetablet, transport, "a b?c/d", BODY, "key-1", "geofence")
+    assert by_pusher.path == by_httpx.path
+    assert by_pusher.body == by_httpx.body
+    for header in ("x-api-key", "content-type", "idempotency-key", "x-courierd-source"):
+        assert by_pusher.headers[header] == by_httpx.headers[header], header
+    assert by_pusher.status == 200
+    if transport == "rest":
+        assert by_pusher.path == "/orders/a%20b%3Fc%2Fd/delivery-status"
+    else:
+        assert by_pusher.json["event"] == {"type": "order.delivery_status", "order_id": "a b?c/d"}
+
+
+def test_a_base_url_with_a_path_keeps_it(onetablet: Sandbox) -> None:
+    """OneTablet behind a prefix (https://host/v1): the prefix stays in every call."""
+    onetablet.responder = lambda _: (200, {}, {"ok": True})
+    with Pusher(f"{onetablet.url}/v1/", API_KEY) as p:
+        p.delivery_status("o-1", BODY, "k")
+    assert onetablet.requests()[-1].path == "/v1/orders/o-1/delivery-status"
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "error", "retry_after"),
+    [
+        (400, {}, Rejected, None),
+        (401, {}, Unauthorized, None),
+        (429, {"Retry-After": "7"}, Unavailable, 7.0),
+        (503, {"Retry-After": "2"}, Unavailable, 2.0),
+        (500, {}, Unavailable, None),
+        (408, {}, Unavailable, None),
+    ],
+)
+def test_error_replies_map_to_the_same_errors(
+    onetablet: Sandbox,
+    delivery_status: Callable[..., Call],
+    status: int,
+    headers: dict[str, str],
+    error: type,
+    retry_after: float | None,
+) -> None:
+    reply_with(onetablet, (status, headers, {"error": "Oops", "message": "order id missing"}))
+    call = delivery_status(onetablet.url)
+    with pytest.raises(error) as info:
+        call("o-1", BODY, "k")
+    assert info.value.status == status
+    assert "Oops - order id missing" in str(info.value)
+    assert getattr(info.value, "retry_after", None) == retry_after
+
+
+def test_an_html_error_page_is_reported_by_its_start(
+    onetablet: Sandbox, delivery_status: Callable[..., Call]
+) -> None:
+    """A proxy's 502 page, not JSON and not even UTF-8: retryable, shown shortened."""
+    page = b"<h1>Bad gateway \xff</h1>" * 50
+    onetablet.responder = lambda _: (502, {"content-type": "text/html"}, page)
+    with pytest.raises(Unavailable) as info:
+        delivery_status(onetablet.url)("o", BODY, "k")
+    assert "502" in str(info.value) and "Bad gateway" in str(info.value)
+    assert len(str(info.value)) < 300
+
+
+def test_timeout_and_connection_refused_are_unavailable(
+    onetablet: Sandbox, delivery_status: Callable[..., Call]
+) -> None:
+    release = threading.Event()
+    onetablet.responder = lambda _: release.wait(5) and None
+    with pytest.raises(Unavailable, match="in time"):
+        delivery_status(onetablet.url, timeout=0.2)("o-1", BODY, "k")
+    release.set()
+    with pytest.raises(Unavailable, match="cannot reach"):
+        delivery_status("http://127.0.0.1:9")("o-1", BODY, "k")
+
+
+def test_one_log_line_per_call_and_never_the_key(
+    onetablet: Sandbox, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("DEBUG")
+    reply_with(onetablet, (500, {}, {"error": "E", "message": "down"}))
+    with Pusher(onetablet.url, API_KEY) as p:
+        with pytest.raises(Unavailable):
+            p.delivery_status("o-7", BODY, "k")
+        p.delivery_status("o-7", BODY, "k")
+    lines = [r.getMessage() for r in caplog.records if r.name == "courierd.edges.onetablet"]
+    assert len(lines) == 2
+    assert "endpoint='POST /orders/o-7/delivery-status' order_id=o-7 status=500" in lines[0]
+    assert "E - down" in lines[0] and "status=200 error='-'" in lines[1]
+    assert all(API_KEY not in r.getMessage() for r in caplog.records)
+
+
+def test_a_push_whose_claim_lapsed_is_not_sent(onetablet: Sandbox) -> None:
+    """A push handed over after its claim's deadline (the process was stopped in
+    between) is reported unsent: another instance may own it by now."""
+    got: list[object] = []
+    done = threading.Event()
+
+    def report(outcome: object, _sent_at: float) -> None:
+        got.append(outcome)
+        done.set()
+
+    with Pusher(onetablet.url, API_KEY, clock=lambda: 100.0) as p:
+        p.send([Push("o-1", BODY, "k", None, report, until=99.0)])
+        assert done.wait(10)
+    assert got == [None] and onetablet.requests() == []
+
+
+def test_the_body_sent_is_the_body_stored(onetablet: Sandbox) -> None:
+    """Bytes decided at commit time go out unchanged, non-ASCII included."""
+    body = json.dumps({"delivery_status": "dropoff", "courier_info": {"full_name": "Zoë Ñ"}})
+    with Pusher(onetablet.url, API_KEY) as p:
+        p.delivery_status("o-1", body, "k")
+    assert onetablet.requests()[-1].body == body.encode()
