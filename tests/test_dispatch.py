@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from pathlib import Path
 
 from courierd.daemon.dispatch import Dispatcher
 from courierd.devtools.sandbox import Request, Sandbox
+from courierd.domain.lifecycle import CHAIN
 from courierd.domain.model import Status, StatusEvent
-from courierd.edges.onetablet import OneTabletClient
+from courierd.edges.pusher import Pusher
 from tests.conftest import API_KEY, open_path
 from tests.harness import wait_until
 
 
-def test_push_claimed_before_a_cancel_is_not_sent(db_path: Path, onetablet: Sandbox) -> None:
-    """A push already claimed, waiting for a free worker, is dropped if `order cancel`
-    lands meanwhile (CONTRACT.md 4.4): it is checked again just before sending."""
+def test_a_push_waiting_for_a_place_in_flight_is_not_sent_after_a_cancel(
+    db_path: Path, onetablet: Sandbox
+) -> None:
+    """With every place in flight taken, a push waits unclaimed in the database; if
+    `order cancel` lands meanwhile, it is never sent (CONTRACT.md 4.4)."""
     store = open_path(db_path)
     store.writer.commit(
         [
@@ -33,13 +37,10 @@ def test_push_claimed_before_a_cancel_is_not_sent(db_path: Path, onetablet: Sand
             release.wait(10)
 
     onetablet.responder = hold_first
-    client = OneTabletClient(onetablet.url, API_KEY)
+    pusher = Pusher(onetablet.url, API_KEY)
     dispatch_store = open_path(db_path)
-    checker = open_path(db_path)
-    # One worker: "first" is sent and held; "second" is claimed and waits in the queue.
-    dispatcher = Dispatcher(
-        dispatch_store.outbox, client, concurrency=1, still_pending=checker.outbox.is_pending
-    )
+    # One place in flight: "first" is sent and held; "second" waits for the place.
+    dispatcher = Dispatcher(dispatch_store.outbox, pusher, concurrency=1)
     stop = threading.Event()
     loop = threading.Thread(target=dispatcher.run, args=(stop,))
     loop.start()
@@ -54,13 +55,62 @@ def test_push_claimed_before_a_cancel_is_not_sent(db_path: Path, onetablet: Sand
         stop.set()
         dispatcher.wake()
         loop.join(15)
-        client.close()
+        pusher.close()
     assert [r.order_id for r in onetablet.requests()] == ["first"]
     view = store.queries.order_view("second")
     assert view is not None and view["pushes"][0]["state"] == "cancelled"
     store.close()
     dispatch_store.close()
-    checker.close()
+
+
+def test_500_orders_against_a_slow_onetablet_stay_in_order_and_bounded(
+    db_path: Path, onetablet: Sandbox
+) -> None:
+    """500 orders' five statuses each, against a OneTablet that takes 20 ms: at most
+    `concurrency` calls are ever open at OneTablet, many orders are in flight at once,
+    each order's statuses arrive in chain order, and each push is sent once."""
+    store = open_path(db_path)
+    orders = [f"o{i}" for i in range(500)]
+    store.writer.commit(
+        [
+            StatusEvent(f"{o}-{s}", o, "c1", status)
+            for s, status in enumerate(CHAIN)
+            for o in orders
+        ],
+        now=1.0,
+    )
+    open_calls, most = 0, 0
+    lock = threading.Lock()
+
+    def slow(_: Request) -> None:
+        nonlocal open_calls, most
+        with lock:
+            open_calls += 1
+            most = max(most, open_calls)
+        time.sleep(0.02)  # OneTablet's latency (the server's, not a wait in the test)
+        with lock:
+            open_calls -= 1
+
+    onetablet.responder = slow
+    concurrency = 64
+    pusher = Pusher(onetablet.url, API_KEY, max_connections=concurrency)
+    dispatcher = Dispatcher(open_path(db_path).outbox, pusher, concurrency=concurrency)
+    stop = threading.Event()
+    loop = threading.Thread(target=dispatcher.run, args=(stop,))
+    loop.start()
+    try:
+        wait_until(lambda: store.outbox.stats()[0] == 0, 120, "every push to be delivered")
+    finally:
+        stop.set()
+        dispatcher.wake()
+        loop.join(15)
+        pusher.close()
+    assert concurrency // 2 <= most <= concurrency  # parallel across orders, yet bounded
+    sent: dict[str, list[str]] = {}
+    for r in onetablet.requests():
+        sent.setdefault(str(r.order_id), []).append(r.json["delivery_status"])
+    assert sent == {o: [s.value for s in CHAIN] for o in orders}
+    store.close()
 
 
 class Clocks:
@@ -78,10 +128,8 @@ class Clocks:
         self.advance(wall - self.wall)
 
 
-def _dispatcher(
-    store_path: Path, onetablet: Sandbox, clocks: Clocks
-) -> tuple[Dispatcher, OneTabletClient]:
-    client = OneTabletClient(onetablet.url, API_KEY)
+def _dispatcher(store_path: Path, onetablet: Sandbox, clocks: Clocks) -> tuple[Dispatcher, Pusher]:
+    client = Pusher(onetablet.url, API_KEY)
     d = Dispatcher(
         open_path(store_path).outbox,
         client,

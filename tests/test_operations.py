@@ -88,6 +88,8 @@ def test_starts_without_the_broker_and_connects_when_it_comes(
     daemon = rig.daemon(NOTIFY_SOCKET=str(notify.path)).start(wait_ready=False)
     wait_until(lambda: notify.count("READY=1"), 20, "READY=1 without a broker")
     assert rig.onetablet.wait_for(lambda _: len(delivered(rig.onetablet).get("queued", [])) == 2)
+    # (a cluster member first says it waits for its share of the sessions)
+    wait_until(lambda: "mqtt: disconnected" in str(daemon.health()[1]["reasons"]), 10, "reason")
     code, body = daemon.health()
     assert code == 503 and body["mqtt"] == "disconnected"
     assert "mqtt: disconnected" in body["reasons"][0]

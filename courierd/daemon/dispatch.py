@@ -1,12 +1,14 @@
 """The dispatch process: delivers the outbox to OneTablet, in order per order, parallel across.
 
-One thread claims due pushes that head their order's queue (`Outbox.claim_due`) and
-hands them to a bounded worker pool sharing one keep-alive connection pool. Workers
-only call OneTablet and report; the dispatcher thread records results in batches
-(one commit for many replies) and decides what happens next:
-2xx delivered; retryable → next attempt after 1 s, 5 s, 30 s, ... (Retry-After wins);
-other 4xx → parked as failed; 401 → every push pauses, and one probe at a time is sent,
-with backoff, until the key works again.
+One thread claims due pushes that head their order's queue (`Outbox.claim_due`), as
+many as there are free places in flight (`onetablet.max_concurrency`), and hands them
+to the pusher (`edges/pusher.py`: one asyncio loop, one aiohttp connection pool). A
+claimed push starts at once: nothing waits claimed but unsent, so a cancel or a 401
+finds every push either in flight or still in the database. Replies come back to this
+thread, which records them in batches (one commit for many replies) and decides what
+happens next: 2xx delivered; retryable → next attempt after 1 s, 5 s, 30 s, ...
+(Retry-After wins); other 4xx → parked as failed; 401 → every push pauses, and one
+probe at a time is sent, with backoff, until the key works again.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import random
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 
@@ -29,8 +30,9 @@ from courierd.daemon.ipc import REPORT_S, orphaned, worker_setup
 from courierd.daemon.notifier import Notifier
 from courierd.domain.model import DispatchStats
 from courierd.domain.policy import RETRY_SCHEDULE, retry_delay
-from courierd.edges.onetablet import OneTabletClient
+from courierd.edges.onetablet import Reply
 from courierd.edges.publisher import MqttPublisher
+from courierd.edges.pusher import Outcome, Push, Pusher
 from courierd.errors import CourierdError, Rejected, StoreUnavailable, Unauthorized, Unavailable
 from courierd.store import Store, open_store
 from courierd.store.outbox import Outbox, OutboxRow, PushResult
@@ -45,12 +47,30 @@ CLOCK_STEP_S = 2.0  # a wall-clock jump beyond this (against the monotonic clock
 
 @dataclass(frozen=True, slots=True)
 class Attempt:
-    """What one push attempt got back, from a worker to the dispatcher thread."""
+    """What one push attempt got back, from the pusher to the dispatcher thread."""
 
     row: OutboxRow
-    outcome: str  # delivered, retry, failed, unauthorized; skipped (unsent: paused or cancelled)
+    outcome: str  # delivered, retry, failed, unauthorized; skipped (unsent: claim lapsed)
     error: str | None = None
     retry_after: float | None = None
+    claimed_at: float = 0.0  # wall-clock times, for the latency stages on /metrics
+    sent_at: float = 0.0
+    replied_at: float = 0.0
+
+
+def attempt_of(row: OutboxRow, outcome: Outcome | None) -> tuple[str, str | None, float | None]:
+    """(outcome, error, retry_after) of what the pusher got for `row`."""
+    if outcome is None:
+        return "skipped", None, None
+    if isinstance(outcome, Reply):
+        return "delivered", None, None
+    if isinstance(outcome, Unavailable):
+        return "retry", str(outcome), outcome.retry_after
+    if isinstance(outcome, Unauthorized):
+        return "unauthorized", str(outcome), None
+    if isinstance(outcome, Rejected):
+        return "failed", str(outcome), None
+    return "retry", f"unexpected error: {outcome!r}", None
 
 
 class Dispatcher:
@@ -65,21 +85,20 @@ class Dispatcher:
     def __init__(
         self,
         outbox: Outbox,
-        client: OneTabletClient,
+        pusher: Pusher,
         *,
-        concurrency: int = 16,
+        concurrency: int = 256,
         schedule: Sequence[float] = RETRY_SCHEDULE,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
-        still_pending: Callable[[int], bool] = lambda _push_id: True,
         follow_clock_steps: bool = True,
     ) -> None:
         self.outbox = outbox
         # Alone, courierd moves the schedule with its clock's steps; in a cluster one
         # host's step must not move everyone's shared schedule (NTP keeps them agreed).
         self.follow_clock_steps = follow_clock_steps
-        self.client = client
+        self.pusher = pusher
         self.stats = DispatchStats()
         self._stats_lock = threading.Lock()
         self.concurrency = concurrency
@@ -87,18 +106,13 @@ class Dispatcher:
         self.clock = clock
         self.monotonic = monotonic
         self.rng = rng or random.Random()
-        self.still_pending = still_pending
         self.heartbeat = monotonic()
         self.paused_until: float | None = None  # set while OneTablet refuses our key
         self._auth_failures = 0
         self._clock_offset = clock() - monotonic()
-        # Claimed pushes: running, or queued for the next free worker. Keeping up to
-        # `concurrency` queued means a worker that finishes starts the next push at
-        # once instead of waiting for this thread's record-and-claim round trip.
-        self._inflight: dict[int, tuple[OutboxRow, Future[None]]] = {}
+        self._inflight: dict[int, OutboxRow] = {}  # claimed and sent, no reply recorded
         self._results: queue.SimpleQueue[Attempt] = queue.SimpleQueue()
         self._wake = threading.Event()
-        self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="push")
         self._next_stats = 0.0
         self._probe_id: int | None = None  # the one push sent while paused by a 401
         self._claimed_all = False
@@ -148,20 +162,13 @@ class Dispatcher:
         return 1.0 if self._claimed_all else self._until_next_due()
 
     def _drain(self, grace_s: float) -> None:
-        unsent = []
-        for row_id, (_, future) in list(self._inflight.items()):
-            if future.cancel():  # queued, never sent: it stays pending for next time
-                del self._inflight[row_id]
-                unsent.append(row_id)
-        with contextlib.suppress(StoreUnavailable):
-            self.outbox.unclaim(unsent)  # another instance may take them at once
         deadline = time.monotonic() + grace_s
         while self._inflight and time.monotonic() < deadline:
             self._wake.clear()
             self._record()
             self._wake.wait(0.05)
-        self._record()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        with contextlib.suppress(StoreUnavailable):
+            self._record()
         if self._inflight:
             log.warning("dispatch.unfinished pushes=%d (sent again on start)", len(self._inflight))
 
@@ -177,49 +184,52 @@ class Dispatcher:
         log.warning("dispatch.clock_step seconds=%+.1f pushes_rescheduled=%d", step, moved)
 
     def _claim(self) -> bool:
-        """Start due pushes in the free slots; True if more may be waiting for a slot."""
+        """Send due pushes in the free places; True if more may be waiting for one."""
         now = self.clock()
-        slots = 2 * self.concurrency - len(self._inflight)
+        slots = self.concurrency - len(self._inflight)
         if self.paused_until is not None:
             # Paused: one probe at a time, once its backoff has passed.
             slots = 1 if now >= self.paused_until and not self._inflight else 0
         if slots <= 0:
             return self.paused_until is None
         rows = self.outbox.claim_due(now, slots, busy=list(self._inflight))
-        if self.paused_until is not None and rows:
+        if not rows:
+            return False
+        if self.paused_until is not None:
             self._probe_id = rows[0].id
+        # A claim on a shared database holds for lease_s: a push still unsent by then
+        # (this process was stopped in between) may be another instance's, so it is not.
+        until = now + self.outbox.lease_s if self.outbox.db.concurrent else float("inf")
+        claimed_at = time.time()
+        pushes = []
         for row in rows:
-            self._inflight[row.id] = (row, self._pool.submit(self._attempt, row))
+            self._inflight[row.id] = row
+            pushes.append(
+                Push(
+                    row.order_id,
+                    row.body,
+                    row.idempotency_key,
+                    row.source,
+                    self._reply_handler(row, claimed_at),
+                    until,
+                )
+            )
+        self.pusher.send(pushes)
         return len(rows) == slots
 
-    def _attempt(self, row: OutboxRow) -> None:
-        """Worker: one call to OneTablet; never raises (the report is the result)."""
-        paused = self.paused_until is not None and row.id != self._probe_id
-        try:
-            cancelled = not paused and not self.still_pending(row.id)
-        except Exception:  # cannot tell: send it (at-least-once), but say so
-            log.exception("dispatch.pending_check_failed order_id=%s", row.order_id)
-            cancelled = False
-        # Queued before a 401 paused everything, or cancelled/held (`order cancel`)
-        # since it was claimed: leave it as the database has it, unsent.
-        if paused or cancelled:
-            self._results.put(Attempt(row, "skipped"))
+    def _reply_handler(
+        self, row: OutboxRow, claimed_at: float
+    ) -> Callable[[Outcome | None, float], None]:
+        """What the pusher calls (on its thread) with the outcome of `row`."""
+
+        def done(outcome: Outcome | None, sent_at: float) -> None:
+            kind, error, retry_after = attempt_of(row, outcome)
+            self._results.put(
+                Attempt(row, kind, error, retry_after, claimed_at, sent_at, time.time())
+            )
             self._wake.set()
-            return
-        try:
-            self.client.delivery_status(row.order_id, row.body, row.idempotency_key, row.source)
-            attempt = Attempt(row, "delivered")
-        except Unavailable as e:
-            attempt = Attempt(row, "retry", str(e), e.retry_after)
-        except Unauthorized as e:
-            attempt = Attempt(row, "unauthorized", str(e))
-        except Rejected as e:
-            attempt = Attempt(row, "failed", str(e))
-        except Exception as e:  # a bug must not lose the push: retry it, loudly
-            log.exception("dispatch.crash order_id=%s", row.order_id)
-            attempt = Attempt(row, "retry", f"internal error: {e!r}")
-        self._results.put(attempt)
-        self._wake.set()
+
+        return done
 
     def _record(self) -> None:
         """Turn finished attempts into outbox updates, all in one commit."""
@@ -244,11 +254,18 @@ class Dispatcher:
                 del self._inflight[a.row.id]
                 if a.row.id == self._probe_id:
                     self._probe_id = None
+        recorded_at = time.time()
         for a in sent:
             with self._stats_lock:
                 self.stats.outcomes[a.outcome] += 1
                 if a.outcome == "delivered":
                     self.stats.latencies.append(max(0.0, now - a.row.created_at))
+                    self.stats.add_stages(
+                        claim=a.claimed_at - a.row.created_at,
+                        send=a.sent_at - a.claimed_at,
+                        reply=a.replied_at - a.sent_at,
+                        record=recorded_at - a.replied_at,
+                    )
             if a.outcome == "failed":
                 log.warning(
                     "dispatch.parked order_id=%s status=%s error=%r",
@@ -317,40 +334,6 @@ class Dispatcher:
             return self.stats.take(self.monotonic() - self.heartbeat)
 
 
-class _PendingCheck:
-    """ "Still pending, and still ours?" from any worker thread, over a few connections
-    of its own (read-only on SQLite) that the workers take turns with."""
-
-    def __init__(self, settings: Settings, instance: str, connections: int = 4) -> None:
-        self.settings = settings
-        self.instance = instance
-        self._free: queue.SimpleQueue[Outbox] = queue.SimpleQueue()
-        self._opened = 0
-        self._lock = threading.Lock()
-        self._limit = connections
-
-    def __call__(self, push_id: int) -> bool:
-        outbox = self._take()
-        try:
-            return bool(outbox.is_pending(push_id, time.time()))
-        finally:
-            self._free.put(outbox)
-
-    def _take(self) -> Outbox:
-        with self._lock:
-            if self._free.empty() and self._opened < self._limit:
-                self._opened += 1
-                cluster = self.settings.cluster
-                store = open_store(
-                    self.settings.store,
-                    readonly=True,
-                    instance=self.instance,
-                    lease_s=cluster.lease_s,
-                )
-                return store.outbox
-        return self._free.get()
-
-
 def dispatch_main(
     settings: Settings,
     reports: Connection,
@@ -359,7 +342,7 @@ def dispatch_main(
     instance: str,
 ) -> None:
     """Entry point of the dispatch process: deliver the outbox until told to stop."""
-    worker_setup(settings)
+    worker_setup(settings, "courierd-push")
     ot = settings.require_onetablet()
     assert ot.base_url is not None and ot.api_key is not None
 
@@ -379,19 +362,19 @@ def dispatch_main(
     except CourierdError as e:
         reports.send(("fatal", str(e)))
         return
-    client = OneTabletClient(
+    pusher = Pusher(
         ot.base_url,
         ot.api_key.get_secret_value(),
         transport=ot.transport,
         timeout=ot.timeout_s,
-        max_connections=ot.max_concurrency,
+        max_connections=ot.max_connections_per_host,
     )
     dispatcher = Dispatcher(
         store.outbox,
-        client,
-        concurrency=ot.max_concurrency,
+        pusher,
+        # A push in flight holds a connection (HTTP/1.1): never claim more than either.
+        concurrency=min(ot.max_concurrency, ot.max_connections_per_host),
         schedule=ot.retry_schedule_s,
-        still_pending=_PendingCheck(settings, instance),
         follow_clock_steps=not store.db.concurrent,
     )
     # One publisher per instance: a cluster's instances must not share a client id.
@@ -483,7 +466,7 @@ def dispatch_main(
     report("stats", dispatcher.report())
     for each in (store, housekeeping_store, notifier_store):
         each.close()
-    # Not client.close() and a normal exit: a push stuck on a hung OneTablet would hold
+    # Not pusher.close() and a normal exit: a push stuck on a hung OneTablet would hold
     # either until its timeout. It stays pending and is sent again on the next start.
     logging.shutdown()
     os._exit(0)

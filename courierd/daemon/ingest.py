@@ -130,7 +130,7 @@ def _commit_isolating(
 
 def ingest_main(settings: Settings, pipe: Connection, wake: Connection, instance: str) -> None:
     """Entry point of the ingest process: commit batches until told to stop."""
-    worker_setup(settings)
+    worker_setup(settings, "courierd-ingest")
     owntracks = settings.owntracks.courier_id if settings.owntracks.enabled else None
     try:
         store = open_store(

@@ -22,6 +22,9 @@ If the MQTT process disappears (kill -9), the pipes close and both workers exit 
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
 import logging
 import os
 import signal
@@ -35,11 +38,20 @@ log = logging.getLogger(__name__)
 REPORT_S = 0.25
 
 
-def worker_setup(settings: Settings) -> None:
-    """Logging as the parent's; signals ignored: the MQTT process says when to stop."""
+def worker_setup(settings: Settings, name: str) -> None:
+    """Named for `ps`/`top` (courierd-ingest, courierd-push); logging as the parent's;
+    signals ignored: the MQTT process says when to stop."""
+    set_process_name(name)
     setup_logging(settings.log.level, settings.log.format)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def set_process_name(name: str) -> None:
+    """The name `top`, `ps -o comm` and /proc/PID/comm show (Linux; at most 15 bytes)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        libc.prctl(15, name.encode()[:15], 0, 0, 0)  # 15 = PR_SET_NAME
 
 
 def orphaned() -> None:

@@ -202,6 +202,8 @@ class BatchReport:
     tracking: Counter[str] = field(default_factory=Counter)  # fix_*, geofence_*, ...
     transitions: int = 0
     pushes: int = 0
+    waited_s: float = 0.0  # the oldest message's wait in the MQTT process (set there)
+    commit_s: float = 0.0  # from handing the batch over to hearing it is committed
 
 
 @dataclass(slots=True)
@@ -221,6 +223,12 @@ class DispatchStats:
     heartbeat_age_s: float = 0.0
     couriers_offline: int = 0
     watchdog_alerts: int = 0  # courier_offline alerts the watchdog wrote since last report
+    # Seconds each delivered push spent in each stage (claim, send, reply, record).
+    stages: dict[str, list[float]] = field(default_factory=dict)
+
+    def add_stages(self, **seconds: float) -> None:
+        for stage, value in seconds.items():
+            self.stages.setdefault(stage, []).append(max(0.0, value))
 
     def take(self, heartbeat_age_s: float) -> DispatchStats:
         """A copy to send, resetting the deltas (outcomes, latencies)."""
@@ -233,9 +241,11 @@ class DispatchStats:
             self.failed,
             heartbeat_age_s,
             self.couriers_offline,
+            stages=self.stages,
         )
         self.outcomes.clear()
         self.latencies.clear()
+        self.stages = {}
         return out
 
 
