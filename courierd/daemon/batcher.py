@@ -93,6 +93,7 @@ class Batcher:
                 continue
             fence = self.sessions.fence(batch) if self.sessions.shared else None
             request = ("batch", ([(m.topic, m.payload, m.size) for m in batch], fence))
+            handed_over = time.monotonic()
             report = self._until_committed(request, stop)
             if report is None:
                 return  # stopping with the batch uncommitted: it is redelivered later
@@ -100,6 +101,8 @@ class Batcher:
                 continue  # our slots were taken over: the new holder gets these again
             for message in batch:
                 self.sessions.ack(message)
+            report.waited_s = max(0.0, handed_over - min(m.received for m in batch))
+            report.commit_s = time.monotonic() - handed_over
             self.on_report(report)
 
     def _until_committed(self, request: tuple[str, Any], stop: threading.Event) -> Any:

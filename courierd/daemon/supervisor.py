@@ -75,6 +75,8 @@ def _once(callback: Callable[[], None]) -> Callable[[], None]:
 def record_batch(metrics: Metrics, report: BatchReport) -> None:
     """Apply a batch report to the Prometheus metrics."""
     metrics.batch_size.observe(report.size)
+    metrics.stages.labels("receive").observe(report.waited_s)
+    metrics.stages.labels("commit").observe(report.commit_s)
     for kind, n in report.kinds.items():
         metrics.received.labels(kind).inc(n)
     for outcome, n in report.outcomes.items():
@@ -256,6 +258,10 @@ class Daemon:
                     m.pushes.labels(outcome).inc(n)
                 for seconds in stats.latencies:
                     m.push_latency.observe(seconds)
+                for stage, values in stats.stages.items():
+                    histogram = m.stages.labels(stage)
+                    for seconds in values:
+                        histogram.observe(seconds)
                 m.auth_paused.set(1 if stats.auth_paused else 0)
                 m.outbox_depth.set(stats.pending)
                 m.outbox_failed.set(stats.failed)

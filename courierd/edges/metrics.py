@@ -60,6 +60,37 @@ class Metrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
             registry=r,
         )
+        self.stages = Histogram(
+            "courierd_latency_stage_seconds",
+            "Where a status spends its time: receive (in the MQTT process until its batch "
+            "goes to ingest; the batch's oldest message), commit (until ingest says it is "
+            "committed), claim (from the push's creation to its claim), send (claimed to "
+            "sent), reply (sent to OneTablet's reply), record (reply to its commit)",
+            ["stage"],
+            buckets=(
+                0.0005,
+                0.001,
+                0.002,
+                0.003,
+                0.005,
+                0.0075,
+                0.01,
+                0.015,
+                0.02,
+                0.03,
+                0.05,
+                0.075,
+                0.1,
+                0.15,
+                0.25,
+                0.5,
+                1,
+                2.5,
+                5,
+                10,
+            ),
+            registry=r,
+        )
         self.auth_paused = Gauge(
             "courierd_onetablet_auth_paused", "1 while pushes are paused by a 401", registry=r
         )

@@ -46,6 +46,7 @@ class Message(NamedTuple):
     generation: int  # which connection delivered it; acks never cross a reconnect
     size: int  # the payload's real size
     slot: int = 0  # which of the daemon's MQTT sessions delivered it
+    received: float = 0.0  # time.monotonic() when paho read it off the socket
 
 
 class MqttEdge:
@@ -186,5 +187,14 @@ class MqttEdge:
         if size > MAX_PAYLOAD:
             payload = payload[:KEEP_OVERSIZED]
         self.inbox.put(
-            Message(topic, bytes(payload), msg.mid, msg.qos, self._generation, size, self.slot)
+            Message(
+                topic,
+                bytes(payload),
+                msg.mid,
+                msg.qos,
+                self._generation,
+                size,
+                self.slot,
+                msg.timestamp,
+            )
         )
