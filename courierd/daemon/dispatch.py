@@ -26,7 +26,7 @@ from multiprocessing.connection import Connection, wait
 
 from courierd.config import Settings
 from courierd.daemon.housekeeping import Housekeeper
-from courierd.daemon.ipc import REPORT_S, orphaned, worker_setup
+from courierd.daemon.ipc import REPORT_S, orphaned, quick_thread_handovers, worker_setup
 from courierd.daemon.notifier import Notifier
 from courierd.domain.model import DispatchStats
 from courierd.domain.policy import RETRY_SCHEDULE, retry_delay
@@ -343,6 +343,8 @@ def dispatch_main(
 ) -> None:
     """Entry point of the dispatch process: deliver the outbox until told to stop."""
     worker_setup(settings, "courierd-push")
+    quick_thread_handovers()
+    quick_thread_handovers()
     ot = settings.require_onetablet()
     assert ot.base_url is not None and ot.api_key is not None
 

@@ -28,6 +28,7 @@ import ctypes.util
 import logging
 import os
 import signal
+import sys
 from multiprocessing.connection import Connection
 
 from courierd.config import Settings
@@ -45,6 +46,14 @@ def worker_setup(settings: Settings, name: str) -> None:
     setup_logging(settings.log.level, settings.log.format)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def quick_thread_handovers() -> None:
+    """A thread woken with work (the batcher by a commit, the dispatcher by new pushes or
+    replies) waits for the GIL while a busy thread (paho's, the pusher's loop) runs out
+    its switch interval: 5 ms by default, paid at every hand-over, and seen in the
+    publish → POST p99. 1 ms costs little throughput and cut that p99 (README)."""
+    sys.setswitchinterval(0.001)
 
 
 def set_process_name(name: str) -> None:

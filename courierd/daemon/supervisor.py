@@ -36,7 +36,7 @@ from typing import Any
 
 from courierd.config import Settings, redact
 from courierd.daemon.batcher import Batcher, IngestFailed
-from courierd.daemon.ipc import dispatch_process, ingest_process
+from courierd.daemon.ipc import dispatch_process, ingest_process, quick_thread_handovers
 from courierd.daemon.lock import DaemonLock
 from courierd.daemon.sessions import PROFILES, SHARED_KINDS, Sessions
 from courierd.domain.model import BatchReport, DispatchStats
@@ -270,6 +270,7 @@ class Daemon:
                 m.alerts.labels("courier_offline").inc(stats.watchdog_alerts)
 
     def run(self) -> int:
+        quick_thread_handovers()
         self._ingest.start()
         self._dispatch_proc.start()
         for end in self._child_ends:
