@@ -4,24 +4,35 @@ Starts its own Mosquitto on a free port, the OneTablet sandbox and the daemon, t
 measures (every ratio is against a baseline measured in the same run, on the same
 broker, so machine noise cancels out):
 
-1. ingest: a bare paho QoS 1 subscriber that only counts (the ceiling) versus courierd's
-   durable ingest (acked after commit, synchronous=FULL), both draining the same
-   backlog from a persistent session; for ping-heavy (95 %) and status-only traffic,
-   and ping-heavy again with 10k active orders that have places (every ping then goes
-   through the geofence rules), as a ratio to the ping-heavy ratio without places;
-2. pushes: raw httpx POSTs/s against the sandbox at the same concurrency versus
-   courierd's end-to-end delivery-status pushes/s from a filled outbox;
-3. latency: publish → POST p50/p99 for status events while 2k msg/s of pings flow;
-4. memory and start: RSS and time to ready with 100k active orders and 1M history rows,
-   beside the same figures on a nearly empty database;
-5. the lifecycle: `decide` per event versus a python-statemachine instance per event.
+1. ingest: bare paho QoS 1 subscribers that only count, over MQTT 5 and over 3.1.1 (the
+   ceiling is the faster), versus courierd's durable ingest (acked after commit,
+   synchronous=FULL), all draining the same backlog from persistent sessions; for
+   ping-heavy (95 %) and status-only traffic, courierd over MQTT 5 (the default) and
+   over 3.1.1; and ping-heavy again with 10k active orders that have places (every
+   ping then goes through the geofence rules), as a ratio to the ratio without places;
+2. pushes from a filled outbox (a burst of orders): against the local sandbox, beside
+   raw httpx and raw aiohttp POSTs/s at the same concurrency; against a sandbox 100 ms
+   and 300 ms away (`--latency-ms`), beside the bound concurrency / latency; each with
+   the dispatch process's CPU time per delivered push;
+3. end to end: status events published to a running daemon until every one is pushed,
+   beside raw httpx and aiohttp POSTs/s;
+4. latency: publish → POST p50/p99 for status events while 2k msg/s flow (95 % pings),
+   with courierd's own stage histograms (receive, commit, claim, send, reply, record)
+   and the harness's publisher lag, counted apart;
+5. PostgreSQL: ingest and pushes with one instance, ingest with two;
+6. memory and start: RSS/PSS and time to ready with 100k active orders and 1M history
+   rows, beside the same figures on a nearly empty database;
+7. the lifecycle: `decide` per event versus a python-statemachine instance per event.
 
-Usage: scripts/bench [--quick] [--out FILE]. Figures go to stdout and to a JSON file.
+Each ratio (and the latency p99) is the median of --repeats runs (3).
+Usage: scripts/bench [--quick] [--only PHASES] [--repeats N] [--out FILE].
+Figures go to stdout and to a JSON file.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -34,6 +45,7 @@ import threading
 import time
 import urllib.request
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -45,7 +57,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from courierd.config import StoreSettings
+from courierd.config import OneTabletSettings, StoreSettings
 from courierd.devtools.localbroker import LocalBroker, free_port
 from courierd.domain.lifecycle import CHAIN, idempotency_key, push_body
 from courierd.domain.model import iso
@@ -53,7 +65,7 @@ from courierd.store import open_store
 
 KEY = "bench-key"
 STATUSES = [s.value for s in CHAIN]
-CONCURRENCY = 16
+CONCURRENCY = OneTabletSettings().max_concurrency  # the daemon's default, and the baselines'
 RECEIVE_MAX = 1000
 
 
@@ -114,7 +126,24 @@ def messages(n: int, ping_share: float, tag: str) -> list[tuple[str, bytes]]:
     return [m for _, m in sorted(keyed, key=lambda pair: pair[0])]
 
 
-def client(port: int, client_id: str, *, session: bool) -> paho.Client:
+PROTOCOLS = ("5", "3.1.1")  # the bare ceiling is the faster of the two, measured each run
+
+
+def client(port: int, client_id: str, *, session: bool, protocol: str = "5") -> paho.Client:
+    """A paho client; with `session`, a persistent one (MQTT 5: an expiry interval and
+    our Receive Maximum; 3.1.1: clean_session=False, in flight bounded by the broker's
+    max_inflight_messages)."""
+    if protocol == "3.1.1":
+        c = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=paho.MQTTv311,
+            clean_session=not session,
+        )
+        c.max_inflight_messages_set(1000)
+        c.max_queued_messages_set(0)
+        c.connect("127.0.0.1", port)
+        return c
     c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
     c.max_inflight_messages_set(1000)
     c.max_queued_messages_set(0)
@@ -151,8 +180,8 @@ def publish_all(port: int, msgs: list[tuple[str, bytes]]) -> float:
     return rate
 
 
-def register_bare(port: int, client_id: str) -> None:
-    c = client(port, client_id, session=True)
+def register_bare(port: int, client_id: str, protocol: str = "5") -> None:
+    c = client(port, client_id, session=True, protocol=protocol)
     c.loop_start()
     subscribed = threading.Event()
     c.on_subscribe = lambda *_: subscribed.set()
@@ -165,14 +194,13 @@ def register_bare(port: int, client_id: str) -> None:
 def forget_session(port: int, client_id: str) -> None:
     """End a persistent session, so the broker stops queueing every later phase's
     messages for a subscriber that is gone (that load would skew the next figures)."""
-    c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
-    c.connect("127.0.0.1", port, clean_start=True)  # no expiry interval: ends at disconnect
+    c = client(port, client_id, session=False)  # clean start, no expiry: ends at disconnect
     c.loop_start()
     c.disconnect()
     c.loop_stop()
 
 
-def drain_bare(port: int, client_id: str, n: int) -> float:
+def drain_bare(port: int, client_id: str, n: int, protocol: str = "5") -> float:
     """The ceiling: a QoS 1 subscriber that only counts, draining its queued backlog."""
     seen = [0]
     first = [0.0]
@@ -185,12 +213,8 @@ def drain_bare(port: int, client_id: str, n: int) -> float:
         if seen[0] >= n:
             done.set()
 
-    c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
+    c = client(port, client_id, session=True, protocol=protocol)
     c.on_message = on_message
-    props = Properties(PacketTypes.CONNECT)
-    props.SessionExpiryInterval = 3600
-    props.ReceiveMaximum = RECEIVE_MAX
-    c.connect("127.0.0.1", port, clean_start=False, properties=props)
     c.loop_start()
     if not done.wait(300):
         raise RuntimeError(f"bare subscriber got {seen[0]} of {n}")
@@ -258,6 +282,8 @@ class SandboxProc:
 
 
 class Courierd:
+    running: list[Courierd] = []  # every daemon started, so main() can end them all
+
     def __init__(
         self,
         workdir: Path,
@@ -274,7 +300,6 @@ class Courierd:
             "COURIERD_MQTT__CLIENT_ID": name,
             "COURIERD_ONETABLET__BASE_URL": onetablet_url,
             "COURIERD_ONETABLET__API_KEY": KEY,
-            "COURIERD_ONETABLET__MAX_CONCURRENCY": str(CONCURRENCY),
             "COURIERD_STORE__PATH": str(workdir / "courierd.db"),
             "COURIERD_HTTP__LISTEN": f"127.0.0.1:{self.port}",
             "COURIERD_LOG__LEVEL": "WARNING",
@@ -290,6 +315,7 @@ class Courierd:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "courierd", "run"], env=self.env, stdout=log, stderr=log
         )
+        Courierd.running.append(self)
         while self.get("/healthz") is None:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"courierd exited; see {self.dir}/daemon.log")
@@ -329,6 +355,16 @@ class Courierd:
                     pss += int(value.split()[0]) / 1024
         return rss, pss
 
+    def cpu_s(self, name: str) -> float:
+        """CPU seconds (user + system) used so far by the daemon's process named `name`
+        (courierd-push, courierd-ingest: see daemon/ipc.py)."""
+        tick = os.sysconf("SC_CLK_TCK")
+        for pid in self.tree():
+            if Path(f"/proc/{pid}/comm").read_text().strip() == name:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                return (int(fields[11]) + int(fields[12])) / tick
+        raise RuntimeError(f"no process named {name}")
+
     def tree(self) -> list[int]:
         """The daemon's processes: the MQTT process and its workers."""
         assert self.proc is not None
@@ -360,9 +396,14 @@ def wait_for_shares(daemons: list[Courierd], timeout: float = 120) -> None:
         time.sleep(0.5)
 
 
+WARM_UP = 0.1  # the first tenth of a backlog overlaps the daemon's start: not counted
+
+
 def drain_courierd(daemons: list[Courierd], n: int, *, resume: bool = False) -> float:
     """courierd's durable ingest rate over a queued backlog (counted after commit), by
-    one daemon (started now) or a cluster's paused instances (`resume`d together)."""
+    one daemon (started now) or a cluster's paused instances (`resume`d together).
+    The clock starts once a tenth is in: the worker processes' imports (about 1 s of
+    CPU) are a cost of starting, not of ingest."""
     for daemon in daemons:
         daemon.resume() if resume else daemon.start()
     first_t, first_n = 0.0, 0.0
@@ -370,7 +411,7 @@ def drain_courierd(daemons: list[Courierd], n: int, *, resume: bool = False) -> 
     while True:
         got = sum(daemon.received() for daemon in daemons)
         now = time.perf_counter()
-        if got and not first_t:
+        if got >= WARM_UP * n and not first_t:
             first_t, first_n = now, got
         if got >= n:
             break
@@ -409,12 +450,15 @@ def ingest(
     places: int = 0,
     pg_url: str | None = None,
     instances: int = 1,
+    protocol: str | None = None,
 ) -> dict[str, float]:
     more = f", {places:,} active orders with places" if places else ""
     where = "" if pg_url is None else f", PostgreSQL x{instances}"
-    say(f"ingest ({label}): {n} messages, {ping_share:.0%} pings{more}{where}")
-    bare_id = f"bench-bare-{label}"
-    register_bare(broker.port, bare_id)
+    over = f", courierd over MQTT {protocol}" if protocol else ""
+    say(f"ingest ({label}): {n} messages, {ping_share:.0%} pings{more}{where}{over}")
+    bare_ids = {p: f"bench-bare-{label}-{p}" for p in PROTOCOLS}
+    for p, bare_id in bare_ids.items():
+        register_bare(broker.port, bare_id, p)
     work = root / f"ingest-{label}"
     work.mkdir()
     daemons = []
@@ -424,6 +468,8 @@ def ingest(
         daemons.append(Courierd(folder, broker, sandbox.url, f"bench-courierd-{label}", pg_url))
     for daemon in daemons:
         daemon.env["COURIERD_CLUSTER__LEASE_S"] = "120"  # pauses below stay well inside it
+        if protocol:
+            daemon.env["COURIERD_MQTT__PROTOCOL"] = protocol
         daemon.start()  # registers its persistent sessions (a cluster: its slots')
     if places:
         store = StoreSettings(path=daemons[0].dir / "courierd.db")
@@ -431,7 +477,7 @@ def ingest(
     if instances == 1:
         daemons[0].stop()
         publish_rate = publish_all(broker.port, messages(n, ping_share, label))
-        ceiling = drain_bare(broker.port, bare_id, n)
+        bare = {p: drain_bare(broker.port, bare_ids[p], n, p) for p in PROTOCOLS}
         rate = drain_courierd(daemons, n)
     else:
         # A cluster must share the backlog as it would in use: wait until every instance
@@ -441,18 +487,22 @@ def ingest(
         for daemon in daemons:
             daemon.pause()
         publish_rate = publish_all(broker.port, messages(n, ping_share, label))
-        ceiling = drain_bare(broker.port, bare_id, n)
+        bare = {p: drain_bare(broker.port, bare_ids[p], n, p) for p in PROTOCOLS}
         rate = drain_courierd(daemons, n, resume=True)
     for daemon in daemons:
         daemon.stop()
-    forget_session(broker.port, bare_id)
+    for bare_id in bare_ids.values():
+        forget_session(broker.port, bare_id)
     forget_session(broker.port, f"bench-courierd-{label}")
     for slot in range(4 if pg_url else 0):
         forget_session(broker.port, f"bench-courierd-{label}-{slot}")
-    say(f"  ceiling {ceiling:,.0f} msg/s, courierd {rate:,.0f} msg/s ({rate / ceiling:.2f}x)")
+    ceiling = max(bare.values())
+    bares = ", ".join(f"MQTT {p} {r:,.0f}" for p, r in bare.items())
+    say(f"  bare paho {bares} msg/s; courierd {rate:,.0f} msg/s ({rate / ceiling:.2f}x)")
     return {
         "messages": n,
         "publish_rate": round(publish_rate),
+        **{f"bare_mqtt{p.replace('.', '')}_msgs_per_s": round(r) for p, r in bare.items()},
         "ceiling_msgs_per_s": round(ceiling),
         "courierd_msgs_per_s": round(rate),
         "ratio": round(rate / ceiling, 3),
@@ -475,6 +525,86 @@ def fill_outbox(settings: StoreSettings, orders: int, prefix: str) -> int:
     return len(events)
 
 
+def raw_posts(url: str, n: int, concurrency: int, kind: str) -> float:
+    """Bare delivery-status POSTs/s at `concurrency`: sync httpx on as many threads, or
+    aiohttp on one asyncio loop. The baselines of the push figures."""
+    body = push_body(CHAIN[0], {"full_name": "Bench Courier"})
+    tag = uuid.uuid4().hex[:6]
+    if kind == "httpx":
+        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        with httpx.Client(base_url=url, headers={"x-api-key": KEY}, limits=limits) as c:
+
+            def post(i: int) -> None:
+                key = idempotency_key(f"raw{tag}{i}", CHAIN[0])
+                c.post(
+                    f"/orders/raw{tag}{i}/delivery-status",
+                    content=body,
+                    headers={"idempotency-key": key},
+                )
+
+            start = time.perf_counter()
+            with ThreadPoolExecutor(concurrency) as pool:
+                list(pool.map(post, range(n)))
+            return n / (time.perf_counter() - start)
+
+    import asyncio
+
+    import aiohttp
+
+    async def run() -> float:
+        connector = aiohttp.TCPConnector(limit=concurrency)
+        async with aiohttp.ClientSession(headers={"x-api-key": KEY}, connector=connector) as s:
+            gate = asyncio.Semaphore(concurrency)
+
+            async def post(i: int) -> None:
+                key = idempotency_key(f"raw{tag}{i}", CHAIN[0])
+                async with (
+                    gate,
+                    s.post(
+                        f"{url}/orders/raw{tag}{i}/delivery-status",
+                        data=body,
+                        headers={"idempotency-key": key, "content-type": "application/json"},
+                    ) as r,
+                ):
+                    await r.read()
+
+            start = time.perf_counter()
+            await asyncio.gather(*(post(i) for i in range(n)))
+            return n / (time.perf_counter() - start)
+
+    return asyncio.run(run())
+
+
+def deliver_backlog(
+    broker: LocalBroker,
+    sandbox: SandboxProc,
+    root: Path,
+    n: int,
+    label: str,
+    pg_url: str | None = None,
+) -> tuple[float, float]:
+    """A daemon started on an outbox of `n` pending pushes (a burst of orders, five
+    statuses each): (pushes/s from its first to its last call, the dispatch process's
+    CPU ms per delivered push)."""
+    work = root / f"pushes-{label}"
+    work.mkdir()
+    settings = StoreSettings(url=pg_url) if pg_url else StoreSettings(path=work / "courierd.db")
+    total = fill_outbox(settings, n // len(STATUSES), label)
+    before = sandbox.count()
+    daemon = Courierd(work, broker, sandbox.url, f"bench-courierd-{label}", pg_url)
+    daemon.start()
+    cpu0 = daemon.cpu_s("courierd-push")
+    if not sandbox.wait_for_count(before + total, 600):
+        raise RuntimeError("courierd did not deliver every push")
+    cpu = daemon.cpu_s("courierd-push") - cpu0
+    daemon.stop()
+    forget_session(broker.port, f"bench-courierd-{label}")
+    for slot in range(4 if pg_url else 0):
+        forget_session(broker.port, f"bench-courierd-{label}-{slot}")
+    times = [r["at"] for r in sandbox.requests(before)]
+    return (len(times) - 1) / (max(times) - min(times)), cpu / total * 1000
+
+
 def pushes(
     broker: LocalBroker,
     sandbox: SandboxProc,
@@ -483,72 +613,160 @@ def pushes(
     label: str,
     pg_url: str | None = None,
 ) -> dict[str, float]:
+    """A backlog of pushes against the local sandbox, next to bare POSTs at the same
+    concurrency (sync httpx, the goal's baseline; aiohttp, the push path's client)."""
     where = "" if pg_url is None else ", PostgreSQL"
     say(f"pushes: {n} delivery-status calls, concurrency {CONCURRENCY}{where}")
-    body = push_body(CHAIN[0], {"full_name": "Bench Courier"})
-    with httpx.Client(
-        base_url=sandbox.url,
-        headers={"x-api-key": KEY},
-        limits=httpx.Limits(max_connections=CONCURRENCY, max_keepalive_connections=CONCURRENCY),
-    ) as c:
-
-        def post(i: int) -> None:
-            c.post(
-                f"/orders/raw{i}/delivery-status",
-                content=body,
-                headers={"idempotency-key": idempotency_key(f"raw{i}", CHAIN[0])},
-            )
-
-        start = time.perf_counter()
-        with ThreadPoolExecutor(CONCURRENCY) as pool:
-            list(pool.map(post, range(n)))
-        raw = n / (time.perf_counter() - start)
-
-    work = root / f"pushes-{label}"
-    work.mkdir()
-    settings = StoreSettings(url=pg_url) if pg_url else StoreSettings(path=work / "courierd.db")
-    total = fill_outbox(settings, n // len(STATUSES), label)
-    before = sandbox.count()
-    daemon = Courierd(work, broker, sandbox.url, f"bench-courierd-{label}", pg_url)
-    daemon.start()
-    if not sandbox.wait_for_count(before + total, 600):
-        raise RuntimeError("courierd did not deliver every push")
-    daemon.stop()
-    forget_session(broker.port, f"bench-courierd-{label}")
-    for slot in range(4 if pg_url else 0):
-        forget_session(broker.port, f"bench-courierd-{label}-{slot}")
-    times = [r["at"] for r in sandbox.requests(before)]
-    e2e = (len(times) - 1) / (max(times) - min(times))
-    say(f"  raw httpx {raw:,.0f}/s, courierd {e2e:,.0f}/s ({e2e / raw:.2f}x)")
+    raw = raw_posts(sandbox.url, n, CONCURRENCY, "httpx")
+    raw_aio = raw_posts(sandbox.url, n, CONCURRENCY, "aiohttp")
+    rate, cpu_ms = deliver_backlog(broker, sandbox, root, n, label, pg_url)
+    say(
+        f"  raw httpx {raw:,.0f}/s, raw aiohttp {raw_aio:,.0f}/s, courierd {rate:,.0f}/s "
+        f"({rate / raw:.2f}x httpx, {rate / raw_aio:.2f}x aiohttp); "
+        f"dispatch CPU {cpu_ms:.2f} ms/push"
+    )
     return {
-        "pushes": total,
+        "pushes": n,
         "raw_httpx_per_s": round(raw),
-        "courierd_per_s": round(e2e),
-        "ratio": round(e2e / raw, 3),
+        "raw_aiohttp_per_s": round(raw_aio),
+        "courierd_per_s": round(rate),
+        "ratio": round(rate / raw, 3),
+        "ratio_to_aiohttp": round(rate / raw_aio, 3),
+        "dispatch_cpu_ms_per_push": round(cpu_ms, 3),
     }
 
 
-def latency(
-    broker: LocalBroker, sandbox: SandboxProc, root: Path, seconds: float, rate: int = 2000
+def remote_pushes(
+    broker: LocalBroker, root: Path, n: int, latency_ms: int, label: str
 ) -> dict[str, float]:
-    say(f"latency: {seconds:.0f} s at {rate} msg/s (95% pings), publish → POST")
-    work = root / "latency"
+    """A burst of orders against a OneTablet `latency_ms` away (`courierd sandbox
+    --latency-ms`), next to bare aiohttp POSTs at the same concurrency, and the bound
+    that concurrency sets (places in flight / latency)."""
+    say(f"pushes to a OneTablet {latency_ms} ms away: {n} calls, concurrency {CONCURRENCY}")
+    sandbox = SandboxProc("--latency-ms", str(latency_ms))
+    try:
+        raw = raw_posts(sandbox.url, n, CONCURRENCY, "aiohttp")
+        rate, cpu_ms = deliver_backlog(broker, sandbox, root, n, label)
+    finally:
+        sandbox.stop()
+    bound = CONCURRENCY / (latency_ms / 1000)
+    say(
+        f"  bound {bound:,.0f}/s, raw aiohttp {raw:,.0f}/s, courierd {rate:,.0f}/s "
+        f"({rate / raw:.2f}x); dispatch CPU {cpu_ms:.2f} ms/push"
+    )
+    return {
+        "pushes": n,
+        "latency_ms": latency_ms,
+        "bound_per_s": round(bound),
+        "raw_aiohttp_per_s": round(raw),
+        "courierd_per_s": round(rate),
+        "ratio": round(rate / raw, 3),
+        "dispatch_cpu_ms_per_push": round(cpu_ms, 3),
+    }
+
+
+def together(
+    broker: LocalBroker, sandbox: SandboxProc, root: Path, n: int, label: str
+) -> dict[str, float]:
+    """Ingest and pushes at once: `n` status events (orders walking the chain) published
+    as fast as the broker takes them to a running daemon, until every push is made;
+    next to bare POSTs of as many calls at the same concurrency."""
+    say(f"end to end: {n} status events published, ingested and pushed")
+    raw = raw_posts(sandbox.url, n, CONCURRENCY, "httpx")
+    raw_aio = raw_posts(sandbox.url, n, CONCURRENCY, "aiohttp")
+    work = root / f"together-{label}"
     work.mkdir()
-    daemon = Courierd(work, broker, sandbox.url, "bench-courierd-latency")
+    daemon = Courierd(work, broker, sandbox.url, f"bench-courierd-{label}")
+    daemon.start()
+    msgs = messages(n, 0.0, label)
+    before = sandbox.count()
+    cpu0 = daemon.cpu_s("courierd-push")
+    start = time.time()
+    publish_all(broker.port, msgs)
+    if not sandbox.wait_for_count(before + n, 600):
+        raise RuntimeError("courierd did not push every status")
+    cpu = daemon.cpu_s("courierd-push") - cpu0
+    daemon.stop()
+    forget_session(broker.port, f"bench-courierd-{label}")
+    rate = n / (max(r["at"] for r in sandbox.requests(before)) - start)
+    say(
+        f"  raw httpx {raw:,.0f}/s, raw aiohttp {raw_aio:,.0f}/s, courierd {rate:,.0f}/s "
+        f"({rate / raw:.2f}x httpx, {rate / raw_aio:.2f}x aiohttp); "
+        f"dispatch CPU {cpu / n * 1000:.2f} ms/push"
+    )
+    return {
+        "statuses": n,
+        "raw_httpx_per_s": round(raw),
+        "raw_aiohttp_per_s": round(raw_aio),
+        "courierd_per_s": round(rate),
+        "ratio": round(rate / raw, 3),
+        "ratio_to_aiohttp": round(rate / raw_aio, 3),
+        "dispatch_cpu_ms_per_push": round(cpu / n * 1000, 3),
+    }
+
+
+STAGES = ("receive", "commit", "claim", "send", "reply", "record")
+
+
+def stage_quantiles(metrics: str, q: float) -> dict[str, float]:
+    """Per stage, the q-quantile (ms) of courierd_latency_stage_seconds, interpolated
+    within its buckets the way Prometheus' histogram_quantile does."""
+    buckets: dict[str, list[tuple[float, float]]] = {}
+    for line in metrics.splitlines():
+        if not line.startswith("courierd_latency_stage_seconds_bucket{"):
+            continue
+        labels, value = line[line.index("{") + 1 :].split("} ")
+        fields = dict(part.split("=", 1) for part in labels.split(","))
+        le = float(fields["le"].strip('"'))
+        buckets.setdefault(fields["stage"].strip('"'), []).append((le, float(value)))
+    out = {}
+    for stage, counts in buckets.items():
+        counts.sort()
+        total = counts[-1][1]
+        if not total:
+            continue
+        rank, lower, below = q * total, 0.0, 0.0
+        for le, count in counts:
+            if count >= rank:
+                upper = le if le != float("inf") else lower
+                share = (rank - below) / (count - below) if count > below else 0.0
+                out[stage] = round((lower + (upper - lower) * share) * 1000, 2)
+                break
+            lower, below = le, count
+    return {stage: out[stage] for stage in STAGES if stage in out}
+
+
+def latency(
+    broker: LocalBroker,
+    sandbox: SandboxProc,
+    root: Path,
+    seconds: float,
+    label: str = "",
+    rate: int = 2000,
+) -> dict[str, Any]:
+    """publish → POST for status events while pings flow at `rate` msg/s in all; where
+    the time goes, from courierd's own stage histograms; and how far the harness's
+    publisher fell behind its schedule (not courierd's: delays start at the publish call)."""
+    say(f"latency: {seconds:.0f} s at {rate} msg/s (95% pings), publish → POST")
+    work = root / f"latency{label}"
+    work.mkdir()
+    daemon = Courierd(work, broker, sandbox.url, f"bench-courierd-latency{label}")
     daemon.start()
     c = client(broker.port, "bench-latency-pub", session=False)
     c.loop_start()
     sent: dict[tuple[str, str], float] = {}
+    lags: list[float] = []
     tick, per_tick = 0.01, rate // 100
     start = time.perf_counter()
     next_tick, i = start, 0
     before = sandbox.count()
     while time.perf_counter() - start < seconds:
+        lags.append(time.perf_counter() - next_tick)
         for _ in range(per_tick):
             i += 1
             if i % 20 == 0:  # 5 % status events, each order walking the chain
                 o, s = divmod(i // 20, len(STATUSES))
-                order = f"lat{o}"
+                order = f"lat{label}-{o}"
                 payload = json.dumps(
                     {"event_id": f"lat-{i}", "order_id": order, "status": STATUSES[s]}
                 ).encode()
@@ -562,9 +780,11 @@ def latency(
                 )
         next_tick += tick
         time.sleep(max(0.0, next_tick - time.perf_counter()))
+    achieved = i / (time.perf_counter() - start)
     sandbox.wait_for_count(before + len(sent), 30)
+    metrics = daemon.get("/metrics") or ""
     daemon.stop()
-    forget_session(broker.port, "bench-courierd-latency")
+    forget_session(broker.port, f"bench-courierd-latency{label}")
     c.disconnect()
     c.loop_stop()
     arrivals = [
@@ -574,16 +794,22 @@ def latency(
     delays = sorted((at - sent[key]) * 1000 for key, at in arrivals if key in sent)
     p50 = statistics.median(delays)
     p99 = delays[min(len(delays) - 1, int(len(delays) * 0.99))]
-    achieved = i / (time.perf_counter() - start)
+    lags.sort()
+    lag_p99 = lags[min(len(lags) - 1, int(len(lags) * 0.99))] * 1000
+    stages50, stages99 = stage_quantiles(metrics, 0.5), stage_quantiles(metrics, 0.99)
     say(
         f"  {len(delays)} status pushes: p50 {p50:.1f} ms, p99 {p99:.1f} ms "
-        f"(offered {achieved:,.0f} msg/s)"
+        f"(offered {achieved:,.0f} msg/s; harness behind schedule p99 {lag_p99:.1f} ms)"
     )
+    say("  stages p50/p99 ms: " + ", ".join(f"{k} {stages50[k]}/{v}" for k, v in stages99.items()))
     return {
         "offered_msgs_per_s": round(achieved),
         "samples": len(delays),
         "p50_ms": round(p50, 2),
         "p99_ms": round(p99, 2),
+        "harness_lag_p99_ms": round(lag_p99, 2),
+        "stages_p50_ms": stages50,
+        "stages_p99_ms": stages99,
     }
 
 
@@ -754,10 +980,10 @@ def postgres_phases(
     return out
 
 
-def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The run with the median ratio, plus every run's ratio: one noisy run cannot decide."""
-    ordered = sorted(runs, key=lambda r: r["ratio"])
-    return {**ordered[len(ordered) // 2], "ratios": [r["ratio"] for r in runs]}
+def median_run(runs: list[dict[str, Any]], key: str = "ratio") -> dict[str, Any]:
+    """The run with the median `key`, plus every run's: one noisy run cannot decide."""
+    ordered = sorted(runs, key=lambda r: r[key])
+    return {**ordered[len(ordered) // 2], f"{key}s": [r[key] for r in runs]}
 
 
 def main() -> int:
@@ -776,6 +1002,9 @@ def main() -> int:
         default=3,
         help="runs of each ratio; the median is reported (default 3)",
     )
+    parser.add_argument(
+        "--only", help="comma-separated phases to run (default all; see `phases` in main)"
+    )
     args = parser.parse_args()
     scale = 0.1 if args.quick else 1.0
     root = Path(tempfile.mkdtemp(prefix="courierd-bench-"))
@@ -789,38 +1018,75 @@ def main() -> int:
             "platform": platform.platform(),
         },
     }
-    try:
-        results["lifecycle"] = lifecycle_cost(int(20_000 * scale))
-        reps = range(args.repeats)
-        results["ingest_pings"] = median_run(
-            [ingest(broker, sandbox, root, int(40_000 * scale), 0.95, f"pings{i}") for i in reps]
-        )
-        results["ingest_places"] = median_run(
+    reps = range(args.repeats)
+    ping_n, status_n = int(40_000 * scale), int(20_000 * scale)
+    places = min(PING_COURIERS, int(10_000 * scale) or 1)
+    phases: dict[str, Callable[[], Any]] = {
+        "lifecycle": lambda: lifecycle_cost(int(20_000 * scale)),
+        "ingest_pings": lambda: median_run(
+            [ingest(broker, sandbox, root, ping_n, 0.95, f"pings{i}") for i in reps]
+        ),
+        "ingest_places": lambda: median_run(
+            [ingest(broker, sandbox, root, ping_n, 0.95, f"places{i}", places) for i in reps]
+        ),
+        "ingest_status": lambda: median_run(
+            [ingest(broker, sandbox, root, status_n, 0.0, f"status{i}") for i in reps]
+        ),
+        # courierd over the other protocol, against the same two bare ceilings
+        "ingest_pings_311": lambda: median_run(
+            [ingest(broker, sandbox, root, ping_n, 0.95, f"pv3{i}", protocol="3.1.1") for i in reps]
+        ),
+        "ingest_status_311": lambda: median_run(
             [
-                ingest(broker, sandbox, root, int(40_000 * scale), 0.95, f"places{i}", places)
+                ingest(broker, sandbox, root, status_n, 0.0, f"sv3{i}", protocol="3.1.1")
                 for i in reps
-                for places in [min(PING_COURIERS, int(10_000 * scale) or 1)]
             ]
-        )
-        results["geofence_cost"] = {
-            "ratio_with_places_over_without": round(
-                results["ingest_places"]["ratio"] / results["ingest_pings"]["ratio"], 3
-            ),
-            "goal": ">= 0.9",
-        }
-        results["ingest_status"] = median_run(
-            [ingest(broker, sandbox, root, int(20_000 * scale), 0.0, f"status{i}") for i in reps]
-        )
-        results["pushes"] = median_run(
-            [pushes(broker, sandbox, root, int(5_000 * scale), f"p{i}") for i in reps]
-        )
-        if not args.no_postgres:
-            results.update(postgres_phases(broker, sandbox, root, scale, reps, args.pg_url))
-        results["latency"] = latency(broker, sandbox, root, 20 * scale if scale < 1 else 15)
-        results["memory"] = memory_and_start(
+        ),
+        "pushes": lambda: median_run(
+            [pushes(broker, sandbox, root, int(10_000 * scale), f"p{i}") for i in reps]
+        ),
+        "pushes_100ms": lambda: median_run(
+            [remote_pushes(broker, root, int(20_000 * scale), 100, f"r{i}") for i in reps]
+        ),
+        "pushes_300ms": lambda: median_run(
+            [remote_pushes(broker, root, int(10_000 * scale), 300, f"s{i}") for i in reps]
+        ),
+        "end_to_end": lambda: median_run(
+            [together(broker, sandbox, root, int(15_000 * scale), f"t{i}") for i in reps]
+        ),
+        "postgres": lambda: postgres_phases(broker, sandbox, root, scale, reps, args.pg_url),
+        "latency": lambda: median_run(
+            [latency(broker, sandbox, root, 2 if scale < 1 else 15, f"{i}") for i in reps],
+            key="p99_ms",
+        ),
+        "memory": lambda: memory_and_start(
             broker, sandbox, root, int(100_000 * scale), int(1_000_000 * scale)
-        )
+        ),
+    }
+    chosen = args.only.split(",") if args.only else list(phases)
+    if args.no_postgres and "postgres" in chosen:
+        chosen.remove("postgres")
+    unknown = set(chosen) - set(phases)
+    if unknown:
+        parser.error(f"unknown phases {sorted(unknown)}; known: {', '.join(phases)}")
+    try:
+        for name in chosen:
+            if name == "postgres":
+                results.update(phases[name]())
+            else:
+                results[name] = phases[name]()
+        if "ingest_pings" in results and "ingest_places" in results:
+            results["geofence_cost"] = {
+                "ratio_with_places_over_without": round(
+                    results["ingest_places"]["ratio"] / results["ingest_pings"]["ratio"], 3
+                ),
+                "goal": ">= 0.9",
+            }
     finally:
+        for daemon in Courierd.running:  # a phase that failed may have left some behind
+            with contextlib.suppress(OSError):
+                daemon.resume()
+            daemon.stop(kill=True)
         sandbox.stop()
         broker.stop()
     out = args.out or _new_file(Path("bench/results"), results["date"][:10])
