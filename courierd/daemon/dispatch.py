@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 RETRY_SPREAD = 0.1  # retries land within ±10 % of their scheduled wait
 SLOTS_EVERY_S = 2.0  # a cluster member's rounds: heartbeat, renew, rebalance
 CLOCK_STEP_S = 2.0  # a wall-clock jump beyond this (against the monotonic clock) is a step
+CLAIM_BATCH_DIVISOR = 16  # claim once 1/16 of the places in flight are free
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,8 +118,15 @@ class Dispatcher:
         self._probe_id: int | None = None  # the one push sent while paused by a 401
         self._claimed_all = False
         self._next_renew = 0.0
+        # Claim when this many places are free (or new pushes were committed, or nothing
+        # is in flight): the claim query reads the pushes in flight too, so a claim per
+        # reply would cost O(concurrency) per push.
+        self.claim_batch = max(1, concurrency // CLAIM_BATCH_DIVISOR)
+        self._new_work = True
 
     def wake(self) -> None:
+        """New pushes were committed: claim at once, however few places are free."""
+        self._new_work = True
         self._wake.set()
 
     def run(self, stop: threading.Event, grace_s: float = 5.0) -> None:
@@ -187,6 +195,9 @@ class Dispatcher:
         """Send due pushes in the free places; True if more may be waiting for one."""
         now = self.clock()
         slots = self.concurrency - len(self._inflight)
+        if self.paused_until is None and not self._new_work and 0 < slots < self.claim_batch:
+            return True  # a few replies more first (each wakes us)
+        self._new_work = False
         if self.paused_until is not None:
             # Paused: one probe at a time, once its backoff has passed.
             slots = 1 if now >= self.paused_until and not self._inflight else 0
