@@ -36,7 +36,12 @@ from typing import Any
 
 from courierd.config import Settings, redact
 from courierd.daemon.batcher import Batcher, IngestFailed
-from courierd.daemon.ipc import dispatch_process, ingest_process, quick_thread_handovers
+from courierd.daemon.ipc import (
+    dispatch_process,
+    ingest_process,
+    quick_thread_handovers,
+    set_process_name,
+)
 from courierd.daemon.lock import DaemonLock
 from courierd.daemon.sessions import PROFILES, SHARED_KINDS, Sessions
 from courierd.domain.model import BatchReport, DispatchStats
@@ -270,6 +275,7 @@ class Daemon:
                 m.alerts.labels("courier_offline").inc(stats.watchdog_alerts)
 
     def run(self) -> int:
+        set_process_name("courierd")  # and its workers courierd-ingest, courierd-push
         quick_thread_handovers()
         self._ingest.start()
         self._dispatch_proc.start()
