@@ -45,6 +45,7 @@ import threading
 import time
 import urllib.request
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -357,20 +358,29 @@ class Courierd:
 
     def cpu_s(self, name: str) -> float:
         """CPU seconds (user + system) used so far by the daemon's process named `name`
-        (courierd-push, courierd-ingest: see daemon/ipc.py)."""
-        tick = os.sysconf("SC_CLK_TCK")
+        (courierd, courierd-ingest, courierd-push: see daemon/ipc.py)."""
+        used = self.cpu_by_process()
+        if name not in used:
+            raise RuntimeError(f"no process named {name}")
+        return used[name]
+
+    def cpu_by_process(self) -> dict[str, float]:
+        """CPU seconds used so far by each of the daemon's named processes."""
+        used: dict[str, float] = {}
         for pid in self.tree():
-            if Path(f"/proc/{pid}/comm").read_text().strip() == name:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-                return (int(fields[11]) + int(fields[12])) / tick
-        raise RuntimeError(f"no process named {name}")
+            with contextlib.suppress(FileNotFoundError):  # a process that just ended
+                name = Path(f"/proc/{pid}/comm").read_text().strip()
+                if name.startswith("courierd"):  # not multiprocessing's resource tracker
+                    used[name] = process_cpu_s(pid)
+        return used
 
     def tree(self) -> list[int]:
         """The daemon's processes: the MQTT process and its workers."""
         assert self.proc is not None
         pids = [self.proc.pid]
         for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
-            pids += [int(p) for p in (task / "children").read_text().split()]
+            with contextlib.suppress(FileNotFoundError):  # a thread that just ended
+                pids += [int(p) for p in (task / "children").read_text().split()]
         return pids
 
     def pause(self) -> None:
@@ -387,7 +397,7 @@ class Courierd:
             self.proc.wait(60)
 
 
-def wait_for_shares(daemons: list[Courierd], timeout: float = 120) -> None:
+def wait_for_shares(daemons: list[Courierd], timeout: float = 300) -> None:
     """Until every instance of a cluster holds MQTT slots (each its share)."""
     deadline = time.monotonic() + timeout
     while not all(json.loads(d.get("/healthz") or "{}").get("slots") for d in daemons):
@@ -399,26 +409,46 @@ def wait_for_shares(daemons: list[Courierd], timeout: float = 120) -> None:
 WARM_UP = 0.1  # the first tenth of a backlog overlaps the daemon's start: not counted
 
 
-def drain_courierd(daemons: list[Courierd], n: int, *, resume: bool = False) -> float:
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def drain_courierd(
+    daemons: list[Courierd], n: int, others: dict[str, int], *, resume: bool = False
+) -> tuple[float, dict[str, int]]:
     """courierd's durable ingest rate over a queued backlog (counted after commit), by
-    one daemon (started now) or a cluster's paused instances (`resume`d together).
-    The clock starts once a tenth is in: the worker processes' imports (about 1 s of
-    CPU) are a cost of starting, not of ingest."""
+    one daemon (started now) or a cluster's paused instances (`resume`d together), and
+    the CPU µs per message of each process meanwhile: the daemon's and `others` (name →
+    pid: the broker, the sandbox). The clock starts once a tenth is in: the worker
+    processes' imports (about 1 s of CPU) are a cost of starting, not of ingest."""
+
+    def cpu() -> Counter[str]:
+        used: Counter[str] = Counter({name: process_cpu_s(pid) for name, pid in others.items()})
+        for daemon in daemons:
+            used.update(daemon.cpu_by_process())
+        return used
+
     for daemon in daemons:
         daemon.resume() if resume else daemon.start()
     first_t, first_n = 0.0, 0.0
+    first_cpu: Counter[str] = Counter()
     deadline = time.monotonic() + 600
     while True:
         got = sum(daemon.received() for daemon in daemons)
         now = time.perf_counter()
         if got >= WARM_UP * n and not first_t:
-            first_t, first_n = now, got
+            first_t, first_n, first_cpu = now, got, cpu()
         if got >= n:
             break
         if time.monotonic() > deadline:
             raise RuntimeError(f"courierd ingested {got} of {n}")
         time.sleep(0.1)  # scraping /metrics costs the daemon CPU: not too often
-    return (n - first_n) / (now - first_t)
+    used = cpu()
+    used.subtract(first_cpu)
+    per_msg = {name: round(seconds / (n - first_n) * 1e6) for name, seconds in used.items()}
+    return (n - first_n) / (now - first_t), per_msg
 
 
 # -- measurements ------------------------------------------------------------------------
@@ -461,6 +491,8 @@ def ingest(
         register_bare(broker.port, bare_id, p)
     work = root / f"ingest-{label}"
     work.mkdir()
+    assert broker.proc is not None
+    others = {"mosquitto": broker.proc.pid, "sandbox": sandbox.proc.pid}
     daemons = []
     for i in range(instances):
         folder = work / f"instance-{i}"
@@ -478,7 +510,7 @@ def ingest(
         daemons[0].stop()
         publish_rate = publish_all(broker.port, messages(n, ping_share, label))
         bare = {p: drain_bare(broker.port, bare_ids[p], n, p) for p in PROTOCOLS}
-        rate = drain_courierd(daemons, n)
+        rate, cpu_us = drain_courierd(daemons, n, others)
     else:
         # A cluster must share the backlog as it would in use: wait until every instance
         # holds its slots, then pause them all (SIGSTOP: the broker queues in their
@@ -488,7 +520,7 @@ def ingest(
             daemon.pause()
         publish_rate = publish_all(broker.port, messages(n, ping_share, label))
         bare = {p: drain_bare(broker.port, bare_ids[p], n, p) for p in PROTOCOLS}
-        rate = drain_courierd(daemons, n, resume=True)
+        rate, cpu_us = drain_courierd(daemons, n, others, resume=True)
     for daemon in daemons:
         daemon.stop()
     for bare_id in bare_ids.values():
@@ -499,12 +531,14 @@ def ingest(
     ceiling = max(bare.values())
     bares = ", ".join(f"MQTT {p} {r:,.0f}" for p, r in bare.items())
     say(f"  bare paho {bares} msg/s; courierd {rate:,.0f} msg/s ({rate / ceiling:.2f}x)")
+    say("  CPU µs per message: " + ", ".join(f"{k} {v}" for k, v in sorted(cpu_us.items())))
     return {
         "messages": n,
         "publish_rate": round(publish_rate),
         **{f"bare_mqtt{p.replace('.', '')}_msgs_per_s": round(r) for p, r in bare.items()},
         "ceiling_msgs_per_s": round(ceiling),
         "courierd_msgs_per_s": round(rate),
+        "cpu_us_per_msg": cpu_us,
         "ratio": round(rate / ceiling, 3),
     }
 
@@ -980,6 +1014,15 @@ def postgres_phases(
     return out
 
 
+def stop_every_daemon() -> None:
+    """Kill every daemon the bench started and has not stopped (paused ones too)."""
+    for daemon in Courierd.running:
+        if daemon.proc is not None and daemon.proc.poll() is None:
+            with contextlib.suppress(OSError):
+                daemon.resume()
+            daemon.stop(kill=True)
+
+
 def median_run(runs: list[dict[str, Any]], key: str = "ratio") -> dict[str, Any]:
     """The run with the median `key`, plus every run's: one noisy run cannot decide."""
     ordered = sorted(runs, key=lambda r: r[key])
@@ -1069,12 +1112,19 @@ def main() -> int:
     unknown = set(chosen) - set(phases)
     if unknown:
         parser.error(f"unknown phases {sorted(unknown)}; known: {', '.join(phases)}")
+    failed: list[str] = []
     try:
         for name in chosen:
-            if name == "postgres":
-                results.update(phases[name]())
-            else:
-                results[name] = phases[name]()
+            try:
+                if name == "postgres":
+                    results.update(phases[name]())
+                else:
+                    results[name] = phases[name]()
+            except Exception as e:  # one failed phase must not lose the others' figures
+                say(f"phase {name} failed: {e!r}")
+                results[name] = {"error": repr(e)}
+                failed.append(name)
+                stop_every_daemon()  # what the phase left running would skew the next
         if "ingest_pings" in results and "ingest_places" in results:
             results["geofence_cost"] = {
                 "ratio_with_places_over_without": round(
@@ -1083,10 +1133,7 @@ def main() -> int:
                 "goal": ">= 0.9",
             }
     finally:
-        for daemon in Courierd.running:  # a phase that failed may have left some behind
-            with contextlib.suppress(OSError):
-                daemon.resume()
-            daemon.stop(kill=True)
+        stop_every_daemon()
         sandbox.stop()
         broker.stop()
     out = args.out or _new_file(Path("bench/results"), results["date"][:10])
@@ -1094,6 +1141,9 @@ def main() -> int:
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
     say(f"written to {out}")
+    if failed:
+        say(f"failed phases: {', '.join(failed)}")
+        return 1
     return 0
 
 
