@@ -14,7 +14,6 @@ from courierd.domain import lifecycle
 from courierd.domain.model import CANCELLED, Order, iso
 from courierd.errors import InputError
 from courierd.store.db import Database
-from courierd.store.schema import PENDING
 
 _COLUMNS = "id, order_id, status, body, idempotency_key, attempts, created_at, source"
 # Both halves use partial indexes (outbox_due, outbox_open): delivered rows cost nothing.
@@ -151,18 +150,6 @@ class Outbox:
         ) or (0, None)
         failed = self.db.value("SELECT count(*) FROM outbox WHERE state = 'failed'")
         return int(pending), oldest, int(failed)
-
-    def is_pending(self, push_id: int, now: float | None = None) -> bool:
-        """Still pending, and still ours? A push claimed a moment ago may have been
-        cancelled or held since, or (a paused instance) taken over by another."""
-        row = self.db.row(
-            "SELECT state, claimed_by, lease_until FROM outbox WHERE id = ?", (push_id,)
-        )
-        if row is None or row[0] != PENDING:
-            return False
-        if row[1] is None or not self.db.concurrent:
-            return True
-        return bool(row[1] == self.holder and (now is None or (row[2] or 0) > now))
 
     # -- order cancel -----------------------------------------------------------------
 
