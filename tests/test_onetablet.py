@@ -93,18 +93,19 @@ def test_order_id_is_escaped_in_the_path(onetablet: Sandbox) -> None:
     assert onetablet.requests()[0].path == "/orders/a%20b%3Fc/delivery-status"
 
 
-@pytest.mark.parametrize(
-    ("status", "headers", "error", "retry_after"),
-    [
-        (400, {}, Rejected, None),
-        (404, {}, Rejected, None),
-        (401, {}, Unauthorized, None),
-        (429, {"Retry-After": "7"}, Unavailable, 7.0),
-        (503, {"Retry-After": "2"}, Unavailable, 2.0),
-        (500, {}, Unavailable, None),
-        (408, {}, Unavailable, None),
-    ],
-)
+# (status, reply headers, the error it maps to, its retry_after), for both clients
+ERROR_REPLIES = [
+    (400, {}, Rejected, None),
+    (404, {}, Rejected, None),
+    (401, {}, Unauthorized, None),
+    (429, {"Retry-After": "7"}, Unavailable, 7.0),
+    (503, {"Retry-After": "2"}, Unavailable, 2.0),
+    (500, {}, Unavailable, None),
+    (408, {}, Unavailable, None),
+]
+
+
+@pytest.mark.parametrize(("status", "headers", "error", "retry_after"), ERROR_REPLIES)
 def test_error_replies_map_to_the_tree(
     onetablet: Sandbox, status: int, headers: dict[str, str], error: type, retry_after: float | None
 ) -> None:

@@ -12,9 +12,9 @@ import pytest
 from courierd.devtools.sandbox import Request, Sandbox
 from courierd.edges.onetablet import OneTabletClient, Reply
 from courierd.edges.pusher import Push, Pusher
-from courierd.errors import Rejected, Unauthorized, Unavailable
+from courierd.errors import Unavailable
 from tests.conftest import API_KEY
-from tests.test_onetablet import BODY, reply_with
+from tests.test_onetablet import BODY, ERROR_REPLIES, reply_with
 
 Call = Callable[..., Reply]
 
@@ -68,17 +68,7 @@ def test_a_base_url_with_a_path_keeps_it(onetablet: Sandbox) -> None:
     assert onetablet.requests()[-1].path == "/v1/orders/o-1/delivery-status"
 
 
-@pytest.mark.parametrize(
-    ("status", "headers", "error", "retry_after"),
-    [
-        (400, {}, Rejected, None),
-        (401, {}, Unauthorized, None),
-        (429, {"Retry-After": "7"}, Unavailable, 7.0),
-        (503, {"Retry-After": "2"}, Unavailable, 2.0),
-        (500, {}, Unavailable, None),
-        (408, {}, Unavailable, None),
-    ],
-)
+@pytest.mark.parametrize(("status", "headers", "error", "retry_after"), ERROR_REPLIES)
 def test_error_replies_map_to_the_same_errors(
     onetablet: Sandbox,
     delivery_status: Callable[..., Call],
