@@ -192,6 +192,13 @@ def register_bare(port: int, client_id: str, protocol: str = "5") -> None:
     c.loop_stop()
 
 
+def forget_daemon_sessions(broker: LocalBroker, client_id: str, pg_url: str | None) -> None:
+    """End a daemon's persistent sessions: its one, or a cluster's slots' (4 by default)."""
+    forget_session(broker.port, client_id)
+    for slot in range(4 if pg_url else 0):
+        forget_session(broker.port, f"{client_id}-{slot}")
+
+
 def forget_session(port: int, client_id: str) -> None:
     """End a persistent session, so the broker stops queueing every later phase's
     messages for a subscriber that is gone (that load would skew the next figures)."""
@@ -525,9 +532,7 @@ def ingest(
         daemon.stop()
     for bare_id in bare_ids.values():
         forget_session(broker.port, bare_id)
-    forget_session(broker.port, f"bench-courierd-{label}")
-    for slot in range(4 if pg_url else 0):
-        forget_session(broker.port, f"bench-courierd-{label}-{slot}")
+    forget_daemon_sessions(broker, f"bench-courierd-{label}", pg_url)
     ceiling = max(bare.values())
     bares = ", ".join(f"MQTT {p} {r:,.0f}" for p, r in bare.items())
     say(f"  bare paho {bares} msg/s; courierd {rate:,.0f} msg/s ({rate / ceiling:.2f}x)")
@@ -632,9 +637,7 @@ def deliver_backlog(
         raise RuntimeError("courierd did not deliver every push")
     cpu = daemon.cpu_s("courierd-push") - cpu0
     daemon.stop()
-    forget_session(broker.port, f"bench-courierd-{label}")
-    for slot in range(4 if pg_url else 0):
-        forget_session(broker.port, f"bench-courierd-{label}-{slot}")
+    forget_daemon_sessions(broker, f"bench-courierd-{label}", pg_url)
     times = [r["at"] for r in sandbox.requests(before)]
     return (len(times) - 1) / (max(times) - min(times)), cpu / total * 1000
 
