@@ -92,6 +92,12 @@ def check_pushes(onetablet: Sandbox, orders: list[str]) -> int:
     return repeats
 
 
+def all_dropped_off(cluster: Cluster, orders: list[str]) -> bool:
+    """OneTablet has received every order's last push, dropoff."""
+    got = delivered(cluster.onetablet)
+    return all(o in got and got[o][-1].json["delivery_status"] == "dropoff" for o in orders)
+
+
 def test_three_instances_survive_losing_one_for_good_and_restarting_another(
     cluster: Cluster,
 ) -> None:
@@ -115,12 +121,7 @@ def test_three_instances_survive_losing_one_for_good_and_restarting_another(
     b.kill()
     b = cluster.instance().start()  # rejoins, as a new member
     assert done.wait(60)
-    everyone = lambda _: all(  # noqa: E731
-        o in delivered(cluster.onetablet)
-        and delivered(cluster.onetablet)[o][-1].json["delivery_status"] == "dropoff"
-        for o in orders
-    )
-    assert cluster.onetablet.wait_for(everyone, 90)
+    assert cluster.onetablet.wait_for(lambda _: all_dropped_off(cluster, orders), 90)
     repeats = check_pushes(cluster.onetablet, orders)
     assert repeats <= 2 * 2 * 16  # at most what two kills could have had in flight
     wait_until(lambda: slots(b) | slots(c) == {0, 1, 2, 3} and slots(b), 30, "b rejoined")
@@ -148,12 +149,7 @@ def test_a_paused_instance_is_fenced_off(cluster: Cluster) -> None:
         for pid in tree:
             os.kill(pid, signal.SIGCONT)
     assert done.wait(60)
-    everyone = lambda _: all(  # noqa: E731
-        o in delivered(cluster.onetablet)
-        and delivered(cluster.onetablet)[o][-1].json["delivery_status"] == "dropoff"
-        for o in orders
-    )
-    assert cluster.onetablet.wait_for(everyone, 90)
+    assert cluster.onetablet.wait_for(lambda _: all_dropped_off(cluster, orders), 90)
     check_pushes(cluster.onetablet, orders)
     from courierd.config import StoreSettings
     from courierd.store import open_store
