@@ -32,6 +32,7 @@ if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
     pytest.skip("chromium and chromedriver are not installed", allow_module_level=True)
 
 from selenium import webdriver  # noqa: E402
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.remote.webdriver import WebDriver  # noqa: E402
@@ -64,9 +65,11 @@ def wait(driver: WebDriver, css: str, text: str | None = None, timeout: float = 
                 return True
         return False
 
-    WebDriverWait(driver, timeout, poll_frequency=0.1).until(
-        found, f"{css} {text or ''} did not show"
-    )
+    # The page re-renders its tables as it polls: an element found a moment ago may be
+    # gone when its text is read. That is "not yet", and the next poll looks again.
+    WebDriverWait(
+        driver, timeout, poll_frequency=0.1, ignored_exceptions=[StaleElementReferenceException]
+    ).until(found, f"{css} {text or ''} did not show")
 
 
 def test_dashboard_shows_active_orders_states_and_problems(
