@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from courierd.domain.model import (
     Assignment,
@@ -143,12 +146,47 @@ def test_location_profile_assignment_parse() -> None:
         ("2024-01-15 18:05:00Z", "2024-01-15T18:05:00.000Z"),
         ("2024-01-15T19:35:00.123456789+01:30", "2024-01-15T18:05:00.123Z"),
         ("2016-12-31T23:59:60Z", "2016-12-31T23:59:59.999Z"),  # a leap second
+        ("2016-12-31t23:59:60.5-01:00", "2017-01-01T00:59:59.999Z"),
     ],
 )
 def test_rfc3339_timestamps_accepted(ts: str, stored: str) -> None:
     """RFC 3339 as written: T, t or a space; Z, z or ±HH:MM; any fraction; leap seconds."""
     e = status({**GOOD, "ts": ts})
     assert isinstance(e, StatusEvent) and e.ts == stored
+
+
+@given(
+    instant=st.datetimes(
+        min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30), timezones=st.just(UTC)
+    ),
+    offset_min=st.integers(-(24 * 60 - 1), 24 * 60 - 1),
+    separator=st.sampled_from("Tt "),
+    utc_letter=st.sampled_from("Zz"),
+    digits=st.integers(0, 9),
+)
+def test_any_rfc3339_rendering_is_stored_as_its_instant(
+    instant: datetime, offset_min: int, separator: str, utc_letter: str, digits: int
+) -> None:
+    """Whatever offset, separator and fraction an app writes, the same instant is stored
+    (to the millisecond, truncated)."""
+    local = instant.astimezone(timezone(timedelta(minutes=offset_min)))
+    written = f"{local.microsecond:06d}000"[:digits]  # fewer digits, or more, than Python's
+    if offset_min == 0:
+        zone = utc_letter
+    else:
+        sign, minutes = ("+" if offset_min > 0 else "-"), abs(offset_min)
+        zone = f"{sign}{minutes // 60:02d}:{minutes % 60:02d}"
+    ts = (
+        f"{local.year:04d}-{local.month:02d}-{local.day:02d}{separator}"
+        f"{local.hour:02d}:{local.minute:02d}:{local.second:02d}"
+        + (f".{written}" if written else "")
+        + zone
+    )
+    millis = int(written[:3].ljust(3, "0"))
+    expected = instant.replace(microsecond=millis * 1000).isoformat(timespec="milliseconds")
+    e = status({**GOOD, "ts": ts})
+    assert isinstance(e, StatusEvent), (ts, e)
+    assert e.ts == expected.replace("+00:00", "Z")
 
 
 @pytest.mark.parametrize(
@@ -162,6 +200,7 @@ def test_rfc3339_timestamps_accepted(ts: str, stored: str) -> None:
         "0001-01-01T00:00:00+01:00",  # before year 1 in UTC
         "9999-12-31T23:59:59-01:00",  # after year 9999 in UTC
         "2024-01-15T18:05:00+24:00",
+        "2024-01-15T18:05:00+05:75",  # no such minute of an offset
         "\uff12\uff10\uff12\uff14-01-15T18:05:00Z",  # non-ASCII digits
     ],
 )
