@@ -321,6 +321,19 @@ def test_every_bad_input_is_dead_lettered_and_daemon_goes_on(rig: Rig) -> None:
     assert (sorted(reasons) if rig.backend == "postgres" else reasons) == expected
     assert ("too_large", 4096, len(BAD_INPUTS[-1][1])) in rows  # its start and size
     assert [r.order_id for r in rig.onetablet.requests()] == ["fine"]
+    # Counted once acknowledged: after that, a kill -9 cannot have the broker send them again.
+    wait_until(
+        lambda: (
+            sum(
+                float(line.rsplit(" ", 1)[1])
+                for line in daemon.metrics().splitlines()
+                if line.startswith("courierd_messages_rejected_total{")
+            )
+            == len(expected)
+        ),
+        10,
+        "every dead letter acknowledged",
+    )
     assert daemon.metric('courierd_messages_rejected_total{reason="bad_order_id"}') == 3
     assert daemon.health()[0] == 200
     daemon.kill()
@@ -348,11 +361,12 @@ def test_cancelled_order_gets_no_more_pushes(rig: Rig, cli) -> None:
     rig.onetablet.responder = None
     pub.status("c1", "z2", "zz", "dropoff")
     pub.status("c1", "ok1", "other", "dasher_confirmed")
+    s = rig.store()  # (a cluster may commit z2 after ok1: wait for each)
+    dead = "SELECT reason FROM dead_letters"
+    wait_until(lambda: s.db.rows(dead) == [("cancelled",)], 10, "z2 rejected as cancelled")
+    s.close()
     assert rig.onetablet.wait_for(lambda _: "other" in delivered(rig.onetablet), 10)
     assert "zz" not in delivered(rig.onetablet)
-    s = rig.store()
-    assert s.db.rows("SELECT reason FROM dead_letters") == [("cancelled",)]
-    s.close()
 
 
 def test_wrong_courier_and_dispatch_assignment(rig: Rig) -> None:

@@ -163,7 +163,11 @@ def test_owntracks_phones_work_unchanged(rig: Rig, version: str) -> None:
         5,
         "the ignored waypoint on /metrics",
     )
-    assert daemon.metric('courierd_messages_ignored_total{kind="owntracks_transition"}') == 1
+    wait_until(
+        lambda: daemon.metric('courierd_messages_ignored_total{kind="owntracks_transition"}') == 1,
+        5,
+        "the ignored transition on /metrics",
+    )
     alerts.close()
     pub.close()
 
