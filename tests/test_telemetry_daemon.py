@@ -179,6 +179,7 @@ def test_the_watchdog_alerts_once_per_silence_and_when_the_courier_is_back(rig: 
     daemon = rig.daemon(COURIERD_WATCHDOG__OFFLINE_AFTER_S="10").start()
     alerts = Listener(rig.broker.port, "dispatch/alerts")
     pub = rig.publisher()
+    silent_since = time.monotonic()  # c1's last word: the watchdog counts from here
     pub.status("c1", "w1", "watched", "dasher_confirmed")
     pub.status("c2", "w2", "willed", "dasher_confirmed")
     assert rig.onetablet.wait_for(lambda _: {"watched", "willed"} <= set(delivered(rig.onetablet)))
@@ -187,7 +188,6 @@ def test_the_watchdog_alerts_once_per_silence_and_when_the_courier_is_back(rig: 
     assert [(m["type"], m["courier_id"]) for _, m in alerts.messages()] == [
         ("courier_offline", "c2")
     ]
-    silent_since = time.monotonic()
     wait_until(lambda: len(alerts.messages()) == 2, 30, "the watchdog's alert")
     assert time.monotonic() - silent_since >= 8  # not before the silence was long enough
     _, offline = alerts.messages()[1]
