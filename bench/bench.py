@@ -1166,9 +1166,13 @@ def main() -> int:
                 failed.append(name)
                 stop_every_daemon()  # what the phase left running would skew the next
         if "ingest_pings" in results and "ingest_places" in results:
+            with_places, without = results["ingest_places"], results["ingest_pings"]
             results["geofence_cost"] = {
-                "ratio_with_places_over_without": round(
-                    results["ingest_places"]["ratio"] / results["ingest_pings"]["ratio"], 3
+                # each against its own run's ceiling; and the plain rates, which do not
+                # carry the ceilings' own run-to-run noise (they carry the machine's)
+                "ratio_with_places_over_without": round(with_places["ratio"] / without["ratio"], 3),
+                "rate_with_places_over_without": round(
+                    with_places["courierd_msgs_per_s"] / without["courierd_msgs_per_s"], 3
                 ),
                 "goal": ">= 0.9",
             }
