@@ -32,6 +32,7 @@ Figures go to stdout and to a JSON file.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import os
@@ -53,6 +54,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import aiohttp  # here, not in the raw client: its import is no CPU of a POST
 import httpx
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
@@ -601,10 +603,6 @@ def _raw_rate(url: str, n: int, concurrency: int, kind: str) -> float:
             with ThreadPoolExecutor(concurrency) as pool:
                 list(pool.map(post, range(n)))
             return n / (time.perf_counter() - start)
-
-    import asyncio
-
-    import aiohttp
 
     async def run() -> float:
         connector = aiohttp.TCPConnector(limit=concurrency)

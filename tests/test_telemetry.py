@@ -201,6 +201,7 @@ def test_any_rfc3339_rendering_is_stored_as_its_instant(
         "9999-12-31T23:59:59-01:00",  # after year 9999 in UTC
         "2024-01-15T18:05:00+24:00",
         "2024-01-15T18:05:00+05:75",  # no such minute of an offset
+        "2024-01-15T24:00:00Z",  # no hour 24 (Python 3.14's fromisoformat takes it)
         "\uff12\uff10\uff12\uff14-01-15T18:05:00Z",  # non-ASCII digits
     ],
 )

@@ -167,10 +167,14 @@ def parse_rfc3339(text: str) -> datetime:
     m = _RFC3339.fullmatch(text)
     if m is None:
         raise TelemetryError("bad_ts", f"ts {text[:40]!r} is not RFC 3339 (date, time and offset)")
-    second, off_m = m.group(6, 10)
+    hour, second, off_m = m.group(4, 6, 10)
     try:
+        # datetime takes neither check from the text alone: minutes of an offset past 59
+        # pass, and from Python 3.14 on, 24:00:00 is the next day's midnight.
         if off_m is not None and off_m > "59":
             raise ValueError("offset out of range")
+        if hour > "23":
+            raise ValueError("hour must be in 0..23")
         if second != "60":
             # The regex made it RFC 3339; datetime's own (C) parser is then four times
             # faster than building it by hand, once "t" and "z" are upper case.
