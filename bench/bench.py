@@ -1163,8 +1163,8 @@ def main() -> int:
                 results[name] = {"error": repr(e)}
                 failed.append(name)
                 stop_every_daemon()  # what the phase left running would skew the next
-        if "ingest_pings" in results and "ingest_places" in results:
-            with_places, without = results["ingest_places"], results["ingest_pings"]
+        with_places, without = results.get("ingest_places", {}), results.get("ingest_pings", {})
+        if "ratio" in with_places and "ratio" in without:  # both phases ran, neither failed
             results["geofence_cost"] = {
                 # each against its own run's ceiling; and the plain rates, which do not
                 # carry the ceilings' own run-to-run noise (they carry the machine's)
