@@ -671,32 +671,31 @@ def pushes(
     raw = raw_posts(sandbox.url, n, CONCURRENCY, "httpx")
     raw_aio = raw_posts(sandbox.url, n, CONCURRENCY, "aiohttp")
     rate, cpu_ms = deliver_backlog(broker, sandbox, root, n, label, pg_url)
+    return {"pushes": n, **against_bare_clients(rate, cpu_ms, raw, raw_aio)}
+
+
+def against_bare_clients(
+    rate: float, cpu_ms: float, raw: RawPosts, raw_aio: RawPosts
+) -> dict[str, float]:
+    """courierd's pushes/s and its dispatch process's CPU per push, set against bare
+    httpx and aiohttp POSTs in the same run (the CPU goal, 0.5 ms, was set where raw
+    httpx cost 1 ms; an absolute time moves with the shared machine's load, a ratio holds)."""
     say(
         f"  raw httpx {raw.per_s:,.0f}/s, raw aiohttp {raw_aio.per_s:,.0f}/s, "
         f"courierd {rate:,.0f}/s ({rate / raw.per_s:.2f}x httpx, "
         f"{rate / raw_aio.per_s:.2f}x aiohttp)"
     )
-    return {
-        "pushes": n,
-        "raw_httpx_per_s": round(raw.per_s),
-        "raw_aiohttp_per_s": round(raw_aio.per_s),
-        "courierd_per_s": round(rate),
-        "ratio": round(rate / raw.per_s, 3),
-        "ratio_to_aiohttp": round(rate / raw_aio.per_s, 3),
-        **dispatch_cpu(cpu_ms, raw, raw_aio),
-    }
-
-
-def dispatch_cpu(cpu_ms: float, raw: RawPosts, raw_aio: RawPosts) -> dict[str, float]:
-    """The dispatch process's CPU per push, absolute and against the bare clients' CPU
-    per POST in the same run (the goal, 0.5 ms, was set where raw httpx cost 1 ms: half
-    of raw httpx; an absolute time moves with the shared machine's load, a ratio holds)."""
     say(
         f"  dispatch CPU {cpu_ms:.2f} ms/push; bare clients' CPU per POST: httpx "
         f"{raw.cpu_ms:.2f} ms, aiohttp {raw_aio.cpu_ms:.2f} ms "
         f"(dispatch = {cpu_ms / raw.cpu_ms:.2f}x httpx, {cpu_ms / raw_aio.cpu_ms:.2f}x aiohttp)"
     )
     return {
+        "raw_httpx_per_s": round(raw.per_s),
+        "raw_aiohttp_per_s": round(raw_aio.per_s),
+        "courierd_per_s": round(rate),
+        "ratio": round(rate / raw.per_s, 3),
+        "ratio_to_aiohttp": round(rate / raw_aio.per_s, 3),
         "dispatch_cpu_ms_per_push": round(cpu_ms, 3),
         "raw_httpx_cpu_ms_per_post": round(raw.cpu_ms, 3),
         "raw_aiohttp_cpu_ms_per_post": round(raw_aio.cpu_ms, 3),
@@ -761,20 +760,7 @@ def together(
     daemon.stop()
     forget_session(broker.port, f"bench-courierd-{label}")
     rate = n / (max(r["at"] for r in sandbox.requests(before)) - start)
-    say(
-        f"  raw httpx {raw.per_s:,.0f}/s, raw aiohttp {raw_aio.per_s:,.0f}/s, "
-        f"courierd {rate:,.0f}/s ({rate / raw.per_s:.2f}x httpx, "
-        f"{rate / raw_aio.per_s:.2f}x aiohttp)"
-    )
-    return {
-        "statuses": n,
-        "raw_httpx_per_s": round(raw.per_s),
-        "raw_aiohttp_per_s": round(raw_aio.per_s),
-        "courierd_per_s": round(rate),
-        "ratio": round(rate / raw.per_s, 3),
-        "ratio_to_aiohttp": round(rate / raw_aio.per_s, 3),
-        **dispatch_cpu(cpu / n * 1000, raw, raw_aio),
-    }
+    return {"statuses": n, **against_bare_clients(rate, cpu / n * 1000, raw, raw_aio)}
 
 
 STAGES = ("receive", "commit", "claim", "send", "reply", "record")
