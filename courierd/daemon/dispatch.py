@@ -355,7 +355,6 @@ def dispatch_main(
     """Entry point of the dispatch process: deliver the outbox until told to stop."""
     worker_setup(settings, "courierd-push")
     quick_thread_handovers()
-    quick_thread_handovers()
     ot = settings.require_onetablet()
     assert ot.base_url is not None and ot.api_key is not None
 

@@ -125,7 +125,8 @@ class SqliteDatabase(Database):
                     conn.execute("BEGIN IMMEDIATE")
                     return
                 except sqlite3.OperationalError as e:
-                    busy = getattr(e, "sqlite_errorcode", sqlite3.SQLITE_BUSY) & 0xFF == 5
+                    code = getattr(e, "sqlite_errorcode", sqlite3.SQLITE_BUSY)
+                    busy = code & 0xFF == sqlite3.SQLITE_BUSY  # extended codes included
                     if not busy or time.monotonic() >= deadline:
                         raise
                     time.sleep(0.001)
