@@ -137,6 +137,14 @@ class Daemon:
                 return float(line.rsplit(" ", 1)[1])
         return 0.0
 
+    def metric_total(self, name: str) -> float:
+        """The sum of a metric's samples over all its labels, 0 if absent."""
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in self.metrics().splitlines()
+            if line.startswith(name + "{")
+        )
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         assert self.proc is not None
         if self.proc.poll() is None:

@@ -15,7 +15,15 @@ import pytest
 from courierd.devtools.sandbox import Sandbox
 from courierd.domain.lifecycle import CHAIN
 from tests import pg
-from tests.harness import API_KEY, Broker, Daemon, Publisher, delivered, wait_until
+from tests.harness import (
+    API_KEY,
+    Broker,
+    Daemon,
+    Publisher,
+    all_dropped_off,
+    delivered,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 STATUSES = [s.value for s in CHAIN]
@@ -94,12 +102,6 @@ def check_pushes(onetablet: Sandbox, orders: list[str], disruptions: int) -> Non
         assert len(seq) - len(STATUSES) <= disruptions, (order, seq)
 
 
-def all_dropped_off(cluster: Cluster, orders: list[str]) -> bool:
-    """OneTablet has received every order's last push, dropoff."""
-    got = delivered(cluster.onetablet)
-    return all(o in got and got[o][-1].json["delivery_status"] == "dropoff" for o in orders)
-
-
 def test_three_instances_survive_losing_one_for_good_and_restarting_another(
     cluster: Cluster,
 ) -> None:
@@ -123,7 +125,7 @@ def test_three_instances_survive_losing_one_for_good_and_restarting_another(
     b.kill()
     b = cluster.instance().start()  # rejoins, as a new member
     assert done.wait(60)
-    assert cluster.onetablet.wait_for(lambda _: all_dropped_off(cluster, orders), 90)
+    assert cluster.onetablet.wait_for(lambda _: all_dropped_off(cluster.onetablet, orders), 90)
     check_pushes(cluster.onetablet, orders, disruptions=2)
     wait_until(lambda: slots(b) | slots(c) == {0, 1, 2, 3} and slots(b), 30, "b rejoined")
     for d in (b, c):
@@ -150,7 +152,7 @@ def test_a_paused_instance_is_fenced_off(cluster: Cluster) -> None:
         for pid in tree:
             os.kill(pid, signal.SIGCONT)
     assert done.wait(60)
-    assert cluster.onetablet.wait_for(lambda _: all_dropped_off(cluster, orders), 90)
+    assert cluster.onetablet.wait_for(lambda _: all_dropped_off(cluster.onetablet, orders), 90)
     check_pushes(cluster.onetablet, orders, disruptions=1)
     from courierd.config import StoreSettings
     from courierd.store import open_store
