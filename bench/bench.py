@@ -61,7 +61,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from courierd.config import OneTabletSettings, StoreSettings
+from courierd.config import ClusterSettings, OneTabletSettings, StoreSettings
 from courierd.devtools.localbroker import LocalBroker, free_port
 from courierd.domain.lifecycle import CHAIN, idempotency_key, push_body
 from courierd.domain.model import iso
@@ -144,13 +144,13 @@ def client(port: int, client_id: str, *, session: bool, protocol: str = "5") -> 
             protocol=paho.MQTTv311,
             clean_session=not session,
         )
-        c.max_inflight_messages_set(1000)
-        c.max_queued_messages_set(0)
-        c.connect("127.0.0.1", port)
-        return c
-    c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
+    else:
+        c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
     c.max_inflight_messages_set(1000)
     c.max_queued_messages_set(0)
+    if protocol == "3.1.1":
+        c.connect("127.0.0.1", port)
+        return c
     props = None
     if session:
         props = Properties(PacketTypes.CONNECT)
@@ -196,9 +196,9 @@ def register_bare(port: int, client_id: str, protocol: str = "5") -> None:
 
 
 def forget_daemon_sessions(broker: LocalBroker, client_id: str, pg_url: str | None) -> None:
-    """End a daemon's persistent sessions: its one, or a cluster's slots' (4 by default)."""
+    """End a daemon's persistent sessions: its one, or a cluster's slots'."""
     forget_session(broker.port, client_id)
-    for slot in range(4 if pg_url else 0):
+    for slot in range(ClusterSettings().slots if pg_url else 0):
         forget_session(broker.port, f"{client_id}-{slot}")
 
 
@@ -794,6 +794,11 @@ def stage_quantiles(metrics: str, q: float) -> dict[str, float]:
     return {stage: out[stage] for stage in STAGES if stage in out}
 
 
+def p99_of(ordered: list[float]) -> float:
+    """The 99th percentile of a sorted list (nearest rank)."""
+    return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+
+
 def latency(
     broker: LocalBroker,
     sandbox: SandboxProc,
@@ -851,9 +856,8 @@ def latency(
     ]
     delays = sorted((at - sent[key]) * 1000 for key, at in arrivals if key in sent)
     p50 = statistics.median(delays)
-    p99 = delays[min(len(delays) - 1, int(len(delays) * 0.99))]
-    lags.sort()
-    lag_p99 = lags[min(len(lags) - 1, int(len(lags) * 0.99))] * 1000
+    p99 = p99_of(delays)
+    lag_p99 = p99_of(sorted(lags)) * 1000
     stages50, stages99 = stage_quantiles(metrics, 0.5), stage_quantiles(metrics, 0.99)
     say(
         f"  {len(delays)} status pushes: p50 {p50:.1f} ms, p99 {p99:.1f} ms "
