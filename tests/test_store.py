@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import threading
 from pathlib import Path
 
 import psycopg
@@ -18,7 +19,7 @@ from courierd.domain.model import (
     Transition,
 )
 from courierd.domain.planner import Effects, Snapshot
-from courierd.errors import InputError, StoreError
+from courierd.errors import InputError, StoreError, StoreUnavailable
 from courierd.store import Store, open_store
 from courierd.store.outbox import CLAIM_SQL, PushResult
 from courierd.store.schema import DELIVERED, FAILED, PENDING, SQLITE_MIGRATIONS
@@ -295,3 +296,32 @@ def test_claim_and_stats_use_partial_indexes(sqlite_store: Store) -> None:
     ):
         steps = plan(sql)
         assert any(f"INDEX {index}" in s for s in steps), steps
+
+
+def test_a_writer_waits_for_the_write_lock_then_gives_up_at_its_busy_timeout(
+    tmp_path: Path,
+) -> None:
+    """Another writer (an operator's shell) holds the lock: a transaction waits and goes
+    on once it is released, after that writer's rows; held past busy_timeout, the
+    transaction fails as StoreUnavailable (the database, not the data)."""
+    db = SqliteDatabase(tmp_path / "c.db", busy_timeout_s=5)
+    db.execute("CREATE TABLE t (x INTEGER)")
+    shell = sqlite3.connect(tmp_path / "c.db", isolation_level=None, check_same_thread=False)
+    shell.execute("BEGIN IMMEDIATE")
+    shell.execute("INSERT INTO t VALUES (1)")
+    threading.Timer(0.3, lambda: shell.execute("COMMIT")).start()  # the shell's own pace
+    with db.transaction():
+        seen = db.value("SELECT count(*) FROM t")  # inside: the shell had committed
+        db.execute("INSERT INTO t VALUES (2)")
+    assert seen == 1
+    assert db.rows("SELECT x FROM t ORDER BY rowid") == [(1,), (2,)]
+
+    impatient = SqliteDatabase(tmp_path / "c.db", busy_timeout_s=0.2)
+    shell.execute("BEGIN IMMEDIATE")
+    with pytest.raises(StoreUnavailable, match="cannot write"), impatient.transaction():
+        impatient.execute("INSERT INTO t VALUES (3)")
+    shell.execute("ROLLBACK")
+    assert db.rows("SELECT x FROM t ORDER BY rowid") == [(1,), (2,)]
+    for conn in (db, impatient):
+        conn.close()
+    shell.close()
