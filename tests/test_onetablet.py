@@ -1,11 +1,10 @@
-"""The OneTablet client against a real HTTP server on 127.0.0.1 (and MockTransport)."""
+"""The OneTablet client against a real HTTP server on 127.0.0.1."""
 
 from __future__ import annotations
 
 import json
 import threading
 
-import httpx
 import pytest
 
 from courierd.devtools.sandbox import Request, Sandbox
@@ -174,17 +173,6 @@ def test_with_retries_caps_retry_after_for_a_person_waiting(onetablet: Sandbox) 
     with client(onetablet) as c:
         reply = with_retries(lambda: c.submit_order(ORDER, "o-1"), sleep=waits.append)
     assert reply.status == 200 and waits == [CLI_MAX_RETRY_AFTER, CLI_MAX_RETRY_AFTER]
-
-
-def test_non_json_error_body_is_shown_shortened() -> None:
-    """An HTML error page from a proxy is reported by its start, not dumped whole."""
-    transport = httpx.MockTransport(lambda r: httpx.Response(502, text="<h1>Bad gateway</h1>" * 50))
-    with (
-        OneTabletClient("http://ot", "k", http_transport=transport) as c,
-        pytest.raises(Unavailable) as info,
-    ):
-        c.delivery_status("o", BODY, "k")
-    assert "502" in str(info.value) and len(str(info.value)) < 300
 
 
 def test_api_key_never_logged(onetablet: Sandbox, caplog: pytest.LogCaptureFixture) -> None:

@@ -1,5 +1,6 @@
-"""The push path's client (aiohttp) against a real HTTP server on 127.0.0.1: it sends
-exactly what the order commands' client (httpx) sends, and reads replies the same way."""
+"""The push path and the order commands' client against a real HTTP server on 127.0.0.1:
+one client (`onetablet_http`), whichever library runs underneath, sends the same bytes
+and reads replies the same way."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from courierd.devtools.sandbox import Request, Sandbox
+from courierd.devtools.sandbox import Sandbox
 from courierd.edges.onetablet import OneTabletClient, Reply
+from courierd.edges.onetablet_http import CLIENTS
 from courierd.edges.pusher import Push, Pusher
 from courierd.errors import Unavailable
 from tests.conftest import API_KEY
@@ -19,45 +21,48 @@ from tests.test_onetablet import BODY, ERROR_REPLIES, reply_with
 Call = Callable[..., Reply]
 
 
-@pytest.fixture(params=["httpx", "aiohttp"])
+# The order commands' client on the default library, and the pusher on each library.
+CALLERS = [("command", CLIENTS[0]), *(("push", c) for c in CLIENTS)]
+
+
+def made_by(caller: tuple[str, str], url: str, key: str, **options: object) -> Pusher:
+    kind = OneTabletClient if caller[0] == "command" else Pusher
+    return kind(url, key, client=caller[1], **options)  # type: ignore[return-value,arg-type]
+
+
+@pytest.fixture(params=CALLERS, ids="-".join)
 def delivery_status(request: pytest.FixtureRequest) -> Iterator[Callable[..., Call]]:
-    """`make(url, key, **options)` → a delivery-status call by one client or the other."""
-    made: list[OneTabletClient | Pusher] = []
+    """`make(url, key, **options)` → a delivery-status call by one caller or another."""
+    made: list[Pusher] = []
 
     def make(url: str, key: str = API_KEY, **options: object) -> Call:
-        kind = OneTabletClient if request.param == "httpx" else Pusher
-        client = kind(url, key, **options)  # type: ignore[arg-type]
-        made.append(client)
-        return client.delivery_status
+        made.append(made_by(request.param, url, key, **options))
+        return made[-1].delivery_status
 
     yield make
     for client in made:
         client.close()
 
 
-def sent_by_both(onetablet: Sandbox, transport: str, *args: str) -> tuple[Request, Request]:
-    with OneTabletClient(onetablet.url, API_KEY, transport=transport) as c:
-        c.delivery_status(*args)
-    with Pusher(onetablet.url, API_KEY, transport=transport) as p:
-        p.delivery_status(*args)
-    first, second = onetablet.requests()[-2:]
-    return first, second
-
-
 @pytest.mark.parametrize("transport", ["rest", "webhooks"])
-def test_the_pusher_sends_what_the_httpx_client_sends(onetablet: Sandbox, transport: str) -> None:
-    """Same path, body bytes, key, idempotency key and source header, on both transports;
-    an order id that needs escaping is escaped once."""
-    by_httpx, by_pusher = sent_by_both(onetablet, transport, "a b?c/d", BODY, "key-1", "geofence")
-    assert by_pusher.path == by_httpx.path
-    assert by_pusher.body == by_httpx.body
-    for header in ("x-api-key", "content-type", "idempotency-key", "x-courierd-source"):
-        assert by_pusher.headers[header] == by_httpx.headers[header], header
-    assert by_pusher.status == 200
+def test_every_caller_sends_the_same_request(onetablet: Sandbox, transport: str) -> None:
+    """Same path, body bytes, key, idempotency key and source header from the commands and
+    from pushes on every library, on both transports; an order id is escaped once."""
+    for caller in CALLERS:
+        with made_by(caller, onetablet.url, API_KEY, transport=transport) as c:
+            c.delivery_status("a b?c/d", BODY, "key-1", "geofence")
+    first, *others = onetablet.requests()
+    assert len(others) == len(CALLERS) - 1
+    for other in others:
+        assert other.path == first.path
+        assert other.body == first.body
+        for header in ("x-api-key", "content-type", "idempotency-key", "x-courierd-source"):
+            assert other.headers[header] == first.headers[header], header
+        assert other.status == 200
     if transport == "rest":
-        assert by_pusher.path == "/orders/a%20b%3Fc%2Fd/delivery-status"
+        assert first.path == "/orders/a%20b%3Fc%2Fd/delivery-status"
     else:
-        assert by_pusher.json["event"] == {"type": "order.delivery_status", "order_id": "a b?c/d"}
+        assert first.json["event"] == {"type": "order.delivery_status", "order_id": "a b?c/d"}
 
 
 def test_a_base_url_with_a_path_keeps_it(onetablet: Sandbox) -> None:

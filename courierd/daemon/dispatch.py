@@ -2,13 +2,14 @@
 
 One thread claims due pushes that head their order's queue (`Outbox.claim_due`), as
 many as there are free places in flight (`onetablet.max_concurrency`), and hands them
-to the pusher (`edges/pusher.py`: one asyncio loop, one aiohttp connection pool). A
+to the pusher (`edges/pusher.py`: one asyncio loop, one `OneTabletHttp` pool). A
 claimed push starts at once: nothing waits claimed but unsent, so a cancel or a 401
 finds every push either in flight or still in the database. Replies come back to this
 thread, which records them in batches (one commit for many replies) and decides what
 happens next: 2xx delivered; retryable → next attempt after 1 s, 5 s, 30 s, ...
-(Retry-After wins); other 4xx → parked as failed; 401 → every push pauses, and one
-probe at a time is sent, with backoff, until the key works again.
+(Retry-After wins); 3xx (never followed) and other 4xx → parked as failed; 401 →
+every push pauses, and one probe at a time is sent, with backoff, until the key works
+again.
 """
 
 from __future__ import annotations

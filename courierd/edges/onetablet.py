@@ -4,11 +4,13 @@ Two transports (CONTRACT.md section 5): `rest` calls the three endpoints of the 
 text; `webhooks` sends each operation as one `POST /webhooks` whose body is the REST
 body plus an `event` object naming the operation (see the README for the envelope).
 Each method makes one attempt and maps failures onto the `OneTabletError` tree;
-`with_retries` adds the API text's retry schedule for the order commands.
+`with_retries` adds the API text's retry schedule for the order commands. Every call,
+here and in `pusher.py`, is `call`: one request, under `onetablet_http.py`'s policy.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -17,8 +19,6 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import quote
 
-import httpx
-
 from courierd.domain.model import dumps
 from courierd.domain.policy import (
     CLI_MAX_RETRY_AFTER,
@@ -26,6 +26,14 @@ from courierd.domain.policy import (
     Verdict,
     classify,
     parse_retry_after,
+)
+from courierd.edges.onetablet_http import (
+    CLIENTS,
+    Answer,
+    ForeignOrigin,
+    LoopThread,
+    NoAnswer,
+    OneTabletHttp,
 )
 from courierd.errors import OneTabletError, Rejected, Unauthorized, Unavailable
 
@@ -46,7 +54,8 @@ class Reply:
 
 
 class OneTabletClient:
-    """One keep-alive connection pool to OneTablet; safe to share between threads."""
+    """The order commands' client: `onetablet_http`'s one policy, on a loop of its own,
+    called from any thread (each call waits for its reply)."""
 
     def __init__(
         self,
@@ -56,25 +65,34 @@ class OneTabletClient:
         transport: str = "rest",
         timeout: float = 30.0,
         max_connections: int = 16,
-        http_transport: httpx.BaseTransport | None = None,
+        client: str = CLIENTS[0],
         clock: Callable[[], float] = time.time,
     ) -> None:
         if transport not in ("rest", "webhooks"):
             raise ValueError(f"unknown transport {transport!r}")
         self.transport = transport
         self._clock = clock
-        self._http = httpx.Client(
-            base_url=base_url,
-            headers={"x-api-key": api_key, "content-type": "application/json"},
-            timeout=timeout,
-            limits=httpx.Limits(
-                max_connections=max_connections, max_keepalive_connections=max_connections
-            ),
-            transport=http_transport,
-        )
+        self._loop = LoopThread("onetablet")
+
+        async def open_http() -> OneTabletHttp:
+            return OneTabletHttp(
+                base_url,
+                api_key,
+                deadline_s=timeout,
+                max_connections=max_connections,
+                client=client,
+            )
+
+        try:
+            self._http = self._loop.run(open_http())
+        except BaseException:
+            self._loop.stop()
+            raise
 
     def close(self) -> None:
-        self._http.close()
+        with contextlib.suppress(Exception):  # best effort: the connections are ending
+            self._loop.run(self._http.close(), timeout=2.0)
+        self._loop.stop()
 
     def __enter__(self) -> OneTabletClient:
         return self
@@ -121,23 +139,29 @@ class OneTabletClient:
     def _call(
         self, path: str, order_id: str, content: bytes, headers: dict[str, str] | None = None
     ) -> Reply:
-        """One POST; logs one line; returns a 2xx reply or raises the matching error."""
-        endpoint = f"POST {path}"
-        started = time.perf_counter()
-        try:
-            response = self._http.post(path, content=content, headers=headers)
-        except httpx.TimeoutException:
-            raise no_reply(endpoint, order_id, started, None) from None
-        except httpx.HTTPError as e:
-            raise no_reply(endpoint, order_id, started, e) from None
-        return interpret(
-            endpoint,
-            order_id,
-            Answer(response.status_code, response.reason_phrase, response.content),
-            response.headers.get("retry-after"),
-            started,
-            self._clock(),
-        )
+        return self._loop.run(call(self._http, path, order_id, content, headers, self._clock))
+
+
+async def call(
+    http: OneTabletHttp,
+    path: str,
+    order_id: str,
+    content: bytes,
+    headers: dict[str, str] | None,
+    clock: Callable[[], float],
+) -> Reply:
+    """One POST, by pushes and commands alike; logs one line; returns a 2xx reply or
+    raises the matching error (a 3xx is `Rejected`, its Location in the message)."""
+    endpoint = f"POST {path}"
+    started = time.perf_counter()
+    try:
+        answer = await http.post(path, content, headers or {})
+    except NoAnswer as e:
+        raise no_reply(endpoint, order_id, started, e.reason) from None
+    except ForeignOrigin as e:  # never sent: a bug or a hostile id, not OneTablet's fault
+        _log_call(endpoint, order_id, None, str(e), started)
+        raise Rejected(f"{endpoint}: refused: {e}") from None
+    return interpret(endpoint, order_id, answer, started, clock())
 
 
 def delivery_status_request(
@@ -157,23 +181,7 @@ def delivery_status_request(
     return "/webhooks", order_id, dumps(envelope).encode(), headers
 
 
-@dataclass(frozen=True, slots=True)
-class Answer:
-    """What came back on the wire, whichever HTTP client fetched it."""
-
-    status: int
-    reason: str
-    content: bytes
-
-
-def interpret(
-    endpoint: str,
-    order_id: str,
-    answer: Answer,
-    retry_after: str | None,
-    started: float,
-    now: float,
-) -> Reply:
+def interpret(endpoint: str, order_id: str, answer: Answer, started: float, now: float) -> Reply:
     """Log the call's one line; return a 2xx reply or raise the matching error."""
     body = _body(answer.content)
     verdict = classify(answer.status)
@@ -183,13 +191,13 @@ def interpret(
         return Reply(answer.status, body)
     message = f"OneTablet answered {answer.status} to {endpoint}: {error}"
     if verdict is Verdict.RETRY:
-        raise Unavailable(message, answer.status, parse_retry_after(retry_after, now))
+        raise Unavailable(message, answer.status, parse_retry_after(answer.retry_after, now))
     if verdict is Verdict.UNAUTHORIZED:
         raise Unauthorized(message, answer.status)
     raise Rejected(message, answer.status)
 
 
-def no_reply(endpoint: str, order_id: str, started: float, error: Exception | None) -> Unavailable:
+def no_reply(endpoint: str, order_id: str, started: float, error: str | None) -> Unavailable:
     """The error (retryable) for a call that got no answer: `error` None is a timeout."""
     if error is None:
         _log_call(endpoint, order_id, None, "timeout", started)
@@ -242,7 +250,11 @@ def _body(content: bytes) -> Any:
 
 
 def _error_text(body: Any, answer: Answer) -> str:
-    """OneTablet's `{error, message}`, else the start of whatever it sent."""
+    """OneTablet's `{error, message}`, else the start of whatever it sent; a redirect's
+    target first (it is not followed: CONTRACT.md 6.1)."""
+    if 300 <= answer.status < 400:
+        where = (answer.location or "no Location")[:200]
+        return f"redirect to {where!r} not followed"
     if isinstance(body, dict) and ("message" in body or "error" in body):
         error, message = body.get("error"), body.get("message")
         return " - ".join(str(p) for p in (error, message) if p) or answer.reason

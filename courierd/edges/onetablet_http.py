@@ -1,0 +1,232 @@
+"""The one OneTablet HTTP client policy: every call to OneTablet (pushes, the 401
+probes, `order submit`, `order cancel`) is a `OneTabletHttp.post`, built here only.
+
+The policy (CONTRACT.md 6.1), the same whichever HTTP library runs underneath:
+
+- redirects are never followed: a 3xx comes back as the answer, with its `Location`
+  (`domain/policy.py` fails it, like a 4xx);
+- the key goes only to `base_url`'s origin (scheme, host, port): a request for any other
+  origin is refused before anything is sent;
+- proxies are decided once, from `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY` (`proxy_for`),
+  and passed to the library explicitly (its own reading of the environment is off);
+- TLS: one context, the system's trust store (`ssl.create_default_context`, which
+  also honours `SSL_CERT_FILE`/`SSL_CERT_DIR`);
+- one deadline for the whole request (connect, send, headers, body). Libraries time
+  each phase, so a reply trickling in a byte a second would never be cut.
+
+Underneath: raw aiohttp by default. httpx, on its own transport or on httpx-aiohttp's,
+can be chosen (`CLIENTS`): the bench measures all three; README "Performance" says why
+aiohttp is the default (httpx cost 2.5x its CPU per push, even over aiohttp).
+The client lives on an asyncio loop; `LoopThread` gives the order commands one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import threading
+import urllib.request
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+from urllib.parse import urlsplit
+
+import aiohttp
+import httpx
+from yarl import URL
+
+T = TypeVar("T")
+
+CLIENTS = ("aiohttp", "httpx", "httpx-aiohttp")  # what may run underneath; first is default
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """What came back on the wire, whichever library fetched it."""
+
+    status: int
+    reason: str
+    content: bytes
+    retry_after: str | None = None
+    location: str | None = None  # a 3xx's target: reported, never followed
+
+
+class NoAnswer(Exception):
+    """The request got no answer: `reason` None means the deadline passed."""
+
+    def __init__(self, reason: str | None) -> None:
+        super().__init__(reason or "deadline passed")
+        self.reason = reason
+
+
+class ForeignOrigin(ValueError):
+    """A request for another origin than OneTablet's: refused, the key stays here."""
+
+
+Origin = tuple[str, str, int]
+
+
+def origin_of(url: str) -> Origin:
+    """(scheme, host, port) of an http(s) URL, the port made explicit."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    port = parts.port or (443 if scheme == "https" else 80)
+    return scheme, (parts.hostname or "").lower(), port
+
+
+def proxy_for(base_url: str) -> str | None:
+    """The proxy for OneTablet's origin, from the environment, decided once:
+    `HTTPS_PROXY` (or `HTTP_PROXY` for an http:// base URL) unless `NO_PROXY` names
+    the host. Lower-case names win, as curl and the standard library read them."""
+    proxies = urllib.request.getproxies_environment()
+    scheme, host, port = origin_of(base_url)
+    proxy = proxies.get(scheme)
+    if not proxy:
+        return None
+    if urllib.request.proxy_bypass(f"{host}:{port}"):  # NO_PROXY (from the environment on Linux)
+        return None
+    return proxy
+
+
+class _Library(Protocol):
+    async def post(self, url: str, content: bytes, headers: dict[str, str]) -> Answer: ...
+
+    async def close(self) -> None: ...
+
+
+class OneTabletHttp:
+    """One connection pool to OneTablet's origin under the policy above. Create it, use
+    it and close it on one asyncio loop."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        deadline_s: float,
+        max_connections: int,
+        client: str = CLIENTS[0],
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.origin = origin_of(self.base_url)
+        self.deadline_s = deadline_s
+        self.proxy = proxy_for(self.base_url)
+        headers = {"x-api-key": api_key, "content-type": "application/json"}
+        tls = ssl.create_default_context()
+        if client == "aiohttp":
+            self._library: _Library = _Aiohttp(headers, tls, self.proxy, max_connections)
+        elif client in ("httpx", "httpx-aiohttp"):
+            self._library = _Httpx(headers, tls, self.proxy, max_connections, client)
+        else:
+            raise ValueError(f"unknown HTTP client {client!r}; one of {', '.join(CLIENTS)}")
+
+    async def post(self, path: str, content: bytes, headers: dict[str, str]) -> Answer:
+        """POST `path` (already escaped) under `base_url`, within the deadline."""
+        url = self.base_url + path
+        if not path.startswith("/") or origin_of(url) != self.origin:
+            raise ForeignOrigin(f"{path[:80]!r} does not lead to OneTablet's origin")
+        try:
+            async with asyncio.timeout(self.deadline_s):
+                return await self._library.post(url, content, headers)
+        except TimeoutError:
+            raise NoAnswer(None) from None
+        except (aiohttp.ClientError, httpx.HTTPError, OSError, ValueError) as e:
+            raise NoAnswer(str(e) or type(e).__name__) from None
+
+    async def close(self) -> None:
+        await self._library.close()
+
+
+class _Aiohttp:
+    def __init__(
+        self, headers: dict[str, str], tls: ssl.SSLContext, proxy: str | None, limit: int
+    ) -> None:
+        self._proxy = proxy
+        self._session = aiohttp.ClientSession(
+            headers=headers,
+            # All calls go to one host: the limit is the connections OneTablet sees.
+            connector=aiohttp.TCPConnector(limit=limit, limit_per_host=limit, ssl=tls),
+            timeout=aiohttp.ClientTimeout(total=None),  # OneTabletHttp's deadline rules
+            cookie_jar=aiohttp.DummyCookieJar(),  # OneTablet's cookies mean nothing here
+            auto_decompress=False,
+            trust_env=False,  # proxy_for decided
+        )
+
+    async def post(self, url: str, content: bytes, headers: dict[str, str]) -> Answer:
+        # `encoded`: the order id is already escaped in the path, exactly once.
+        async with self._session.post(
+            URL(url, encoded=True),
+            data=content,
+            headers=headers,
+            allow_redirects=False,
+            proxy=self._proxy,
+        ) as r:
+            body = await r.read()
+            retry_after, location = r.headers.get("retry-after"), r.headers.get("location")
+            return Answer(r.status, r.reason or "", body, retry_after, location)
+
+    async def close(self) -> None:
+        await self._session.close()
+
+
+class _Httpx:
+    def __init__(
+        self,
+        headers: dict[str, str],
+        tls: ssl.SSLContext,
+        proxy: str | None,
+        limit: int,
+        kind: str,
+    ) -> None:
+        limits = httpx.Limits(max_connections=limit, max_keepalive_connections=limit)
+        transport: httpx.AsyncBaseTransport | None = None
+        if kind == "httpx-aiohttp":
+            from httpx_aiohttp import AiohttpTransport  # optional: the bench's, README
+
+            transport = AiohttpTransport(
+                verify=tls,
+                limits=limits,
+                proxy=httpx.Proxy(proxy) if proxy else None,
+                trust_env=False,
+            )
+        self._http = httpx.AsyncClient(
+            headers=headers,
+            verify=tls,
+            # A transport of our own carries the proxy itself (httpx would mount its own).
+            proxy=proxy if transport is None else None,
+            limits=limits,
+            timeout=None,  # OneTabletHttp's deadline rules
+            follow_redirects=False,
+            trust_env=False,  # proxy_for decided
+            transport=transport,
+        )
+
+    async def post(self, url: str, content: bytes, headers: dict[str, str]) -> Answer:
+        r = await self._http.post(url, content=content, headers=headers)
+        return Answer(
+            r.status_code,
+            r.reason_phrase,
+            r.content,
+            r.headers.get("retry-after"),
+            r.headers.get("location"),
+        )
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+
+class LoopThread:
+    """An asyncio loop running in a thread of its own; `run` from any other thread."""
+
+    def __init__(self, name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        if self.loop.is_running():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(2.0)
