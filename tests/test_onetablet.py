@@ -101,6 +101,7 @@ ERROR_REPLIES = [
     (503, {"Retry-After": "2"}, Unavailable, 2.0),
     (500, {}, Unavailable, None),
     (408, {}, Unavailable, None),
+    (503, {"Retry-After": "²"}, Unavailable, None),  # a digit to str.isdigit, not to HTTP
 ]
 
 

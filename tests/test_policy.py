@@ -5,6 +5,8 @@ from __future__ import annotations
 from email.utils import formatdate
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from courierd.domain.policy import (
     MAX_RETRY_AFTER,
@@ -67,3 +69,18 @@ def test_retry_after_extremes_and_zones() -> None:
     assert parse_retry_after("Thu, 01 Jan 1970 00:01:00 -0000", now=0) == 60
     assert parse_retry_after("Thu, 01 Jan 1970 00:01:00 GMT", now=0) == 60
     assert parse_retry_after("Fri, 31 Dec 9999 23:59:59 GMT", now=0) == MAX_RETRY_AFTER
+
+
+@given(st.text())
+def test_any_retry_after_is_none_or_a_bounded_wait(value: str) -> None:
+    """Whatever a server puts in Retry-After, it is a wait within bounds or ignored."""
+    wait = parse_retry_after(value, now=1_000_000)
+    assert wait is None or 0 <= wait <= MAX_RETRY_AFTER
+
+
+@given(
+    st.text(st.characters(categories=["Nd", "No"]), min_size=1).filter(lambda s: not s.isascii())
+)
+def test_non_ascii_digits_are_not_seconds(value: str) -> None:
+    """'²' or '٣' (digits to str.isdigit, not to HTTP) is no Retry-After, not a crash."""
+    assert parse_retry_after(value, now=0) is None
