@@ -1,0 +1,158 @@
+"""One client policy for every call to OneTablet (CONTRACT.md 6.1), with real servers on
+127.0.0.1: redirects are failures and never followed, the key stays with OneTablet's
+origin, a whole-request deadline, and the proxy variables ruling pushes and commands
+alike, whichever library runs underneath."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from courierd.devtools.sandbox import Sandbox
+from courierd.edges.onetablet import call
+from courierd.edges.onetablet_http import CLIENTS, OneTabletHttp
+from courierd.errors import Rejected, Unavailable
+from tests.conftest import API_KEY
+from tests.harness import Rig, wait_until
+from tests.onetablet_servers import OtherHost, Trickler
+from tests.test_onetablet import BODY, ORDER
+from tests.test_pusher import CALLERS, made_by
+
+by_caller = pytest.mark.parametrize("caller", CALLERS, ids="-".join)
+
+
+@pytest.fixture
+def other_host() -> Iterator[OtherHost]:
+    host = OtherHost()
+    yield host
+    host.close()
+
+
+def redirect_to(onetablet: Sandbox, other_host: OtherHost) -> str:
+    target = f"{other_host.url}/elsewhere"
+    onetablet.responder = lambda _: (302, {"Location": target}, {"moved": True})
+    return target
+
+
+@by_caller
+def test_a_redirect_fails_the_call_and_is_not_followed(
+    onetablet: Sandbox, other_host: OtherHost, caller: tuple[str, str]
+) -> None:
+    """A 302 to another host is a refusal naming its Location; nothing goes there."""
+    target = redirect_to(onetablet, other_host)
+    with made_by(caller, onetablet.url, API_KEY) as c, pytest.raises(Rejected) as info:
+        c.delivery_status("o-1", BODY, "k")
+    assert info.value.status == 302 and target in str(info.value)
+    assert other_host.seen == []
+
+
+def test_order_commands_fail_on_a_redirect(
+    cli, tmp_path: Path, onetablet: Sandbox, other_host: OtherHost
+) -> None:
+    """`order submit` and `order cancel` answered 302 exit 1 naming the Location, not retried,
+    and send nothing to the other host."""
+    target = redirect_to(onetablet, other_host)
+    (tmp_path / "o.json").write_bytes(ORDER)
+    for args in (("submit", "o.json"), ("cancel", "o-1", "--reason", "KITCHEN_BUSY")):
+        r = cli("order", *args)
+        assert r.code == 1 and "302" in r.err and target in r.err, r
+        assert "Traceback" not in r.err
+    assert len(onetablet.requests()) == 2 and other_host.seen == []
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+@pytest.mark.parametrize("path", ["@127.0.0.1:{port}/o", "http://127.0.0.1:{port}/o", "x"])
+def test_the_key_goes_only_to_onetablets_origin(
+    onetablet: Sandbox, other_host: OtherHost, client: str, path: str
+) -> None:
+    """A path that would lead elsewhere (user-info, a whole URL, no slash) is refused
+    before anything is sent, with the key or without."""
+    port = other_host.url.rsplit(":", 1)[1]
+
+    async def attempt() -> None:
+        http = OneTabletHttp(onetablet.url, API_KEY, deadline_s=5, max_connections=1, client=client)
+        try:
+            await call(http, path.format(port=port), "o-1", b"{}", None, time.time)
+        finally:
+            await http.close()
+
+    with pytest.raises(Rejected, match="refused"):
+        asyncio.run(attempt())
+    assert other_host.seen == [] and onetablet.requests() == []
+
+
+@by_caller
+def test_a_trickling_reply_is_cut_at_the_deadline(caller: tuple[str, str]) -> None:
+    """Headers at once, then a byte every 0.5 s (30 s in all): the call gives up at its
+    1.5 s deadline, though no single read is slow."""
+    trickler = Trickler(every_s=0.5, length=60)
+    try:
+        with made_by(caller, trickler.url, API_KEY, timeout=1.5) as c:
+            started = time.monotonic()
+            with pytest.raises(Unavailable, match="in time"):
+                c.delivery_status("o-1", BODY, "k")
+            assert time.monotonic() - started < 10
+        assert trickler.connections == 1
+    finally:
+        trickler.close()
+
+
+def test_proxy_variables_rule_pushes_and_commands_alike(
+    onetablet: Sandbox, other_host: OtherHost, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HTTP_PROXY carries the commands' and every push client's calls; NO_PROXY naming
+    OneTablet's host takes them all off it."""
+    proxy = other_host  # answers 200 to anything, absolute targets included
+    for name in ("http_proxy", "no_proxy", "NO_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", proxy.url)
+    for caller in CALLERS:
+        with made_by(caller, onetablet.url, API_KEY) as c:
+            c.delivery_status("o-1", BODY, "k")
+    target = f"{onetablet.url}/orders/o-1/delivery-status"
+    assert [(s.target, s.api_key) for s in proxy.seen] == [(target, API_KEY)] * len(CALLERS)
+    assert onetablet.requests() == []
+
+    monkeypatch.setenv("NO_PROXY", "localhost,127.0.0.1")
+    for caller in CALLERS:
+        with made_by(caller, onetablet.url, API_KEY) as c:
+            c.delivery_status("o-1", BODY, "k")
+    assert len(proxy.seen) == len(CALLERS) and len(onetablet.requests()) == len(CALLERS)
+
+
+@pytest.mark.integration
+def test_a_push_answered_302_is_parked_not_delivered(
+    sqlite_rig: Rig, other_host: OtherHost, cli
+) -> None:
+    """Through the daemon: the redirected push is parked as failed with the Location in
+    last_error; the other host never hears of it, and the next order's push goes out."""
+    target = redirect_to(sqlite_rig.onetablet, other_host)
+    sqlite_rig.onetablet.responder = lambda r: (
+        (302, {"Location": target}, {}) if r.order_id == "moved" else None
+    )
+    daemon = sqlite_rig.daemon().start()
+    pub = sqlite_rig.publisher()
+    env = sqlite_rig.store_env
+    try:
+        pub.status("c1", "e1", "moved", "arrived_at_store")
+        failed = wait_until(
+            lambda: json.loads(cli("outbox", "failed", "--json", env=env).out),
+            15,
+            "the redirected push to be parked",
+        )
+        assert len(failed) == 1
+        shown = json.loads(cli("order", "show", "moved", env=env).out)
+        (push,) = [p for p in shown["pushes"] if p["state"] == "failed"]
+        assert target in push["last_error"] and "302" in push["last_error"]
+        assert push["delivered"] in (None, False, 0)
+        pub.status("c2", "e2", "sentinel", "arrived_at_store")  # sent after: the sentinel
+        assert sqlite_rig.onetablet.wait_for(lambda rs: any(r.order_id == "sentinel" for r in rs))
+        assert other_host.seen == []
+    finally:
+        pub.close()
+        daemon.stop()
