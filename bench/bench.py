@@ -13,7 +13,9 @@ broker, so machine noise cancels out):
 2. pushes from a filled outbox (a burst of orders): against the local sandbox, beside
    raw httpx and raw aiohttp POSTs/s at the same concurrency; against a sandbox 100 ms
    and 300 ms away (`--latency-ms`), beside the bound concurrency / latency; each with
-   the dispatch process's CPU time per delivered push;
+   the dispatch process's CPU time per delivered push; and courierd's own OneTablet
+   client on each library it can run on (aiohttp, httpx, httpx over aiohttp), beside
+   raw aiohttp: the figures behind the default;
 3. end to end: status events published to a running daemon until every one is pushed,
    beside raw httpx and aiohttp POSTs/s;
 4. latency: publish → POST p50/p99 for status events while 2k msg/s flow (95 % pings),
@@ -65,6 +67,8 @@ from courierd.config import ClusterSettings, OneTabletSettings, StoreSettings
 from courierd.devtools.localbroker import LocalBroker, free_port
 from courierd.domain.lifecycle import CHAIN, idempotency_key, push_body
 from courierd.domain.model import iso
+from courierd.edges.onetablet import call
+from courierd.edges.onetablet_http import CLIENTS, OneTabletHttp
 from courierd.store import open_store
 
 KEY = "bench-key"
@@ -628,6 +632,56 @@ def _raw_rate(url: str, n: int, concurrency: int, kind: str) -> float:
     return asyncio.run(run())
 
 
+def client_posts(url: str, n: int, concurrency: int, client: str) -> RawPosts:
+    """`n` delivery-status calls through courierd's own client at `concurrency`:
+    `OneTabletHttp` (the policy: origin check, whole-request deadline, no redirects) with
+    `client` underneath, and the reading of each reply, on one asyncio loop."""
+    body = push_body(CHAIN[0], {"full_name": "Bench Courier"}).encode()
+    tag = uuid.uuid4().hex[:6]
+
+    async def run() -> float:
+        http = OneTabletHttp(url, KEY, deadline_s=30.0, max_connections=concurrency, client=client)
+        gate = asyncio.Semaphore(concurrency)
+
+        async def post(i: int) -> None:
+            order = f"cl{tag}{i}"
+            path = f"/orders/{order}/delivery-status"
+            headers = {"idempotency-key": idempotency_key(order, CHAIN[0])}
+            async with gate:
+                await call(http, path, order, body, headers, time.time)
+
+        try:
+            start = time.perf_counter()
+            await asyncio.gather(*(post(i) for i in range(n)))
+            return n / (time.perf_counter() - start)
+        finally:
+            await http.close()
+
+    cpu0 = time.process_time()
+    rate = asyncio.run(run())
+    return RawPosts(rate, (time.process_time() - cpu0) / n * 1000)
+
+
+def transports(url: str, n: int, raw_aio: RawPosts) -> dict[str, dict[str, float]]:
+    """courierd's client on each library it can run on (`onetablet_http.CLIENTS`), set
+    against raw aiohttp measured in the same run: the figures behind the default.
+    httpx's own transport is slow enough that a tenth of the calls tells its cost."""
+    out: dict[str, dict[str, float]] = {}
+    for client in CLIENTS:
+        got = client_posts(url, max(n // 10, 50) if client == "httpx" else n, CONCURRENCY, client)
+        over = got.cpu_ms / raw_aio.cpu_ms
+        say(
+            f"  client {client}: {got.per_s:,.0f}/s, {got.cpu_ms:.2f} ms CPU per call "
+            f"({over:.2f}x raw aiohttp's {raw_aio.cpu_ms:.2f} ms)"
+        )
+        out[client] = {
+            "per_s": round(got.per_s),
+            "cpu_ms_per_call": round(got.cpu_ms, 3),
+            "cpu_over_raw_aiohttp": round(over, 3),
+        }
+    return out
+
+
 def deliver_backlog(
     broker: LocalBroker,
     sandbox: SandboxProc,
@@ -670,8 +724,9 @@ def pushes(
     say(f"pushes: {n} delivery-status calls, concurrency {CONCURRENCY}{where}")
     raw = raw_posts(sandbox.url, n, CONCURRENCY, "httpx")
     raw_aio = raw_posts(sandbox.url, n, CONCURRENCY, "aiohttp")
+    clients = transports(sandbox.url, n, raw_aio) if pg_url is None else {}
     rate, cpu_ms = deliver_backlog(broker, sandbox, root, n, label, pg_url)
-    return {"pushes": n, **against_bare_clients(rate, cpu_ms, raw, raw_aio)}
+    return {"pushes": n, **against_bare_clients(rate, cpu_ms, raw, raw_aio), "clients": clients}
 
 
 def against_bare_clients(
@@ -714,6 +769,7 @@ def remote_pushes(
     sandbox = SandboxProc("--latency-ms", str(latency_ms))
     try:
         raw = raw_posts(sandbox.url, n, CONCURRENCY, "aiohttp")
+        clients = transports(sandbox.url, n // 4, raw)
         rate, cpu_ms = deliver_backlog(broker, sandbox, root, n, label)
     finally:
         sandbox.stop()
@@ -733,6 +789,7 @@ def remote_pushes(
         "dispatch_cpu_ms_per_push": round(cpu_ms, 3),
         "raw_aiohttp_cpu_ms_per_post": round(raw.cpu_ms, 3),
         "dispatch_cpu_over_aiohttp": round(cpu_ms / raw.cpu_ms, 3),
+        "clients": clients,
     }
 
 
