@@ -28,12 +28,14 @@ import threading
 import urllib.request
 from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
-import httpx
 from yarl import URL
+
+if TYPE_CHECKING:
+    import httpx
 
 T = TypeVar("T")
 
@@ -89,6 +91,8 @@ def proxy_for(base_url: str) -> str | None:
 
 
 class _Library(Protocol):
+    errors: tuple[type[Exception], ...]  # what the library raises for a failed exchange
+
     async def post(self, url: str, content: bytes, headers: dict[str, str]) -> Answer: ...
 
     async def close(self) -> None: ...
@@ -119,6 +123,7 @@ class OneTabletHttp:
             self._library = _Httpx(headers, tls, self.proxy, max_connections, client)
         else:
             raise ValueError(f"unknown HTTP client {client!r}; one of {', '.join(CLIENTS)}")
+        self._failures: tuple[type[Exception], ...] = (*self._library.errors, OSError, ValueError)
 
     async def post(self, path: str, content: bytes, headers: dict[str, str]) -> Answer:
         """POST `path` (already escaped) under `base_url`, within the deadline."""
@@ -130,7 +135,7 @@ class OneTabletHttp:
                 return await self._library.post(url, content, headers)
         except TimeoutError:
             raise NoAnswer(None) from None
-        except (aiohttp.ClientError, httpx.HTTPError, OSError, ValueError) as e:
+        except self._failures as e:
             raise NoAnswer(str(e) or type(e).__name__) from None
 
     async def close(self) -> None:
@@ -138,6 +143,8 @@ class OneTabletHttp:
 
 
 class _Aiohttp:
+    errors: tuple[type[Exception], ...] = (aiohttp.ClientError,)
+
     def __init__(
         self, headers: dict[str, str], tls: ssl.SSLContext, proxy: str | None, limit: int
     ) -> None:
@@ -170,6 +177,8 @@ class _Aiohttp:
 
 
 class _Httpx:
+    """httpx, imported only when chosen: the dispatch process need not load it."""
+
     def __init__(
         self,
         headers: dict[str, str],
@@ -178,6 +187,9 @@ class _Httpx:
         limit: int,
         kind: str,
     ) -> None:
+        import httpx
+
+        self.errors: tuple[type[Exception], ...] = (httpx.HTTPError,)
         limits = httpx.Limits(max_connections=limit, max_keepalive_connections=limit)
         transport: httpx.AsyncBaseTransport | None = None
         if kind == "httpx-aiohttp":
