@@ -12,10 +12,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from courierd.devtools.sandbox import Sandbox
 from courierd.edges.onetablet import call
 from courierd.edges.onetablet_http import CLIENTS, OneTabletHttp
+from courierd.edges.pusher import Pusher
 from courierd.errors import Rejected, Unavailable
 from tests.conftest import API_KEY
 from tests.harness import Rig, wait_until
@@ -156,3 +159,23 @@ def test_a_push_answered_302_is_parked_not_delivered(
     finally:
         pub.close()
         daemon.stop()
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    status=st.sampled_from([300, 301, 302, 303, 307, 308]),
+    location=st.text(st.characters(min_codepoint=0x20, max_codepoint=0xFF), max_size=3000),
+)
+def test_any_redirect_reply_is_an_error_never_a_delivery(
+    onetablet: Sandbox, status: int, location: str
+) -> None:
+    """Whatever a redirect's Location holds, the push is refused or retried, never taken
+    as delivered, and its message stays short."""
+    onetablet.responder = lambda _: (status, {"Location": location}, {})
+    with Pusher(onetablet.url, API_KEY) as p, pytest.raises((Rejected, Unavailable)) as info:
+        p.delivery_status("o-1", BODY, "k")
+    assert len(str(info.value)) < 600
+    if isinstance(info.value, Rejected):
+        assert info.value.status == status and "not followed" in str(info.value)
