@@ -76,6 +76,7 @@ class OneTabletSettings(_Section):
     base_url: str | None = None
     api_key: SecretStr | None = None
     transport: Literal["rest", "webhooks"] = "rest"
+    # The deadline of one call, whole (connect, send, the reply to its last byte).
     timeout_s: float = Field(30.0, gt=0)
     # Waits between attempts of a failed call (the API text's 1 s, 5 s, 30 s).
     retry_schedule_s: tuple[float, ...] = Field((1.0, 5.0, 30.0), min_length=1)
