@@ -5,9 +5,12 @@ and a OneTablet that trickles its reply in a byte at a time."""
 from __future__ import annotations
 
 import socket
+import ssl
+import subprocess
 import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,9 +24,10 @@ class Seen:
 
 
 class OtherHost:
-    """A real HTTP server on 127.0.0.1 that records every request and answers 200 `{}`."""
+    """A real HTTP server on 127.0.0.1 that records every request and answers 200 `{}`;
+    over TLS with `tls` (certificate file, key file)."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: tuple[Path, Path] | None = None) -> None:
         self.seen: list[Seen] = []
         seen = self.seen
 
@@ -45,7 +49,13 @@ class OtherHost:
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        scheme = "http"
+        if tls is not None:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(*tls)
+            self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
+            scheme = "https"
+        self.url = f"{scheme}://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
         )
@@ -93,3 +103,19 @@ class Trickler:
     def close(self) -> None:
         self._stop.set()
         self._listener.close()
+
+
+def self_signed(directory: Path) -> tuple[Path, Path]:
+    """A certificate (and its key) for 127.0.0.1 that no trust store knows."""
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1"),
+            *("-addext", "subjectAltName=IP:127.0.0.1"),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return cert, key

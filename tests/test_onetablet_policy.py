@@ -22,7 +22,7 @@ from courierd.edges.pusher import Pusher
 from courierd.errors import Rejected, Unavailable
 from tests.conftest import API_KEY
 from tests.harness import Rig, wait_until
-from tests.onetablet_servers import OtherHost, Trickler
+from tests.onetablet_servers import OtherHost, Trickler, self_signed
 from tests.test_onetablet import BODY, ORDER
 from tests.test_pusher import CALLERS, made_by
 
@@ -126,6 +126,30 @@ def test_proxy_variables_rule_pushes_and_commands_alike(
         with made_by(caller, onetablet.url, API_KEY) as c:
             c.delivery_status("o-1", BODY, "k")
     assert len(proxy.seen) == len(CALLERS) and len(onetablet.requests()) == len(CALLERS)
+
+
+def test_tls_is_verified_alike_by_every_caller(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A certificate no trust store knows fails the commands and every push client alike,
+    nothing sent; named in SSL_CERT_FILE, it is trusted by all of them."""
+    cert, key = self_signed(tmp_path)
+    host = OtherHost(tls=(cert, key))
+    try:
+        for name in ("SSL_CERT_FILE", "SSL_CERT_DIR"):
+            monkeypatch.delenv(name, raising=False)
+        for caller in CALLERS:
+            with made_by(caller, host.url, API_KEY) as c, pytest.raises(Unavailable) as info:
+                c.delivery_status("o-1", BODY, "k")
+            assert "certificate" in str(info.value).lower(), (caller, info.value)
+        assert host.seen == []
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+        for caller in CALLERS:
+            with made_by(caller, host.url, API_KEY) as c:
+                assert c.delivery_status("o-1", BODY, "k").status == 200
+        assert len(host.seen) == len(CALLERS)
+    finally:
+        host.close()
 
 
 @pytest.mark.integration
