@@ -105,6 +105,29 @@ def test_a_trickling_reply_is_cut_at_the_deadline(caller: tuple[str, str]) -> No
         trickler.close()
 
 
+def test_order_submit_gives_up_on_a_trickling_reply(cli, tmp_path: Path) -> None:
+    """`order submit` against a reply trickling in: each attempt ends at timeout_s, then
+    exit 1 saying so (each read is quick: a per-read timeout would wait 30 s a try)."""
+    (tmp_path / "o.json").write_bytes(ORDER)
+    trickler = Trickler(every_s=0.5, length=60)
+    try:
+        started = time.monotonic()
+        r = cli(
+            "order",
+            "submit",
+            "o.json",
+            env={
+                "COURIERD_ONETABLET__BASE_URL": trickler.url,
+                "COURIERD_ONETABLET__TIMEOUT_S": "1",
+                "COURIERD_ONETABLET__RETRY_SCHEDULE_S": "[0.05]",
+            },
+        )
+        assert r.code == 1 and "in time" in r.err and "Traceback" not in r.err, r
+        assert time.monotonic() - started < 20 and trickler.connections == 2
+    finally:
+        trickler.close()
+
+
 def test_proxy_variables_rule_pushes_and_commands_alike(
     onetablet: Sandbox, other_host: OtherHost, monkeypatch: pytest.MonkeyPatch
 ) -> None:
