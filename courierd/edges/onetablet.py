@@ -73,21 +73,14 @@ class OneTabletClient:
         self.transport = transport
         self._clock = clock
         self._loop = LoopThread("onetablet")
-
-        async def open_http() -> OneTabletHttp:
-            return OneTabletHttp(
-                base_url,
-                api_key,
-                deadline_s=timeout,
-                max_connections=max_connections,
-                client=client,
-            )
-
-        try:
-            self._http = self._loop.run(open_http())
-        except BaseException:
-            self._loop.stop()
-            raise
+        self._http = OneTabletHttp.open_on(
+            self._loop,
+            base_url,
+            api_key,
+            deadline_s=timeout,
+            max_connections=max_connections,
+            client=client,
+        )
 
     def close(self) -> None:
         with contextlib.suppress(Exception):  # best effort: the connections are ending

@@ -28,7 +28,7 @@ import threading
 import urllib.request
 from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, Self, TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -124,6 +124,20 @@ class OneTabletHttp:
         else:
             raise ValueError(f"unknown HTTP client {client!r}; one of {', '.join(CLIENTS)}")
         self._failures: tuple[type[Exception], ...] = (*self._library.errors, OSError, ValueError)
+
+    @classmethod
+    def open_on(cls, thread: LoopThread, base_url: str, api_key: str, **options: Any) -> Self:
+        """The client, made on `thread`'s loop (where aiohttp wants it made); the thread
+        is stopped if it cannot be made (a bad option)."""
+
+        async def make() -> Self:
+            return cls(base_url, api_key, **options)
+
+        try:
+            return thread.run(make())
+        except BaseException:
+            thread.stop()
+            raise
 
     async def post(self, path: str, content: bytes, headers: dict[str, str]) -> Answer:
         """POST `path` (already escaped) under `base_url`, within the deadline."""

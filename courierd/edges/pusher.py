@@ -63,16 +63,14 @@ class Pusher:
         self._thread = LoopThread("pusher")
         self._loop = self._thread.loop
 
-        async def open_http() -> OneTabletHttp:
-            return OneTabletHttp(
-                base_url,
-                api_key,
-                deadline_s=timeout,
-                max_connections=max_connections,
-                client=client,
-            )
-
-        self._http = self._thread.run(open_http())
+        self._http = OneTabletHttp.open_on(
+            self._thread,
+            base_url,
+            api_key,
+            deadline_s=timeout,
+            max_connections=max_connections,
+            client=client,
+        )
 
     def send(self, pushes: Sequence[Push]) -> None:
         """Start these pushes now (one wake-up of the loop for the lot)."""
