@@ -6,15 +6,20 @@ from __future__ import annotations
 import random
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 
+import psycopg
 import pytest
 
 from courierd.config import StoreSettings
+from courierd.daemon.ipc import Grant
+from courierd.daemon.membership import SlotManager
 from courierd.domain.lifecycle import CHAIN
 from courierd.domain.model import Status, StatusEvent
 from courierd.errors import FencedOut, StoreUnavailable
 from courierd.store import Store, open_store
+from courierd.store.cluster import NOW, Slots
 from courierd.store.outbox import PushResult
 from courierd.store.schema import DELIVERED
 from tests import pg
@@ -199,3 +204,142 @@ def wait_for(condition: Callable[[], bool], timeout: float) -> bool:
             return False
         time.sleep(0.05)
     return True
+
+
+def joined(settings: StoreSettings, name: str, lease_s: float = 15.0) -> tuple[Store, Slots]:
+    store = open_store(settings, instance=name, lease_s=lease_s)
+    assert store.slots is not None
+    store.slots.join()
+    return store, store.slots
+
+
+def test_a_share_handed_over_is_free_at_once(shared: StoreSettings) -> None:
+    """An instance joining gets its share from the one holding every slot in one round
+    each, long before any lease could run out: the holder hands it over."""
+    a, sa = joined(shared, "a")
+    assert sa.rebalance().held.keys() == {0, 1, 2, 3}
+    b, sb = joined(shared, "b")
+    assert sb.rebalance().held == {}  # nothing free
+    first = sa.rebalance()  # b is live now: a's fair share is two
+    assert first.held.keys() == {0, 1} and first.handover.keys() == {2, 3}
+    sa.release(first.handover)
+    taken = sb.rebalance()
+    assert taken.held.keys() == {2, 3} and not taken.handover
+    assert all(taken.held[s] == first.handover[s] + 1 for s in taken.held)  # new epochs
+    assert not sa.holds(first.handover)
+    a.close()
+    b.close()
+
+
+def test_renewing_never_waits_for_an_ingest_transaction(shared: StoreSettings) -> None:
+    """A round renews the slots while the instance's own ingest transaction holds them
+    (its fence check), at once, instead of waiting out a lock timeout."""
+    a, sa = joined(shared, "a")
+    ingest = open_store(shared, instance="a")
+    held = sa.rebalance().held
+    assert ingest.slots is not None
+    with ingest.db.transaction():
+        assert ingest.slots.holds(held)
+        started = time.monotonic()
+        assert sa.rebalance().held == held
+        assert time.monotonic() - started < 1.5
+    a.close()
+    ingest.close()
+
+
+def test_a_failed_round_loses_nothing(shared: StoreSettings) -> None:
+    """After a round fails (its database session was ended), the next one still holds
+    every slot, at the same epochs: nothing was given up, nothing is taken over."""
+    a, sa = joined(shared, "a")
+    held = sa.rebalance().held
+    with psycopg.connect(pg.ADMIN_URL, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (a.db.value("SELECT pg_backend_pid()"),))
+    with pytest.raises(StoreUnavailable):
+        sa.rebalance()
+    assert sa.rebalance().held == held
+    a.close()
+
+
+def test_leases_are_timed_by_the_databases_clock(
+    shared: StoreSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A host whose clock is an hour ahead or behind takes nothing from a live holder and
+    keeps what it holds: every lease time is the database's."""
+    a, sa = joined(shared, "a")
+    held = sa.rebalance().held
+    assert held.keys() == {0, 1, 2, 3}
+    b, sb = joined(shared, "b")
+    real = time.time
+    for skew in (3600.0, -3600.0):
+        monkeypatch.setattr(time, "time", lambda skew=skew: real() + skew)
+        assert sb.rebalance().held == {}  # a is live: nothing free yet
+        kept = sa.rebalance()
+        assert kept.held | kept.handover == held
+        assert not a.leases.hold("notifier", 15) or not b.leases.hold("notifier", 15)
+        lag = a.db.value(f"SELECT max(abs(heartbeat_at - {NOW})) FROM instances")
+        assert lag < 5
+    a.close()
+    b.close()
+
+
+def test_a_round_failing_for_any_reason_keeps_the_slots_and_says_why(
+    shared: StoreSettings,
+) -> None:
+    """A statement timeout in a round (QueryCanceled) is not the end of the slot
+    manager: it keeps the slots it was granted until that grant runs out, health hears
+    why, and the next good round goes on as before."""
+    a, sa = joined(shared, "a")
+    grants: list[Grant] = []
+    manager = SlotManager(sa, grants.append)
+    manager.turn()
+    good = grants[-1]
+    assert good.slots.keys() == {0, 1, 2, 3} and good.problem is None
+    a.db.execute("SET statement_timeout = '200ms'")
+    with (
+        psycopg.connect(shared.postgres_url or "", autocommit=True) as blocker,
+        blocker.transaction(),
+    ):
+        blocker.execute("LOCK TABLE instances IN ACCESS EXCLUSIVE MODE")
+        manager.turn()
+    kept = grants[-1]
+    assert kept.slots == good.slots and kept.valid_until == good.valid_until
+    assert "statement timeout" in (kept.problem or "")
+    manager.turn()
+    assert grants[-1].slots == good.slots and grants[-1].problem is None
+    assert grants[-1].valid_until > good.valid_until
+    a.close()
+
+
+def test_a_round_without_the_right_to_end_sessions_still_takes_over(
+    shared: StoreSettings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An instance on a role that may not end another's database sessions
+    (InsufficientPrivilege) says so once, and still takes a silent instance's slots
+    over, once the server ends that instance's idle transaction itself."""
+    role = f"courierd_t_{uuid.uuid4().hex[:8]}"
+    url = shared.postgres_url or ""
+    with psycopg.connect(url, autocommit=True) as admin:
+        admin.execute(f'CREATE ROLE "{role}" LOGIN')
+        admin.execute(f'GRANT pg_read_all_stats TO "{role}"')  # sees, may not end
+        admin.execute(f'GRANT USAGE, CREATE ON SCHEMA public TO "{role}"')
+        admin.execute(f'GRANT ALL ON ALL TABLES IN SCHEMA public TO "{role}"')
+        admin.execute(f'GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO "{role}"')
+    try:
+        a, sa = joined(shared, "a", lease_s=1.0)
+        lost = sa.rebalance().held
+        a.db.execute("SET idle_in_transaction_session_timeout = '4s'")
+        a.db.execute("BEGIN")  # a stops half way through a commit
+        sa.holds(lost)
+        other = StoreSettings(url=url.replace("postgres@", f"{role}@"))
+        b, sb = joined(other, "b", lease_s=1.0)
+        deadline = time.monotonic() + 20
+        while sb.rebalance().held.keys() != lost.keys() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert sb.rebalance().held.keys() == lost.keys()
+        assert "cluster.cannot_end_sessions" in caplog.text
+        a.close()
+        b.close()
+    finally:
+        with psycopg.connect(url, autocommit=True) as admin:
+            admin.execute(f'DROP OWNED BY "{role}"')
+            admin.execute(f'DROP ROLE "{role}"')
