@@ -343,3 +343,14 @@ def test_a_round_without_the_right_to_end_sessions_still_takes_over(
         with psycopg.connect(url, autocommit=True) as admin:
             admin.execute(f'DROP OWNED BY "{role}"')
             admin.execute(f'DROP ROLE "{role}"')
+
+
+def test_an_idle_connection_ended_meanwhile_is_no_error(shared: StoreSettings) -> None:
+    """A connection kept idle that the server (or a proxy between) ended meanwhile is
+    opened again when the next transaction begins: the write goes through, no error."""
+    a = instance(shared, "a")
+    with psycopg.connect(pg.ADMIN_URL, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (a.db.value("SELECT pg_backend_pid()"),))
+    a.writer.heartbeat(T0)
+    assert a.db.value("SELECT value FROM meta WHERE key = 'heartbeat'") is not None
+    a.close()
