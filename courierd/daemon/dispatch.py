@@ -170,7 +170,7 @@ class Dispatcher:
         if now < self._next_renew or not self._inflight:
             return
         self._next_renew = now + self.outbox.lease_s / 3
-        self.outbox.renew(list(self._inflight), self.clock())
+        self.outbox.renew(list(self._inflight))
 
     def _idle_wait(self) -> float:
         return 1.0 if self._claimed_all else self._until_next_due()
