@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 
 SHARED_KINDS = ("couriers/+/status", "couriers/+/location", "couriers/+/lwt")
 PROFILES = "couriers/+/profile"
-RECONNECT_AFTER_S = 1.0  # a cluster's lost session is connected again after this
+RECONNECT_AFTER_S = 1.0  # a cluster's lost session is connected again after this,
+RECONNECT_MAX_S = 30.0  # doubling while it keeps failing (a broker down, a refusal)
 
 
 class Sessions:
@@ -67,6 +68,7 @@ class Sessions:
         self.monotonic = monotonic
         self._edges: dict[int, MqttEdge] = {}
         self._reconnect_at: dict[int, float] = {}
+        self._failures: dict[int, int] = {}  # lost again before subscribing, by slot
         self._grant: Grant | None = None
         self._dropped_before = 0  # QoS 0 drops counted by edges since stopped
         self._lock = threading.Lock()
@@ -104,11 +106,16 @@ class Sessions:
                     self._hold({})
                 return
             for slot, edge in list(self._edges.items()):
+                if edge.subscribed.is_set():
+                    self._failures.pop(slot, None)
                 if not edge.ended.is_set():
                     continue
-                at = self._reconnect_at.setdefault(slot, now + RECONNECT_AFTER_S)
+                failures = self._failures.get(slot, 0)
+                wait = min(RECONNECT_MAX_S, RECONNECT_AFTER_S * 2**failures)
+                at = self._reconnect_at.setdefault(slot, now + wait)
                 if now >= at:
                     del self._reconnect_at[slot]
+                    self._failures[slot] = failures + 1
                     self._retire(edge)
                     self._edges[slot] = self._start(slot, edge.epoch)
 
@@ -121,6 +128,7 @@ class Sessions:
                 self._retire(edge)
                 del self._edges[slot]
                 self._reconnect_at.pop(slot, None)
+                self._failures.pop(slot, None)
         for slot, epoch in sorted(slots.items()):
             if slot not in self._edges:
                 log.info("mqtt.slot_taken slot=%d epoch=%d", slot, epoch)
