@@ -311,3 +311,17 @@ def test_silent_instances_are_taken_over_and_come_back_without_harm(cluster: Clu
     finally:
         for p in proxies:
             p.stop()
+
+
+def test_an_instance_the_cluster_refuses_exits_saying_why(cluster: Cluster) -> None:
+    """The slot manager ending (here: refused for another `cluster.slots`) never goes
+    unnoticed: the instance exits 1 with the reason, the cluster goes on."""
+    a = cluster.instance().start()
+    wait_until(lambda: slots(a) == {0, 1, 2, 3}, 30, "a holding every slot")
+    odd = cluster.instance()
+    odd.env["COURIERD_CLUSTER__SLOTS"] = "3"
+    odd.start(wait_ready=False)
+    assert odd.proc is not None
+    assert odd.proc.wait(60) == 1
+    assert lines(odd, "cluster.slots is 4 for this database but 3 here")
+    assert slots(a) == {0, 1, 2, 3} and a.stop() == 0
