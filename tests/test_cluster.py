@@ -24,6 +24,7 @@ from tests.harness import (
     delivered,
     wait_until,
 )
+from tests.tcpproxy import TcpProxy
 
 pytestmark = pytest.mark.integration
 STATUSES = [s.value for s in CHAIN]
@@ -37,7 +38,8 @@ class Cluster:
         self.root, self.broker, self.onetablet, self.url = root, broker, onetablet, url
         self.count = 0
 
-    def instance(self) -> Daemon:
+    def instance(self, url: str | None = None, lease_s: float = LEASE_S) -> Daemon:
+        """A new instance (not started); `url` reaches the database another way (a proxy)."""
         self.count += 1
         folder = self.root / f"instance-{self.count}"
         folder.mkdir()
@@ -49,8 +51,8 @@ class Cluster:
                 "COURIERD_ONETABLET__BASE_URL": self.onetablet.url,
                 "COURIERD_ONETABLET__API_KEY": API_KEY,
                 "COURIERD_ONETABLET__RETRY_SCHEDULE_S": "[0.1, 0.2, 0.4]",
-                "COURIERD_STORE__URL": self.url,
-                "COURIERD_CLUSTER__LEASE_S": str(LEASE_S),
+                "COURIERD_STORE__URL": url or self.url,
+                "COURIERD_CLUSTER__LEASE_S": str(lease_s),
             },
         )
 
@@ -165,3 +167,161 @@ def test_a_paused_instance_is_fenced_off(cluster: Cluster) -> None:
     assert not slots(a) & slots(b)
     for d in (a, b):
         assert d.stop() == 0
+
+
+class Stream:
+    """A steady stream of orders: one whole chain published every `every_s`, each order
+    with the time its first status went out, until `stop()`."""
+
+    def __init__(self, broker: Broker, prefix: str, every_s: float = 0.2) -> None:
+        self.broker, self.prefix, self.every_s = broker, prefix, every_s
+        self.published: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="stream")
+
+    def start(self) -> Stream:
+        self._thread.start()
+        return self
+
+    def stop(self) -> list[str]:
+        self._stop.set()
+        self._thread.join(30)
+        return list(self.published)
+
+    def _run(self) -> None:
+        pub = Publisher(self.broker.port, f"stream-{self.prefix}")
+        n = 0
+        while not self._stop.is_set():
+            order, started = f"{self.prefix}{n}", time.time()
+            for step, status in enumerate(STATUSES):
+                pub.status(f"c{n % 7}", f"{order}-{step}", order, status)
+            self.published[order] = started
+            n += 1
+            self._stop.wait(self.every_s)
+        pub.close()
+
+
+def done_within(onetablet: Sandbox, stream: Stream) -> dict[str, float]:
+    """Seconds from each order's first publish to its first dropoff push."""
+    got = delivered(onetablet)
+    return {
+        order: min(r.at for r in got[order] if r.json["delivery_status"] == "dropoff") - at
+        for order, at in stream.published.items()
+    }
+
+
+def lines(d: Daemon, word: str) -> list[str]:
+    return [ln for ln in d.log.read_text().splitlines() if word in ln]
+
+
+def shared_out(*instances: Daemon) -> bool:
+    """Every slot held, each by one instance, and every instance holding one."""
+    held = [slots(d) for d in instances]
+    return all(held) and sorted(s for h in held for s in h) == [0, 1, 2, 3]
+
+
+def test_joining_scaling_out_and_a_rolling_restart_stall_nothing(cluster: Cluster) -> None:
+    """Under a steady stream, two instances join one (scale-out), then all three are
+    restarted one at a time (SIGTERM, start): shares are handed over at once, so every
+    order is pushed complete, in order, within 5 s of being published; no session is
+    ever kicked off the broker, and no instance logs an error."""
+    cluster.onetablet.faults.latency_ms = 20
+    first = cluster.instance(lease_s=15).start()
+    wait_until(lambda: slots(first) == {0, 1, 2, 3}, 30, "the first instance holding all")
+    stream = Stream(cluster.broker, "j").start()
+    members = [first]
+    try:
+        for _ in range(2):  # scale-out
+            members.append(cluster.instance(lease_s=15).start())
+            wait_until(lambda: shared_out(*members), 30, "the newcomer's share")
+        for i in range(3):  # a rolling restart
+            assert members[i].stop() == 0
+            members[i] = cluster.instance(lease_s=15).start()
+            wait_until(lambda: shared_out(*members), 30, "the restarted instance's share")
+    finally:
+        orders = stream.stop()
+    assert cluster.onetablet.wait_for(lambda _: all_dropped_off(cluster.onetablet, orders), 60)
+    check_pushes(cluster.onetablet, orders, disruptions=3)
+    took = done_within(cluster.onetablet, stream)
+    slow = {o: round(t, 1) for o, t in took.items() if t > 5.0}
+    assert not slow, (slow, len(took))
+    everyone = [first, *members]
+    assert not [ln for d in everyone for ln in lines(d, "ERROR")]
+    assert not [ln for d in everyone for ln in lines(d, "mqtt.disconnected")]
+    for d in members:
+        assert d.stop() == 0
+
+
+def test_silent_instances_are_taken_over_and_come_back_without_harm(cluster: Cluster) -> None:
+    """Under a steady stream, one instance is stopped (SIGSTOP) and another's path to
+    PostgreSQL goes silent (no RST, its MQTT still up), both for 45 s: the third takes
+    every session over well within 60 s; back, they commit nothing that is no longer
+    theirs and never kick its sessions off. Then PostgreSQL is down for 15 s for all
+    (health 503 meanwhile, 200 after). Every order is pushed complete, in order."""
+    cluster.onetablet.faults.latency_ms = 5
+    proxies = [TcpProxy(5432).start() for _ in range(3)]
+    try:
+        base, _, dbname = cluster.url.rpartition("/")
+        host = base.rsplit(":", 1)[0]
+        a, b, c = (cluster.instance(f"{host}:{p.port}/{dbname}").start() for p in proxies)
+        wait_until(lambda: shared_out(a, b, c), 30, "slots shared out")
+        stream = Stream(cluster.broker, "q").start()
+        try:
+            wait_until(lambda: len(cluster.onetablet.requests()) >= 20, 30, "pushes flowing")
+            assert a.proc is not None
+            stopped = [a.proc.pid, *a.workers().values()]
+            for pid in stopped:
+                os.kill(pid, signal.SIGSTOP)
+            proxies[2].silence()
+            began = time.monotonic()
+            try:
+                wait_until(lambda: slots(b) == {0, 1, 2, 3}, 60, "b taking every slot over")
+                took_over = time.monotonic() - began
+                time.sleep(max(0.0, began + 45 - time.monotonic()))  # the fault's length
+            finally:
+                for pid in stopped:
+                    os.kill(pid, signal.SIGCONT)
+                proxies[2].resume()
+            wait_until(lambda: shared_out(a, b, c), 60, "a and c back with a share")
+            outage = time.monotonic()
+            for p in proxies:
+                p.refuse()
+            try:
+                wait_until(lambda: b.health()[0] == 503, 15, "health 503 without the database")
+                time.sleep(max(0.0, outage + 15 - time.monotonic()))  # the outage's length
+            finally:
+                for p in proxies:
+                    p.resume()
+            for d in (a, b, c):
+                wait_until(lambda d=d: d.health()[0] == 200, 60, "health 200 again")
+        finally:
+            orders = stream.stop()
+        assert took_over < 60
+        assert cluster.onetablet.wait_for(lambda _: all_dropped_off(cluster.onetablet, orders), 90)
+        check_pushes(cluster.onetablet, orders, disruptions=3)
+        from courierd.config import StoreSettings
+        from courierd.store import open_store
+
+        with open_store(StoreSettings(url=cluster.url), instance="check") as store:
+            counts = store.db.rows("SELECT order_id, count(*) FROM transitions GROUP BY order_id")
+        assert {o: n for o, n in counts if o in orders} == {o: len(STATUSES) for o in orders}
+        assert not lines(b, "mqtt.disconnected")  # nobody kicked b's sessions off
+        for d in (a, b, c):
+            assert d.stop() == 0
+    finally:
+        for p in proxies:
+            p.stop()
+
+
+def test_an_instance_the_cluster_refuses_exits_saying_why(cluster: Cluster) -> None:
+    """The slot manager ending (here: refused for another `cluster.slots`) never goes
+    unnoticed: the instance exits 1 with the reason, the cluster goes on."""
+    a = cluster.instance().start()
+    wait_until(lambda: slots(a) == {0, 1, 2, 3}, 30, "a holding every slot")
+    odd = cluster.instance()
+    odd.env["COURIERD_CLUSTER__SLOTS"] = "3"
+    odd.start(wait_ready=False)
+    assert odd.proc is not None
+    assert odd.proc.wait(60) == 1
+    assert lines(odd, "cluster.slots is 4 for this database but 3 here")
+    assert slots(a) == {0, 1, 2, 3} and a.stop() == 0

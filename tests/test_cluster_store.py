@@ -5,15 +5,21 @@ from __future__ import annotations
 
 import random
 import threading
-from collections.abc import Iterator
+import time
+import uuid
+from collections.abc import Callable, Iterator
 
+import psycopg
 import pytest
 
 from courierd.config import StoreSettings
+from courierd.daemon.ipc import Grant
+from courierd.daemon.membership import SlotManager
 from courierd.domain.lifecycle import CHAIN
 from courierd.domain.model import Status, StatusEvent
 from courierd.errors import FencedOut, StoreUnavailable
 from courierd.store import Store, open_store
+from courierd.store.cluster import NOW, Slots
 from courierd.store.outbox import PushResult
 from courierd.store.schema import DELIVERED
 from tests import pg
@@ -102,16 +108,17 @@ def test_claims_are_exclusive_and_keep_each_orders_order(shared: StoreSettings) 
 def test_a_dead_instances_claims_expire_and_its_late_results_are_fenced(
     shared: StoreSettings,
 ) -> None:
-    """An instance that stops renewing loses its claims when the lease ends; another
+    """An instance that stops renewing loses its claims when the lease ends (by the
+    database's clock: another host's clock running ahead changes nothing); another
     takes the push over, and the first one's late result changes nothing."""
-    a, b = instance(shared, "a"), instance(shared, "b")
+    a = open_store(shared, instance="a", lease_s=0.5)  # claims hold for 1 s
+    b = open_store(shared, instance="b", lease_s=0.5)
     a.writer.commit([StatusEvent("e", "o", "c1", Status.DASHER_CONFIRMED)], now=T0)
     (row,) = a.outbox.claim_due(T0, 1)
-    assert b.outbox.claim_due(T0 + 10, 1) == []  # a's lease still holds
+    assert b.outbox.claim_due(T0 + 3600, 1) == []  # b's clock an hour ahead: a still holds
     claimant = "SELECT claimed_by FROM outbox WHERE id = ?"
     assert a.db.value(claimant, (row.id,)) == a.outbox.holder
-    (taken,) = b.outbox.claim_due(T0 + a.outbox.lease_s + 1, 1)  # a went quiet
-    assert taken.id == row.id
+    assert wait_for(lambda: bool(b.outbox.claim_due(T0, 1)), 10)  # a went quiet
     assert a.db.value(claimant, (row.id,)) == b.outbox.holder  # no longer a's to send
     a.outbox.record_results([PushResult(row.id, "failed", T0 + 40, None, "late")])
     assert b.db.value("SELECT state FROM outbox WHERE id = ?", (row.id,)) == "pending"
@@ -121,20 +128,27 @@ def test_a_dead_instances_claims_expire_and_its_late_results_are_fenced(
     b.close()
 
 
+def rounds(stores: dict[str, Store], n: int = 3) -> dict[str, dict[int, int]]:
+    """`n` rounds of every instance (hand-overs done at once); the slots each holds."""
+    held: dict[str, dict[int, int]] = {}
+    for _ in range(n):
+        for name, s in stores.items():
+            assert s.slots is not None
+            result = s.slots.rebalance()
+            s.slots.release(result.handover)
+            held[name] = result.held
+    return held
+
+
 def test_slots_are_shared_out_taken_over_and_fenced(shared: StoreSettings) -> None:
     """Three instances share four MQTT slots, none twice; when one stops heartbeating its
-    slots go to the others (with new epochs), and its batches are fenced off."""
-    stores = {n: instance(shared, n) for n in ("a", "b", "c")}
-    held: dict[str, dict[int, int]] = {n: {} for n in stores}
-    now = T0
+    slots go to the others once its lease runs out (with new epochs), and its batches
+    are fenced off."""
+    stores = {n: open_store(shared, instance=n, lease_s=1.0) for n in ("a", "b", "c")}
     for s in stores.values():
         assert s.slots is not None
-        s.slots.join(now)
-    for _ in range(3):
-        for n, s in stores.items():
-            assert s.slots is not None
-            held[n] = s.slots.rebalance(now, held[n])
-        now += 1
+        s.slots.join()
+    held = rounds(stores)
     owners = [slot for h in held.values() for slot in h]
     assert sorted(owners) == [0, 1, 2, 3]  # each slot held once
     assert all(1 <= len(h) <= 2 for h in held.values())
@@ -142,24 +156,29 @@ def test_slots_are_shared_out_taken_over_and_fenced(shared: StoreSettings) -> No
     lost = dict(held[victim])
     vs = stores[victim].slots
     assert vs is not None and vs.holds(lost)
-    for _ in range(20):  # 40 s of rounds every 2 s, without the victim (dead)
-        for n, s in stores.items():
-            if n != victim:
-                assert s.slots is not None
-                held[n] = s.slots.rebalance(now, held[n])
-        now += 2
-    survivors = [slot for n, h in held.items() if n != victim for slot in h]
-    assert sorted(survivors) == [0, 1, 2, 3]
-    assert all(len(h) == 2 for n, h in held.items() if n != victim)
-    # The survivors ended the silent instance's database sessions: waking up, its first
-    # call fails (nothing it had half done commits), then it reconnects, fenced off.
+    survivors = {n: s for n, s in stores.items() if n != victim}
+    # The victim's transaction is left open (a process stopped half way through a
+    # commit): its row locks must not keep the survivors from taking its slots over.
+    vs.db.execute("BEGIN")
+    vs.holds(lost)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        held.update(rounds(survivors, 1))
+        if sorted(slot for n in survivors for slot in held[n]) == [0, 1, 2, 3]:
+            break
+        time.sleep(0.2)
+    assert sorted(slot for n in survivors for slot in held[n]) == [0, 1, 2, 3]
+    assert all(len(held[n]) == 2 for n in survivors)
+    assert all(held[n][slot] > lost[slot] for n in survivors for slot in held[n] if slot in lost)
+    # The survivors ended the silent instance's session: waking up, its first call
+    # fails (nothing it had half done commits), then it reconnects, fenced off.
     with pytest.raises(StoreUnavailable):
         vs.db.value("SELECT 1")
     with vs.db.transaction():
         assert not vs.holds(lost)
     with pytest.raises(FencedOut):
         stores[victim].writer.commit(
-            [StatusEvent("late", "o", "c1", Status.DASHER_CONFIRMED)], now=now, slots=lost
+            [StatusEvent("late", "o", "c1", Status.DASHER_CONFIRMED)], now=T0, slots=lost
         )
     assert stores[victim].outbox.get_order("o") is None
     for s in stores.values():
@@ -170,11 +189,169 @@ def test_a_singleton_lease_has_one_holder_until_it_lapses(shared: StoreSettings)
     """The notifier and housekeeping leases: one instance at a time, handed over when the
     holder stops renewing."""
     a, b = instance(shared, "a"), instance(shared, "b")
-    assert a.leases.hold("notifier", T0, 15)
-    assert not b.leases.hold("notifier", T0 + 5, 15)
-    assert a.leases.hold("notifier", T0 + 10, 15)  # renewed
-    assert not b.leases.hold("notifier", T0 + 20, 15)
-    assert b.leases.hold("notifier", T0 + 26, 15)  # lapsed at T0 + 25
-    assert not a.leases.hold("notifier", T0 + 27, 15)
+    assert a.leases.hold("notifier", 1.0)
+    assert not b.leases.hold("notifier", 1.0)
+    assert a.leases.hold("notifier", 1.0)  # renewed
+    assert wait_for(lambda: b.leases.hold("notifier", 1.0), 10)  # lapsed: a went quiet
+    assert not a.leases.hold("notifier", 1.0)
     a.close()
     b.close()
+
+
+def wait_for(condition: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def joined(settings: StoreSettings, name: str, lease_s: float = 15.0) -> tuple[Store, Slots]:
+    store = open_store(settings, instance=name, lease_s=lease_s)
+    assert store.slots is not None
+    store.slots.join()
+    return store, store.slots
+
+
+def test_a_share_handed_over_is_free_at_once(shared: StoreSettings) -> None:
+    """An instance joining gets its share from the one holding every slot in one round
+    each, long before any lease could run out: the holder hands it over."""
+    a, sa = joined(shared, "a")
+    assert sa.rebalance().held.keys() == {0, 1, 2, 3}
+    b, sb = joined(shared, "b")
+    assert sb.rebalance().held == {}  # nothing free
+    first = sa.rebalance()  # b is live now: a's fair share is two
+    assert first.held.keys() == {0, 1} and first.handover.keys() == {2, 3}
+    sa.release(first.handover)
+    taken = sb.rebalance()
+    assert taken.held.keys() == {2, 3} and not taken.handover
+    assert all(taken.held[s] == first.handover[s] + 1 for s in taken.held)  # new epochs
+    assert not sa.holds(first.handover)
+    a.close()
+    b.close()
+
+
+def test_renewing_never_waits_for_an_ingest_transaction(shared: StoreSettings) -> None:
+    """A round renews the slots while the instance's own ingest transaction holds them
+    (its fence check), at once, instead of waiting out a lock timeout."""
+    a, sa = joined(shared, "a")
+    ingest = open_store(shared, instance="a")
+    held = sa.rebalance().held
+    assert ingest.slots is not None
+    with ingest.db.transaction():
+        assert ingest.slots.holds(held)
+        started = time.monotonic()
+        assert sa.rebalance().held == held
+        assert time.monotonic() - started < 1.5
+    a.close()
+    ingest.close()
+
+
+def test_a_failed_round_loses_nothing(shared: StoreSettings) -> None:
+    """After a round fails (its database session was ended), the next one still holds
+    every slot, at the same epochs: nothing was given up, nothing is taken over."""
+    a, sa = joined(shared, "a")
+    held = sa.rebalance().held
+    with psycopg.connect(pg.ADMIN_URL, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (a.db.value("SELECT pg_backend_pid()"),))
+    with pytest.raises(StoreUnavailable):
+        sa.rebalance()
+    assert sa.rebalance().held == held
+    a.close()
+
+
+def test_leases_are_timed_by_the_databases_clock(
+    shared: StoreSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A host whose clock is an hour ahead or behind takes nothing from a live holder and
+    keeps what it holds: every lease time is the database's."""
+    a, sa = joined(shared, "a")
+    held = sa.rebalance().held
+    assert held.keys() == {0, 1, 2, 3}
+    b, sb = joined(shared, "b")
+    real = time.time
+    for skew in (3600.0, -3600.0):
+        monkeypatch.setattr(time, "time", lambda skew=skew: real() + skew)
+        assert sb.rebalance().held == {}  # a is live: nothing free yet
+        kept = sa.rebalance()
+        assert kept.held | kept.handover == held
+        assert not a.leases.hold("notifier", 15) or not b.leases.hold("notifier", 15)
+        lag = a.db.value(f"SELECT max(abs(heartbeat_at - {NOW})) FROM instances")
+        assert lag < 5
+    a.close()
+    b.close()
+
+
+def test_a_round_failing_for_any_reason_keeps_the_slots_and_says_why(
+    shared: StoreSettings,
+) -> None:
+    """A statement timeout in a round (QueryCanceled) is not the end of the slot
+    manager: it keeps the slots it was granted until that grant runs out, health hears
+    why, and the next good round goes on as before."""
+    a, sa = joined(shared, "a")
+    grants: list[Grant] = []
+    manager = SlotManager(sa, grants.append)
+    manager.turn()
+    good = grants[-1]
+    assert good.slots.keys() == {0, 1, 2, 3} and good.problem is None
+    a.db.execute("SET statement_timeout = '200ms'")
+    with (
+        psycopg.connect(shared.postgres_url or "", autocommit=True) as blocker,
+        blocker.transaction(),
+    ):
+        blocker.execute("LOCK TABLE instances IN ACCESS EXCLUSIVE MODE")
+        manager.turn()
+    kept = grants[-1]
+    assert kept.slots == good.slots and kept.valid_until == good.valid_until
+    assert "statement timeout" in (kept.problem or "")
+    manager.turn()
+    assert grants[-1].slots == good.slots and grants[-1].problem is None
+    assert grants[-1].valid_until > good.valid_until
+    a.close()
+
+
+def test_a_round_without_the_right_to_end_sessions_still_takes_over(
+    shared: StoreSettings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An instance on a role that may not end another's database sessions
+    (InsufficientPrivilege) says so once, and still takes a silent instance's slots
+    over, once the server ends that instance's idle transaction itself."""
+    role = f"courierd_t_{uuid.uuid4().hex[:8]}"
+    url = shared.postgres_url or ""
+    with psycopg.connect(url, autocommit=True) as admin:
+        admin.execute(f'CREATE ROLE "{role}" LOGIN')
+        admin.execute(f'GRANT pg_read_all_stats TO "{role}"')  # sees, may not end
+        admin.execute(f'GRANT USAGE, CREATE ON SCHEMA public TO "{role}"')
+        admin.execute(f'GRANT ALL ON ALL TABLES IN SCHEMA public TO "{role}"')
+        admin.execute(f'GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO "{role}"')
+    try:
+        a, sa = joined(shared, "a", lease_s=1.0)
+        lost = sa.rebalance().held
+        a.db.execute("SET idle_in_transaction_session_timeout = '4s'")
+        a.db.execute("BEGIN")  # a stops half way through a commit
+        sa.holds(lost)
+        other = StoreSettings(url=url.replace("postgres@", f"{role}@"))
+        b, sb = joined(other, "b", lease_s=1.0)
+        deadline = time.monotonic() + 20
+        while sb.rebalance().held.keys() != lost.keys() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert sb.rebalance().held.keys() == lost.keys()
+        assert "cluster.cannot_end_sessions" in caplog.text
+        a.close()
+        b.close()
+    finally:
+        with psycopg.connect(url, autocommit=True) as admin:
+            admin.execute(f'DROP OWNED BY "{role}"')
+            admin.execute(f'DROP ROLE "{role}"')
+
+
+def test_an_idle_connection_ended_meanwhile_is_no_error(shared: StoreSettings) -> None:
+    """A connection kept idle that the server (or a proxy between) ended meanwhile is
+    opened again when the next transaction begins: the write goes through, no error."""
+    a = instance(shared, "a")
+    with psycopg.connect(pg.ADMIN_URL, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (a.db.value("SELECT pg_backend_pid()"),))
+    a.writer.heartbeat(T0)
+    assert a.db.value("SELECT value FROM meta WHERE key = 'heartbeat'") is not None
+    a.close()

@@ -91,7 +91,9 @@ class Batcher:
                 if time.monotonic() - self._last_write >= PROBE_EVERY_S:
                     self._until_committed(("probe", None), stop)
                 continue
-            fence = self.sessions.fence(batch) if self.sessions.shared else None
+            batch, fence = self.sessions.admit(batch)
+            if not batch:
+                continue  # all from sessions handed over: their next holder gets them
             request = ("batch", ([(m.topic, m.payload, m.size) for m in batch], fence))
             handed_over = time.monotonic()
             report = self._until_committed(request, stop)

@@ -27,7 +27,14 @@ from multiprocessing.connection import Connection, wait
 
 from courierd.config import Settings
 from courierd.daemon.housekeeping import Housekeeper
-from courierd.daemon.ipc import REPORT_S, orphaned, quick_thread_handovers, worker_setup
+from courierd.daemon.ipc import (
+    REPORT_S,
+    Grant,
+    orphaned,
+    quick_thread_handovers,
+    worker_setup,
+)
+from courierd.daemon.membership import SlotManager
 from courierd.daemon.notifier import Notifier
 from courierd.domain.model import DispatchStats
 from courierd.domain.policy import RETRY_SCHEDULE, retry_delay
@@ -42,7 +49,6 @@ from courierd.store.schema import DELIVERED, FAILED, PENDING
 log = logging.getLogger(__name__)
 
 RETRY_SPREAD = 0.1  # retries land within ±10 % of their scheduled wait
-SLOTS_EVERY_S = 2.0  # a cluster member's rounds: heartbeat, renew, rebalance
 CLOCK_STEP_S = 2.0  # a wall-clock jump beyond this (against the monotonic clock) is a step
 CLAIM_BATCH_DIVISOR = 16  # claim once 1/16 of the places in flight are free
 
@@ -165,7 +171,7 @@ class Dispatcher:
         if now < self._next_renew or not self._inflight:
             return
         self._next_renew = now + self.outbox.lease_s / 3
-        self.outbox.renew(list(self._inflight), self.clock())
+        self.outbox.renew(list(self._inflight))
 
     def _idle_wait(self) -> float:
         return 1.0 if self._claimed_all else self._until_next_due()
@@ -427,54 +433,50 @@ def dispatch_main(
         dispatcher.wake()
         notifier.wake()
 
-    def run_slots(cluster: Store) -> None:
-        """A cluster member: hold a fair share of the MQTT session slots (cluster.py)."""
-        assert cluster.slots is not None
-        held: dict[int, int] = {}
+    def grant(value: Grant) -> None:
+        report("slots", value)
+
+    manager = (
+        None
+        if cluster_store is None or cluster_store.slots is None
+        else SlotManager(cluster_store.slots, grant, http=settings.http.listen)
+    )
+
+    def run_slots(manager: SlotManager) -> None:
+        """A cluster member: hold a fair share of the MQTT session slots (membership.py).
+        However it ends, the MQTT process hears of it: a fatal report, and the last
+        grant runs out."""
         try:
-            cluster.slots.join(time.time(), settings.http.listen)
-        except CourierdError as e:
-            log.error("cluster.join_failed error=%s", e)
-            report("fatal", str(e))
-            return
-        while True:
-            try:
-                now_held = cluster.slots.rebalance(time.time(), held)
-                if now_held != held:
-                    log.info("cluster.slots holding=%s", sorted(now_held))
-                held = now_held
-                report("slots", held)
-            except StoreUnavailable as e:  # the leases run out by themselves meanwhile
-                log.warning("cluster.database_unavailable error=%s", e)
-                held = {}
-                report("slots", held)
-            if stop.wait(SLOTS_EVERY_S):
-                break
+            manager.run(stop)
+        except BaseException as e:
+            log.exception("cluster.failed")
+            report("fatal", f"cluster: {e}")
+
+    def on_control(kind: str, value: object) -> None:
+        if kind == "holding" and manager is not None:
+            manager.holding(value)  # type: ignore[arg-type]
 
     worker = threading.Thread(target=run_dispatcher, name="dispatch")
     worker.start()
     threading.Thread(target=run_reporter, name="reporter", daemon=True).start()
-    manager = None
-    if cluster_store is not None:
-        manager = threading.Thread(target=run_slots, args=(cluster_store,), name="slots")
-        manager.start()
+    slots_thread = None
+    if manager is not None:
+        slots_thread = threading.Thread(target=run_slots, args=(manager,), name="slots")
+        slots_thread.start()
     keeper = threading.Thread(target=housekeeper.run, args=(stop,), name="housekeeping")
     keeper.start()
     publishing = threading.Thread(target=notifier.run, args=(stop,), name="notifier")
     publishing.start()
     report("ready", None)
-    _listen(control, wake, on_wake)
-    stop.set()
+    _listen(control, wake, on_wake, on_control)
+    stop.set()  # the slot manager leaves at once: the MQTT process is disconnected
     dispatcher.wake()
     notifier.wake()
     worker.join()
     keeper.join(5)
     publishing.join(5)
-    if manager is not None and cluster_store is not None and cluster_store.slots is not None:
-        manager.join(5)
-        # The MQTT process has disconnected our sessions by now: hand them over at once.
-        with contextlib.suppress(CourierdError):
-            cluster_store.slots.leave()
+    if slots_thread is not None and cluster_store is not None:
+        slots_thread.join(5)
         cluster_store.close()
     report("stats", dispatcher.report())
     for each in (store, housekeeping_store, notifier_store):
@@ -485,19 +487,29 @@ def dispatch_main(
     os._exit(0)
 
 
-def _listen(control: Connection, wake: Connection, on_wake: Callable[[], None]) -> None:
-    """Relay wake-ups from ingest to the dispatcher until the control pipe says stop."""
+def _listen(
+    control: Connection,
+    wake: Connection,
+    on_wake: Callable[[], None],
+    on_control: Callable[[str, object], None],
+) -> None:
+    """Relay wake-ups from ingest to the dispatcher, and the MQTT process's messages,
+    until the control pipe says stop."""
     channels: list[Connection] = [control, wake]
     while True:
         for ready in wait(channels):
             assert isinstance(ready, Connection)
             try:
-                message = ready.recv_bytes() if ready is wake else ready.recv()
+                if ready is wake:
+                    ready.recv_bytes()
+                    on_wake()
+                    continue
+                kind, value = ready.recv()
             except (EOFError, OSError):
                 if ready is wake:  # the ingest process ended; keep serving the outbox
                     channels.remove(wake)
                     continue
                 orphaned()
-            if ready is control and message[0] == "stop":
+            if kind == "stop":
                 return
-            on_wake()
+            on_control(str(kind), value)

@@ -52,7 +52,7 @@ class Housekeeper:
             now = self.clock()
             try:
                 if self.store.db.concurrent and not self.store.leases.hold(
-                    "housekeeping", now, self.store.lease_s
+                    "housekeeping", self.store.lease_s
                 ):
                     continue  # another instance of the cluster does it
                 if now >= next_watch:

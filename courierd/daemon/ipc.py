@@ -12,9 +12,10 @@ them over pipes; the database is the only state they share. Messages are tuples
   ("stop", None) ends it. It announces itself with ("ready", None) once its database
   is open.
 - report pipe, dispatch → MQTT process: ("ready", None), then ("stats", DispatchStats)
-  every REPORT_S, ("slots", {slot: epoch}) (a cluster: the MQTT sessions to hold), or
-  ("fatal", reason).
-- control pipe, MQTT process → dispatch: ("stop", None).
+  every REPORT_S, ("slots", Grant) (a cluster: the MQTT sessions to hold, and until
+  when), or ("fatal", reason).
+- control pipe, MQTT process → dispatch: ("holding", {slot: epoch}) (a cluster: the
+  sessions it holds, after each Grant), ("stop", None).
 - wake pipe, ingest → dispatch: a byte after each commit that enqueued pushes.
 
 If the MQTT process disappears (kill -9), the pipes close and both workers exit at once.
@@ -30,6 +31,7 @@ import os
 import signal
 import sys
 from multiprocessing.connection import Connection
+from typing import NamedTuple
 
 from courierd.config import Settings
 from courierd.logs import setup_logging
@@ -37,6 +39,18 @@ from courierd.logs import setup_logging
 log = logging.getLogger(__name__)
 
 REPORT_S = 0.25
+
+
+class Grant(NamedTuple):
+    """A cluster's slot manager to the MQTT process: hold these sessions (slot → epoch)
+    until `valid_until` (time.monotonic(), which is the same clock in every process of
+    the host), unless a later grant says otherwise. Past it, the database has not
+    confirmed them for too long: another instance may take them over, so the MQTT
+    process disconnects them. `problem` says why the bookkeeping is failing, if it is."""
+
+    slots: dict[int, int]
+    valid_until: float
+    problem: str | None = None
 
 
 def worker_setup(settings: Settings, name: str) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 
 from courierd.edges.publisher import MqttPublisher
 from courierd.errors import StoreUnavailable
@@ -53,9 +52,7 @@ class Notifier:
         """Publish what is due, in order, until one is not acknowledged; how many went."""
         if not self.publisher.connected.is_set():
             return 0
-        if self.store.db.concurrent and not self.store.leases.hold(
-            "notifier", time.time(), self.store.lease_s
-        ):
+        if self.store.db.concurrent and not self.store.leases.hold("notifier", self.store.lease_s):
             return 0  # another instance publishes
         done: list[int] = []
         for notice in self.notices.due(limit):

@@ -136,6 +136,7 @@ class Daemon:
         )
         self._dispatch_ready = threading.Event()
         self._slots_known = threading.Event()  # a cluster: the first share came in
+        self._control_lock = threading.Lock()  # the control pipe has two writers
         ctx = multiprocessing.get_context("spawn")
         self._ingest_pipe, ingest_end = ctx.Pipe()
         self._report_pipe, report_end = ctx.Pipe(duplex=False)
@@ -192,6 +193,8 @@ class Daemon:
                 reasons.append("mqtt: disconnected from the broker")
         if self.batcher.database_problem is not None:
             reasons.append(f"database: {self.batcher.database_problem}")
+        if self.clustered and (problem := self.sessions.problem()) is not None:
+            reasons.append(problem)
         reasons += self._stalled()
         reasons += self._fatal
         if self._dispatch.auth_paused:
@@ -238,6 +241,10 @@ class Daemon:
             log.exception("daemon.batcher_failed")
             self._die(f"batcher: {e!r}")
 
+    def _tell_dispatch(self, message: tuple[str, Any]) -> None:
+        with contextlib.suppress(OSError), self._control_lock:
+            self._control_pipe.send(message)
+
     def _report_loop(self) -> None:
         """Dispatch stats from the dispatch process into /metrics and /healthz."""
         m = self.metrics
@@ -253,9 +260,10 @@ class Daemon:
             elif kind == "ready":
                 self._last_report = time.monotonic()
                 self._dispatch_ready.set()
-            elif kind == "slots":
-                self.sessions.hold(value)
+            elif kind == "slots":  # a Grant: hold these, and say what we hold
+                holding = self.sessions.grant(value)
                 self._slots_known.set()
+                self._tell_dispatch(("holding", holding))
             elif kind == "stats":
                 stats: DispatchStats = value
                 self._dispatch, self._last_report = stats, time.monotonic()
@@ -305,6 +313,7 @@ class Daemon:
         next_ping = 0.0
         dropped = 0
         while not self.stop_requested.wait(0.2):
+            self.sessions.tick()  # a cluster's grant runs out here, however things stand
             self.metrics.mqtt_connected.set(1 if self.sessions.connected() else 0)
             self.metrics.database_ok.set(0 if self.batcher.database_problem else 1)
             now_dropped = self.sessions.dropped_qos0()
@@ -363,7 +372,7 @@ class Daemon:
             (self._dispatch_proc, self._control_pipe),
         ):
             if proc.is_alive():
-                with contextlib.suppress(OSError):
+                with contextlib.suppress(OSError), self._control_lock:
                     pipe.send(("stop", None))
                 proc.join(timeout=left())
         for proc in (self._ingest, self._dispatch_proc):

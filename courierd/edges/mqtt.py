@@ -9,6 +9,7 @@ for us while we are down, and redelivers whatever we had not acknowledged.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import ssl
@@ -27,6 +28,10 @@ from courierd.domain.telemetry import MAX_PAYLOAD
 
 log = logging.getLogger(__name__)
 
+# Connection numbers, unique in the process: a message's ack goes to the connection that
+# delivered it or nowhere, even when a slot's session is connected again by a new edge.
+_CONNECTIONS = itertools.count(1)
+
 # An oversized payload is a dead letter whatever it holds: only its start travels on
 # (to be kept for operators), not megabytes through the queue, pickling and the pipe.
 KEEP_OVERSIZED = 4096
@@ -43,10 +48,12 @@ class Message(NamedTuple):
     payload: bytes  # only the first KEEP_OVERSIZED bytes of a payload over MAX_PAYLOAD
     mid: int
     qos: int
-    generation: int  # which connection delivered it; acks never cross a reconnect
+    generation: int  # which connection delivered it (unique in the process): acks never
+    # cross connections
     size: int  # the payload's real size
     slot: int = 0  # which of the daemon's MQTT sessions delivered it
     received: float = 0.0  # time.monotonic() when paho read it off the socket
+    epoch: int = 0  # a cluster: the slot's epoch (fencing token) it was delivered under
 
 
 class MqttEdge:
@@ -62,8 +69,17 @@ class MqttEdge:
         unsubscriptions: tuple[str, ...] = (),
         slot: int = 0,
         client_id: str | None = None,
+        epoch: int = 0,
+        supervised: bool = False,
     ) -> None:
         self.slot = slot
+        self.epoch = epoch
+        # Supervised (a cluster's slot): never connect again by itself. Once the
+        # connection is lost (or the first attempt fails), `ended` is set and the owner
+        # decides, knowing whether the slot is still ours: reconnecting a slot that is
+        # another instance's now would kick its new holder off the broker.
+        self.supervised = supervised
+        self.ended = threading.Event()
         self._on_subscribed = on_subscribed
         self.subscriptions = subscriptions
         # Filters a persistent session may still hold from an earlier configuration
@@ -84,6 +100,7 @@ class MqttEdge:
             protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
             clean_session=None if v5 else False,
             manual_ack=True,
+            reconnect_on_failure=not supervised,
         )
         # Without this, one exception in a callback kills paho's thread while
         # is_connected() keeps answering True.
@@ -103,6 +120,7 @@ class MqttEdge:
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_subscribe = self._on_subscribe
+        client.on_connect_fail = self._on_connect_fail
         self._client = client
         self._v5 = v5
         self._receive_max = receive_max
@@ -140,7 +158,7 @@ class MqttEdge:
         if reason.is_failure:
             log.error("mqtt.refused reason=%r", str(reason))
             return
-        self._generation += 1
+        self._generation = next(_CONNECTIONS)
         log.info(
             "mqtt.connected broker=%s:%s slot=%d session_present=%s",
             self.settings.host,
@@ -172,8 +190,17 @@ class MqttEdge:
     def _on_disconnect(self, _c: paho.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         self.connected.clear()
         self.subscribed.clear()
-        if not self._stopping:
+        if self.supervised:
+            self.ended.set()
+            if not self._stopping:
+                log.warning("mqtt.disconnected slot=%d reason=%r", self.slot, str(reason))
+        elif not self._stopping:
             log.warning("mqtt.disconnected reason=%r (reconnecting)", str(reason))
+
+    def _on_connect_fail(self, client: paho.Client, _u: Any) -> None:
+        if self.supervised:  # paho would retry: the owner decides instead
+            self.ended.set()
+            client.disconnect()
 
     def _on_message(self, _c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
         topic = msg._topic.decode("utf-8", errors="replace")
@@ -196,5 +223,6 @@ class MqttEdge:
                 size,
                 self.slot,
                 msg.timestamp,
+                self.epoch,
             )
         )

@@ -6,41 +6,57 @@
 - `Slots`: the MQTT sessions. The cluster reads the broker through K persistent
   sessions, `{client_id}-{k}`, each a member of the same shared subscriptions. Mosquitto
   keeps queueing a disconnected member's share in its session (mosquitto #1747), so a
-  dead instance's sessions must be taken over, not waited for: each slot is leased by
-  one live instance, which connects with that client id. Leases are spread evenly over
-  the live instances (`instances`, heartbeats), a takeover bumps the slot's `epoch`, and
-  the ingest transaction checks it (`holds`) so a paused instance that wakes up cannot
-  commit, and so cannot acknowledge, what is no longer its share.
+  dead instance's sessions must be taken over, not waited for: each slot is held by one
+  live instance, which connects with that client id.
+
+Membership, as Kafka's cooperative rebalancing does it (DESIGN.md, v3):
+
+- An instance is live while its heartbeat (`instances`, one row per instance, renewed
+  every round) is younger than `lease_s`. Its slots are its lease: renewing is one
+  heartbeat, which never waits on a slot row an ingest transaction holds (`holds`).
+- Only silence costs a lease. A slot is taken over when its holder is no longer live;
+  a slot beyond an instance's fair share is handed over at once: its holder disconnects
+  the session, then clears the holder (`release`), and another takes it the next round.
+- A takeover bumps the slot's `epoch`, the fencing token: every batch is committed only
+  if the slots and epochs its messages came through are still this instance's.
+- Every time is the database's (`NOW`, read in the statement that uses it): the hosts'
+  clocks may differ.
 """
 
 from __future__ import annotations
 
-import math
+import logging
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
-from courierd.errors import StoreError
+from courierd.errors import StoreError, StoreUnavailable
 from courierd.store.db import Database, placeholders
 
-MIN_STALE_S = 10.0  # an instance silent this long (or a lease, if longer) is gone
+log = logging.getLogger(__name__)
+
+# The database's clock, in seconds since the epoch (clock_timestamp(): now, not the
+# transaction's start, which may be a lock wait ago).
+NOW = "extract(epoch from clock_timestamp())::float8"
+LOCK_TIMEOUT = "SET LOCAL lock_timeout = '2s'"  # never hang on a lock: next round instead
 
 
 class Leases:
-    """Named leases held by `holder`."""
+    """Named leases held by `holder` (shared databases only)."""
 
     def __init__(self, db: Database, holder: str) -> None:
         self.db = db
         self.holder = holder
 
-    def hold(self, name: str, now: float, ttl_s: float) -> bool:
-        """Take or renew the lease `name` until now + ttl_s; False if another holds it."""
+    def hold(self, name: str, ttl_s: float) -> bool:
+        """Take or renew the lease `name` for ttl_s; False if another holds it."""
         with self.db.transaction():
             return (
                 self.db.changed(
-                    "INSERT INTO leases (name, holder, until) VALUES (?, ?, ?) "
+                    f"INSERT INTO leases (name, holder, until) VALUES (?, ?, {NOW} + ?) "
                     "ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, "
-                    "until = excluded.until WHERE leases.holder = excluded.holder "
-                    "OR leases.until < ?",
-                    (name, self.holder, now + ttl_s, now),
+                    f"until = excluded.until WHERE leases.holder = excluded.holder "
+                    f"OR leases.until < {NOW}",
+                    (name, self.holder, ttl_s),
                 )
                 == 1
             )
@@ -52,6 +68,15 @@ class Leases:
             )
 
 
+@dataclass(frozen=True, slots=True)
+class Round:
+    """What one round decided: slots held (slot → epoch), and slots to hand over (their
+    sessions disconnected first, then `Slots.release`)."""
+
+    held: dict[int, int] = field(default_factory=dict)
+    handover: dict[int, int] = field(default_factory=dict)
+
+
 class Slots:
     """This instance's share of the MQTT session slots."""
 
@@ -60,9 +85,9 @@ class Slots:
         self.instance = instance
         self.count = count
         self.lease_s = lease_s
-        self.stale_s = max(MIN_STALE_S, lease_s)
+        self._cannot_end_sessions = False
 
-    def join(self, now: float, http: str = "") -> None:
+    def join(self, http: str = "") -> None:
         """Register this instance, and make sure every slot row exists.
 
         The slot count is the cluster's, not the instance's: a session that nobody holds
@@ -84,126 +109,139 @@ class Slots:
                 )
             self.db.execute(
                 "INSERT INTO instances (instance_id, started_at, heartbeat_at, http) "
-                "VALUES (?, ?, ?, ?) ON CONFLICT (instance_id) DO UPDATE SET "
+                f"VALUES (?, {NOW}, {NOW}, ?) ON CONFLICT (instance_id) DO UPDATE SET "
                 "heartbeat_at = excluded.heartbeat_at",
-                (self.instance, now, now, http),
+                (self.instance, http),
             )
             self.db.executemany(
                 "INSERT INTO slots (slot) VALUES (?) ON CONFLICT (slot) DO NOTHING",
                 [(k,) for k in range(self.count)],
             )
 
-    def leave(self) -> None:
-        """A clean stop: give the slots up at once, and leave the instance list."""
-        with self.db.transaction():
-            self.db.execute(
-                "UPDATE slots SET holder = NULL, lease_until = NULL WHERE holder = ?",
-                (self.instance,),
-            )
-            self.db.execute("DELETE FROM instances WHERE instance_id = ?", (self.instance,))
-
-    def rebalance(self, now: float, keep: Mapping[int, int]) -> dict[int, int]:
-        """One round: heartbeat, renew the leases of the slots in `keep` (slot → epoch)
-        that are still ours, take free or expired slots, and let go of slots beyond a
-        fair share (they are not renewed, and expire for another instance to take).
+    def rebalance(self) -> Round:
+        """One round: heartbeat (which renews every slot this instance holds), take free
+        slots and slots of instances gone silent, and name the slots beyond a fair share.
 
         Fair: every live instance holds floor(K / live) slots, some one more. An
-        instance lets a slot go only while another live instance has fewer than the
+        instance hands a slot over only while another live instance has fewer than the
         floor, and takes more than the floor only while nobody else is short of it.
-        Returns the slots to hold, with their epochs.
         """
-        self._bury(now)
+        self._bury()
         with self.db.transaction():
-            if self.db.dialect == "postgres":  # never hang on a lock: next round instead
-                self.db.execute("SET LOCAL lock_timeout = '2s'")
+            self.db.execute(LOCK_TIMEOUT)
             self.db.execute(
-                "INSERT INTO instances (instance_id, started_at, heartbeat_at) VALUES (?, ?, ?) "
+                "INSERT INTO instances (instance_id, started_at, heartbeat_at) "
+                f"VALUES (?, {NOW}, {NOW}) "
                 "ON CONFLICT (instance_id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
-                (self.instance, now, now),
+                (self.instance,),
             )
             live = [
                 r[0]
                 for r in self.db.rows(
-                    "SELECT instance_id FROM instances WHERE heartbeat_at >= ?",
-                    (now - self.stale_s,),
+                    f"SELECT instance_id FROM instances WHERE heartbeat_at >= {NOW} - ?",
+                    (self.lease_s,),
                 )
             ]
-            counts: dict[str, int] = dict(
-                self.db.rows(
-                    "SELECT holder, count(*) FROM slots WHERE holder IS NOT NULL "
-                    "AND lease_until >= ? GROUP BY holder",
-                    (now,),
+            counts: dict[str, int] = {
+                str(h): int(n)
+                for h, n in self.db.rows(
+                    "SELECT holder, count(*) FROM slots WHERE holder IS NOT NULL GROUP BY holder"
                 )
-            )
+            }
+            # Ours whatever we believed: a slot still ours after an error is taken back.
+            held = {
+                int(s): int(e)
+                for s, e in self.db.rows(
+                    "SELECT slot, epoch FROM slots WHERE holder = ?", (self.instance,)
+                )
+            }
             floor_share = self.count // max(1, len(live))
-            others_short = any(
-                int(counts.get(i, 0)) < floor_share for i in live if i != self.instance
-            )
-            share = floor_share if others_short else math.ceil(self.count / max(1, len(live)))
-            held = self._still_ours(keep, now)
-            for slot in sorted(held, reverse=True)[: max(0, len(held) - share)]:
-                del held[slot]  # beyond our share: left to expire, then taken by another
-            if held:
-                qs = placeholders(list(held))
-                self.db.execute(
-                    f"UPDATE slots SET lease_until = ? WHERE holder = ? AND slot IN ({qs})",
-                    (now + self.lease_s, self.instance, *held),
-                )
+            others_short = any(counts.get(i, 0) < floor_share for i in live if i != self.instance)
+            share = floor_share if others_short else -(-self.count // max(1, len(live)))
+            beyond = sorted(held, reverse=True)[: max(0, len(held) - share)]
+            handover = {s: held.pop(s) for s in beyond}
             while len(held) < share:
                 taken = self.db.row(
-                    "UPDATE slots SET holder = ?, epoch = epoch + 1, lease_until = ? "
-                    "WHERE slot = (SELECT slot FROM slots WHERE slot < ? AND (holder IS NULL "
-                    "OR lease_until IS NULL OR lease_until < ?) ORDER BY slot LIMIT 1"
-                    f"{self.db.for_update}{self.db.skip_locked}) RETURNING slot, epoch",
-                    (self.instance, now + self.lease_s, self.count, now),
+                    "UPDATE slots SET holder = ?, epoch = epoch + 1, lease_until = NULL "
+                    "WHERE slot = (SELECT slot FROM slots s WHERE slot < ? AND (holder IS NULL "
+                    "OR NOT EXISTS (SELECT 1 FROM instances i WHERE i.instance_id = s.holder "
+                    f"AND i.heartbeat_at >= {NOW} - ?)) ORDER BY slot LIMIT 1 "
+                    "FOR UPDATE SKIP LOCKED) RETURNING slot, epoch",
+                    (self.instance, self.count, self.lease_s),
                 )
                 if taken is None:
                     break
                 held[int(taken[0])] = int(taken[1])
-        return held
+        return Round(held, handover)
 
-    def _bury(self, now: float) -> None:
-        """Forget instances that stopped beating, and end their database sessions.
+    def release(self, slots: Mapping[int, int]) -> None:
+        """Hand these slots over now (their sessions are disconnected): free at once."""
+        if not slots:
+            return
+        with self.db.transaction():
+            self.db.execute(LOCK_TIMEOUT)
+            self.db.executemany(
+                "UPDATE slots SET holder = NULL WHERE slot = ? AND epoch = ? AND holder = ?",
+                [(s, e, self.instance) for s, e in slots.items()],
+            )
+
+    def leave(self) -> None:
+        """A clean stop: give the slots up at once, and leave the instance list."""
+        with self.db.transaction():
+            self.db.execute(LOCK_TIMEOUT)
+            self.db.execute("UPDATE slots SET holder = NULL WHERE holder = ?", (self.instance,))
+            self.db.execute("DELETE FROM instances WHERE instance_id = ?", (self.instance,))
+
+    def _bury(self) -> None:
+        """Forget instances gone silent, ending their database sessions that sit in a
+        transaction.
 
         A stopped process (SIGSTOP) can sit in the middle of a transaction, its row
         locks holding every other instance up; the server's idle timeout does not end a
         session that stopped half way through sending its statements (a pipeline), so
-        the cluster does, first, before anything here could wait on those locks."""
+        the cluster does, first, before anything here could wait on those locks. Idle
+        sessions hold no lock, and are left alone: ending them would only make a
+        healthy instance that was merely slow (or a database that was just restarted)
+        log errors. Ending sessions needs the same role or pg_signal_backend; without
+        it, the idle timeout is left to do the job, and a warning says so once."""
         gone = [
             r[0]
             for r in self.db.rows(
-                "SELECT instance_id FROM instances WHERE heartbeat_at < ? AND instance_id <> ?",
-                (now - self.stale_s, self.instance),
+                f"SELECT instance_id FROM instances WHERE heartbeat_at < {NOW} - ? "
+                "AND instance_id <> ?",
+                (self.lease_s, self.instance),
             )
         ]
         if not gone:
             return
-        if self.db.dialect == "postgres":
-            from courierd.store import session_name
+        from courierd.store import session_name
 
-            names = [session_name(i)[:63] for i in gone]
+        names = [session_name(i)[:63] for i in gone]
+        try:
             self.db.rows(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = "
-                f"current_database() AND application_name IN ({placeholders(names)})",
-                names,
+                f"current_database() AND application_name IN ({placeholders(names)}) "
+                "AND state <> 'idle' AND xact_start < clock_timestamp() - make_interval("
+                "secs => ?)",
+                (*names, self.lease_s / 2),
             )
+        except StoreUnavailable:
+            raise
+        except Exception as e:  # the driver's error: privileges, a statement timeout
+            if not self._cannot_end_sessions:
+                log.warning("cluster.cannot_end_sessions instances=%s error=%s", gone, e)
+            self._cannot_end_sessions = True
         with self.db.transaction():
-            self.db.executemany("DELETE FROM instances WHERE instance_id = ?", [(g,) for g in gone])
-
-    def _still_ours(self, keep: Mapping[int, int], now: float) -> dict[int, int]:
-        if not keep:
-            return {}
-        qs = placeholders(list(keep))
-        rows = self.db.rows(
-            f"SELECT slot, epoch FROM slots WHERE slot IN ({qs}) AND holder = ? "
-            "AND lease_until >= ?",
-            (*keep, self.instance, now),
-        )
-        return {int(s): int(e) for s, e in rows if keep.get(int(s)) == int(e)}
+            self.db.execute(
+                f"DELETE FROM instances WHERE instance_id IN ({placeholders(gone)}) "
+                f"AND heartbeat_at < {NOW} - ?",
+                (*gone, self.lease_s),
+            )
 
     def holds(self, fence: Mapping[int, int]) -> bool:
         """Inside the ingest transaction: are these slots still ours, at these epochs?
-        The rows stay locked (FOR SHARE) until commit, so no takeover slips in between."""
+        The rows stay locked (FOR SHARE) until commit, so no takeover or hand-over slips
+        in between; renewing (a heartbeat) does not touch them."""
         if not fence:
             return True
         qs = placeholders(list(fence))
@@ -214,10 +252,12 @@ class Slots:
         return {int(s): int(e) for s, e in rows} == dict(fence)
 
     def view(self) -> list[dict[str, object]]:
-        """Every slot and who holds it (for health and operators)."""
+        """Every slot, who holds it, and until when (for health and operators)."""
         return [
             {"slot": s, "holder": h, "epoch": e, "lease_until": u}
             for s, h, e, u in self.db.rows(
-                "SELECT slot, holder, epoch, lease_until FROM slots ORDER BY slot"
+                "SELECT s.slot, s.holder, s.epoch, i.heartbeat_at + ? FROM slots s "
+                "LEFT JOIN instances i ON i.instance_id = s.holder ORDER BY s.slot",
+                (self.lease_s,),
             )
         ]

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from courierd.domain import lifecycle
 from courierd.domain.model import CANCELLED, Order, iso
 from courierd.errors import InputError
+from courierd.store.cluster import NOW
 from courierd.store.db import Database
 
 _COLUMNS = "id, order_id, status, body, idempotency_key, attempts, created_at, source"
@@ -25,10 +26,12 @@ _HEADS = (
 CLAIM_SQL = f"SELECT {_COLUMNS} {_HEADS} ORDER BY next_attempt_at, id LIMIT ?"
 # Shared databases: a claim is a lease on the row, taken with SKIP LOCKED so instances
 # never wait for each other; a head row leased by another instance keeps its order's
-# later pushes waiting, exactly as an in-flight push does within one instance.
+# later pushes waiting, exactly as an in-flight push does within one instance. Leases
+# are timed by the database's clock (the instances' clocks may differ).
 LEASED_CLAIM_SQL = (
-    f"UPDATE outbox SET claimed_by = ?, lease_until = ? WHERE id IN (SELECT id {_HEADS} "
-    "AND (lease_until IS NULL OR lease_until < ?) ORDER BY next_attempt_at, id LIMIT ? "
+    f"UPDATE outbox SET claimed_by = ?, lease_until = {NOW} + ? WHERE id IN (SELECT id "
+    f"{_HEADS} AND (lease_until IS NULL OR lease_until < {NOW}) "
+    "ORDER BY next_attempt_at, id LIMIT ? "
     f"FOR UPDATE SKIP LOCKED) RETURNING {_COLUMNS}"
 )
 
@@ -77,22 +80,20 @@ class Outbox:
         """Due pushes that head their order's queue; `busy` are ids already in flight."""
         if self.db.concurrent:
             with self.db.transaction():
-                rows = self.db.rows(
-                    LEASED_CLAIM_SQL, (self.holder, now + self.lease_s, now, now, limit)
-                )
+                rows = self.db.rows(LEASED_CLAIM_SQL, (self.holder, self.lease_s, now, limit))
             return sorted((OutboxRow(*r) for r in rows), key=lambda r: r.id)
         rows = self.db.rows(CLAIM_SQL, (now, limit + len(busy)))
         skip = set(busy)
         return [OutboxRow(*r) for r in rows if r[0] not in skip][:limit]
 
-    def renew(self, ids: Sequence[int], now: float) -> None:
+    def renew(self, ids: Sequence[int]) -> None:
         """Extend this instance's claims on pushes still in flight."""
         if not self.db.concurrent or not ids:
             return
         with self.db.transaction():
             self.db.executemany(
-                "UPDATE outbox SET lease_until = ? WHERE id = ? AND claimed_by = ?",
-                [(now + self.lease_s, i, self.holder) for i in ids],
+                f"UPDATE outbox SET lease_until = {NOW} + ? WHERE id = ? AND claimed_by = ?",
+                [(self.lease_s, i, self.holder) for i in ids],
             )
 
     def unclaim(self, ids: Sequence[int]) -> None:

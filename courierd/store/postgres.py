@@ -15,6 +15,7 @@ again on the next use. Anything else (a NUL byte in a text value, say) is the da
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -26,6 +27,8 @@ from courierd.config import redact
 from courierd.errors import StoreError, StoreUnavailable
 from courierd.store.db import Database
 from courierd.store.schema import POSTGRES_MIGRATIONS
+
+log = logging.getLogger(__name__)
 
 MIGRATION_LOCK = 7_204_301  # pg_advisory_xact_lock key: one migrator at a time
 
@@ -132,14 +135,24 @@ class PostgresDatabase(Database):
                 raise StoreUnavailable(f"database {self.location}: {e}") from e
             raise
 
+    def _begin(self) -> contextlib.AbstractContextManager[Any]:
+        """BEGIN, on a new connection if the one kept idle turns out to be gone (the
+        server or a proxy ended it meanwhile): nothing of this transaction was sent yet,
+        so trying once more is safe, and a lost idle connection is no error."""
+        for attempt in (1, 2):
+            try:
+                tx = self._live().transaction()
+                tx.__enter__()
+                return tx
+            except psycopg.Error as e:
+                if attempt == 2 or not self._lost(e):
+                    raise StoreUnavailable(f"cannot write to {self.location}: {e}") from e
+                log.info("postgres.reconnecting reason=%s", str(e).strip()[:200])
+        raise AssertionError("unreachable")
+
     @contextmanager
     def transaction(self) -> Iterator[None]:
-        try:
-            conn = self._live()
-            tx = conn.transaction()
-            tx.__enter__()
-        except psycopg.Error as e:
-            raise StoreUnavailable(f"cannot write to {self.location}: {e}") from e
+        tx = self._begin()
         try:
             yield
         except BaseException as e:

@@ -1,0 +1,119 @@
+"""A cluster's MQTT sessions (daemon/sessions.py) against a real Mosquitto: fencing
+tokens and acks travel with each message, and a grant that ran out is never outlived."""
+
+from __future__ import annotations
+
+import queue
+from collections.abc import Iterator
+from pathlib import Path
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from courierd.config import MqttSettings
+from courierd.daemon.ipc import Grant
+from courierd.daemon.sessions import RECONNECT_AFTER_S, SHARED_KINDS, Sessions
+from courierd.edges.mqtt import Message
+from tests.harness import Broker, Publisher, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+class Clock:
+    """A monotonic clock the test moves."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[tuple[Broker, Sessions, queue.SimpleQueue[Message], Clock]]:
+    broker = Broker(tmp_path / "broker").start()
+    inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
+    clock = Clock()
+    sessions = Sessions(
+        MqttSettings(url=broker.url, client_id="fleet"),
+        inbox,
+        receive_max=10,
+        subscriptions=SHARED_KINDS,
+        unsubscriptions=(),
+        shared=True,
+        monotonic=clock,
+    )
+    try:
+        yield broker, sessions, inbox, clock
+    finally:
+        sessions.stop()
+        broker.stop()
+
+
+def held_at(sessions: Sessions, clock: Clock, slots: dict[int, int]) -> None:
+    sessions.grant(Grant(slots, clock.now + 30))
+    wait_until(sessions.subscribed, 15, "the granted sessions subscribed")
+
+
+def test_fences_and_acks_never_cross_connections(
+    rig: tuple[Broker, Sessions, queue.SimpleQueue[Message], Clock],
+) -> None:
+    """A message carries the epoch and the connection it came through: once its slot is
+    held under a new epoch, it is not committed under the new one, and its ack does not
+    land on the new connection (the broker delivers it there again, until acked there)."""
+    broker, sessions, inbox, clock = rig
+    pub = Publisher(broker.port, "courier")
+    held_at(sessions, clock, {0: 5})
+    pub.status("c1", "e1", "o1", "dasher_confirmed")
+    first = inbox.get(timeout=10)
+    assert (first.slot, first.epoch) == (0, 5)
+    held_at(sessions, clock, {0: 6})  # taken over again: a new connection
+    again = inbox.get(timeout=10)  # unacked: the broker hands it to the session again
+    assert (again.payload, again.epoch) == (first.payload, 6)
+    assert again.generation != first.generation
+    kept, fence = sessions.admit([first, again])
+    assert kept == [again] and fence == {0: 6}
+    sessions.ack(first)  # its connection is gone: acknowledges nothing
+    held_at(sessions, clock, {0: 7})
+    third = inbox.get(timeout=10)
+    assert third.payload == first.payload and third.epoch == 7
+    sessions.ack(third)
+    held_at(sessions, clock, {0: 8})
+    pub.status("c1", "sentinel", "o1", "arriving_at_store")
+    assert b"sentinel" in inbox.get(timeout=10).payload  # acked: not delivered again
+    pub.close()
+
+
+def test_a_grant_that_ran_out_disconnects_and_never_reconnects(
+    rig: tuple[Broker, Sessions, queue.SimpleQueue[Message], Clock],
+) -> None:
+    """While a grant holds, a lost session is connected again; once it has run out (the
+    database has not confirmed the slot), every session is dropped, health says so, and
+    a session another client took over is left with it."""
+    broker, sessions, _, clock = rig
+    held_at(sessions, clock, {1: 3})
+    usurper = paho.Client(CallbackAPIVersion.VERSION2, client_id="fleet-1", protocol=paho.MQTTv5)
+    usurper.connect("127.0.0.1", broker.port)
+    usurper.loop_start()
+    try:
+        wait_until(lambda: not sessions.connected(), 10, "our session kicked off")
+        sessions.tick()
+        clock.now += RECONNECT_AFTER_S
+        sessions.tick()  # the grant still holds: connected again (kicking the other)
+        wait_until(sessions.subscribed, 15, "our session back")
+        wait_until(lambda: not usurper.is_connected(), 10, "the other kicked off")
+        usurper.reconnect()
+        wait_until(lambda: not sessions.connected(), 10, "our session kicked off again")
+        clock.now += 30  # the grant runs out
+        sessions.tick()
+        assert sessions.held() == []
+        assert "dropped" in (sessions.problem() or "")
+        clock.now += RECONNECT_AFTER_S
+        sessions.tick()
+        sessions.grant(Grant({1: 3}, clock.now - 1))  # a stale grant (waited in a pipe)
+        assert sessions.held() == []
+        assert usurper.is_connected()
+    finally:
+        usurper.disconnect()
+        usurper.loop_stop()
