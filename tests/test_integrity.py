@@ -1,0 +1,99 @@
+"""Data integrity (CONTRACT.md 12) in the pure core and the ingest path: ids that could
+forge log lines, late assignments, colliding event ids, fix-time timers."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from courierd.daemon.ingest import commit_messages
+from courierd.domain.model import DeadLetter
+from courierd.domain.telemetry import parse
+from courierd.logs import JsonFormatter, TextFormatter
+from courierd.store import Store
+
+NOW = 1_705_341_900.0  # 2024-01-15T18:05:00Z
+
+# Characters that end or rewrite a log line: C0, DEL, C1, U+2028, U+2029.
+CONTROLS = st.one_of(
+    st.characters(min_codepoint=0, max_codepoint=0x1F),
+    st.characters(min_codepoint=0x7F, max_codepoint=0x9F),
+    st.sampled_from(["\u2028", "\u2029"]),
+)
+SAFE = st.text(st.characters(codec="utf-8", categories=["L", "N"]), max_size=10)
+
+
+@st.composite
+def control_ids(draw: st.DrawFn) -> str:
+    """An otherwise fine id with a control character somewhere in it."""
+    return draw(SAFE) + draw(CONTROLS) + draw(SAFE)
+
+
+@st.composite
+def messages_with_a_bad_id(draw: st.DrawFn) -> tuple[str, bytes]:
+    """(topic, payload): a valid status or assignment except one id holds a control."""
+    bad = draw(control_ids())
+    where = draw(st.sampled_from(["order_id", "event_id", "topic", "a_order", "a_courier"]))
+    if where.startswith("a_"):
+        doc = {"order_id": "o-1", "courier_id": "c-1"}
+        doc["order_id" if where == "a_order" else "courier_id"] = bad
+        return "dispatch/assignments", json.dumps(doc).encode()
+    event = {"event_id": "e-1", "order_id": "o-1", "status": "dasher_confirmed"}
+    courier = "c-1"
+    if where == "topic":
+        courier = bad
+    else:
+        event[where] = bad
+    return f"couriers/{courier}/status", json.dumps(event).encode()
+
+
+@given(messages_with_a_bad_id())
+def test_an_id_with_a_control_character_is_a_bad_id(message: tuple[str, bytes]) -> None:
+    """Order, event and courier ids (topic or assignment) with a control are bad_id."""
+    result = parse(*message, now=NOW)
+    assert isinstance(result, DeadLetter) and result.reason == "bad_id", result
+
+
+@given(control_ids())
+def test_an_owntracks_user_with_a_control_character_is_a_bad_id(user: str) -> None:
+    """The OwnTracks courier id (from the topic) is held to the same rule."""
+    fix = b'{"_type": "location", "tst": 1705341890, "lat": 40.7, "lon": -74.0}'
+    result = parse(f"owntracks/{user}/phone", fix, now=NOW)
+    assert isinstance(result, DeadLetter) and result.reason == "bad_id", result
+
+
+@given(messages=st.lists(messages_with_a_bad_id(), min_size=1, max_size=5))
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+def test_bad_ids_are_dead_letters_and_nothing_is_pushed(
+    store: Store, messages: list[tuple[str, bytes]]
+) -> None:
+    """Through the real ingest commit: each is a bad_id dead letter, no order, no push."""
+    before = store.db.value("SELECT count(*) FROM dead_letters WHERE reason = 'bad_id'")
+    report = commit_messages(store, [(t, p, len(p)) for t, p in messages], NOW)
+    assert report.rejected == {"bad_id": len(messages)}
+    after = store.db.value("SELECT count(*) FROM dead_letters WHERE reason = 'bad_id'")
+    assert after - before == len(messages)
+    assert store.db.value("SELECT count(*) FROM outbox") == 0
+    assert store.db.value("SELECT count(*) FROM orders WHERE state <> 'new'") == 0
+
+
+def _record(value: str) -> logging.LogRecord:
+    return logging.LogRecord("courierd", logging.INFO, "x", 1, "ingest.batch id=%s", (value,), None)
+
+
+@given(st.text(max_size=40), CONTROLS, st.text(max_size=40))
+def test_the_log_formats_keep_one_event_on_one_line(head: str, control: str, tail: str) -> None:
+    """Whatever a logged value holds, text and JSON logs write one line with no control."""
+    value = head + control + "INFO forged line" + tail
+    text = TextFormatter("%(levelname)s %(message)s").format(_record(value))
+    line = JsonFormatter().format(_record(value))
+    for out in (text, line):
+        assert out.splitlines() == [out]  # str.splitlines knows every line separator
+        assert not any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in out)
+        out.encode("utf-8")  # lone surrogates escaped too
+    assert json.loads(line)["msg"] == f"ingest.batch id={value}"
