@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import logging
+import random
+import uuid
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from courierd.daemon.ingest import commit_messages
-from courierd.domain.model import DeadLetter
+from courierd.domain.model import DeadLetter, iso
 from courierd.domain.telemetry import parse
 from courierd.logs import JsonFormatter, TextFormatter
 from courierd.store import Store
@@ -97,3 +99,65 @@ def test_the_log_formats_keep_one_event_on_one_line(head: str, control: str, tai
         assert not any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in out)
         out.encode("utf-8")  # lone surrogates escaped too
     assert json.loads(line)["msg"] == f"ingest.batch id={value}"
+
+
+# -- assignments out of order ------------------------------------------------------------
+
+
+def _assignment(order: str, courier: str, ts: str | None) -> bytes:
+    doc = {"order_id": order, "courier_id": courier}
+    if ts is not None:
+        doc["ts"] = ts
+    return json.dumps(doc).encode()
+
+
+def _bound_courier(store: Store, order: str) -> str | None:
+    return store.db.value("SELECT courier_id FROM orders WHERE order_id = ?", (order,))
+
+
+@given(
+    stamps=st.lists(st.integers(0, 10_000), min_size=1, max_size=6, unique=True),
+    order=st.randoms(use_true_random=False),
+    cuts=st.lists(st.integers(1, 6), max_size=3),
+)
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+def test_any_permutation_of_assignments_binds_the_latest(
+    store: Store, stamps: list[int], order: random.Random, cuts: list[int]
+) -> None:
+    """Through the real ingest commit, in any arrival order and any batching, the order
+    ends up bound to the courier of the assignment with the latest ts."""
+    order_id = f"o-{uuid.uuid4()}"
+    sent = [(f"c-{s}", iso(NOW - 20_000 + s)) for s in stamps]
+    arrival = list(sent)
+    order.shuffle(arrival)
+    payloads = [_assignment(order_id, c, ts) for c, ts in arrival]
+    raw = [("dispatch/assignments", p, len(p)) for p in payloads]
+    start = 0
+    for cut in [*cuts, len(raw)]:
+        if start < len(raw):
+            commit_messages(store, raw[start : start + cut], NOW)
+            start += cut
+    commit_messages(store, raw[start:], NOW)
+    assert _bound_courier(store, order_id) == max(sent, key=lambda a: a[1])[0]
+
+
+def test_an_assignment_without_ts_never_replaces_one_with_ts(store: Store) -> None:
+    """Without ts it is older than any with one; among those without, the last wins."""
+    first = _assignment("o-1", "c-a", None)
+    second = _assignment("o-1", "c-b", None)
+    commit_messages(store, [("dispatch/assignments", p, len(p)) for p in (first, second)], NOW)
+    assert _bound_courier(store, "o-1") == "c-b"
+    stamped = _assignment("o-1", "c-c", iso(NOW - 3600))
+    commit_messages(store, [("dispatch/assignments", stamped, len(stamped))], NOW)
+    assert _bound_courier(store, "o-1") == "c-c"
+    report = commit_messages(store, [("dispatch/assignments", first, len(first))], NOW)
+    assert _bound_courier(store, "o-1") == "c-c"
+    assert report.tracking == {"ignored_stale_assignment": 1}
+
+
+def test_an_assignment_from_the_future_is_a_dead_letter() -> None:
+    """A ts more than 5 minutes ahead would pin the order for good: future_ts."""
+    result = parse("dispatch/assignments", _assignment("o", "c", iso(NOW + 3600)), now=NOW)
+    assert isinstance(result, DeadLetter) and result.reason == "future_ts"

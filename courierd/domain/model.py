@@ -103,6 +103,7 @@ class Assignment:
     raw: bytes = field(default=b"", compare=False, repr=False)  # kept for dead letters
     pickup: Place | None = None
     dropoff: Place | None = None
+    ts: str | None = None  # when dispatch made it (RFC 3339, normalised to UTC), if it says
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +147,9 @@ class Order:
     status_at: str | None = None  # when it reached `state` (the transition's `at`)
     confirmed_at: str | None = None  # OneTablet said the restaurant confirmed it
     ready_at: str | None = None  # OneTablet said the food is ready
+    # The `ts` of the assignment that bound the order (None: none had one): an older
+    # assignment never replaces it.
+    assigned_at: str | None = None
 
     @property
     def cancelled(self) -> bool:

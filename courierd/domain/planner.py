@@ -252,9 +252,14 @@ class _Batch:
             self.fx.counts[Outcome.CORRUPT_ROW.value] += 1
             return
         current = self.orders.get(item.order_id) or Order(item.order_id)
+        if _older(item.ts, current.assigned_at):
+            # Late (a phone, a broker, a cluster's shared subscription reorder them): the
+            # order keeps its newer assignment, courier and places alike.
+            self.fx.counts["ignored_stale_assignment"] += 1
+            return
         if current.courier_id != item.courier_id:
             self.tracks[item.order_id] = self.fx.tracks[item.order_id] = Track()  # new courier
-        self._bind(replace(current, courier_id=item.courier_id))
+        self._bind(replace(current, courier_id=item.courier_id, assigned_at=item.ts))
         if item.pickup is not None or item.dropoff is not None:
             known = self.places.get(item.order_id, Places())
             places = Places(item.pickup or known.pickup, item.dropoff or known.dropoff)
@@ -353,6 +358,20 @@ class _Batch:
                 where=(fix.lat, fix.lng),
             )
         )
+
+
+def _older(ts: str | None, assigned_at: str | None) -> bool:
+    """Whether an assignment stamped `ts` is older than the order's current one.
+
+    An assignment without a ts counts as older than any with one (dispatch's clock is
+    never mixed with courierd's); among those without, the one received last wins, as
+    before assignments had a ts. Equal stamps: the one received last wins, so a
+    redelivered assignment changes nothing. The stored form is UTC text of fixed width,
+    so text order is time order.
+    """
+    if assigned_at is None:
+        return False
+    return ts is None or ts < assigned_at
 
 
 def _unix(text: str) -> float | None:

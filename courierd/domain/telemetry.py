@@ -88,7 +88,10 @@ def _parse(topic: str, payload: bytes, now: float, size: int) -> Input:
         if any(c in courier_id for c in "/+#"):
             raise TelemetryError("wrong_type", "courier_id must be one topic level (no / + #)")
         pickup, dropoff = place(doc, "pickup"), place(doc, "dropoff")
-        return Assignment(fields.order_id(doc), courier_id, payload, pickup, dropoff)
+        when = fields.timestamp(doc, required=False)
+        # Stamped far ahead, an assignment would pin the order: nothing could replace it.
+        ts = None if when is None else fields.not_in_future(when, now, FUTURE_SLACK_S)
+        return Assignment(fields.order_id(doc), courier_id, payload, pickup, dropoff, ts)
     parts = topic.split("/")
     if len(parts) != 3 or parts[0] != "couriers" or not parts[1]:
         raise TelemetryError("unknown_topic", f"topic {topic[:200]!r} is not one courierd reads")

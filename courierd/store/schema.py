@@ -207,6 +207,19 @@ def _sqlite_5(db: sqlite_utils.Database) -> None:
         db.execute(statement)
 
 
+# Data integrity (CONTRACT.md 12), shared by both engines.
+_INTEGRITY = (
+    # The ts of the assignment that bound the order: an older one never replaces it.
+    "ALTER TABLE orders ADD COLUMN assigned_at TEXT",
+)
+
+
+def _sqlite_6(db: sqlite_utils.Database) -> None:
+    """Data integrity: assignment times."""
+    for statement in _INTEGRITY:
+        db.execute(statement)
+
+
 # Append only: a released migration never changes; user_version counts those applied.
 SQLITE_MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (
     _sqlite_1,
@@ -214,6 +227,7 @@ SQLITE_MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (
     _sqlite_3,
     _sqlite_4,
     _sqlite_5,
+    _sqlite_6,
 )
 
 
@@ -280,4 +294,4 @@ _PG_1 = (
 )
 
 # Append only, like SQLite's.
-POSTGRES_MIGRATIONS: tuple[tuple[str, ...], ...] = (_PG_1, _EVENTS)
+POSTGRES_MIGRATIONS: tuple[tuple[str, ...], ...] = (_PG_1, _EVENTS, _INTEGRITY)

@@ -41,7 +41,7 @@ _ORDER_COLUMNS = (
     "o.order_id, o.state, o.courier_id, o.hold_until, o.status_at, "
     "o.pickup_lat, o.pickup_lng, o.pickup_radius_m, s.lat, s.lng, s.radius_m, "
     "o.dropoff_lat, o.dropoff_lng, o.dropoff_radius_m, o.address_lat, o.address_lng, o.track, "
-    "o.confirmed_at, o.ready_at"
+    "o.confirmed_at, o.ready_at, o.assigned_at"
 )
 _ORDERS_FROM = "FROM orders AS o LEFT JOIN stores AS s ON s.merchant_supplied_id = o.store_id"
 
@@ -193,12 +193,15 @@ class BatchWriter:
     @staticmethod
     def _order(snap: Snapshot, row: tuple[Any, ...], now: float) -> None:
         (oid, state, courier, hold_until, status_at, p_lat, p_lng, p_rad, s_lat, s_lng, s_rad,
-         d_lat, d_lng, d_rad, a_lat, a_lng, track, confirmed_at, ready_at) = row  # fmt: skip
+         d_lat, d_lng, d_rad, a_lat, a_lng, track, confirmed_at, ready_at,
+         assigned_at) = row  # fmt: skip
         if not valid_state(state):
             snap.corrupt_orders.add(oid)
             return
         held = hold_until is not None and hold_until > now
-        snap.orders[oid] = Order(oid, state, courier, held, status_at, confirmed_at, ready_at)
+        snap.orders[oid] = Order(
+            oid, state, courier, held, status_at, confirmed_at, ready_at, assigned_at
+        )
         if courier is not None and state not in ("dropoff", "cancelled"):
             snap.active.setdefault(courier, set()).add(oid)
         pickup = _place(p_lat, p_lng, p_rad) or _place(s_lat, s_lng, s_rad)
@@ -214,11 +217,15 @@ class BatchWriter:
         db = self.db
         now_iso = iso(now)
         db.executemany(
-            "INSERT INTO orders (order_id, state, courier_id, updated_at, status_at) "
-            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (order_id) DO UPDATE SET "
+            "INSERT INTO orders (order_id, state, courier_id, updated_at, status_at, "
+            "assigned_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (order_id) DO UPDATE SET "
             "state = excluded.state, courier_id = excluded.courier_id, "
-            "updated_at = excluded.updated_at, status_at = excluded.status_at",
-            [(o.order_id, o.state, o.courier_id, now_iso, o.status_at) for o in fx.orders.values()],
+            "updated_at = excluded.updated_at, status_at = excluded.status_at, "
+            "assigned_at = excluded.assigned_at",
+            [
+                (o.order_id, o.state, o.courier_id, now_iso, o.status_at, o.assigned_at)
+                for o in fx.orders.values()
+            ],
         )
         for kind in ("pickup", "dropoff"):  # an assignment's place replaces the known one
             db.executemany(
