@@ -12,10 +12,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from courierd.daemon.ingest import commit_messages
-from courierd.domain.model import DeadLetter, iso
+from courierd.domain.lifecycle import CHAIN
+from courierd.domain.model import DeadLetter, Status, StatusEvent, iso
 from courierd.domain.telemetry import parse
 from courierd.logs import JsonFormatter, TextFormatter
 from courierd.store import Store
+from tests.test_tracking import T0, a_delivery, assign, drive, statuses_pushed
 
 NOW = 1_705_341_900.0  # 2024-01-15T18:05:00Z
 
@@ -161,3 +163,87 @@ def test_an_assignment_from_the_future_is_a_dead_letter() -> None:
     """A ts more than 5 minutes ahead would pin the order for good: future_ts."""
     result = parse("dispatch/assignments", _assignment("o", "c", iso(NOW + 3600)), now=NOW)
     assert isinstance(result, DeadLetter) and result.reason == "future_ts"
+
+
+# -- event ids are per order -------------------------------------------------------------
+
+# A small pool, so that the two couriers' apps pick the same ids, inferred ones included.
+EVENT_IDS = st.sampled_from(["1", "2", "3", "geo:{A}:arriving_at_store", "geo:{B}:dropoff"])
+APP_EVENTS = st.lists(st.tuples(EVENT_IDS, st.sampled_from(list(CHAIN))), max_size=6)
+
+
+def _alone(events: list[tuple[str, Status]]) -> list[str]:
+    """What one order pushes from its own events: an id seen before for it is a duplicate,
+    and the furthest status reached is pushed with every one before it, once each."""
+    seen: set[str] = set()
+    furthest = -1
+    for event_id, status in events:
+        if event_id not in seen:
+            seen.add(event_id)
+            furthest = max(furthest, CHAIN.index(status))
+    return [s.value for s in CHAIN[: furthest + 1]]
+
+
+@given(
+    a=APP_EVENTS,
+    b=APP_EVENTS,
+    merge=st.lists(st.booleans(), min_size=12, max_size=12),
+    cuts=st.lists(st.integers(1, 4), min_size=1, max_size=4),
+)
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+def test_two_couriers_event_ids_never_touch_each_others_orders(
+    store: Store,
+    a: list[tuple[str, Status]],
+    b: list[tuple[str, Status]],
+    merge: list[bool],
+    cuts: list[int],
+) -> None:
+    """Through the real ingest commit, any interleaving and batching of two couriers'
+    events, ids colliding on purpose: each order pushes what its own events alone make."""
+    run = uuid.uuid4().hex[:8]
+    orders = {"A": f"A-{run}", "B": f"B-{run}"}
+    queues = {"A": list(a), "B": list(b)}
+    raw = []
+    for take_a in [*merge, *[True] * len(a), *[False] * len(b)]:
+        who = "A" if take_a else "B"
+        if queues[who]:
+            event_id, status = queues[who].pop(0)
+            doc = {
+                "event_id": event_id.format(**orders),
+                "order_id": orders[who],
+                "status": status.value,
+            }
+            raw.append((f"couriers/c{who}-{run}/status", json.dumps(doc).encode()))
+    start, i = 0, 0
+    while start < len(raw):
+        size = cuts[i % len(cuts)]
+        commit_messages(store, [(t, p, len(p)) for t, p in raw[start : start + size]], NOW)
+        start, i = start + size, i + 1
+    for who, events in (("A", a), ("B", b)):
+        pushed = store.db.rows(
+            "SELECT status FROM outbox WHERE order_id = ? ORDER BY id", (orders[who],)
+        )
+        assert [s for (s,) in pushed] == _alone(events), who
+
+
+def test_an_app_cannot_squat_the_ids_of_inferred_statuses(store: Store) -> None:
+    """Another courier's app, and the order's own, speak the ids the geofence gives its
+    statuses (`geo:{order}:{status}`): the fixes still infer and push every one."""
+    squat = [f"geo:o1:{s.value}" for s in CHAIN[1:4]]
+    store.writer.commit(
+        [
+            assign("o1", "c1"),
+            *(StatusEvent(e, "o2", "c2", s) for e, s in zip(squat, CHAIN, strict=False)),
+            StatusEvent(squat[0], "o1", "c1", Status.DASHER_CONFIRMED),
+        ],
+        now=T0,
+    )
+    drive(store, a_delivery())
+    assert statuses_pushed(store, "o1") == [
+        ("dasher_confirmed", "app"),
+        ("arriving_at_store", "geofence"),
+        ("arrived_at_store", "geofence"),
+        ("dasher_out_for_delivery", "geofence"),
+    ]

@@ -7,7 +7,8 @@ without a database.
 
 Every status goes through `decide`, whoever says so: a courier's app, or the geofence
 rules reading its fixes (an inferred status is an ordinary status event of the bound
-courier, with a deterministic id `geo:{order}:{status}`). Fixes also keep each courier's
+courier, with a deterministic id `geo:{order}:{status}`, which no app id can squat:
+see `_Batch._duplicate`). Fixes also keep each courier's
 last accepted position, and every valid message from a courier marks it seen: one that
 had been reported offline is reported back (CONTRACT.md 9).
 """
@@ -85,7 +86,7 @@ class Snapshot:
     """
 
     orders: dict[str, Order] = field(default_factory=dict)
-    seen_event_ids: set[str] = field(default_factory=set)
+    seen_event_ids: set[tuple[str, str]] = field(default_factory=set)  # (order id, event id)
     profiles: dict[str, Mapping[str, Any]] = field(default_factory=dict)
     corrupt_orders: set[str] = field(default_factory=set)
     corrupt_profiles: set[str] = field(default_factory=set)
@@ -103,7 +104,7 @@ class Effects:
     transitions: list[Transition] = field(default_factory=list)
     pushes: list[Push] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
-    event_ids: dict[str, str] = field(default_factory=dict)  # event id → its order id
+    event_ids: set[tuple[str, str]] = field(default_factory=set)  # (order id, event id)
     profiles: dict[str, Mapping[str, Any] | None] = field(default_factory=dict)
     couriers: dict[str, CourierState] = field(default_factory=dict)  # changed ones
     assigned: dict[str, Places] = field(default_factory=dict)  # places from dispatch
@@ -201,13 +202,18 @@ class _Batch:
             decision = decide(
                 self.orders.get(event.order_id),
                 event,
-                duplicate=event.event_id in self.seen,
+                duplicate=self._duplicate(event),
                 profile=self.profiles.get(event.courier_id),
                 received_at=self.received_at,
             )
-        if event.event_id not in self.seen and decision.outcome is not Outcome.CORRUPT_ROW:
-            self.seen.add(event.event_id)
-            self.fx.event_ids[event.event_id] = event.order_id
+        key = (event.order_id, event.event_id)
+        if (
+            event.source == "app"
+            and key not in self.seen
+            and decision.outcome is not Outcome.CORRUPT_ROW
+        ):
+            self.seen.add(key)
+            self.fx.event_ids.add(key)
         if event.source == "app":
             self.fx.counts[decision.outcome.value] += 1
         elif decision.outcome is Outcome.ACCEPTED:
@@ -219,6 +225,17 @@ class _Batch:
             self._bind(decision.order)
             self.fx.transitions.extend(decision.transitions)
             self.fx.pushes.extend(decision.pushes)
+
+    def _duplicate(self, event: StatusEvent) -> bool:
+        """Whether the event's id was seen before, for its order (CONTRACT.md 12).
+
+        Ids are an app's to choose, so they are deduplicated per order: one courier's
+        app, however it numbers its events, never suppresses another order's status. An
+        inferred status is never checked against them: the chain already makes it once
+        (at or behind the order's state it is stale), and an app that speaks its id
+        `geo:{order}:{status}` must not be able to squat it.
+        """
+        return event.source == "app" and (event.order_id, event.event_id) in self.seen
 
     def _bind(self, order: Order) -> None:
         """Record the order's new state, and keep `active` (courier → orders) true. A

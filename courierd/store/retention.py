@@ -72,8 +72,8 @@ class Retention:
             since = self.db.value("SELECT value FROM meta WHERE key = 'legacy_events_since'")
             if since is not None and since < cutoff:
                 done.legacy_events = self.db.changed(
-                    "DELETE FROM processed_events WHERE event_id IN (SELECT event_id FROM "
-                    "processed_events WHERE order_id IS NULL LIMIT ?)",
+                    "DELETE FROM processed_events WHERE order_id = '' AND event_id IN "
+                    "(SELECT event_id FROM processed_events WHERE order_id = '' LIMIT ?)",
                     (self.batch,),
                 )
                 if done.legacy_events == 0:

@@ -212,11 +212,28 @@ _INTEGRITY = (
     # The ts of the assignment that bound the order: an older one never replaces it.
     "ALTER TABLE orders ADD COLUMN assigned_at TEXT",
 )
+# Event ids are an app's to choose: deduplicated per order, so one app's ids never
+# suppress another order's statuses. Ids from before they named their order get ''.
+_SQLITE_EVENTS_PER_ORDER = (
+    "CREATE TABLE processed_events_by_order (order_id TEXT NOT NULL, event_id TEXT NOT NULL, "
+    "seen_at TEXT, PRIMARY KEY (order_id, event_id)) WITHOUT ROWID",
+    "INSERT INTO processed_events_by_order SELECT coalesce(order_id, ''), event_id, seen_at "
+    "FROM processed_events",
+    "DROP TABLE processed_events",
+    "ALTER TABLE processed_events_by_order RENAME TO processed_events",
+)
+_PG_EVENTS_PER_ORDER = (
+    "UPDATE processed_events SET order_id = '' WHERE order_id IS NULL",
+    "ALTER TABLE processed_events DROP CONSTRAINT processed_events_pkey",
+    "ALTER TABLE processed_events ALTER COLUMN order_id SET NOT NULL",
+    "ALTER TABLE processed_events ADD PRIMARY KEY (order_id, event_id)",
+    "DROP INDEX processed_events_order",  # the primary key starts with the order id
+)
 
 
 def _sqlite_6(db: sqlite_utils.Database) -> None:
-    """Data integrity: assignment times."""
-    for statement in _INTEGRITY:
+    """Data integrity: assignment times, event ids per order."""
+    for statement in (*_INTEGRITY, *_SQLITE_EVENTS_PER_ORDER):
         db.execute(statement)
 
 
@@ -294,4 +311,8 @@ _PG_1 = (
 )
 
 # Append only, like SQLite's.
-POSTGRES_MIGRATIONS: tuple[tuple[str, ...], ...] = (_PG_1, _EVENTS, _INTEGRITY)
+POSTGRES_MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    _PG_1,
+    _EVENTS,
+    (*_INTEGRITY, *_PG_EVENTS_PER_ORDER),
+)

@@ -82,13 +82,13 @@ class BatchWriter:
 
         Raises FencedOut (nothing written) if `slots` are no longer this instance's."""
         order_ids: set[str] = set()
-        event_ids: list[str] = []
+        event_ids: set[tuple[str, str]] = set()  # (order id, event id)
         couriers: set[str] = set()
         tracked: set[str] = set()  # couriers whose active orders the batch needs
         for item in inputs:
             if isinstance(item, StatusEvent):
                 order_ids.add(item.order_id)
-                event_ids.append(item.event_id)
+                event_ids.add((item.order_id, item.event_id))
                 couriers.add(item.courier_id)
             elif isinstance(item, LocationFix | CourierOffline):
                 couriers.add(item.courier_id)
@@ -123,7 +123,7 @@ class BatchWriter:
     def snapshot(
         self,
         order_ids: set[str],
-        event_ids: list[str],
+        event_ids: set[tuple[str, str]],
         couriers: set[str],
         tracked: set[str],
         *,
@@ -155,16 +155,26 @@ class BatchWriter:
             )
             for row in rows:
                 self._order(snap, row, now)
-        for chunk in chunks(event_ids):
-            snap.seen_event_ids.update(
-                row[0]
-                for row in db.rows(
-                    "SELECT event_id FROM processed_events "
-                    f"WHERE event_id IN ({placeholders(chunk)})",
-                    chunk,
-                )
-            )
+        self._seen_events(snap, event_ids)
         return snap
+
+    def _seen_events(self, snap: Snapshot, event_ids: set[tuple[str, str]]) -> None:
+        """Which of the batch's (order id, event id) pairs were seen before. A row with the
+        order id '' is from before ids named their order: it counts for every order."""
+        by_id: dict[str, set[str]] = {}
+        for order_id, event_id in event_ids:
+            by_id.setdefault(event_id, set()).add(order_id)
+        orders = sorted({o for o, _ in event_ids} | {""})
+        for id_chunk in chunks(sorted(by_id)):
+            for order_chunk in chunks(orders):
+                for order_id, event_id in self.db.rows(
+                    "SELECT order_id, event_id FROM processed_events "
+                    f"WHERE order_id IN ({placeholders(order_chunk)}) "
+                    f"AND event_id IN ({placeholders(id_chunk)})",
+                    [*order_chunk, *id_chunk],
+                ):
+                    wanted = by_id[event_id]
+                    snap.seen_event_ids.update((o, event_id) for o in wanted if order_id in ("", o))
 
     def _couriers(self, snap: Snapshot, couriers: set[str]) -> None:
         for chunk in chunks(sorted(couriers)):
@@ -295,9 +305,9 @@ class BatchWriter:
             ],
         )
         db.executemany(
-            "INSERT INTO processed_events (event_id, order_id, seen_at) VALUES (?, ?, ?) "
-            "ON CONFLICT (event_id) DO NOTHING",
-            [(e, order_id, now_iso) for e, order_id in fx.event_ids.items()],
+            "INSERT INTO processed_events (order_id, event_id, seen_at) VALUES (?, ?, ?) "
+            "ON CONFLICT (order_id, event_id) DO NOTHING",
+            [(order_id, e, now_iso) for order_id, e in sorted(fx.event_ids)],
         )
         db.executemany(
             "INSERT INTO couriers (courier_id, profile, profile_at) VALUES (?, ?, ?) "
