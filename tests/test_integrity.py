@@ -17,7 +17,7 @@ from courierd.domain.model import DeadLetter, Status, StatusEvent, iso
 from courierd.domain.telemetry import parse
 from courierd.logs import JsonFormatter, TextFormatter
 from courierd.store import Store
-from tests.test_tracking import T0, a_delivery, assign, drive, statuses_pushed
+from tests.test_tracking import T0, a_delivery, assign, drive, fix, statuses_pushed
 
 NOW = 1_705_341_900.0  # 2024-01-15T18:05:00Z
 
@@ -247,3 +247,20 @@ def test_an_app_cannot_squat_the_ids_of_inferred_statuses(store: Store) -> None:
         ("arrived_at_store", "geofence"),
         ("dasher_out_for_delivery", "geofence"),
     ]
+
+
+# -- geofence timers on fix time ---------------------------------------------------------
+
+
+def test_departure_after_an_arrival_without_ts_runs_on_fix_time(store: Store) -> None:
+    """The app says arrived_at_store without a ts, live; the courier's fixes come an hour
+    late from its buffer: parked at the store, then away. The departure is inferred
+    from the fixes' own times (the receive time of the arrival never enters)."""
+    route = a_delivery()
+    late = route[-1][0] + 3600  # every fix reaches courierd an hour after it was taken
+    store.writer.commit(
+        [assign("o1", "c1"), StatusEvent("e1", "o1", "c1", Status.ARRIVED_AT_STORE)], now=late
+    )
+    for t, at in route[15:]:  # from the first fix parked at the store (a_delivery's)
+        store.writer.commit([fix(t, at)], now=late)
+    assert statuses_pushed(store, "o1")[-1] == ("dasher_out_for_delivery", "geofence")

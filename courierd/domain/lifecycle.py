@@ -153,7 +153,13 @@ def decide(
         Push(event.order_id, s, push_body(s, info), idempotency_key(event.order_id, s), sources[s])
         for s in reached
     )
-    after = replace(current, state=event.status.value, courier_id=event.courier_id, status_at=at)
+    after = replace(
+        current,
+        state=event.status.value,
+        courier_id=event.courier_id,
+        status_at=at,
+        status_ts=event.ts,
+    )
     return Decision(Outcome.ACCEPTED, after, transitions, pushes)
 
 

@@ -150,6 +150,10 @@ class Order:
     # The `ts` of the assignment that bound the order (None: none had one): an older
     # assignment never replaces it.
     assigned_at: str | None = None
+    # When it reached `state` on the clock of the event that took it there: the app's
+    # `ts` or the fix's. None when the app sent no ts: `status_at` is then courierd's
+    # receive time, which the geofence timers never mix with fix times (CONTRACT.md 7).
+    status_ts: str | None = None
 
     @property
     def cancelled(self) -> bool:

@@ -356,7 +356,9 @@ class _Batch:
 
     def _step(self, order: Order, places: Places, fix: LocationFix, point: geofence.Fix) -> None:
         track = self.tracks.get(order.order_id, Track())
-        since = None if order.status_at is None else _unix(order.status_at)
+        # Fix time only: when the app sent no ts, the first fix seen at the status stands
+        # in for its start (buffered fixes sent late then depart as they would live).
+        since = None if order.status_ts is None else _unix(order.status_ts)
         assert self.rules is not None
         track, status = geofence.step(
             track, order.state, since, places.pickup, places.dropoff, point, self.rules

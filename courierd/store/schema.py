@@ -211,6 +211,10 @@ def _sqlite_5(db: sqlite_utils.Database) -> None:
 _INTEGRITY = (
     # The ts of the assignment that bound the order: an older one never replaces it.
     "ALTER TABLE orders ADD COLUMN assigned_at TEXT",
+    # When the order reached its state on the event's own clock (app ts or fix ts; NULL
+    # without one): the geofence timers use it, never the receive time in status_at.
+    "ALTER TABLE orders ADD COLUMN status_ts TEXT",
+    "UPDATE orders SET status_ts = status_at",  # as the timers read it before
 )
 # Event ids are an app's to choose: deduplicated per order, so one app's ids never
 # suppress another order's statuses. Ids from before they named their order get ''.

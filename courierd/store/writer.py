@@ -41,7 +41,7 @@ _ORDER_COLUMNS = (
     "o.order_id, o.state, o.courier_id, o.hold_until, o.status_at, "
     "o.pickup_lat, o.pickup_lng, o.pickup_radius_m, s.lat, s.lng, s.radius_m, "
     "o.dropoff_lat, o.dropoff_lng, o.dropoff_radius_m, o.address_lat, o.address_lng, o.track, "
-    "o.confirmed_at, o.ready_at, o.assigned_at"
+    "o.confirmed_at, o.ready_at, o.assigned_at, o.status_ts"
 )
 _ORDERS_FROM = "FROM orders AS o LEFT JOIN stores AS s ON s.merchant_supplied_id = o.store_id"
 
@@ -204,13 +204,13 @@ class BatchWriter:
     def _order(snap: Snapshot, row: tuple[Any, ...], now: float) -> None:
         (oid, state, courier, hold_until, status_at, p_lat, p_lng, p_rad, s_lat, s_lng, s_rad,
          d_lat, d_lng, d_rad, a_lat, a_lng, track, confirmed_at, ready_at,
-         assigned_at) = row  # fmt: skip
+         assigned_at, status_ts) = row  # fmt: skip
         if not valid_state(state):
             snap.corrupt_orders.add(oid)
             return
         held = hold_until is not None and hold_until > now
         snap.orders[oid] = Order(
-            oid, state, courier, held, status_at, confirmed_at, ready_at, assigned_at
+            oid, state, courier, held, status_at, confirmed_at, ready_at, assigned_at, status_ts
         )
         if courier is not None and state not in ("dropoff", "cancelled"):
             snap.active.setdefault(courier, set()).add(oid)
@@ -228,12 +228,20 @@ class BatchWriter:
         now_iso = iso(now)
         db.executemany(
             "INSERT INTO orders (order_id, state, courier_id, updated_at, status_at, "
-            "assigned_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (order_id) DO UPDATE SET "
-            "state = excluded.state, courier_id = excluded.courier_id, "
+            "assigned_at, status_ts) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (order_id) "
+            "DO UPDATE SET state = excluded.state, courier_id = excluded.courier_id, "
             "updated_at = excluded.updated_at, status_at = excluded.status_at, "
-            "assigned_at = excluded.assigned_at",
+            "assigned_at = excluded.assigned_at, status_ts = excluded.status_ts",
             [
-                (o.order_id, o.state, o.courier_id, now_iso, o.status_at, o.assigned_at)
+                (
+                    o.order_id,
+                    o.state,
+                    o.courier_id,
+                    now_iso,
+                    o.status_at,
+                    o.assigned_at,
+                    o.status_ts,
+                )
                 for o in fx.orders.values()
             ],
         )
