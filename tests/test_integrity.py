@@ -264,3 +264,52 @@ def test_departure_after_an_arrival_without_ts_runs_on_fix_time(store: Store) ->
     for t, at in route[15:]:  # from the first fix parked at the store (a_delivery's)
         store.writer.commit([fix(t, at)], now=late)
     assert statuses_pushed(store, "o1")[-1] == ("dasher_out_for_delivery", "geofence")
+
+
+# -- abandoned orders expire -------------------------------------------------------------
+
+HOUR = 3600.0
+
+
+def test_an_order_idle_for_abandon_after_h_expires_and_leaves_the_active_set(
+    store: Store,
+) -> None:
+    """Only the order with no transition and no accepted fix for 24 h expires: it is no
+    longer active, `order show` says expired, nothing is pushed for it."""
+    events = [
+        StatusEvent("e1", "idle", "c-idle", Status.DASHER_CONFIRMED),
+        StatusEvent("e2", "moving", "c-moving", Status.DASHER_CONFIRMED),
+        StatusEvent("e3", "fixing", "c-fixing", Status.DASHER_CONFIRMED),
+        StatusEvent("e4", "done", "c-done", Status.DROPOFF),
+    ]
+    store.writer.commit(events, now=T0)
+    pushes = store.db.value("SELECT count(*) FROM outbox")
+    later = T0 + 24 * HOUR + 60
+    store.writer.commit([StatusEvent("e5", "moving", "c-moving", Status.DROPOFF)], now=later)
+    store.writer.commit([fix(later - 30, (40.7, -74.0), "c-fixing")], now=later)
+    pushes += 4  # moving's
+    assert store.expiry.step(later) == ["idle"]
+    assert store.expiry.step(later) == []
+    view = store.queries.order_view("idle")
+    assert view is not None and view["state"] == "expired"
+    active, _ = store.queries.order_page(state="active", courier_id=None, limit=10, after=None)
+    assert [o["order_id"] for o in active] == ["fixing"]
+    assert store.db.value("SELECT count(*) FROM outbox") == pushes
+
+
+def test_events_for_an_expired_order_are_dead_letters_and_retention_prunes_it(
+    store: Store,
+) -> None:
+    """A later event for an expired order is rejected (`expired`) and pushes nothing;
+    retention then deletes it like a finished order."""
+    store.writer.commit([StatusEvent("e1", "o1", "c1", Status.DASHER_CONFIRMED)], now=T0)
+    expired_at = T0 + 25 * HOUR
+    assert store.expiry.step(expired_at) == ["o1"]
+    fx = store.writer.commit(
+        [StatusEvent("e2", "o1", "c1", Status.ARRIVED_AT_STORE)], now=expired_at + 1
+    )
+    assert fx.pushes == [] and [d.reason for d in fx.dead_letters] == ["expired"]
+    store.db.execute("UPDATE outbox SET state = 'delivered'")  # OneTablet took its push
+    assert store.retention.step(expired_at + 29 * 86400).orders == 0  # 30 days from expiry
+    assert store.retention.step(expired_at + 31 * 86400).orders == 1
+    assert store.queries.order_view("o1") is None

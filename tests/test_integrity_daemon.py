@@ -3,6 +3,7 @@ backend: late assignments, event ids of other orders, abandoned orders."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -39,4 +40,33 @@ def test_a_late_older_assignment_does_not_replace_the_newer_one(rig: Rig) -> Non
         assert s.db.value(refused) == "couriers/c-old/status"
     finally:
         s.close()
+    pub.close()
+
+
+def test_an_abandoned_order_expires_without_a_push_and_refuses_later_events(rig: Rig, cli) -> None:
+    """With store.abandon_after_h at 2 s, an order nobody touches becomes expired:
+    `order show` says so, it is not active, nothing is pushed; a later event for it is an
+    `expired` dead letter, while another order's event sent after it is pushed."""
+    daemon = rig.daemon(COURIERD_STORE__ABANDON_AFTER_H=str(2 / 3600)).start()
+    pub = rig.publisher()
+    pub.status("c1", "e1", "ab-1", "dasher_confirmed")
+    assert rig.onetablet.wait_for(lambda _: "ab-1" in delivered(rig.onetablet), 10)
+
+    def state() -> str:
+        shown = cli("order", "show", "ab-1", env=rig.store_env)
+        return str(json.loads(shown.out)["state"]) if shown.code == 0 else ""
+
+    wait_until(lambda: state() == "expired", 20, "the order to expire")
+    s = rig.store()
+    try:
+        active, _ = s.queries.order_page(state="active", courier_id=None, limit=10, after=None)
+        assert active == []
+    finally:
+        s.close()
+    pub.status("c1", "e2", "ab-1", "arrived_at_store")
+    pub.status("c2", "e3", "sentinel", "dasher_confirmed")
+    assert rig.onetablet.wait_for(lambda _: "sentinel" in delivered(rig.onetablet), 10)
+    refused = 'courierd_messages_rejected_total{reason="expired"}'
+    wait_until(lambda: daemon.metric(refused) == 1, 10, "the late event refused")
+    assert statuses(delivered(rig.onetablet)["ab-1"]) == ["dasher_confirmed"]
     pub.close()

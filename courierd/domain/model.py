@@ -30,9 +30,11 @@ class Status(enum.StrEnum):
 # OneTablet's cancel_reason values (API text, "Cancel Order").
 CANCEL_REASONS = ("ITEM_OUT_OF_STOCK", "STORE_CLOSED", "KITCHEN_BUSY", "OTHER")
 
-# Order states beyond the delivery statuses: before the first status, and cancelled.
+# Order states beyond the delivery statuses: before the first status, cancelled, and
+# expired (abandoned: nothing happened to it for `store.abandon_after_h`; never pushed).
 NEW = "new"
 CANCELLED = "cancelled"
+EXPIRED = "expired"
 
 
 class Outcome(enum.StrEnum):
@@ -42,11 +44,14 @@ class Outcome(enum.StrEnum):
     DUPLICATE = "duplicate"  # event_id seen before
     STALE = "stale"  # status at or behind the order's current one
     CANCELLED = "cancelled"  # order was cancelled: rejected, dead-lettered
+    EXPIRED = "expired"  # order expired (abandoned): rejected, dead-lettered
     WRONG_COURIER = "wrong_courier"  # order is bound to another courier: rejected
     CORRUPT_ROW = "corrupt_row"  # a stored row it needs is unreadable: rejected
 
 
-REJECTED_OUTCOMES = frozenset({Outcome.CANCELLED, Outcome.WRONG_COURIER, Outcome.CORRUPT_ROW})
+REJECTED_OUTCOMES = frozenset(
+    {Outcome.CANCELLED, Outcome.EXPIRED, Outcome.WRONG_COURIER, Outcome.CORRUPT_ROW}
+)
 
 
 @dataclass(frozen=True, slots=True)

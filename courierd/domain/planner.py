@@ -51,11 +51,13 @@ ALERTS_TOPIC = "dispatch/alerts"
 @dataclass(slots=True)
 class CourierState:
     """What courierd keeps per courier: its last accepted fix, when it was last heard
-    from (courierd's clock), and whether it has been reported offline."""
+    from (courierd's clock), whether it has been reported offline, and when its last
+    accepted fix arrived (courierd's clock: its orders are not abandoned meanwhile)."""
 
     fix: LocationFix | None = None
     last_seen: float | None = None
     offline: bool = False
+    fix_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,7 +293,7 @@ class _Batch:
         if state is None:
             known = self.snap.couriers.get(courier_id) or CourierState()
             state = self.fx.couriers[courier_id] = CourierState(
-                known.fix, known.last_seen, known.offline
+                known.fix, known.last_seen, known.offline, known.fix_at
             )
         return state
 
@@ -340,6 +342,7 @@ class _Batch:
             self.fx.counts[f"fix_{reason}"] += 1
             return
         state.fix = fix
+        state.fix_at = self.now
         self.fx.counts["location"] += 1
         if self.rules is None:
             return
@@ -404,6 +407,8 @@ def _rejected(event: StatusEvent, outcome: Outcome) -> DeadLetter:
     """A refused event, kept as a dead letter with its original payload."""
     if outcome is Outcome.CANCELLED:
         detail = f"order {event.order_id} is cancelled"
+    elif outcome is Outcome.EXPIRED:
+        detail = f"order {event.order_id} expired (nothing happened to it for too long)"
     elif outcome is Outcome.WRONG_COURIER:
         detail = f"order {event.order_id} is bound to another courier than {event.courier_id}"
     else:

@@ -215,6 +215,19 @@ _INTEGRITY = (
     # without one): the geofence timers use it, never the receive time in status_at.
     "ALTER TABLE orders ADD COLUMN status_ts TEXT",
     "UPDATE orders SET status_ts = status_at",  # as the timers read it before
+    # Expired (abandoned) orders are finished too: the partial indexes say so, spelled
+    # as the queries spell them (lifecycle.FINISHED_SQL), so that SQLite uses them.
+    "DROP INDEX orders_active",
+    "CREATE INDEX orders_active ON orders(courier_id) "
+    "WHERE courier_id IS NOT NULL AND state NOT IN ('cancelled', 'dropoff', 'expired')",
+    "DROP INDEX orders_finished",
+    "CREATE INDEX orders_finished ON orders(updated_at) "
+    "WHERE state IN ('cancelled', 'dropoff', 'expired')",
+    "CREATE INDEX orders_idle ON orders(updated_at) "
+    "WHERE state NOT IN ('cancelled', 'dropoff', 'expired')",
+    # When a courier's last accepted fix arrived (courierd's clock): an order whose
+    # courier still sends fixes is not abandoned.
+    "ALTER TABLE couriers ADD COLUMN fix_at REAL",
 )
 # Event ids are an app's to choose: deduplicated per order, so one app's ids never
 # suppress another order's statuses. Ids from before they named their order get ''.

@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from courierd.domain.geofence import GeofenceRules, Track
-from courierd.domain.lifecycle import valid_state
+from courierd.domain.lifecycle import FINISHED, FINISHED_SQL, valid_state
 from courierd.domain.model import (
     Assignment,
     CourierOffline,
@@ -142,8 +142,7 @@ class BatchWriter:
             params += chunk
         for chunk in chunks(tracked):
             where.append(
-                f"(o.courier_id IN ({placeholders(chunk)}) "
-                "AND o.state NOT IN ('dropoff', 'cancelled'))"
+                f"(o.courier_id IN ({placeholders(chunk)}) AND o.state NOT IN ({FINISHED_SQL}))"
             )
             params += chunk
         if where:
@@ -178,9 +177,21 @@ class BatchWriter:
 
     def _couriers(self, snap: Snapshot, couriers: set[str]) -> None:
         for chunk in chunks(sorted(couriers)):
-            for cid, profile, fix_ts, lat, lng, acc, speed, heading, seen, offline in self.db.rows(
+            for (
+                cid,
+                profile,
+                fix_ts,
+                lat,
+                lng,
+                acc,
+                speed,
+                heading,
+                seen,
+                offline,
+                fix_at,
+            ) in self.db.rows(
                 "SELECT courier_id, profile, fix_ts, lat, lng, accuracy_m, speed_mps, "
-                "heading, last_seen, offline FROM couriers "
+                "heading, last_seen, offline, fix_at FROM couriers "
                 f"WHERE courier_id IN ({placeholders(chunk)}) "
                 f"ORDER BY courier_id{self.db.for_update}",
                 chunk,
@@ -188,7 +199,7 @@ class BatchWriter:
                 fix = None
                 if fix_ts is not None and lat is not None and lng is not None:
                     fix = LocationFix(cid, fix_ts, lat, lng, acc, speed, heading)
-                snap.couriers[cid] = CourierState(fix, seen, bool(offline))
+                snap.couriers[cid] = CourierState(fix, seen, bool(offline), fix_at)
                 if profile is None:
                     continue
                 try:
@@ -212,7 +223,7 @@ class BatchWriter:
         snap.orders[oid] = Order(
             oid, state, courier, held, status_at, confirmed_at, ready_at, assigned_at, status_ts
         )
-        if courier is not None and state not in ("dropoff", "cancelled"):
+        if courier is not None and state not in FINISHED:
             snap.active.setdefault(courier, set()).add(oid)
         pickup = _place(p_lat, p_lng, p_rad) or _place(s_lat, s_lng, s_rad)
         dropoff = _place(d_lat, d_lng, d_rad) or _place(a_lat, a_lng, None)
@@ -329,11 +340,12 @@ class BatchWriter:
         # The planner read these rows in this transaction: what it says is the truth.
         db.executemany(
             "INSERT INTO couriers (courier_id, fix_ts, lat, lng, accuracy_m, speed_mps, "
-            "heading, last_seen, offline) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "heading, last_seen, offline, fix_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (courier_id) DO UPDATE SET fix_ts = excluded.fix_ts, "
             "lat = excluded.lat, lng = excluded.lng, accuracy_m = excluded.accuracy_m, "
             "speed_mps = excluded.speed_mps, heading = excluded.heading, "
-            "last_seen = excluded.last_seen, offline = excluded.offline",
+            "last_seen = excluded.last_seen, offline = excluded.offline, "
+            "fix_at = excluded.fix_at",
             [_courier_row(cid, state) for cid, state in sorted(fx.couriers.items())],
         )
         db.executemany(
@@ -358,16 +370,7 @@ class BatchWriter:
 
 def _courier_row(courier_id: str, state: CourierState) -> tuple[Any, ...]:
     f = state.fix
+    seen = (state.last_seen, int(state.offline), state.fix_at)
     if f is None:
-        return (courier_id, None, None, None, None, None, None, state.last_seen, int(state.offline))
-    return (
-        courier_id,
-        f.ts,
-        f.lat,
-        f.lng,
-        f.accuracy_m,
-        f.speed_mps,
-        f.heading,
-        state.last_seen,
-        int(state.offline),
-    )
+        return (courier_id, None, None, None, None, None, None, *seen)
+    return (courier_id, f.ts, f.lat, f.lng, f.accuracy_m, f.speed_mps, f.heading, *seen)
