@@ -10,6 +10,7 @@ import pytest
 
 from courierd.domain.model import iso
 from tests.harness import Rig, delivered, statuses, wait_until
+from tests.test_telemetry_daemon import STORE, a_delivery, wait_for_pickup
 
 pytestmark = pytest.mark.integration
 
@@ -69,4 +70,22 @@ def test_an_abandoned_order_expires_without_a_push_and_refuses_later_events(rig:
     refused = 'courierd_messages_rejected_total{reason="expired"}'
     wait_until(lambda: daemon.metric(refused) == 1, 10, "the late event refused")
     assert statuses(delivered(rig.onetablet)["ab-1"]) == ["dasher_confirmed"]
+    pub.close()
+
+
+def test_buffered_fixes_depart_after_an_arrival_sent_without_ts(rig: Rig) -> None:
+    """The app says arrived_at_store without a ts; the phone's buffered fixes (taken an
+    hour ago: parked at the store, then away) arrive after it. dasher_out_for_delivery
+    is inferred on the fixes' clock, not from when courierd received the arrival."""
+    rig.daemon().start()
+    pub = rig.publisher()
+    pickup = {"lat": STORE[0], "lng": STORE[1], "radius_m": 80}
+    pub.publish("dispatch/assignments", {"order_id": "dep-1", "courier_id": "c1", "pickup": pickup})
+    wait_for_pickup(rig, "dep-1")
+    pub.status("c1", "a1", "dep-1", "arrived_at_store")
+    assert rig.onetablet.wait_for(lambda _: len(delivered(rig.onetablet).get("dep-1", [])) == 3)
+    for t, (lat, lng) in a_delivery(time.time() - 3600)[15:]:  # parked, then away
+        pub.publish("couriers/c1/location", {"ts": iso(t), "lat": lat, "lng": lng, "accuracy_m": 5})
+    assert rig.onetablet.wait_for(lambda _: len(delivered(rig.onetablet).get("dep-1", [])) == 4)
+    assert statuses(delivered(rig.onetablet)["dep-1"])[-1] == "dasher_out_for_delivery"
     pub.close()
