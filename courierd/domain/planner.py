@@ -7,10 +7,10 @@ without a database.
 
 Every status goes through `decide`, whoever says so: a courier's app, or the geofence
 rules reading its fixes (an inferred status is an ordinary status event of the bound
-courier, with a deterministic id `geo:{order}:{status}`, which no app id can squat:
-see `_Batch._duplicate`). Fixes also keep each courier's
-last accepted position, and every valid message from a courier marks it seen: one that
-had been reported offline is reported back (CONTRACT.md 9).
+courier, with a deterministic id `geo:{order}:{status}`, which no app's id can squat:
+see `_Batch._duplicate`). Fixes also keep each courier's last accepted position, and
+every valid message from a courier marks it seen: one that had been reported offline
+is reported back (CONTRACT.md 9).
 """
 
 from __future__ import annotations
