@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from courierd.daemon.ingest import commit_messages
-from courierd.domain.lifecycle import CHAIN
+from courierd.domain.lifecycle import CHAIN, FINISHED_SQL
 from courierd.domain.model import DeadLetter, Status, StatusEvent, iso
 from courierd.domain.telemetry import parse
 from courierd.logs import JsonFormatter, TextFormatter
@@ -313,3 +313,16 @@ def test_events_for_an_expired_order_are_dead_letters_and_retention_prunes_it(
     assert store.retention.step(expired_at + 29 * 86400).orders == 0  # 30 days from expiry
     assert store.retention.step(expired_at + 31 * 86400).orders == 1
     assert store.queries.order_view("o1") is None
+
+
+def test_looking_for_abandoned_orders_uses_its_partial_index(sqlite_store: Store) -> None:
+    """The expiry round reads only idle active orders (an index), not every order kept."""
+    plan = [
+        r[3]
+        for r in sqlite_store.db.rows(
+            "EXPLAIN QUERY PLAN SELECT order_id FROM orders AS o WHERE "
+            f"state NOT IN ({FINISHED_SQL}) AND updated_at < ?",
+            ("2024-01-01",),
+        )
+    ]
+    assert any("USING INDEX orders_idle" in step for step in plan), plan
