@@ -275,7 +275,7 @@ def test_an_order_idle_for_abandon_after_h_expires_and_leaves_the_active_set(
     store: Store,
 ) -> None:
     """Only the order with no transition and no accepted fix for 24 h expires: it is no
-    longer active, `order show` says expired, nothing is pushed for it."""
+    longer active (orders, watchdog), `order show` says expired, nothing is pushed."""
     events = [
         StatusEvent("e1", "idle", "c-idle", Status.DASHER_CONFIRMED),
         StatusEvent("e2", "moving", "c-moving", Status.DASHER_CONFIRMED),
@@ -295,6 +295,8 @@ def test_an_order_idle_for_abandon_after_h_expires_and_leaves_the_active_set(
     active, _ = store.queries.order_page(state="active", courier_id=None, limit=10, after=None)
     assert [o["order_id"] for o in active] == ["fixing"]
     assert store.db.value("SELECT count(*) FROM outbox") == pushes
+    # The watchdog no longer counts it: its silent courier has no active order.
+    assert "c-idle" not in store.notices.report_silent(later, 300.0)
 
 
 def test_events_for_an_expired_order_are_dead_letters_and_retention_prunes_it(
