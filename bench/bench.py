@@ -964,8 +964,8 @@ def big_database(path: Path, active: int, history: int) -> None:
             ((o, s, now) for o, s in rows),
         )
         db.executemany(
-            "INSERT INTO processed_events (event_id) VALUES (?)",
-            ((f"h{i}",) for i in range(history)),
+            "INSERT INTO processed_events (order_id, event_id) VALUES (?, ?)",
+            ((f"h{i}", f"h{i}") for i in range(history)),
         )
     store.close()
 

@@ -113,6 +113,8 @@ class StoreSettings(_Section):
     synchronous: Literal["FULL", "NORMAL"] = "FULL"
     # What finished orders leave behind, and dead letters, are deleted after this.
     retention_days: float = Field(30.0, gt=0, le=36500)
+    # An order with no transition and no accepted fix for this long becomes `expired`.
+    abandon_after_h: float = Field(24.0, gt=0, le=876000)
     # How long a write waits for a lock another connection holds (an operator's shell).
     busy_timeout_s: float = Field(10.0, gt=0, le=600)
 

@@ -2,14 +2,46 @@
 
 Messages start with a stable event name (`onetablet.call`, `ingest.batch`, ...) followed
 by key=value context; `--log-format json` wraps the same line in a JSON object.
+
+A message carries values from outside (ids, topics, OneTablet's error text). Ids with
+control characters are dead-lettered at the edge, but anything else that still holds
+one is escaped here: a line break, carriage return, escape sequence or Unicode line
+separator in a value never starts what looks like a line of courierd's own.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
+
+# C0 controls, DEL, C1 controls, the Unicode line and paragraph separators, and lone
+# surrogates (stderr's UTF-8 cannot write them: the whole line would be lost).
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def escape_controls(text: str) -> str:
+    """`text` with every control character and line separator written as an escape."""
+    return _UNSAFE.sub(_escape, text)
+
+
+class TextFormatter(logging.Formatter):
+    """The text line; the message (not a traceback, which spans lines anyway) is escaped."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = escape_controls(record.message)
+        return super().formatMessage(record)
+
+
+def _json_escape(match: re.Match[str]) -> str:
+    return f"\\u{ord(match.group()):04x}"
 
 
 class JsonFormatter(logging.Formatter):
@@ -27,7 +59,8 @@ class JsonFormatter(logging.Formatter):
         }
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, ensure_ascii=False)
+        # json escapes C0 itself; DEL, C1 and the line separators it leaves as they are.
+        return _UNSAFE.sub(_json_escape, json.dumps(out, ensure_ascii=False))
 
 
 def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
@@ -35,7 +68,7 @@ def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        formatter = logging.Formatter(
+        formatter = TextFormatter(
             "%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s %(message)s", "%Y-%m-%dT%H:%M:%S"
         )
         formatter.converter = time.gmtime

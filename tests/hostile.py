@@ -33,6 +33,10 @@ fragments = st.one_of(
     st.integers(20, 6000).map(lambda n: "9" * n),  # huge integer literals
     st.integers(min_value=-(10**40), max_value=10**40).map(str),
     st.sampled_from(['"\\ud800"', '"a\\udfff"', '"\\udc00\\ud800"', '"\\u0000"', '"x\\u0000y"']),
+    # Ids that would forge a log line: C0, DEL, C1 (NEL), U+2028/U+2029 (CONTRACT.md 12).
+    st.sampled_from(
+        ['"o\\nINFO x"', '"\\r"', '"a\\u001b[31m"', '"\\u007f"', '"\\u0085"', '"\\u2028"']
+    ),
     st.integers(1, 4000).map(lambda n: "[" * n + "]" * n),  # deep nesting
     st.integers(1, 3000).map(lambda n: '{"a":' * n + "1" + "}" * n),
     st.sampled_from(DATES).map(json.dumps),

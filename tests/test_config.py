@@ -26,6 +26,7 @@ def test_defaults_match_the_contract() -> None:
     assert s.onetablet.transport == "rest" and s.onetablet.timeout_s == 30
     assert str(s.store.path) == "var/courierd.db" and s.store.synchronous == "FULL"
     assert s.http.listen == "127.0.0.1:8787"
+    assert s.store.abandon_after_h == 24
 
 
 def test_flags_beat_env_beat_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -71,6 +72,11 @@ def test_config_file_from_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
             "COURIERD_INGEST__BATCH_SIZE",
             "0",
             "invalid setting ingest.batch_size (COURIERD_INGEST__BATCH_SIZE)",
+        ),
+        (
+            "COURIERD_STORE__ABANDON_AFTER_H",
+            "0",
+            "invalid setting store.abandon_after_h (COURIERD_STORE__ABANDON_AFTER_H)",
         ),
     ],
 )

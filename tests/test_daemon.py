@@ -294,6 +294,18 @@ BAD_INPUTS = [
         "bad_unicode",
     ),
     ("couriers/c1/profile", rb'{"full_name": "\udfff"}', "bad_unicode"),
+    # Ids that would forge a log line (CONTRACT.md 12): never accepted, never pushed.
+    (
+        "couriers/c1/status",
+        b'{"event_id": "b", "order_id": "o-1\\nINFO forged line", "status": "dropoff"}',
+        "bad_id",
+    ),
+    (
+        "couriers/c\u2028x/status",
+        b'{"event_id": "b", "order_id": "o", "status": "dropoff"}',
+        "bad_id",
+    ),
+    ("dispatch/assignments", b'{"order_id": "o\\u0085", "courier_id": "c1"}', "bad_id"),
     ("couriers/c1/location", b'{"ts": "2024-01-15T18:05:00Z", "lat": NaN, "lng": 0}', "bad_json"),
     ("couriers/c1/location", b'{"ts": "2024-01-15T18:05:00Z", "lat": 1, "lng": 1e999}', "bad_json"),
     (

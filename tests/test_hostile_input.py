@@ -28,6 +28,12 @@ def test_parse_never_raises_and_keeps_only_storable_values(message: tuple[str, b
             if isinstance(value, str):
                 value.encode("utf-8")
                 assert "\x00" not in value
+        for name in ("order_id", "courier_id", "event_id"):
+            ident = getattr(result, name, "")
+            assert not any(c in ident for c in CONTROLS), (name, ident)  # bad_id
+
+
+CONTROLS = {chr(c) for c in (*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029)}
 
 
 def vars_of(value: object) -> list[object]:

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from courierd.domain import lifecycle
 from courierd.domain.lifecycle import CHAIN, DeliveryLifecycle, decide
-from courierd.domain.model import CANCELLED, NEW, Order, Outcome, Status, StatusEvent
+from courierd.domain.model import CANCELLED, EXPIRED, NEW, Order, Outcome, Status, StatusEvent
 from courierd.errors import InputError
 
 NOW = "2026-01-01T00:00:00.000Z"
@@ -50,7 +50,7 @@ def test_table_agrees_with_the_real_machine(state: str) -> None:
             for t in d.transitions:  # the machine walks the same steps, one advance each
                 machine.send("advance")
                 assert model.state == t.status.value
-        elif state not in (CANCELLED,):
+        elif state not in (CANCELLED, EXPIRED):
             assert lifecycle._RANK[target.value] <= lifecycle._RANK[state]
     model = Model(state)
     machine = DeliveryLifecycle(model=model, state_field="state")
@@ -99,6 +99,7 @@ def test_stale_duplicate_cancelled_wrong_courier_change_nothing() -> None:
         (at, event(Status.ARRIVED_AT_STORE), False, Outcome.STALE),
         (at, event(Status.DROPOFF), True, Outcome.DUPLICATE),
         (Order("o1", CANCELLED, "c1"), event(Status.DROPOFF), False, Outcome.CANCELLED),
+        (Order("o1", EXPIRED, "c1"), event(Status.DROPOFF), False, Outcome.EXPIRED),
         (at, event(Status.DROPOFF, courier="c2"), False, Outcome.WRONG_COURIER),
     ]
     for order, ev, dup, outcome in cases:

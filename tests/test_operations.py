@@ -75,6 +75,30 @@ def test_a_second_daemon_on_the_same_database_refuses_to_start(sqlite_rig: Rig, 
     assert first.stop() == 0
 
 
+@pytest.mark.parametrize("link", ["symlink", "hardlink"])
+def test_a_second_daemon_through_a_link_to_the_database_refuses_to_start(
+    sqlite_rig: Rig, link: str
+) -> None:
+    """The lock is the file's, not its spelling's: a daemon started on a symlink or a
+    hard link to the first daemon's database exits 1 with one line naming the holder."""
+    rig = sqlite_rig
+    first = rig.daemon().start()
+    alias = rig.dir / "alias.db"
+    if link == "symlink":
+        alias.symlink_to(rig.dir / "courierd.db")
+    else:
+        os.link(rig.dir / "courierd.db", alias)
+    second = rig.daemon(COURIERD_STORE__PATH=str(alias))
+    second.log = rig.dir / "second.log"
+    second.start(wait_ready=False)
+    assert second.proc is not None and second.proc.wait(20) == 1
+    lines = second.log.read_text().strip().splitlines()
+    assert len(lines) == 1 and "another courierd daemon" in lines[0], lines
+    assert f"pid {first.proc.pid}" in lines[0]  # type: ignore[union-attr]
+    assert first.health()[0] == 200
+    assert first.stop() == 0
+
+
 def test_starts_without_the_broker_and_connects_when_it_comes(
     rig: Rig, notify: NotifySocket
 ) -> None:

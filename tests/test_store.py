@@ -72,7 +72,7 @@ def test_batch_fails_midway_nothing_lands(store: Store) -> None:
     fx = store.writer.commit([status("e1", "o1", Status.DASHER_CONFIRMED)], now=T0)
     assert fx.pushes
     poisoned = Effects()
-    poisoned.event_ids["e2"] = "o2"
+    poisoned.event_ids.add(("o2", "e2"))
     poisoned.transitions.append(Transition("o2", Status.DROPOFF, False, "e2", None))  # type: ignore[arg-type]
     with pytest.raises((sqlite3.IntegrityError, psycopg.IntegrityError)), store.db.transaction():
         store.writer.write(poisoned, Snapshot(), now=T0)

@@ -217,7 +217,7 @@ def test_not_rfc3339_is_bad_ts(ts: str) -> None:
         (rb'{"event_id": "\\ud800", "order_id": "o", "status": "dropoff"}', None),
         (rb'{"event_id": "\ud800", "order_id": "o", "status": "dropoff"}', "bad_unicode"),
         (rb'{"event_id": "e", "order_id": "\udfff", "status": "dropoff"}', "bad_unicode"),
-        (rb'{"event_id": "e\u0000", "order_id": "o", "status": "dropoff"}', "bad_unicode"),
+        (rb'{"event_id": "e\u0000", "order_id": "o", "status": "dropoff"}', "bad_id"),
         (b'{"event_id": "e", "order_id": "o", "status": "dropoff", "x": NaN}', "bad_json"),
         (b'{"event_id": "e", "order_id": "o", "status": "dropoff", "x": 1e999}', "bad_json"),
         (

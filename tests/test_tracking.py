@@ -8,6 +8,7 @@ import json
 import math
 from pathlib import Path
 
+from courierd.domain.lifecycle import FINISHED_SQL
 from courierd.domain.model import (
     Assignment,
     CourierOffline,
@@ -244,7 +245,7 @@ def test_the_active_orders_lookup_uses_its_partial_index(sqlite_store: Store) ->
         r[3]
         for r in store.db.rows(
             "EXPLAIN QUERY PLAN SELECT order_id FROM orders AS o WHERE "
-            "(o.courier_id IN (?, ?) AND o.state NOT IN ('dropoff', 'cancelled'))",
+            f"(o.courier_id IN (?, ?) AND o.state NOT IN ({FINISHED_SQL}))",  # the writer's
             ("c1", "c2"),
         )
     ]

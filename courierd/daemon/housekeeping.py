@@ -1,5 +1,5 @@
-"""Upkeep that runs beside the dispatcher: the offline watchdog, retention, and holds
-left by a dead cancel.
+"""Upkeep that runs beside the dispatcher: the offline watchdog, retention, abandoned
+orders, and holds left by a dead cancel.
 
 A thread of the dispatch process, on its own database connection. It never stops the
 daemon: a failure is logged and tried again on the next round.
@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from courierd.errors import StoreUnavailable
 from courierd.store import Store
+from courierd.store.expiry import BATCH as EXPIRE_BATCH
 from courierd.store.retention import Pruned
 
 log = logging.getLogger(__name__)
@@ -44,11 +45,13 @@ class Housekeeper:
         retention_s = store.retention.retention_s
         # CONTRACT.md 4.12 / the retention issue: at least every min(1 h, retention / 4).
         self.prune_every_s = min(3600.0, retention_s / 4)
+        # Abandoned orders: looked for every minute, or sooner when they expire sooner.
+        self.expire_every_s = min(60.0, store.expiry.abandon_after_s / 4)
 
     def run(self, stop: threading.Event) -> None:
         next_prune = self.clock() + min(FIRST_PRUNE_AFTER_S, self.prune_every_s)
-        next_holds = next_watch = 0.0
-        while not stop.wait(min(1.0, self.prune_every_s)):
+        next_holds = next_watch = next_expire = 0.0
+        while not stop.wait(min(1.0, self.prune_every_s, self.expire_every_s)):
             now = self.clock()
             try:
                 if self.store.db.concurrent and not self.store.leases.hold(
@@ -63,6 +66,9 @@ class Housekeeper:
                     released = self.store.outbox.release_expired_holds(now)
                     if released:
                         log.warning("housekeeping.hold_expired pushes_released=%d", released)
+                if now >= next_expire:
+                    next_expire = now + self.expire_every_s
+                    self.expire(now)
                 if now >= next_prune:
                     next_prune = now + self.prune_every_s
                     self.prune_now(stop)
@@ -81,6 +87,19 @@ class Housekeeper:
             self.on_alert()
         self.couriers_offline = self.store.notices.offline_count()
         return reported
+
+    def expire(self, now: float) -> list[str]:
+        """Mark every abandoned order expired (CONTRACT.md 12), a batch at a time."""
+        expired: list[str] = []
+        while True:
+            step = self.store.expiry.step(now)
+            expired += step
+            if len(step) < EXPIRE_BATCH:
+                break
+        if expired:
+            shown = ",".join(expired[:20]) + (",..." if len(expired) > 20 else "")
+            log.info("housekeeping.expired orders=%d order_ids=%s", len(expired), shown)
+        return expired
 
     def take_reported(self) -> int:
         """Alerts written since the last call (for /metrics)."""

@@ -1,9 +1,16 @@
-"""One daemon per SQLite database (CONTRACT.md 4.13): an exclusive flock beside the file.
+"""One daemon per SQLite database (CONTRACT.md 4.13, 12): an exclusive flock on the file.
 
 Two daemons on one file would dispatch the same rows, and the broker would throw one
-MQTT client off for the other in a loop. The lock lives as long as the process that
-took it; the kernel drops it when that process dies, even by kill -9. Order and
-operator commands never take it.
+MQTT client off for the other in a loop. The lock is taken on the database file
+itself, so it belongs to the file's identity (device and inode), not to the path it
+was named by: a second daemon started through a symlink or a hard link to the same
+file finds it taken. (A `.lock` file beside the path, as before, was one per spelling.)
+
+flock and SQLite's own locks do not meet: SQLite takes fcntl (POSIX) byte-range locks,
+which on Linux are a separate kind. The flock belongs to the open file description,
+so SQLite closing its own descriptors of the file never drops it; the kernel drops it
+when the process that took it (and the workers it forked) die, even by kill -9. Order
+and operator commands never take it.
 """
 
 from __future__ import annotations
@@ -12,45 +19,59 @@ import contextlib
 import fcntl
 import os
 from pathlib import Path
-from typing import IO
 
 from courierd.errors import StoreError
+
+PROC_LOCKS = Path("/proc/locks")
 
 
 class DaemonLock:
     """`acquire()` or raise StoreError naming the holder; `release()` on the way out."""
 
     def __init__(self, db_path: Path) -> None:
-        self.path = Path(f"{db_path}.lock")
         self.db_path = db_path
-        self._file: IO[str] | None = None
+        self._fd: int | None = None
 
     def acquire(self) -> DaemonLock:
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            handle = self.path.open("a+")
+            self.db_path.parent.mkdir(parents=True, exist_ok=True)
+            # An empty file is what SQLite makes of a new database too.
+            fd = os.open(self.db_path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o666)
         except OSError as e:
             raise StoreError(f"cannot open database {self.db_path}: {e}") from None
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
-            handle.close()
+            holder = holder_pid(os.fstat(fd)) or "unknown"
+            os.close(fd)
             raise StoreError(
                 f"another courierd daemon (pid {holder}) holds {self.db_path}; "
                 "one daemon per database"
             ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
-        self._file = handle
+        self._fd = fd
         return self
 
     def release(self) -> None:
-        if self._file is not None:
+        if self._fd is not None:
             with contextlib.suppress(OSError):
-                fcntl.flock(self._file, fcntl.LOCK_UN)
-            self._file.close()
-            self._file = None
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+def holder_pid(st: os.stat_result) -> str | None:
+    """The pid holding a flock on the file `st` describes, from Linux's /proc/locks
+    (lines like `1: FLOCK  ADVISORY  WRITE 4242 fe:00:5578829 0 EOF`); None if unknown."""
+    device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        lines = PROC_LOCKS.read_text().splitlines()
+    except OSError:
+        return None
+    flocks = [p for p in (line.split() for line in lines) if len(p) >= 6 and p[1] == "FLOCK"]
+    exact = [p[4] for p in flocks if p[5] == device]
+    # Some filesystems (btrfs subvolumes, overlays) report another device in stat than
+    # in /proc/locks: then the inode alone, if only one flock has it.
+    same_inode = [p[4] for p in flocks if p[5].rsplit(":", 1)[-1] == str(st.st_ino)]
+    if exact:
+        return exact[0]
+    return same_inode[0] if len(same_inode) == 1 else None

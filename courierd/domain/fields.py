@@ -23,6 +23,12 @@ MAX_NUMBER_DIGITS = 40  # longer integer literals are not telemetry (Python woul
 MAX_TEXT = 256  # courier names, phones, vehicle fields, event ids
 MAX_ID = 128  # order ids (they go into URL paths)
 
+# What an identifier may not hold (CONTRACT.md 12): C0 controls (NUL, CR, LF, ESC...),
+# DEL, C1 controls (NEL among them), and the Unicode line and paragraph separators.
+# Each of these can end a log line, or rewrite the terminal it is shown on, so an id
+# holding one could forge a line that looks like courierd's own.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
 # RFC 3339 section 5.6: date-time = full-date "T" full-time; "t" and a space are allowed
 # separators, "z" for "Z"; the offset is Z or +HH:MM, never +HHMM or a week date.
 _RFC3339 = re.compile(
@@ -86,6 +92,18 @@ def check_text(value: str, name: str, limit: int = MAX_TEXT) -> str:
     return value
 
 
+def check_id(value: str, name: str, limit: int = MAX_TEXT) -> str:
+    """An identifier (order, courier, event): storable text without control characters,
+    else TelemetryError(bad_id). A lone surrogate stays `bad_unicode`: it is not a
+    character at all, and no store takes it."""
+    found = _CONTROL.search(value)
+    if found is not None:
+        raise TelemetryError(
+            "bad_id", f"{name} contains the control character U+{ord(found.group()):04X}"
+        )
+    return check_text(value, name, limit)
+
+
 def string(
     doc: Mapping[str, Any],
     key: str,
@@ -125,7 +143,17 @@ def order_id(doc: Mapping[str, Any], key: str = "order_id") -> str:
         raise TelemetryError(
             "bad_order_id", f"{key} {value[:40]!r} must be 1-128 characters without '/'"
         )
-    return check_text(value, key, MAX_ID)
+    return check_id(value, key, MAX_ID)
+
+
+def required_id(doc: Mapping[str, Any], key: str, limit: int = MAX_TEXT) -> str:
+    """A required, non-empty identifier field (see `check_id`)."""
+    value = doc.get(key)
+    if value is None or value == "":
+        raise TelemetryError("missing_field", f"{key} is required")
+    if not isinstance(value, str):
+        raise TelemetryError("wrong_type", f"{key} must be a string")
+    return check_id(value, key, limit)
 
 
 def number(

@@ -18,6 +18,7 @@ from statemachine import State, StateMachine
 
 from courierd.domain.model import (
     CANCELLED,
+    EXPIRED,
     NEW,
     Decision,
     Order,
@@ -35,7 +36,9 @@ from courierd.errors import InputError
 class DeliveryLifecycle(StateMachine):
     """dasher_confirmed → arriving_at_store → arrived_at_store → out_for_delivery → dropoff.
 
-    An order can be cancelled from any state before dropoff; dropoff and cancelled are final.
+    An order can be cancelled from any state before dropoff; it expires when nothing
+    happened to it for `store.abandon_after_h` (housekeeping does that, never an event).
+    Dropoff, cancelled and expired are final.
     """
 
     new = State(initial=True, value=NEW)
@@ -45,6 +48,7 @@ class DeliveryLifecycle(StateMachine):
     dasher_out_for_delivery = State(value=Status.DASHER_OUT_FOR_DELIVERY.value)
     dropoff = State(final=True, value=Status.DROPOFF.value)
     cancelled = State(final=True, value=CANCELLED)
+    expired = State(final=True, value=EXPIRED)
 
     advance = (
         new.to(dasher_confirmed)
@@ -59,6 +63,13 @@ class DeliveryLifecycle(StateMachine):
         | arriving_at_store.to(cancelled)
         | arrived_at_store.to(cancelled)
         | dasher_out_for_delivery.to(cancelled)
+    )
+    expire = (
+        new.to(expired)
+        | dasher_confirmed.to(expired)
+        | arriving_at_store.to(expired)
+        | arrived_at_store.to(expired)
+        | dasher_out_for_delivery.to(expired)
     )
 
 
@@ -84,8 +95,10 @@ def _read_table() -> tuple[tuple[Status, ...], frozenset[str], frozenset[str]]:
 
 
 CHAIN, CANCELLABLE, STATE_VALUES = _read_table()
-# Orders nothing more happens to: the chain's end, and cancelled.
-FINISHED = frozenset({CHAIN[-1].value, CANCELLED})
+# Orders nothing more happens to: the chain's end, cancelled and expired.
+FINISHED = frozenset({CHAIN[-1].value, CANCELLED, EXPIRED})
+# The same, for SQL: `state NOT IN (...)` is an active order.
+FINISHED_SQL = ", ".join(f"'{s}'" for s in sorted(FINISHED))
 _RANK: dict[str, int] = {NEW: -1, **{s.value: i for i, s in enumerate(CHAIN)}}
 
 
@@ -127,6 +140,8 @@ def decide(
         return Decision(Outcome.DUPLICATE, current)
     if current.cancelled:
         return Decision(Outcome.CANCELLED, current)
+    if current.state == EXPIRED:
+        return Decision(Outcome.EXPIRED, current)
     if current.courier_id is not None and current.courier_id != event.courier_id:
         return Decision(Outcome.WRONG_COURIER, current)
     have, want = _RANK[current.state], _RANK[event.status.value]
@@ -153,7 +168,13 @@ def decide(
         Push(event.order_id, s, push_body(s, info), idempotency_key(event.order_id, s), sources[s])
         for s in reached
     )
-    after = replace(current, state=event.status.value, courier_id=event.courier_id, status_at=at)
+    after = replace(
+        current,
+        state=event.status.value,
+        courier_id=event.courier_id,
+        status_at=at,
+        status_ts=event.ts,
+    )
     return Decision(Outcome.ACCEPTED, after, transitions, pushes)
 
 

@@ -30,9 +30,11 @@ class Status(enum.StrEnum):
 # OneTablet's cancel_reason values (API text, "Cancel Order").
 CANCEL_REASONS = ("ITEM_OUT_OF_STOCK", "STORE_CLOSED", "KITCHEN_BUSY", "OTHER")
 
-# Order states beyond the delivery statuses: before the first status, and cancelled.
+# Order states beyond the delivery statuses: before the first status, cancelled, and
+# expired (abandoned: nothing happened to it for `store.abandon_after_h`; never pushed).
 NEW = "new"
 CANCELLED = "cancelled"
+EXPIRED = "expired"
 
 
 class Outcome(enum.StrEnum):
@@ -42,11 +44,14 @@ class Outcome(enum.StrEnum):
     DUPLICATE = "duplicate"  # event_id seen before
     STALE = "stale"  # status at or behind the order's current one
     CANCELLED = "cancelled"  # order was cancelled: rejected, dead-lettered
+    EXPIRED = "expired"  # order expired (abandoned): rejected, dead-lettered
     WRONG_COURIER = "wrong_courier"  # order is bound to another courier: rejected
     CORRUPT_ROW = "corrupt_row"  # a stored row it needs is unreadable: rejected
 
 
-REJECTED_OUTCOMES = frozenset({Outcome.CANCELLED, Outcome.WRONG_COURIER, Outcome.CORRUPT_ROW})
+REJECTED_OUTCOMES = frozenset(
+    {Outcome.CANCELLED, Outcome.EXPIRED, Outcome.WRONG_COURIER, Outcome.CORRUPT_ROW}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +108,7 @@ class Assignment:
     raw: bytes = field(default=b"", compare=False, repr=False)  # kept for dead letters
     pickup: Place | None = None
     dropoff: Place | None = None
+    ts: str | None = None  # when dispatch made it (RFC 3339, normalised to UTC), if it says
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +152,13 @@ class Order:
     status_at: str | None = None  # when it reached `state` (the transition's `at`)
     confirmed_at: str | None = None  # OneTablet said the restaurant confirmed it
     ready_at: str | None = None  # OneTablet said the food is ready
+    # The `ts` of the assignment that bound the order (None: none had one): an older
+    # assignment never replaces it.
+    assigned_at: str | None = None
+    # When it reached `state` on the clock of the event that took it there: the app's
+    # `ts` or the fix's. None when the app sent no ts: `status_at` is then courierd's
+    # receive time, which the geofence timers never mix with fix times (CONTRACT.md 7).
+    status_ts: str | None = None
 
     @property
     def cancelled(self) -> bool:

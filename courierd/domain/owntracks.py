@@ -57,7 +57,7 @@ def _courier(doc: dict[str, Any], user: str, device: str, source: CourierIdFrom)
         value = device
     else:
         value = fields.string(doc, "tid", limit=fields.MAX_ID) or device[-2:]
-    return fields.check_text(value, "courier id", fields.MAX_ID)
+    return fields.check_id(value, "courier id", fields.MAX_ID)
 
 
 def _location(doc: dict[str, Any], courier_id: str, now: float, slack_s: float) -> LocationFix:

@@ -7,9 +7,10 @@ without a database.
 
 Every status goes through `decide`, whoever says so: a courier's app, or the geofence
 rules reading its fixes (an inferred status is an ordinary status event of the bound
-courier, with a deterministic id `geo:{order}:{status}`). Fixes also keep each courier's
-last accepted position, and every valid message from a courier marks it seen: one that
-had been reported offline is reported back (CONTRACT.md 9).
+courier, with a deterministic id `geo:{order}:{status}`, which no app's id can squat:
+see `_Batch._duplicate`). Fixes also keep each courier's last accepted position, and
+every valid message from a courier marks it seen: one that had been reported offline
+is reported back (CONTRACT.md 9).
 """
 
 from __future__ import annotations
@@ -50,11 +51,13 @@ ALERTS_TOPIC = "dispatch/alerts"
 @dataclass(slots=True)
 class CourierState:
     """What courierd keeps per courier: its last accepted fix, when it was last heard
-    from (courierd's clock), and whether it has been reported offline."""
+    from (courierd's clock), whether it has been reported offline, and when its last
+    accepted fix arrived (courierd's clock: its orders are not abandoned meanwhile)."""
 
     fix: LocationFix | None = None
     last_seen: float | None = None
     offline: bool = False
+    fix_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +88,7 @@ class Snapshot:
     """
 
     orders: dict[str, Order] = field(default_factory=dict)
-    seen_event_ids: set[str] = field(default_factory=set)
+    seen_event_ids: set[tuple[str, str]] = field(default_factory=set)  # (order id, event id)
     profiles: dict[str, Mapping[str, Any]] = field(default_factory=dict)
     corrupt_orders: set[str] = field(default_factory=set)
     corrupt_profiles: set[str] = field(default_factory=set)
@@ -103,7 +106,7 @@ class Effects:
     transitions: list[Transition] = field(default_factory=list)
     pushes: list[Push] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
-    event_ids: dict[str, str] = field(default_factory=dict)  # event id → its order id
+    event_ids: set[tuple[str, str]] = field(default_factory=set)  # (order id, event id)
     profiles: dict[str, Mapping[str, Any] | None] = field(default_factory=dict)
     couriers: dict[str, CourierState] = field(default_factory=dict)  # changed ones
     assigned: dict[str, Places] = field(default_factory=dict)  # places from dispatch
@@ -201,13 +204,18 @@ class _Batch:
             decision = decide(
                 self.orders.get(event.order_id),
                 event,
-                duplicate=event.event_id in self.seen,
+                duplicate=self._duplicate(event),
                 profile=self.profiles.get(event.courier_id),
                 received_at=self.received_at,
             )
-        if event.event_id not in self.seen and decision.outcome is not Outcome.CORRUPT_ROW:
-            self.seen.add(event.event_id)
-            self.fx.event_ids[event.event_id] = event.order_id
+        key = (event.order_id, event.event_id)
+        if (
+            event.source == "app"
+            and key not in self.seen
+            and decision.outcome is not Outcome.CORRUPT_ROW
+        ):
+            self.seen.add(key)
+            self.fx.event_ids.add(key)
         if event.source == "app":
             self.fx.counts[decision.outcome.value] += 1
         elif decision.outcome is Outcome.ACCEPTED:
@@ -219,6 +227,17 @@ class _Batch:
             self._bind(decision.order)
             self.fx.transitions.extend(decision.transitions)
             self.fx.pushes.extend(decision.pushes)
+
+    def _duplicate(self, event: StatusEvent) -> bool:
+        """Whether the event's id was seen before, for its order (CONTRACT.md 12).
+
+        Ids are an app's to choose, so they are deduplicated per order: one courier's
+        app, however it numbers its events, never suppresses another order's status. An
+        inferred status is never checked against them: the chain already makes it once
+        (at or behind the order's state it is stale), and an app that speaks its id
+        `geo:{order}:{status}` must not be able to squat it.
+        """
+        return event.source == "app" and (event.order_id, event.event_id) in self.seen
 
     def _bind(self, order: Order) -> None:
         """Record the order's new state, and keep `active` (courier → orders) true. A
@@ -252,9 +271,14 @@ class _Batch:
             self.fx.counts[Outcome.CORRUPT_ROW.value] += 1
             return
         current = self.orders.get(item.order_id) or Order(item.order_id)
+        if _older(item.ts, current.assigned_at):
+            # Late (a phone, a broker, a cluster's shared subscription reorder them): the
+            # order keeps its newer assignment, courier and places alike.
+            self.fx.counts["ignored_stale_assignment"] += 1
+            return
         if current.courier_id != item.courier_id:
             self.tracks[item.order_id] = self.fx.tracks[item.order_id] = Track()  # new courier
-        self._bind(replace(current, courier_id=item.courier_id))
+        self._bind(replace(current, courier_id=item.courier_id, assigned_at=item.ts))
         if item.pickup is not None or item.dropoff is not None:
             known = self.places.get(item.order_id, Places())
             places = Places(item.pickup or known.pickup, item.dropoff or known.dropoff)
@@ -269,7 +293,7 @@ class _Batch:
         if state is None:
             known = self.snap.couriers.get(courier_id) or CourierState()
             state = self.fx.couriers[courier_id] = CourierState(
-                known.fix, known.last_seen, known.offline
+                known.fix, known.last_seen, known.offline, known.fix_at
             )
         return state
 
@@ -318,6 +342,7 @@ class _Batch:
             self.fx.counts[f"fix_{reason}"] += 1
             return
         state.fix = fix
+        state.fix_at = self.now
         self.fx.counts["location"] += 1
         if self.rules is None:
             return
@@ -334,7 +359,9 @@ class _Batch:
 
     def _step(self, order: Order, places: Places, fix: LocationFix, point: geofence.Fix) -> None:
         track = self.tracks.get(order.order_id, Track())
-        since = None if order.status_at is None else _unix(order.status_at)
+        # Fix time only: when the app sent no ts, the first fix seen at the status stands
+        # in for its start (buffered fixes sent late then depart as they would live).
+        since = None if order.status_ts is None else _unix(order.status_ts)
         assert self.rules is not None
         track, status = geofence.step(
             track, order.state, since, places.pickup, places.dropoff, point, self.rules
@@ -355,6 +382,20 @@ class _Batch:
         )
 
 
+def _older(ts: str | None, assigned_at: str | None) -> bool:
+    """Whether an assignment stamped `ts` is older than the order's current one.
+
+    An assignment without a ts counts as older than any with one (dispatch's clock is
+    never mixed with courierd's); among those without, the one received last wins, as
+    before assignments had a ts. Equal stamps: the one received last wins, so a
+    redelivered assignment changes nothing. The stored form is UTC text of fixed width,
+    so text order is time order.
+    """
+    if assigned_at is None:
+        return False
+    return ts is None or ts < assigned_at
+
+
 def _unix(text: str) -> float | None:
     try:
         return datetime.fromisoformat(text).timestamp()
@@ -366,6 +407,8 @@ def _rejected(event: StatusEvent, outcome: Outcome) -> DeadLetter:
     """A refused event, kept as a dead letter with its original payload."""
     if outcome is Outcome.CANCELLED:
         detail = f"order {event.order_id} is cancelled"
+    elif outcome is Outcome.EXPIRED:
+        detail = f"order {event.order_id} expired (nothing happened to it for too long)"
     elif outcome is Outcome.WRONG_COURIER:
         detail = f"order {event.order_id} is bound to another courier than {event.courier_id}"
     else:

@@ -84,15 +84,18 @@ def _parse(topic: str, payload: bytes, now: float, size: int) -> Input:
         raise TelemetryError("too_large", f"payload of {size} bytes exceeds 64 KiB")
     if topic == ASSIGNMENTS_TOPIC:
         doc = fields.load_object(payload)
-        courier_id = fields.required_string(doc, "courier_id", fields.MAX_ID)
+        courier_id = fields.required_id(doc, "courier_id", fields.MAX_ID)
         if any(c in courier_id for c in "/+#"):
             raise TelemetryError("wrong_type", "courier_id must be one topic level (no / + #)")
         pickup, dropoff = place(doc, "pickup"), place(doc, "dropoff")
-        return Assignment(fields.order_id(doc), courier_id, payload, pickup, dropoff)
+        when = fields.timestamp(doc, required=False)
+        # Stamped far ahead, an assignment would pin the order: nothing could replace it.
+        ts = None if when is None else fields.not_in_future(when, now, FUTURE_SLACK_S)
+        return Assignment(fields.order_id(doc), courier_id, payload, pickup, dropoff, ts)
     parts = topic.split("/")
     if len(parts) != 3 or parts[0] != "couriers" or not parts[1]:
         raise TelemetryError("unknown_topic", f"topic {topic[:200]!r} is not one courierd reads")
-    courier_id, kind = fields.check_text(parts[1], "courier id", fields.MAX_ID), parts[2]
+    courier_id, kind = fields.check_id(parts[1], "courier id", fields.MAX_ID), parts[2]
     if kind == "status":
         return _status_event(courier_id, fields.load_object(payload), payload)
     if kind == "location":
@@ -110,7 +113,7 @@ def _parse(topic: str, payload: bytes, now: float, size: int) -> Input:
 
 
 def _status_event(courier_id: str, doc: dict[str, Any], raw: bytes) -> StatusEvent:
-    event_id = fields.required_string(doc, "event_id")
+    event_id = fields.required_id(doc, "event_id")
     order_id = fields.order_id(doc)
     status_text = fields.required_string(doc, "status")
     status = _STATUSES.get(status_text)

@@ -32,7 +32,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from courierd.config import Settings, StoreSettings
 from courierd.domain import fields
-from courierd.domain.model import CANCEL_REASONS, CANCELLED, NEW, Status, iso
+from courierd.domain.model import CANCEL_REASONS, CANCELLED, EXPIRED, NEW, Status, iso
 from courierd.errors import (
     InputError,
     OneTabletError,
@@ -54,7 +54,7 @@ MAX_LIMIT, DEFAULT_LIMIT = 500, 50
 ACTIVE_CAP, DEAD_LETTERS = 200, 20
 TRACK_POINTS = 5000
 MAX_DETAILS = 1000
-STATES = (NEW, *(s.value for s in Status), CANCELLED)
+STATES = (NEW, *(s.value for s in Status), CANCELLED, EXPIRED)
 KINDS = {  # status → the `error` of the error shape
     **{400: "BadRequest", 401: "Unauthorized", 403: "WritesDisabled", 404: "NotFound"},
     **{405: "MethodNotAllowed", 409: "Conflict", 411: "LengthRequired", 413: "PayloadTooLarge"},

@@ -13,11 +13,11 @@ import functools
 from typing import Any
 
 from courierd.domain.fields import MAX_ID, MAX_NUMBER_DIGITS
-from courierd.domain.model import CANCEL_REASONS, CANCELLED, NEW, Status
+from courierd.domain.model import CANCEL_REASONS, CANCELLED, EXPIRED, NEW, Status
 
 Schema = dict[str, Any]
 
-STATES = [NEW, *(s.value for s in Status), CANCELLED]
+STATES = [NEW, *(s.value for s in Status), CANCELLED, EXPIRED]
 ID_PATTERN = "^[^/\\u0000]+$"  # one path segment, no NUL (courierd's text rule)
 TEXT_PATTERN = "^[^\\u0000]*$"
 

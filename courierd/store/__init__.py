@@ -9,7 +9,8 @@ same `Store`, whose parts each do one thing:
 - `notices` (notices.py): MQTT messages to publish, and the offline watchdog;
 - `registry` (registry.py): the store registry, and the places of submitted orders;
 - `inbound` (inbound.py): what OneTablet tells courierd about orders;
-- `retention` (retention.py): pruning what finished orders leave behind.
+- `retention` (retention.py): pruning what finished orders leave behind;
+- `expiry` (expiry.py): abandoned orders become `expired`.
 
 The backend (`db`) is a `Database` (db.py): sqlite.py (the embedded default) or
 postgres.py (`store.url`; several instances share it: cluster.py).
@@ -21,6 +22,7 @@ from courierd.config import GeofenceSettings, StoreSettings
 from courierd.domain.geofence import GeofenceRules
 from courierd.store.cluster import Leases, Slots
 from courierd.store.db import Database
+from courierd.store.expiry import Expiry
 from courierd.store.inbound import Inbound
 from courierd.store.notices import Notices
 from courierd.store.outbox import Outbox
@@ -40,6 +42,7 @@ class Store:
         db: Database,
         *,
         retention_s: float = 30 * 86400.0,
+        abandon_after_s: float = 24 * 3600.0,
         geofence_rules: GeofenceRules | None = DEFAULT_RULES,
         instance: str = "local",
         slots: int = 4,
@@ -59,6 +62,7 @@ class Store:
         self.registry = Registry(db)
         self.inbound = Inbound(db)
         self.retention = Retention(db, retention_s)
+        self.expiry = Expiry(db, abandon_after_s)
 
     def close(self) -> None:
         self.db.close()
@@ -104,6 +108,7 @@ def open_store(
     return Store(
         db,
         retention_s=settings.retention_days * 86400.0,
+        abandon_after_s=settings.abandon_after_h * 3600.0,
         geofence_rules=geofence_rules(geofence or GeofenceSettings()),
         instance=instance,
         slots=slots,

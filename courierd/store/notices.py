@@ -14,11 +14,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from courierd.domain.lifecycle import FINISHED_SQL
 from courierd.domain.model import dumps, iso
 from courierd.domain.planner import ALERTS_TOPIC
 from courierd.store.db import Database
 
-ACTIVE = "state NOT IN ('dropoff', 'cancelled')"
+ACTIVE = f"state NOT IN ({FINISHED_SQL})"
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from courierd.domain.geo import eta
-from courierd.domain.lifecycle import CHAIN, valid_state
-from courierd.domain.model import CANCELLED, NEW, Place, Status, iso
+from courierd.domain.lifecycle import CHAIN, FINISHED, FINISHED_SQL, valid_state
+from courierd.domain.model import CANCELLED, EXPIRED, NEW, Place, iso
 from courierd.errors import InputError
 from courierd.store.db import Database, Row, chunks, placeholders
 from courierd.store.schema import DELIVERED
@@ -323,7 +323,7 @@ class Queries:
         ]
         since = min((t["at"] for t in transitions), default=updated_at)
         until = None
-        if state == CANCELLED:
+        if state in (CANCELLED, EXPIRED):
             until = updated_at
         elif state in _FINISHED:
             until = max((t["at"] for t in transitions), default=updated_at)
@@ -353,10 +353,10 @@ class Queries:
         }
 
 
-_STATES = (NEW, *(s.value for s in CHAIN), CANCELLED)
-_RANKS = {state: i for i, state in enumerate(_STATES[:-1])}
-_FINISHED = frozenset({Status.DROPOFF.value, CANCELLED})
-_FINISHED_SQL = ", ".join(f"'{s}'" for s in sorted(_FINISHED))
+_STATES = (NEW, *(s.value for s in CHAIN), CANCELLED, EXPIRED)
+_RANKS = {state: i for i, state in enumerate(_STATES[:-2])}
+_FINISHED = FINISHED
+_FINISHED_SQL = FINISHED_SQL
 _SUMMARY = "order_id, state, courier_id, updated_at, status_at, hold_until"
 
 

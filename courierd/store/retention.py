@@ -1,6 +1,6 @@
 """Retention (CONTRACT.md 4.12): forget finished orders and old dead letters, a bit at a time.
 
-What a finished order (dropoff or cancelled) leaves behind (its row, transitions,
+What a finished order (dropoff, cancelled or expired) leaves behind (its row, transitions,
 delivered pushes, event ids) and dead letters go once older than the retention. An
 order with a push still pending, parked or held is kept whole, however old. Each
 step is one short transaction; the number of rows per step adapts so that a step
@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from courierd.domain.lifecycle import FINISHED_SQL
 from courierd.domain.model import iso
 from courierd.store.db import Database, placeholders
 
@@ -72,8 +73,8 @@ class Retention:
             since = self.db.value("SELECT value FROM meta WHERE key = 'legacy_events_since'")
             if since is not None and since < cutoff:
                 done.legacy_events = self.db.changed(
-                    "DELETE FROM processed_events WHERE event_id IN (SELECT event_id FROM "
-                    "processed_events WHERE order_id IS NULL LIMIT ?)",
+                    "DELETE FROM processed_events WHERE order_id = '' AND event_id IN "
+                    "(SELECT event_id FROM processed_events WHERE order_id = '' LIMIT ?)",
                     (self.batch,),
                 )
                 if done.legacy_events == 0:
@@ -90,7 +91,7 @@ class Retention:
         ids = [
             r[0]
             for r in self.db.rows(
-                "SELECT order_id FROM orders AS o WHERE state IN ('dropoff', 'cancelled') "
+                f"SELECT order_id FROM orders AS o WHERE state IN ({FINISHED_SQL}) "
                 "AND updated_at < ? AND hold_until IS NULL AND NOT EXISTS (SELECT 1 FROM "
                 "outbox WHERE outbox.order_id = o.order_id AND state IN ('pending', 'failed', "
                 f"'held')) ORDER BY updated_at LIMIT ?{self.db.for_update}",

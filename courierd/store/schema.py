@@ -207,6 +207,53 @@ def _sqlite_5(db: sqlite_utils.Database) -> None:
         db.execute(statement)
 
 
+# Data integrity (CONTRACT.md 12), shared by both engines.
+_INTEGRITY = (
+    # The ts of the assignment that bound the order: an older one never replaces it.
+    "ALTER TABLE orders ADD COLUMN assigned_at TEXT",
+    # When the order reached its state on the event's own clock (app ts or fix ts; NULL
+    # without one): the geofence timers use it, never the receive time in status_at.
+    "ALTER TABLE orders ADD COLUMN status_ts TEXT",
+    "UPDATE orders SET status_ts = status_at",  # as the timers read it before
+    # Expired (abandoned) orders are finished too: the partial indexes say so, spelled
+    # as the queries spell them (lifecycle.FINISHED_SQL), so that SQLite uses them.
+    "DROP INDEX orders_active",
+    "CREATE INDEX orders_active ON orders(courier_id) "
+    "WHERE courier_id IS NOT NULL AND state NOT IN ('cancelled', 'dropoff', 'expired')",
+    "DROP INDEX orders_finished",
+    "CREATE INDEX orders_finished ON orders(updated_at) "
+    "WHERE state IN ('cancelled', 'dropoff', 'expired')",
+    "CREATE INDEX orders_idle ON orders(updated_at) "
+    "WHERE state NOT IN ('cancelled', 'dropoff', 'expired')",
+    # When a courier's last accepted fix arrived (courierd's clock): an order whose
+    # courier still sends fixes is not abandoned.
+    "ALTER TABLE couriers ADD COLUMN fix_at REAL",
+)
+# Event ids are an app's to choose: deduplicated per order, so one app's ids never
+# suppress another order's statuses. Ids from before they named their order get ''.
+_SQLITE_EVENTS_PER_ORDER = (
+    "CREATE TABLE processed_events_by_order (order_id TEXT NOT NULL, event_id TEXT NOT NULL, "
+    "seen_at TEXT, PRIMARY KEY (order_id, event_id)) WITHOUT ROWID",
+    "INSERT INTO processed_events_by_order SELECT coalesce(order_id, ''), event_id, seen_at "
+    "FROM processed_events",
+    "DROP TABLE processed_events",
+    "ALTER TABLE processed_events_by_order RENAME TO processed_events",
+)
+_PG_EVENTS_PER_ORDER = (
+    "UPDATE processed_events SET order_id = '' WHERE order_id IS NULL",
+    "ALTER TABLE processed_events DROP CONSTRAINT processed_events_pkey",
+    "ALTER TABLE processed_events ALTER COLUMN order_id SET NOT NULL",
+    "ALTER TABLE processed_events ADD PRIMARY KEY (order_id, event_id)",
+    "DROP INDEX processed_events_order",  # the primary key starts with the order id
+)
+
+
+def _sqlite_6(db: sqlite_utils.Database) -> None:
+    """Data integrity: assignment times, event ids per order."""
+    for statement in (*_INTEGRITY, *_SQLITE_EVENTS_PER_ORDER):
+        db.execute(statement)
+
+
 # Append only: a released migration never changes; user_version counts those applied.
 SQLITE_MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (
     _sqlite_1,
@@ -214,6 +261,7 @@ SQLITE_MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (
     _sqlite_3,
     _sqlite_4,
     _sqlite_5,
+    _sqlite_6,
 )
 
 
@@ -280,4 +328,8 @@ _PG_1 = (
 )
 
 # Append only, like SQLite's.
-POSTGRES_MIGRATIONS: tuple[tuple[str, ...], ...] = (_PG_1, _EVENTS)
+POSTGRES_MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    _PG_1,
+    _EVENTS,
+    (*_INTEGRITY, *_PG_EVENTS_PER_ORDER),
+)

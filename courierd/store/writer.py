@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from courierd.domain.geofence import GeofenceRules, Track
-from courierd.domain.lifecycle import valid_state
+from courierd.domain.lifecycle import FINISHED, FINISHED_SQL, valid_state
 from courierd.domain.model import (
     Assignment,
     CourierOffline,
@@ -41,7 +41,7 @@ _ORDER_COLUMNS = (
     "o.order_id, o.state, o.courier_id, o.hold_until, o.status_at, "
     "o.pickup_lat, o.pickup_lng, o.pickup_radius_m, s.lat, s.lng, s.radius_m, "
     "o.dropoff_lat, o.dropoff_lng, o.dropoff_radius_m, o.address_lat, o.address_lng, o.track, "
-    "o.confirmed_at, o.ready_at"
+    "o.confirmed_at, o.ready_at, o.assigned_at, o.status_ts"
 )
 _ORDERS_FROM = "FROM orders AS o LEFT JOIN stores AS s ON s.merchant_supplied_id = o.store_id"
 
@@ -82,13 +82,13 @@ class BatchWriter:
 
         Raises FencedOut (nothing written) if `slots` are no longer this instance's."""
         order_ids: set[str] = set()
-        event_ids: list[str] = []
+        event_ids: set[tuple[str, str]] = set()  # (order id, event id)
         couriers: set[str] = set()
         tracked: set[str] = set()  # couriers whose active orders the batch needs
         for item in inputs:
             if isinstance(item, StatusEvent):
                 order_ids.add(item.order_id)
-                event_ids.append(item.event_id)
+                event_ids.add((item.order_id, item.event_id))
                 couriers.add(item.courier_id)
             elif isinstance(item, LocationFix | CourierOffline):
                 couriers.add(item.courier_id)
@@ -123,7 +123,7 @@ class BatchWriter:
     def snapshot(
         self,
         order_ids: set[str],
-        event_ids: list[str],
+        event_ids: set[tuple[str, str]],
         couriers: set[str],
         tracked: set[str],
         *,
@@ -142,8 +142,7 @@ class BatchWriter:
             params += chunk
         for chunk in chunks(tracked):
             where.append(
-                f"(o.courier_id IN ({placeholders(chunk)}) "
-                "AND o.state NOT IN ('dropoff', 'cancelled'))"
+                f"(o.courier_id IN ({placeholders(chunk)}) AND o.state NOT IN ({FINISHED_SQL}))"
             )
             params += chunk
         if where:
@@ -155,22 +154,44 @@ class BatchWriter:
             )
             for row in rows:
                 self._order(snap, row, now)
-        for chunk in chunks(event_ids):
-            snap.seen_event_ids.update(
-                row[0]
-                for row in db.rows(
-                    "SELECT event_id FROM processed_events "
-                    f"WHERE event_id IN ({placeholders(chunk)})",
-                    chunk,
-                )
-            )
+        self._seen_events(snap, event_ids)
         return snap
+
+    def _seen_events(self, snap: Snapshot, event_ids: set[tuple[str, str]]) -> None:
+        """Which of the batch's (order id, event id) pairs were seen before. A row with the
+        order id '' is from before ids named their order: it counts for every order."""
+        by_id: dict[str, set[str]] = {}
+        for order_id, event_id in event_ids:
+            by_id.setdefault(event_id, set()).add(order_id)
+        orders = sorted({o for o, _ in event_ids} | {""})
+        for id_chunk in chunks(sorted(by_id)):
+            for order_chunk in chunks(orders):
+                for order_id, event_id in self.db.rows(
+                    "SELECT order_id, event_id FROM processed_events "
+                    f"WHERE order_id IN ({placeholders(order_chunk)}) "
+                    f"AND event_id IN ({placeholders(id_chunk)})",
+                    [*order_chunk, *id_chunk],
+                ):
+                    wanted = by_id[event_id]
+                    snap.seen_event_ids.update((o, event_id) for o in wanted if order_id in ("", o))
 
     def _couriers(self, snap: Snapshot, couriers: set[str]) -> None:
         for chunk in chunks(sorted(couriers)):
-            for cid, profile, fix_ts, lat, lng, acc, speed, heading, seen, offline in self.db.rows(
+            for (
+                cid,
+                profile,
+                fix_ts,
+                lat,
+                lng,
+                acc,
+                speed,
+                heading,
+                seen,
+                offline,
+                fix_at,
+            ) in self.db.rows(
                 "SELECT courier_id, profile, fix_ts, lat, lng, accuracy_m, speed_mps, "
-                "heading, last_seen, offline FROM couriers "
+                "heading, last_seen, offline, fix_at FROM couriers "
                 f"WHERE courier_id IN ({placeholders(chunk)}) "
                 f"ORDER BY courier_id{self.db.for_update}",
                 chunk,
@@ -178,7 +199,7 @@ class BatchWriter:
                 fix = None
                 if fix_ts is not None and lat is not None and lng is not None:
                     fix = LocationFix(cid, fix_ts, lat, lng, acc, speed, heading)
-                snap.couriers[cid] = CourierState(fix, seen, bool(offline))
+                snap.couriers[cid] = CourierState(fix, seen, bool(offline), fix_at)
                 if profile is None:
                     continue
                 try:
@@ -193,13 +214,16 @@ class BatchWriter:
     @staticmethod
     def _order(snap: Snapshot, row: tuple[Any, ...], now: float) -> None:
         (oid, state, courier, hold_until, status_at, p_lat, p_lng, p_rad, s_lat, s_lng, s_rad,
-         d_lat, d_lng, d_rad, a_lat, a_lng, track, confirmed_at, ready_at) = row  # fmt: skip
+         d_lat, d_lng, d_rad, a_lat, a_lng, track, confirmed_at, ready_at,
+         assigned_at, status_ts) = row  # fmt: skip
         if not valid_state(state):
             snap.corrupt_orders.add(oid)
             return
         held = hold_until is not None and hold_until > now
-        snap.orders[oid] = Order(oid, state, courier, held, status_at, confirmed_at, ready_at)
-        if courier is not None and state not in ("dropoff", "cancelled"):
+        snap.orders[oid] = Order(
+            oid, state, courier, held, status_at, confirmed_at, ready_at, assigned_at, status_ts
+        )
+        if courier is not None and state not in FINISHED:
             snap.active.setdefault(courier, set()).add(oid)
         pickup = _place(p_lat, p_lng, p_rad) or _place(s_lat, s_lng, s_rad)
         dropoff = _place(d_lat, d_lng, d_rad) or _place(a_lat, a_lng, None)
@@ -214,11 +238,23 @@ class BatchWriter:
         db = self.db
         now_iso = iso(now)
         db.executemany(
-            "INSERT INTO orders (order_id, state, courier_id, updated_at, status_at) "
-            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (order_id) DO UPDATE SET "
-            "state = excluded.state, courier_id = excluded.courier_id, "
-            "updated_at = excluded.updated_at, status_at = excluded.status_at",
-            [(o.order_id, o.state, o.courier_id, now_iso, o.status_at) for o in fx.orders.values()],
+            "INSERT INTO orders (order_id, state, courier_id, updated_at, status_at, "
+            "assigned_at, status_ts) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (order_id) "
+            "DO UPDATE SET state = excluded.state, courier_id = excluded.courier_id, "
+            "updated_at = excluded.updated_at, status_at = excluded.status_at, "
+            "assigned_at = excluded.assigned_at, status_ts = excluded.status_ts",
+            [
+                (
+                    o.order_id,
+                    o.state,
+                    o.courier_id,
+                    now_iso,
+                    o.status_at,
+                    o.assigned_at,
+                    o.status_ts,
+                )
+                for o in fx.orders.values()
+            ],
         )
         for kind in ("pickup", "dropoff"):  # an assignment's place replaces the known one
             db.executemany(
@@ -288,9 +324,9 @@ class BatchWriter:
             ],
         )
         db.executemany(
-            "INSERT INTO processed_events (event_id, order_id, seen_at) VALUES (?, ?, ?) "
-            "ON CONFLICT (event_id) DO NOTHING",
-            [(e, order_id, now_iso) for e, order_id in fx.event_ids.items()],
+            "INSERT INTO processed_events (order_id, event_id, seen_at) VALUES (?, ?, ?) "
+            "ON CONFLICT (order_id, event_id) DO NOTHING",
+            [(order_id, e, now_iso) for order_id, e in sorted(fx.event_ids)],
         )
         db.executemany(
             "INSERT INTO couriers (courier_id, profile, profile_at) VALUES (?, ?, ?) "
@@ -304,11 +340,12 @@ class BatchWriter:
         # The planner read these rows in this transaction: what it says is the truth.
         db.executemany(
             "INSERT INTO couriers (courier_id, fix_ts, lat, lng, accuracy_m, speed_mps, "
-            "heading, last_seen, offline) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "heading, last_seen, offline, fix_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (courier_id) DO UPDATE SET fix_ts = excluded.fix_ts, "
             "lat = excluded.lat, lng = excluded.lng, accuracy_m = excluded.accuracy_m, "
             "speed_mps = excluded.speed_mps, heading = excluded.heading, "
-            "last_seen = excluded.last_seen, offline = excluded.offline",
+            "last_seen = excluded.last_seen, offline = excluded.offline, "
+            "fix_at = excluded.fix_at",
             [_courier_row(cid, state) for cid, state in sorted(fx.couriers.items())],
         )
         db.executemany(
@@ -333,16 +370,7 @@ class BatchWriter:
 
 def _courier_row(courier_id: str, state: CourierState) -> tuple[Any, ...]:
     f = state.fix
+    seen = (state.last_seen, int(state.offline), state.fix_at)
     if f is None:
-        return (courier_id, None, None, None, None, None, None, state.last_seen, int(state.offline))
-    return (
-        courier_id,
-        f.ts,
-        f.lat,
-        f.lng,
-        f.accuracy_m,
-        f.speed_mps,
-        f.heading,
-        state.last_seen,
-        int(state.offline),
-    )
+        return (courier_id, None, None, None, None, None, None, *seen)
+    return (courier_id, f.ts, f.lat, f.lng, f.accuracy_m, f.speed_mps, f.heading, *seen)

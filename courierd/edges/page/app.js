@@ -409,7 +409,7 @@
       );
     });
     const last = track.points[track.points.length - 1];
-    if (last && !["dropoff", "cancelled"].includes(track.state)) {
+    if (last && !["dropoff", "cancelled", "expired"].includes(track.state)) {
       const [x, y] = xy(last.lat, last.lng);
       svg.append(s("circle", { class: "courier", cx: x, cy: y, r: unit * 1.6, "vector-effect": "non-scaling-stroke" }, s("title", { text: "courier, " + ago(last.ts) })));
     }
