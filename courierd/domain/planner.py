@@ -93,6 +93,7 @@ class Snapshot:
     active: dict[str, set[str]] = field(default_factory=dict)
     places: dict[str, Places] = field(default_factory=dict)
     tracks: dict[str, Track] = field(default_factory=dict)
+    fixes: dict[str, int] = field(default_factory=dict)  # fixes the rules consumed, per order
 
 
 @dataclass(slots=True)
@@ -108,7 +109,12 @@ class Effects:
     couriers: dict[str, CourierState] = field(default_factory=dict)  # changed ones
     assigned: dict[str, Places] = field(default_factory=dict)  # places from dispatch
     tracks: dict[str, Track] = field(default_factory=dict)
-    track_points: list[LocationFix] = field(default_factory=list)
+    # Each accepted fix with the order whose rules consumed it, in the order consumed,
+    # and each order's count of consumed fixes; `transition_fixes[i]` is the count of
+    # `transitions[i]`'s order when it was decided (replay puts it back there).
+    track_points: list[tuple[LocationFix, str]] = field(default_factory=list)
+    fixes: dict[str, int] = field(default_factory=dict)
+    transition_fixes: list[int] = field(default_factory=list)
     notifications: list[Notification] = field(default_factory=list)
     counts: Counter[str] = field(default_factory=Counter)
 
@@ -167,6 +173,7 @@ class _Batch:
         self.active = {c: set(ids) for c, ids in snap.active.items()}
         self.places = dict(snap.places)
         self.tracks = dict(snap.tracks)
+        self.fixes = dict(snap.fixes)
         self.fx = Effects()
 
     def add(self, item: Input) -> None:
@@ -218,6 +225,8 @@ class _Batch:
         if decision.transitions:
             self._bind(decision.order)
             self.fx.transitions.extend(decision.transitions)
+            consumed = self.fixes.get(event.order_id, 0)
+            self.fx.transition_fixes.extend(consumed for _ in decision.transitions)
             self.fx.pushes.extend(decision.pushes)
 
     def _bind(self, order: Order) -> None:
@@ -321,38 +330,48 @@ class _Batch:
         self.fx.counts["location"] += 1
         if self.rules is None:
             return
-        tracked = False
         for order_id in sorted(self.active.get(fix.courier_id, ())):
             places = self.places.get(order_id)
             order = self.orders.get(order_id)
             if places is None or order is None or order.courier_id != fix.courier_id:
                 continue
-            tracked = True
-            self._step(order, places, fix, point)
-        if tracked:
-            self.fx.track_points.append(fix)
+            self._step(order, places, fix)
 
-    def _step(self, order: Order, places: Places, fix: LocationFix, point: geofence.Fix) -> None:
-        track = self.tracks.get(order.order_id, Track())
-        since = None if order.status_at is None else _unix(order.status_at)
+    def _step(self, order: Order, places: Places, fix: LocationFix) -> None:
+        self.fx.track_points.append((fix, order.order_id))
+        count = self.fixes.get(order.order_id, 0) + 1
+        self.fixes[order.order_id] = self.fx.fixes[order.order_id] = count
         assert self.rules is not None
-        track, status = geofence.step(
-            track, order.state, since, places.pickup, places.dropoff, point, self.rules
-        )
+        track = self.tracks.get(order.order_id, Track())
+        track, event = geofence_step(track, order, places, fix, self.rules)
         self.tracks[order.order_id] = self.fx.tracks[order.order_id] = track
-        if status is None:
-            return
-        self._status(
-            StatusEvent(
-                f"geo:{order.order_id}:{status.value}",
-                order.order_id,
-                order.courier_id or fix.courier_id,
-                status,
-                fix.ts,
-                source="geofence",
-                where=(fix.lat, fix.lng),
-            )
-        )
+        if event is not None:
+            self._status(event)
+
+
+def geofence_step(
+    track: Track, order: Order, places: Places, fix: LocationFix, rules: GeofenceRules
+) -> tuple[Track, StatusEvent | None]:
+    """One accepted fix of the bound courier through an order's geofence rules: the new
+    track, and the status event to decide, if one fires. The live path and
+    `courierd replay` (domain/replay.py) both take this one step, so they agree."""
+    since = None if order.status_at is None else _unix(order.status_at)
+    point = geofence.Fix(fix_time(fix), fix.lat, fix.lng, fix.accuracy_m, fix.speed_mps)
+    track, status = geofence.step(
+        track, order.state, since, places.pickup, places.dropoff, point, rules
+    )
+    if status is None:
+        return track, None
+    event = StatusEvent(
+        f"geo:{order.order_id}:{status.value}",
+        order.order_id,
+        order.courier_id or fix.courier_id,
+        status,
+        fix.ts,
+        source="geofence",
+        where=(fix.lat, fix.lng),
+    )
+    return track, event
 
 
 def _unix(text: str) -> float | None:

@@ -207,6 +207,28 @@ def _sqlite_5(db: sqlite_utils.Database) -> None:
         db.execute(statement)
 
 
+# Replay (CONTRACT.md 13), shared by both engines: each accepted fix row names the order
+# whose rules consumed it (one row per fix and order, as before one per fix for a courier
+# with one order), and every order and transition counts the fixes consumed so far, so
+# that replay puts the app's statuses between the fixes exactly where they came. Rows
+# of an order are kept as long as the order (retention prunes them with it); rows from
+# before this migration name no order and age out by `recorded_at`, as they did.
+_REPLAY = (
+    "ALTER TABLE track_points ADD COLUMN order_id TEXT",
+    "CREATE INDEX track_points_order ON track_points(order_id, id) WHERE order_id IS NOT NULL",
+    "DROP INDEX track_points_recorded",
+    "CREATE INDEX track_points_recorded ON track_points(recorded_at) WHERE order_id IS NULL",
+    "ALTER TABLE orders ADD COLUMN fixes INTEGER",
+    "ALTER TABLE transitions ADD COLUMN fixes INTEGER",
+)
+
+
+def _sqlite_6(db: sqlite_utils.Database) -> None:
+    """Accepted fixes kept per order, and fix counts, for `courierd replay`."""
+    for statement in _REPLAY:
+        db.execute(statement)
+
+
 # Append only: a released migration never changes; user_version counts those applied.
 SQLITE_MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (
     _sqlite_1,
@@ -214,6 +236,7 @@ SQLITE_MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (
     _sqlite_3,
     _sqlite_4,
     _sqlite_5,
+    _sqlite_6,
 )
 
 
@@ -280,4 +303,4 @@ _PG_1 = (
 )
 
 # Append only, like SQLite's.
-POSTGRES_MIGRATIONS: tuple[tuple[str, ...], ...] = (_PG_1, _EVENTS)
+POSTGRES_MIGRATIONS: tuple[tuple[str, ...], ...] = (_PG_1, _EVENTS, _REPLAY)

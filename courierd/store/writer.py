@@ -41,7 +41,7 @@ _ORDER_COLUMNS = (
     "o.order_id, o.state, o.courier_id, o.hold_until, o.status_at, "
     "o.pickup_lat, o.pickup_lng, o.pickup_radius_m, s.lat, s.lng, s.radius_m, "
     "o.dropoff_lat, o.dropoff_lng, o.dropoff_radius_m, o.address_lat, o.address_lng, o.track, "
-    "o.confirmed_at, o.ready_at"
+    "o.confirmed_at, o.ready_at, o.fixes"
 )
 _ORDERS_FROM = "FROM orders AS o LEFT JOIN stores AS s ON s.merchant_supplied_id = o.store_id"
 
@@ -193,7 +193,7 @@ class BatchWriter:
     @staticmethod
     def _order(snap: Snapshot, row: tuple[Any, ...], now: float) -> None:
         (oid, state, courier, hold_until, status_at, p_lat, p_lng, p_rad, s_lat, s_lng, s_rad,
-         d_lat, d_lng, d_rad, a_lat, a_lng, track, confirmed_at, ready_at) = row  # fmt: skip
+         d_lat, d_lng, d_rad, a_lat, a_lng, track, confirmed_at, ready_at, fixes) = row  # fmt: skip
         if not valid_state(state):
             snap.corrupt_orders.add(oid)
             return
@@ -208,6 +208,8 @@ class BatchWriter:
         if track is not None:
             with contextlib.suppress(ValueError):  # unreadable: the rules start over
                 snap.tracks[oid] = Track.from_json(track)
+        if fixes:
+            snap.fixes[oid] = fixes
 
     def write(self, fx: Effects, snap: Snapshot, *, now: float) -> None:
         """Write every effect of a batch; call inside `transaction()` (one commit)."""
@@ -231,12 +233,12 @@ class BatchWriter:
                 ],
             )
         db.executemany(
-            "UPDATE orders SET track = ? WHERE order_id = ?",
-            [(track.to_json(), oid) for oid, track in fx.tracks.items()],
+            "UPDATE orders SET track = ?, fixes = COALESCE(?, fixes) WHERE order_id = ?",
+            [(track.to_json(), fx.fixes.get(oid), oid) for oid, track in fx.tracks.items()],
         )
         db.executemany(
             "INSERT INTO transitions (order_id, status, inferred, event_id, at, recorded_at, "
-            "source, lat, lng) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "source, lat, lng, fixes) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 (
                     t.order_id,
@@ -248,8 +250,9 @@ class BatchWriter:
                     t.source,
                     None if t.where is None else t.where[0],
                     None if t.where is None else t.where[1],
+                    fx.transition_fixes[i] if i < len(fx.transition_fixes) else None,
                 )
-                for t in fx.transitions
+                for i, t in enumerate(fx.transitions)
             ],
         )
         # A push of an order whose cancel is in progress waits ("held") for its outcome.
@@ -312,9 +315,12 @@ class BatchWriter:
             [_courier_row(cid, state) for cid, state in sorted(fx.couriers.items())],
         )
         db.executemany(
-            "INSERT INTO track_points (courier_id, ts, lat, lng, accuracy_m, recorded_at) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
-            [(f.courier_id, f.ts, f.lat, f.lng, f.accuracy_m, now_iso) for f in fx.track_points],
+            "INSERT INTO track_points (courier_id, ts, lat, lng, accuracy_m, recorded_at, "
+            "order_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [
+                (f.courier_id, f.ts, f.lat, f.lng, f.accuracy_m, now_iso, oid)
+                for f, oid in fx.track_points
+            ],
         )
         db.executemany(
             "INSERT INTO notifications (topic, payload, created_at) VALUES (?, ?, ?)",
