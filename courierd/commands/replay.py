@@ -54,6 +54,9 @@ def rules_with(settings: GeofenceSettings, pairs: Sequence[str]) -> tuple[Geofen
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         raise InputError(f"--set geofence.{where}: {first['msg']}") from None
+    for name, value in tuned.model_dump().items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InputError(f"--set geofence.{name}: {value} is not a finite number")
     screen = any(getattr(tuned, k) != getattr(settings, k) for k in _SCREENING)
     return GeofenceRules(**tuned.model_dump(exclude={"enabled"})), screen
 

@@ -8,8 +8,13 @@ dasher_out_for_delivery) shows where they do.
 - The centre is the median latitude and the median longitude of those fixes, not their
   mean: one multipath fix hundreds of metres off moves a mean by metres per fix, a median
   not at all (it takes half the fixes to move it).
+- A stay ends with the courier walking or driving off: the fixes before the departure
+  rule fired lie between the circle and its exit radius. They are not where anyone
+  waits: a stay is cut after its last fix near its own median (within `CORE` times the
+  stay's median distance from it, or `MIN_RADIUS_M`).
 - The radius holds `HOLD` of the fixes around that centre (nearest rank), never less
-  than `MIN_RADIUS_M`: GPS itself is not better than that.
+  than `MIN_RADIUS_M`: GPS itself is not better than that. It must hold nearly all of
+  them: a fix outside the circle starts the dwell over.
 - Each stay weighs the same whatever its length: a courier who waited 40 minutes does
   not outvote ten who waited two. A stay's fixes are thinned to at most `PER_VISIT`.
 """
@@ -24,8 +29,9 @@ from dataclasses import dataclass
 from courierd.domain.geo import distance_m
 from courierd.domain.model import Place
 
-HOLD = 0.9
+HOLD = 0.95
 MIN_RADIUS_M = 15.0
+CORE = 3.0
 PER_VISIT = 20
 
 
@@ -45,11 +51,10 @@ def suggest(
     store_id: str, registered: Place, visits: Sequence[Sequence[tuple[float, float]]]
 ) -> Suggestion | None:
     """The pickup point the `visits` (each a stay's fixes, lat/lng) show; None without any."""
-    points = [p for visit in visits if visit for p in _thin(visit)]
+    points = [p for visit in visits if visit for p in _thin(_without_departure(visit))]
     if not points:
         return None
-    lat = statistics.median(p[0] for p in points)
-    lng = statistics.median(p[1] for p in points)
+    lat, lng = _median_point(points)
     spread = sorted(distance_m(lat, lng, y, x) for y, x in points)
     held = spread[max(0, math.ceil(HOLD * len(spread)) - 1)]
     return Suggestion(
@@ -68,3 +73,16 @@ def _thin(points: Sequence[tuple[float, float]]) -> Sequence[tuple[float, float]
         return points
     step = len(points) / PER_VISIT
     return [points[int(i * step)] for i in range(PER_VISIT)]
+
+
+def _median_point(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
+    return statistics.median(p[0] for p in points), statistics.median(p[1] for p in points)
+
+
+def _without_departure(points: Sequence[tuple[float, float]]) -> Sequence[tuple[float, float]]:
+    """The stay up to its last fix near its own median (the way out is not the wait)."""
+    lat, lng = _median_point(points)
+    far = [distance_m(lat, lng, y, x) for y, x in points]
+    near = max(MIN_RADIUS_M, CORE * statistics.median(far))
+    last = max(i for i, d in enumerate(far) if d <= near or i == 0)
+    return points[: last + 1]
