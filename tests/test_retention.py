@@ -107,3 +107,27 @@ def test_a_big_backlog_is_pruned_in_many_small_transactions(tmp_path: Path) -> N
     assert sum(steps) == 6000 and len(steps) > 2
     assert max(steps) <= 5000
     store.close()
+
+
+def test_accepted_fixes_live_as_long_as_their_order(store) -> None:  # type: ignore[no-untyped-def]
+    """An order's accepted fixes (what replay needs) outlive the page's one day while
+    the order is kept, and go with the order when retention prunes it."""
+    from courierd.domain.model import Assignment, LocationFix, Place, iso
+
+    t0 = 1_700_000_000.0
+    for oid, courier in (("done", "c1"), ("open", "c2")):
+        store.writer.commit(
+            [Assignment(oid, courier, pickup=Place(40.7, -74.0))]
+            + [LocationFix(courier, iso(t0 + 10 * i), 40.7, -74.0, 5.0) for i in range(5)],
+            now=t0,
+        )
+    store.writer.commit([StatusEvent("d", "done", "c1", Status.DROPOFF, iso(t0 + 60))], now=t0)
+    rows = store.outbox.claim_due(t0, 100)
+    while rows:
+        store.outbox.record_results([PushResult(r.id, DELIVERED, t0) for r in rows])
+        rows = store.outbox.claim_due(t0, 100)
+    later = t0 + 40 * 86400  # past the 30-day retention and the page's one day
+    while store.retention.step(later).total:
+        pass
+    kept = store.db.rows("SELECT order_id, count(*) FROM track_points GROUP BY order_id")
+    assert kept == [("open", 5)]
