@@ -94,7 +94,7 @@ def run_replay(
         missing = sorted(set(orders) - set(ids))
         if missing:
             raise InputError(f"no accepted fixes stored for order {missing[0]!r}")
-        results = list(_replayed(reads, ids, rules, screen))
+        results = list(replay_orders(reads, ids, rules, screen))
     summary = summarise(results)
     if as_json:
         print(json.dumps(replay_json(results, summary)))
@@ -103,7 +103,7 @@ def run_replay(
     return 0
 
 
-def _replayed(
+def replay_orders(
     reads: ReplayReads, ids: Sequence[str], rules: GeofenceRules, screen: bool
 ) -> Iterator[OrderReplay]:
     """Replayed orders; a progress line on stderr each second of a long replay."""

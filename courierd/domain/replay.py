@@ -97,7 +97,7 @@ def replay(history: History, rules: GeofenceRules, *, screen: bool = False) -> O
     `screen` screens the stored fixes again (per order) with `rules`: for a stricter
     `max_accuracy_m` / `max_speed_mps` than the one they were accepted under.
     """
-    order = Order(history.order_id)
+    order = Order(history.order_id, courier_id=_COURIER)  # bound, as the live orders are
     track = Track()
     fired: dict[Status, str] = {}
     app = sorted(history.app, key=lambda a: a.after_fixes)  # stable: decided order kept
@@ -125,8 +125,7 @@ def replay(history: History, rules: GeofenceRules, *, screen: bool = False) -> O
             if accepted:
                 last = point
         if accepted:
-            bound = Order(order.order_id, order.state, _COURIER, status_at=order.status_at)
-            track, event = geofence_step(track, bound, history.places, fix, rules)
+            track, event = geofence_step(track, order, history.places, fix, rules)
             after = None if event is None else _decided(order, event)
             if event is not None and after is not None:
                 fired[event.status] = fix.ts
