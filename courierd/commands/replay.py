@@ -152,9 +152,12 @@ def report_text(results: Sequence[OrderReplay], summary: Summary) -> str:
             lines.append(f"{r.order_id}  {s.status.value}: {what}")
     lines.append(f"orders replayed: {summary.orders}, orders that change: {summary.changed}")
     for shift in summary.shifts:
-        parts = [f"{shift.orders} shifted"]
+        parts = []
         if shift.median_s is not None and shift.p90_s is not None:
-            parts.append(f"median {_signed(shift.median_s)}, p90 {_signed(shift.p90_s)}")
+            parts.append(
+                f"fired in {shift.orders} both times, shift median "
+                f"{_signed(shift.median_s)}, p90 {_signed(shift.p90_s)}"
+            )
         if shift.newly:
             parts.append(f"{shift.newly} would newly fire")
         if shift.lost:

@@ -47,19 +47,21 @@ class ReplayReads:
     def order_ids(
         self, wanted: Sequence[str] = (), since: str | None = None, until: str | None = None
     ) -> list[str]:
-        """Orders with accepted fixes, sorted; only `wanted` ones if given; only those
-        whose first fix is at or after `since` and before `until` (stored UTC text)."""
-        sql = "SELECT order_id, min(ts) FROM track_points WHERE order_id IS NOT NULL"
+        """Orders with accepted fixes, in the order of their first one; only `wanted`
+        ones if given; only those whose first fix is at or after `since` and before
+        `until` (stored UTC text). That order is also the order the rows were written
+        in, so reading orders chunk by chunk reads the table's pages about once."""
+        sql = "SELECT order_id, min(ts), min(id) FROM track_points WHERE order_id IS NOT NULL"
         params: list[Any] = []
         if wanted:
             sql += f" AND order_id IN ({placeholders(wanted)})"
             params += wanted
         rows = self.db.rows(sql + " GROUP BY order_id", params)
-        return sorted(
+        return [
             oid
-            for oid, first in rows
+            for oid, first, _ in sorted(rows, key=lambda row: row[2])
             if (since is None or first >= since) and (until is None or first < until)
-        )
+        ]
 
     def histories(self, order_ids: Sequence[str]) -> Iterator[History]:
         """Each order's `History`, in the order given."""
