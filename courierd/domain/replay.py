@@ -220,7 +220,7 @@ def quantile(values: Sequence[float], q: float) -> float | None:
     if not values:
         return None
     ordered = sorted(values)
-    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+    return round(ordered[max(0, math.ceil(q * len(ordered)) - 1)], 3)  # fix times are ms
 
 
 def _unix(text: str) -> float:
