@@ -52,11 +52,16 @@ class ReplayReads:
         `until` (stored UTC text). That order is also the order the rows were written
         in, so reading orders chunk by chunk reads the table's pages about once."""
         sql = "SELECT order_id, min(ts), min(id) FROM track_points WHERE order_id IS NOT NULL"
-        params: list[Any] = []
         if wanted:
-            sql += f" AND order_id IN ({placeholders(wanted)})"
-            params += wanted
-        rows = self.db.rows(sql + " GROUP BY order_id", params)
+            rows = [
+                row
+                for chunk in chunks(wanted)
+                for row in self.db.rows(
+                    f"{sql} AND order_id IN ({placeholders(chunk)}) GROUP BY order_id", chunk
+                )
+            ]
+        else:
+            rows = self.db.rows(f"{sql} GROUP BY order_id")
         return [
             oid
             for oid, first, _ in sorted(rows, key=lambda row: row[2])
