@@ -1079,10 +1079,11 @@ def replay_cost(root: Path, fixes: int) -> dict[str, Any]:
     for first in range(0, orders, together):
         group = range(first, min(orders, first + together))
         setup: list[Input] = []
-        for o in group:
+        for o in group:  # order ids as OneTablet's: UUIDs (the id is in every row)
+            oid = str(uuid.UUID(int=o))
             setup += [
-                Assignment(f"rp{o}", f"rc{o}", pickup=Place(40.7, -74.0 + o * 1e-3)),
-                StatusEvent(f"rp{o}", f"rp{o}", f"rc{o}", Status.DASHER_CONFIRMED, iso(t0)),
+                Assignment(oid, f"rc{o}", pickup=Place(40.7, -74.0 + o * 1e-3)),
+                StatusEvent(oid, oid, f"rc{o}", Status.DASHER_CONFIRMED, iso(t0)),
             ]
         store.writer.commit(setup, now=t0)
         batch: list[Input] = []
