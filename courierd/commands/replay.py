@@ -108,9 +108,12 @@ def replay_orders(
 ) -> Iterator[OrderReplay]:
     """Replayed orders; a progress line on stderr each second of a long replay."""
     started = last = time.monotonic()
-    fixes = 0
+    fixes = partial = 0
     for n, history in enumerate(reads.histories(ids), 1):
         fixes += len(history.fixes)
+        if history.missing:
+            partial += 1  # some of its fixes were pruned: a replay would not be faithful
+            continue
         yield replay(history, rules, screen=screen)
         now = time.monotonic()
         if now - last >= PROGRESS_EVERY_S:
@@ -118,6 +121,8 @@ def replay_orders(
             sys.stderr.write(
                 f"replay: {n:,}/{len(ids):,} orders, {fixes:,} fixes, {now - started:.0f} s\n"
             )
+    if partial:
+        sys.stderr.write(f"replay: {partial:,} orders left out: some of their fixes are pruned\n")
 
 
 def replay_json(results: Sequence[OrderReplay], summary: Summary) -> dict[str, Any]:

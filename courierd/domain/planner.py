@@ -57,6 +57,20 @@ class CourierState:
     offline: bool = False
 
 
+# The fixes an order's rules consumed, as segments (courier_id, first fix ts, count):
+# each courier's accepted fixes are consumed in ts order, so a segment is that courier's
+# kept fixes from `first` on, `count` of them. A new courier starts a new segment.
+Consumed = tuple[tuple[str, str, int], ...]
+
+
+def consumed_after(consumed: Consumed, fix: LocationFix) -> Consumed:
+    """The segments once `fix` is consumed too."""
+    if consumed and consumed[-1][0] == fix.courier_id:
+        courier, first, count = consumed[-1]
+        return (*consumed[:-1], (courier, first, count + 1))
+    return (*consumed, (fix.courier_id, fix.ts, 1))
+
+
 @dataclass(frozen=True, slots=True)
 class Places:
     """Where an order is picked up and dropped off, as far as courierd knows."""
@@ -93,7 +107,7 @@ class Snapshot:
     active: dict[str, set[str]] = field(default_factory=dict)
     places: dict[str, Places] = field(default_factory=dict)
     tracks: dict[str, Track] = field(default_factory=dict)
-    fixes: dict[str, int] = field(default_factory=dict)  # fixes the rules consumed, per order
+    consumed: dict[str, Consumed] = field(default_factory=dict)  # per order: see Consumed
 
 
 @dataclass(slots=True)
@@ -109,11 +123,11 @@ class Effects:
     couriers: dict[str, CourierState] = field(default_factory=dict)  # changed ones
     assigned: dict[str, Places] = field(default_factory=dict)  # places from dispatch
     tracks: dict[str, Track] = field(default_factory=dict)
-    # Each accepted fix with the order whose rules consumed it, in the order consumed,
-    # and each order's count of consumed fixes; `transition_fixes[i]` is the count of
-    # `transitions[i]`'s order when it was decided (replay puts it back there).
-    track_points: list[tuple[LocationFix, str]] = field(default_factory=list)
-    fixes: dict[str, int] = field(default_factory=dict)
+    # Accepted fixes some order's rules consumed (kept, for replay and the page), what
+    # each order consumed, and for `transitions[i]` the number of fixes its order had
+    # consumed when it was decided (replay puts it back there).
+    track_points: list[LocationFix] = field(default_factory=list)
+    consumed: dict[str, Consumed] = field(default_factory=dict)
     transition_fixes: list[int] = field(default_factory=list)
     notifications: list[Notification] = field(default_factory=list)
     counts: Counter[str] = field(default_factory=Counter)
@@ -173,7 +187,7 @@ class _Batch:
         self.active = {c: set(ids) for c, ids in snap.active.items()}
         self.places = dict(snap.places)
         self.tracks = dict(snap.tracks)
-        self.fixes = dict(snap.fixes)
+        self.consumed = dict(snap.consumed)
         self.fx = Effects()
 
     def add(self, item: Input) -> None:
@@ -225,8 +239,8 @@ class _Batch:
         if decision.transitions:
             self._bind(decision.order)
             self.fx.transitions.extend(decision.transitions)
-            consumed = self.fixes.get(event.order_id, 0)
-            self.fx.transition_fixes.extend(consumed for _ in decision.transitions)
+            count = sum(n for _, _, n in self.consumed.get(event.order_id, ()))
+            self.fx.transition_fixes.extend(count for _ in decision.transitions)
             self.fx.pushes.extend(decision.pushes)
 
     def _bind(self, order: Order) -> None:
@@ -330,17 +344,20 @@ class _Batch:
         self.fx.counts["location"] += 1
         if self.rules is None:
             return
+        tracked = False
         for order_id in sorted(self.active.get(fix.courier_id, ())):
             places = self.places.get(order_id)
             order = self.orders.get(order_id)
             if places is None or order is None or order.courier_id != fix.courier_id:
                 continue
+            tracked = True
             self._step(order, places, fix)
+        if tracked:
+            self.fx.track_points.append(fix)
 
     def _step(self, order: Order, places: Places, fix: LocationFix) -> None:
-        self.fx.track_points.append((fix, order.order_id))
-        count = self.fixes.get(order.order_id, 0) + 1
-        self.fixes[order.order_id] = self.fx.fixes[order.order_id] = count
+        oid = order.order_id
+        self.consumed[oid] = self.fx.consumed[oid] = consumed_after(self.consumed.get(oid, ()), fix)
         assert self.rules is not None
         track = self.tracks.get(order.order_id, Track())
         track, event = geofence_step(track, order, places, fix, self.rules)

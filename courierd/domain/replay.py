@@ -56,6 +56,7 @@ class History:
     fixes: list[LocationFix] = field(default_factory=list)
     app: list[AppStatus] = field(default_factory=list)
     was: dict[Status, str] = field(default_factory=dict)
+    missing: int = 0  # fixes consumed live that are no longer kept (pruned by age)
 
 
 @dataclass(frozen=True, slots=True)

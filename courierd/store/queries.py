@@ -331,12 +331,9 @@ class Queries:
         if courier_id is not None:
             bound = "" if until is None else "AND ts <= ? "
             points = self.db.rows(
-                # A fix consumed for two orders of one courier is a row of each; rows from
-                # before replay existed name no order.
                 "SELECT ts, lat, lng, accuracy_m FROM track_points WHERE courier_id = ? "
-                "AND (order_id = ? OR order_id IS NULL) "
                 f"AND ts >= ? {bound}ORDER BY ts DESC, id DESC LIMIT ?",
-                (courier_id, order_id, since, *(() if until is None else (until,)), limit + 1),
+                (courier_id, since, *(() if until is None else (until,)), limit + 1),
             )
         pickup, dropoff = self.places(order_id)
         return {

@@ -207,24 +207,22 @@ def _sqlite_5(db: sqlite_utils.Database) -> None:
         db.execute(statement)
 
 
-# Replay (CONTRACT.md 13), shared by both engines: each accepted fix row names the order
-# whose rules consumed it (one row per fix and order, as before one per fix for a courier
-# with one order), and every order and transition counts the fixes consumed so far, so
-# that replay puts the app's statuses between the fixes exactly where they came. Rows
-# of an order are kept as long as the order (retention prunes them with it); rows from
-# before this migration name no order and age out by `recorded_at`, as they did.
+# Replay (CONTRACT.md 13), shared by both engines. A courier's accepted fixes are
+# consumed in `ts` order (each is newer than the last), so the fixes an order's rules
+# consumed are, for each courier it had in turn, that courier's `track_points` rows from
+# the first one consumed on, as many as were consumed: `orders.consumed` holds those
+# segments, JSON [[courier_id, first_ts, count], ...], rewritten with the order's rule
+# state on every fix (no row more per fix). Each transition records how many fixes the
+# order had consumed when it was decided, so replay puts the app's statuses back
+# between the right fixes.
 _REPLAY = (
-    "ALTER TABLE track_points ADD COLUMN order_id TEXT",
-    "CREATE INDEX track_points_order ON track_points(order_id, id) WHERE order_id IS NOT NULL",
-    "DROP INDEX track_points_recorded",
-    "CREATE INDEX track_points_recorded ON track_points(recorded_at) WHERE order_id IS NULL",
-    "ALTER TABLE orders ADD COLUMN fixes INTEGER",
+    "ALTER TABLE orders ADD COLUMN consumed TEXT",
     "ALTER TABLE transitions ADD COLUMN fixes INTEGER",
 )
 
 
 def _sqlite_6(db: sqlite_utils.Database) -> None:
-    """Accepted fixes kept per order, and fix counts, for `courierd replay`."""
+    """Which accepted fixes each order consumed, for `courierd replay`."""
     for statement in _REPLAY:
         db.execute(statement)
 

@@ -29,7 +29,14 @@ from courierd.domain.model import (
     dumps,
     iso,
 )
-from courierd.domain.planner import CourierState, Effects, Places, Snapshot, plan_batch
+from courierd.domain.planner import (
+    Consumed,
+    CourierState,
+    Effects,
+    Places,
+    Snapshot,
+    plan_batch,
+)
 from courierd.errors import FencedOut
 from courierd.store.db import Database, chunks, placeholders
 from courierd.store.schema import HELD, PENDING
@@ -41,7 +48,7 @@ _ORDER_COLUMNS = (
     "o.order_id, o.state, o.courier_id, o.hold_until, o.status_at, "
     "o.pickup_lat, o.pickup_lng, o.pickup_radius_m, s.lat, s.lng, s.radius_m, "
     "o.dropoff_lat, o.dropoff_lng, o.dropoff_radius_m, o.address_lat, o.address_lng, o.track, "
-    "o.confirmed_at, o.ready_at, o.fixes"
+    "o.confirmed_at, o.ready_at, o.consumed"
 )
 _ORDERS_FROM = "FROM orders AS o LEFT JOIN stores AS s ON s.merchant_supplied_id = o.store_id"
 
@@ -193,7 +200,8 @@ class BatchWriter:
     @staticmethod
     def _order(snap: Snapshot, row: tuple[Any, ...], now: float) -> None:
         (oid, state, courier, hold_until, status_at, p_lat, p_lng, p_rad, s_lat, s_lng, s_rad,
-         d_lat, d_lng, d_rad, a_lat, a_lng, track, confirmed_at, ready_at, fixes) = row  # fmt: skip
+         d_lat, d_lng, d_rad, a_lat, a_lng, track, confirmed_at, ready_at,
+         consumed) = row  # fmt: skip
         if not valid_state(state):
             snap.corrupt_orders.add(oid)
             return
@@ -208,8 +216,9 @@ class BatchWriter:
         if track is not None:
             with contextlib.suppress(ValueError):  # unreadable: the rules start over
                 snap.tracks[oid] = Track.from_json(track)
-        if fixes:
-            snap.fixes[oid] = fixes
+        if consumed is not None:
+            with contextlib.suppress(ValueError):  # unreadable: counted afresh
+                snap.consumed[oid] = read_consumed(consumed)
 
     def write(self, fx: Effects, snap: Snapshot, *, now: float) -> None:
         """Write every effect of a batch; call inside `transaction()` (one commit)."""
@@ -233,8 +242,11 @@ class BatchWriter:
                 ],
             )
         db.executemany(
-            "UPDATE orders SET track = ?, fixes = COALESCE(?, fixes) WHERE order_id = ?",
-            [(track.to_json(), fx.fixes.get(oid), oid) for oid, track in fx.tracks.items()],
+            "UPDATE orders SET track = ?, consumed = COALESCE(?, consumed) WHERE order_id = ?",
+            [
+                (track.to_json(), _consumed_json(fx.consumed.get(oid)), oid)
+                for oid, track in fx.tracks.items()
+            ],
         )
         db.executemany(
             "INSERT INTO transitions (order_id, status, inferred, event_id, at, recorded_at, "
@@ -315,12 +327,9 @@ class BatchWriter:
             [_courier_row(cid, state) for cid, state in sorted(fx.couriers.items())],
         )
         db.executemany(
-            "INSERT INTO track_points (courier_id, ts, lat, lng, accuracy_m, recorded_at, "
-            "order_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            [
-                (f.courier_id, f.ts, f.lat, f.lng, f.accuracy_m, now_iso, oid)
-                for f, oid in fx.track_points
-            ],
+            "INSERT INTO track_points (courier_id, ts, lat, lng, accuracy_m, recorded_at) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            [(f.courier_id, f.ts, f.lat, f.lng, f.accuracy_m, now_iso) for f in fx.track_points],
         )
         db.executemany(
             "INSERT INTO notifications (topic, payload, created_at) VALUES (?, ?, ?)",
@@ -335,6 +344,30 @@ class BatchWriter:
                 "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                 (iso(now),),
             )
+
+
+def _consumed_json(consumed: Consumed | None) -> str | None:
+    return None if consumed is None else dumps([list(segment) for segment in consumed])
+
+
+def read_consumed(text: str) -> Consumed:
+    """Stored segments (see planner.Consumed); ValueError if they are anything else."""
+    try:
+        doc = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise ValueError("consumed is not JSON") from e
+    if not isinstance(doc, list) or not all(
+        isinstance(seg, list)
+        and len(seg) == 3
+        and isinstance(seg[0], str)
+        and isinstance(seg[1], str)
+        and isinstance(seg[2], int)
+        and not isinstance(seg[2], bool)
+        and seg[2] > 0
+        for seg in doc
+    ):
+        raise ValueError("consumed is not [[courier_id, first_ts, count], ...]")
+    return tuple((c, first, n) for c, first, n in doc)
 
 
 def _courier_row(courier_id: str, state: CourierState) -> tuple[Any, ...]:
