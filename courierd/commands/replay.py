@@ -2,8 +2,9 @@
 (CONTRACT.md 13).
 
 Both only read. SQLite is opened read-only (`mode=ro`: a running daemon keeps writing
-beside it); a PostgreSQL session is set read-only before the first query, so a bug here
-could not write either. The work is the pure core's (domain/replay.py, domain/pickup.py).
+beside it); a PostgreSQL session is set read-only once open (opening migrates a database
+that is behind, as every command does), so a bug here could not write either. The work
+is the pure core's (domain/replay.py, domain/pickup.py).
 """
 
 from __future__ import annotations
@@ -197,13 +198,12 @@ def run_suggest(settings: Settings, min_orders: int, fmt: str) -> int:
     else:
         from courierd.commands.operate import table
 
-        print(table([_suggestion_json(s) for s in found], list(_suggestion_json_keys())))
+        print(table([_suggestion_json(s) for s in found], list(SUGGESTION_KEYS)))
     return 0
 
 
-def _suggestion_json_keys() -> tuple[str, ...]:
-    return ("merchant_supplied_id", "lat", "lng", "radius_m", "visits", "moved_m")
+SUGGESTION_KEYS = ("merchant_supplied_id", "lat", "lng", "radius_m", "visits", "moved_m")
 
 
 def _suggestion_json(s: Suggestion) -> dict[str, Any]:
-    return {k: getattr(s, k) for k in _suggestion_json_keys()}
+    return {k: getattr(s, k) for k in SUGGESTION_KEYS}
