@@ -26,7 +26,9 @@ broker, so machine noise cancels out):
    cleanly, and the takeover after kill -9 and after SIGSTOP;
 6. memory and start: RSS/PSS and time to ready with 100k active orders and 1M history
    rows, beside the same figures on a nearly empty database;
-7. the lifecycle: `decide` per event versus a python-statemachine instance per event.
+7. the lifecycle: `decide` per event versus a python-statemachine instance per event;
+8. replay: 1M accepted fixes through the writer, then replayed (a figure, goal ≤ 30 s),
+   and the bytes each accepted fix takes on disk.
 
 Each ratio (and the latency p99) is the median of --repeats runs (3).
 Usage: scripts/bench [--quick] [--only PHASES] [--repeats N] [--out FILE].
@@ -1255,6 +1257,86 @@ def median_run(runs: list[dict[str, Any]], key: str = "ratio") -> dict[str, Any]
     return {**ordered[len(ordered) // 2], f"{key}s": [r[key] for r in runs]}
 
 
+def replay_cost(root: Path, fixes: int) -> dict[str, Any]:
+    """`courierd replay` (CONTRACT.md 13): `fixes` accepted fixes of geofenced orders,
+    200 per order (approach, wait, leave), committed through the real writer in batches
+    of 500 fixes of 50 couriers; then every order replayed with the settings unchanged
+    (read, rules, compare: the command without its printing). Also the bytes each
+    accepted fix takes on disk: its track_points row and index entries (SQLite dbstat)."""
+    from courierd.commands.replay import replay_orders
+    from courierd.domain.geofence import GeofenceRules
+    from courierd.domain.model import Assignment, Input, LocationFix, Place, Status, StatusEvent
+    from courierd.store.replays import ReplayReads
+
+    per_order, together = 200, 50
+    orders = max(1, fixes // per_order)
+    say(f"replay: {orders * per_order:,} accepted fixes of {orders:,} orders")
+    store = open_store(StoreSettings(path=root / "replay.db"))
+    t0 = PING_T0
+    started = time.perf_counter()
+    for first in range(0, orders, together):
+        group = range(first, min(orders, first + together))
+        setup: list[Input] = []
+        for o in group:  # order ids as OneTablet's: UUIDs (the id is in every row)
+            oid = str(uuid.UUID(int=o))
+            setup += [
+                Assignment(oid, f"rc{o}", pickup=Place(40.7, -74.0 + o * 1e-3)),
+                StatusEvent(oid, oid, f"rc{o}", Status.DASHER_CONFIRMED, iso(t0)),
+            ]
+        store.writer.commit(setup, now=t0)
+        batch: list[Input] = []
+        for i in range(per_order):
+            north = 3000 - 50 * i if i < 60 else (i % 3) * 5 if i < 140 else 0
+            east = 0 if i < 140 else 50 * (i - 139)
+            for o in group:
+                lat, lng = 40.7 + north / 111_320, -74.0 + o * 1e-3 + east / 84_300
+                batch.append(LocationFix(f"rc{o}", iso(t0 + 10 * i), lat, lng, 5.0))
+            if len(batch) >= 500:
+                store.writer.commit(batch, now=t0)
+                batch = []
+        store.writer.commit(batch, now=t0)
+    write_s = time.perf_counter() - started
+    stored = store.db.value("SELECT count(*) FROM track_points")
+    on_disk = dict(
+        store.db.rows(
+            "SELECT name, sum(pgsize) FROM dbstat WHERE name = 'track_points' "
+            "OR name LIKE 'track_points_%' GROUP BY name"
+        )
+    )
+    store.close()
+    readonly = open_store(StoreSettings(path=root / "replay.db"), readonly=True)
+    reads = ReplayReads(readonly.db)
+    started = time.perf_counter()  # the baseline: reading the same rows, no rules
+    assert sum(len(h.fixes) for h in reads.histories(reads.order_ids())) == stored
+    read_s = time.perf_counter() - started
+    started = time.perf_counter()
+    ids = reads.order_ids()
+    results = list(replay_orders(reads, ids, GeofenceRules(), False))
+    replay_s = time.perf_counter() - started
+    readonly.close()
+    changed = sum(r.changed for r in results)
+    per_fix = {name: round(size / stored, 1) for name, size in on_disk.items()}
+    total = round(sum(on_disk.values()) / stored, 1)
+    million_s = replay_s * 1_000_000 / stored
+    say(f"  written through the writer in {write_s:.1f} s; {stored:,} rows, {total} bytes/fix")
+    say(f"  replayed in {replay_s:.1f} s ({stored / replay_s:,.0f} fixes/s, 1M: {million_s:.0f} s)")
+    say(f"  reading the same rows alone: {read_s:.1f} s ({replay_s / read_s:.2f}x)")
+    return {
+        "fixes": stored,
+        "orders": len(ids),
+        "orders_changed": changed,  # with the settings unchanged: 0
+        "write_s": round(write_s, 2),
+        "replay_s": round(replay_s, 2),
+        "read_only_s": round(read_s, 2),  # the baseline: the rows read, no rules run
+        "replay_over_read": round(replay_s / read_s, 2),
+        "fixes_per_s": round(stored / replay_s),
+        "projected_1m_fixes_s": round(million_s, 1),
+        "goal_1m_fixes_s": 30,
+        "bytes_per_fix": total,
+        "bytes_per_fix_by_part": per_fix,
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller runs, for a smoke check")
@@ -1329,6 +1411,7 @@ def main() -> int:
             [latency(broker, sandbox, root, 2 if scale < 1 else 15, f"{i}") for i in reps],
             key="p99_ms",
         ),
+        "replay": lambda: replay_cost(root, int(1_000_000 * scale)),
         "memory": lambda: memory_and_start(
             broker, sandbox, root, int(100_000 * scale), int(1_000_000 * scale)
         ),

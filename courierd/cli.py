@@ -90,6 +90,32 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("file", metavar="FILE", help="CSV file, or - for stdin")
     lst = store_cmds.add_parser("list", parents=[common], help="the stores courierd knows")
     lst.add_argument("--json", action="store_true")
+    sug = store_cmds.add_parser(
+        "suggest", parents=[common], help="each store's pickup point, from where couriers wait"
+    )
+    sug.add_argument(
+        "--min-orders", type=_positive, default=3, metavar="N", help="stays needed (default 3)"
+    )
+    sug_fmt = sug.add_mutually_exclusive_group()
+    sug_fmt.add_argument("--json", dest="format", action="store_const", const="json")
+    sug_fmt.add_argument(
+        "--csv", dest="format", action="store_const", const="csv", help="`stores import` format"
+    )
+
+    rep = commands.add_parser(
+        "replay", parents=[common], help="what other geofence settings would have decided"
+    )
+    rep.add_argument("--order", action="append", default=[], metavar="ID", help="(repeatable)")
+    rep.add_argument("--since", metavar="T", help="orders whose first fix is at or after T")
+    rep.add_argument("--until", metavar="T", help="orders whose first fix is before T")
+    rep.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a geofence.* setting to try (repeatable)",
+    )
+    rep.add_argument("--json", action="store_true")
 
     sandbox = commands.add_parser(
         "sandbox", parents=[common], help="a local OneTablet stand-in, for trying and testing"
@@ -193,11 +219,15 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
 
         return demo.run_demo(settings)
     # Only now: the daemon's worker processes re-import this module when they start.
-    from courierd.commands import operate, orders, stores
+    from courierd.commands import operate, orders, replay, stores
 
+    if args.command == "replay":
+        return replay.run_replay(settings, args.order, args.since, args.until, args.set, args.json)
     if args.command == "stores":
         if args.stores_command == "import":
             return stores.import_file(settings, args.file)
+        if args.stores_command == "suggest":
+            return replay.run_suggest(settings, args.min_orders, args.format or "text")
         return stores.list_stores(settings, args.json)
     if args.command in ("outbox", "dead-letters", "backup"):
         return operate.operate(args, settings)

@@ -107,3 +107,32 @@ def test_a_big_backlog_is_pruned_in_many_small_transactions(tmp_path: Path) -> N
     assert sum(steps) == 6000 and len(steps) > 2
     assert max(steps) <= 5000
     store.close()
+
+
+def test_accepted_fixes_are_kept_as_long_as_finished_orders(store) -> None:  # type: ignore[no-untyped-def]
+    """The accepted fixes replay needs outlive the page's former one day; they go once
+    older than the retention, with the finished orders they served."""
+    from courierd.domain.model import Assignment, LocationFix, Place, iso
+
+    t0 = 1_700_000_000.0
+    store.writer.commit(
+        [Assignment("done", "c1", pickup=Place(40.7, -74.0))]
+        + [LocationFix("c1", iso(t0 + 10 * i), 40.7, -74.0, 5.0) for i in range(5)]
+        + [StatusEvent("d", "done", "c1", Status.DROPOFF, iso(t0 + 60))],
+        now=t0,
+    )
+    rows = store.outbox.claim_due(t0, 100)
+    while rows:
+        store.outbox.record_results([PushResult(r.id, DELIVERED, t0) for r in rows])
+        rows = store.outbox.claim_due(t0, 100)
+
+    def prune(now: float) -> tuple[int, int]:
+        while store.retention.step(now).total:
+            pass
+        return (
+            store.db.value("SELECT count(*) FROM track_points"),
+            store.db.value("SELECT count(*) FROM orders"),
+        )
+
+    assert prune(t0 + 2 * 86400) == (5, 1)
+    assert prune(t0 + 31 * 86400) == (0, 0)  # the default retention: 30 days

@@ -161,6 +161,7 @@ def decide(
             at,
             sources[s],
             event.where if s == event.status else None,
+            event.ts is not None,
         )
         for s in reached
     )

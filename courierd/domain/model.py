@@ -171,7 +171,9 @@ class Transition:
 
     `source`: "app" (the courier's app said so), "geofence" (its fixes did) or "fill"
     (skipped, filled in before a later status); `where` is the fix a geofence status
-    fired at.
+    fired at; `clocked` says `at` is the event's own ts (False: it had none, and the
+    receive time stands in; the geofence timers then wait for a fix, and replay must
+    know it to decide as live).
     """
 
     order_id: str
@@ -181,6 +183,7 @@ class Transition:
     at: str
     source: str = "app"
     where: tuple[float, float] | None = None
+    clocked: bool = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -60,6 +60,20 @@ class CourierState:
     fix_at: float | None = None
 
 
+# The fixes an order's rules consumed, as segments (courier_id, first fix ts, count):
+# each courier's accepted fixes are consumed in ts order, so a segment is that courier's
+# kept fixes from `first` on, `count` of them. A new courier starts a new segment.
+Consumed = tuple[tuple[str, str, int], ...]
+
+
+def consumed_after(consumed: Consumed, fix: LocationFix) -> Consumed:
+    """The segments once `fix` is consumed too."""
+    if consumed and consumed[-1][0] == fix.courier_id:
+        courier, first, count = consumed[-1]
+        return (*consumed[:-1], (courier, first, count + 1))
+    return (*consumed, (fix.courier_id, fix.ts, 1))
+
+
 @dataclass(frozen=True, slots=True)
 class Places:
     """Where an order is picked up and dropped off, as far as courierd knows."""
@@ -96,6 +110,7 @@ class Snapshot:
     active: dict[str, set[str]] = field(default_factory=dict)
     places: dict[str, Places] = field(default_factory=dict)
     tracks: dict[str, Track] = field(default_factory=dict)
+    consumed: dict[str, Consumed] = field(default_factory=dict)  # per order: see Consumed
 
 
 @dataclass(slots=True)
@@ -111,7 +126,12 @@ class Effects:
     couriers: dict[str, CourierState] = field(default_factory=dict)  # changed ones
     assigned: dict[str, Places] = field(default_factory=dict)  # places from dispatch
     tracks: dict[str, Track] = field(default_factory=dict)
+    # Accepted fixes some order's rules consumed (kept, for replay and the page), what
+    # each order consumed, and for `transitions[i]` the number of fixes its order had
+    # consumed when it was decided (replay puts it back there).
     track_points: list[LocationFix] = field(default_factory=list)
+    consumed: dict[str, Consumed] = field(default_factory=dict)
+    transition_fixes: list[int] = field(default_factory=list)
     notifications: list[Notification] = field(default_factory=list)
     counts: Counter[str] = field(default_factory=Counter)
 
@@ -170,6 +190,7 @@ class _Batch:
         self.active = {c: set(ids) for c, ids in snap.active.items()}
         self.places = dict(snap.places)
         self.tracks = dict(snap.tracks)
+        self.consumed = dict(snap.consumed)
         self.fx = Effects()
 
     def add(self, item: Input) -> None:
@@ -226,6 +247,8 @@ class _Batch:
         if decision.transitions:
             self._bind(decision.order)
             self.fx.transitions.extend(decision.transitions)
+            count = sum(n for _, _, n in self.consumed.get(event.order_id, ()))
+            self.fx.transition_fixes.extend(count for _ in decision.transitions)
             self.fx.pushes.extend(decision.pushes)
 
     def _duplicate(self, event: StatusEvent) -> bool:
@@ -353,33 +376,46 @@ class _Batch:
             if places is None or order is None or order.courier_id != fix.courier_id:
                 continue
             tracked = True
-            self._step(order, places, fix, point)
+            self._step(order, places, fix)
         if tracked:
             self.fx.track_points.append(fix)
 
-    def _step(self, order: Order, places: Places, fix: LocationFix, point: geofence.Fix) -> None:
-        track = self.tracks.get(order.order_id, Track())
-        # Fix time only: when the app sent no ts, the first fix seen at the status stands
-        # in for its start (buffered fixes sent late then depart as they would live).
-        since = None if order.status_ts is None else _unix(order.status_ts)
+    def _step(self, order: Order, places: Places, fix: LocationFix) -> None:
+        oid = order.order_id
+        self.consumed[oid] = self.fx.consumed[oid] = consumed_after(self.consumed.get(oid, ()), fix)
         assert self.rules is not None
-        track, status = geofence.step(
-            track, order.state, since, places.pickup, places.dropoff, point, self.rules
-        )
+        track = self.tracks.get(order.order_id, Track())
+        track, event = geofence_step(track, order, places, fix, self.rules)
         self.tracks[order.order_id] = self.fx.tracks[order.order_id] = track
-        if status is None:
-            return
-        self._status(
-            StatusEvent(
-                f"geo:{order.order_id}:{status.value}",
-                order.order_id,
-                order.courier_id or fix.courier_id,
-                status,
-                fix.ts,
-                source="geofence",
-                where=(fix.lat, fix.lng),
-            )
-        )
+        if event is not None:
+            self._status(event)
+
+
+def geofence_step(
+    track: Track, order: Order, places: Places, fix: LocationFix, rules: GeofenceRules
+) -> tuple[Track, StatusEvent | None]:
+    """One accepted fix of the bound courier through an order's geofence rules: the new
+    track, and the status event to decide, if one fires. The live path and
+    `courierd replay` (domain/replay.py) both take this one step, so they agree."""
+    # Fix time only: when the app sent no ts, the first fix seen at the status stands in
+    # for its start (buffered fixes sent late then depart as they would live).
+    since = None if order.status_ts is None else _unix(order.status_ts)
+    point = geofence.Fix(fix_time(fix), fix.lat, fix.lng, fix.accuracy_m, fix.speed_mps)
+    track, status = geofence.step(
+        track, order.state, since, places.pickup, places.dropoff, point, rules
+    )
+    if status is None:
+        return track, None
+    event = StatusEvent(
+        f"geo:{order.order_id}:{status.value}",
+        order.order_id,
+        order.courier_id or fix.courier_id,
+        status,
+        fix.ts,
+        source="geofence",
+        where=(fix.lat, fix.lng),
+    )
+    return track, event
 
 
 def _older(ts: str | None, assigned_at: str | None) -> bool:

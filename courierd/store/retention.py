@@ -1,7 +1,9 @@
 """Retention (CONTRACT.md 4.12): forget finished orders and old dead letters, a bit at a time.
 
 What a finished order (dropoff, cancelled or expired) leaves behind (its row, transitions,
-delivered pushes, event ids) and dead letters go once older than the retention. An
+delivered pushes, event ids) and dead letters go once older than the retention, and so
+do accepted fixes (a courier's fixes may serve several orders: they go by their own age,
+which replay needs as long as the orders they served are kept). An
 order with a push still pending, parked or held is kept whole, however old. Each
 step is one short transaction; the number of rows per step adapts so that a step
 stays near `budget_s`, because the ingest writer waits while a step holds the lock.
@@ -18,7 +20,6 @@ from courierd.domain.model import iso
 from courierd.store.db import Database, placeholders
 
 MAX_BATCH = 5000
-TRACK_KEPT_S = 86400.0  # the operator page's courier tracks: a day at most
 
 
 @dataclass(slots=True)
@@ -68,7 +69,7 @@ class Retention:
             done.track_points = self.db.changed(
                 "DELETE FROM track_points WHERE id IN (SELECT id FROM track_points "
                 "WHERE recorded_at < ? ORDER BY recorded_at LIMIT ?)",
-                (iso(now - min(self.retention_s, TRACK_KEPT_S)), self.batch * 10),
+                (cutoff, self.batch * 10),
             )
             since = self.db.value("SELECT value FROM meta WHERE key = 'legacy_events_since'")
             if since is not None and since < cutoff:

@@ -246,11 +246,32 @@ _PG_EVENTS_PER_ORDER = (
     "ALTER TABLE processed_events ADD PRIMARY KEY (order_id, event_id)",
     "DROP INDEX processed_events_order",  # the primary key starts with the order id
 )
+# Replay (CONTRACT.md 13), shared by both engines. A courier's accepted fixes are
+# consumed in `ts` order (each is newer than the last), so the fixes an order's rules
+# consumed are, for each courier it had in turn, that courier's `track_points` rows from
+# the first one consumed on, as many as were consumed: `orders.consumed` holds those
+# segments, JSON [[courier_id, first_ts, count], ...], rewritten with the order's rule
+# state on every fix (no row more per fix). Each transition records how many fixes the
+# order had consumed when it was decided, so replay puts the app's statuses back
+# between the right fixes.
+_REPLAY = (
+    "ALTER TABLE orders ADD COLUMN consumed TEXT",
+    "ALTER TABLE transitions ADD COLUMN fixes INTEGER",
+    # 0 when the event had no ts and the receive time stands in `at` (replay decides the
+    # timers as live: fix time only, CONTRACT.md 12); NULL in rows from before.
+    "ALTER TABLE transitions ADD COLUMN clocked INTEGER",
+)
 
 
 def _sqlite_6(db: sqlite_utils.Database) -> None:
     """Data integrity: assignment times, event ids per order."""
     for statement in (*_INTEGRITY, *_SQLITE_EVENTS_PER_ORDER):
+        db.execute(statement)
+
+
+def _sqlite_7(db: sqlite_utils.Database) -> None:
+    """Which accepted fixes each order consumed, for `courierd replay`."""
+    for statement in _REPLAY:
         db.execute(statement)
 
 
@@ -262,6 +283,7 @@ SQLITE_MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (
     _sqlite_4,
     _sqlite_5,
     _sqlite_6,
+    _sqlite_7,
 )
 
 
@@ -332,4 +354,5 @@ POSTGRES_MIGRATIONS: tuple[tuple[str, ...], ...] = (
     _PG_1,
     _EVENTS,
     (*_INTEGRITY, *_PG_EVENTS_PER_ORDER),
+    _REPLAY,
 )

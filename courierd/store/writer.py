@@ -29,7 +29,14 @@ from courierd.domain.model import (
     dumps,
     iso,
 )
-from courierd.domain.planner import CourierState, Effects, Places, Snapshot, plan_batch
+from courierd.domain.planner import (
+    Consumed,
+    CourierState,
+    Effects,
+    Places,
+    Snapshot,
+    plan_batch,
+)
 from courierd.errors import FencedOut
 from courierd.store.db import Database, chunks, placeholders
 from courierd.store.schema import HELD, PENDING
@@ -41,7 +48,7 @@ _ORDER_COLUMNS = (
     "o.order_id, o.state, o.courier_id, o.hold_until, o.status_at, "
     "o.pickup_lat, o.pickup_lng, o.pickup_radius_m, s.lat, s.lng, s.radius_m, "
     "o.dropoff_lat, o.dropoff_lng, o.dropoff_radius_m, o.address_lat, o.address_lng, o.track, "
-    "o.confirmed_at, o.ready_at, o.assigned_at, o.status_ts"
+    "o.confirmed_at, o.ready_at, o.assigned_at, o.status_ts, o.consumed"
 )
 _ORDERS_FROM = "FROM orders AS o LEFT JOIN stores AS s ON s.merchant_supplied_id = o.store_id"
 
@@ -215,7 +222,7 @@ class BatchWriter:
     def _order(snap: Snapshot, row: tuple[Any, ...], now: float) -> None:
         (oid, state, courier, hold_until, status_at, p_lat, p_lng, p_rad, s_lat, s_lng, s_rad,
          d_lat, d_lng, d_rad, a_lat, a_lng, track, confirmed_at, ready_at,
-         assigned_at, status_ts) = row  # fmt: skip
+         assigned_at, status_ts, consumed) = row  # fmt: skip
         if not valid_state(state):
             snap.corrupt_orders.add(oid)
             return
@@ -232,6 +239,9 @@ class BatchWriter:
         if track is not None:
             with contextlib.suppress(ValueError):  # unreadable: the rules start over
                 snap.tracks[oid] = Track.from_json(track)
+        if consumed is not None:
+            with contextlib.suppress(ValueError):  # unreadable: counted afresh
+                snap.consumed[oid] = read_consumed(consumed)
 
     def write(self, fx: Effects, snap: Snapshot, *, now: float) -> None:
         """Write every effect of a batch; call inside `transaction()` (one commit)."""
@@ -267,12 +277,15 @@ class BatchWriter:
                 ],
             )
         db.executemany(
-            "UPDATE orders SET track = ? WHERE order_id = ?",
-            [(track.to_json(), oid) for oid, track in fx.tracks.items()],
+            "UPDATE orders SET track = ?, consumed = COALESCE(?, consumed) WHERE order_id = ?",
+            [
+                (track.to_json(), _consumed_json(fx.consumed.get(oid)), oid)
+                for oid, track in fx.tracks.items()
+            ],
         )
         db.executemany(
             "INSERT INTO transitions (order_id, status, inferred, event_id, at, recorded_at, "
-            "source, lat, lng) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "source, lat, lng, fixes, clocked) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 (
                     t.order_id,
@@ -284,8 +297,10 @@ class BatchWriter:
                     t.source,
                     None if t.where is None else t.where[0],
                     None if t.where is None else t.where[1],
+                    fx.transition_fixes[i] if i < len(fx.transition_fixes) else None,
+                    int(t.clocked),
                 )
-                for t in fx.transitions
+                for i, t in enumerate(fx.transitions)
             ],
         )
         # A push of an order whose cancel is in progress waits ("held") for its outcome.
@@ -366,6 +381,30 @@ class BatchWriter:
                 "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                 (iso(now),),
             )
+
+
+def _consumed_json(consumed: Consumed | None) -> str | None:
+    return None if consumed is None else dumps([list(segment) for segment in consumed])
+
+
+def read_consumed(text: str) -> Consumed:
+    """Stored segments (see planner.Consumed); ValueError if they are anything else."""
+    try:
+        doc = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise ValueError("consumed is not JSON") from e
+    if not isinstance(doc, list) or not all(
+        isinstance(seg, list)
+        and len(seg) == 3
+        and isinstance(seg[0], str)
+        and isinstance(seg[1], str)
+        and isinstance(seg[2], int)
+        and not isinstance(seg[2], bool)
+        and seg[2] > 0
+        for seg in doc
+    ):
+        raise ValueError("consumed is not [[courier_id, first_ts, count], ...]")
+    return tuple((c, first, n) for c, first, n in doc)
 
 
 def _courier_row(courier_id: str, state: CourierState) -> tuple[Any, ...]:
