@@ -97,9 +97,11 @@ class Daemon:
         }
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = workdir / "daemon.log"
+        self._log_from = 0  # where this run's lines begin (the log is shared by restarts)
 
     def start(self, wait_ready: bool = True) -> Daemon:
         out = self.log.open("ab")
+        self._log_from = out.tell()
         if self not in _STARTED:
             _STARTED.append(self)
         self.proc = subprocess.Popen(
@@ -154,11 +156,19 @@ class Daemon:
     def kill(self) -> None:
         self.stop(signal.SIGKILL)
 
-    def workers(self) -> dict[str, int]:
-        """{"ingest": pid, "dispatch": pid} of the run started last, from its ready line."""
-        lines = [ln for ln in self.log.read_text().splitlines() if "daemon.ready" in ln]
-        assert lines, "the daemon has not logged daemon.ready yet"
-        fields = dict(f.split("=", 1) for f in lines[-1].split() if "=" in f)
+    def workers(self, timeout: float = 20) -> dict[str, int]:
+        """{"ingest": pid, "dispatch": pid} of this run's workers, from its own ready line.
+        Waits for that line: /healthz answers before the daemon logs it, and the log also
+        holds earlier runs' lines, whose pids are gone."""
+
+        def ready_line() -> str | None:
+            with self.log.open("rb") as f:
+                f.seek(self._log_from)
+                lines = f.read().decode(errors="replace").splitlines()
+            return next((ln for ln in lines if "daemon.ready" in ln), None)
+
+        line = wait_until(ready_line, timeout, "this run's daemon.ready line")
+        fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
         return {"ingest": int(fields["ingest_pid"]), "dispatch": int(fields["dispatch_pid"])}
 
 
