@@ -178,3 +178,27 @@ def test_a_singleton_lease_has_one_holder_until_it_lapses(shared: StoreSettings)
     assert not a.leases.hold("notifier", T0 + 27, 15)
     a.close()
     b.close()
+
+
+def test_unheld_slots_are_counted_until_someone_takes_them(shared: StoreSettings) -> None:
+    """A live instance whose slot leases lapsed (paused, or its database link slow) leaves
+    slots nobody holds: the others count them (courierd_cluster_slots_unheld) until it
+    takes them back."""
+    a = open_store(shared, instance="a", slots=4, lease_s=1.0)
+    b = open_store(shared, instance="b", slots=4, lease_s=1.0)
+    try:
+        assert a.slots is not None and b.slots is not None
+        a.slots.join(T0)
+        b.slots.join(T0)
+        held_a = a.slots.rebalance(T0, {})
+        held_b = b.slots.rebalance(T0, {})
+        assert len(held_a) == len(held_b) == 2 and b.slots.unheld == 0
+        # a's leases lapse (1 s) while it still counts as live (10 s): b keeps its share.
+        held_b = b.slots.rebalance(T0 + 2, held_b)
+        assert len(held_b) == 2 and b.slots.unheld == 2
+        a.slots.rebalance(T0 + 2.5, held_a)  # a wakes and takes its share again
+        b.slots.rebalance(T0 + 3, held_b)
+        assert b.slots.unheld == 0
+    finally:
+        a.close()
+        b.close()

@@ -443,6 +443,7 @@ def dispatch_main(
                     log.info("cluster.slots holding=%s", sorted(now_held))
                 held = now_held
                 report("slots", held)
+                report("slots_unheld", cluster.slots.unheld)
             except StoreUnavailable as e:  # the leases run out by themselves meanwhile
                 log.warning("cluster.database_unavailable error=%s", e)
                 held = {}

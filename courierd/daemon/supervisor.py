@@ -256,6 +256,8 @@ class Daemon:
             elif kind == "slots":
                 self.sessions.hold(value)
                 self._slots_known.set()
+            elif kind == "slots_unheld":
+                m.slots_unheld.set(value)
             elif kind == "stats":
                 stats: DispatchStats = value
                 self._dispatch, self._last_report = stats, time.monotonic()

@@ -61,6 +61,7 @@ class Slots:
         self.count = count
         self.lease_s = lease_s
         self.stale_s = max(MIN_STALE_S, lease_s)
+        self.unheld = 0  # slots no live lease covered at the end of the last round
 
     def join(self, now: float, http: str = "") -> None:
         """Register this instance, and make sure every slot row exists.
@@ -160,6 +161,12 @@ class Slots:
                 if taken is None:
                     break
                 held[int(taken[0])] = int(taken[1])
+            covered = self.db.value(
+                "SELECT count(*) FROM slots WHERE slot < ? AND holder IS NOT NULL "
+                "AND lease_until >= ?",
+                (self.count, now),
+            )
+            self.unheld = self.count - int(covered or 0)
         return held
 
     def _bury(self, now: float) -> None:
