@@ -175,9 +175,11 @@ class Daemon:
 class Publisher:
     """A courier-side MQTT client publishing QoS 1 and waiting for each PUBACK."""
 
-    def __init__(self, port: int, client_id: str = "test-publisher") -> None:
+    def __init__(
+        self, port: int, client_id: str = "test-publisher", protocol: int = paho.MQTTv5
+    ) -> None:
         self.client = paho.Client(
-            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5
+            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol
         )
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()
