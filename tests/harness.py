@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -73,8 +75,36 @@ def wait_until(condition: Callable[[], Any], timeout: float = 15.0, what: str = 
         time.sleep(0.02)
 
 
+def port_outside_the_ephemeral_range() -> int:
+    """A free loopback port below the kernel's ephemeral range (32768 up on Linux).
+
+    A broker the test stops and starts again must get its port back. A port from the
+    ephemeral range can be taken meanwhile: by anything binding port 0 (other tests on a
+    busy CI box), or by courierd's own reconnect, whose outgoing socket may get that very
+    port and connect to itself. Below the range, only another random pick can collide.
+    """
+    low, _ = (int(n) for n in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(max(1024, low - 12000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    return free_port()
+
+
 class Broker(LocalBroker):
     """The test broker: a LocalBroker with persistence, restartable on the same port."""
+
+    def __init__(self, workdir: Path, **options: Any) -> None:
+        super().__init__(workdir, **options)
+        port = port_outside_the_ephemeral_range()
+        old, new = (f"listener {p} 127.0.0.1\n" for p in (self.port, port))
+        self.conf.write_text(self.conf.read_text().replace(old, new))
+        self.port = port
 
     def start(self, timeout: float = 10.0) -> Broker:
         if self not in _STARTED:
