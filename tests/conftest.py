@@ -4,6 +4,9 @@ a guard that no process a test started outlives it.
 Every process the suite starts inherits TESTRUN_COURIERD (a fresh value per run), so
 whatever a test leaves behind, however deep in a process tree, can be found in /proc.
 After each test the leftovers are killed and recorded; the session then fails.
+
+Under CI=true a skipped test fails the run, unless its reason is on ALLOWED_SKIPS: a
+missing tool must not turn a section of the suite silently green.
 """
 
 from __future__ import annotations
@@ -30,12 +33,44 @@ from tests.harness import API_KEY, Broker, Rig, open_path, stop_all
 __all__ = ["API_KEY", "open_path"]
 MARKER = "TESTRUN_COURIERD"
 _LEAKS: list[str] = []
+# The only skips CI accepts: reason prefix -> why it may skip there.
+ALLOWED_SKIPS = {
+    "cannot mount a tmpfs here": "mounting needs root with CAP_SYS_ADMIN, which CI "
+    "containers often lack; the full disk is then tested on machines that can mount",
+    "cannot make a network namespace": "the offline setup test needs unshare -rn (user "
+    "namespaces), which some CI containers forbid",
+    "COURIERD_TEST_PG_URL names a server": "a run on a server of yours has no private "
+    "PostgreSQL whose cleanup could be checked",
+}
+_SKIPS: list[str] = []
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("true", "1")
 
 
 def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault(MARKER, uuid.uuid4().hex)
-    if pg.available() is None:
+    if pg.SHARED_URL is not None and pg.available() is None:
         pg.drop_leftovers()  # databases a crashed earlier run left behind
+
+
+def _record_skip(report: pytest.TestReport | pytest.CollectReport) -> None:
+    if not report.skipped or hasattr(report, "wasxfail"):
+        return
+    longrepr = report.longrepr
+    reason = str(longrepr[2] if isinstance(longrepr, tuple) else longrepr)
+    reason = reason.removeprefix("Skipped: ")
+    if not any(reason.startswith(allowed) for allowed in ALLOWED_SKIPS):
+        _SKIPS.append(f"{report.nodeid}: {reason}")
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    _record_skip(report)
+
+
+def pytest_collectreport(report: pytest.CollectReport) -> None:
+    _record_skip(report)  # a whole module skipped at import (allow_module_level)
 
 
 def marked_processes() -> dict[int, str]:
@@ -89,14 +124,25 @@ def stop_what_the_test_started(no_process_outlives_the_test: None) -> Iterator[N
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    if pg.available() is None:
+    if pg.SHARED_URL is not None and pg.available() is None:
         pg.drop_leftovers(everything=True)  # every database this run created
+    pg.stop_server()
     left = marked_processes()
     _kill_all(left)
     leaks = _LEAKS + [f"(at the end) pid {p} {cmd[:120]}" for p, cmd in left.items()]
     if leaks:
         sys.stderr.write("\nprocesses outlived their tests:\n  " + "\n  ".join(leaks) + "\n")
         session.exitstatus = 1
+    if in_ci() and _SKIPS:
+        session.exitstatus = 1
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if in_ci() and _SKIPS:
+        terminalreporter.section("skips fail the run under CI=true", sep="=", red=True)
+        terminalreporter.line("not on ALLOWED_SKIPS in tests/conftest.py:")
+        for skip in _SKIPS:
+            terminalreporter.line(f"  {skip}")
 
 
 @pytest.fixture

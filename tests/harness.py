@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -73,8 +75,36 @@ def wait_until(condition: Callable[[], Any], timeout: float = 15.0, what: str = 
         time.sleep(0.02)
 
 
+def port_outside_the_ephemeral_range() -> int:
+    """A free loopback port below the kernel's ephemeral range (32768 up on Linux).
+
+    A broker the test stops and starts again must get its port back. A port from the
+    ephemeral range can be taken meanwhile: by anything binding port 0 (other tests on a
+    busy CI box), or by courierd's own reconnect, whose outgoing socket may get that very
+    port and connect to itself. Below the range, only another random pick can collide.
+    """
+    low, _ = (int(n) for n in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(max(1024, low - 12000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    return free_port()
+
+
 class Broker(LocalBroker):
     """The test broker: a LocalBroker with persistence, restartable on the same port."""
+
+    def __init__(self, workdir: Path, **options: Any) -> None:
+        super().__init__(workdir, **options)
+        port = port_outside_the_ephemeral_range()
+        old, new = (f"listener {p} 127.0.0.1\n" for p in (self.port, port))
+        self.conf.write_text(self.conf.read_text().replace(old, new))
+        self.port = port
 
     def start(self, timeout: float = 10.0) -> Broker:
         if self not in _STARTED:
@@ -97,9 +127,11 @@ class Daemon:
         }
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = workdir / "daemon.log"
+        self._log_from = 0  # where this run's lines begin (the log is shared by restarts)
 
     def start(self, wait_ready: bool = True) -> Daemon:
         out = self.log.open("ab")
+        self._log_from = out.tell()
         if self not in _STARTED:
             _STARTED.append(self)
         self.proc = subprocess.Popen(
@@ -154,20 +186,30 @@ class Daemon:
     def kill(self) -> None:
         self.stop(signal.SIGKILL)
 
-    def workers(self) -> dict[str, int]:
-        """{"ingest": pid, "dispatch": pid} of the run started last, from its ready line."""
-        lines = [ln for ln in self.log.read_text().splitlines() if "daemon.ready" in ln]
-        assert lines, "the daemon has not logged daemon.ready yet"
-        fields = dict(f.split("=", 1) for f in lines[-1].split() if "=" in f)
+    def workers(self, timeout: float = 20) -> dict[str, int]:
+        """{"ingest": pid, "dispatch": pid} of this run's workers, from its own ready line.
+        Waits for that line: /healthz answers before the daemon logs it, and the log also
+        holds earlier runs' lines, whose pids are gone."""
+
+        def ready_line() -> str | None:
+            with self.log.open("rb") as f:
+                f.seek(self._log_from)
+                lines = f.read().decode(errors="replace").splitlines()
+            return next((ln for ln in lines if "daemon.ready" in ln), None)
+
+        line = wait_until(ready_line, timeout, "this run's daemon.ready line")
+        fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
         return {"ingest": int(fields["ingest_pid"]), "dispatch": int(fields["dispatch_pid"])}
 
 
 class Publisher:
     """A courier-side MQTT client publishing QoS 1 and waiting for each PUBACK."""
 
-    def __init__(self, port: int, client_id: str = "test-publisher") -> None:
+    def __init__(
+        self, port: int, client_id: str = "test-publisher", protocol: int = paho.MQTTv5
+    ) -> None:
         self.client = paho.Client(
-            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5
+            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol
         )
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()

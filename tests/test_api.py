@@ -225,12 +225,10 @@ def test_oversized_and_mis_sized_bodies(api: Client) -> None:
     status, doc, _ = api.call("POST", "/v1/orders", b'{"id": "o-1", "x": "' + b"a" * 70_000 + b'"}')
     assert_error(status, doc, 413, "PayloadTooLarge")
     auth = f"Authorization: Bearer {TOKEN}\r\n".encode()
-    started = time.monotonic()
-    status, doc = api.raw(
+    status, doc = api.raw(  # (a hang fails at raw's socket timeout)
         b"POST /v1/orders HTTP/1.1\r\nHost: x\r\n" + auth + b"Content-Length: 100\r\n\r\n{}"
     )
     assert_error(status, doc, 400, "BadRequest")
-    assert time.monotonic() - started < 10
     status, doc = api.raw(b"POST /v1/orders HTTP/1.1\r\n" + auth + b"Content-Length: -5\r\n\r\n")
     assert_error(status, doc, 400, "BadRequest")
     status, doc = api.raw(

@@ -355,3 +355,21 @@ def test_an_idle_connection_ended_meanwhile_is_no_error(shared: StoreSettings) -
     a.writer.heartbeat(T0)
     assert a.db.value("SELECT value FROM meta WHERE key = 'heartbeat'") is not None
     a.close()
+
+
+def test_unheld_slots_are_counted_until_someone_takes_them(shared: StoreSettings) -> None:
+    """Slots no live instance holds (handed over and not yet taken, or their holder gone
+    silent) are counted (courierd_cluster_slots_unheld) until someone takes them."""
+    a, sa = joined(shared, "a")
+    assert sa.rebalance().held.keys() == {0, 1, 2, 3} and sa.unheld == 0
+    b, sb = joined(shared, "b")
+    first = sa.rebalance()
+    sa.release(first.handover)
+    sa.rebalance()  # a keeps its fair share; b has not come for the rest yet
+    assert sa.unheld == 2
+    sb.rebalance()
+    assert sb.unheld == 0
+    sa.rebalance()
+    assert sa.unheld == 0
+    a.close()
+    b.close()

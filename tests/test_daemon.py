@@ -375,6 +375,10 @@ def test_cancelled_order_gets_no_more_pushes(rig: Rig, cli) -> None:
     s = rig.store()  # (a cluster may commit z2 after ok1: wait for each)
     dead = "SELECT reason FROM dead_letters"
     wait_until(lambda: s.db.rows(dead) == [("cancelled",)], 10, "z2 rejected as cancelled")
+    # What could still go out for zz is its outbox rows: every one must end cancelled, so
+    # that "nothing sent" below is final rather than "nothing sent yet".
+    pushes = "SELECT DISTINCT state FROM outbox WHERE order_id = 'zz'"
+    wait_until(lambda: s.db.rows(pushes) == [("cancelled",)], 10, "zz's pushes cancelled")
     s.close()
     assert rig.onetablet.wait_for(lambda _: "other" in delivered(rig.onetablet), 10)
     assert "zz" not in delivered(rig.onetablet)

@@ -44,6 +44,10 @@ class NotifySocket:
     def count(self, what: str, since: float = 0.0) -> int:
         return sum(1 for t, m in list(self.got) if t >= since and what in m)
 
+    def last(self, what: str) -> float:
+        """When the latest message containing `what` arrived (monotonic; 0 if none)."""
+        return max((t for t, m in list(self.got) if what in m), default=0.0)
+
     def close(self) -> None:
         self._stop.set()
         self._thread.join(2)
@@ -216,9 +220,10 @@ def test_stop_has_one_deadline_even_when_onetablet_hangs(rig: Rig) -> None:
     pub = rig.publisher()
     pub.status("c1", "h1", "hung", "dasher_confirmed")
     assert arrived.wait(10), "the push never reached OneTablet"
-    started = time.monotonic()
-    assert daemon.stop(timeout=30) == 0
-    assert time.monotonic() - started < 15
+    # OneTablet hangs for 120 s: exiting before systemd's TimeoutStopSec (45 s) while it
+    # still hangs is only possible through the daemon's own stop deadline.
+    assert daemon.stop(timeout=40) == 0
+    assert not hang.is_set()
     hang.set()
     rig.onetablet.responder = None
     rig.daemon().start()
@@ -247,9 +252,13 @@ def test_a_stalled_loop_turns_health_red_and_stops_watchdog_pings(
             pub.status("c1", f"s-{name}", f"stall-{name}", "dasher_confirmed")
             wait_until(lambda: daemon.health()[0] == 503, 15, f"health to see {name} stall")
             assert any(what in r for r in daemon.health()[1]["reasons"])
-            quiet_from = time.monotonic() + 1.5  # a ping already on its way may still land
-            wait_until(lambda t=quiet_from: time.monotonic() > t + 2, 5, "a quiet while")
-            assert notify.count("WATCHDOG=1", since=quiet_from) == 0
+            # Pings every 0.5 s would keep this false: it turns true only when the last
+            # ping is older than twice systemd's 1 s watchdog timeout (which then fires).
+            wait_until(
+                lambda: time.monotonic() - notify.last("WATCHDOG=1") > 2.0,
+                15,
+                f"the watchdog pings to stop while {name} is stalled",
+            )
         finally:
             os.kill(pid, signal.SIGCONT)
         wait_until(lambda: daemon.health()[0] == 200, 15, f"health after {name} resumes")

@@ -46,11 +46,13 @@ class Grant(NamedTuple):
     until `valid_until` (time.monotonic(), which is the same clock in every process of
     the host), unless a later grant says otherwise. Past it, the database has not
     confirmed them for too long: another instance may take them over, so the MQTT
-    process disconnects them. `problem` says why the bookkeeping is failing, if it is."""
+    process disconnects them. `problem` says why the bookkeeping is failing, if it is;
+    `unheld` counts the cluster's slots no live instance held in the round (a gauge)."""
 
     slots: dict[int, int]
     valid_until: float
     problem: str | None = None
+    unheld: int = 0
 
 
 def worker_setup(settings: Settings, name: str) -> None:

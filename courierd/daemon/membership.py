@@ -94,7 +94,7 @@ class SlotManager:
                 sorted(result.held),
                 sorted(result.handover),
             )
-        self._grant(Grant(result.held, valid_until))
+        self._grant(Grant(result.held, valid_until, unheld=self.slots.unheld))
         if result.handover:
             self._hand_over(result.handover)
 

@@ -264,6 +264,7 @@ class Daemon:
                 holding = self.sessions.grant(value)
                 self._slots_known.set()
                 self._tell_dispatch(("holding", holding))
+                m.slots_unheld.set(value.unheld)
             elif kind == "stats":
                 stats: DispatchStats = value
                 self._dispatch, self._last_report = stats, time.monotonic()

@@ -135,3 +135,9 @@ class Metrics:
         self.mqtt_connected = Gauge(
             "courierd_mqtt_connected", "1 while connected to the broker", registry=r
         )
+        self.slots_unheld = Gauge(
+            "courierd_cluster_slots_unheld",
+            "Cluster MQTT session slots no live instance holds, as this instance last saw "
+            "(their messages wait in the broker); always 0 outside a cluster",
+            registry=r,
+        )

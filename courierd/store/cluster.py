@@ -86,6 +86,7 @@ class Slots:
         self.count = count
         self.lease_s = lease_s
         self._cannot_end_sessions = False
+        self.unheld = 0  # slots no live instance held at the end of the last round
 
     def join(self, http: str = "") -> None:
         """Register this instance, and make sure every slot row exists.
@@ -172,6 +173,13 @@ class Slots:
                 if taken is None:
                     break
                 held[int(taken[0])] = int(taken[1])
+            covered = self.db.value(
+                "SELECT count(*) FROM slots s WHERE slot < ? AND holder IS NOT NULL "
+                "AND EXISTS (SELECT 1 FROM instances i WHERE i.instance_id = s.holder "
+                f"AND i.heartbeat_at >= {NOW} - ?)",
+                (self.count, self.lease_s),
+            )
+            self.unheld = self.count - int(covered or 0)
         return Round(held, handover)
 
     def release(self, slots: Mapping[int, int]) -> None:

@@ -1,0 +1,56 @@
+"""The suite's own PostgreSQL (tests/pg.py): started for a run that needs it, stopped and
+its folder removed at the end, also when the run fails."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tests import pg
+
+ROOT = Path(__file__).resolve().parent.parent
+FAILING = """
+import psycopg
+from tests import pg
+
+def test_uses_postgres_then_fails():
+    with pg.database() as url, psycopg.connect(url) as conn:
+        print("SERVER", pg.admin_url(), conn.execute("SELECT 1").fetchone())
+        assert False, "failing on purpose"
+"""
+
+
+def test_a_failing_run_leaves_no_server_and_no_folder(tmp_path: Path) -> None:
+    """A run that failed half way through a PostgreSQL test still stops its private
+    server and removes its data folder."""
+    if pg.SHARED_URL is not None:
+        pytest.skip("COURIERD_TEST_PG_URL names a server: no private one to check")
+    before = set(Path(tempfile.gettempdir()).glob(pg.FOLDER_PREFIX + "*"))
+    test = tmp_path / "test_fails.py"
+    test.write_text(FAILING)
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", "TESTRUN_COURIERD")}
+    pytest_run = [sys.executable, "-m", "pytest", "-p", "tests.conftest", "-p", "no:cacheprovider"]
+    config = ["--rootdir", str(tmp_path), "-c", str(ROOT / "pyproject.toml")]
+    done = subprocess.run(
+        [*pytest_run, *config, "-s", str(test)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1 and "failing on purpose" in done.stdout, done.stdout
+    server = re.search(r"SERVER postgresql://postgres@127\.0\.0\.1:(\d+)/", done.stdout)
+    assert server is not None, done.stdout
+    port = server[1]
+    assert port != "5432"  # its own server, not the machine's
+    left = set(Path(tempfile.gettempdir()).glob(pg.FOLDER_PREFIX + "*")) - before
+    assert left == set(), left
+    postmasters = subprocess.run(["pgrep", "-f", f"port={port}"], capture_output=True, text=True)
+    assert postmasters.stdout == "", postmasters.stdout
