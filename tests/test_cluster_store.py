@@ -253,7 +253,7 @@ def test_a_failed_round_loses_nothing(shared: StoreSettings) -> None:
     every slot, at the same epochs: nothing was given up, nothing is taken over."""
     a, sa = joined(shared, "a")
     held = sa.rebalance().held
-    with psycopg.connect(pg.ADMIN_URL, autocommit=True) as admin:
+    with psycopg.connect(pg.admin_url(), autocommit=True) as admin:
         admin.execute("SELECT pg_terminate_backend(%s)", (a.db.value("SELECT pg_backend_pid()"),))
     with pytest.raises(StoreUnavailable):
         sa.rebalance()
@@ -350,7 +350,7 @@ def test_an_idle_connection_ended_meanwhile_is_no_error(shared: StoreSettings) -
     """A connection kept idle that the server (or a proxy between) ended meanwhile is
     opened again when the next transaction begins: the write goes through, no error."""
     a = instance(shared, "a")
-    with psycopg.connect(pg.ADMIN_URL, autocommit=True) as admin:
+    with psycopg.connect(pg.admin_url(), autocommit=True) as admin:
         admin.execute("SELECT pg_terminate_backend(%s)", (a.db.value("SELECT pg_backend_pid()"),))
     a.writer.heartbeat(T0)
     assert a.db.value("SELECT value FROM meta WHERE key = 'heartbeat'") is not None
