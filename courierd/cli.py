@@ -193,7 +193,8 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
 
         return demo.run_demo(settings)
     # Only now: the daemon's worker processes re-import this module when they start.
-    from courierd.commands import operate, orders, stores
+    from courierd.commands import operate, stores
+    from courierd.services import orders
 
     if args.command == "stores":
         if args.stores_command == "import":

@@ -16,6 +16,9 @@ them over pipes; the database is the only state they share. Messages are tuples
   ("fatal", reason).
 - control pipe, MQTT process → dispatch: ("stop", None).
 - wake pipe, ingest → dispatch: a byte after each commit that enqueued pushes.
+- link pipe, MQTT process ↔ HTTP process (web.py): ("health", report) every LINK_S and
+  ("metrics", prometheus_text) when asked by ("metrics", None); ("stop", None) ends it.
+  The HTTP process announces ("ready", None) once it listens, or ("fatal", reason).
 
 If the MQTT process disappears (kill -9), the pipes close and both workers exit at once.
 """
@@ -28,8 +31,13 @@ import ctypes.util
 import logging
 import os
 import signal
+import socket
 import sys
+import threading
+import time
+from collections.abc import Callable
 from multiprocessing.connection import Connection
+from typing import Any
 
 from courierd.config import Settings
 from courierd.logs import setup_logging
@@ -37,6 +45,7 @@ from courierd.logs import setup_logging
 log = logging.getLogger(__name__)
 
 REPORT_S = 0.25
+LINK_S = 0.25
 
 
 def worker_setup(settings: Settings, name: str) -> None:
@@ -85,3 +94,54 @@ def dispatch_process(
     from courierd.daemon.dispatch import dispatch_main
 
     dispatch_main(settings, reports, control, wake, instance)
+
+
+def web_process(
+    settings: Settings,
+    pipe: Connection,
+    http_sockets: list[socket.socket],
+    webhook_sockets: list[socket.socket],
+) -> None:
+    from courierd.daemon.web import web_main
+
+    web_main(settings, pipe, http_sockets, webhook_sockets)
+
+
+class WebLink:
+    """The MQTT process's end of the link pipe: `run()`, on a thread of its own, sends
+    the health report every LINK_S and answers metrics requests; `stop()`."""
+
+    def __init__(
+        self,
+        pipe: Connection,
+        health: Callable[[], dict[str, Any]],
+        metrics: Callable[[], bytes],
+        on_exit: Callable[[str], None],
+    ) -> None:
+        self.pipe, self.health, self.metrics, self.on_exit = pipe, health, metrics, on_exit
+        self.ready = threading.Event()
+        self._stopping = threading.Event()
+
+    def run(self) -> None:
+        next_report = 0.0
+        try:
+            while not self._stopping.is_set():
+                if self.pipe.poll(max(0.0, min(LINK_S, next_report - time.monotonic()))):
+                    kind, value = self.pipe.recv()
+                    if kind == "metrics":
+                        self.pipe.send(("metrics", self.metrics()))
+                    elif kind == "ready":
+                        self.ready.set()
+                    elif kind == "fatal":
+                        self.on_exit(str(value))
+                if time.monotonic() >= next_report:
+                    self.pipe.send(("health", self.health()))
+                    next_report = time.monotonic() + LINK_S
+            self.pipe.send(("stop", None))
+        except (EOFError, OSError):
+            if not self._stopping.is_set():
+                self.on_exit("http process exited")
+
+    def stop(self) -> None:
+        """The HTTP process is told to stop (by `run`'s thread, the pipe's one writer)."""
+        self._stopping.set()
