@@ -21,7 +21,6 @@ import contextlib
 import hmac
 import json
 import logging
-import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -30,10 +29,14 @@ from importlib import resources
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
+from pydantic import BaseModel, ValidationError
+
 from courierd.config import Settings, StoreSettings
 from courierd.domain import fields
-from courierd.domain.model import CANCEL_REASONS, CANCELLED, NEW, Status, iso
-from courierd.edges.http import ApiError, Incoming, Reply, error_reply, json_reply
+from courierd.domain.model import iso
+from courierd.edges.apimodels import MAX_DETAILS, CancelRequest, OrderListQuery
+from courierd.edges.http import JSON_TYPE, ApiError, Incoming, Reply, error_reply, json_reply
+from courierd.edges.openapi import OPERATIONS, Operation, document
 from courierd.errors import (
     InputError,
     OneTabletError,
@@ -54,11 +57,8 @@ READ_TIMEOUT_S = 30.0  # a read the database does not answer in time is a 503
 READ_QUEUE = 16  # reads waiting for the store at most; more are a 503 at once
 WRITERS = 4  # submits and cancels at once (each may wait on OneTablet's retries)
 BUSY = (("retry-after", "1"),)
-MAX_LIMIT, DEFAULT_LIMIT = 500, 50
 ACTIVE_CAP, DEAD_LETTERS = 200, 20
 TRACK_POINTS = 5000
-MAX_DETAILS = 1000
-STATES = (NEW, *(s.value for s in Status), CANCELLED)
 PAGE = {  # path → (file in courierd/edges/page, content type)
     "/": ("index.html", "text/html; charset=utf-8"),
     "/page/app.js": ("app.js", "text/javascript; charset=utf-8"),
@@ -74,8 +74,6 @@ PAGE_HEADERS = (
     ("referrer-policy", "no-referrer"),
     ("x-frame-options", "DENY"),
 )
-JSON_TYPE = "application/json"
-NO_STORE = (("cache-control", "no-store"),)
 
 
 class Reads:
@@ -126,31 +124,19 @@ class Reads:
 
 
 Handler = Callable[["Request"], Awaitable[Reply]]
-_ID = r"([^/]+)"  # an order id: one path segment, percent-decoded
 
 
 @dataclass(frozen=True, slots=True)
 class Route:
+    operation: Operation
     handler: Handler
-    access: str  # "read", "write" or "open"
-    params: frozenset[str]  # the query parameters it takes
-
-
-def _table(
-    *rows: tuple[str, str, str, Handler, tuple[str, ...]],
-) -> list[tuple[re.Pattern[str], dict[str, Route]]]:
-    """Routes grouped by path pattern, in order: (method, pattern, access, handler, params)."""
-    table: dict[str, dict[str, Route]] = {}
-    for method, pattern, access, handler, params in rows:
-        table.setdefault(pattern, {})[method] = Route(handler, access, frozenset(params))
-    return [(re.compile(pattern), methods) for pattern, methods in table.items()]
 
 
 @dataclass
 class Request:
     method: str
     args: tuple[str, ...]  # path parameters (the order id)
-    query: dict[str, str]
+    query: Any  # the operation's query model, validated
     body: bytes
 
 
@@ -165,17 +151,22 @@ class Api:
         self._writing = 0
         token = settings.http.token
         self._token = None if token is None else token.get_secret_value().encode()
-        one = rf"/v1/orders/{_ID}"
-        self.routes = _table(
-            ("GET", "/v1/orders", "read", self._list, ("state", "courier_id", "limit", "cursor")),
-            ("POST", "/v1/orders", "write", self._submit, ()),
-            ("GET", one, "read", self._show, ()),
-            ("POST", one + "/cancel", "write", self._cancel, ()),
-            ("GET", one + "/track", "read", self._track, ()),
-            ("GET", "/v1/couriers", "read", self._couriers, ("limit",)),
-            ("GET", "/v1/dashboard", "read", self._dashboard, ()),
-            ("GET", r"/openapi\.json", "open", self._openapi, ()),
-        )
+        handlers: dict[str, Handler] = {
+            "listOrders": self._list,
+            "submitOrder": self._submit,
+            "showOrder": self._show,
+            "cancelOrder": self._cancel,
+            "orderTrack": self._track,
+            "listCouriers": self._couriers,
+            "dashboard": self._dashboard,
+        }
+        # Grouped by path, in order: each path's methods (the OpenAPI document's table).
+        self.routes: dict[str, dict[str, Route]] = {}
+        for op in OPERATIONS:
+            self.routes.setdefault(op.path, {})[op.method] = Route(op, handlers[op.operation_id])
+        self.patterns = [
+            (ops[next(iter(ops))].operation.pattern, ops) for ops in self.routes.values()
+        ]
 
     def close(self) -> None:
         self.reads.close()
@@ -194,22 +185,25 @@ class Api:
         parts = urlsplit(request.target)
         headers, body = request.headers, request.body
         verb = "GET" if request.method == "HEAD" else request.method
-        if parts.path in PAGE:
+        if parts.path in PAGE or parts.path == "/openapi.json":
             if verb != "GET":
                 raise _not_allowed({"GET": None})
+            if parts.path == "/openapi.json":  # no data: served to anyone
+                return Reply(200, json.dumps(document()).encode(), JSON_TYPE, ())
             name, content_type = PAGE[parts.path]
             data = resources.files("courierd.edges.page").joinpath(name).read_bytes()
             return Reply(200, data, content_type, PAGE_HEADERS)
-        for pattern, methods in self.routes:
+        for pattern, methods in self.patterns:
             match = pattern.fullmatch(parts.path)
             if match is None:
                 continue
             if verb not in methods:
                 raise _not_allowed(methods)
-            route = methods[verb]
-            self._authorize(route.access, headers)
+            op = methods[verb].operation
+            self._authorize(op.access, headers)
             args = tuple(_order_id(arg) for arg in match.groups())
-            return await route.handler(Request(verb, args, _query(parts.query, route.params), body))
+            query = _valid(op.query, _query(parts.query))
+            return await methods[verb].handler(Request(verb, args, query, body))
         raise ApiError(404, f"no such endpoint: {parts.path[:200]}")
 
     async def _write(self, job: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -239,14 +233,9 @@ class Api:
     # -- reads ----------------------------------------------------------------------
 
     async def _list(self, req: Request) -> Reply:
-        state = req.query.get("state")
-        if state is not None and state not in (*STATES, "active"):
-            raise ApiError(400, f"state must be one of {', '.join((*STATES, 'active'))}")
-        courier_id = req.query.get("courier_id")
-        if courier_id is not None:
-            _text(courier_id, "courier_id", fields.MAX_ID, empty=False)
-        limit = _limit(req.query)
-        after = None if "cursor" not in req.query else _decode_cursor(req.query["cursor"])
+        query: OrderListQuery = req.query
+        state, courier_id, limit = query.state, query.courier_id, query.limit
+        after = None if query.cursor is None else _decode_cursor(query.cursor)
         page, last = await self.reads.run(
             lambda q: q.order_page(state=state, courier_id=courier_id, limit=limit, after=after)
         )
@@ -274,7 +263,7 @@ class Api:
         return json_reply(track)
 
     async def _couriers(self, req: Request) -> Reply:
-        limit = _limit(req.query)
+        limit = req.query.limit
         return json_reply({"couriers": await self.reads.run(lambda q: q.couriers_overview(limit))})
 
     async def _dashboard(self, req: Request) -> Reply:
@@ -286,11 +275,6 @@ class Api:
         paused = health.get("onetablet") == "unauthorized"
         status = {"status": str(health["status"]), "reasons": [str(r) for r in health["reasons"]]}
         return json_reply({"at": iso(now), "health": status, "auth_paused": paused, **doc})
-
-    async def _openapi(self, req: Request) -> Reply:
-        from courierd.edges.openapi import document
-
-        return Reply(200, json.dumps(document()).encode(), JSON_TYPE, ())
 
     # -- writes ---------------------------------------------------------------------
 
@@ -309,17 +293,9 @@ class Api:
 
     async def _cancel(self, req: Request) -> Reply:
         raw = req.body
-        doc = _load(raw) if raw.strip() else {}
-        unknown = sorted(set(doc) - {"reason", "details"})
-        if unknown:
-            raise ApiError(400, f"unknown field {unknown[0]!r} (expected reason, details)")
-        reason = doc.get("reason", "OTHER")
-        if reason not in CANCEL_REASONS:
-            raise ApiError(400, f"reason must be one of {', '.join(CANCEL_REASONS)}")
-        details = doc.get("details")
+        asked: CancelRequest = _valid(CancelRequest, _load(raw) if raw.strip() else {})
+        reason, details = asked.reason, asked.details
         if details is not None:
-            if not isinstance(details, str):
-                raise ApiError(400, "details must be a string")
             _text(details, "details", MAX_DETAILS, empty=True)
         try:
             result = await self._write(
@@ -359,7 +335,7 @@ def _text(value: str, name: str, limit: int, *, empty: bool) -> str:
         raise ApiError(400, e.detail) from None
 
 
-def _query(query: str, allowed: frozenset[str]) -> dict[str, str]:
+def _query(query: str) -> dict[str, str]:
     try:
         pairs = parse_qsl(
             query, keep_blank_values=True, strict_parsing=True, errors="strict", max_num_fields=20
@@ -368,22 +344,27 @@ def _query(query: str, allowed: frozenset[str]) -> dict[str, str]:
         raise ApiError(400, f"malformed query string: {str(e)[:100]}") from None
     out: dict[str, str] = {}
     for key, value in pairs:
-        if key not in allowed:
-            known = f"; known: {', '.join(sorted(allowed))}" if allowed else ""
-            raise ApiError(400, f"unknown query parameter {key[:40]!r}{known}")
         if key in out:
-            raise ApiError(400, f"query parameter {key!r} given twice")
-        out[key] = _text(value, key, 1024, empty=True)
+            raise ApiError(400, f"query parameter {key[:40]!r} given twice")
+        out[key] = _text(value, key[:40], 1024, empty=True)
     return out
 
 
-def _limit(query: dict[str, str]) -> int:
-    raw = query.get("limit")
-    if raw is None:
-        return DEFAULT_LIMIT
-    if not re.fullmatch(r"[0-9]{1,4}", raw) or not 1 <= int(raw) <= MAX_LIMIT:
-        raise ApiError(400, f"limit must be an integer from 1 to {MAX_LIMIT}")
-    return int(raw)
+M = TypeVar("M", bound=BaseModel)
+
+
+def _valid(model: type[M], data: Any) -> M:
+    """`data` checked by `model`, or a 400 naming the first thing wrong (never its value)."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])[:60]
+        what = first["msg"].removeprefix("Value error, ")
+        if first["type"] == "extra_forbidden":
+            known = ", ".join(model.model_fields)
+            what = f"unknown field or parameter (known: {known or 'none'})"
+        raise ApiError(400, f"{where}: {what}" if where else what) from None
 
 
 def _cursor(last: tuple[str, str]) -> str:
