@@ -1,7 +1,7 @@
 """What the daemon's processes share: how a worker starts, and how it dies with its parent.
 
-`courierd run` is three processes (see supervisor.py for why). The MQTT process
-starts the ingest and dispatch processes with multiprocessing "spawn" and talks to
+`courierd run` is four processes (see supervisor.py for why). The MQTT process
+starts the ingest, dispatch and HTTP processes with multiprocessing "spawn" and talks to
 them over pipes; the database is the only state they share. Messages are tuples
 `(kind, value)`:
 
@@ -20,7 +20,7 @@ them over pipes; the database is the only state they share. Messages are tuples
   ("metrics", prometheus_text) when asked by ("metrics", None); ("stop", None) ends it.
   The HTTP process announces ("ready", None) once it listens, or ("fatal", reason).
 
-If the MQTT process disappears (kill -9), the pipes close and both workers exit at once.
+If the MQTT process disappears (kill -9), the pipes close and the workers exit at once.
 """
 
 from __future__ import annotations

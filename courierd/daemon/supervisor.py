@@ -1,6 +1,6 @@
 """`courierd run`: the MQTT process, which supervises the ingest and dispatch processes.
 
-Why three processes: paho parses MQTT packets in Python, and at full speed its
+Why separate processes: paho parses MQTT packets in Python, and at full speed its
 network thread needs an interpreter to itself; ingest and push threads in the same
 process cut the drain rate roughly in half (measured), and sixteen push threads
 starve the ingest writer the same way one level down. So:
@@ -14,7 +14,7 @@ starve the ingest writer the same way one level down. So:
   page, the webhook), so that no HTTP client can slow ingest. This process binds its
   sockets (a taken port is exit 2 here) and sends it the health report.
 
-Start-up: the database lock (one daemon per SQLite file), then both workers open the
+Start-up: the database lock (one daemon per SQLite file), then the workers open the
 database, then READY — without waiting for the broker, which may be down: the outbox
 is still delivered, health says MQTT is down, and paho connects when it can.
 Stop: one deadline (daemon.stop_timeout_s, under the unit's TimeoutStopSec) for intake,
