@@ -1,6 +1,7 @@
-"""Every listener of a running daemon as CONTRACT.md 6.1 has it: only its own Host names,
-slow clients cut at the deadline without starving health or pushes, IPv6, and the
-webhook secret compared as bytes."""
+"""Every listener as CONTRACT.md 6.1 has it: only its own Host names (whatever the
+header says), slow clients cut at the deadline without starving health or pushes, IPv6,
+and the webhook secret compared as bytes. Against a running daemon, but for the Host
+fuzzing (the same server, in this process)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,19 @@ import json
 import select
 import socket
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from courierd.devtools.localbroker import free_port
-from tests.harness import Daemon, Rig, delivered, statuses, wait_until
+from courierd.devtools.sandbox import Sandbox
+from courierd.edges.listen import host_of
+from tests.harness import Daemon, Rig, delivered, open_path, statuses, wait_until
+from tests.test_api import serve
 
 pytestmark = pytest.mark.integration
 TOKEN = "test-token-0123456789abcdef"
@@ -33,7 +41,7 @@ def call(
 ) -> tuple[int, bytes]:
     conn = http.client.HTTPConnection(address, port, timeout=10)
     conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
-    conn.putheader("Host", host or f"localhost:{port}")
+    conn.putheader("Host", f"localhost:{port}" if host is None else host)
     for name, value in {"Authorization": f"Bearer {TOKEN}", **(headers or {})}.items():
         conn.putheader(name, value)
     if body is not None:
@@ -182,3 +190,26 @@ def test_the_webhook_secret_is_compared_as_bytes(sqlite_rig: Rig) -> None:
     ):
         status, _ = call(hook, "POST", "/onetablet/events", None, {"x-api-key": key}, event)
         assert status == want, key
+
+
+@pytest.fixture
+def served(tmp_path: Path, onetablet: Sandbox) -> Iterator[int]:
+    """The http.listen server in this process, over an empty store; its port."""
+    open_path(tmp_path / "courierd.db").close()
+    server = serve(tmp_path, onetablet, TOKEN)
+    yield server.port
+    server.stop()
+
+
+@given(host=st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=80))
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+def test_any_host_header_is_answered_421_unless_it_is_ours(served: int, host: str) -> None:
+    """Whatever the Host header says, the answer is the dashboard only for our own names
+    and 421 (or 400 for a header that is no Host at all) otherwise, never a 500."""
+    status, data = call(served, "GET", "/v1/dashboard", host)
+    ours = host_of(host) in {"localhost", "127.0.0.1", "::1"}
+    assert status == (200 if ours else 421) or (status == 400 and not ours), (host, data)
+    if status != 200:
+        assert set(json.loads(data)) == {"error", "message"}

@@ -1,4 +1,5 @@
-"""The dispatch API (`/v1/...`), its OpenAPI document and the operator page.
+"""The dispatch API (`/v1/...`: openapi.py's operations, validated by their models), its
+OpenAPI document and the operator page.
 
 Served on `http.listen` by the HTTP process (daemon/web.py): health.py answers /healthz
 and /metrics and hands every other request to `Api.handle`, on the event loop. Reads go
