@@ -115,7 +115,9 @@ class Served(HttpServer):
     """A real server in this process; `stop()` closes its API too."""
 
     def __init__(self, settings: Settings, health: dict[str, Any]) -> None:
-        check = lambda: health  # noqa: E731
+        async def check() -> dict[str, Any]:
+            return health
+
         listener, self.api = http_listener(
             settings, check, registry_text(CollectorRegistry()), listen="127.0.0.1:0"
         )

@@ -16,9 +16,10 @@ them over pipes; the database is the only state they share. Messages are tuples
   ("fatal", reason).
 - control pipe, MQTT process → dispatch: ("stop", None).
 - wake pipe, ingest → dispatch: a byte after each commit that enqueued pushes.
-- link pipe, MQTT process ↔ HTTP process (web.py): ("health", report) every LINK_S and
-  ("metrics", prometheus_text) when asked by ("metrics", None); ("stop", None) ends it.
-  The HTTP process announces ("ready", None) once it listens, or ("fatal", reason).
+- link pipe, MQTT process ↔ HTTP process (web.py), request/reply: ("health", None) →
+  ("health", report), ("metrics", None) → ("metrics", prometheus_text); ("stop", None)
+  ends it. The HTTP process announces ("ready", None) once it listens, or ("fatal",
+  reason).
 
 If the MQTT process disappears (kill -9), the pipes close and the workers exit at once.
 """
@@ -34,7 +35,6 @@ import signal
 import socket
 import sys
 import threading
-import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
@@ -108,8 +108,8 @@ def web_process(
 
 
 class WebLink:
-    """The MQTT process's end of the link pipe: `run()`, on a thread of its own, sends
-    the health report every LINK_S and answers metrics requests; `stop()`."""
+    """The MQTT process's end of the link pipe: `run()`, on a thread of its own (the
+    pipe's one writer), answers the HTTP process's questions; `stop()`."""
 
     def __init__(
         self,
@@ -118,30 +118,28 @@ class WebLink:
         metrics: Callable[[], bytes],
         on_exit: Callable[[str], None],
     ) -> None:
-        self.pipe, self.health, self.metrics, self.on_exit = pipe, health, metrics, on_exit
+        self.pipe, self.on_exit = pipe, on_exit
+        self.answers: dict[str, Callable[[], Any]] = {"health": health, "metrics": metrics}
         self.ready = threading.Event()
         self._stopping = threading.Event()
 
     def run(self) -> None:
-        next_report = 0.0
         try:
             while not self._stopping.is_set():
-                if self.pipe.poll(max(0.0, min(LINK_S, next_report - time.monotonic()))):
-                    kind, value = self.pipe.recv()
-                    if kind == "metrics":
-                        self.pipe.send(("metrics", self.metrics()))
-                    elif kind == "ready":
-                        self.ready.set()
-                    elif kind == "fatal":
-                        self.on_exit(str(value))
-                if time.monotonic() >= next_report:
-                    self.pipe.send(("health", self.health()))
-                    next_report = time.monotonic() + LINK_S
+                if not self.pipe.poll(LINK_S):
+                    continue
+                kind, value = self.pipe.recv()
+                if kind in self.answers:
+                    self.pipe.send((kind, self.answers[kind]()))
+                elif kind == "ready":
+                    self.ready.set()
+                elif kind == "fatal":
+                    self.on_exit(str(value))
             self.pipe.send(("stop", None))
         except (EOFError, OSError):
             if not self._stopping.is_set():
                 self.on_exit("http process exited")
 
     def stop(self) -> None:
-        """The HTTP process is told to stop (by `run`'s thread, the pipe's one writer)."""
+        """The HTTP process is told to stop (by `run`'s thread, within LINK_S)."""
         self._stopping.set()

@@ -3,8 +3,8 @@
 It serves `http.listen` (health, metrics, the dispatch API and the operator page) and
 `webhook.listen` on one event loop (edges/http.py), on sockets the MQTT process bound.
 Nothing here decodes MQTT, so the page and dispatch tools cannot slow ingest. What
-only the MQTT process knows comes over the link pipe (ipc.py): its health report every
-LINK_S, and the Prometheus text when /metrics asks for it.
+only the MQTT process knows comes over the link pipe (ipc.py), when asked: its health
+report (for /healthz and the dashboard) and the Prometheus text.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import logging
 import os
 import resource
 import socket
-import time
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -27,44 +26,56 @@ from courierd.edges.webhook import Webhook
 
 log = logging.getLogger(__name__)
 
-METRICS_TIMEOUT_S = 5.0
+ANSWER_TIMEOUT_S = 5.0
+FRESH_S = 0.02
 NICE = 5  # added to this process's niceness
 
 
 class Link:
-    """The MQTT process's side, as this process sees it: the latest health report, and
-    the Prometheus text on request (one request at a time; callers share its answer)."""
+    """The MQTT process's side, as this process sees it: its health report and the
+    Prometheus text, each asked for when needed. One question of each kind at a time:
+    callers meanwhile share its answer, and a health report younger than FRESH_S is
+    served again, so a flood of /healthz costs the MQTT process at most 1/FRESH_S
+    reports a second."""
 
-    def __init__(self, pipe: Connection, stale_after_s: float) -> None:
+    def __init__(self, pipe: Connection) -> None:
         self.pipe = pipe
-        self.stale_after_s = stale_after_s
         self.report: dict[str, Any] | None = None
-        self.received = 0.0
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self._metrics: asyncio.Future[bytes] | None = None  # touched on the loop only
+        self.reported = 0.0  # loop time of `report`
+        self._asked: dict[str, asyncio.Future[Any]] = {}  # touched on the loop only
 
-    def health(self) -> dict[str, Any]:
-        report, age = self.report, time.monotonic() - self.received
-        if report is None:
-            return {"status": "error", "reasons": ["starting"]}
-        if age > self.stale_after_s:
-            reason = f"daemon: no health report from the MQTT process for {age:.0f}s"
-            return {**report, "status": "error", "reasons": [*report["reasons"], reason]}
+    async def health(self) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        if self.report is not None and loop.time() - self.reported < FRESH_S:
+            return self.report
+        try:
+            report: dict[str, Any] = await self._ask("health")
+        except ApiError:
+            reason = f"daemon: the MQTT process did not answer in {ANSWER_TIMEOUT_S:.0f}s"
+            last = self.report or {"reasons": []}
+            return {**last, "status": "error", "reasons": [*last["reasons"], reason]}
+        self.report, self.reported = report, loop.time()
         return report
 
     async def metrics(self) -> bytes:
-        if self._metrics is None or self._metrics.done():
-            self._metrics = asyncio.get_running_loop().create_future()
-            self.pipe.send(("metrics", None))
-        try:
-            return await asyncio.wait_for(asyncio.shield(self._metrics), METRICS_TIMEOUT_S)
-        except TimeoutError:
-            raise ApiError(503, "the MQTT process did not give its metrics in time") from None
+        text: bytes = await self._ask("metrics")
+        return text
 
-    def answered(self, text: bytes) -> None:
-        """On the loop: the metrics came."""
-        if self._metrics is not None and not self._metrics.done():
-            self._metrics.set_result(text)
+    async def _ask(self, kind: str) -> Any:
+        asked = self._asked.get(kind)
+        if asked is None or asked.done():
+            asked = self._asked[kind] = asyncio.get_running_loop().create_future()
+            self.pipe.send((kind, None))
+        try:
+            return await asyncio.wait_for(asyncio.shield(asked), ANSWER_TIMEOUT_S)
+        except TimeoutError:
+            raise ApiError(503, f"the MQTT process did not give its {kind} in time") from None
+
+    def answered(self, kind: str, value: Any) -> None:
+        """On the loop: an answer came."""
+        asked = self._asked.get(kind)
+        if asked is not None and not asked.done():
+            asked.set_result(value)
 
 
 def web_main(
@@ -79,7 +90,7 @@ def web_main(
     with contextlib.suppress(OSError):  # the unit's SystemCallFilter (~@resources) says no
         os.nice(NICE)
     _more_files()
-    link = Link(pipe, settings.daemon.stall_after_s)
+    link = Link(pipe)
     listeners: list[Listener] = []
     sockets: list[list[socket.socket]] = []
     api = webhook = None
@@ -92,7 +103,6 @@ def web_main(
         listeners.append(webhook.listener())
         sockets.append(webhook_sockets)
     server = HttpServer(listeners, sockets)
-    link.loop = server.loop
     try:
         server.start()
     except Exception as e:
@@ -117,10 +127,8 @@ def _serve_link(link: Link, loop: asyncio.AbstractEventLoop) -> None:
         except (EOFError, OSError):
             orphaned()
             return
-        if kind == "health":
-            link.report, link.received = value, time.monotonic()
-        elif kind == "metrics":
-            loop.call_soon_threadsafe(link.answered, value)
+        if kind in ("health", "metrics"):
+            loop.call_soon_threadsafe(link.answered, kind, value)
         elif kind == "stop":
             return
 

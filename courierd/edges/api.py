@@ -52,7 +52,7 @@ from courierd.store.queries import Queries
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-LiveStatus = Callable[[], dict[str, Any]]  # the daemon's health report, as /healthz gives it
+LiveStatus = Callable[[], Awaitable[dict[str, Any]]]  # the health report /healthz gives
 
 READ_TIMEOUT_S = 30.0  # a read the database does not answer in time is a 503
 READ_QUEUE = 16  # reads waiting for the store at most; more are a 503 at once
@@ -272,7 +272,8 @@ class Api:
         doc = await self.reads.run(
             lambda q: q.dashboard(now, active_cap=ACTIVE_CAP, dead_letters=DEAD_LETTERS)
         )
-        health = self.live() if self.live is not None else {"status": "unknown", "reasons": []}
+        unknown = {"status": "unknown", "reasons": []}
+        health = await self.live() if self.live is not None else unknown
         paused = health.get("onetablet") == "unauthorized"
         status = {"status": str(health["status"]), "reasons": [str(r) for r in health["reasons"]]}
         return json_reply({"at": iso(now), "health": status, "auth_paused": paused, **doc})

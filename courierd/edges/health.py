@@ -2,7 +2,7 @@
 dispatch API, its OpenAPI document and the operator page (api.py).
 
 The facts behind both come from the MQTT process (daemon/web.py brings them over):
-`check()` is its latest health report, `metrics()` asks it for the Prometheus text.
+`check()` asks it for its health report, `metrics()` for the Prometheus text.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from courierd.edges.api import Api
 from courierd.edges.http import Incoming, Listener, Reply, error_reply
 from courierd.edges.listen import check_exposure
 
-HealthCheck = Callable[[], dict[str, Any]]
+HealthCheck = Callable[[], Awaitable[dict[str, Any]]]
 MetricsText = Callable[[], Awaitable[bytes]]
 
 
@@ -50,7 +50,7 @@ def http_listener(
         if bare in ("/healthz", "/metrics") and request.method not in ("GET", "HEAD"):
             return error_reply(405, "only GET here", (("allow", "GET, HEAD"),))
         if bare == "/healthz":
-            report = check()
+            report = await check()
             status = 200 if report["status"] == "ok" else 503
             return Reply(status, json.dumps(report).encode(), "application/json", ())
         if bare == "/metrics":
