@@ -20,7 +20,8 @@ broker, so machine noise cancels out):
    beside raw httpx and aiohttp POSTs/s;
 4. latency: publish → POST p50/p99 for status events while 2k msg/s flow (95 % pings),
    with courierd's own stage histograms (receive, commit, claim, send, reply, record)
-   and the harness's publisher lag, counted apart;
+   and the harness's publisher lag, counted apart; and (latency_page) the same phase
+   beside the same phase run while a client reads /v1/dashboard 20 times a second;
 5. PostgreSQL: ingest and pushes with one instance, ingest with two; and a cluster of
    two under a steady stream: the slowest order when a member joins and when one stops
    cleanly, and the takeover after kill -9 and after SIGSTOP;
@@ -867,10 +868,12 @@ def latency(
     seconds: float,
     label: str = "",
     rate: int = 2000,
+    beside: Callable[[int], contextlib.AbstractContextManager[Any]] | None = None,
 ) -> dict[str, Any]:
     """publish → POST for status events while pings flow at `rate` msg/s in all; where
     the time goes, from courierd's own stage histograms; and how far the harness's
-    publisher fell behind its schedule (not courierd's: delays start at the publish call)."""
+    publisher fell behind its schedule (not courierd's: delays start at the publish call).
+    `beside(http_port)`, if given, runs around the publishing (a page reader)."""
     say(f"latency: {seconds:.0f} s at {rate} msg/s (95% pings), publish → POST")
     work = root / f"latency{label}"
     work.mkdir()
@@ -878,6 +881,8 @@ def latency(
     daemon.start()
     c = client(broker.port, "bench-latency-pub", session=False)
     c.loop_start()
+    around = beside(daemon.port) if beside else contextlib.nullcontext()
+    around.__enter__()
     sent: dict[tuple[str, str], float] = {}
     lags: list[float] = []
     tick, per_tick = 0.01, rate // 100
@@ -905,6 +910,7 @@ def latency(
         next_tick += tick
         time.sleep(max(0.0, next_tick - time.perf_counter()))
     achieved = i / (time.perf_counter() - start)
+    around.__exit__(None, None, None)
     sandbox.wait_for_count(before + len(sent), 30)
     metrics = daemon.get("/metrics") or ""
     daemon.stop()
@@ -933,6 +939,70 @@ def latency(
         "harness_lag_p99_ms": round(lag_p99, 2),
         "stages_p50_ms": stages50,
         "stages_p99_ms": stages99,
+    }
+
+
+class PageReader:
+    """What an operator's page and dispatch tools do, harder: GET /v1/dashboard `rate`
+    times a second, on a thread, for as long as it is entered."""
+
+    def __init__(self, port: int, rate: float = 20) -> None:
+        self.url, self.every = f"http://127.0.0.1:{port}/v1/dashboard", 1 / rate
+        self.times: list[float] = []
+        self.failed = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="page-reader")
+
+    def __enter__(self) -> PageReader:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        due = time.perf_counter()
+        while not self._stop.is_set():
+            t0 = time.perf_counter()
+            try:
+                with urllib.request.urlopen(self.url, timeout=5) as r:
+                    r.read()
+                self.times.append(time.perf_counter() - t0)
+            except OSError:
+                self.failed += 1
+            due += self.every
+            self._stop.wait(max(0.0, due - time.perf_counter()))
+
+
+def latency_beside_page(
+    broker: LocalBroker, sandbox: SandboxProc, root: Path, seconds: float, label: str
+) -> dict[str, Any]:
+    """The latency phase alone, then again while a client reads /v1/dashboard 20 times a
+    second: the HTTP process serves it, so ingest and pushes should not notice."""
+    alone = latency(broker, sandbox, root, seconds, f"alone{label}")
+    readers: list[PageReader] = []
+
+    def reader(port: int) -> PageReader:
+        readers.append(PageReader(port))
+        return readers[-1]
+
+    read = latency(broker, sandbox, root, seconds, f"page{label}", beside=reader)
+    times = sorted(readers[0].times)
+    say(
+        f"  with the page reader: {len(times)} dashboards, p50 "
+        f"{statistics.median(times) * 1000:.1f} ms, {readers[0].failed} failed"
+    )
+    return {
+        "p99_ms_alone": alone["p99_ms"],
+        "p99_ms_with_page": read["p99_ms"],
+        "p50_ms_alone": alone["p50_ms"],
+        "p50_ms_with_page": read["p50_ms"],
+        "ratio": round(read["p99_ms"] / alone["p99_ms"], 3),
+        "dashboards_read": len(times),
+        "dashboard_p50_ms": round(statistics.median(times) * 1000, 2),
+        "dashboard_failures": readers[0].failed,
+        "goal": "p99 with the page reader within noise of without (ratio near 1)",
     }
 
 
@@ -1412,6 +1482,12 @@ def main() -> int:
             key="p99_ms",
         ),
         "replay": lambda: replay_cost(root, int(1_000_000 * scale)),
+        "latency_page": lambda: median_run(
+            [
+                latency_beside_page(broker, sandbox, root, 2 if scale < 1 else 15, f"{i}")
+                for i in reps
+            ]
+        ),
         "memory": lambda: memory_and_start(
             broker, sandbox, root, int(100_000 * scale), int(1_000_000 * scale)
         ),

@@ -36,11 +36,11 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
-from courierd.commands import orders
 from courierd.config import OneTabletSettings, Settings, StoreSettings
 from courierd.devtools.localbroker import LocalBroker, free_port
 from courierd.devtools.sandbox import Sandbox
 from courierd.domain.model import iso
+from courierd.services import orders
 
 KEY = "screenshots-key"
 CENTRE = (52.5200, 13.4050)

@@ -219,7 +219,8 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
 
         return demo.run_demo(settings)
     # Only now: the daemon's worker processes re-import this module when they start.
-    from courierd.commands import operate, orders, replay, stores
+    from courierd.commands import operate, replay, stores
+    from courierd.services import orders
 
     if args.command == "replay":
         return replay.run_replay(settings, args.order, args.since, args.until, args.set, args.json)

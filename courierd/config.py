@@ -155,6 +155,12 @@ class HttpSettings(_Section):
     # Bearer token of the dispatch API and the operator page (`Authorization: Bearer …`).
     # Unset: the API's writes are off, and `listen` must be a loopback address.
     token: SecretStr | None = None
+    # Host names this listener answers to, beyond the loopback names and the listen
+    # address (CONTRACT.md 6.1): any other `Host` gets 421 (DNS rebinding).
+    allowed_hosts: tuple[str, ...] = ()
+    # A request (headers and body) must arrive whole this long after the connection is
+    # ready for it; else it is cut (every listener, webhook.listen too).
+    request_timeout_s: float = Field(10.0, gt=0, le=300)
 
     @field_validator("listen")
     @classmethod
@@ -163,8 +169,17 @@ class HttpSettings(_Section):
             return value
         host, sep, port = value.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError("must be host:port, e.g. 127.0.0.1:8787, or empty to turn it off")
+            raise ValueError(
+                "must be host:port, e.g. 127.0.0.1:8787 or [::1]:8787, or empty to turn it off"
+            )
+        if ":" in host and not (host.startswith("[") and host.endswith("]")):
+            raise ValueError("an IPv6 address goes in brackets, e.g. [::1]:8787")
         return value
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _allowed_hosts(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(host_name(v) for v in value)
 
     @field_validator("token")
     @classmethod
@@ -182,6 +197,8 @@ class HttpSettings(_Section):
 class WebhookSettings(_Section):
     # OneTablet's calls to courierd (CONTRACT.md 11): "host:port", or empty for off.
     listen: str = ""
+    # As http.allowed_hosts, for this listener (OneTablet's name for courierd).
+    allowed_hosts: tuple[str, ...] = ()
     # The x-api-key OneTablet sends; required when `listen` is set. A secret.
     secret: SecretStr | None = Field(None, validate_default=True)
 
@@ -190,12 +207,42 @@ class WebhookSettings(_Section):
     def _listen(cls, value: str) -> str:
         return HttpSettings._listen(value)
 
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _allowed_hosts(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(host_name(v) for v in value)
+
     @field_validator("secret")
     @classmethod
     def _needs_secret(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
         if info.data.get("listen") and (value is None or not value.get_secret_value()):
             raise ValueError("required when webhook.listen is set")
+        if value is not None and value.get_secret_value():
+            _check_secret(value.get_secret_value())
         return value
+
+
+def _check_secret(secret: str) -> None:
+    """A header value OneTablet can send and courierd can compare: 16 to 256 characters,
+    no control characters, no space at either end (HTTP strips it). Non-ASCII is fine:
+    it is compared as UTF-8 bytes."""
+    if not 16 <= len(secret) <= 256:
+        raise ValueError("must be 16 to 256 characters (e.g. `openssl rand -hex 32`)")
+    if not secret.isprintable() or secret != secret.strip():
+        raise ValueError("must be printable, without control characters or outer spaces")
+
+
+def host_name(value: str) -> str:
+    """A `Host` name as courierd compares it: lower case, no port, no trailing dot, an
+    IPv6 address without brackets."""
+    name = value.strip().lower().rstrip(".")
+    if name.startswith("[") and name.endswith("]"):
+        name = name[1:-1]
+    if not name or not all(c.isalnum() or c in "-._:" for c in name):
+        raise ValueError(f"{value[:60]!r} is not a host name or an IP address (no port)")
+    if ":" in name and not all(c in "0123456789abcdef:." for c in name):
+        raise ValueError(f"{value[:60]!r} is not a host name or an IP address (no port)")
+    return name
 
 
 class GeofenceSettings(_Section):

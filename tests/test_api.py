@@ -24,14 +24,15 @@ from courierd.domain.model import (
     Assignment,
     CourierOffline,
     DeadLetter,
-    DispatchStats,
     LocationFix,
     Place,
     Status,
     StatusEvent,
     iso,
 )
-from courierd.edges.health import HealthServer, check_exposure
+from courierd.edges.health import http_listener, registry_text
+from courierd.edges.http import HttpServer
+from courierd.edges.listen import check_exposure
 from courierd.errors import ConfigError
 from courierd.store import Store
 from tests.conftest import API_KEY, open_path
@@ -110,20 +111,42 @@ class Client:
         return [f"{r.method} {r.path}" for r in self.onetablet.requests()]
 
 
-def serve(tmp_path: Path, onetablet: Sandbox, token: str | None, **live: Any) -> HealthServer:
+class Served(HttpServer):
+    """A real server in this process; `stop()` closes its API too."""
+
+    def __init__(self, settings: Settings, health: dict[str, Any]) -> None:
+        async def check() -> dict[str, Any]:
+            return health
+
+        listener, self.api = http_listener(
+            settings, check, registry_text(CollectorRegistry()), listen="127.0.0.1:0"
+        )
+        super().__init__([listener])
+
+    def stop(self) -> None:
+        super().stop()
+        if self.api is not None:
+            self.api.close()
+
+
+def serve(
+    tmp_path: Path,
+    onetablet: Sandbox,
+    token: str | None,
+    deadline_s: float = 10,
+    health: dict[str, Any] | None = None,
+) -> Served:
     settings = Settings(
         store=StoreCfg(path=tmp_path / "courierd.db"),
-        http=HttpSettings(token=None if token is None else SecretStr(token)),
+        http=HttpSettings(
+            token=None if token is None else SecretStr(token), request_timeout_s=deadline_s
+        ),
         onetablet=OneTabletSettings(
             base_url=onetablet.url, api_key=SecretStr(API_KEY), retry_schedule_s=(0.05, 0.05)
         ),
         geofence=GeofenceSettings(radius_m=80, exit_factor=2.5),
     )
-    status = {"health": {"status": "ok", "reasons": []}, "dispatch": DispatchStats(**live)}
-    server = HealthServer(
-        "127.0.0.1:0", lambda: {"status": "ok"}, CollectorRegistry(), settings=settings,
-        live=lambda: status,
-    )  # fmt: skip
+    server = Served(settings, {"status": "ok", "reasons": [], **(health or {})})
     server.start()
     return server
 
@@ -141,7 +164,7 @@ def api(tmp_path: Path, onetablet: Sandbox) -> Iterator[Client]:
         now=time.time(),
     )
     store.close()
-    server = serve(tmp_path, onetablet, TOKEN, auth_paused=True)
+    server = serve(tmp_path, onetablet, TOKEN, deadline_s=2, health={"onetablet": "unauthorized"})
     yield Client(server.port, onetablet, tmp_path / "courierd.db")
     server.stop()
 
@@ -221,21 +244,28 @@ def test_hostile_order_bodies_get_a_clear_400(api: Client, body: bytes) -> None:
 
 
 def test_oversized_and_mis_sized_bodies(api: Client) -> None:
-    """70 KB is a 413; a short, a bogus or a chunked Content-Length is answered, never hung."""
+    """70 KB is a 413; a short (cut at the deadline: 408), a bogus or a chunked
+    Content-Length is answered, never hung."""
     status, doc, _ = api.call("POST", "/v1/orders", b'{"id": "o-1", "x": "' + b"a" * 70_000 + b'"}')
     assert_error(status, doc, 413, "PayloadTooLarge")
     auth = f"Authorization: Bearer {TOKEN}\r\n".encode()
+    started = time.monotonic()
     status, doc = api.raw(  # (a hang fails at raw's socket timeout)
-        b"POST /v1/orders HTTP/1.1\r\nHost: x\r\n" + auth + b"Content-Length: 100\r\n\r\n{}"
+        b"POST /v1/orders HTTP/1.1\r\nHost: localhost\r\n" + auth + b"Content-Length: 100\r\n\r\n{}"
     )
-    assert_error(status, doc, 400, "BadRequest")
+    assert_error(status, doc, 408, "RequestTimeout")
+    assert time.monotonic() - started > 1.5  # held to the fixture's 2 s deadline, not cut early
     status, doc = api.raw(b"POST /v1/orders HTTP/1.1\r\n" + auth + b"Content-Length: -5\r\n\r\n")
     assert_error(status, doc, 400, "BadRequest")
     status, doc = api.raw(
-        b"POST /v1/orders HTTP/1.1\r\n" + auth + b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+        b"POST /v1/orders HTTP/1.1\r\nHost: localhost\r\n"
+        + auth
+        + b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
     )
     assert_error(status, doc, 411, "LengthRequired")
-    status, doc = api.raw(b"GET /v1/orders HTTP/1.1\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n")
+    status, doc = api.raw(
+        b"GET /v1/orders HTTP/1.1\r\nHost: localhost\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n"
+    )
     assert_error(status, doc, 431, "HeadersTooLarge")
     assert api.sent() == []
 

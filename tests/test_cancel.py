@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
-from courierd.commands import orders
 from courierd.config import Settings, StoreSettings, load_settings
 from courierd.devtools.sandbox import Request, Sandbox
 from courierd.domain.model import Status, StatusEvent
 from courierd.errors import InputError, Rejected
+from courierd.services import orders
 from courierd.store import Store
 from tests.harness import API_KEY
 

@@ -188,3 +188,15 @@ def test_a_listener_without_a_secret_is_a_config_error(cli) -> None:  # type: ig
     """webhook.listen without webhook.secret stops startup (exit 2) naming the setting."""
     r = cli("run", env={"COURIERD_WEBHOOK__LISTEN": "127.0.0.1:9999"})
     assert r.code == 2 and "COURIERD_WEBHOOK__SECRET" in r.err
+
+
+def test_a_short_or_unsendable_secret_is_a_config_error(cli) -> None:  # type: ignore[no-untyped-def]
+    """A webhook.secret too short, or one no HTTP header can carry, is exit 2 naming it."""
+    for bad in ("short", "x" * 257, "tab\there-0123456789", " padded-0123456789 "):
+        r = cli(
+            "run",
+            env={"COURIERD_WEBHOOK__LISTEN": "127.0.0.1:9999", "COURIERD_WEBHOOK__SECRET": bad},
+        )
+        assert r.code == 2, bad
+        assert "webhook.secret" in r.err and "COURIERD_WEBHOOK__SECRET" in r.err, r.err
+        assert bad not in r.err  # a secret is never echoed

@@ -1,7 +1,7 @@
 """What the daemon's processes share: how a worker starts, and how it dies with its parent.
 
-`courierd run` is three processes (see supervisor.py for why). The MQTT process
-starts the ingest and dispatch processes with multiprocessing "spawn" and talks to
+`courierd run` is four processes (see supervisor.py for why). The MQTT process
+starts the ingest, dispatch and HTTP processes with multiprocessing "spawn" and talks to
 them over pipes; the database is the only state they share. Messages are tuples
 `(kind, value)`:
 
@@ -17,8 +17,12 @@ them over pipes; the database is the only state they share. Messages are tuples
 - control pipe, MQTT process → dispatch: ("holding", {slot: epoch}) (a cluster: the
   sessions it holds, after each Grant), ("stop", None).
 - wake pipe, ingest → dispatch: a byte after each commit that enqueued pushes.
+- link pipe, MQTT process ↔ HTTP process (web.py), request/reply: ("health", None) →
+  ("health", report), ("metrics", None) → ("metrics", prometheus_text); ("stop", None)
+  ends it. The HTTP process announces ("ready", None) once it listens, or ("fatal",
+  reason).
 
-If the MQTT process disappears (kill -9), the pipes close and both workers exit at once.
+If the MQTT process disappears (kill -9), the pipes close and the workers exit at once.
 """
 
 from __future__ import annotations
@@ -29,9 +33,12 @@ import ctypes.util
 import logging
 import os
 import signal
+import socket
 import sys
+import threading
+from collections.abc import Callable
 from multiprocessing.connection import Connection
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from courierd.config import Settings
 from courierd.logs import setup_logging
@@ -39,6 +46,7 @@ from courierd.logs import setup_logging
 log = logging.getLogger(__name__)
 
 REPORT_S = 0.25
+LINK_S = 0.25
 
 
 class Grant(NamedTuple):
@@ -101,3 +109,52 @@ def dispatch_process(
     from courierd.daemon.dispatch import dispatch_main
 
     dispatch_main(settings, reports, control, wake, instance)
+
+
+def web_process(
+    settings: Settings,
+    pipe: Connection,
+    http_sockets: list[socket.socket],
+    webhook_sockets: list[socket.socket],
+) -> None:
+    from courierd.daemon.web import web_main
+
+    web_main(settings, pipe, http_sockets, webhook_sockets)
+
+
+class WebLink:
+    """The MQTT process's end of the link pipe: `run()`, on a thread of its own (the
+    pipe's one writer), answers the HTTP process's questions; `stop()`."""
+
+    def __init__(
+        self,
+        pipe: Connection,
+        health: Callable[[], dict[str, Any]],
+        metrics: Callable[[], bytes],
+        on_exit: Callable[[str], None],
+    ) -> None:
+        self.pipe, self.on_exit = pipe, on_exit
+        self.answers: dict[str, Callable[[], Any]] = {"health": health, "metrics": metrics}
+        self.ready = threading.Event()
+        self._stopping = threading.Event()
+
+    def run(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                if not self.pipe.poll(LINK_S):
+                    continue
+                kind, value = self.pipe.recv()
+                if kind in self.answers:
+                    self.pipe.send((kind, self.answers[kind]()))
+                elif kind == "ready":
+                    self.ready.set()
+                elif kind == "fatal":
+                    self.on_exit(str(value))
+            self.pipe.send(("stop", None))
+        except (EOFError, OSError):
+            if not self._stopping.is_set():
+                self.on_exit("http process exited")
+
+    def stop(self) -> None:
+        """The HTTP process is told to stop (by `run`'s thread, within LINK_S)."""
+        self._stopping.set()

@@ -1,17 +1,20 @@
 """`courierd run`: the MQTT process, which supervises the ingest and dispatch processes.
 
-Why three processes: paho parses MQTT packets in Python, and at full speed its
+Why separate processes: paho parses MQTT packets in Python, and at full speed its
 network thread needs an interpreter to itself; ingest and push threads in the same
 process cut the drain rate roughly in half (measured), and sixteen push threads
 starve the ingest writer the same way one level down. So:
 
 - this process: paho (its network thread only converts and enqueues), the batcher
-  (batcher.py), /healthz and /metrics, and the main thread: READY/WATCHDOG/STOPPING
-  for systemd, supervision, signals;
+  (batcher.py), the metrics, and the main thread: READY/WATCHDOG/STOPPING for systemd,
+  supervision, signals;
 - the ingest process (ingest.py): commits batches;
-- the dispatch process (dispatch.py): delivers the outbox, and does housekeeping.
+- the dispatch process (dispatch.py): delivers the outbox, and does housekeeping;
+- the HTTP process (web.py): every listener (health, metrics, the dispatch API, the
+  page, the webhook), so that no HTTP client can slow ingest. This process binds its
+  sockets (a taken port is exit 2 here) and sends it the health report.
 
-Start-up: the database lock (one daemon per SQLite file), then both workers open the
+Start-up: the database lock (one daemon per SQLite file), then the workers open the
 database, then READY — without waiting for the broker, which may be down: the outbox
 is still delivered, health says MQTT is down, and paho connects when it can.
 Stop: one deadline (daemon.stop_timeout_s, under the unit's TimeoutStopSec) for intake,
@@ -34,13 +37,17 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
+from prometheus_client import generate_latest
+
 from courierd.config import Settings, redact
 from courierd.daemon.batcher import Batcher, IngestFailed
 from courierd.daemon.ipc import (
+    WebLink,
     dispatch_process,
     ingest_process,
     quick_thread_handovers,
     set_process_name,
+    web_process,
 )
 from courierd.daemon.lock import DaemonLock
 from courierd.daemon.sessions import PROFILES, SHARED_KINDS, Sessions
@@ -48,10 +55,9 @@ from courierd.domain.model import BatchReport, DispatchStats
 from courierd.domain.owntracks import SUBSCRIPTIONS as OWNTRACKS
 from courierd.domain.telemetry import ASSIGNMENTS_TOPIC, SUBSCRIPTIONS
 from courierd.edges import systemd
-from courierd.edges.health import HealthServer
+from courierd.edges.listen import bind, check_exposure
 from courierd.edges.metrics import Metrics
 from courierd.edges.mqtt import Message
-from courierd.edges.webhook import WebhookServer
 from courierd.errors import CourierdError
 
 log = logging.getLogger(__name__)
@@ -156,6 +162,28 @@ class Daemon:
         )
         # Ours to close once the children hold them, so a dead child reads as EOF here.
         self._child_ends = [ingest_end, report_end, control_end, wake_reader, wake_writer]
+        # Every listener, in a process of its own; bound here, so a bad address is exit 2.
+        check_exposure(settings.http)
+        http = bind(settings.http.listen, "http.listen") if settings.http.listen else []
+        hook = settings.webhook.listen
+        webhook = bind(hook, "webhook.listen") if hook else []
+        self._sockets = http + webhook
+        web_pipe, web_end = ctx.Pipe()
+        self._web = (
+            ctx.Process(
+                target=web_process,
+                args=(settings, web_end, http, webhook),
+                name="courierd-http",
+                daemon=True,
+            )
+            if self._sockets
+            else None
+        )
+        self._child_ends.append(web_end)
+        self.web_link = WebLink(
+            web_pipe, self.health, lambda: generate_latest(self.metrics.registry), self._die
+        )
+        self._web_thread = threading.Thread(target=self.web_link.run, name="web-link", daemon=True)
         self.batcher = Batcher(
             self.inbox,
             self._ingest_pipe,
@@ -164,19 +192,6 @@ class Daemon:
             wait_s=settings.ingest.batch_ms / 1000,
             on_report=lambda report: record_batch(self.metrics, report),
         )
-        self.http = (
-            HealthServer(
-                settings.http.listen,
-                self.health,
-                self.metrics.registry,
-                settings=settings,
-                live=lambda: {"health": self.health(), "dispatch": self._dispatch},
-            )
-            if settings.http.listen
-            else None
-        )
-        # OneTablet's calls (CONTRACT.md 11), on a listener of their own.
-        self.webhook = WebhookServer(settings) if settings.webhook.listen else None
         self._batch_thread = threading.Thread(target=self._batch_loop, name="batcher")
         self._reporter = threading.Thread(target=self._report_loop, name="reports", daemon=True)
 
@@ -288,27 +303,31 @@ class Daemon:
         quick_thread_handovers()
         self._ingest.start()
         self._dispatch_proc.start()
+        if self._web is not None:
+            self._web.start()
+            self._web_thread.start()
         for end in self._child_ends:
             end.close()
+        for sock in self._sockets:
+            sock.close()  # the HTTP process has its own copies now
         self._reporter.start()
         if not self._ingest_started() or not self._wait(self._dispatch_ready, "dispatch"):
             return self.shutdown()
-        if self.http:
-            self.http.start()
-        if self.webhook:
-            self.webhook.start()
+        if self._web is not None and not self._wait(self.web_link.ready, "http"):
+            return self.shutdown()
         self._batch_thread.start()
         if not self.clustered:  # a cluster's slots come from the dispatch process
             self.sessions.hold({0: 0})  # paho connects in the background, and keeps trying
         systemd.notify("READY=1\nSTATUS=database open; connecting to the broker")
         store = self.settings.store
         log.info(
-            "daemon.ready store=%s mqtt=%s:%s ingest_pid=%s dispatch_pid=%s",
+            "daemon.ready store=%s mqtt=%s:%s ingest_pid=%s dispatch_pid=%s http_pid=%s",
             store.path if store.url is None else redact(store.url.get_secret_value()),
             self.settings.mqtt.host,
             self.settings.mqtt.port,
             self._ingest.pid,
             self._dispatch_proc.pid,
+            None if self._web is None else self._web.pid,
         )
         ping_every = systemd.watchdog_interval()
         next_ping = 0.0
@@ -320,8 +339,8 @@ class Daemon:
             now_dropped = self.sessions.dropped_qos0()
             self.metrics.dropped_qos0.inc(max(0, now_dropped - dropped))
             dropped = now_dropped
-            for proc in (self._ingest, self._dispatch_proc):
-                if not proc.is_alive():
+            for proc in (self._ingest, self._dispatch_proc, self._web):
+                if proc is not None and not proc.is_alive():
                     self._die(f"{proc.name} exited with {proc.exitcode}")
             if ping_every and time.monotonic() >= next_ping and not self._stalled():
                 systemd.notify("WATCHDOG=1")
@@ -381,10 +400,14 @@ class Daemon:
                 log.warning("daemon.killing %s (past the stop deadline)", proc.name)
                 proc.kill()
                 proc.join(5)
-        if self.http:
-            self.http.stop()
-        if self.webhook:
-            self.webhook.stop()
+        # Last: health is answered (503, stopping) until the end.
+        if self._web is not None and self._web.is_alive():
+            self.web_link.stop()
+            self._web.join(timeout=max(left(), 2.0))
+            if self._web.is_alive():
+                log.warning("daemon.killing %s (past the stop deadline)", self._web.name)
+                self._web.kill()
+                self._web.join(5)
         code = EXIT_FATAL if self._fatal else EXIT_OK
         log.info("daemon.stopped exit=%d", code)
         return code

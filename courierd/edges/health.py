@@ -1,78 +1,69 @@
-"""The HTTP server on `http.listen`: `/healthz` and `/metrics`, and, given the
-settings, the dispatch API, its OpenAPI document and the operator page (api.py).
+"""What `http.listen` serves: `/healthz` and `/metrics`, and, given the settings, the
+dispatch API, its OpenAPI document and the operator page (api.py).
+
+The facts behind both come from the MQTT process (daemon/web.py brings them over):
+`check()` asks it for its health report, `metrics()` for the Prometheus text.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import json
-from collections.abc import Callable
-from email.message import Message
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from courierd.config import HttpSettings, Settings
-from courierd.edges.api import Api, LiveStatus, Reply, error_reply
-from courierd.edges.http import JsonServer
-from courierd.errors import ConfigError
+from courierd.config import Settings
+from courierd.edges.api import Api
+from courierd.edges.http import Incoming, Listener, Reply, error_reply
+from courierd.edges.listen import check_exposure
 
-HealthCheck = Callable[[], dict[str, Any]]
+HealthCheck = Callable[[], Awaitable[dict[str, Any]]]
+MetricsText = Callable[[], Awaitable[bytes]]
 
 
-class HealthServer(JsonServer):
-    """Serves health (200 when `check()` says ok, else 503) and Prometheus metrics, and,
-    with `settings`, the dispatch API and the operator page (`live`: the daemon's
-    health and dispatch stats, for the dashboard)."""
+def registry_text(registry: CollectorRegistry) -> MetricsText:
+    """`metrics` for a registry in this very process."""
 
-    def __init__(
-        self,
-        listen: str,
-        check: HealthCheck,
-        registry: CollectorRegistry,
-        *,
-        settings: Settings | None = None,
-        live: LiveStatus | None = None,
-    ) -> None:
-        if settings is not None:
-            check_exposure(settings.http)
-        self.api = None if settings is None else Api(settings, live)
-        self.check = check
-        self.registry = registry
-        super().__init__(listen, self._route, setting="http.listen", name="http")
+    async def text() -> bytes:
+        return generate_latest(registry)
 
-    def _route(self, command: str, path: str, headers: Message, body: Callable[[], bytes]) -> Reply:
-        bare = path.partition("?")[0]
-        if bare in ("/healthz", "/metrics") and command not in ("GET", "HEAD"):
+    return text
+
+
+def http_listener(
+    settings: Settings,
+    check: HealthCheck,
+    metrics: MetricsText,
+    *,
+    api: bool = True,
+    listen: str | None = None,
+) -> tuple[Listener, Api | None]:
+    """The `http.listen` listener (with the dispatch API unless `api` is false), and
+    its Api, to be closed when the server stops. `listen` overrides the setting."""
+    if api:
+        check_exposure(settings.http)
+    dispatch = Api(settings, check) if api else None
+
+    async def route(request: Incoming) -> Reply:
+        bare = request.target.partition("?")[0]
+        if bare in ("/healthz", "/metrics") and request.method not in ("GET", "HEAD"):
             return error_reply(405, "only GET here", (("allow", "GET, HEAD"),))
         if bare == "/healthz":
-            report = self.check()
+            report = await check()
             status = 200 if report["status"] == "ok" else 503
             return Reply(status, json.dumps(report).encode(), "application/json", ())
         if bare == "/metrics":
-            return Reply(200, generate_latest(self.registry), CONTENT_TYPE_LATEST, ())
-        if self.api is not None:
-            return self.api.handle(command, path, headers, body)
+            return Reply(200, await metrics(), CONTENT_TYPE_LATEST, ())
+        if dispatch is not None:
+            return await dispatch.handle(request)
         return error_reply(404, f"no such endpoint: {bare[:200]}")
 
-    def stop(self) -> None:
-        super().stop()
-        if self.api is not None:
-            self.api.close()
-
-
-def check_exposure(http: HttpSettings) -> None:
-    """Refuse to serve the API beyond this machine without a token (startup, exit 2)."""
-    if not http.listen or http.token is not None:
-        return
-    host = http.listen.rpartition(":")[0].strip("[]")
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
-        raise ConfigError(
-            f"invalid setting http.listen (COURIERD_HTTP__LISTEN): {http.listen} is not a "
-            "loopback address (127.0.0.0/8, ::1, localhost), so http.token "
-            "(COURIERD_HTTP__TOKEN) must be set: the dispatch API would be open to anyone"
-        )
+    listener = Listener(
+        listen or settings.http.listen,
+        route,
+        setting="http.listen",
+        allowed_hosts=settings.http.allowed_hosts,
+        deadline_s=settings.http.request_timeout_s,
+    )
+    return listener, dispatch

@@ -1,61 +1,70 @@
-"""The OpenAPI 3.1 document of the dispatch API, served at `/openapi.json`.
+"""The dispatch API's operations, and its OpenAPI 3.1 document generated from them.
 
-Written by hand beside api.py (the two change together; tests/test_api.py runs
-schemathesis against a live daemon to keep them honest), except the order document's
-schema, which is OneTablet's Order model as courierd checks it (domain/order_schema.py),
-tightened where courierd's strict JSON and text rules say more than the model does.
+Each `Operation` names the models that validate its query string and body and the one
+that describes its reply (apimodels.py); api.py routes and validates by the same table,
+and pydantic writes the JSON Schemas (2020-12, the dialect of OpenAPI 3.1). Only two
+things are added by hand, both rules of courierd's strict JSON that no type says: an
+order id has no '/', and an integer has at most 40 digits.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import re
+from dataclasses import dataclass
 from typing import Any
 
+from pydantic import BaseModel, TypeAdapter
+
 from courierd.domain.fields import MAX_ID, MAX_NUMBER_DIGITS
-from courierd.domain.model import CANCEL_REASONS, CANCELLED, EXPIRED, NEW, Status
+from courierd.domain.order_schema import OrderDocument
+from courierd.edges import apimodels as m
 
 Schema = dict[str, Any]
-
-STATES = [NEW, *(s.value for s in Status), CANCELLED, EXPIRED]
-ID_PATTERN = "^[^/\\u0000]+$"  # one path segment, no NUL (courierd's text rule)
-TEXT_PATTERN = "^[^\\u0000]*$"
-
-S: Schema = {"type": "string"}
-S_NULL: Schema = {"type": ["string", "null"]}
-NUM: Schema = {"type": "number"}
-NUM_NULL: Schema = {"type": ["number", "null"]}
-INT: Schema = {"type": "integer"}
-BOOL: Schema = {"type": "boolean"}
+REF = "#/components/schemas/{model}"
 
 
-def ref(name: str) -> Schema:
-    return {"$ref": f"#/components/schemas/{name}"}
+@dataclass(frozen=True, slots=True)
+class Operation:
+    method: str
+    path: str  # with {order_id} for the one path parameter there is
+    operation_id: str
+    summary: str
+    access: str  # "read", "write" or "open"
+    reply: Any  # the reply's TypedDict
+    query: type[BaseModel] = m.NoQuery
+    body: type[BaseModel] | None = None
+    body_required: bool = False
+    errors: tuple[str, ...] = ()  # beyond 400, 401, 404, 503
+
+    @property
+    def pattern(self) -> re.Pattern[str]:
+        return re.compile(re.escape(self.path).replace(r"\{order_id\}", "([^/]+)"))
 
 
-def or_null(schema: Schema) -> Schema:
-    return {"anyOf": [schema, {"type": "null"}]}
-
-
-def array(items: Schema) -> Schema:
-    return {"type": "array", "items": items}
-
-
-def obj(optional: tuple[str, ...] = (), closed: bool = True, **props: Schema) -> Schema:
-    """An object with these properties, all required but `optional`."""
-    return obj_of(props, optional, closed)
-
-
-def obj_of(props: dict[str, Schema], optional: tuple[str, ...] = (), closed: bool = True) -> Schema:
-    out: Schema = {
-        "type": "object",
-        "properties": props,
-        "required": [k for k in props if k not in optional],
-    }
-    if closed:
-        out["additionalProperties"] = False
-    return out
-
+ONE = "/v1/orders/{order_id}"
+WRITE_ERRORS = ("403", "411", "413", "502")
+OPERATIONS = (
+    Operation("GET", "/v1/orders", "listOrders",
+              "Orders, most recently updated first, a page at a time", "read",
+              m.OrderList, m.OrderListQuery),
+    Operation("POST", "/v1/orders", "submitOrder",
+              "Submit an order to OneTablet (what `courierd order submit` does)", "write",
+              m.SubmitReply, body=OrderDocument, body_required=True, errors=WRITE_ERRORS),
+    Operation("GET", ONE, "showOrder", "One order, as `courierd order show` prints it", "read",
+              m.OrderView),
+    Operation("POST", ONE + "/cancel", "cancelOrder",
+              "Cancel an order (what `courierd order cancel` does)", "write",
+              m.CancelReply, body=m.CancelRequest, errors=(*WRITE_ERRORS, "409")),
+    Operation("GET", ONE + "/track", "orderTrack",
+              "What the page draws: the courier's fixes, the places, the statuses", "read",
+              m.Track),
+    Operation("GET", "/v1/couriers", "listCouriers", "Couriers, most recently heard from first",
+              "read", m.CourierList, m.LimitQuery),
+    Operation("GET", "/v1/dashboard", "dashboard", "What the operator page's front view shows",
+              "read", m.Dashboard),
+)  # fmt: skip
 
 ERRORS = {
     "400": "Bad input: malformed JSON, a wrong type, an unknown field or query parameter, "
@@ -67,14 +76,69 @@ ERRORS = {
     "411": "A body sent without Content-Length (chunked)",
     "413": "The body is over 64 KiB",
     "502": "OneTablet refused the request or could not be reached (its message)",
-    "503": "The database is unavailable",
+    "503": "The database is unavailable, or too many requests wait for it",
 }
 
 
-def responses(ok: Schema, *codes: str, description: str = "OK") -> Schema:
-    out: Schema = {"200": {"description": description, "content": _json(ok)}}
-    for code in ("400", "401", "404", *codes, "503"):
-        out[code] = {"$ref": f"#/components/responses/E{code}"}
+def _schemas() -> tuple[dict[tuple[str, str], Schema], dict[str, Schema]]:
+    """Every model's schema (by (name, mode)), and the shared definitions."""
+    inputs: list[tuple[tuple[str, str], Any, TypeAdapter[Any]]] = [
+        (("Error", "serialization"), "serialization", TypeAdapter(m.Error)),
+    ]
+    for op in OPERATIONS:
+        inputs.append(((op.operation_id, "reply"), "serialization", TypeAdapter(op.reply)))
+        inputs.append(((op.operation_id, "query"), "validation", TypeAdapter(op.query)))
+        if op.body is not None:
+            inputs.append(((op.operation_id, "body"), "validation", TypeAdapter(op.body)))
+    refs, defs = TypeAdapter.json_schemas(inputs, ref_template=REF)
+    return {key: schema for (key, _), schema in refs.items()}, defs.get("$defs", {})
+
+
+def _parameters(op: Operation, query: Schema, defs: dict[str, Schema]) -> list[Schema]:
+    out: list[Schema] = []
+    if "{order_id}" in op.path:
+        out.append({
+            "name": "order_id", "in": "path", "required": True,
+            "description": "The order's id (percent-encoded)",
+            "schema": {"type": "string", "minLength": 1, "maxLength": MAX_ID,
+                       "pattern": m.ID_PATTERN},
+        })  # fmt: skip
+    model = defs.get(query["$ref"].rpartition("/")[2], query) if "$ref" in query else query
+    required = set(model.get("required", ()))
+    for name, schema in model.get("properties", {}).items():
+        schema = dict(schema)
+        description = schema.pop("description", None)
+        schema.pop("title", None)
+        if "anyOf" in schema:  # `X | None` = optional: a query parameter is absent, not null
+            schema = {**next(s for s in schema.pop("anyOf") if s != {"type": "null"}), **schema}
+            schema.pop("default", None)
+        param: Schema = {"name": name, "in": "query", "schema": schema}
+        if description:
+            param["description"] = description
+        if name in required:
+            param["required"] = True
+        out.append(param)
+    return out
+
+
+def _operation(
+    op: Operation, refs: dict[tuple[str, str], Schema], defs: dict[str, Schema]
+) -> Schema:
+    responses: Schema = {
+        "200": {"description": "OK", "content": _json(refs[(op.operation_id, "reply")])}
+    }
+    for code in sorted({"400", "401", "404", "503", *op.errors}):
+        responses[code] = {"$ref": f"#/components/responses/E{code}"}
+    out: Schema = {"operationId": op.operation_id, "summary": op.summary}
+    parameters = _parameters(op, refs[(op.operation_id, "query")], defs)
+    if parameters:
+        out["parameters"] = parameters
+    if op.body is not None:
+        out["requestBody"] = {
+            "required": op.body_required,
+            "content": _json(refs[(op.operation_id, "body")]),
+        }
+    out["responses"] = responses
     return out
 
 
@@ -82,139 +146,19 @@ def _json(schema: Schema) -> Schema:
     return {"application/json": {"schema": schema}}
 
 
-ORDER_ID: Schema = {
-    "name": "order_id",
-    "in": "path",
-    "required": True,
-    "description": "The order's id (percent-encoded)",
-    "schema": {"type": "string", "minLength": 1, "maxLength": MAX_ID, "pattern": ID_PATTERN},
-}
-
-
-def _limit(default: int) -> Schema:
-    return {
-        "name": "limit",
-        "in": "query",
-        "description": f"How many to return (default {default})",
-        "schema": {"type": "integer", "minimum": 1, "maximum": 500, "default": default},
-    }
-
-
-def _schemas() -> dict[str, Schema]:
-    place = obj(lat=NUM, lng=NUM, radius_m=NUM_NULL)
-    circle = obj(lat=NUM, lng=NUM, radius_m=NUM, exit_radius_m=NUM)
-    eta = {"to": {"enum": ["pickup", "dropoff"]}, "distance_m": NUM, "seconds": NUM}
-    summary = obj(
-        order_id=S, state=S, courier_id=S_NULL, updated_at=S, status_at=S_NULL, cancelling=BOOL
-    )
-    fix = obj(ts=S, lat=NUM, lng=NUM, accuracy_m=NUM_NULL, speed_mps=NUM_NULL, heading=NUM_NULL)
-    return {
-        "Error": obj(error=S, message=S),
-        "Place": place,
-        "Circle": circle,
-        "Eta": obj_of(eta),
-        "OrderSummary": summary,
-        "OrderList": obj(orders=array(ref("OrderSummary")), next_cursor=S_NULL),
-        "OrderView": obj(
-            closed=False,  # order show may gain fields; these are there
-            order_id=S,
-            state=S,
-            courier_id=S_NULL,
-            cancelled=BOOL,
-            cancelling=BOOL,
-            transitions=array(
-                obj(
-                    ("lat", "lng"),
-                    status=S,
-                    at=S,
-                    inferred=BOOL,
-                    source=S,
-                    event_id=S_NULL,
-                    lat=NUM,
-                    lng=NUM,
-                )
-            ),
-            pushes=array(
-                obj(
-                    status=S,
-                    state=S,
-                    delivered=BOOL,
-                    attempts=INT,
-                    last_error=S_NULL,
-                    idempotency_key=S,
-                )
-            ),
-            courier_last_seen=S_NULL,
-            courier_offline=BOOL,
-            eta=or_null(ref("Eta")),
-            places=obj(pickup=or_null(ref("Place")), dropoff=or_null(ref("Place"))),
-        ),
-        "Fix": fix,
-        "Courier": obj(
-            courier_id=S,
-            fix=or_null(ref("Fix")),
-            last_seen=S_NULL,
-            offline=BOOL,
-            active_order_ids=array(S),
-            eta=or_null(obj_of({"order_id": S, **eta})),
-        ),
-        "CourierList": obj(couriers=array(ref("Courier"))),
-        "DeadLetter": obj(
-            id=INT, received_at=S, topic=S, reason=S, detail=S_NULL, payload=S, size=INT
-        ),
-        "Dashboard": obj(
-            at=S,
-            health=obj(status=S, reasons=array(S)),
-            auth_paused=BOOL,
-            orders_by_state={"type": "object", "additionalProperties": INT},
-            active_orders=array(ref("OrderSummary")),
-            active_total=INT,
-            active_truncated=BOOL,
-            couriers_offline=array(obj(courier_id=S, last_seen=S_NULL, order_ids=array(S))),
-            outbox=obj(
-                pending=INT, oldest_pending_age_s=NUM_NULL, failed=INT, held=INT, dead_letters=INT
-            ),
-            dead_letters=array(ref("DeadLetter")),
-        ),
-        "Track": obj(
-            order_id=S,
-            state=S,
-            courier_id=S_NULL,
-            since=S,
-            until=S_NULL,
-            points=array(obj(ts=S, lat=NUM, lng=NUM, accuracy_m=NUM_NULL)),
-            truncated=BOOL,
-            pickup=or_null(ref("Circle")),
-            dropoff=or_null(ref("Circle")),
-            transitions=array(obj(status=S, source=S, at=S, lat=NUM_NULL, lng=NUM_NULL)),
-        ),
-        "CancelRequest": obj(
-            ("reason", "details"),
-            reason={"enum": list(CANCEL_REASONS), "default": "OTHER"},
-            details={"type": "string", "maxLength": 1000, "pattern": TEXT_PATTERN},
-        ),
-        "SubmitReply": obj(order_id=S, status=INT, reply={}),
-        "CancelReply": obj(order_id=S, cancelled=BOOL, dropped_pushes=INT, status=INT, reply={}),
-        **_order_schemas(),
-    }
-
-
-def _order_schemas() -> dict[str, Schema]:
-    """OneTablet's Order as courierd checks it, from the model itself."""
-    from courierd.domain.order_schema import OrderDocument
-
-    doc = OrderDocument.model_json_schema(ref_template="#/components/schemas/Order{model}")
-    parts = {f"Order{name}": part for name, part in doc.pop("$defs", {}).items()}
-    doc["description"] = (
+def _tighten(defs: dict[str, Schema]) -> None:
+    """courierd's strict JSON rules, which the order model's types cannot say."""
+    order = defs["OrderDocument"]
+    order["description"] = (
         "OneTablet's Order, sent as written; only `id` is required. Integer fields take "
         "integer literals (1250, not 1250.0), of at most 40 characters; no NaN."
     )
-    doc["properties"]["id"]["pattern"] = ID_PATTERN
-    store_id = parts["OrderStore"]["properties"]["merchant_supplied_id"]["anyOf"][0]
-    store_id.update(maxLength=MAX_ID, pattern=TEXT_PATTERN)
-    out = {"Order": doc, **parts}
-    _bound_integers(out)
-    return out
+    order["properties"]["id"]["pattern"] = m.ID_PATTERN
+    store_id = defs["Store"]["properties"]["merchant_supplied_id"]["anyOf"][0]
+    store_id.update(maxLength=MAX_ID, pattern=m.TEXT_PATTERN)
+    _bound_integers(defs)
+    for name in [n for n in defs if n.endswith("Query")]:
+        del defs[name]  # they are parameters, not schemas
 
 
 def _bound_integers(node: Any) -> None:
@@ -230,97 +174,14 @@ def _bound_integers(node: Any) -> None:
             _bound_integers(value)
 
 
-def _paths() -> dict[str, Schema]:
-    return {
-        "/v1/orders": {
-            "get": {
-                "operationId": "listOrders",
-                "summary": "Orders, most recently updated first, a page at a time",
-                "parameters": [
-                    {
-                        "name": "state",
-                        "in": "query",
-                        "description": "Only orders in this state (`active`: not finished)",
-                        "schema": {"enum": [*STATES, "active"]},
-                    },
-                    {
-                        "name": "courier_id",
-                        "in": "query",
-                        "description": "Only this courier's orders",
-                        "schema": {
-                            "type": "string",
-                            "minLength": 1,
-                            "maxLength": MAX_ID,
-                            "pattern": TEXT_PATTERN,
-                        },
-                    },
-                    _limit(50),
-                    {
-                        "name": "cursor",
-                        "in": "query",
-                        "description": "The `next_cursor` of the previous page, as given",
-                        "schema": {"type": "string", "format": "courierd-cursor"},
-                    },
-                ],
-                "responses": responses(ref("OrderList")),
-            },
-            "post": {
-                "operationId": "submitOrder",
-                "summary": "Submit an order to OneTablet (what `courierd order submit` does)",
-                "requestBody": {"required": True, "content": _json(ref("Order"))},
-                "responses": responses(
-                    ref("SubmitReply"), "403", "411", "413", "502", description="OneTablet's reply"
-                ),
-            },
-        },
-        "/v1/orders/{order_id}": {
-            "get": {
-                "operationId": "showOrder",
-                "summary": "One order, as `courierd order show` prints it",
-                "parameters": [ORDER_ID],
-                "responses": responses(ref("OrderView")),
-            }
-        },
-        "/v1/orders/{order_id}/cancel": {
-            "post": {
-                "operationId": "cancelOrder",
-                "summary": "Cancel an order (what `courierd order cancel` does)",
-                "parameters": [ORDER_ID],
-                "requestBody": {"required": False, "content": _json(ref("CancelRequest"))},
-                "responses": responses(
-                    ref("CancelReply"), "403", "409", "411", "413", "502", description="Cancelled"
-                ),
-            }
-        },
-        "/v1/orders/{order_id}/track": {
-            "get": {
-                "operationId": "orderTrack",
-                "summary": "What the page draws: the courier's fixes, the places, the statuses",
-                "parameters": [ORDER_ID],
-                "responses": responses(ref("Track")),
-            }
-        },
-        "/v1/couriers": {
-            "get": {
-                "operationId": "listCouriers",
-                "summary": "Couriers, most recently heard from first",
-                "parameters": [_limit(50)],
-                "responses": responses(ref("CourierList")),
-            }
-        },
-        "/v1/dashboard": {
-            "get": {
-                "operationId": "dashboard",
-                "summary": "What the operator page's front view shows",
-                "responses": responses(ref("Dashboard")),
-            }
-        },
-    }
-
-
 @functools.cache
 def _document() -> Schema:
-    error = {"content": _json(ref("Error"))}
+    refs, defs = _schemas()
+    paths: dict[str, Schema] = {}
+    for op in OPERATIONS:
+        paths.setdefault(op.path, {})[op.method.lower()] = _operation(op, refs, defs)
+    _tighten(defs)
+    error = {"content": _json({"$ref": REF.format(model="Error")})}
     return {
         "openapi": "3.1.0",
         "info": {
@@ -332,10 +193,10 @@ def _document() -> Schema:
             "(courierd then listens on loopback only) and writes answer 403.",
         },
         "security": [{"bearer": []}],
-        "paths": _paths(),
+        "paths": paths,
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-            "schemas": _schemas(),
+            "schemas": defs,
             "responses": {
                 f"E{code}": {"description": text, **error} for code, text in ERRORS.items()
             },

@@ -11,19 +11,16 @@ another secret, and it may need to be reachable from outside while the API is no
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
-from email.message import Message
 
 from courierd.config import Settings
 from courierd.domain.restaurant import RestaurantEvent, parse_event
-from courierd.edges.api import Reply, error_reply
-from courierd.edges.http import JsonServer
+from courierd.edges.http import Incoming, Listener, Reply, error_reply
 from courierd.errors import StoreError, TelemetryError
 from courierd.store import Store, open_store
 
@@ -31,40 +28,55 @@ log = logging.getLogger(__name__)
 
 PATH = "/onetablet/events"
 COMMIT_TIMEOUT_S = 30.0
+QUEUE = 32  # events waiting for the store at most; more are a 503 (OneTablet retries)
 
 
-class WebhookServer(JsonServer):
-    """`start()`, `stop()`; events are applied to the configured store."""
+class Webhook:
+    """Applies events to the configured store; `listener()` serves them, `close()`."""
 
     def __init__(self, settings: Settings) -> None:
         assert settings.webhook.secret is not None  # the settings refuse a listener without
+        # Compared as bytes with the header's own bytes: a non-ASCII secret matches too.
         self._secret = settings.webhook.secret.get_secret_value().encode()
         self._settings = settings
         # One thread owns the store (SQLite connections belong to one thread).
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="webhook-store")
         self._store: Store | None = None
-        super().__init__(
-            settings.webhook.listen, self._route, setting="webhook.listen", name="webhook"
+        self._waiting = 0
+
+    def listener(self, listen: str | None = None) -> Listener:
+        return Listener(
+            listen or self._settings.webhook.listen,
+            self.route,
+            setting="webhook.listen",
+            allowed_hosts=self._settings.webhook.allowed_hosts,
+            deadline_s=self._settings.http.request_timeout_s,
         )
 
-    def _route(self, command: str, path: str, headers: Message, body: Callable[[], bytes]) -> Reply:
+    async def route(self, request: Incoming) -> Reply:
+        path = request.target
         if path.partition("?")[0] != PATH:
             return error_reply(404, f"no such endpoint: {path[:200]}; events go to {PATH}")
-        if command != "POST":
+        if request.method != "POST":
             return error_reply(405, "only POST here", (("allow", "POST"),))
-        key = (headers.get("x-api-key") or "").encode("utf-8", "replace")
-        if not hmac.compare_digest(key, self._secret):
+        keys = [value for name, value in request.raw_headers if name.lower() == b"x-api-key"]
+        if len(keys) != 1 or not hmac.compare_digest(keys[0].strip(), self._secret):
             return error_reply(401, "missing or wrong x-api-key")
         try:
-            event = parse_event(body())
+            event = parse_event(request.body)
         except TelemetryError as e:
             return error_reply(400, e.detail)
-        future = self._pool.submit(self._apply, event)
+        if self._waiting >= QUEUE:
+            return error_reply(503, "too many events at once; try again", (("retry-after", "1"),))
+        self._waiting += 1
         try:
-            applied = future.result(timeout=COMMIT_TIMEOUT_S)
-        except (StoreError, FutureTimeout) as e:
-            log.error("webhook.not_recorded order_id=%s error=%s", event.order_id, e)
+            future = asyncio.wrap_future(self._pool.submit(self._apply, event))
+            applied = await asyncio.wait_for(future, COMMIT_TIMEOUT_S)
+        except (StoreError, TimeoutError) as e:
+            log.error("webhook.not_recorded order_id=%s error=%r", event.order_id, e)
             return error_reply(503, f"not recorded, try again: {e}")
+        finally:
+            self._waiting -= 1
         log.info(
             "webhook.event type=%s order_id=%s event_id=%s repeated=%s",
             event.kind.value,
@@ -79,9 +91,11 @@ class WebhookServer(JsonServer):
             self._store = open_store(self._settings.store)
         return self._store.inbound.apply(event, time.time())
 
-    def stop(self) -> None:
-        super().stop()
-        self._pool.submit(self._close).result(timeout=5)
+    def close(self) -> None:
+        try:
+            self._pool.submit(self._close).result(timeout=5)
+        except Exception:  # a stuck store: the process is ending anyway
+            log.debug("webhook.close_failed", exc_info=True)
         self._pool.shutdown(wait=False)
 
     def _close(self) -> None:

@@ -1,4 +1,5 @@
-"""What `courierd order submit|cancel|show` do; `cli.py` parses and maps errors to exits.
+"""What `courierd order submit|cancel|show` and the dispatch API's writes do; `cli.py` and
+`edges/api.py` parse the request and map errors to exits or replies.
 
 Each action returns the JSON document the command prints, so that other front doors
 (the dispatch API) do exactly the same thing. Kept apart from `cli.py` so that the
