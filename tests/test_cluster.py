@@ -259,10 +259,10 @@ def test_silent_instances_are_taken_over_and_come_back_without_harm(cluster: Clu
     theirs and never kick its sessions off. Then PostgreSQL is down for 15 s for all
     (health 503 meanwhile, 200 after). Every order is pushed complete, in order."""
     cluster.onetablet.faults.latency_ms = 5
-    proxies = [TcpProxy(5432).start() for _ in range(3)]
+    base, _, dbname = cluster.url.rpartition("/")
+    host, _, port = base.rpartition(":")  # the suite's own PostgreSQL (tests/pg.py)
+    proxies = [TcpProxy(int(port)).start() for _ in range(3)]
     try:
-        base, _, dbname = cluster.url.rpartition("/")
-        host = base.rsplit(":", 1)[0]
         a, b, c = (cluster.instance(f"{host}:{p.port}/{dbname}").start() for p in proxies)
         wait_until(lambda: shared_out(a, b, c), 30, "slots shared out")
         stream = Stream(cluster.broker, "q").start()
