@@ -304,6 +304,7 @@ def test_a_round_failing_for_any_reason_keeps_the_slots_and_says_why(
         manager.turn()
     kept = grants[-1]
     assert kept.slots == good.slots and kept.valid_until == good.valid_until
+    assert good.unheld == 0 and kept.unheld is None  # the gauge says it cannot tell
     assert "statement timeout" in (kept.problem or "")
     manager.turn()
     assert grants[-1].slots == good.slots and grants[-1].problem is None

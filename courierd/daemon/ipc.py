@@ -55,12 +55,13 @@ class Grant(NamedTuple):
     the host), unless a later grant says otherwise. Past it, the database has not
     confirmed them for too long: another instance may take them over, so the MQTT
     process disconnects them. `problem` says why the bookkeeping is failing, if it is;
-    `unheld` counts the cluster's slots no live instance held in the round (a gauge)."""
+    `unheld` counts the cluster's slots no live instance held in the round (a gauge;
+    None while the rounds fail: this instance cannot tell, and says so as NaN)."""
 
     slots: dict[int, int]
     valid_until: float
     problem: str | None = None
-    unheld: int = 0
+    unheld: int | None = 0
 
 
 def worker_setup(settings: Settings, name: str) -> None:

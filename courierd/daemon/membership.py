@@ -135,5 +135,5 @@ class SlotManager:
                 sorted(self._granted.slots),
             )
         problem = f"bookkeeping failing for {now - self._failing_since:.0f}s ({what[:200]})"
-        self._granted = self._granted._replace(problem=problem)
+        self._granted = self._granted._replace(problem=problem, unheld=None)
         self.send(self._granted)

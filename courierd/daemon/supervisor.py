@@ -1,4 +1,4 @@
-"""`courierd run`: the MQTT process, which supervises the ingest and dispatch processes.
+"""`courierd run`: the MQTT process, which supervises the ingest, dispatch and HTTP processes.
 
 Why separate processes: paho parses MQTT packets in Python, and at full speed its
 network thread needs an interpreter to itself; ingest and push threads in the same
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import multiprocessing
 import os
 import queue
@@ -279,7 +280,7 @@ class Daemon:
                 holding = self.sessions.grant(value)
                 self._slots_known.set()
                 self._tell_dispatch(("holding", holding))
-                m.slots_unheld.set(value.unheld)
+                m.slots_unheld.set(math.nan if value.unheld is None else value.unheld)
             elif kind == "stats":
                 stats: DispatchStats = value
                 self._dispatch, self._last_report = stats, time.monotonic()

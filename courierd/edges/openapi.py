@@ -72,7 +72,7 @@ ERRORS = {
     "401": "No token, or the wrong one (`Authorization: Bearer <token>`)",
     "403": "Writes are off: courierd has no `http.token`",
     "404": "Unknown order, or no such endpoint",
-    "409": "The order cannot be cancelled now (dropped off, or another cancel holds it)",
+    "409": "The order cannot be cancelled now (dropped off or expired, or another cancel holds it)",
     "411": "A body sent without Content-Length (chunked)",
     "413": "The body is over 64 KiB",
     "502": "OneTablet refused the request or could not be reached (its message)",

@@ -4,7 +4,7 @@
 Each action returns the JSON document the command prints, so that other front doors
 (the dispatch API) do exactly the same thing. Kept apart from `cli.py` so that the
 daemon's worker processes, which import the command-line module again when they start
-(multiprocessing "spawn"), do not also load httpx and the order schema.
+(multiprocessing "spawn"), do not also load the OneTablet client and the order schema.
 """
 
 from __future__ import annotations
