@@ -7,7 +7,7 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import psycopg
 import pytest
@@ -23,6 +23,7 @@ from courierd.store.cluster import NOW, Slots
 from courierd.store.outbox import PushResult
 from courierd.store.schema import DELIVERED
 from tests import pg
+from tests.harness import wait_until
 
 T0 = 1_700_000_000.0
 
@@ -118,7 +119,7 @@ def test_a_dead_instances_claims_expire_and_its_late_results_are_fenced(
     assert b.outbox.claim_due(T0 + 3600, 1) == []  # b's clock an hour ahead: a still holds
     claimant = "SELECT claimed_by FROM outbox WHERE id = ?"
     assert a.db.value(claimant, (row.id,)) == a.outbox.holder
-    assert wait_for(lambda: bool(b.outbox.claim_due(T0, 1)), 10)  # a went quiet
+    wait_until(lambda: bool(b.outbox.claim_due(T0, 1)), 10, "a's claims lapsing")  # a went quiet
     assert a.db.value(claimant, (row.id,)) == b.outbox.holder  # no longer a's to send
     a.outbox.record_results([PushResult(row.id, "failed", T0 + 40, None, "late")])
     assert b.db.value("SELECT state FROM outbox WHERE id = ?", (row.id,)) == "pending"
@@ -192,19 +193,10 @@ def test_a_singleton_lease_has_one_holder_until_it_lapses(shared: StoreSettings)
     assert a.leases.hold("notifier", 1.0)
     assert not b.leases.hold("notifier", 1.0)
     assert a.leases.hold("notifier", 1.0)  # renewed
-    assert wait_for(lambda: b.leases.hold("notifier", 1.0), 10)  # lapsed: a went quiet
+    wait_until(lambda: b.leases.hold("notifier", 1.0), 10, "a's lease lapsing")  # a went quiet
     assert not a.leases.hold("notifier", 1.0)
     a.close()
     b.close()
-
-
-def wait_for(condition: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def joined(settings: StoreSettings, name: str, lease_s: float = 15.0) -> tuple[Store, Slots]:
