@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -141,10 +142,26 @@ def test_a_push_whose_claim_lapsed_is_not_sent(onetablet: Sandbox) -> None:
         got.append(outcome)
         done.set()
 
-    with Pusher(onetablet.url, API_KEY, clock=lambda: 100.0) as p:
+    with Pusher(onetablet.url, API_KEY, monotonic=lambda: 100.0) as p:
         p.send([Push("o-1", BODY, "k", None, report, until=99.0)])
         assert done.wait(10)
     assert got == [None] and onetablet.requests() == []
+
+
+def test_a_wall_clock_step_does_not_lapse_or_stretch_a_claim(onetablet: Sandbox) -> None:
+    """The claim's deadline is on the monotonic clock: a wall clock far ahead does not
+    make a live claim look lapsed (nor would one far behind make a lapsed claim live)."""
+    got: list[object] = []
+    done = threading.Event()
+
+    def report(outcome: object, _sent_at: float) -> None:
+        got.append(outcome)
+        done.set()
+
+    with Pusher(onetablet.url, API_KEY, clock=lambda: time.time() + 86_400) as p:
+        p.send([Push("o-1", BODY, "k", None, report, until=time.monotonic() + 60)])
+        assert done.wait(10)
+    assert got != [None] and len(onetablet.requests()) == 1
 
 
 def test_the_body_sent_is_the_body_stored(onetablet: Sandbox) -> None:

@@ -127,9 +127,9 @@ def test_a_rejection_stops_pushes_and_ready_reaches_the_courier(
     pub.status("c1", "h2", "h-1", "arriving_at_store")
     pub.status("c1", "h3", "other", "dasher_confirmed")
     assert rig.onetablet.wait_for(lambda _: "other" in delivered(rig.onetablet), 10)
+    wait_until(lambda: len(courier.messages()) == 2, 10, "the courier told of the rejection")
     assert statuses(delivered(rig.onetablet)["h-1"]) == ["dasher_confirmed"]
     assert not any(r.path.endswith("/cancel") for r in rig.onetablet.requests())
-    wait_until(lambda: len(courier.messages()) == 2, 10, "the courier told of the rejection")
     assert daemon.health()[0] == 200
     for c in (courier, dispatch):
         c.close()

@@ -210,6 +210,7 @@ class Dispatcher:
             slots = 1 if now >= self.paused_until and not self._inflight else 0
         if slots <= 0:
             return self.paused_until is None
+        claiming_at = self.monotonic()  # before the claim: its deadline errs early
         rows = self.outbox.claim_due(now, slots, busy=list(self._inflight))
         if not rows:
             return False
@@ -217,7 +218,8 @@ class Dispatcher:
             self._probe_id = rows[0].id
         # A claim on a shared database holds for lease_s: a push still unsent by then
         # (this process was stopped in between) may be another instance's, so it is not.
-        until = now + self.outbox.lease_s if self.outbox.db.concurrent else float("inf")
+        # The deadline is monotonic, so a wall-clock step cannot stretch it.
+        until = claiming_at + self.outbox.lease_s if self.outbox.db.concurrent else float("inf")
         claimed_at = time.time()
         pushes = []
         for row in rows:

@@ -31,8 +31,9 @@ Outcome = Reply | OneTabletError  # what a push got: a 2xx reply or the error it
 class Push:
     """One delivery-status call to make, and whom to tell how it went.
 
-    `until` is the wall-clock time after which it must not be sent any more (a claim
-    on a shared database that has lapsed); `done` runs on the pusher's thread.
+    `until` is the monotonic time (`time.monotonic()`) after which it must not be sent
+    any more (a claim on a shared database that has lapsed; a wall-clock step must not
+    make a lapsed claim look live); `done` runs on the pusher's thread.
     """
 
     order_id: str
@@ -57,9 +58,11 @@ class Pusher:
         max_connections: int = 256,
         client: str = CLIENTS[0],
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.transport = transport
         self._clock = clock
+        self._monotonic = monotonic
         self._thread = LoopThread("pusher")
         self._loop = self._thread.loop
 
@@ -82,7 +85,7 @@ class Pusher:
 
     async def _deliver(self, push: Push) -> None:
         sent_at = self._clock()
-        if sent_at >= push.until:
+        if self._monotonic() >= push.until:
             push.done(None, sent_at)
             return
         try:
