@@ -159,6 +159,22 @@ def test_an_assignment_without_ts_never_replaces_one_with_ts(store: Store) -> No
     assert report.tracking == {"ignored_stale_assignment": 1}
 
 
+def test_an_assignment_never_rebinds_a_finished_order(store: Store) -> None:
+    """Dropped off, cancelled or expired: a late assignment is counted and ignored, so
+    the finished order never comes back onto a courier (the watchdog, the page)."""
+    store.writer.commit([StatusEvent("e1", "done", "c-a", Status.DROPOFF)], now=NOW)
+    store.writer.commit([StatusEvent("e2", "gone", "c-a", Status.DASHER_CONFIRMED)], now=NOW)
+    store.writer.commit([StatusEvent("e3", "idle", "c-a", Status.DASHER_CONFIRMED)], now=NOW)
+    store.db.execute("UPDATE orders SET state = 'cancelled' WHERE order_id = 'gone'")
+    assert store.expiry.step(NOW + 25 * HOUR) == ["idle"]
+    late = [_assignment(o, "c-b", iso(NOW + 25 * HOUR)) for o in ("done", "gone", "idle")]
+    report = commit_messages(
+        store, [("dispatch/assignments", p, len(p)) for p in late], NOW + 25 * HOUR
+    )
+    assert [_bound_courier(store, o) for o in ("done", "gone", "idle")] == ["c-a"] * 3
+    assert report.tracking == {"ignored_finished_assignment": 3}
+
+
 def test_an_assignment_from_the_future_is_a_dead_letter() -> None:
     """A ts more than 5 minutes ahead would pin the order for good: future_ts."""
     result = parse("dispatch/assignments", _assignment("o", "c", iso(NOW + 3600)), now=NOW)

@@ -63,6 +63,17 @@ def test_a_dropped_off_order_is_not_cancelled_by_a_late_rejection(store: Store) 
     assert told(store) == []
 
 
+def test_an_expired_order_stays_expired_after_a_late_cancellation(store: Store) -> None:
+    """Expired is as final as dropoff: a later rejection or cancellation is recorded
+    and changes nothing, and nobody is told of a cancellation."""
+    store.writer.commit([StatusEvent("e1", "o1", "c1", Status.DASHER_CONFIRMED)], now=T0)
+    assert store.expiry.step(T0 + 25 * 3600) == ["o1"]
+    for kind, event_id in ((Kind.REJECTED, "x"), (Kind.CANCELLED, "y")):
+        assert store.inbound.apply(RestaurantEvent(kind, "o1", event_id), T0 + 25 * 3600)
+    assert store.outbox.get_order("o1").state == "expired"  # type: ignore[union-attr]
+    assert told(store) == []
+
+
 def test_an_event_for_an_order_not_seen_yet_reaches_its_courier_later(store: Store) -> None:
     """The restaurant confirms before any courier: when one is bound, it is told."""
     assert store.inbound.apply(RestaurantEvent(Kind.CONFIRMED, "early", "e"), T0)

@@ -294,6 +294,11 @@ class _Batch:
             self.fx.counts[Outcome.CORRUPT_ROW.value] += 1
             return
         current = self.orders.get(item.order_id) or Order(item.order_id)
+        if current.state in FINISHED:
+            # Dropped off, cancelled or expired: its courier and places are history (a
+            # rebind would put a finished order back on a courier's active list).
+            self.fx.counts["ignored_finished_assignment"] += 1
+            return
         if _older(item.ts, current.assigned_at):
             # Late (a phone, a broker, a cluster's shared subscription reorder them): the
             # order keeps its newer assignment, courier and places alike.

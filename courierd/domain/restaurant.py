@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from courierd.domain import fields
-from courierd.domain.model import CANCELLED, Status, dumps
+from courierd.domain.lifecycle import FINISHED
+from courierd.domain.model import dumps
 from courierd.errors import TelemetryError
 
 DISPATCH_TOPIC = "dispatch/events"
@@ -65,11 +66,9 @@ def parse_event(body: bytes) -> RestaurantEvent:
 
 
 def cancels(kind: Kind, state: str) -> bool:
-    """Whether the event makes the order cancelled now (not after dropoff, not twice)."""
-    return kind in (Kind.REJECTED, Kind.CANCELLED) and state not in (
-        Status.DROPOFF.value,
-        CANCELLED,
-    )
+    """Whether the event makes the order cancelled now: not once it is finished (dropped
+    off, cancelled already, or expired: an expired order stays expired)."""
+    return kind in (Kind.REJECTED, Kind.CANCELLED) and state not in FINISHED
 
 
 def message(kind: Kind, order_id: str, at: str) -> str:
