@@ -16,6 +16,7 @@ import logging
 import re
 import sys
 import time
+from typing import Any
 
 # C0 controls, DEL, C1 controls, the Unicode line and paragraph separators, and lone
 # surrogates (stderr's UTF-8 cannot write them: the whole line would be lost).
@@ -33,11 +34,23 @@ def escape_controls(text: str) -> str:
 
 
 class TextFormatter(logging.Formatter):
-    """The text line; the message (not a traceback, which spans lines anyway) is escaped."""
+    """The text line, escaped. A traceback spans lines, but each of its lines is escaped
+    and indented, so an exception's message (often outside text) cannot start a line
+    that passes for one of courierd's own, nor lose the record to a lone surrogate."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         record.message = escape_controls(record.message)
         return super().formatMessage(record)
+
+    def formatException(self, ei: Any) -> str:
+        return _indented(super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:
+        return _indented(super().formatStack(stack_info))
+
+
+def _indented(text: str) -> str:
+    return "\n".join("  " + escape_controls(line) for line in text.split("\n"))
 
 
 def _json_escape(match: re.Match[str]) -> str:

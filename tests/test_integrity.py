@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import sys
 import uuid
 
 from hypothesis import HealthCheck, given, settings
@@ -101,6 +102,27 @@ def test_the_log_formats_keep_one_event_on_one_line(head: str, control: str, tai
         assert not any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in out)
         out.encode("utf-8")  # lone surrogates escaped too
     assert json.loads(line)["msg"] == f"ingest.batch id={value}"
+
+
+@given(st.text(max_size=40), CONTROLS, st.text(max_size=40))
+def test_a_traceback_cannot_forge_a_line_or_lose_the_record(
+    head: str, control: str, tail: str
+) -> None:
+    """An exception's message is outside text too: in the text log every traceback line
+    is indented and escaped, so none starts like a line of courierd's own."""
+    value = head + control + "\n2024-01-15T18:05:00.000Z INFO forged line\ud800" + tail
+    try:
+        raise ValueError(value)
+    except ValueError:
+        record = _record("x")
+        record.exc_info = sys.exc_info()
+    text = TextFormatter("%(levelname)s %(message)s").format(record)
+    first, *rest = text.split("\n")
+    assert first == "INFO ingest.batch id=x" and rest
+    assert all(line.startswith("  ") for line in rest)
+    assert not any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in text.replace("\n", ""))
+    assert len(text.splitlines()) == len(rest) + 1  # no other line separator left
+    text.encode("utf-8")  # the lone surrogate escaped
 
 
 # -- assignments out of order ------------------------------------------------------------
