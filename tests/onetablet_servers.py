@@ -105,6 +105,42 @@ class Trickler:
         self._listener.close()
 
 
+class Flood:
+    """Answers every request 200 with a body of `length` bytes (far more than any real
+    reply), sent as fast as the client reads it; counts what it managed to send."""
+
+    def __init__(self, length: int = 256 << 20) -> None:
+        self.length = length
+        self.sent = 0
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        chunk = b"x" * 65536
+        with conn:
+            try:
+                conn.recv(65536)
+                head = f"HTTP/1.1 200 OK\r\ncontent-length: {self.length}\r\n\r\n"
+                conn.sendall(head.encode())
+                while self.sent < self.length:
+                    conn.sendall(chunk)
+                    self.sent += len(chunk)
+            except OSError:
+                return  # the client stopped reading and closed: what the test wants
+
+    def close(self) -> None:
+        self._listener.close()
+
+
 def self_signed(directory: Path) -> tuple[Path, Path]:
     """A certificate (and its key) for 127.0.0.1 that no trust store knows."""
     cert, key = directory / "cert.pem", directory / "key.pem"

@@ -22,7 +22,7 @@ from courierd.edges.pusher import Pusher
 from courierd.errors import Rejected, Unavailable
 from tests.conftest import API_KEY
 from tests.harness import Rig, wait_until
-from tests.onetablet_servers import OtherHost, Trickler, self_signed
+from tests.onetablet_servers import Flood, OtherHost, Trickler, self_signed
 from tests.test_onetablet import BODY, ORDER
 from tests.test_pusher import CALLERS, made_by
 
@@ -103,6 +103,22 @@ def test_a_trickling_reply_is_cut_at_the_deadline(caller: tuple[str, str]) -> No
         assert trickler.connections == 1
     finally:
         trickler.close()
+
+
+@by_caller
+def test_a_huge_reply_body_is_cut_and_its_status_still_counts(caller: tuple[str, str]) -> None:
+    """200 with a 256 MiB body: the push is delivered on its status, after reading at most
+    `MAX_REPLY_BYTES` of it, and the connection is dropped rather than drained."""
+    flood = Flood()
+    try:
+        with made_by(caller, flood.url, API_KEY, timeout=60) as c:
+            reply = c.delivery_status("o-1", BODY, "k")
+        assert reply.status == 200
+        wait_until(lambda: flood.sent > 0, 10, "the flood started")
+        # What loopback buffers hold beyond the cap is a few MiB, never the whole body.
+        assert flood.sent < 64 << 20, flood.sent
+    finally:
+        flood.close()
 
 
 def test_order_submit_gives_up_on_a_trickling_reply(cli, tmp_path: Path) -> None:

@@ -12,7 +12,10 @@ The policy (CONTRACT.md 6.1), the same whichever HTTP library runs underneath:
 - TLS: one context, the system's trust store (`ssl.create_default_context`, which
   also honours `SSL_CERT_FILE`/`SSL_CERT_DIR`);
 - one deadline for the whole request (connect, send, headers, body). Libraries time
-  each phase, so a reply trickling in a byte a second would never be cut.
+  each phase, so a reply trickling in a byte a second would never be cut;
+- a reply's body is read up to `MAX_REPLY_BYTES` and the rest is dropped with the
+  connection: its status decides the outcome, and a body larger than any real reply
+  must not cost the process its memory.
 
 Underneath: raw aiohttp by default. httpx, on its own transport or on httpx-aiohttp's,
 can be chosen (`CLIENTS`): the bench measures all three; README "Performance" says why
@@ -23,10 +26,11 @@ The client lives on an asyncio loop; `LoopThread` gives the order commands one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 import threading
 import urllib.request
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, Self, TypeVar
 from urllib.parse import urlsplit
@@ -40,6 +44,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 CLIENTS = ("aiohttp", "httpx", "httpx-aiohttp")  # what may run underneath; first is default
+MAX_REPLY_BYTES = 1 << 20  # OneTablet's replies are a few hundred bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,7 +187,9 @@ class _Aiohttp:
             allow_redirects=False,
             proxy=self._proxy,
         ) as r:
-            body = await r.read()
+            body = await _capped(r.content.iter_chunked(65536))
+            if len(body) == MAX_REPLY_BYTES:
+                r.close()  # the rest is not read: the connection cannot serve again
             retry_after, location = r.headers.get("retry-after"), r.headers.get("location")
             return Answer(r.status, r.reason or "", body, retry_after, location)
 
@@ -228,17 +235,31 @@ class _Httpx:
         )
 
     async def post(self, url: str, content: bytes, headers: dict[str, str]) -> Answer:
-        r = await self._http.post(url, content=content, headers=headers)
-        return Answer(
-            r.status_code,
-            r.reason_phrase,
-            r.content,
-            r.headers.get("retry-after"),
-            r.headers.get("location"),
-        )
+        # Streamed, so that the cap holds; leaving the block early drops the connection.
+        async with self._http.stream("POST", url, content=content, headers=headers) as r:
+            # A generator left early is closed, not leaked.
+            async with contextlib.aclosing(r.aiter_bytes()) as chunks:  # type: ignore[type-var]
+                body = await _capped(chunks)
+            return Answer(
+                r.status_code,
+                r.reason_phrase,
+                body,
+                r.headers.get("retry-after"),
+                r.headers.get("location"),
+            )
 
     async def close(self) -> None:
         await self._http.aclose()
+
+
+async def _capped(chunks: AsyncIterator[bytes]) -> bytes:
+    """The body's first `MAX_REPLY_BYTES` at most; the rest is never read."""
+    body = bytearray()
+    async for chunk in chunks:
+        body += chunk
+        if len(body) >= MAX_REPLY_BYTES:
+            return bytes(body[:MAX_REPLY_BYTES])
+    return bytes(body)
 
 
 class LoopThread:
