@@ -29,7 +29,11 @@ broker, so machine noise cancels out):
    rows, beside the same figures on a nearly empty database;
 7. the lifecycle: `decide` per event versus a python-statemachine instance per event;
 8. replay: 1M accepted fixes through the writer, then replayed (a figure, goal ≤ 30 s),
-   and the bytes each accepted fix takes on disk.
+   and the bytes each accepted fix takes on disk;
+9. capacity: 10k couriers with geofenced orders, a publisher in its own process sending
+   fixes at 2k .. 10k msg/s (and a fresh order's dasher_confirmed every 20 ms): per step,
+   sent, p50/p99 publish → POST, each process's CPU; beside each step, a bare paho
+   subscriber in its own process; the highest rate held and what saturates first.
 
 Each phase lives in bench/phases/ (one module each, or a closely related group); what
 they share (the broker's clients, the sandbox and the daemon as subprocesses, the
@@ -53,6 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import PING_COURIERS, SandboxProc, median_run, say, stop_every_daemon
+from bench.phases.capacity import capacity
 from bench.phases.cluster import cluster_phase
 from bench.phases.ingest import ingest
 from bench.phases.latency import latency, latency_beside_page
@@ -148,6 +153,7 @@ def main() -> int:
         "memory": lambda: memory_and_start(
             broker, sandbox, root, int(100_000 * scale), int(1_000_000 * scale)
         ),
+        "capacity": lambda: capacity(broker, sandbox, root, reps, args.quick),
     }
     chosen = args.only.split(",") if args.only else list(phases)
     if args.no_postgres:
