@@ -282,12 +282,21 @@ class BareSubject(Subject):
 
     def drained(self, published: int, statuses: int) -> bool:
         self.conn.send("count")
-        count, arrived = self.conn.recv()
+        count, arrived = receive(self.conn, 30, "the bare subscriber")
         return bool(count >= published and arrived >= statuses)
 
     def arrivals(self, statuses: set[str]) -> dict[str, float]:
         self.conn.send("arrivals")
-        return {o: at for o, at in self.conn.recv().items() if o in statuses}
+        arrivals = receive(self.conn, 30, "the bare subscriber")
+        return {o: at for o, at in arrivals.items() if o in statuses}
+
+
+def receive(conn: Connection, timeout: float, who: str) -> Any:
+    """The next answer from a child process: EOFError if it died (the parent holds no
+    copy of the child's end), RuntimeError if it said nothing for `timeout` seconds."""
+    if not conn.poll(timeout):
+        raise RuntimeError(f"{who}: no answer in {timeout:.0f} s")
+    return conn.recv()
 
 
 def quantile(ordered: list[float], q: float) -> float:
@@ -312,14 +321,14 @@ def run_step(
         return {**used, **subject.cpu(), "machine": machine_cpu_s()}
 
     conn.send((rate, seconds, tag))
-    if conn.recv() != "started":
+    if receive(conn, 120, "the publisher") != "started":
         raise RuntimeError("the publisher did not start its step")
     t0, cpu0, batches0 = time.perf_counter(), cpu(), subject.batches()
-    if conn.recv() != "ended":
+    if receive(conn, seconds + 60, "the publisher") != "ended":
         raise RuntimeError("the publisher did not end its step")
     wall, cpu1, batches1 = time.perf_counter() - t0, cpu(), subject.batches()
     ended = time.perf_counter()
-    pub = conn.recv()
+    pub = receive(conn, 120, "the publisher")
     statuses = set(pub["sent_at"])
     deadline = time.monotonic() + DRAIN_TIMEOUT_S
     while not (drained := subject.drained(pub["published_total"], pub["statuses_total"])):
@@ -382,6 +391,7 @@ def ladder(
     ours, theirs = ctx.Pipe()
     publisher = ctx.Process(target=publisher_main, args=(broker.port, theirs), daemon=True)
     publisher.start()
+    theirs.close()  # the child's copy only: its death is then an EOF here, not a hang
     try:
         assert broker.proc is not None and publisher.pid is not None
         others = {
@@ -450,8 +460,9 @@ def bare_ladder(
     bare_id = f"bench-cap-bare{label}"
     process = ctx.Process(target=bare_main, args=(broker.port, bare_id, theirs), daemon=True)
     process.start()
+    theirs.close()
     try:
-        if not ours.poll(30) or ours.recv() != "ready":
+        if receive(ours, 60, "the bare subscriber") != "ready":
             raise RuntimeError("the bare subscriber did not start")
         steps = ladder(BareSubject(process, ours), broker, sandbox, rates, seconds, label)
         ours.send(None)
