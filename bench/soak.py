@@ -32,7 +32,7 @@ from pathlib import Path
 
 import psycopg
 
-from bench.bench import STATUSES, Courierd, SandboxProc, say
+from bench.common import STATUSES, Courierd, SandboxProc, say
 from courierd.config import StoreSettings
 from courierd.devtools.localbroker import LocalBroker
 from courierd.devtools.simulate import Noise, Simulation, mqtt_publisher

@@ -1,0 +1,419 @@
+"""What every phase of the bench uses: the workloads and publishing helpers, paho
+clients and sessions, the sandbox and the daemon as subprocesses (with their CPU and
+memory), and the statistics (p99, the median run)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from courierd.config import ClusterSettings, OneTabletSettings, StoreSettings
+from courierd.devtools.localbroker import LocalBroker, free_port
+from courierd.domain.lifecycle import CHAIN
+from courierd.domain.model import iso
+from courierd.store import open_store
+
+KEY = "bench-key"
+STATUSES = [s.value for s in CHAIN]
+CONCURRENCY = OneTabletSettings().max_concurrency  # the daemon's default, and the baselines'
+RECEIVE_MAX = 1000
+
+
+def say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+# -- workloads ---------------------------------------------------------------------------
+
+
+PING_COURIERS = 10_000  # a fleet: every courier pings every 4 s of fix time
+PING_T0 = time.time() - 86400  # fixes a day old: never "in the future", always newer
+
+
+def messages(n: int, ping_share: float, tag: str) -> list[tuple[str, bytes]]:
+    """n messages: pings from PING_COURIERS couriers and status events walking orders
+    (of 200 couriers) through the chain.
+
+    Statuses go out step by step across orders (every order's confirm, then every
+    arriving, ...), spread evenly between the pings. Each courier's fixes move a few
+    metres per ping and are 4 s apart, so the geofence filters accept them all.
+    """
+    n_status = round(n * (1 - ping_share))
+    orders = max(1, -(-n_status // len(STATUSES)))
+    statuses = [
+        (
+            f"couriers/c{o % 200}/status",
+            json.dumps(
+                {
+                    "event_id": f"{tag}-{o}-{s}",
+                    "order_id": f"{tag}-o{o}",
+                    "status": STATUSES[s],
+                    "ts": "2026-01-01T00:00:00Z",
+                }
+            ).encode(),
+        )
+        for s in range(len(STATUSES))
+        for o in range(orders)
+    ][:n_status]
+    pings = [
+        (
+            f"couriers/c{i % PING_COURIERS}/location",
+            json.dumps(
+                {
+                    "ts": iso(PING_T0 + 4 * (i // PING_COURIERS)),
+                    "lat": 40.7 + (i // PING_COURIERS) * 2e-4,
+                    "lng": -74.0 + (i % PING_COURIERS) * 1e-5,
+                    "accuracy_m": 5.0,
+                    "speed_mps": 7.1,
+                    "heading": 90,
+                }
+            ).encode(),
+        )
+        for i in range(n - n_status)
+    ]
+    keyed = [(i / len(pings), m) for i, m in enumerate(pings)]
+    keyed += [(k / len(statuses), m) for k, m in enumerate(statuses)]
+    return [m for _, m in sorted(keyed, key=lambda pair: pair[0])]
+
+
+PROTOCOLS = ("5", "3.1.1")  # the bare ceiling is the faster of the two, measured each run
+
+
+def client(port: int, client_id: str, *, session: bool, protocol: str = "5") -> paho.Client:
+    """A paho client; with `session`, a persistent one (MQTT 5: an expiry interval and
+    our Receive Maximum; 3.1.1: clean_session=False, in flight bounded by the broker's
+    max_inflight_messages)."""
+    if protocol == "3.1.1":
+        c = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=paho.MQTTv311,
+            clean_session=not session,
+        )
+    else:
+        c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
+    c.max_inflight_messages_set(1000)
+    c.max_queued_messages_set(0)
+    if protocol == "3.1.1":
+        c.connect("127.0.0.1", port)
+        return c
+    props = None
+    if session:
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 3600
+        props.ReceiveMaximum = RECEIVE_MAX
+    c.connect("127.0.0.1", port, clean_start=not session, properties=props)
+    return c
+
+
+def publish_all(port: int, msgs: list[tuple[str, bytes]]) -> float:
+    """Publish QoS 1 and wait for every PUBACK; returns msgs/s (for information)."""
+    done = threading.Event()
+    acked = [0]
+
+    def on_publish(*_: Any) -> None:
+        acked[0] += 1
+        if acked[0] == len(msgs):
+            done.set()
+
+    c = client(port, f"bench-pub-{uuid.uuid4().hex[:6]}", session=False)
+    c.on_publish = on_publish
+    c.loop_start()
+    start = time.perf_counter()
+    for topic, payload in msgs:
+        c.publish(topic, payload, qos=1)
+    if not done.wait(300):
+        raise RuntimeError(f"publisher: only {acked[0]} of {len(msgs)} acknowledged")
+    rate = len(msgs) / (time.perf_counter() - start)
+    c.disconnect()
+    c.loop_stop()
+    return rate
+
+
+def register_bare(port: int, client_id: str, protocol: str = "5") -> None:
+    c = client(port, client_id, session=True, protocol=protocol)
+    c.loop_start()
+    subscribed = threading.Event()
+    c.on_subscribe = lambda *_: subscribed.set()
+    c.subscribe([("couriers/#", 1), ("dispatch/assignments", 1)])
+    subscribed.wait(10)
+    c.disconnect()
+    c.loop_stop()
+
+
+def forget_daemon_sessions(broker: LocalBroker, client_id: str, pg_url: str | None) -> None:
+    """End a daemon's persistent sessions: its one, or a cluster's slots'."""
+    forget_session(broker.port, client_id)
+    for slot in range(ClusterSettings().slots if pg_url else 0):
+        forget_session(broker.port, f"{client_id}-{slot}")
+
+
+def forget_session(port: int, client_id: str) -> None:
+    """End a persistent session, so the broker stops queueing every later phase's
+    messages for a subscriber that is gone (that load would skew the next figures)."""
+    c = client(port, client_id, session=False)  # clean start, no expiry: ends at disconnect
+    c.loop_start()
+    c.disconnect()
+    c.loop_stop()
+
+
+def drain_bare(port: int, client_id: str, n: int, protocol: str = "5") -> float:
+    """The ceiling: a QoS 1 subscriber that only counts, draining its queued backlog."""
+    seen = [0]
+    first = [0.0]
+    done = threading.Event()
+
+    def on_message(*_: Any) -> None:
+        if seen[0] == 0:
+            first[0] = time.perf_counter()
+        seen[0] += 1
+        if seen[0] >= n:
+            done.set()
+
+    c = client(port, client_id, session=True, protocol=protocol)
+    c.on_message = on_message
+    c.loop_start()
+    if not done.wait(300):
+        raise RuntimeError(f"bare subscriber got {seen[0]} of {n}")
+    elapsed = time.perf_counter() - first[0]
+    c.disconnect()
+    c.loop_stop()
+    return (n - 1) / elapsed
+
+
+# -- the sandbox and the daemon, each in its own process -------------------------------
+
+
+class SandboxProc:
+    """`courierd sandbox` in a subprocess, so no client shares its interpreter."""
+
+    def __init__(self, *flags: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "courierd",
+                "sandbox",
+                "--port",
+                str(self.port),
+                "--api-key",
+                KEY,
+                *flags,
+            ],
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                self.requests()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+
+    def requests(self, since: int = 0) -> list[dict[str, Any]]:
+        with urllib.request.urlopen(f"{self.url}/requests?since={since}", timeout=30) as r:
+            return list(json.loads(r.read()))
+
+    def count(self) -> int:
+        with urllib.request.urlopen(f"{self.url}/requests/count", timeout=10) as r:
+            return int(json.loads(r.read())["count"])
+
+    def wait_for_count(self, n: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while self.count() < n:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.1)
+        return True
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGINT)
+        self.proc.wait(10)
+
+
+# -- the daemon as a subprocess ----------------------------------------------------------
+
+
+class Courierd:
+    running: list[Courierd] = []  # every daemon started, so main() can end them all
+
+    def __init__(
+        self,
+        workdir: Path,
+        broker: LocalBroker,
+        onetablet_url: str,
+        name: str,
+        pg_url: str | None = None,
+    ) -> None:
+        self.dir = workdir
+        self.port = free_port()
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("COURIERD_")},
+            "COURIERD_MQTT__URL": broker.url,
+            "COURIERD_MQTT__CLIENT_ID": name,
+            "COURIERD_ONETABLET__BASE_URL": onetablet_url,
+            "COURIERD_ONETABLET__API_KEY": KEY,
+            "COURIERD_STORE__PATH": str(workdir / "courierd.db"),
+            "COURIERD_HTTP__LISTEN": f"127.0.0.1:{self.port}",
+            "COURIERD_LOG__LEVEL": "WARNING",
+        }
+        if pg_url is not None:  # an instance of a cluster on PostgreSQL
+            self.env["COURIERD_STORE__URL"] = pg_url
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> float:
+        """Start and wait for /healthz 200; returns seconds from spawn to ready."""
+        t0 = time.perf_counter()
+        log = (self.dir / "daemon.log").open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "courierd", "run"], env=self.env, stdout=log, stderr=log
+        )
+        Courierd.running.append(self)
+        while self.get("/healthz") is None:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"courierd exited; see {self.dir}/daemon.log")
+            time.sleep(0.005)
+        return time.perf_counter() - t0
+
+    def get(self, path: str) -> str | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=2) as r:
+                return r.read().decode()
+        except OSError:
+            return None
+
+    def received(self) -> float:
+        text = self.get("/metrics") or ""
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("courierd_messages_received_total")
+        )
+
+    def memory_mb(self) -> tuple[float, float]:
+        """(RSS, PSS) of the daemon's processes added up: MQTT, ingest, dispatch and
+        multiprocessing's resource tracker. PSS shares out the pages they have in
+        common (the interpreter, libraries), so it is what the daemon really costs."""
+        assert self.proc is not None
+        pids = [self.proc.pid]
+        for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
+            pids += [int(p) for p in (task / "children").read_text().split()]
+        rss = pss = 0.0
+        for pid in pids:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                key, _, value = line.partition(":")
+                if key == "Rss":
+                    rss += int(value.split()[0]) / 1024
+                elif key == "Pss":
+                    pss += int(value.split()[0]) / 1024
+        return rss, pss
+
+    def cpu_s(self, name: str) -> float:
+        """CPU seconds (user + system) used so far by the daemon's process named `name`
+        (courierd, courierd-ingest, courierd-push: see daemon/ipc.py)."""
+        used = self.cpu_by_process()
+        if name not in used:
+            raise RuntimeError(f"no process named {name}")
+        return used[name]
+
+    def cpu_by_process(self) -> dict[str, float]:
+        """CPU seconds used so far by each of the daemon's named processes."""
+        used: dict[str, float] = {}
+        for pid in self.tree():
+            with contextlib.suppress(FileNotFoundError):  # a process that just ended
+                name = Path(f"/proc/{pid}/comm").read_text().strip()
+                if name.startswith("courierd"):  # not multiprocessing's resource tracker
+                    used[name] = process_cpu_s(pid)
+        return used
+
+    def tree(self) -> list[int]:
+        """The daemon's processes: the MQTT process and its workers."""
+        assert self.proc is not None
+        pids = [self.proc.pid]
+        for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
+            with contextlib.suppress(FileNotFoundError):  # a thread that just ended
+                pids += [int(p) for p in (task / "children").read_text().split()]
+        return pids
+
+    def pause(self) -> None:
+        for pid in self.tree():
+            os.kill(pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        for pid in self.tree():
+            os.kill(pid, signal.SIGCONT)
+
+    def stop(self, *, kill: bool = False) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+            self.proc.wait(60)
+
+
+def wait_for_shares(daemons: list[Courierd], timeout: float = 300) -> None:
+    """Until every instance of a cluster holds MQTT slots (each its share)."""
+    deadline = time.monotonic() + timeout
+    while not all(json.loads(d.get("/healthz") or "{}").get("slots") for d in daemons):
+        if time.monotonic() > deadline:
+            raise RuntimeError("the cluster's instances did not share the slots out")
+        time.sleep(0.5)
+
+
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def geofenced_orders(settings: StoreSettings, n: int) -> None:
+    """One active order per pinging courier, with a pickup and a dropoff: every ping is
+    screened and run through that order's geofence rules (the couriers stay far from
+    the store, so nothing fires: the cost measured is the evaluation itself)."""
+    store = open_store(settings)
+    db = store.db
+    with db.transaction():
+        db.executemany(
+            "INSERT INTO orders (order_id, state, courier_id, updated_at, status_at, "
+            "pickup_lat, pickup_lng, pickup_radius_m, dropoff_lat, dropoff_lng) "
+            "VALUES (?, 'dasher_confirmed', ?, 'x', ?, 41.5, -73.0, 80, 41.6, -73.1)",
+            ((f"geo{c}", f"c{c}", iso(PING_T0)) for c in range(n)),
+        )
+    store.close()
+
+
+def p99_of(ordered: list[float]) -> float:
+    """The 99th percentile of a sorted list (nearest rank)."""
+    return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+
+
+def stop_every_daemon() -> None:
+    """Kill every daemon the bench started and has not stopped (paused ones too)."""
+    for daemon in Courierd.running:
+        if daemon.proc is not None and daemon.proc.poll() is None:
+            with contextlib.suppress(OSError):
+                daemon.resume()
+            daemon.stop(kill=True)
+
+
+def median_run(runs: list[dict[str, Any]], key: str = "ratio") -> dict[str, Any]:
+    """The run with the median `key`, plus every run's: one noisy run cannot decide."""
+    ordered = sorted(runs, key=lambda r: r[key])
+    return {**ordered[len(ordered) // 2], f"{key}s": [r[key] for r in runs]}

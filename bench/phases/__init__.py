@@ -1,0 +1,1 @@
+"""The bench's phases, one module each (or a closely related group)."""
