@@ -12,6 +12,7 @@
   const POLL_MS = 2000;
   const STORES_POLL_MS = 60000;
   const OVERRIDE_PREFIX = "geofence.";
+  const STORE_DRAWINGS = 12;
   const TOKEN_KEY = "courierd.token";
   const SVG_NS = "http://www.w3.org/2000/svg";
   const M_PER_DEG = 111320; // metres per degree of latitude (and of longitude × cos lat)
@@ -564,16 +565,32 @@
         h("td", { class: "visits", text: st.visits }),
       ),
     );
-    const need = min === null ? "3 (add ?min_orders=N to the address for another number)" : min;
+    const need = min === null ? 3 : min;
     return [
       backLink(),
       h("div", { class: "order-head" }, h("h1", {}, "Stores: where couriers wait")),
-      h("p", { class: "muted", text: `Learned from couriers' fixes between arrived_at_store and dasher_out_for_delivery (stays needed: ${need}), as \`courierd stores suggest\`; load them with \`courierd stores suggest --csv > s.csv\` and \`courierd stores import s.csv\`, after checking with \`courierd replay\`.` }),
+      h(
+        "p",
+        { class: "muted" },
+        "Learned from couriers' fixes between arrived_at_store and dasher_out_for_delivery, as ",
+        h("code", { text: "courierd stores suggest" }),
+        ` does; stores with fewer than ${need} stays are left out (`,
+        h("code", { text: "?min_orders=N" }),
+        " in the address for another number). Check a point with ",
+        h("code", { text: "courierd replay" }),
+        " after ",
+        h("code", { text: "courierd stores import" }),
+        ".",
+      ),
       h(
         "div",
         { class: "grid" },
         card(`Suggested pickup points: ${d.stores.length}`, { wide: true, id: "stores" }, table(["store", "registered", "suggested", "moved", "stays"], rows, "No store has enough stays yet.")),
-        d.stores.map((st) => card(st.merchant_supplied_id, { id: "store-" + st.merchant_supplied_id }, drawStore(st))),
+        // Drawn: the ones that moved furthest (those deserve a look first).
+        [...d.stores]
+          .sort((a, b) => b.moved_m - a.moved_m)
+          .slice(0, STORE_DRAWINGS)
+          .map((st) => card(`${st.merchant_supplied_id}: moved ${Math.round(st.moved_m)} m`, { id: "store-" + st.merchant_supplied_id }, drawStore(st))),
       ),
     ];
   }
