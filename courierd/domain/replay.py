@@ -58,6 +58,9 @@ class History:
     app: list[AppStatus] = field(default_factory=list)
     was: dict[Status, str] = field(default_factory=dict)
     missing: int = 0  # fixes consumed live that are no longer kept (pruned by age)
+    # Where the rules started over live (indexes into `fixes`: each consumed segment's
+    # first fix). A change of courier is always one as well.
+    starts: set[int] = field(default_factory=set)
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,8 +122,8 @@ def replay(history: History, rules: GeofenceRules, *, screen: bool = False) -> O
 
     declare(0)
     for n, fix in enumerate(history.fixes, 1):
-        if courier is not None and fix.courier_id != courier:
-            track = Track()  # another courier was assigned: the rules start over
+        if courier is not None and (fix.courier_id != courier or n - 1 in history.starts):
+            track = Track()  # (re)assigned: the rules start over, as they did live
         courier = fix.courier_id
         accepted = True
         if screen:

@@ -133,6 +133,7 @@ class ReplayReads:
                         (courier, first, count),
                     )
                     history.missing += count - len(found)
+                    history.starts.add(len(history.fixes))
                     history.fixes += [LocationFix(courier, *r) for r in found]
                 yield history
 
