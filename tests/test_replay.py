@@ -366,3 +366,36 @@ def test_suggest_csv_round_trips_through_stores_import(cli, tmp_path: Path, db_p
     as_json = json.loads(cli("stores", "suggest", "--json").out)
     assert as_json["stores"][0]["visits"] == 3
     assert as_json["stores"][0]["moved_m"] < 1  # the registry now holds the suggestion
+
+
+def test_a_read_only_postgresql_store_never_migrates_nor_writes(cli) -> None:  # type: ignore[no-untyped-def]
+    """Opened read-only (replay, stores suggest, the API's reads), a PostgreSQL database
+    one version behind is an error telling to upgrade the daemon first, left as it was;
+    once the daemon's open migrated it, the read-only sessions refuse any write."""
+    from tests import pg
+
+    if (why := pg.available()) is not None:
+        pytest.skip(why)
+    import psycopg
+
+    from courierd.errors import StoreError
+    from courierd.store.postgres import PostgresDatabase
+    from courierd.store.schema import POSTGRES_MIGRATIONS
+
+    latest = len(POSTGRES_MIGRATIONS)
+    with pg.database(from_template=False) as url:
+        PostgresDatabase(url, migrations=POSTGRES_MIGRATIONS[:-1]).close()  # one behind
+        with pytest.raises(StoreError, match="upgrade the daemon first"):
+            open_store(StoreSettings(url=url), readonly=True)
+        r = cli("replay", "--json", env={"COURIERD_STORE__URL": url})
+        assert r.code != 0 and "upgrade the daemon first" in r.err, (r.code, r.err)
+        behind = PostgresDatabase(url, migrate=False)
+        try:
+            assert behind.schema_version == latest - 1  # nothing migrated
+        finally:
+            behind.close()
+        open_store(StoreSettings(url=url)).close()  # as the daemon opens it: migrates
+        with open_store(StoreSettings(url=url), readonly=True) as store:
+            assert ReplayReads(store.db).order_ids() == []
+            with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+                store.db.execute("CREATE TABLE written (a integer)")

@@ -2,9 +2,10 @@
 (CONTRACT.md 13).
 
 Both only read. SQLite is opened read-only (`mode=ro`: a running daemon keeps writing
-beside it); a PostgreSQL session is set read-only once open (opening migrates a database
-that is behind, as every command does), so a bug here could not write either. The work
-is the pure core's (domain/replay.py, domain/pickup.py).
+beside it); PostgreSQL sessions are read-only (`default_transaction_read_only`, on every
+connection), so a bug here could not write either, and a database behind this version
+is an error (upgrade the daemon first), never migrated from here. The work is the pure
+core's (domain/replay.py, domain/pickup.py).
 """
 
 from __future__ import annotations
@@ -76,10 +77,7 @@ def moment(text: str | None, flag: str) -> str | None:
 
 
 def readonly_store(settings: Settings) -> Store:
-    store = open_store(settings.store, readonly=True)
-    if store.db.dialect == "postgres":
-        store.db.execute("SET default_transaction_read_only = on")
-    return store
+    return open_store(settings.store, readonly=True)
 
 
 def run_replay(
