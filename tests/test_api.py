@@ -665,8 +665,9 @@ def hostile_values() -> Any:
 
 def test_hostile_overrides_are_a_400_never_a_500(api: Client) -> None:
     """Any keys (known, unknown, hostile) with any values (NaN, inf, huge numbers, lone
-    surrogates, control characters, JSON fragments) through the real HTTP path: replay
-    rules or a clear 400 in the API's error shape, never a 500."""
+    surrogates, control characters, JSON fragments) through the real HTTP path, to the
+    replay and the suggestions: an answer or a clear 400 in the API's error shape, never
+    a 500."""
     from urllib.parse import quote
 
     from hypothesis import HealthCheck, given, settings
@@ -684,10 +685,13 @@ def test_hostile_overrides_are_a_400_never_a_500(api: Client) -> None:
         database=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
     )
-    @given(st.lists(st.tuples(keys, hostile_values()), max_size=4))
-    def check(pairs: list[tuple[str, str]]) -> None:
+    @given(
+        st.sampled_from(["/v1/orders/o-replay/replay", "/v1/stores/suggestions"]),
+        st.lists(st.tuples(st.one_of(keys, st.just("min_orders")), hostile_values()), max_size=4),
+    )
+    def check(path: str, pairs: list[tuple[str, str]]) -> None:
         query = "&".join(f"{encode(k)}={encode(v)}" for k, v in pairs)
-        status, doc, _ = api.call("GET", "/v1/orders/o-replay/replay?" + query)
+        status, doc, _ = api.call("GET", f"{path}?{query}")
         if status == 431:  # a request line over the server's limit: refused before the API
             assert_error(status, doc, 431, "HeadersTooLarge")
             return
@@ -695,10 +699,13 @@ def test_hostile_overrides_are_a_400_never_a_500(api: Client) -> None:
         if status == 400:
             assert_error(status, doc, 400, "BadRequest")
             assert "\n" not in doc["message"]
-        else:
+        elif path.endswith("/replay"):
             assert set(doc["overrides"]) <= set(OVERRIDE_KEYS)
             assert {k for k, _ in pairs} <= set(OVERRIDE_KEYS)
             json.dumps(doc, allow_nan=False)  # finite numbers only
+        else:
+            assert {k for k, _ in pairs} <= {"min_orders"}
+            assert all(s["visits"] >= int(v) for _, v in pairs for s in doc["stores"])
 
     check()
 
