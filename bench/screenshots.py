@@ -1,5 +1,7 @@
 """Screenshots of the operator page for the README: docs/operator-page.png (the front
-view) and docs/order-track.png (one order's view with its track).
+view), docs/order-track.png (one order's view with its track), docs/order-replay.png
+(the same order replayed with `?geofence.approach_m=300`) and docs/store-suggestions.png
+(the stores' learned pickup points beside the registered ones).
 
 Starts its own Mosquitto, the OneTablet sandbox and `courierd run` in a temporary
 directory, plays a scripted afternoon (couriers at every stage of a delivery, GPS fixes
@@ -39,8 +41,9 @@ from selenium.webdriver.support.ui import WebDriverWait
 from courierd.config import OneTabletSettings, Settings, StoreSettings
 from courierd.devtools.localbroker import LocalBroker, free_port
 from courierd.devtools.sandbox import Sandbox
-from courierd.domain.model import iso
+from courierd.domain.model import Place, iso
 from courierd.services import orders
+from courierd.store import open_store
 
 KEY = "screenshots-key"
 CENTRE = (52.5200, 13.4050)
@@ -176,6 +179,54 @@ def afternoon(pub: Publisher, settings: Settings) -> None:
     orders.cancel(settings, "o-0998", "KITCHEN_BUSY", "oven broke down")
 
 
+# Registered stores, and where their couriers actually wait (metres north, east of the
+# registered point): one whose pickup shelf is round the corner, one the registry has right.
+STORES = {
+    "store-3": (moved(CENTRE, -600, -2200), (10, 60)),
+    "store-5": (moved(CENTRE, 1700, 700), (-6, 4)),
+}
+STAYS = 4
+
+
+def register_stores(settings: Settings) -> None:
+    store = open_store(settings.store)
+    try:
+        store.registry.import_stores(
+            [(sid, Place(*point, 100.0)) for sid, (point, _) in STORES.items()], time.time()
+        )
+    finally:
+        store.close()
+
+
+def store_deliveries(pub: Publisher, settings: Settings) -> list[str]:
+    """Orders of the registered stores (their pickup from the registry), delivered
+    earlier today, each courier waiting where that store's couriers do."""
+    now, done = time.time(), []
+    for s, (sid, (point, (north, east))) in enumerate(STORES.items()):
+        for n in range(STAYS):
+            order_id, name = f"o-{sid}-{n}", f"c-{sid}-{n}"
+            dropoff = moved(point, 900 + 150 * n, 1100 - 300 * n)
+            courier = Courier(name, moved(point, north, east), dropoff, seed=100 + 10 * s + n)
+            document = {
+                "id": order_id,
+                "store": {"merchant_supplied_id": sid},
+                "delivery_address": {"lat": f"{dropoff[0]:.6f}", "lng": f"{dropoff[1]:.6f}"},
+            }
+            orders.submit(settings, json.dumps(document).encode(), "screenshots")
+            pub.send("dispatch/assignments", {"order_id": order_id, "courier_id": name})
+            fixes = courier.fixes("door", now - 5400 + 900 * n + 300 * s)
+            event = {
+                "event_id": f"{order_id}-c",
+                "order_id": order_id,
+                "status": "dasher_confirmed",
+            }
+            pub.send(f"couriers/{name}/status", {**event, "ts": fixes[0]["ts"]})
+            for fix in fixes:
+                pub.send(f"couriers/{name}/location", fix)
+            done.append(order_id)
+    return done
+
+
 def get(url: str) -> Any:
     with urllib.request.urlopen(url, timeout=5) as reply:
         return json.loads(reply.read())
@@ -242,9 +293,15 @@ def main() -> int:
                 store=StoreSettings(path=work / "courierd.db"),
                 onetablet=OneTabletSettings(base_url=sandbox.url, api_key=SecretStr(KEY)),
             )
+            register_stores(settings)
             pub = Publisher(broker.port)
+            earlier = store_deliveries(pub, settings)
             afternoon(pub, settings)
             pub.close()
+            wait_for(
+                "the stores' deliveries to be dropped off",
+                lambda: all(get(f"{base}/v1/orders/{o}")["state"] == "dropoff" for o in earlier),
+            )
             wait_for(
                 "o-1000 to be dropped off",
                 lambda: get(base + "/v1/orders/o-1000")["state"] == "dropoff",
@@ -267,6 +324,16 @@ def main() -> int:
                 lambda d: d.find_elements(By.CSS_SELECTOR, "#track-svg circle.status-marker")
             )
             capture(driver, args.out / "order-track.png")
+            driver.get(base + "/?geofence.approach_m=300#/orders/o-1000")
+            WebDriverWait(driver, 15).until(
+                lambda d: d.find_elements(By.CSS_SELECTOR, "#track-svg .would-be-marker")
+            )
+            capture(driver, args.out / "order-replay.png")
+            driver.get(base + "/#/stores")
+            WebDriverWait(driver, 30).until(
+                lambda d: d.find_elements(By.CSS_SELECTOR, "#stores tr[data-store-id]")
+            )
+            capture(driver, args.out / "store-suggestions.png")
         finally:
             if driver is not None:
                 driver.quit()

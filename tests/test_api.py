@@ -528,7 +528,7 @@ def test_openapi_document_matches_the_live_daemon(sqlite_rig: Rig) -> None:
         case.call_and_validate()
 
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert len(operations) == 7
+    assert len(operations) == 9
     for operation in operations:
         strategies = [
             operation.as_strategy(),
@@ -539,3 +539,187 @@ def test_openapi_document_matches_the_live_daemon(sqlite_rig: Rig) -> None:
         for strategy in strategies:
             check(strategy)
     assert any(r.path == "/orders" for r in sqlite_rig.onetablet.requests())
+
+
+# -- what-if replays and learned pickup points -----------------------------------------
+
+
+def with_a_replayable_delivery(store_path: Path) -> None:
+    """o-replay: driven to the store from 3 km, a wait, away east (tests/test_replay.py);
+    store s-replay, where four couriers waited 60 m east of its registered point."""
+    from tests.test_replay import STORE, T0, a_delivery
+    from tests.test_replay import moved as shifted
+
+    store = open_path(store_path)
+    try:
+        store.registry.import_stores([("s-replay", Place(*STORE, 80.0))], T0)
+        store.writer.commit(
+            [
+                Assignment("o-replay", "c-replay", pickup=Place(*STORE)),
+                StatusEvent("r1", "o-replay", "c-replay", Status.DASHER_CONFIRMED, iso(T0)),
+                *(LocationFix("c-replay", iso(t), y, x, 5.0) for t, y, x in a_delivery(T0)),
+            ],
+            now=T0 + 5000,
+        )
+        for n in range(4):
+            oid, t0 = f"o-stay-{n}", T0 + (n + 1) * 3600
+            store.db.execute(
+                "INSERT INTO orders (order_id, state, updated_at, store_id) "
+                "VALUES (?, 'new', ?, 's-replay')",
+                (oid, iso(t0)),
+            )
+            fixes = a_delivery(t0, shifted(STORE, 0, 60))
+            store.writer.commit(
+                [
+                    Assignment(oid, f"c-stay-{n}"),
+                    *(LocationFix(f"c-stay-{n}", iso(t), y, x, 5.0) for t, y, x in fixes),
+                ],
+                now=t0 + 2000,
+            )
+    finally:
+        store.close()
+
+
+def test_replay_of_one_order_with_overrides(api: Client) -> None:
+    """GET /v1/orders/{id}/replay: unchanged settings give back the live times and
+    places; a smaller approach_m moves only arriving_at_store, later and elsewhere; an
+    order without kept fixes has nothing to replay; an unknown one is a 404."""
+    with_a_replayable_delivery(api.store_path)
+    status, same, _ = api.call("GET", "/v1/orders/o-replay/replay")
+    assert status == 200, same
+    assert same["overrides"] == {} and same["changed"] is False and same["missing_fixes"] == 0
+    assert same["fixes"] == 43
+    assert [s["status"] for s in same["statuses"]] == [
+        "arriving_at_store",
+        "arrived_at_store",
+        "dasher_out_for_delivery",
+    ]
+    for s in same["statuses"]:
+        assert s["was"] == s["would_be"] and s["was_at"] == s["would_be_at"] and s["shift_s"] == 0
+        assert s["was_at"] is not None and s["changed"] is False
+
+    status, tuned, _ = api.call("GET", "/v1/orders/o-replay/replay?geofence.approach_m=300")
+    assert status == 200, tuned
+    assert tuned["overrides"] == {"geofence.approach_m": 300} and tuned["changed"] is True
+    got = {s["status"]: s for s in tuned["statuses"]}
+    arriving = got.pop("arriving_at_store")
+    assert arriving["shift_s"] == 40.0 and arriving["changed"] is True
+    from tests.test_replay import STORE
+
+    def off(at: dict[str, float]) -> float:
+        return math.dist(STORE, (at["lat"], at["lng"])) * 111_320
+
+    assert off(arriving["would_be_at"]) < 300 < off(arriving["was_at"]) < 1001
+    assert all(s["was"] == s["would_be"] and not s["changed"] for s in got.values())
+
+    status, none, _ = api.call("GET", "/v1/orders/o-active/replay?geofence.radius_m=150")
+    assert status == 200 and none["fixes"] == 0 and none["statuses"] == []
+    assert_error(*api.call("GET", "/v1/orders/nope/replay")[:2], 404, "NotFound")
+
+
+@pytest.mark.parametrize(
+    ("query", "needle"),
+    [
+        ("geofence.nope=1", "unknown"),
+        ("radius_m=5", "unknown"),
+        ("geofence.enabled=false", "unknown"),
+        ("geofence.radius_m=", "geofence.radius_m"),
+        ("geofence.radius_m=nan", "finite"),
+        ("geofence.radius_m=-Infinity", "finite"),
+        ("geofence.dwell_s=1e999", "finite"),
+        ("geofence.radius_m=" + "9" * 1000, "finite"),
+        ("geofence.min_fixes=" + "9" * 1000, "geofence.min_fixes"),
+        ("geofence.min_fixes=1.5", "geofence.min_fixes"),
+        ("geofence.exit_factor=0.5", "geofence.exit_factor"),
+        ("geofence.auto_dropoff=maybe", "geofence.auto_dropoff"),
+        ("geofence.radius_m=%ED%A0%80", "utf-8"),
+        ("geofence.radius_m=1&geofence.radius_m=2", "twice"),
+    ],
+)
+def test_bad_overrides_are_a_clear_400(api: Client, query: str, needle: str) -> None:
+    """What `replay --set` refuses, the API refuses with a 400 naming it."""
+    status, doc, _ = api.call("GET", "/v1/orders/o-active/replay?" + query)
+    assert_error(status, doc, 400, "BadRequest")
+    assert needle in doc["message"], doc
+
+
+OVERRIDE_KEYS = [
+    f"geofence.{k}" for k in GeofenceSettings.model_fields if k != "enabled"
+]  # what replay --set takes
+
+
+def hostile_values() -> Any:
+    from hypothesis import strategies as st
+
+    from tests.hostile import fragments
+
+    return st.one_of(
+        st.sampled_from(["nan", "NaN", "inf", "-inf", "Infinity", "1e309", "-0", "0", "1e-320"]),
+        st.integers(1, 1000).map(lambda n: "9" * n),
+        st.floats(allow_nan=True, allow_infinity=True).map(repr),
+        st.sampled_from(["\ud800", "a\udfff", "\x00", "1\x00", "true", "yes", "2.0", " 5 "]),
+        fragments,
+        st.text(max_size=40),
+    )
+
+
+def test_hostile_overrides_are_a_400_never_a_500(api: Client) -> None:
+    """Any keys (known, unknown, hostile) with any values (NaN, inf, huge numbers, lone
+    surrogates, control characters, JSON fragments) through the real HTTP path, to the
+    replay and the suggestions: an answer or a clear 400 in the API's error shape, never
+    a 500."""
+    from urllib.parse import quote
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    with_a_replayable_delivery(api.store_path)
+    keys = st.one_of(st.sampled_from(OVERRIDE_KEYS), st.text(max_size=20))
+
+    def encode(text: str) -> str:
+        return quote(text.encode("utf-8", "surrogatepass"), safe="")
+
+    @settings(
+        max_examples=150,
+        deadline=None,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    )
+    @given(
+        st.sampled_from(["/v1/orders/o-replay/replay", "/v1/stores/suggestions"]),
+        st.lists(st.tuples(st.one_of(keys, st.just("min_orders")), hostile_values()), max_size=4),
+    )
+    def check(path: str, pairs: list[tuple[str, str]]) -> None:
+        query = "&".join(f"{encode(k)}={encode(v)}" for k, v in pairs)
+        status, doc, _ = api.call("GET", f"{path}?{query}")
+        if status == 431:  # a request line over the server's limit: refused before the API
+            assert_error(status, doc, 431, "HeadersTooLarge")
+            return
+        assert status in (200, 400), (status, doc)
+        if status == 400:
+            assert_error(status, doc, 400, "BadRequest")
+            assert "\n" not in doc["message"]
+        elif path.endswith("/replay"):
+            assert set(doc["overrides"]) <= set(OVERRIDE_KEYS)
+            assert {k for k, _ in pairs} <= set(OVERRIDE_KEYS)
+            json.dumps(doc, allow_nan=False)  # finite numbers only
+        else:
+            assert {k for k, _ in pairs} <= {"min_orders"}
+            assert all(s["visits"] >= int(v) for _, v in pairs for s in doc["stores"])
+
+    check()
+
+
+def test_store_suggestions(api: Client) -> None:
+    """GET /v1/stores/suggestions: what `stores suggest --json` prints, with the
+    registered point beside it; min_orders as the command's --min-orders."""
+    with_a_replayable_delivery(api.store_path)
+    status, doc, _ = api.call("GET", "/v1/stores/suggestions")
+    assert status == 200, doc
+    (found,) = doc["stores"]
+    assert found["merchant_supplied_id"] == "s-replay" and found["visits"] == 4
+    assert 40 <= found["moved_m"] <= 80
+    assert found["registered"]["radius_m"] == 80
+    assert api.call("GET", "/v1/stores/suggestions?min_orders=5")[1] == {"stores": []}
+    for query in ("min_orders=0", "min_orders=x", "min_orders=1e3", "other=1"):
+        assert_error(*api.call("GET", "/v1/stores/suggestions?" + query)[:2], 400, "BadRequest")

@@ -1,17 +1,28 @@
 """The operator page in a real browser (Debian's headless Chromium, driven by Selenium)
 against a running daemon with traffic: the dashboard, live updates, one order's view
-with its SVG track, and the token prompt."""
+with its SVG track, its what-if replay with a geofence override, the stores' learned
+pickup points, and the token prompt."""
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from pydantic import SecretStr
 
-from tests.harness import Rig
+from courierd.config import OneTabletSettings, Settings, StoreSettings
+from courierd.domain.model import Place, iso
+from courierd.services import orders
+from tests.conftest import API_KEY
+from tests.harness import Rig, delivered, wait_until
 from tests.test_api import TOKEN, with_traffic
+from tests.test_replay import STORE, a_delivery, moved
 
 pytestmark = pytest.mark.integration
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
@@ -154,3 +165,115 @@ def test_page_asks_for_the_token_once(sqlite_rig: Rig, browser: WebDriver) -> No
     browser.get(f"http://127.0.0.1:{port}/")  # the same tab: not asked again
     wait(browser, '#active-orders tr[data-order-id="o-geo"]')
     assert browser.find_element(By.ID, "login").get_attribute("hidden") is not None
+
+
+def replay_rows(driver: WebDriver) -> dict[str, dict[str, str | None]]:
+    """The what-if table: per status, its was and would-be cells and its change."""
+    out: dict[str, dict[str, str | None]] = {}
+    for row in driver.find_elements(By.CSS_SELECTOR, "#replay tbody tr"):
+        cell = {c: row.find_element(By.CSS_SELECTOR, "td." + c) for c in ("was", "would-be")}
+        out[row.get_attribute("data-status") or ""] = {
+            "was": cell["was"].get_attribute("title"),
+            "would_be": cell["would-be"].get_attribute("title"),
+            "changed": row.get_attribute("data-changed"),
+            "shift": row.get_attribute("data-shift"),
+        }
+    return out
+
+
+def centre(element: Any) -> tuple[float, float]:
+    """An SVG marker's centre (a circle's, or a rotated square's) in the map's metres."""
+    if element.tag_name == "circle":
+        return float(element.get_attribute("cx")), float(element.get_attribute("cy"))
+    half = float(element.get_attribute("width")) / 2
+    return float(element.get_attribute("x")) + half, float(element.get_attribute("y")) + half
+
+
+def test_order_view_replays_with_a_geofence_override_from_the_url(
+    sqlite_rig: Rig, browser: WebDriver
+) -> None:
+    """`?geofence.approach_m=300` in the page's address: o-geo (driven through the
+    daemon) shows arriving_at_store would fire later and nearer the store than it did,
+    drawn beside the live marker; the other statuses are unchanged. A value replay
+    refuses is shown as its 400 message, from the page's own form."""
+    port = with_traffic(sqlite_rig, token=None)
+    browser.get(f"http://127.0.0.1:{port}/?geofence.approach_m=300#/orders/o-geo")
+    wait(browser, '#replay tr[data-status="dasher_out_for_delivery"]')
+    title = browser.find_element(By.CSS_SELECTOR, "#replay h2").get_attribute("textContent")
+    assert "geofence.approach_m=300" in (title or "")
+    rows = replay_rows(browser)
+    assert set(rows) == {"arriving_at_store", "arrived_at_store", "dasher_out_for_delivery"}
+    arriving = rows.pop("arriving_at_store")
+    assert arriving["changed"] == "true" and float(arriving["shift"] or 0) > 0
+    assert (arriving["would_be"] or "") > (arriving["was"] or "~")  # later (RFC 3339 UTC)
+    for status, row in rows.items():
+        assert row["changed"] == "false" and row["was"] == row["would_be"], status
+        assert row["was"]
+    svg = browser.find_element(By.ID, "track-svg")
+    would = svg.find_elements(By.CSS_SELECTOR, "rect.would-be-marker")
+    assert [m.get_attribute("data-status") for m in would] == ["arriving_at_store"]
+    live = svg.find_element(By.CSS_SELECTOR, '.status-marker[data-status="arriving_at_store"]')
+    pickup = svg.find_element(By.CSS_SELECTOR, 'circle.place.pickup[data-kind="radius"]')
+    off_live, off_would = (math.dist(centre(pickup), centre(m)) for m in (live, would[0]))
+    assert off_would < 300 < off_live  # metres from the store, on the drawing
+    assert svg.find_elements(By.CSS_SELECTOR, "line.would-be-shift")
+
+    browser.find_element(By.ID, "override-value").send_keys("-5")
+    browser.find_element(By.CSS_SELECTOR, "#override-form button").click()
+    wait(browser, "#replay-error", "greater than 0")
+    assert "geofence.approach_m=-5" in browser.execute_script("return location.hash")
+    errors = [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert all("400" in e for e in errors), errors  # the refused replay's request, nothing else
+
+
+def test_store_view_shows_the_suggested_pickup_point(sqlite_rig: Rig, browser: WebDriver) -> None:
+    """Three deliveries through the daemon from store s-back, whose couriers wait 60 m
+    east of its registered point: the store view shows the suggested point ~60 m from
+    the registered one (within 25 m), with its three stays, drawn beside it."""
+    store = sqlite_rig.store()
+    try:
+        store.registry.import_stores([("s-back", Place(*STORE, 100.0))], time.time())
+    finally:
+        store.close()
+    port = sqlite_rig.daemon().start().http_port
+    settings = Settings(
+        store=StoreSettings(path=sqlite_rig.dir / "courierd.db"),
+        onetablet=OneTabletSettings(base_url=sqlite_rig.onetablet.url, api_key=SecretStr(API_KEY)),
+    )
+    pub = sqlite_rig.publisher()
+    wait_at = moved(STORE, 0, 60)
+    for n in range(3):
+        oid, courier = f"o-back-{n}", f"c-back-{n}"
+        document = {"id": oid, "store": {"merchant_supplied_id": "s-back"}}
+        orders.submit(settings, json.dumps(document).encode(), "the test")
+        pub.publish("dispatch/assignments", {"order_id": oid, "courier_id": courier})
+        pub.status(courier, f"{oid}-c", oid, "dasher_confirmed")
+        for t, lat, lng in a_delivery(time.time() - 3600 + 600 * n, wait_at):
+            fix = {"ts": iso(t), "lat": lat, "lng": lng, "accuracy_m": 5}
+            pub.publish(f"couriers/{courier}/location", fix)
+    pub.close()
+    wait_until(
+        lambda: all(
+            len(delivered(sqlite_rig.onetablet).get(f"o-back-{n}", [])) == 4 for n in range(3)
+        ),
+        30,
+        "the three deliveries out for delivery",
+    )
+    browser.get(f"http://127.0.0.1:{port}/")
+    browser.find_element(By.ID, "stores-link").click()
+    wait(browser, '#stores tr[data-store-id="s-back"]')
+    row = browser.find_element(By.CSS_SELECTOR, '#stores tr[data-store-id="s-back"]')
+    moved_m = float(row.find_element(By.CSS_SELECTOR, "td.moved").get_attribute("data-moved-m"))
+    assert 35 <= moved_m <= 85, moved_m
+    assert row.find_element(By.CSS_SELECTOR, "td.visits").text == "3"
+    registered = row.find_element(By.CSS_SELECTOR, "td.registered").text
+    assert registered.startswith(f"{STORE[0]:.6f}, {STORE[1]:.6f}")
+    drawing = browser.find_element(By.CSS_SELECTOR, "#store-s-back svg")
+    points = {
+        c.get_attribute("data-point"): centre(c)
+        for c in drawing.find_elements(By.CSS_SELECTOR, "circle[data-point]")
+    }
+    off = math.dist(points["suggested"], (points["registered"][0] + 60, points["registered"][1]))
+    assert off < 25, points  # 60 m east of the registered point, on the drawing
+    errors = [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert errors == []

@@ -83,9 +83,10 @@ _DISTANCES = st.one_of(st.floats(0, 60), st.floats(60, 300), st.floats(300, 2500
 
 @st.composite
 def deliveries(draw: st.DrawFn) -> list[Input]:
-    """One or two orders of courier c1 (maybe handed to c2 half way), app statuses at
-    random places, and noisy fixes of both couriers: near the pickup, away, glitches
-    (inaccurate, jumps), repeats."""
+    """One or two orders of courier c1 (maybe handed to c2 half way, and maybe back to
+    c1, while c1's fixes serve the other order), app statuses at random places, and
+    noisy fixes of both couriers: near the pickup, away, glitches (inaccurate, jumps),
+    repeats."""
     orders = ["o1", "o2"][: draw(st.integers(1, 2))]
     pickups = {"o1": STORE, "o2": moved(STORE, 0, 400)}
     inputs: list[Input] = [
@@ -98,9 +99,10 @@ def deliveries(draw: st.DrawFn) -> list[Input]:
         for oid in orders
     ]
     t = T0
+    senders = draw(st.sampled_from([["c1", "c1", "c1", "c2"], ["c1"]]))  # c2 may be silent
     for _ in range(draw(st.integers(5, 45))):
         t += draw(st.sampled_from([1.0, 5.0, 10.0, 15.0, 40.0]))
-        courier = draw(st.sampled_from(["c1", "c1", "c1", "c2"]))
+        courier = draw(st.sampled_from(senders))
         if draw(st.integers(0, 9)) == 0:
             lat, lng = HOME if draw(st.booleans()) else polar(STORE, 5000, 1.0)
         else:
@@ -114,8 +116,8 @@ def deliveries(draw: st.DrawFn) -> list[Input]:
             status = draw(st.sampled_from(list(Status)))
             ts = draw(st.sampled_from([iso(t), None]))
             inputs.append(StatusEvent(f"e{len(inputs)}", oid, "c1", status, ts))
-        elif roll == 1:
-            inputs.append(Assignment(oid, "c2"))
+        elif roll in (1, 2, 3):  # to c2, or back to c1 (maybe with no fix of c2 between)
+            inputs.append(Assignment(oid, draw(st.sampled_from(["c1", "c2"]))))
     return inputs
 
 
@@ -159,6 +161,29 @@ def test_a_new_courier_starts_the_rules_over_in_replay_too() -> None:
     finally:
         store.close()
     assert got["o1"]["arrived_at_store"] == (iso(T0 + 55), iso(T0 + 55))
+
+
+def test_handed_back_to_the_first_courier_starts_over_in_replay_too() -> None:
+    """o1 goes c1 → c2 → c1 with no fix of c2 between, while c1's fixes serve o2 inside
+    o1's store: live, o1's rules start over on each rebind, so those fixes are not o1's;
+    replay must not read them as o1's either (arrived_at_store would fire 30 s early)."""
+    store = memory_store()
+    try:
+        inputs: list[Input] = [
+            Assignment("o1", "c1", pickup=Place(*STORE)),
+            Assignment("o2", "c1", pickup=Place(*STORE)),
+        ]
+        inputs += [LocationFix("c1", iso(T0 + t), *moved(STORE, 200, 0), 5.0) for t in (0, 10)]
+        inputs.append(Assignment("o1", "c2"))
+        inputs += [LocationFix("c1", iso(T0 + t), *STORE, 5.0) for t in (20, 30, 40)]
+        inputs.append(Assignment("o1", "c1"))
+        inputs += [LocationFix("c1", iso(T0 + t), *STORE, 5.0) for t in (50, 60, 70, 80, 90)]
+        store.writer.commit(inputs, now=T0 + 5000)
+        got = replayed(store, GeofenceRules())
+    finally:
+        store.close()
+    assert got["o2"]["arrived_at_store"] == (iso(T0 + 50), iso(T0 + 50))
+    assert got["o1"]["arrived_at_store"] == (iso(T0 + 80), iso(T0 + 80))
 
 
 def a_delivery(t0: float, wait_at: tuple[float, float] = STORE) -> list[tuple[float, float, float]]:
@@ -341,3 +366,36 @@ def test_suggest_csv_round_trips_through_stores_import(cli, tmp_path: Path, db_p
     as_json = json.loads(cli("stores", "suggest", "--json").out)
     assert as_json["stores"][0]["visits"] == 3
     assert as_json["stores"][0]["moved_m"] < 1  # the registry now holds the suggestion
+
+
+def test_a_read_only_postgresql_store_never_migrates_nor_writes(cli) -> None:  # type: ignore[no-untyped-def]
+    """Opened read-only (replay, stores suggest, the API's reads), a PostgreSQL database
+    one version behind is an error telling to upgrade the daemon first, left as it was;
+    once the daemon's open migrated it, the read-only sessions refuse any write."""
+    from tests import pg
+
+    if (why := pg.available()) is not None:
+        pytest.skip(why)
+    import psycopg
+
+    from courierd.errors import StoreError
+    from courierd.store.postgres import PostgresDatabase
+    from courierd.store.schema import POSTGRES_MIGRATIONS
+
+    latest = len(POSTGRES_MIGRATIONS)
+    with pg.database(from_template=False) as url:
+        PostgresDatabase(url, migrations=POSTGRES_MIGRATIONS[:-1]).close()  # one behind
+        with pytest.raises(StoreError, match="upgrade the daemon first"):
+            open_store(StoreSettings(url=url), readonly=True)
+        r = cli("replay", "--json", env={"COURIERD_STORE__URL": url})
+        assert r.code != 0 and "upgrade the daemon first" in r.err, (r.code, r.err)
+        behind = PostgresDatabase(url, migrate=False)
+        try:
+            assert behind.schema_version == latest - 1  # nothing migrated
+        finally:
+            behind.close()
+        open_store(StoreSettings(url=url)).close()  # as the daemon opens it: migrates
+        with open_store(StoreSettings(url=url), readonly=True) as store:
+            assert ReplayReads(store.db).order_ids() == []
+            with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+                store.db.execute("CREATE TABLE written (a integer)")

@@ -2,9 +2,10 @@
 (CONTRACT.md 13).
 
 Both only read. SQLite is opened read-only (`mode=ro`: a running daemon keeps writing
-beside it); a PostgreSQL session is set read-only once open (opening migrates a database
-that is behind, as every command does), so a bug here could not write either. The work
-is the pure core's (domain/replay.py, domain/pickup.py).
+beside it); PostgreSQL sessions are read-only (`default_transaction_read_only`, on every
+connection), so a bug here could not write either, and a database behind this version
+is an error (upgrade the daemon first), never migrated from here. The work is the pure
+core's (domain/replay.py, domain/pickup.py).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from courierd.config import GeofenceSettings, Settings
 from courierd.domain.fields import parse_rfc3339
 from courierd.domain.geofence import GeofenceRules
 from courierd.domain.model import format_ts
-from courierd.domain.pickup import Suggestion, suggest
+from courierd.domain.pickup import Suggestion
 from courierd.domain.replay import OrderReplay, Summary, replay, summarise
 from courierd.errors import InputError, TelemetryError
 from courierd.store import Store, open_store
@@ -33,20 +34,23 @@ PROGRESS_EVERY_S = 1.0
 _SCREENING = ("max_accuracy_m", "max_speed_mps")
 
 
-def rules_with(settings: GeofenceSettings, pairs: Sequence[str]) -> tuple[GeofenceRules, bool]:
+def rules_with(
+    settings: GeofenceSettings, pairs: Sequence[str], flag: str = "--set "
+) -> tuple[GeofenceRules, bool]:
     """The rules under `--set geofence.KEY=VALUE` overrides, validated like the settings
     file; and whether the screening keys changed (the stored fixes are then screened
-    again). InputError names the bad pair."""
+    again). InputError names the bad pair (after `flag`: the API's query parameters
+    are checked here too, with no flag)."""
     values = settings.model_dump()
     for pair in pairs:
         key, sep, value = pair.partition("=")
         section, dot, name = key.strip().partition(".")
         if not sep or section != "geofence" or not dot or name not in values:
             known = ", ".join(f"geofence.{k}" for k in values if k != "enabled")
-            raise InputError(f"--set {pair[:80]!r}: expected KEY=VALUE with KEY one of {known}")
+            raise InputError(f"{flag}{pair[:80]!r}: expected KEY=VALUE with KEY one of {known}")
         if name == "enabled":
             raise InputError(
-                "--set geofence.enabled: replay runs the rules; it cannot turn them off"
+                f"{flag}geofence.enabled: replay runs the rules; it cannot turn them off"
             )
         values[name] = value.strip()
     try:
@@ -54,10 +58,10 @@ def rules_with(settings: GeofenceSettings, pairs: Sequence[str]) -> tuple[Geofen
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        raise InputError(f"--set geofence.{where}: {first['msg']}") from None
+        raise InputError(f"{flag}geofence.{where}: {first['msg']}") from None
     for name, value in tuned.model_dump().items():
         if isinstance(value, float) and not math.isfinite(value):
-            raise InputError(f"--set geofence.{name}: {value} is not a finite number")
+            raise InputError(f"{flag}geofence.{name}: {value} is not a finite number")
     screen = any(getattr(tuned, k) != getattr(settings, k) for k in _SCREENING)
     return GeofenceRules(**tuned.model_dump(exclude={"enabled"})), screen
 
@@ -73,10 +77,7 @@ def moment(text: str | None, flag: str) -> str | None:
 
 
 def readonly_store(settings: Settings) -> Store:
-    store = open_store(settings.store, readonly=True)
-    if store.db.dialect == "postgres":
-        store.db.execute("SET default_transaction_read_only = on")
-    return store
+    return open_store(settings.store, readonly=True)
 
 
 def run_replay(
@@ -178,17 +179,9 @@ def _signed(seconds: float | None) -> str:
 
 def run_suggest(settings: Settings, min_orders: int, fmt: str) -> int:
     with readonly_store(settings) as store:
-        stores = ReplayReads(store.db).visits()
-    found: list[Suggestion] = []
-    for sid in sorted(stores):
-        registered, visits = stores[sid]
-        if len(visits) < min_orders:
-            continue
-        s = suggest(sid, registered, [v.points for v in visits])
-        if s is not None and all(math.isfinite(x) for x in (s.lat, s.lng, s.radius_m)):
-            found.append(s)
+        found = [s for _, s in ReplayReads(store.db).suggestions(min_orders)]
     if fmt == "json":
-        print(json.dumps({"stores": [_suggestion_json(s) for s in found]}))
+        print(json.dumps({"stores": [suggestion_json(s) for s in found]}))
     elif fmt == "csv":
         from courierd.commands.stores import HEADER
 
@@ -198,12 +191,12 @@ def run_suggest(settings: Settings, min_orders: int, fmt: str) -> int:
     else:
         from courierd.commands.operate import table
 
-        print(table([_suggestion_json(s) for s in found], list(SUGGESTION_KEYS)))
+        print(table([suggestion_json(s) for s in found], list(SUGGESTION_KEYS)))
     return 0
 
 
 SUGGESTION_KEYS = ("merchant_supplied_id", "lat", "lng", "radius_m", "visits", "moved_m")
 
 
-def _suggestion_json(s: Suggestion) -> dict[str, Any]:
+def suggestion_json(s: Suggestion) -> dict[str, Any]:
     return {k: getattr(s, k) for k in SUGGESTION_KEYS}

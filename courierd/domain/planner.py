@@ -62,13 +62,16 @@ class CourierState:
 
 # The fixes an order's rules consumed, as segments (courier_id, first fix ts, count):
 # each courier's accepted fixes are consumed in ts order, so a segment is that courier's
-# kept fixes from `first` on, `count` of them. A new courier starts a new segment.
+# kept fixes from `first` on, `count` of them. A segment starts wherever the rules start
+# over (the order's first fix, and the first after an assignment changed its courier,
+# even back to one it had before: that courier's fixes meanwhile were not this order's),
+# and replay starts the rules over at each segment.
 Consumed = tuple[tuple[str, str, int], ...]
 
 
-def consumed_after(consumed: Consumed, fix: LocationFix) -> Consumed:
-    """The segments once `fix` is consumed too."""
-    if consumed and consumed[-1][0] == fix.courier_id:
+def consumed_after(consumed: Consumed, fix: LocationFix, *, fresh: bool = False) -> Consumed:
+    """The segments once `fix` is consumed too; `fresh`: the rules start over at it."""
+    if consumed and not fresh and consumed[-1][0] == fix.courier_id:
         courier, first, count = consumed[-1]
         return (*consumed[:-1], (courier, first, count + 1))
     return (*consumed, (fix.courier_id, fix.ts, 1))
@@ -387,9 +390,13 @@ class _Batch:
 
     def _step(self, order: Order, places: Places, fix: LocationFix) -> None:
         oid = order.order_id
-        self.consumed[oid] = self.fx.consumed[oid] = consumed_after(self.consumed.get(oid, ()), fix)
         assert self.rules is not None
         track = self.tracks.get(order.order_id, Track())
+        # A track that never consumed a fix is new, or was reset by a new assignment.
+        fresh = track.last_ts is None
+        self.consumed[oid] = self.fx.consumed[oid] = consumed_after(
+            self.consumed.get(oid, ()), fix, fresh=fresh
+        )
         track, event = geofence_step(track, order, places, fix, self.rules)
         self.tracks[order.order_id] = self.fx.tracks[order.order_id] = track
         if event is not None:

@@ -58,6 +58,9 @@ class History:
     app: list[AppStatus] = field(default_factory=list)
     was: dict[Status, str] = field(default_factory=dict)
     missing: int = 0  # fixes consumed live that are no longer kept (pruned by age)
+    # Where the rules started over live (indexes into `fixes`: each consumed segment's
+    # first fix). A change of courier is always one as well.
+    starts: set[int] = field(default_factory=set)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +71,7 @@ class StatusChange:
     status: Status
     was: str | None
     would_be: str | None
+    where: tuple[float, float] | None = None  # the fix it would fire at (lat, lng)
 
     @property
     def shift_s(self) -> float | None:
@@ -101,7 +105,7 @@ def replay(history: History, rules: GeofenceRules, *, screen: bool = False) -> O
     """
     order = Order(history.order_id, courier_id=_COURIER)  # bound, as the live orders are
     track = Track()
-    fired: dict[Status, str] = {}
+    fired: dict[Status, LocationFix] = {}
     app = sorted(history.app, key=lambda a: a.after_fixes)  # stable: decided order kept
     pending = 0
     courier: str | None = None
@@ -118,8 +122,8 @@ def replay(history: History, rules: GeofenceRules, *, screen: bool = False) -> O
 
     declare(0)
     for n, fix in enumerate(history.fixes, 1):
-        if courier is not None and fix.courier_id != courier:
-            track = Track()  # another courier was assigned: the rules start over
+        if courier is not None and (fix.courier_id != courier or n - 1 in history.starts):
+            track = Track()  # (re)assigned: the rules start over, as they did live
         courier = fix.courier_id
         accepted = True
         if screen:
@@ -131,15 +135,19 @@ def replay(history: History, rules: GeofenceRules, *, screen: bool = False) -> O
             track, event = geofence_step(track, order, history.places, fix, rules)
             after = None if event is None else _decided(order, event, fix.ts)
             if event is not None and after is not None:
-                fired[event.status] = fix.ts
+                fired[event.status] = fix
                 order = after
         declare(n)
     statuses = tuple(
-        StatusChange(s, history.was.get(s), fired.get(s))
+        StatusChange(s, history.was.get(s), *_when_where(fired.get(s)))
         for s in GEOFENCE_STATUSES
         if s in history.was or s in fired
     )
     return OrderReplay(history.order_id, statuses)
+
+
+def _when_where(fix: LocationFix | None) -> tuple[str | None, tuple[float, float] | None]:
+    return (None, None) if fix is None else (fix.ts, (fix.lat, fix.lng))
 
 
 def _decided(order: Order, event: StatusEvent, received_at: str) -> Order | None:

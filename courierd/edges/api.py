@@ -32,9 +32,11 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from pydantic import BaseModel, ValidationError
 
+from courierd.commands.replay import rules_with, suggestion_json
 from courierd.config import Settings, StoreSettings
 from courierd.domain import fields
 from courierd.domain.model import iso
+from courierd.domain.replay import replay
 from courierd.edges.apimodels import MAX_DETAILS, CancelRequest, OrderListQuery
 from courierd.edges.http import JSON_TYPE, ApiError, Incoming, Reply, error_reply, json_reply
 from courierd.edges.openapi import OPERATIONS, Operation, document
@@ -48,6 +50,7 @@ from courierd.errors import (
 from courierd.services import orders
 from courierd.store import Store, open_store
 from courierd.store.queries import Queries
+from courierd.store.replays import ReplayReads
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +161,8 @@ class Api:
             "showOrder": self._show,
             "cancelOrder": self._cancel,
             "orderTrack": self._track,
+            "orderReplay": self._replay,
+            "storeSuggestions": self._suggestions,
             "listCouriers": self._couriers,
             "dashboard": self._dashboard,
         }
@@ -263,6 +268,66 @@ class Api:
             raise ApiError(404, f"unknown order {req.args[0]!r}")
         return json_reply(track)
 
+    async def _replay(self, req: Request) -> Reply:
+        """`courierd replay --order ID --set ...` for one order, with where each status
+        fired and would fire. The overrides are checked by the command's own rules_with."""
+        order_id = req.args[0]
+        overrides = req.query.model_dump(by_alias=True, exclude_none=True)
+        pairs = [f"{key}={json.dumps(value)}" for key, value in overrides.items()]
+        try:
+            rules, screen = rules_with(self.settings.geofence, pairs, flag="")
+        except InputError as e:
+            raise ApiError(400, str(e)) from None
+
+        def job(q: Queries) -> dict[str, Any] | None:
+            reads = ReplayReads(q.db)
+            if not reads.known(order_id):
+                return None
+            where = reads.decided_where(order_id)
+            out: dict[str, Any] = {
+                "order_id": order_id,
+                "overrides": overrides,
+                "fixes": 0,
+                "missing_fixes": 0,
+                "changed": False,
+                "statuses": [],
+            }
+            for history in reads.histories(reads.order_ids([order_id])):
+                result = replay(history, rules, screen=screen)
+                out["fixes"], out["missing_fixes"] = len(history.fixes), history.missing
+                out["changed"] = result.changed
+                out["statuses"] = [
+                    {
+                        "status": st.status.value,
+                        "was": st.was,
+                        "would_be": st.would_be,
+                        "shift_s": st.shift_s,
+                        "changed": st.changed,
+                        "was_at": _lat_lng(where.get(st.status.value)) if st.was else None,
+                        "would_be_at": _lat_lng(st.where),
+                    }
+                    for st in result.statuses
+                ]
+            return out
+
+        doc = await self.reads.run(job)
+        if doc is None:
+            raise ApiError(404, f"unknown order {order_id!r}")
+        return json_reply(doc)
+
+    async def _suggestions(self, req: Request) -> Reply:
+        """`courierd stores suggest --json`, with each store's registered point."""
+        min_orders = req.query.min_orders
+        found = await self.reads.run(lambda q: ReplayReads(q.db).suggestions(min_orders))
+        stores = [
+            {
+                **suggestion_json(s),
+                "registered": {"lat": p.lat, "lng": p.lng, "radius_m": p.radius_m},
+            }
+            for p, s in found
+        ]
+        return json_reply({"stores": stores})
+
     async def _couriers(self, req: Request) -> Reply:
         limit = req.query.limit
         return json_reply({"couriers": await self.reads.run(lambda q: q.couriers_overview(limit))})
@@ -313,6 +378,10 @@ class Api:
         return json_reply(result)
 
 
+def _lat_lng(point: tuple[float, float] | None) -> dict[str, float] | None:
+    return None if point is None else {"lat": point[0], "lng": point[1]}
+
+
 def _not_allowed(methods: dict[str, Any]) -> ApiError:
     allow = ", ".join(sorted({*methods, *(("HEAD",) if "GET" in methods else ())}))
     return ApiError(405, f"method not allowed here; allowed: {allow}", (("allow", allow),))
@@ -346,6 +415,10 @@ def _query(query: str) -> dict[str, str]:
         raise ApiError(400, f"malformed query string: {str(e)[:100]}") from None
     out: dict[str, str] = {}
     for key, value in pairs:
+        try:  # an error message may name it: no control characters, nothing to forge a log
+            fields.check_id(key, "a query parameter's name", 100)
+        except TelemetryError as e:
+            raise ApiError(400, e.detail) from None
         if key in out:
             raise ApiError(400, f"query parameter {key[:40]!r} given twice")
         out[key] = _text(value, key[:40], 1024, empty=True)
@@ -364,7 +437,7 @@ def _valid(model: type[M], data: Any) -> M:
         where = ".".join(str(p) for p in first["loc"])[:60]
         what = first["msg"].removeprefix("Value error, ")
         if first["type"] == "extra_forbidden":
-            known = ", ".join(model.model_fields)
+            known = ", ".join(f.alias or name for name, f in model.model_fields.items())
             what = f"unknown field or parameter (known: {known or 'none'})"
         raise ApiError(400, f"{where}: {what}" if where else what) from None
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Annotated, Any, Literal, NotRequired
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictStr
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictStr, create_model
 from typing_extensions import TypedDict
 
+from courierd.config import GeofenceSettings
 from courierd.domain.fields import MAX_ID
 from courierd.domain.model import CANCEL_REASONS, CANCELLED, EXPIRED, NEW, Status
 
@@ -67,6 +68,39 @@ class LimitQuery(_Query):
 
 class NoQuery(_Query):
     pass
+
+
+def _overrides() -> type[_Query]:
+    """`GET /v1/orders/{order_id}/replay`'s query: any `geofence.*` setting replay's
+    `--set` takes, typed and bounded as the settings file has it (config.py). The values
+    then go through `courierd replay`'s own check (commands/replay.py `rules_with`)."""
+    fields: dict[str, Any] = {}
+    for name, info in GeofenceSettings.model_fields.items():
+        if name == "enabled":  # replay runs the rules: it cannot turn them off
+            continue
+        finite = [Field(allow_inf_nan=False)] if info.annotation is float else []
+        extra = (*info.metadata, *finite)
+        kind: Any = Annotated[(info.annotation, *extra)] if extra else info.annotation
+        fields[name] = (
+            kind | None,
+            Field(
+                None,
+                alias=f"geofence.{name}",
+                description=f"Replay with `geofence.{name}` set to this, as `courierd "
+                f"replay --set` does (the setting's default is {info.default})",
+            ),
+        )
+    model: type[_Query] = create_model("ReplayQuery", __base__=_Query, **fields)
+    return model
+
+
+ReplayQuery = _overrides()
+
+
+class SuggestionsQuery(_Query):
+    min_orders: Annotated[int, Field(ge=1, le=10_000), BeforeValidator(_digits)] = Field(
+        3, description="Stays at a store needed for a suggestion (default 3, as the command)"
+    )
 
 
 class CancelRequest(BaseModel):
@@ -273,6 +307,54 @@ class Track(TypedDict):
     pickup: Circle | None
     dropoff: Circle | None
     transitions: list[TrackTransition]
+
+
+class LatLng(TypedDict):
+    __pydantic_config__ = CLOSED  # type: ignore[misc]
+    lat: float
+    lng: float
+
+
+class ReplayStatus(TypedDict):
+    """One geofence status: decided live (`was`, where) and under the overrides
+    (`would_be`, where); either null when it did not / would not fire."""
+
+    __pydantic_config__ = CLOSED  # type: ignore[misc]
+    status: str
+    was: str | None
+    would_be: str | None
+    shift_s: float | None
+    changed: bool
+    was_at: LatLng | None
+    would_be_at: LatLng | None
+
+
+class OrderReplay(TypedDict):
+    __pydantic_config__ = CLOSED  # type: ignore[misc]
+    order_id: str
+    overrides: dict[str, float | bool]
+    fixes: int
+    missing_fixes: int
+    changed: bool
+    statuses: list[ReplayStatus]
+
+
+class StoreSuggestion(TypedDict):
+    """`courierd stores suggest --json`'s store, with the registered point beside it."""
+
+    __pydantic_config__ = CLOSED  # type: ignore[misc]
+    merchant_supplied_id: str
+    lat: float
+    lng: float
+    radius_m: float
+    visits: int
+    moved_m: float
+    registered: Place
+
+
+class StoreSuggestions(TypedDict):
+    __pydantic_config__ = CLOSED  # type: ignore[misc]
+    stores: list[StoreSuggestion]
 
 
 class SubmitReply(TypedDict):

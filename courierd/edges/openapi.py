@@ -60,15 +60,23 @@ OPERATIONS = (
     Operation("GET", ONE + "/track", "orderTrack",
               "What the page draws: the courier's fixes, the places, the statuses", "read",
               m.Track),
+    Operation("GET", ONE + "/replay", "orderReplay",
+              "Where each geofence status would have fired with other geofence settings "
+              "(what `courierd replay --order ID --set KEY=VALUE` does), beside where it did",
+              "read", m.OrderReplay, m.ReplayQuery),
     Operation("GET", "/v1/couriers", "listCouriers", "Couriers, most recently heard from first",
               "read", m.CourierList, m.LimitQuery),
+    Operation("GET", "/v1/stores/suggestions", "storeSuggestions",
+              "Each store's pickup point learned from its couriers' stays, beside the "
+              "registered one (what `courierd stores suggest` does)", "read",
+              m.StoreSuggestions, m.SuggestionsQuery),
     Operation("GET", "/v1/dashboard", "dashboard", "What the operator page's front view shows",
               "read", m.Dashboard),
 )  # fmt: skip
 
 ERRORS = {
     "400": "Bad input: malformed JSON, a wrong type, an unknown field or query parameter, "
-    "a bad limit or cursor",
+    "a bad limit or cursor, a geofence override replay would refuse",
     "401": "No token, or the wrong one (`Authorization: Bearer <token>`)",
     "403": "Writes are off: courierd has no `http.token`",
     "404": "Unknown order, or no such endpoint",

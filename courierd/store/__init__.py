@@ -83,7 +83,8 @@ def open_store(
     slots: int = 4,
     lease_s: float = 15.0,
 ) -> Store:
-    """The configured database, opened (and migrated, unless `readonly`).
+    """The configured database, opened (and migrated, unless `readonly`: then one
+    behind this courierd is a StoreError, and nothing is written to it).
 
     `instance` names this process's instance in claims and leases (a cluster's members
     must differ); `slots` is the cluster's MQTT session count.
@@ -94,7 +95,10 @@ def open_store(
         from courierd.store.postgres import PostgresDatabase
 
         db = PostgresDatabase(
-            url, idle_in_transaction_s=lease_s, application_name=session_name(instance)
+            url,
+            readonly=readonly,
+            idle_in_transaction_s=lease_s,
+            application_name=session_name(instance),
         )
     else:
         from courierd.store.sqlite import SqliteDatabase

@@ -60,6 +60,7 @@ class PostgresDatabase(Database):
         url: str,
         *,
         migrate: bool = True,
+        readonly: bool = False,
         migrations: Sequence[Sequence[str]] = POSTGRES_MIGRATIONS,
         connect_timeout_s: float = 10.0,
         idle_in_transaction_s: float = 15.0,
@@ -72,9 +73,12 @@ class PostgresDatabase(Database):
         self._migrations = tuple(migrations)
         self._connect_timeout = connect_timeout_s
         self._sql: dict[str, str] = {}
+        self.readonly = readonly
         try:
             self.conn = self._connect()
-            if migrate:
+            if readonly:
+                self._check_version()
+            elif migrate:
                 self._migrate()
         except StoreError:
             raise
@@ -83,13 +87,17 @@ class PostgresDatabase(Database):
 
     def _connect(self) -> psycopg.Connection[Any]:
         # A transaction left idle means its process is stopped (SIGSTOP, a debugger):
-        # the server ends it, so that its row locks do not hold the cluster up.
+        # the server ends it, so that its row locks do not hold the cluster up. A
+        # read-only store's sessions (each one, reconnects included) refuse to write.
+        options = f"-c idle_in_transaction_session_timeout={self._idle_ms}"
+        if self.readonly:
+            options += " -c default_transaction_read_only=on"
         try:
             return psycopg.connect(
                 self.url,
                 autocommit=True,
                 connect_timeout=int(self._connect_timeout),
-                options=f"-c idle_in_transaction_session_timeout={self._idle_ms}",
+                options=options,
                 # Who is who, for DBAs, and for the cluster: it ends the sessions of an
                 # instance that stopped beating (cluster.py).
                 application_name=self.application_name,
@@ -179,6 +187,26 @@ class PostgresDatabase(Database):
         return 0 if found is None else int(found)
 
     # -- PostgreSQL only --------------------------------------------------------------
+
+    def _check_version(self) -> None:
+        """A read-only store never migrates (a replay must not write, even a schema):
+        a database behind this courierd is an error telling what to upgrade first."""
+        latest = len(self._migrations)
+        version = 0
+        if self.value("SELECT to_regclass('schema_version') IS NOT NULL"):
+            version = int(self.value("SELECT coalesce(max(version), 0) FROM schema_version"))
+        if version > latest:
+            raise StoreError(
+                f"database {self.location} has schema version {version}, newer than "
+                f"this courierd understands ({latest}); upgrade courierd"
+            )
+        if version < latest:
+            raise StoreError(
+                f"database {self.location} has schema version {version}, older than this "
+                f"courierd's ({latest}), and a read-only command does not migrate it: "
+                "upgrade the daemon first (this version's `courierd run` migrates it as "
+                "it starts), then run this again"
+            )
 
     def _migrate(self) -> None:
         """Apply missing migrations, each atomic with its version row; one migrator at a

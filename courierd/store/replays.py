@@ -9,11 +9,13 @@ a replay of millions of fixes holds one chunk's rows in memory, not all of them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from courierd.domain.model import LocationFix, Place, Status
+from courierd.domain.pickup import Suggestion, suggest
 from courierd.domain.planner import Places
 from courierd.domain.replay import History, app_statuses, decided
 from courierd.errors import StoreError
@@ -75,6 +77,21 @@ class ReplayReads:
             if (since is None or first >= since) and (until is None or first < until)
         ]
 
+    def known(self, order_id: str) -> bool:
+        """Whether the order exists at all (with or without fixes to replay)."""
+        return self.db.row("SELECT 1 FROM orders WHERE order_id = ?", (order_id,)) is not None
+
+    def decided_where(self, order_id: str) -> dict[str, tuple[float, float]]:
+        """Where each geofence status of the order fired live (status → lat, lng)."""
+        return {
+            status: (lat, lng)
+            for status, lat, lng in self.db.rows(
+                "SELECT status, lat, lng FROM transitions WHERE order_id = ? AND "
+                "source = 'geofence' AND lat IS NOT NULL AND lng IS NOT NULL ORDER BY id",
+                (order_id,),
+            )
+        }
+
     def histories(self, order_ids: Sequence[str]) -> Iterator[History]:
         """Each order's `History`, in the order given."""
         for chunk in chunks(order_ids, CHUNK):
@@ -116,6 +133,7 @@ class ReplayReads:
                         (courier, first, count),
                     )
                     history.missing += count - len(found)
+                    history.starts.add(len(history.fixes))
                     history.fixes += [LocationFix(courier, *r) for r in found]
                 yield history
 
@@ -154,6 +172,20 @@ class ReplayReads:
             if visit.points:
                 stores[store_of[history.order_id]][1].append(visit)
         return stores
+
+    def suggestions(self, min_orders: int) -> list[tuple[Place, Suggestion]]:
+        """Per registered store with at least `min_orders` stays (by id): its registered
+        point and the pickup point its couriers' stays suggest (domain/pickup.py)."""
+        stores = self.visits()
+        found = []
+        for sid in sorted(stores):
+            registered, visits = stores[sid]
+            if len(visits) < min_orders:
+                continue
+            s = suggest(sid, registered, [v.points for v in visits])
+            if s is not None and all(math.isfinite(x) for x in (s.lat, s.lng, s.radius_m)):
+                found.append((registered, s))
+        return found
 
 
 def _place(lat: Any, lng: Any, radius: Any) -> Place | None:

@@ -1,10 +1,18 @@
-// courierd's operator page: the dashboard (#/) and one order (#/orders/{id}).
-// Plain DOM, no dependencies, nothing loaded from elsewhere; data from the dispatch API
-// (/v1/...), polled every 2 s. Text from the API only ever goes in as text nodes.
+// courierd's operator page: the dashboard (#/), one order (#/orders/{id}) and the stores'
+// learned pickup points (#/stores). Plain DOM, no dependencies, nothing loaded from
+// elsewhere; data from the dispatch API (/v1/...), polled every 2 s (the stores every
+// 60 s: learning them reads every stay). Text from the API only ever goes in as text nodes.
+//
+// An order's view replays its geofence statuses with other settings when the URL says so:
+// `?geofence.approach_m=300` in the page's address (before or after the #), as
+// `courierd replay --set geofence.approach_m=300` would.
 "use strict";
 
 (() => {
   const POLL_MS = 2000;
+  const STORES_POLL_MS = 60000;
+  const OVERRIDE_PREFIX = "geofence.";
+  const STORE_DRAWINGS = 12;
   const TOKEN_KEY = "courierd.token";
   const SVG_NS = "http://www.w3.org/2000/svg";
   const M_PER_DEG = 111320; // metres per degree of latitude (and of longitude × cos lat)
@@ -158,14 +166,33 @@
     timer = null;
   }
 
+  // The route and its settings: "#/orders/o-1?geofence.radius_m=150", "#/stores".
+  function route() {
+    const [path, query] = location.hash.replace(/^#/, "").split(/\?(.*)/s, 2);
+    const params = new URLSearchParams(location.search);
+    for (const [key, value] of new URLSearchParams(query || "")) params.set(key, value);
+    return { path: path || "/", params };
+  }
+
+  function overrides(params) {
+    return [...params].filter(([key]) => key.startsWith(OVERRIDE_PREFIX));
+  }
+
   async function refresh() {
     stop();
     const mine = ++generation;
-    const route = location.hash.match(/^#\/orders\/(.+)$/);
+    const { path, params } = route();
+    const order = path.match(/^\/orders\/(.+)$/);
+    const stores = path === "/stores";
     try {
-      const content = route ? await orderView(decodeURIComponent(route[1])) : await dashboard();
+      const content = order
+        ? await orderView(decodeURIComponent(order[1]), overrides(params))
+        : stores
+          ? await storesView(params)
+          : await dashboard();
       if (mine !== generation) return;
-      view.replaceChildren(...content);
+      const typing = view.contains(document.activeElement) && document.activeElement.matches("input, select");
+      if (!typing) view.replaceChildren(...content); // never under the operator's cursor
       statusLine.textContent = "updated " + clock(new Date().toISOString());
     } catch (error) {
       if (mine !== generation) return;
@@ -175,7 +202,7 @@
         view.replaceChildren(h("p", { class: "banner", text: error.message }), backLink());
       }
     }
-    if (mine === generation) timer = setTimeout(refresh, POLL_MS);
+    if (mine === generation) timer = setTimeout(refresh, stores ? STORES_POLL_MS : POLL_MS);
   }
 
   function backLink() {
@@ -285,9 +312,10 @@
 
   // -- one order --------------------------------------------------------------------
 
-  async function orderView(id) {
+  async function orderView(id, tuned) {
     const path = "/v1/orders/" + encodeURIComponent(id);
-    const [order, track] = await Promise.all([api(path), api(path + "/track")]);
+    const whatIf = tuned.length ? replayOf(path, tuned) : Promise.resolve(null);
+    const [order, track, replay] = await Promise.all([api(path), api(path + "/track"), whatIf]);
     const transitions = order.transitions.map((t) =>
       h(
         "tr",
@@ -331,15 +359,88 @@
       h(
         "div",
         { class: "grid" },
-        card("Track", { wide: true, id: "track" }, drawTrack(track), legend(track)),
+        card("Track", { wide: true, id: "track" }, drawTrack(track, replay), legend(track, replay)),
+        replayCard(id, tuned, replay),
         card("Transitions", { id: "transitions" }, table(["status", "source", "at", "where"], transitions, "No transitions yet.")),
         card("Pushes to OneTablet", { id: "pushes" }, table(["status", "state", "attempts", "last error"], pushes, "No pushes yet.")),
       ),
     ];
   }
 
-  function legend(track) {
+  // The replay with the URL's overrides; a refused override is shown, not thrown.
+  async function replayOf(path, tuned) {
+    try {
+      return await api(path + "/replay?" + new URLSearchParams(tuned));
+    } catch (error) {
+      if (error instanceof AuthNeeded || error.status !== 400) throw error;
+      return { error: error.message };
+    }
+  }
+
+  function replayCard(id, tuned, replay) {
+    const title = "What if: " + (tuned.length ? tuned.map(([k, v]) => `${k}=${v}`).join(", ") : "other geofence settings");
+    const body = [];
+    if (!tuned.length) {
+      body.push(h("p", { class: "muted", text: "Replay this order's fixes with other geofence settings: add ?geofence.KEY=VALUE to the address (e.g. ?geofence.approach_m=300), or:" }));
+    } else if (replay.error) {
+      body.push(h("p", { class: "banner", id: "replay-error", text: replay.error }));
+    } else if (!replay.fixes) {
+      body.push(h("p", { class: "empty", text: "No fixes of this order were kept for the rules: nothing to replay." }));
+    } else {
+      if (replay.missing_fixes) {
+        body.push(h("p", { class: "banner", text: `${replay.missing_fixes} of the fixes the rules consumed are pruned: this replay is not faithful.` }));
+      }
+      const rows = replay.statuses.map((st) =>
+        h(
+          "tr",
+          { "data-status": st.status, "data-changed": String(st.changed), "data-shift": st.shift_s === null ? null : st.shift_s, class: st.changed ? "changed" : "" },
+          h("td", { class: "state", text: stateLabel(st.status) }),
+          h("td", { class: "was", title: st.was || "", text: st.was ? clock(st.was) : "did not fire" }),
+          h("td", { class: "would-be", title: st.would_be || "", text: st.would_be ? clock(st.would_be) : "would not fire" }),
+          h("td", { class: "shift", text: shiftText(st) }),
+        ),
+      );
+      body.push(table(["status", "was", "would be", "change"], rows, "No geofence status fired or would fire."));
+      body.push(h("p", { class: "muted", text: `${replay.fixes} fixes replayed, ${replay.changed ? "some statuses change" : "nothing changes"}.` }));
+    }
+    body.push(overrideForm(id, tuned));
+    return card(title, { wide: true, id: "replay" }, body);
+  }
+
+  function shiftText(st) {
+    if (!st.changed) return "same";
+    if (st.was === null) return "would newly fire";
+    if (st.would_be === null) return "would not fire";
+    return (st.shift_s > 0 ? "+" : "−") + duration(Math.abs(st.shift_s)) + (st.shift_s > 0 ? " later" : " earlier");
+  }
+
+  const OVERRIDE_KEYS = ["approach_m", "radius_m", "dwell_s", "min_fixes", "depart_after_s", "exit_factor", "dropoff_radius_m", "dropoff_dwell_s", "auto_dropoff", "max_accuracy_m", "max_speed_mps"];
+
+  function overrideForm(id, tuned) {
+    const key = h("select", { id: "override-key" }, OVERRIDE_KEYS.map((k) => h("option", { value: OVERRIDE_PREFIX + k, text: OVERRIDE_PREFIX + k })));
+    const value = h("input", { id: "override-value", size: 8, required: true, placeholder: "value" });
+    const form = h(
+      "form",
+      { class: "override", id: "override-form" },
+      key, " = ", value, " ",
+      h("button", { type: "submit", class: "btn", text: "Replay" }),
+      tuned.length ? h("a", { href: "#/orders/" + encodeURIComponent(id), text: "back to the settings as they are" }) : "",
+    );
+    form.addEventListener("submit", (event) => {
+      event.preventDefault();
+      const params = new URLSearchParams(tuned);
+      params.set(key.value, value.value.trim());
+      document.activeElement.blur();
+      location.hash = "#/orders/" + encodeURIComponent(id) + "?" + params;
+    });
+    return form;
+  }
+
+  function legend(track, replay) {
     const fixes = track.points.length + " fixes" + (track.truncated ? " (the latest)" : "");
+    const whatIf = replay && replay.statuses
+      ? h("span", {}, h("span", { class: "swatch would-be" }), "where a status would fire with the overrides")
+      : "";
     return h(
       "div",
       { class: "legend" },
@@ -347,15 +448,19 @@
       h("span", {}, h("span", { class: "swatch dropoff" }), "dropoff"),
       h("span", {}, h("span", { class: "swatch route" }), "courier's track, " + fixes),
       h("span", {}, h("span", { class: "swatch marker" }), "where a status fired"),
+      whatIf,
     );
   }
 
   // A local equirectangular projection in metres: x east, y south (SVG's y runs down).
-  function drawTrack(track) {
+  function drawTrack(track, replay) {
     const places = [["pickup", track.pickup], ["dropoff", track.dropoff]].filter(([, p]) => p);
     const marks = track.transitions.filter((t) => t.lat !== null && t.lng !== null);
-    const lats = [...track.points.map((p) => p.lat), ...places.map(([, p]) => p.lat), ...marks.map((t) => t.lat)];
-    const lngs = [...track.points.map((p) => p.lng), ...places.map(([, p]) => p.lng), ...marks.map((t) => t.lng)];
+    // Where a status would fire with the overrides, where that differs from where it did.
+    const wouldBe = ((replay && replay.statuses) || []).filter((st) => st.would_be_at && st.changed);
+    const spots = [...marks, ...wouldBe.map((st) => st.would_be_at)];
+    const lats = [...track.points.map((p) => p.lat), ...places.map(([, p]) => p.lat), ...spots.map((t) => t.lat)];
+    const lngs = [...track.points.map((p) => p.lng), ...places.map(([, p]) => p.lng), ...spots.map((t) => t.lng)];
     if (!lats.length) return h("p", { class: "empty", text: "No positions or places known for this order yet." });
     const lat0 = (Math.min(...lats) + Math.max(...lats)) / 2;
     const lng0 = (Math.min(...lngs) + Math.max(...lngs)) / 2;
@@ -369,7 +474,7 @@
     };
     for (const [, p] of places) grow(...xy(p.lat, p.lng), p.exit_radius_m);
     for (const p of track.points) grow(...xy(p.lat, p.lng), 0);
-    for (const t of marks) grow(...xy(t.lat, t.lng), 0);
+    for (const t of spots) grow(...xy(t.lat, t.lng), 0);
     const span = Math.max(x1 - x0, y1 - y0, 100);
     const pad = span * 0.08;
     const unit = span / 100; // marker and label sizes follow the zoom
@@ -408,6 +513,19 @@
         s("text", { x: x + unit * 1.8, y: y + unit * (1.1 + 3.4 * (i % 2)), "font-size": unit * 2.8, text: stateLabel(t.status) }),
       );
     });
+    wouldBe.forEach((st, i) => {
+      const [x, y] = xy(st.would_be_at.lat, st.would_be_at.lng);
+      const r = unit * 1.5;
+      if (st.was_at) {
+        const [wx, wy] = xy(st.was_at.lat, st.was_at.lng);
+        svg.append(s("line", { class: "would-be-shift", x1: wx, y1: wy, x2: x, y2: y, "vector-effect": "non-scaling-stroke" }));
+      }
+      svg.append(
+        s("rect", { class: "would-be-marker", x: x - r, y: y - r, width: 2 * r, height: 2 * r, transform: `rotate(45 ${x} ${y})`, "vector-effect": "non-scaling-stroke", "data-status": st.status },
+          s("title", { text: `${st.status} would fire at ${clock(st.would_be)} (${shiftText(st)})` })),
+        s("text", { class: "would-be-label", x: x - unit * 1.8, y: y - unit * (1.6 + 3.4 * (i % 2)), "text-anchor": "end", "font-size": unit * 2.8, text: "would: " + stateLabel(st.status) }),
+      );
+    });
     const last = track.points[track.points.length - 1];
     if (last && !["dropoff", "cancelled", "expired"].includes(track.state)) {
       const [x, y] = xy(last.lat, last.lng);
@@ -428,6 +546,85 @@
       s("line", { class: "scale", x1: x, y1: y, x2: x + step, y2: y, "vector-effect": "non-scaling-stroke" }),
       s("text", { x, y: y - unit * 1.2, "font-size": unit * 2.6, text: step >= 1000 ? step / 1000 + " km" : step + " m" }),
     );
+  }
+
+  // -- the stores' learned pickup points --------------------------------------------
+
+  async function storesView(params) {
+    const min = params.get("min_orders");
+    const query = min === null ? "" : "?" + new URLSearchParams({ min_orders: min });
+    const d = await api("/v1/stores/suggestions" + query);
+    const rows = d.stores.map((st) =>
+      h(
+        "tr",
+        { "data-store-id": st.merchant_supplied_id },
+        h("td", { class: "mono", text: st.merchant_supplied_id }),
+        h("td", { class: "mono registered", text: `${st.registered.lat.toFixed(6)}, ${st.registered.lng.toFixed(6)}` + (st.registered.radius_m === null ? "" : ` (${Math.round(st.registered.radius_m)} m)`) }),
+        h("td", { class: "mono suggested", text: `${st.lat.toFixed(6)}, ${st.lng.toFixed(6)} (${Math.round(st.radius_m)} m)` }),
+        h("td", { class: "moved", "data-moved-m": st.moved_m, text: Math.round(st.moved_m) + " m" }),
+        h("td", { class: "visits", text: st.visits }),
+      ),
+    );
+    const need = min === null ? 3 : min;
+    return [
+      backLink(),
+      h("div", { class: "order-head" }, h("h1", {}, "Stores: where couriers wait")),
+      h(
+        "p",
+        { class: "muted" },
+        "Learned from couriers' fixes between arrived_at_store and dasher_out_for_delivery, as ",
+        h("code", { text: "courierd stores suggest" }),
+        ` does; stores with fewer than ${need} stays are left out (`,
+        h("code", { text: "?min_orders=N" }),
+        " in the address for another number). Check a point with ",
+        h("code", { text: "courierd replay" }),
+        " after ",
+        h("code", { text: "courierd stores import" }),
+        ".",
+      ),
+      h(
+        "div",
+        { class: "grid" },
+        card(`Suggested pickup points: ${d.stores.length}`, { wide: true, id: "stores" }, table(["store", "registered", "suggested", "moved", "stays"], rows, "No store has enough stays yet.")),
+        // Drawn: the ones that moved furthest (those deserve a look first).
+        [...d.stores]
+          .sort((a, b) => b.moved_m - a.moved_m)
+          .slice(0, STORE_DRAWINGS)
+          .map((st) => card(`${st.merchant_supplied_id}: moved ${Math.round(st.moved_m)} m`, { id: "store-" + st.merchant_supplied_id }, drawStore(st))),
+      ),
+    ];
+  }
+
+  function drawStore(st) {
+    const reg = st.registered;
+    const regR = reg.radius_m === null ? 0 : reg.radius_m;
+    const lat0 = (reg.lat + st.lat) / 2;
+    const lng0 = (reg.lng + st.lng) / 2;
+    const k = Math.cos((lat0 * Math.PI) / 180);
+    const xy = (lat, lng) => [(lng - lng0) * k * M_PER_DEG, -(lat - lat0) * M_PER_DEG];
+    const [rx, ry] = xy(reg.lat, reg.lng);
+    const [sx, sy] = xy(st.lat, st.lng);
+    const half = Math.max(Math.abs(rx) + regR, Math.abs(ry) + regR, Math.abs(sx) + st.radius_m, Math.abs(sy) + st.radius_m, 40) * 1.15;
+    const unit = half / 50;
+    const svg = s("svg", {
+      class: "map store-map",
+      viewBox: [-half, -half, 2 * half, 2 * half].map((v) => v.toFixed(1)).join(" "),
+      role: "img",
+      "aria-label": "the registered pickup point and the suggested one",
+    });
+    if (regR) svg.append(s("circle", { class: "place radius pickup", cx: rx, cy: ry, r: regR, "vector-effect": "non-scaling-stroke" }));
+    svg.append(
+      s("circle", { class: "suggested-radius", cx: sx, cy: sy, r: st.radius_m, "vector-effect": "non-scaling-stroke" }),
+      s("line", { class: "would-be-shift", x1: rx, y1: ry, x2: sx, y2: sy, "vector-effect": "non-scaling-stroke" }),
+      s("circle", { class: "status-marker registered-point", cx: rx, cy: ry, r: unit * 1.6, "vector-effect": "non-scaling-stroke", "data-point": "registered" },
+        s("title", { text: "registered point" })),
+      s("circle", { class: "suggested-point", cx: sx, cy: sy, r: unit * 1.6, "vector-effect": "non-scaling-stroke", "data-point": "suggested" },
+        s("title", { text: `suggested point, from ${st.visits} stays` })),
+      s("text", { x: rx, y: ry + unit * 6, "text-anchor": "middle", "font-size": unit * 4, text: "registered" }),
+      s("text", { x: sx, y: sy - unit * 4, "text-anchor": "middle", "font-size": unit * 4, text: `suggested (${Math.round(st.moved_m)} m)` }),
+    );
+    svg.append(scaleBar(-half, half, 2 * half, unit));
+    return svg;
   }
 
   refresh();
