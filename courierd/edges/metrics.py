@@ -135,6 +135,28 @@ class Metrics:
         self.mqtt_connected = Gauge(
             "courierd_mqtt_connected", "1 while connected to the broker", registry=r
         )
+        self.ingest_behind = Gauge(
+            "courierd_ingest_behind_seconds",
+            "How long ingest has not caught up (a full batch was waiting each time): above "
+            "a few seconds, courierd runs at its maximum and the broker holds the backlog",
+            registry=r,
+        )
+        self.ingest_lag = Gauge(
+            "courierd_ingest_lag_seconds",
+            "Age of the oldest message courierd received and has not committed (0: none)",
+            registry=r,
+        )
+        self.inflight = Gauge(
+            "courierd_mqtt_inflight_messages",
+            "QoS 1 messages received and not yet acknowledged (queued or being committed)",
+            registry=r,
+        )
+        self.window = Gauge(
+            "courierd_mqtt_window_messages",
+            "The most courierd takes from the broker before a commit (ingest.window per "
+            "MQTT session held): inflight at this means the broker holds the rest",
+            registry=r,
+        )
         self.slots_unheld = Gauge(
             "courierd_cluster_slots_unheld",
             "Cluster MQTT session slots no live instance holds, as this instance last saw "
