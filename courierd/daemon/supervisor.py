@@ -332,6 +332,9 @@ class Daemon:
                 m.outbox_failed.set(stats.failed)
                 m.oldest_pending.set(stats.oldest_pending_age_s)
                 m.couriers_offline.set(stats.couriers_offline)
+                counts = stats.broker_counts
+                m.broker_stored.set(counts.get("stored", math.nan))
+                m.broker_dropped.set(counts.get("dropped", math.nan))
                 m.alerts.labels("courier_offline").inc(stats.watchdog_alerts)
 
     def run(self) -> int:

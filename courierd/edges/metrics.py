@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 # The *_created series double the output and nobody alerts on them.
@@ -157,6 +159,19 @@ class Metrics:
             "MQTT session held): inflight at this means the broker holds the rest",
             registry=r,
         )
+        self.broker_stored = Gauge(
+            "courierd_broker_stored_messages",
+            "Messages the broker holds, all clients (Mosquitto $SYS; NaN: not readable)",
+            registry=r,
+        )
+        self.broker_dropped = Gauge(
+            "courierd_broker_dropped_messages",
+            "Messages the broker dropped since it started, a client's queue being full "
+            "(Mosquitto $SYS; NaN: not readable): rising means messages are lost",
+            registry=r,
+        )
+        self.broker_stored.set(math.nan)
+        self.broker_dropped.set(math.nan)
         self.slots_unheld = Gauge(
             "courierd_cluster_slots_unheld",
             "Cluster MQTT session slots no live instance holds, as this instance last saw "
