@@ -16,9 +16,7 @@ process then holds the whole burst, its memory grows with it and the window is n
 from __future__ import annotations
 
 import json
-import math
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -80,8 +78,11 @@ def broker_counts_every_second(rig: Rig, extra: str = "") -> None:
 def test_above_capacity_the_broker_holds_the_backlog_and_all_arrives(
     sqlite_rig: Rig, protocol: str
 ) -> None:
-    """Over MQTT 5 the window is courierd's Receive Maximum (ingest.window); over 3.1.1
-    it is the broker's max_inflight_messages, which courierd does not know."""
+    """Over MQTT 5 the window is courierd's Receive Maximum (ingest.window). Over 3.1.1
+    the broker's max_inflight_messages (2000 here) would let it send more: courierd then
+    stops reading the socket once a window's worth waits, and TCP holds the broker back.
+    While ingest drains, Mosquitto 2.0.11 overshoots the Receive Maximum too, which the
+    same hold-back absorbs."""
     rig = sqlite_rig
     broker_counts_every_second(rig)
     daemon = rig.daemon(
@@ -93,14 +94,11 @@ def test_above_capacity_the_broker_holds_the_backlog_and_all_arrives(
     ).start()
     workers = daemon.workers()
     mqtt_pid, ingest_pid = daemon.proc.pid if daemon.proc else 0, workers["ingest"]
-    if protocol == "5":
-        window = daemon.health()[1]["ingest"]["window"]
-        assert window == 2 * BATCH
-    else:
-        assert daemon.health()[1]["ingest"]["window"] is None
-        found = re.search(r"^max_inflight_messages (\d+)$", rig.broker.conf.read_text(), re.M)
-        assert found is not None
-        window = int(found[1])
+    window = daemon.health()[1]["ingest"]["window"]
+    assert window == 2 * BATCH
+    # At most a window waiting and a batch being committed (and, over 3.1.1 with ingest
+    # stopped, one more message each 7.5 s, a quarter of the keepalive).
+    most = window + BATCH + 20
     lines = "\n".join(json.dumps(m) for m in burst()).encode()
     # The publisher connects, then waits for its messages on stdin.
     publisher = subprocess.Popen(
@@ -125,20 +123,17 @@ def test_above_capacity_the_broker_holds_the_backlog_and_all_arrives(
         held_kb = rss_kb(mqtt_pid) - base
         assert held_kb < HOLDING_BOUND_KB, f"the MQTT process grew {held_kb} KB, holding {health}"
         wait_until(
-            lambda: daemon.metric("courierd_mqtt_inflight_messages") == window,
+            lambda: daemon.metric("courierd_mqtt_inflight_messages") >= window,
             15,
             "the window to be full",
         )
-        if protocol == "5":
-            assert daemon.metric("courierd_mqtt_window_messages") == window
-        else:
-            assert math.isnan(daemon.metric("courierd_mqtt_window_messages"))
+        assert daemon.metric("courierd_mqtt_window_messages") == window
         code, health = wait_until(
             lambda: (h := daemon.health())[1]["ingest"]["behind"] and h, 15, "health: behind"
         )
         assert code == 200 and health["status"] == "ok", health  # a warning, not a failure
         assert health["warnings"] and "behind" in health["warnings"][0], health
-        assert health["ingest"]["inflight"] == window
+        assert window <= health["ingest"]["inflight"] <= most, health
         assert daemon.metric("courierd_ingest_behind_seconds") >= 1
         assert daemon.metric("courierd_ingest_lag_seconds") >= 1
         # The broker's counts: it holds the backlog, and dropped nothing.
@@ -154,12 +149,17 @@ def test_above_capacity_the_broker_holds_the_backlog_and_all_arrives(
             publisher.kill()
             publisher.wait()
 
-    # Drained: every fix and every status, nothing lost, health back to normal.
-    wait_until(
-        lambda: daemon.metric('courierd_messages_received_total{kind="location"}') >= FIXES + 1,
-        180,
-        "every fix committed",
-    )
+    # Drained: every fix and every status, nothing lost, health back to normal. While
+    # it drains, the broker's backlog stays in the broker.
+    peak = 0.0
+
+    def drained() -> bool:
+        nonlocal peak
+        peak = max(peak, daemon.metric("courierd_mqtt_inflight_messages"))
+        return daemon.metric('courierd_messages_received_total{kind="location"}') >= FIXES + 1
+
+    wait_until(drained, 180, "every fix committed")
+    assert peak <= most, f"{peak} messages in courierd while draining"
     orders = [f"o{n}" for n in range(ORDERS)]
     assert rig.onetablet.wait_for(lambda _: all_dropped_off(rig.onetablet, orders), 60)
     got = delivered(rig.onetablet)

@@ -204,14 +204,12 @@ class Daemon:
         m.ingest_behind.set_function(lambda: batcher.behind_s(time.monotonic()))
         m.ingest_lag.set_function(lambda: batcher.lag_s(time.monotonic()))
         m.inflight.set_function(batcher.inflight)
-        m.window.set_function(lambda: math.nan if (w := self.window()) is None else w)
+        m.window.set_function(self.window)
 
-    def window(self) -> int | None:
-        """Messages courierd takes in before a commit at most: the window per session held.
-        None over MQTT 3.1.1, where the broker's max_inflight_messages decides instead."""
-        if self.settings.mqtt.protocol != "5":
-            return None
-        return self.settings.ingest.receive_maximum * max(1, len(self.sessions.held()))
+    def window(self) -> int:
+        """Messages courierd lets wait for a batch at most (ingest.window): the broker's
+        Receive Maximum, and held on courierd's side too (MqttEdge._make_room)."""
+        return self.settings.ingest.receive_maximum
 
     def backlog(self) -> dict[str, Any]:
         """The `ingest` part of the health report, and whether it is behind."""
