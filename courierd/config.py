@@ -148,6 +148,19 @@ class IngestSettings(_Section):
     # the next batch, so batches grow with load by themselves (measured: faster than a
     # 10 ms window at every load, and no added latency when traffic is light).
     batch_ms: float = Field(0.0, ge=0)
+    # Messages waiting for a batch, at most: the MQTT 5 Receive Maximum, and held on
+    # courierd's side too (edges/mqtt.py). Beyond it the broker holds the backlog (in its
+    # persistent session), not courierd's memory. 0: twice batch_size (one batch commits
+    # while the next arrives), all the throughput needs (README "When courierd is behind").
+    window: int = Field(0, ge=0, le=65_535)
+    # Ingest that has not caught up for this long is "behind" on /healthz (a warning:
+    # health stays 200) and courierd_ingest_behind_seconds says for how long.
+    behind_after_s: float = Field(10.0, gt=0)
+
+    @property
+    def receive_maximum(self) -> int:
+        """The window in effect (MQTT's Receive Maximum is 1..65535)."""
+        return self.window or min(65_535, self.batch_size * 2)
 
 
 class HttpSettings(_Section):

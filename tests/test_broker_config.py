@@ -133,6 +133,29 @@ def test_a_courier_reads_only_what_is_addressed_to_it(acl_broker: Broker) -> Non
             party.close()
 
 
+def test_courierd_reads_the_brokers_counts_and_a_courier_does_not(acl_broker: Broker) -> None:
+    """The two $SYS counts courierd exports (what the broker holds, what it dropped) are
+    readable by courierd alone."""
+    courierd, c1 = Party(acl_broker.port, "courierd"), Party(acl_broker.port, "c1")
+    counts = ("$SYS/broker/store/messages/count", "$SYS/broker/publish/messages/dropped")
+    try:
+        c1.subscribe(*counts)
+        courierd.subscribe(*counts)
+        wait_until(
+            lambda: {t for t, _ in courierd.received()} == set(counts),
+            30,  # Mosquitto publishes $SYS every sys_interval (10 s)
+            "courierd to get both counts",
+        )
+        # A sentinel after them: what c1 could read, it would have read by now.
+        c1.subscribe("couriers/c1/orders")
+        courierd.publish("couriers/c1/orders", b"sentinel")
+        wait_until(lambda: c1.received(), 10, "the sentinel")
+        assert c1.received() == [("couriers/c1/orders", b"sentinel")]
+    finally:
+        courierd.close()
+        c1.close()
+
+
 def test_shipped_mosquitto_conf_starts(tmp_path: Path) -> None:
     """config/mosquitto.conf (with this test's paths and certificates) is a configuration
     Mosquitto accepts and serves with: every directive in it is valid."""

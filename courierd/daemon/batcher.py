@@ -81,12 +81,33 @@ class Batcher:
         self.heartbeat = time.monotonic()
         self.database_problem: str | None = None
         self._last_write = time.monotonic()
+        # How far behind ingest is (README "When courierd is behind"), read by health and
+        # /metrics on other threads; plain attributes, each written only by this thread.
+        self.caught_up_at = time.monotonic()  # last time the inbox held less than a batch
+        self.oldest_pending: float | None = None  # received (monotonic) of the batch in hand
+        self.in_hand = 0  # messages of the batch being committed
+
+    def behind_s(self, now: float) -> float:
+        """How long ingest has not caught up: since a batch last took everything waiting
+        (the batch being committed counts as not yet caught up)."""
+        return max(0.0, now - self.caught_up_at)
+
+    def lag_s(self, now: float) -> float:
+        """How long the oldest message received and not yet committed has waited here."""
+        oldest = self.oldest_pending
+        return 0.0 if oldest is None else max(0.0, now - oldest)
+
+    def inflight(self) -> int:
+        """Messages received and not yet acknowledged (queued here or being committed)."""
+        return self.inbox.qsize() + self.in_hand
 
     def run(self, stop: threading.Event) -> None:
         """Until `stop`; raises IngestFailed if the ingest process fails."""
         while not stop.is_set():
             self.heartbeat = time.monotonic()
             batch = take_batch(self.inbox, size=self.size, wait_s=self.wait_s, timeout=0.2)
+            if len(batch) < self.size:  # nothing more was waiting: caught up
+                self.caught_up_at = time.monotonic()
             if not batch:
                 if time.monotonic() - self._last_write >= PROBE_EVERY_S:
                     self._until_committed(("probe", None), stop)
@@ -96,14 +117,19 @@ class Batcher:
                 continue  # all from sessions handed over: their next holder gets them
             request = ("batch", ([(m.topic, m.payload, m.size) for m in batch], fence))
             handed_over = time.monotonic()
-            report = self._until_committed(request, stop)
-            if report is None:
-                return  # stopping with the batch uncommitted: it is redelivered later
-            if report is FENCED:
-                continue  # our slots were taken over: the new holder gets these again
-            for message in batch:
-                self.sessions.ack(message)
-            report.waited_s = max(0.0, handed_over - min(m.received for m in batch))
+            received = min(m.received for m in batch)
+            self.oldest_pending, self.in_hand = received, len(batch)
+            try:
+                report = self._until_committed(request, stop)
+                if report is None:
+                    return  # stopping with the batch uncommitted: it is redelivered later
+                if report is FENCED:
+                    continue  # our slots were taken over: the new holder gets these again
+                for message in batch:
+                    self.sessions.ack(message)
+            finally:
+                self.oldest_pending, self.in_hand = None, 0
+            report.waited_s = max(0.0, handed_over - received)
             report.commit_s = time.monotonic() - handed_over
             self.on_report(report)
 

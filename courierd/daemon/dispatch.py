@@ -429,6 +429,7 @@ def dispatch_main(
             stats = dispatcher.report()
             stats.couriers_offline = housekeeper.couriers_offline
             stats.watchdog_alerts = housekeeper.take_reported()
+            stats.broker_counts = dict(publisher.broker_counts)
             report("stats", stats)
 
     def on_wake() -> None:  # ingest committed pushes or notifications

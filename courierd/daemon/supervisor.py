@@ -135,7 +135,7 @@ class Daemon:
         self.sessions = Sessions(
             settings.mqtt,
             self.inbox,
-            receive_max=min(65535, settings.ingest.batch_size * 2),
+            receive_max=settings.ingest.receive_maximum,
             subscriptions=kinds + (OWNTRACKS if owntracks else ()),
             unsubscriptions=() if owntracks else OWNTRACKS,
             shared=self.clustered,
@@ -194,7 +194,34 @@ class Daemon:
             on_report=lambda report: record_batch(self.metrics, report),
         )
         self._batch_thread = threading.Thread(target=self._batch_loop, name="batcher")
+        self._watch_backlog()
         self._reporter = threading.Thread(target=self._report_loop, name="reports", daemon=True)
+
+    def _watch_backlog(self) -> None:
+        """The backlog gauges, read when /metrics is scraped (README "When courierd is
+        behind")."""
+        m, batcher = self.metrics, self.batcher
+        m.ingest_behind.set_function(lambda: batcher.behind_s(time.monotonic()))
+        m.ingest_lag.set_function(lambda: batcher.lag_s(time.monotonic()))
+        m.inflight.set_function(batcher.inflight)
+        m.window.set_function(self.window)
+
+    def window(self) -> int:
+        """Messages courierd lets wait for a batch at most (ingest.window): the broker's
+        Receive Maximum, and held on courierd's side too (MqttEdge._make_room)."""
+        return self.settings.ingest.receive_maximum
+
+    def backlog(self) -> dict[str, Any]:
+        """The `ingest` part of the health report, and whether it is behind."""
+        now = time.monotonic()
+        behind = self.batcher.behind_s(now)
+        return {
+            "behind": behind >= self.settings.ingest.behind_after_s,
+            "behind_s": round(behind, 1),
+            "lag_s": round(self.batcher.lag_s(now), 3),
+            "inflight": self.batcher.inflight(),
+            "window": self.window(),
+        }
 
     def health(self) -> dict[str, Any]:
         """What /healthz reports: ok only if MQTT is up, the database takes writes, the
@@ -222,7 +249,16 @@ class Daemon:
             "database": "ok" if self.batcher.database_problem is None else "unavailable",
             "onetablet": "unauthorized" if self._dispatch.auth_paused else "ok",
             "outbox_pending": self._dispatch.pending,
+            "ingest": (ingest := self.backlog()),
+            "warnings": [],
         }
+        if ingest["behind"]:
+            # A warning, not a failure (README "When courierd is behind"): courierd is at
+            # its maximum, the broker holds the rest; a restart would only make it worse.
+            report["warnings"].append(
+                f"ingest: behind for {ingest['behind_s']:.0f}s, committing at its maximum; "
+                "the broker holds the backlog"
+            )
         if self.clustered:
             report["instance"] = self.instance
             report["slots"] = self.sessions.held()
@@ -297,6 +333,9 @@ class Daemon:
                 m.outbox_failed.set(stats.failed)
                 m.oldest_pending.set(stats.oldest_pending_age_s)
                 m.couriers_offline.set(stats.couriers_offline)
+                counts = stats.broker_counts
+                m.broker_stored.set(counts.get("stored", math.nan))
+                m.broker_dropped.set(counts.get("dropped", math.nan))
                 m.alerts.labels("courier_offline").inc(stats.watchdog_alerts)
 
     def run(self) -> int:

@@ -241,6 +241,8 @@ class DispatchStats:
     watchdog_alerts: int = 0  # courier_offline alerts the watchdog wrote since last report
     # Seconds each delivered push spent in each stage (claim, send, reply, record).
     stages: dict[str, list[float]] = field(default_factory=dict)
+    # The broker's own counts, as last seen ("stored", "dropped"; edges/publisher.py).
+    broker_counts: dict[str, int] = field(default_factory=dict)
 
     def add_stages(self, **seconds: float) -> None:
         for stage, value in seconds.items():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 # The *_created series double the output and nobody alerts on them.
@@ -135,6 +137,41 @@ class Metrics:
         self.mqtt_connected = Gauge(
             "courierd_mqtt_connected", "1 while connected to the broker", registry=r
         )
+        self.ingest_behind = Gauge(
+            "courierd_ingest_behind_seconds",
+            "How long ingest has not caught up (a full batch was waiting each time): above "
+            "a few seconds, courierd runs at its maximum and the broker holds the backlog",
+            registry=r,
+        )
+        self.ingest_lag = Gauge(
+            "courierd_ingest_lag_seconds",
+            "Age of the oldest message courierd received and has not committed (0: none)",
+            registry=r,
+        )
+        self.inflight = Gauge(
+            "courierd_mqtt_inflight_messages",
+            "QoS 1 messages received and not yet acknowledged (queued or being committed)",
+            registry=r,
+        )
+        self.window = Gauge(
+            "courierd_mqtt_window_messages",
+            "The most courierd takes from the broker before a commit (ingest.window per "
+            "MQTT session held): inflight at this means the broker holds the rest",
+            registry=r,
+        )
+        self.broker_stored = Gauge(
+            "courierd_broker_stored_messages",
+            "Messages the broker holds, all clients (Mosquitto $SYS; NaN: not readable)",
+            registry=r,
+        )
+        self.broker_dropped = Gauge(
+            "courierd_broker_dropped_messages",
+            "Messages the broker dropped since it started, a client's queue being full "
+            "(Mosquitto $SYS; NaN: not readable): rising means messages are lost",
+            registry=r,
+        )
+        self.broker_stored.set(math.nan)
+        self.broker_dropped.set(math.nan)
         self.slots_unheld = Gauge(
             "courierd_cluster_slots_unheld",
             "Cluster MQTT session slots no live instance holds, as this instance last saw "
