@@ -218,6 +218,7 @@ class BatchReport:
     tracking: Counter[str] = field(default_factory=Counter)  # fix_*, geofence_*, ...
     transitions: int = 0
     pushes: int = 0
+    notifications: int = 0  # MQTT messages written for the notifier to publish
     waited_s: float = 0.0  # the oldest message's wait in the MQTT process (set there)
     commit_s: float = 0.0  # from handing the batch over to hearing it is committed
 
