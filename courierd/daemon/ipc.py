@@ -56,6 +56,7 @@ def wake_for(report: BatchReport) -> bytes:
     notifier does not look for notifications after every batch of pings and statuses."""
     return (PUSHES if report.pushes else b"") + (NOTIFICATIONS if report.notifications else b"")
 
+
 REPORT_S = 0.25
 LINK_S = 0.25
 
