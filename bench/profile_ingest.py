@@ -359,8 +359,8 @@ def run_mqtt(args: argparse.Namespace) -> dict[str, Any]:
     try:
         msgs = messages(args.messages, 0.95, "m")
         for r in range(args.rounds):
-            for kind in ("bare", "edge"):
-                for protocol in ("5", "3.1.1"):
+            for kind in args.kinds.split(","):
+                for protocol in args.protocols.split(","):
                     client_id = f"profile-{kind}-{protocol}-{r}"
                     _register(broker.port, kind, protocol, client_id)
                     _publish(broker.port, msgs)
@@ -394,6 +394,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch", type=int, default=500, help="ingest: messages per commit")
     parser.add_argument("--profile", type=Path, help="cProfile output of the last round")
+    parser.add_argument("--kinds", default="bare,edge", help="mqtt: bare and/or edge")
+    parser.add_argument("--protocols", default="5,3.1.1", help="mqtt: 5 and/or 3.1.1")
     parser.add_argument("--sql", action="store_true", help="ingest: CPU time per statement")
     args = parser.parse_args()
     result = run_ingest(args) if args.what == "ingest" else run_mqtt(args)
