@@ -16,6 +16,9 @@ work, so that a change to it can be set against the code before it, in one run:
 
 `--profile FILE` writes a cProfile of the measured part (pstats format).
 Usage: .venv/bin/python -m bench.profile_ingest ingest|mqtt [--messages N] [--rounds R]
+To set a change against the code before it, run this file with PYTHONPATH pointing at a
+copy of the old `courierd/` (`git archive HEAD courierd | tar -x -C /tmp/old`), from
+outside the work tree, alternating with the new.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import json
+import os
 import queue
 import statistics
 import sys
@@ -114,7 +118,8 @@ def profiled(path: Path | None) -> Iterator[None]:
 
 
 SQL_TIMES: dict[str, float] = {}
-CACHE_KIB = int(__import__("os").environ.get("PROFILE_CACHE_KIB", "0"))
+# PROFILE_CACHE_KIB=N: the ingest connection with an N KiB page cache (SQLite: 2 MiB).
+CACHE_KIB = int(os.environ.get("PROFILE_CACHE_KIB", "0"))
 
 
 def time_sql(db: Any) -> None:
