@@ -113,6 +113,9 @@ class StoreSettings(_Section):
     synchronous: Literal["FULL", "NORMAL"] = "FULL"
     # What finished orders leave behind, and dead letters, are deleted after this.
     retention_days: float = Field(30.0, gt=0, le=36500)
+    # Accepted fixes (what replay and the operator's track read) are deleted after this:
+    # at 10k fixes/s a day of them is about 145 GB, so they go sooner than the orders.
+    fix_retention_days: float = Field(7.0, gt=0, le=36500)
     # An order with no transition and no accepted fix for this long becomes `expired`.
     abandon_after_h: float = Field(24.0, gt=0, le=876000)
     # How long a write waits for a lock another connection holds (an operator's shell).

@@ -8,9 +8,11 @@ import time
 from pathlib import Path
 
 from courierd.daemon.dispatch import Dispatcher
+from courierd.daemon.ingest import commit_messages
+from courierd.daemon.ipc import NOTIFICATIONS, PUSHES, wake_for
 from courierd.devtools.sandbox import Request, Sandbox
 from courierd.domain.lifecycle import CHAIN
-from courierd.domain.model import Status, StatusEvent
+from courierd.domain.model import BatchReport, Status, StatusEvent
 from courierd.edges.pusher import Pusher
 from tests.conftest import API_KEY, open_path
 from tests.harness import wait_until
@@ -224,3 +226,30 @@ def test_retries_follow_elapsed_time_when_the_wall_clock_steps(
 
 def ok(onetablet: Sandbox) -> list[Request]:
     return [r for r in onetablet.requests() if r.status == 200]
+
+
+def test_a_committed_batch_wakes_only_whom_it_wrote_for(db_path: Path) -> None:
+    """The ingest process wakes the dispatcher for pushes and the notifier for
+    notifications, from what the commit reports: a batch of pings wakes nobody, and a
+    batch of statuses does not send the notifier looking for what is not there."""
+    store = open_path(db_path)
+    pings = commit_messages(
+        store, [("couriers/c1/location", b'{"ts":"2024-01-01T00:00:00Z","lat":1,"lng":2}', 0)], 2e9
+    )
+    statuses = commit_messages(
+        store,
+        [
+            (
+                "couriers/c1/status",
+                b'{"event_id":"e1","order_id":"o1","status":"dasher_confirmed"}',
+                0,
+            )
+        ],
+        2e9,
+    )
+    alert = commit_messages(store, [("couriers/c1/lwt", b"", 0)], 2e9)  # o1 is c1's: offline
+    store.close()
+    assert (pings.pushes, pings.notifications, wake_for(pings)) == (0, 0, b"")
+    assert (statuses.pushes, statuses.notifications, wake_for(statuses)) == (1, 0, PUSHES)
+    assert (alert.pushes, alert.notifications, wake_for(alert)) == (0, 1, NOTIFICATIONS)
+    assert wake_for(BatchReport(2, pushes=1, notifications=1)) == PUSHES + NOTIFICATIONS

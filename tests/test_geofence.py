@@ -13,14 +13,23 @@ import math
 from dataclasses import dataclass, field
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from courierd.domain import lifecycle
 from courierd.domain.geo import EARTH_RADIUS_M, Eta, distance_m, eta, eta_speed
 from courierd.domain.geofence import Fix, GeofenceRules, Place, Track, screen, step
 from courierd.domain.lifecycle import CHAIN
-from courierd.domain.model import CANCELLED, NEW, Order, Outcome, Status, StatusEvent, iso
+from courierd.domain.model import (
+    CANCELLED,
+    NEW,
+    Order,
+    Outcome,
+    Status,
+    StatusEvent,
+    dumps,
+    iso,
+)
 from courierd.errors import InputError
 
 ORIGIN = (52.52, 13.405)
@@ -263,6 +272,54 @@ def tracks(draw: st.DrawFn) -> Track:
 def test_track_json_round_trip(track: Track) -> None:
     """A stored track reads back exactly as it was written."""
     assert Track.from_json(track.to_json()) == track
+
+
+def _encoder_text(track: Track) -> str:
+    """What the JSON encoder writes for a track (the text stored before `stored`)."""
+    doc: dict[str, object] = {}
+    if track.last_ts is not None:
+        doc["last"] = track.last_ts
+    if track.seen is not None:
+        doc["seen"], doc["since"] = track.seen, track.since
+    if track.inside_count:
+        doc["in"] = [track.inside_since, track.inside_count]
+    if track.outside_count:
+        doc["out"] = track.outside_count
+    if track.drop_count:
+        doc["drop"] = [track.drop_since, track.drop_count]
+    return dumps(doc)
+
+
+odd_values = st.one_of(
+    st.none(),
+    st.integers(-3, 3),
+    st.booleans(),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from(["new", "flying"]),
+)
+
+
+@given(tracks() | st.builds(Track, *[odd_values] * 8))
+@example(Track(5))  # an int time: "5" reads back as 5.0
+@example(Track(5.0, NEW, 1))
+@example(Track(5.0, NEW, 1.0, 2, 1))
+@example(Track(5.0, None, 1.0))  # a start without a state: not written
+def test_stored_track_reads_back_as_kept(track: Track) -> None:
+    """What the ingest process keeps beside a written track is exactly what reading the
+    text gives back, or nothing when reading it would fail; the text is the one the
+    JSON encoder writes, whichever way it was made (by hand, or through the encoder)."""
+    text, value = track.stored()
+    assert text == _encoder_text(track)
+    try:
+        expected: Track | None = Track.from_json(text)
+    except (ValueError, TypeError):
+        expected = None
+    assert value == expected
+    if value is not None and expected is not None:  # and the same types (5 == 5.0)
+        fields = Track.__slots__
+        assert [type(getattr(value, k)) for k in fields] == [
+            type(getattr(expected, k)) for k in fields
+        ]
 
 
 @pytest.mark.parametrize(

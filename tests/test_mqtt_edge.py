@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import queue
+from typing import Any
 
 import paho.mqtt.client as paho
+from hypothesis import given
+from hypothesis import strategies as st
+from paho.mqtt import _packet
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from courierd.config import MqttSettings
-from courierd.edges.mqtt import Message, MqttEdge
+from courierd.edges.mqtt import LeanProperties, Message, MqttEdge, use_lean_properties
 
 
 def message(mid: int, qos: int) -> paho.MQTTMessage:
@@ -29,3 +35,46 @@ def test_qos0_is_shed_when_far_behind_qos1_never() -> None:
     kept = [inbox.get_nowait() for _ in range(inbox.qsize())]
     assert [m.mid for m in kept] == [0, 1, 2, 3, 5, 6, 7]
     assert kept[0].topic == "couriers/c1/location" and kept[0].payload.startswith(b'{"ts"')
+
+
+TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=30)
+PUBLISH_PROPERTIES = st.fixed_dictionaries(
+    {},
+    optional={
+        "PayloadFormatIndicator": st.integers(0, 1),
+        "MessageExpiryInterval": st.integers(0, 2**32 - 1),
+        "ContentType": TEXT,
+        "ResponseTopic": TEXT,
+        "CorrelationData": st.binary(max_size=30),
+        "UserProperty": st.lists(st.tuples(TEXT, TEXT), max_size=4),
+        "TopicAlias": st.integers(1, 65535),
+        "SubscriptionIdentifier": st.lists(st.integers(1, 268435455), min_size=1, max_size=3),
+    },
+)
+
+
+@given(PUBLISH_PROPERTIES, st.binary(max_size=40))
+def test_lean_properties_read_what_paho_reads(values: dict[str, Any], junk: bytes) -> None:
+    """The MQTT process has paho decode into `LeanProperties` (cheap to make): whatever
+    an MQTT 5 PUBLISH carries, it reads exactly what paho's own `Properties` reads, and
+    refuses what it refuses."""
+    sent = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    for name, value in values.items():
+        setattr(sent, name, value)
+    for raw in (sent.pack() + b"payload", junk):  # type: ignore[no-untyped-call]
+        results = []
+        for cls in (Properties, LeanProperties):
+            props = cls(PacketTypes.PUBLISH)
+            try:
+                _, size = props.unpack(raw)
+                results.append((str(props), props.json(), size))
+            except Exception as e:
+                results.append((type(e).__name__,))
+        assert results[0] == results[1]
+
+
+def test_an_mqtt5_edge_has_paho_decode_into_lean_properties() -> None:
+    """Making an MQTT 5 edge installs them for the process (3.1.1 decodes no properties)."""
+    MqttEdge(MqttSettings(), queue.SimpleQueue(), receive_max=10)
+    assert _packet.Properties is LeanProperties
+    assert use_lean_properties()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+import pytest
 
 from courierd.config import StoreSettings
 from courierd.daemon.housekeeping import Housekeeper
@@ -10,6 +13,7 @@ from courierd.domain.model import DeadLetter, Status, StatusEvent
 from courierd.store import open_store
 from courierd.store.outbox import PushResult
 from courierd.store.schema import DELIVERED
+from tests.harness import open_path
 
 HOUR = 3600.0
 
@@ -109,30 +113,68 @@ def test_a_big_backlog_is_pruned_in_many_small_transactions(tmp_path: Path) -> N
     store.close()
 
 
-def test_accepted_fixes_are_kept_as_long_as_finished_orders(store) -> None:  # type: ignore[no-untyped-def]
-    """The accepted fixes replay needs outlive the page's former one day; they go once
-    older than the retention, with the finished orders they served."""
+def test_accepted_fixes_go_after_their_own_retention_and_replay_names_who_lost_them(
+    cli, db_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """Accepted fixes are kept `store.fix_retention_days` (7 by default), apart from the
+    orders' 30: fixes older than that go, younger ones stay, and the finished order the
+    old ones served stays for its own retention. `courierd replay` then leaves that
+    order out and names it, and replays the other as decided."""
     from courierd.domain.model import Assignment, LocationFix, Place, iso
 
-    t0 = 1_700_000_000.0
-    store.writer.commit(
-        [Assignment("done", "c1", pickup=Place(40.7, -74.0))]
-        + [LocationFix("c1", iso(t0 + 10 * i), 40.7, -74.0, 5.0) for i in range(5)]
-        + [StatusEvent("d", "done", "c1", Status.DROPOFF, iso(t0 + 60))],
-        now=t0,
-    )
-    rows = store.outbox.claim_due(t0, 100)
-    while rows:
-        store.outbox.record_results([PushResult(r.id, DELIVERED, t0) for r in rows])
-        rows = store.outbox.claim_due(t0, 100)
+    now = 1_800_000_000.0
+    store = open_path(db_path)
 
-    def prune(now: float) -> tuple[int, int]:
-        while store.retention.step(now).total:
-            pass
-        return (
-            store.db.value("SELECT count(*) FROM track_points"),
-            store.db.value("SELECT count(*) FROM orders"),
+    def delivery(order: str, courier: str, t0: float) -> None:
+        store.writer.commit([Assignment(order, courier, pickup=Place(40.7, -74.0))], now=t0)
+        for i in range(5):  # near the store: arriving, then arrived
+            fix = LocationFix(courier, iso(t0 + 20 * i), 40.7, -74.0, 5.0)
+            store.writer.commit([fix], now=t0 + 20 * i)
+        store.writer.commit(
+            [StatusEvent(f"{order}-d", order, courier, Status.DROPOFF, iso(t0 + 200))],
+            now=t0 + 200,
         )
+        rows = store.outbox.claim_due(t0 + 200, 100)
+        while rows:
+            store.outbox.record_results([PushResult(r.id, DELIVERED, t0 + 200) for r in rows])
+            rows = store.outbox.claim_due(t0 + 200, 100)
 
-    assert prune(t0 + 2 * 86400) == (5, 1)
-    assert prune(t0 + 31 * 86400) == (0, 0)  # the default retention: 30 days
+    delivery("old", "c1", now - 8 * 86400)  # its fixes are past 7 days, the order is not
+    delivery("young", "c2", now - 6 * 86400)
+    assert store.db.value("SELECT count(*) FROM track_points") == 10
+    Housekeeper(store, clock=lambda: now).prune_now()
+
+    kept = store.db.rows("SELECT DISTINCT courier_id FROM track_points")
+    assert kept == [("c2",)] and store.db.value("SELECT count(*) FROM track_points") == 5
+    orders = store.db.rows("SELECT order_id, state FROM orders ORDER BY order_id")
+    assert orders == [("old", "dropoff"), ("young", "dropoff")]  # 30 days for them
+    store.close()
+
+    r = cli("replay", "--json")
+    assert r.code == 0, r.err
+    assert [o["order_id"] for o in json.loads(r.out)["orders"]] == ["young"]
+    assert "1 orders left out" in r.err and "store.fix_retention_days): old" in r.err
+
+    # Past the orders' own retention, the finished orders go too.
+    store = open_path(db_path)
+    Housekeeper(store, clock=lambda: now + 31 * 86400).prune_now()
+    assert store.db.value("SELECT count(*) FROM orders") == 0
+    assert store.db.value("SELECT count(*) FROM track_points") == 0
+    store.close()
+
+
+def test_fix_retention_is_a_setting_like_the_others(tmp_path: Path) -> None:
+    """`store.fix_retention_days` is validated as the other retention is, and prunes on
+    its own schedule: the housekeeper runs at least every quarter of the shorter one."""
+    from pydantic import ValidationError
+
+    for bad in (0, -1, 40000):
+        with pytest.raises(ValidationError):
+            StoreSettings(fix_retention_days=bad)
+    settings = StoreSettings(path=tmp_path / "db.sqlite", fix_retention_days=0.1)
+    assert StoreSettings().fix_retention_days == 7.0
+    store = open_store(settings)
+    assert store.retention.fix_retention_s == 0.1 * 86400
+    assert store.retention.retention_s == 30 * 86400
+    assert Housekeeper(store).prune_every_s == 0.1 * 86400 / 4
+    store.close()

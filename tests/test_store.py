@@ -11,12 +11,16 @@ import pytest
 
 from courierd.config import StoreSettings
 from courierd.domain.model import (
+    Assignment,
     DeadLetter,
     LocationFix,
+    Place,
     ProfileUpdate,
     Status,
     StatusEvent,
     Transition,
+    dumps,
+    iso,
 )
 from courierd.domain.planner import Effects, Snapshot
 from courierd.errors import InputError, StoreError, StoreUnavailable
@@ -24,6 +28,7 @@ from courierd.store import Store, open_store
 from courierd.store.outbox import CLAIM_SQL, PushResult
 from courierd.store.schema import DELIVERED, FAILED, PENDING, SQLITE_MIGRATIONS
 from courierd.store.sqlite import SqliteDatabase
+from courierd.store.writer import read_consumed, stored_consumed
 from tests.conftest import open_path
 
 T0 = 1_700_000_000.0
@@ -65,6 +70,42 @@ def test_commit_batch_persists_everything_in_the_file(
     assert db.rows("SELECT lat, lng FROM couriers") == [(1.0, 2.0)]
     assert db.rows("SELECT event_id, order_id FROM processed_events") == [("e1", "o1")]
     again.close()
+
+
+def test_a_track_changed_behind_the_writer_is_read_from_its_row(store: Store) -> None:
+    """The writer keeps each track it writes, so as not to parse it again on the next
+    batch; a row someone else changed meanwhile is read as it is now, never as kept."""
+    near = Place(40.0, -74.0, 100)
+    store.writer.commit([Assignment("o1", "c1", b"{}", near, None)], now=T0)
+    inside = [LocationFix("c1", iso(T0 + t), 40.0, -74.0, 5.0) for t in (0, 40, 80)]
+    store.writer.commit([inside[0]], now=T0)  # arriving; one fix inside the radius
+    assert store.db.value("SELECT state FROM orders") == "arriving_at_store"
+    # An operator (or another instance) resets the rules' state: the streak is gone.
+    with store.db.transaction():
+        store.db.execute("UPDATE orders SET track = '{}'")
+    store.writer.commit([inside[1]], now=T0 + 40)
+    # Kept, the streak would have been 40 s and two fixes: arrived. Read: one fix.
+    assert store.db.value("SELECT state FROM orders") == "arriving_at_store"
+    store.writer.commit([inside[2]], now=T0 + 80)
+    assert store.db.value("SELECT state FROM orders") == "arrived_at_store"
+
+
+def test_consumed_fixes_as_stored_read_back_as_kept() -> None:
+    """What the writer keeps beside the consumed segments it writes is what reading the
+    text gives back; the text is the JSON encoder's, escapes and all."""
+    for consumed in [
+        (),
+        (("c1", "2024-01-01T00:00:00.000Z", 1),),
+        (('c"\\é\u2028\x01', "t", 7), ("c2", "u", 10**12)),
+    ]:
+        text, value = stored_consumed(consumed)
+        assert text == dumps([list(segment) for segment in consumed])
+        assert value == read_consumed(text)
+    for odd in [(("c1", "t", 0),), (("c1", "t", True),), (("c1", 5, 1),)]:
+        text, value = stored_consumed(odd)  # type: ignore[arg-type]
+        assert value is None and text == dumps([list(segment) for segment in odd])
+        with pytest.raises(ValueError):
+            read_consumed(text)
 
 
 def test_batch_fails_midway_nothing_lands(store: Store) -> None:

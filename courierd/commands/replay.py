@@ -31,6 +31,7 @@ from courierd.store import Store, open_store
 from courierd.store.replays import ReplayReads
 
 PROGRESS_EVERY_S = 1.0
+PRUNED_SHOWN = 20  # orders named when their fixes were pruned
 _SCREENING = ("max_accuracy_m", "max_speed_mps")
 
 
@@ -110,11 +111,13 @@ def replay_orders(
 ) -> Iterator[OrderReplay]:
     """Replayed orders; a progress line on stderr each second of a long replay."""
     started = last = time.monotonic()
-    fixes = partial = 0
+    fixes = 0
+    partial: list[str] = []
     for n, history in enumerate(reads.histories(ids), 1):
         fixes += len(history.fixes)
         if history.missing:
-            partial += 1  # some of its fixes were pruned: a replay would not be faithful
+            # Some of its fixes were pruned: a replay would not be faithful.
+            partial.append(history.order_id)
             continue
         yield replay(history, rules, screen=screen)
         now = time.monotonic()
@@ -124,7 +127,12 @@ def replay_orders(
                 f"replay: {n:,}/{len(ids):,} orders, {fixes:,} fixes, {now - started:.0f} s\n"
             )
     if partial:
-        sys.stderr.write(f"replay: {partial:,} orders left out: some of their fixes are pruned\n")
+        shown = ", ".join(partial[:PRUNED_SHOWN]) + (", ..." if len(partial) > PRUNED_SHOWN else "")
+        sys.stderr.write(
+            f"replay: {len(partial):,} orders left out, some of the fixes their rules "
+            "consumed are no longer kept (accepted fixes are deleted after "
+            f"store.fix_retention_days): {shown}\n"
+        )
 
 
 def replay_json(results: Sequence[OrderReplay], summary: Summary) -> dict[str, Any]:

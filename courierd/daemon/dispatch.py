@@ -28,6 +28,8 @@ from multiprocessing.connection import Connection, wait
 from courierd.config import Settings
 from courierd.daemon.housekeeping import Housekeeper
 from courierd.daemon.ipc import (
+    NOTIFICATIONS,
+    PUSHES,
     REPORT_S,
     Grant,
     orphaned,
@@ -432,9 +434,11 @@ def dispatch_main(
             stats.broker_counts = dict(publisher.broker_counts)
             report("stats", stats)
 
-    def on_wake() -> None:  # ingest committed pushes or notifications
-        dispatcher.wake()
-        notifier.wake()
+    def on_wake(news: bytes) -> None:  # ingest committed pushes or notifications
+        if PUSHES in news:
+            dispatcher.wake()
+        if NOTIFICATIONS in news:
+            notifier.wake()
 
     def grant(value: Grant) -> None:
         report("slots", value)
@@ -493,7 +497,7 @@ def dispatch_main(
 def _listen(
     control: Connection,
     wake: Connection,
-    on_wake: Callable[[], None],
+    on_wake: Callable[[bytes], None],
     on_control: Callable[[str, object], None],
 ) -> None:
     """Relay wake-ups from ingest to the dispatcher, and the MQTT process's messages,
@@ -504,8 +508,7 @@ def _listen(
             assert isinstance(ready, Connection)
             try:
                 if ready is wake:
-                    ready.recv_bytes()
-                    on_wake()
+                    on_wake(ready.recv_bytes())
                     continue
                 kind, value = ready.recv()
             except (EOFError, OSError):

@@ -42,8 +42,9 @@ class Housekeeper:
         self.on_alert = on_alert
         self.couriers_offline = 0  # the gauge, refreshed with every watchdog round
         self.reported = 0  # alerts written since `take_reported` was last called
-        retention_s = store.retention.retention_s
-        # CONTRACT.md 4.12 / the retention issue: at least every min(1 h, retention / 4).
+        retention_s = min(store.retention.retention_s, store.retention.fix_retention_s)
+        # CONTRACT.md 4.12 / the retention issue: at least every min(1 h, retention / 4),
+        # of the shorter retention (finished orders, or accepted fixes).
         self.prune_every_s = min(3600.0, retention_s / 4)
         # Abandoned orders: looked for every minute, or sooner when they expire sooner.
         self.expire_every_s = min(60.0, store.expiry.abandon_after_s / 4)

@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from multiprocessing.connection import Connection
 
 from courierd.config import Settings
-from courierd.daemon.ipc import orphaned, worker_setup
+from courierd.daemon.ipc import orphaned, wake_for, worker_setup
 from courierd.domain.model import (
     Assignment,
     BatchReport,
@@ -75,7 +75,12 @@ def commit_messages(
         for topic, payload, size in messages
     ]
     fx = _commit_isolating(store, messages, inputs, now, slots)
-    report = BatchReport(len(inputs), transitions=len(fx.transitions), pushes=len(fx.pushes))
+    report = BatchReport(
+        len(inputs),
+        transitions=len(fx.transitions),
+        pushes=len(fx.pushes),
+        notifications=len(fx.notifications),
+    )
     report.kinds.update(_KINDS[type(item)] for item in inputs)
     report.outcomes.update({k: fx.counts[k] for k in OUTCOMES if fx.counts[k]})
     report.tracking.update({k: n for k, n in fx.counts.items() if k.startswith(_TRACKING)})
@@ -170,8 +175,9 @@ def ingest_main(settings: Settings, pipe: Connection, wake: Connection, instance
             pipe.send(("fatal", f"ingest: {e!r}"))
             break
         pipe.send(("ok", result))
-        if result.pushes or result.tracking["courier_offline"] or result.tracking["courier_back"]:
+        news = wake_for(result)
+        if news:
             # If the dispatcher is gone, the MQTT process hears of it on its own pipe.
             with contextlib.suppress(OSError):
-                wake.send_bytes(b"w")
+                wake.send_bytes(news)
     store.close()

@@ -16,7 +16,8 @@ them over pipes; the database is the only state they share. Messages are tuples
   when), or ("fatal", reason).
 - control pipe, MQTT process → dispatch: ("holding", {slot: epoch}) (a cluster: the
   sessions it holds, after each Grant), ("stop", None).
-- wake pipe, ingest → dispatch: a byte after each commit that enqueued pushes.
+- wake pipe, ingest → dispatch: after a commit that wrote pushes or notifications, what
+  it wrote (`wake_for`): b"p" wakes the dispatcher, b"n" the notifier.
 - link pipe, MQTT process ↔ HTTP process (web.py), request/reply: ("health", None) →
   ("health", report), ("metrics", None) → ("metrics", prometheus_text); ("stop", None)
   ends it. The HTTP process announces ("ready", None) once it listens, or ("fatal",
@@ -41,9 +42,20 @@ from multiprocessing.connection import Connection
 from typing import Any, NamedTuple
 
 from courierd.config import Settings
+from courierd.domain.model import BatchReport
 from courierd.logs import setup_logging
 
 log = logging.getLogger(__name__)
+
+PUSHES, NOTIFICATIONS = b"p", b"n"  # what a wake-up of the dispatch process says is new
+
+
+def wake_for(report: BatchReport) -> bytes:
+    """Whom a committed batch wakes in the dispatch process: the dispatcher if it wrote
+    pushes, the notifier if it wrote notifications; nobody (b"") if neither. So the
+    notifier does not look for notifications after every batch of pings and statuses."""
+    return (PUSHES if report.pushes else b"") + (NOTIFICATIONS if report.notifications else b"")
+
 
 REPORT_S = 0.25
 LINK_S = 0.25

@@ -178,6 +178,11 @@ def fix_time(fix: LocationFix) -> float:
     return datetime.fromisoformat(fix.ts).timestamp()
 
 
+def geofence_fix(fix: LocationFix) -> geofence.Fix:
+    """A fix as the rules and the filters see it."""
+    return geofence.Fix(fix_time(fix), fix.lat, fix.lng, fix.accuracy_m, fix.speed_mps)
+
+
 class _Batch:
     """The fold's state: the snapshot, updated by each input in turn."""
 
@@ -362,7 +367,7 @@ class _Batch:
         """Screen the fix against the courier's last accepted one; then the geofences of
         the courier's active orders that have places."""
         state = self._courier(fix.courier_id)
-        point = geofence.Fix(fix_time(fix), fix.lat, fix.lng, fix.accuracy_m, fix.speed_mps)
+        point = geofence_fix(fix)
         last = state.fix
         previous = None
         if last is not None:
@@ -384,11 +389,11 @@ class _Batch:
             if places is None or order is None or order.courier_id != fix.courier_id:
                 continue
             tracked = True
-            self._step(order, places, fix)
+            self._step(order, places, fix, point)
         if tracked:
             self.fx.track_points.append(fix)
 
-    def _step(self, order: Order, places: Places, fix: LocationFix) -> None:
+    def _step(self, order: Order, places: Places, fix: LocationFix, point: geofence.Fix) -> None:
         oid = order.order_id
         assert self.rules is not None
         track = self.tracks.get(order.order_id, Track())
@@ -397,22 +402,30 @@ class _Batch:
         self.consumed[oid] = self.fx.consumed[oid] = consumed_after(
             self.consumed.get(oid, ()), fix, fresh=fresh
         )
-        track, event = geofence_step(track, order, places, fix, self.rules)
+        track, event = geofence_step(track, order, places, fix, self.rules, point)
         self.tracks[order.order_id] = self.fx.tracks[order.order_id] = track
         if event is not None:
             self._status(event)
 
 
 def geofence_step(
-    track: Track, order: Order, places: Places, fix: LocationFix, rules: GeofenceRules
+    track: Track,
+    order: Order,
+    places: Places,
+    fix: LocationFix,
+    rules: GeofenceRules,
+    point: geofence.Fix | None = None,
 ) -> tuple[Track, StatusEvent | None]:
     """One accepted fix of the bound courier through an order's geofence rules: the new
     track, and the status event to decide, if one fires. The live path and
-    `courierd replay` (domain/replay.py) both take this one step, so they agree."""
+    `courierd replay` (domain/replay.py) both take this one step, so they agree.
+    `point` is `fix` as the rules see it, when the caller has it already (its ts read
+    once per fix, not once per order)."""
     # Fix time only: when the app sent no ts, the first fix seen at the status stands in
     # for its start (buffered fixes sent late then depart as they would live).
     since = None if order.status_ts is None else _unix(order.status_ts)
-    point = geofence.Fix(fix_time(fix), fix.lat, fix.lng, fix.accuracy_m, fix.speed_mps)
+    if point is None:
+        point = geofence_fix(fix)
     track, status = geofence.step(
         track, order.state, since, places.pickup, places.dropoff, point, rules
     )

@@ -42,6 +42,7 @@ class Store:
         db: Database,
         *,
         retention_s: float = 30 * 86400.0,
+        fix_retention_s: float | None = None,
         abandon_after_s: float = 24 * 3600.0,
         geofence_rules: GeofenceRules | None = DEFAULT_RULES,
         instance: str = "local",
@@ -61,7 +62,7 @@ class Store:
         self.notices = Notices(db)
         self.registry = Registry(db)
         self.inbound = Inbound(db)
-        self.retention = Retention(db, retention_s)
+        self.retention = Retention(db, retention_s, fix_retention_s=fix_retention_s)
         self.expiry = Expiry(db, abandon_after_s)
 
     def close(self) -> None:
@@ -112,6 +113,7 @@ def open_store(
     return Store(
         db,
         retention_s=settings.retention_days * 86400.0,
+        fix_retention_s=settings.fix_retention_days * 86400.0,
         abandon_after_s=settings.abandon_after_h * 3600.0,
         geofence_rules=geofence_rules(geofence or GeofenceSettings()),
         instance=instance,

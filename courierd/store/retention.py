@@ -1,9 +1,11 @@
 """Retention (CONTRACT.md 4.12): forget finished orders and old dead letters, a bit at a time.
 
 What a finished order (dropoff, cancelled or expired) leaves behind (its row, transitions,
-delivered pushes, event ids) and dead letters go once older than the retention, and so
-do accepted fixes (a courier's fixes may serve several orders: they go by their own age,
-which replay needs as long as the orders they served are kept). An
+delivered pushes, event ids) and dead letters go once older than the retention.
+Accepted fixes go by their own age, after `fix_retention_s` (a courier's fixes may serve
+several orders, so they cannot go with an order; at 10k fixes/s they are most of the
+database, so they are kept for less time than the orders: replay leaves out, and says
+so, an order whose fixes went first). An
 order with a push still pending, parked or held is kept whole, however old. Each
 step is one short transaction; the number of rows per step adapts so that a step
 stays near `budget_s`, because the ingest writer waits while a step holds the lock.
@@ -44,11 +46,13 @@ class Retention:
         db: Database,
         retention_s: float,
         *,
+        fix_retention_s: float | None = None,
         budget_s: float = 0.05,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.db = db
         self.retention_s = retention_s
+        self.fix_retention_s = retention_s if fix_retention_s is None else fix_retention_s
         self.budget_s = budget_s
         self.clock = clock
         self.batch = 100
@@ -57,6 +61,7 @@ class Retention:
     def step(self, now: float) -> Pruned:
         """One transaction removing up to `batch` finished orders and dead letters each."""
         cutoff = iso(now - self.retention_s)
+        fix_cutoff = iso(now - self.fix_retention_s)
         started = self.clock()
         done = Pruned()
         with self.db.transaction():
@@ -69,7 +74,7 @@ class Retention:
             done.track_points = self.db.changed(
                 "DELETE FROM track_points WHERE id IN (SELECT id FROM track_points "
                 "WHERE recorded_at < ? ORDER BY recorded_at LIMIT ?)",
-                (cutoff, self.batch * 10),
+                (fix_cutoff, self.batch * 10),
             )
             since = self.db.value("SELECT value FROM meta WHERE key = 'legacy_events_since'")
             if since is not None and since < cutoff:

@@ -14,10 +14,12 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Callable, Mapping, Sequence
+from json.encoder import encode_basestring as _string
 from typing import Any
 
 from courierd.domain.geofence import GeofenceRules, Track
 from courierd.domain.lifecycle import FINISHED, FINISHED_SQL, valid_state
+from courierd.domain.memo import Memo
 from courierd.domain.model import (
     Assignment,
     CourierOffline,
@@ -81,6 +83,10 @@ class BatchWriter:
         self.db = db
         self.geofence_rules = geofence_rules
         self.fence = fence
+        # Each geofenced order's track and consumed fixes, as last written here: the next
+        # batch reads the same text back, and takes the value instead of parsing it.
+        self._tracks: Memo[Track] = Memo()
+        self._consumed: Memo[Consumed] = Memo()
 
     def commit(
         self, inputs: Sequence[Input], *, now: float, slots: Mapping[int, int] | None = None
@@ -218,8 +224,7 @@ class BatchWriter:
                 else:
                     snap.corrupt_profiles.add(cid)
 
-    @staticmethod
-    def _order(snap: Snapshot, row: tuple[Any, ...], now: float) -> None:
+    def _order(self, snap: Snapshot, row: tuple[Any, ...], now: float) -> None:
         (oid, state, courier, hold_until, status_at, p_lat, p_lng, p_rad, s_lat, s_lng, s_rad,
          d_lat, d_lng, d_rad, a_lat, a_lng, track, confirmed_at, ready_at,
          assigned_at, status_ts, consumed) = row  # fmt: skip
@@ -237,11 +242,19 @@ class BatchWriter:
         if pickup is not None or dropoff is not None:
             snap.places[oid] = Places(pickup, dropoff)
         if track is not None:
-            with contextlib.suppress(ValueError):  # unreadable: the rules start over
-                snap.tracks[oid] = Track.from_json(track)
+            known = self._tracks.get(oid, track)
+            if known is not None:
+                snap.tracks[oid] = known
+            else:
+                with contextlib.suppress(ValueError):  # unreadable: the rules start over
+                    snap.tracks[oid] = Track.from_json(track)
         if consumed is not None:
-            with contextlib.suppress(ValueError):  # unreadable: counted afresh
-                snap.consumed[oid] = read_consumed(consumed)
+            segments = self._consumed.get(oid, consumed)
+            if segments is not None:
+                snap.consumed[oid] = segments
+            else:
+                with contextlib.suppress(ValueError):  # unreadable: counted afresh
+                    snap.consumed[oid] = read_consumed(consumed)
 
     def write(self, fx: Effects, snap: Snapshot, *, now: float) -> None:
         """Write every effect of a batch; call inside `transaction()` (one commit)."""
@@ -279,7 +292,7 @@ class BatchWriter:
         db.executemany(
             "UPDATE orders SET track = ?, consumed = COALESCE(?, consumed) WHERE order_id = ?",
             [
-                (track.to_json(), _consumed_json(fx.consumed.get(oid)), oid)
+                (self._track_text(oid, track), self._consumed_text(oid, fx.consumed.get(oid)), oid)
                 for oid, track in fx.tracks.items()
             ],
         )
@@ -373,6 +386,20 @@ class BatchWriter:
             [(n.topic, n.payload, now) for n in fx.notifications],
         )
 
+    def _track_text(self, order_id: str, track: Track) -> str:
+        text, value = track.stored()
+        if value is not None:
+            self._tracks.put(order_id, text, value)
+        return text
+
+    def _consumed_text(self, order_id: str, consumed: Consumed | None) -> str | None:
+        if consumed is None:
+            return None
+        text, value = stored_consumed(consumed)
+        if value is not None:
+            self._consumed.put(order_id, text, value)
+        return text
+
     def heartbeat(self, now: float) -> None:
         """A real write and commit: proves the database takes writes (health's probe)."""
         with self.db.transaction():
@@ -384,7 +411,20 @@ class BatchWriter:
 
 
 def _consumed_json(consumed: Consumed | None) -> str | None:
-    return None if consumed is None else dumps([list(segment) for segment in consumed])
+    return None if consumed is None else stored_consumed(consumed)[0]
+
+
+def stored_consumed(consumed: Consumed) -> tuple[str, Consumed | None]:
+    """The JSON text to store, and what `read_consumed` gives back for it (None if it
+    would refuse it). Segments as the planner makes them (two strings and a positive
+    int) are written by hand, into the very text the JSON encoder writes."""
+    if all(
+        type(c) is str and type(first) is str and type(n) is int and n > 0
+        for c, first, n in consumed
+    ):
+        text = ",".join(f"[{_string(c)},{_string(first)},{n}]" for c, first, n in consumed)
+        return f"[{text}]", consumed
+    return dumps([list(segment) for segment in consumed]), None
 
 
 def read_consumed(text: str) -> Consumed:
