@@ -164,5 +164,6 @@ class Batcher:
             self.pipe.send(request)
             kind, value = self.pipe.recv()
         except (EOFError, OSError) as e:
-            raise IngestFailed(f"ingest process: {e!r}") from None
+            # The pipe fails only when the process at its other end is gone.
+            raise IngestFailed(f"ingest process exited (its pipe: {e!r})") from None
         return str(kind), value

@@ -395,7 +395,7 @@ class Daemon:
         try:
             kind, value = self._ingest_pipe.recv()
         except (EOFError, OSError) as e:
-            self._die(f"ingest process: {e!r}")
+            self._die(f"ingest process exited (its pipe: {e!r})")
             return False
         if kind != "ready":
             self._die(str(value))
