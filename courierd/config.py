@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import (
@@ -20,6 +20,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 from pydantic_settings import (
     BaseSettings,
@@ -159,6 +160,16 @@ class IngestSettings(_Section):
     # Ingest that has not caught up for this long is "behind" on /healthz (a warning:
     # health stays 200) and courierd_ingest_behind_seconds says for how long.
     behind_after_s: float = Field(10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _window_holds_a_batch(self) -> Self:
+        # A smaller window never lets a full batch wait: batches would stay small and
+        # "behind" (a full batch waiting) could never be seen, however large the backlog.
+        if self.window and self.window < self.batch_size:
+            raise ValueError(
+                f"window ({self.window}) must be 0 or at least batch_size ({self.batch_size})"
+            )
+        return self
 
     @property
     def receive_maximum(self) -> int:

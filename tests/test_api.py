@@ -8,6 +8,7 @@ import http.client
 import json
 import math
 import socket
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -721,5 +722,10 @@ def test_store_suggestions(api: Client) -> None:
     assert 40 <= found["moved_m"] <= 80
     assert found["registered"]["radius_m"] == 80
     assert api.call("GET", "/v1/stores/suggestions?min_orders=5")[1] == {"stores": []}
+    # One reading serves every caller for 5 minutes: the stays gone, it is the same.
+    with sqlite3.connect(api.store_path) as db:
+        db.execute("DELETE FROM track_points")
+    assert api.call("GET", "/v1/stores/suggestions")[1] == doc
+    assert api.call("GET", "/v1/stores/suggestions?min_orders=4")[1] == {"stores": []}
     for query in ("min_orders=0", "min_orders=x", "min_orders=1e3", "other=1"):
         assert_error(*api.call("GET", "/v1/stores/suggestions?" + query)[:2], 400, "BadRequest")

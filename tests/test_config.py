@@ -124,3 +124,15 @@ def test_api_key_never_in_repr_or_errors(monkeypatch: pytest.MonkeyPatch) -> Non
     with pytest.raises(ConfigError) as info:
         load_settings()
     assert "sk-live-123" not in str(info.value) and "pw-secret" not in str(info.value)
+
+
+def test_a_window_smaller_than_a_batch_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ingest.window below ingest.batch_size could never hold a full batch, so "behind"
+    would never show: a config error naming both; 0 (twice the batch) and larger pass."""
+    monkeypatch.setenv("COURIERD_INGEST__BATCH_SIZE", "500")
+    monkeypatch.setenv("COURIERD_INGEST__WINDOW", "200")
+    with pytest.raises(ConfigError, match=r"window \(200\) must be 0 or at least batch_size"):
+        load_settings()
+    for ok in ("0", "500", "5000"):
+        monkeypatch.setenv("COURIERD_INGEST__WINDOW", ok)
+        assert load_settings().ingest.receive_maximum == (int(ok) or 1000)

@@ -58,6 +58,10 @@ T = TypeVar("T")
 LiveStatus = Callable[[], Awaitable[dict[str, Any]]]  # the health report /healthz gives
 
 READ_TIMEOUT_S = 30.0  # a read the database does not answer in time is a 503
+# `stores/suggestions` reads every stay at every store: one computation serves every
+# caller for this long (stays change by the day), so open tabs cannot queue it up
+# in front of the reads the page polls every 2 s.
+SUGGESTIONS_FRESH_S = 300.0
 READ_QUEUE = 16  # reads waiting for the store at most; more are a 503 at once
 WRITERS = 4  # submits and cancels at once (each may wait on OneTablet's retries)
 BUSY = (("retry-after", "1"),)
@@ -151,6 +155,8 @@ class Api:
         self.settings = settings
         self.live = live
         self.reads = Reads(settings.store)
+        # min_orders -> (when started, the computation): shared while running and fresh
+        self._suggested: dict[int, tuple[float, asyncio.Future[Any]]] = {}
         self._writers = ThreadPoolExecutor(WRITERS, thread_name_prefix="api-write")
         self._writing = 0
         token = settings.http.token
@@ -318,7 +324,25 @@ class Api:
     async def _suggestions(self, req: Request) -> Reply:
         """`courierd stores suggest --json`, with each store's registered point."""
         min_orders = req.query.min_orders
-        found = await self.reads.run(lambda q: ReplayReads(q.db).suggestions(min_orders))
+        now = time.monotonic()
+        started, job = self._suggested.get(min_orders, (now, None))
+        stale = (
+            job is not None
+            and job.done()
+            and (
+                job.cancelled()
+                or job.exception() is not None
+                or now - started > SUGGESTIONS_FRESH_S
+            )
+        )
+        if job is None or stale:
+            if len(self._suggested) >= 16:  # one per min_orders asked: kept few
+                self._suggested = {k: v for k, v in self._suggested.items() if not v[1].done()}
+            job = asyncio.ensure_future(
+                self.reads.run(lambda q: ReplayReads(q.db).suggestions(min_orders))
+            )
+            self._suggested[min_orders] = (now, job)
+        found = await asyncio.shield(job)  # a caller gone does not cancel it for the rest
         stores = [
             {
                 **suggestion_json(s),

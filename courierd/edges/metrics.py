@@ -155,8 +155,9 @@ class Metrics:
         )
         self.window = Gauge(
             "courierd_mqtt_window_messages",
-            "The most courierd takes from the broker before a commit (ingest.window per "
-            "MQTT session held): inflight at this means the broker holds the rest",
+            "The most courierd takes from the broker before a commit (ingest.window, in "
+            "total over the MQTT sessions it holds): inflight at this means the broker "
+            "holds the rest",
             registry=r,
         )
         self.broker_stored = Gauge(

@@ -19,7 +19,6 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import paho.mqtt.client as paho
-from paho.mqtt import _packet
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -75,6 +74,10 @@ class LeanProperties(Properties):
 def use_lean_properties() -> bool:
     """Have paho decode incoming packets into `LeanProperties`; False (and paho left as
     it is) if this paho does not look like the one it was written for."""
+    try:
+        from paho.mqtt import _packet  # paho 2.2's packet decoding (pyproject pins 2.2)
+    except ImportError:
+        return False
     if getattr(_packet, "Properties", None) is LeanProperties:
         return True
     if getattr(_packet, "Properties", None) is not Properties:

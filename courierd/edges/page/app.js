@@ -10,7 +10,6 @@
 
 (() => {
   const POLL_MS = 2000;
-  const STORES_POLL_MS = 60000;
   const OVERRIDE_PREFIX = "geofence.";
   const STORE_DRAWINGS = 12;
   const TOKEN_KEY = "courierd.token";
@@ -202,7 +201,9 @@
         view.replaceChildren(h("p", { class: "banner", text: error.message }), backLink());
       }
     }
-    if (mine === generation) timer = setTimeout(refresh, stores ? STORES_POLL_MS : POLL_MS);
+    // The stores view is not polled: its figures change by the day, and each reading
+    // walks every stay (the server keeps one for 5 minutes).
+    if (mine === generation && !stores) timer = setTimeout(refresh, POLL_MS);
   }
 
   function backLink() {
@@ -580,7 +581,7 @@
         h("code", { text: "courierd replay" }),
         " after ",
         h("code", { text: "courierd stores import" }),
-        ".",
+        ". Computed at most every 5 minutes; reload the page for a newer reading.",
       ),
       h(
         "div",
