@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
 
 from courierd.domain import geofence
@@ -457,7 +458,10 @@ def _older(ts: str | None, assigned_at: str | None) -> bool:
     return ts is None or ts < assigned_at
 
 
+@lru_cache(maxsize=65_536)  # as many as the writer's memos hold
 def _unix(text: str) -> float | None:
+    """Pure, and read for every fix of every geofenced order: each order's status time
+    is parsed once, not once per fix."""
     try:
         return datetime.fromisoformat(text).timestamp()
     except ValueError:

@@ -49,9 +49,12 @@ DEAD_LETTER_KEEP = 4096
 _ORDER_COLUMNS = (
     "o.order_id, o.state, o.courier_id, o.hold_until, o.status_at, "
     "o.pickup_lat, o.pickup_lng, o.pickup_radius_m, s.lat, s.lng, s.radius_m, "
-    "o.dropoff_lat, o.dropoff_lng, o.dropoff_radius_m, o.address_lat, o.address_lng, o.track, "
-    "o.confirmed_at, o.ready_at, o.assigned_at, o.status_ts, o.consumed"
+    "o.dropoff_lat, o.dropoff_lng, o.dropoff_radius_m, o.address_lat, o.address_lng, "
+    "o.confirmed_at, o.ready_at, o.assigned_at, o.status_ts, o.track, o.consumed"
 )
+# An order row's columns up to the track: the part `BatchWriter._order` keeps the
+# values of, as they are the same batch after batch (only the track changes per fix).
+_ORDER_KEY = 20
 _ORDERS_FROM = "FROM orders AS o LEFT JOIN stores AS s ON s.merchant_supplied_id = o.store_id"
 
 
@@ -87,6 +90,10 @@ class BatchWriter:
         # batch reads the same text back, and takes the value instead of parsing it.
         self._tracks: Memo[Track] = Memo()
         self._consumed: Memo[Consumed] = Memo()
+        # Per order, the columns before the track as last read and what they made (the
+        # Order and Places): a pure function of those columns, so a row read again with
+        # the very same values takes them back instead of building them anew.
+        self._rows: dict[str, tuple[tuple[Any, ...], Order, Places | None]] = {}
 
     def commit(
         self, inputs: Sequence[Input], *, now: float, slots: Mapping[int, int] | None = None
@@ -225,22 +232,28 @@ class BatchWriter:
                     snap.corrupt_profiles.add(cid)
 
     def _order(self, snap: Snapshot, row: tuple[Any, ...], now: float) -> None:
-        (oid, state, courier, hold_until, status_at, p_lat, p_lng, p_rad, s_lat, s_lng, s_rad,
-         d_lat, d_lng, d_rad, a_lat, a_lng, track, confirmed_at, ready_at,
-         assigned_at, status_ts, consumed) = row  # fmt: skip
-        if not valid_state(state):
-            snap.corrupt_orders.add(oid)
-            return
-        held = hold_until is not None and hold_until > now
-        snap.orders[oid] = Order(
-            oid, state, courier, held, status_at, confirmed_at, ready_at, assigned_at, status_ts
-        )
+        oid, state, courier, hold_until = row[:4]
+        track, consumed = row[_ORDER_KEY:]
+        key = row[:_ORDER_KEY]
+        known_row = self._rows.get(oid)
+        if known_row is not None and known_row[0] == key:
+            # Seen before, unchanged: state valid, not held (only such rows are kept).
+            order, places = known_row[1], known_row[2]
+        else:
+            if not valid_state(state):
+                snap.corrupt_orders.add(oid)
+                return
+            order, places = self._order_of(key, now)
+            if hold_until is None:  # `held` depends on the clock: not kept
+                rows = self._rows
+                if len(rows) >= self._tracks.size and oid not in rows:
+                    rows.clear()
+                rows[oid] = (key, order, places)
+        snap.orders[oid] = order
         if courier is not None and state not in FINISHED:
             snap.active.setdefault(courier, set()).add(oid)
-        pickup = _place(p_lat, p_lng, p_rad) or _place(s_lat, s_lng, s_rad)
-        dropoff = _place(d_lat, d_lng, d_rad) or _place(a_lat, a_lng, None)
-        if pickup is not None or dropoff is not None:
-            snap.places[oid] = Places(pickup, dropoff)
+        if places is not None:
+            snap.places[oid] = places
         if track is not None:
             known = self._tracks.get(oid, track)
             if known is not None:
@@ -255,6 +268,22 @@ class BatchWriter:
             else:
                 with contextlib.suppress(ValueError):  # unreadable: counted afresh
                     snap.consumed[oid] = read_consumed(consumed)
+
+    @staticmethod
+    def _order_of(key: tuple[Any, ...], now: float) -> tuple[Order, Places | None]:
+        """The order and its places, from an order row's columns before the track."""
+        (oid, state, courier, hold_until, status_at, p_lat, p_lng, p_rad, s_lat, s_lng, s_rad,
+         d_lat, d_lng, d_rad, a_lat, a_lng, confirmed_at, ready_at, assigned_at,
+         status_ts) = key  # fmt: skip
+        held = hold_until is not None and hold_until > now
+        order = Order(
+            oid, state, courier, held, status_at, confirmed_at, ready_at, assigned_at, status_ts
+        )
+        pickup = _place(p_lat, p_lng, p_rad) or _place(s_lat, s_lng, s_rad)
+        dropoff = _place(d_lat, d_lng, d_rad) or _place(a_lat, a_lng, None)
+        if pickup is None and dropoff is None:
+            return order, None
+        return order, Places(pickup, dropoff)
 
     def write(self, fx: Effects, snap: Snapshot, *, now: float) -> None:
         """Write every effect of a batch; call inside `transaction()` (one commit)."""
