@@ -94,6 +94,9 @@ class BatchWriter:
         # Order and Places): a pure function of those columns, so a row read again with
         # the very same values takes them back instead of building them anew.
         self._rows: dict[str, tuple[tuple[Any, ...], Order, Places | None]] = {}
+        # The engine's address (SQLite's rowid) of each order row the batch being
+        # committed read: its track is rewritten by that, a cheaper lookup than the key.
+        self._addresses: dict[str, Any] = {}
 
     def commit(
         self, inputs: Sequence[Input], *, now: float, slots: Mapping[int, int] | None = None
@@ -121,9 +124,12 @@ class BatchWriter:
                 raise FencedOut(f"MQTT slots {sorted(slots)} were taken over by another instance")
             if self.db.concurrent:
                 self._create_rows(order_ids, couriers, now)
-            snap = self.snapshot(order_ids, event_ids, couriers, tracked, now=now)
-            fx = plan_batch(snap, inputs, now=now, geofence_rules=self.geofence_rules)
-            self.write(fx, snap, now=now)
+            try:
+                snap = self.snapshot(order_ids, event_ids, couriers, tracked, now=now)
+                fx = plan_batch(snap, inputs, now=now, geofence_rules=self.geofence_rules)
+                self.write(fx, snap, now=now)
+            finally:
+                self._addresses = {}  # this transaction's: never used in another
         return fx
 
     def _create_rows(self, order_ids: set[str], couriers: set[str], now: float) -> None:
@@ -152,6 +158,8 @@ class BatchWriter:
         """The rows a batch needs; call inside `transaction()` so nobody changes them."""
         snap = Snapshot()
         db = self.db
+        self._addresses = {}
+        address = f", o.{db.row_address}" if db.row_address else ""
         self._couriers(snap, couriers)
         # Couriers reported offline need their orders too: a message brings them back.
         tracked |= {c for c, state in snap.couriers.items() if state.offline}
@@ -168,7 +176,7 @@ class BatchWriter:
         if where:
             # One statement, sorted: PostgreSQL instances lock orders in the same order.
             rows = db.rows(
-                f"SELECT {_ORDER_COLUMNS} {_ORDERS_FROM} WHERE {' OR '.join(where)} "
+                f"SELECT {_ORDER_COLUMNS}{address} {_ORDERS_FROM} WHERE {' OR '.join(where)} "
                 f"ORDER BY o.order_id{db.for_update_of('o')}",
                 params,
             )
@@ -233,7 +241,9 @@ class BatchWriter:
 
     def _order(self, snap: Snapshot, row: tuple[Any, ...], now: float) -> None:
         oid, state, courier, hold_until = row[:4]
-        track, consumed = row[_ORDER_KEY:]
+        track, consumed = row[_ORDER_KEY : _ORDER_KEY + 2]
+        if len(row) > _ORDER_KEY + 2:
+            self._addresses[oid] = row[_ORDER_KEY + 2]
         key = row[:_ORDER_KEY]
         known_row = self._rows.get(oid)
         if known_row is not None and known_row[0] == key:
@@ -318,13 +328,22 @@ class BatchWriter:
                     if (place := getattr(places, kind)) is not None
                 ],
             )
-        db.executemany(
-            "UPDATE orders SET track = ?, consumed = COALESCE(?, consumed) WHERE order_id = ?",
-            [
-                (self._track_text(oid, track), self._consumed_text(oid, fx.consumed.get(oid)), oid)
-                for oid, track in fx.tracks.items()
-            ],
-        )
+        # Tracks of the orders the batch read, by their address if the engine has one;
+        # the others (an order new in this batch) by key.
+        by_address: list[tuple[str, str | None, Any]] = []
+        by_key: list[tuple[str, str | None, Any]] = []
+        addresses = self._addresses
+        for oid, track in fx.tracks.items():
+            texts = self._track_text(oid, track), self._consumed_text(oid, fx.consumed.get(oid))
+            address = addresses.get(oid)
+            if address is None:
+                by_key.append((*texts, oid))
+            else:
+                by_address.append((*texts, address))
+        set_track = "UPDATE orders SET track = ?, consumed = COALESCE(?, consumed) WHERE"
+        db.executemany(f"{set_track} order_id = ?", by_key)
+        if by_address:
+            db.executemany(f"{set_track} {db.row_address} = ?", by_address)
         db.executemany(
             "INSERT INTO transitions (order_id, status, inferred, event_id, at, recorded_at, "
             "source, lat, lng, fixes, clocked) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
