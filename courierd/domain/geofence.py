@@ -36,7 +36,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from courierd.domain.geo import between
+from courierd.domain.geo import between, beyond, within
 from courierd.domain.lifecycle import CHAIN
 from courierd.domain.model import NEW, Place, Status, dumps
 
@@ -309,17 +309,21 @@ def step(
     found: Status | None = None
 
     if pickup is not None and rank < _ARRIVED:
-        d = between(fix, pickup)
-        if d <= radius(pickup, rules.radius_m):
-            inside = _extend(track.inside_since, track.inside_count, fix.ts)
-            if _dwelt(inside, fix.ts, rules.dwell_s, rules.min_fixes):
-                found = Status.ARRIVED_AT_STORE
-        if found is None and rank < _ARRIVING and d <= rules.approach_m:
-            found = Status.ARRIVING_AT_STORE
+        r = radius(pickup, rules.radius_m)
+        # Beyond both the radius and the approach distance, neither rule fires: most
+        # fixes, and `beyond` then needs no haversine.
+        if not beyond(fix, pickup, max(r, rules.approach_m)):
+            d = between(fix, pickup)
+            if d <= r:
+                inside = _extend(track.inside_since, track.inside_count, fix.ts)
+                if _dwelt(inside, fix.ts, rules.dwell_s, rules.min_fixes):
+                    found = Status.ARRIVED_AT_STORE
+            if found is None and rank < _ARRIVING and d <= rules.approach_m:
+                found = Status.ARRIVING_AT_STORE
     elif pickup is not None and rank == _ARRIVED:
         start = since if status_at is None else status_at
         exit_m = rules.exit_factor * radius(pickup, rules.radius_m)
-        if fix.ts >= start + rules.depart_after_s and between(fix, pickup) > exit_m:
+        if fix.ts >= start + rules.depart_after_s and beyond(fix, pickup, exit_m):
             outside = track.outside_count + 1
             if outside >= rules.min_fixes:
                 found = Status.DASHER_OUT_FOR_DELIVERY
@@ -327,7 +331,7 @@ def step(
         dropoff is not None
         and rank == _OUT
         and rules.auto_dropoff
-        and between(fix, dropoff) <= radius(dropoff, rules.dropoff_radius_m)
+        and within(fix, dropoff, radius(dropoff, rules.dropoff_radius_m))
     ):
         drop = _extend(track.drop_since, track.drop_count, fix.ts)
         if _dwelt(drop, fix.ts, rules.dropoff_dwell_s, rules.min_fixes):

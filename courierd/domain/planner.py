@@ -397,7 +397,7 @@ class _Batch:
     def _step(self, order: Order, places: Places, fix: LocationFix, point: geofence.Fix) -> None:
         oid = order.order_id
         assert self.rules is not None
-        track = self.tracks.get(order.order_id, Track())
+        track = self.tracks.get(order.order_id, _NO_TRACK)
         # A track that never consumed a fix is new, or was reset by a new assignment.
         fresh = track.last_ts is None
         self.consumed[oid] = self.fx.consumed[oid] = consumed_after(
@@ -407,6 +407,9 @@ class _Batch:
         self.tracks[order.order_id] = self.fx.tracks[order.order_id] = track
         if event is not None:
             self._status(event)
+
+
+_NO_TRACK = Track()  # an order's track before its first fix (immutable: one will do)
 
 
 def geofence_step(

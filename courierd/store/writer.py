@@ -466,6 +466,10 @@ def stored_consumed(consumed: Consumed) -> tuple[str, Consumed | None]:
     """The JSON text to store, and what `read_consumed` gives back for it (None if it
     would refuse it). Segments as the planner makes them (two strings and a positive
     int) are written by hand, into the very text the JSON encoder writes."""
+    if len(consumed) == 1:  # most orders: one courier, one segment
+        c, first, n = consumed[0]
+        if type(c) is str and type(first) is str and type(n) is int and n > 0:
+            return f"[[{_string(c)},{_string(first)},{n}]]", consumed
     if all(
         type(c) is str and type(first) is str and type(n) is int and n > 0
         for c, first, n in consumed
