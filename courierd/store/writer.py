@@ -174,10 +174,14 @@ class BatchWriter:
             )
             params += chunk
         if where:
-            # One statement, sorted: PostgreSQL instances lock orders in the same order.
+            # One statement, sorted where it locks rows: PostgreSQL instances lock orders
+            # in the same order. (SQLite's transaction is exclusive: it locks no rows, and
+            # its sort is a temporary B-tree of every row read.)
+            lock = db.for_update_of("o")
+            order_by = f" ORDER BY o.order_id{lock}" if lock else ""
             rows = db.rows(
-                f"SELECT {_ORDER_COLUMNS}{address} {_ORDERS_FROM} WHERE {' OR '.join(where)} "
-                f"ORDER BY o.order_id{db.for_update_of('o')}",
+                f"SELECT {_ORDER_COLUMNS}{address} {_ORDERS_FROM} WHERE {' OR '.join(where)}"
+                f"{order_by}",
                 params,
             )
             for row in rows:
