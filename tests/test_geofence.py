@@ -17,7 +17,16 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from courierd.domain import lifecycle
-from courierd.domain.geo import EARTH_RADIUS_M, Eta, distance_m, eta, eta_speed
+from courierd.domain.geo import (
+    EARTH_RADIUS_M,
+    Eta,
+    between,
+    beyond,
+    distance_m,
+    eta,
+    eta_speed,
+    within,
+)
 from courierd.domain.geofence import Fix, GeofenceRules, Place, Track, screen, step
 from courierd.domain.lifecycle import CHAIN
 from courierd.domain.model import (
@@ -116,6 +125,29 @@ def test_distance_of_one_degree() -> None:
     assert distance_m(0, 0, 0, 1) == pytest.approx(M_PER_DEG)
     assert distance_m(10, 20, -10, -160) == pytest.approx(math.pi * EARTH_RADIUS_M)
     assert distance_m(*ORIGIN, *moved(1000, 0)) == pytest.approx(1000)
+
+
+LATS = st.floats(-90, 90)
+LNGS = st.floats(-180, 180)
+
+
+@given(LATS, LNGS, LATS, LNGS, st.floats(allow_infinity=True) | st.floats(0, 3e6))
+@example(0.0, 0.0, 1.0, 0.0, M_PER_DEG)  # on one meridian: the shortcut's own bound
+@example(0.0, 0.0, 1.0, 0.0, M_PER_DEG * (1 - 2e-9))  # the shortcut, a hair inside
+@example(0.0, 0.0, 1e-9, 0.0, 1e-4)
+@example(45.0, 10.0, 45.0, 10.0, 0.0)
+@example(1e-243, 0.0, 0.0, 0.0, 0.0)  # the haversine underflows to 0
+@example(0.0, 0.0, 1.0, 0.0, math.nan)
+def test_beyond_and_within_answer_as_between_does(
+    lat1: float, lng1: float, lat2: float, lng2: float, limit: float
+) -> None:
+    """The rules' shortcuts (no haversine when the latitudes alone are far enough apart)
+    give the very answer of the distance they skip, on either side of any limit."""
+    a, b = Place(lat1, lng1), Place(lat2, lng2)
+    d = between(a, b)
+    assert beyond(a, b, limit) is (d > limit)
+    assert within(a, b, limit) is (d <= limit)
+    assert beyond(a, b, d) is False and within(a, b, d) is True  # at exactly the distance
 
 
 @pytest.mark.parametrize(("north_m", "fires"), [(999, True), (1001, False)])

@@ -90,6 +90,20 @@ def test_a_track_changed_behind_the_writer_is_read_from_its_row(store: Store) ->
     assert store.db.value("SELECT state FROM orders") == "arrived_at_store"
 
 
+def test_an_order_row_changed_behind_the_writer_is_read_as_it_is_now(store: Store) -> None:
+    """The writer keeps what each order row made (the order, its places) while the row
+    reads the same; a row someone else changed meanwhile is read afresh."""
+    far, there = Place(41.0, -74.0, 100), Place(40.0, -74.0, 100)
+    store.writer.commit([Assignment("o1", "c1", b"{}", far, None)], now=T0)
+    store.writer.commit([LocationFix("c1", iso(T0), 40.0, -74.0, 5.0)], now=T0)
+    assert store.db.value("SELECT state FROM orders") == "new"  # 111 km away: nothing
+    # An operator (or another instance) moves the pickup to where the courier is.
+    with store.db.transaction():
+        store.db.execute("UPDATE orders SET pickup_lat = ?", (there.lat,))
+    store.writer.commit([LocationFix("c1", iso(T0 + 5), 40.0, -74.0, 5.0)], now=T0 + 5)
+    assert store.db.value("SELECT state FROM orders") == "arriving_at_store"
+
+
 def test_consumed_fixes_as_stored_read_back_as_kept() -> None:
     """What the writer keeps beside the consumed segments it writes is what reading the
     text gives back; the text is the JSON encoder's, escapes and all."""

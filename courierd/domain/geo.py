@@ -65,6 +65,32 @@ def between(a: LatLng, b: LatLng) -> float:
     return distance_m(a.lat, a.lng, b.lat, b.lng)
 
 
+# Metres per degree of latitude on the sphere: no two points whose latitudes differ by
+# x degrees are nearer than x times this (the meridian is the shortest way between two
+# parallels). A hair under it, and a millimetre more (below that the haversine's terms
+# underflow to 0), so that rounding never puts the shortcut of `beyond` and `within` on
+# the other side of what `between` computes.
+_M_PER_DEG_LAT = EARTH_RADIUS_M * math.pi / 180 * (1 - 1e-9)
+_MARGIN_M = 1e-3
+
+
+def beyond(a: LatLng, b: LatLng, limit_m: float) -> bool:
+    """`between(a, b) > limit_m`, the very same answer, without the haversine when the
+    latitudes alone put the points further apart than that (a courier far from a place,
+    most of its fixes)."""
+    if abs(a.lat - b.lat) * _M_PER_DEG_LAT > limit_m + _MARGIN_M:
+        return True
+    return between(a, b) > limit_m
+
+
+def within(a: LatLng, b: LatLng, limit_m: float) -> bool:
+    """`between(a, b) <= limit_m`, the very same answer (a NaN limit too), with the
+    shortcut of `beyond`."""
+    if abs(a.lat - b.lat) * _M_PER_DEG_LAT > limit_m + _MARGIN_M:
+        return False
+    return between(a, b) <= limit_m
+
+
 def eta_speed(speed_mps: float | None) -> float:
     """The speed an ETA assumes: the courier's, clamped to 3-15 m/s; 7 m/s when unknown."""
     if speed_mps is None or not math.isfinite(speed_mps):

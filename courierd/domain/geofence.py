@@ -36,7 +36,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from courierd.domain.geo import between
+from courierd.domain.geo import between, beyond, within
 from courierd.domain.lifecycle import CHAIN
 from courierd.domain.model import NEW, Place, Status, dumps
 
@@ -101,9 +101,11 @@ def screen(last: Fix | None, fix: Fix, rules: GeofenceRules) -> str | None:
     return None
 
 
-@dataclass(frozen=True, slots=True)
-class Track:
+class Track(NamedTuple):
     """Per-order state of the rules, stored as JSON and rewritten on every accepted fix.
+
+    A NamedTuple, not a frozen dataclass (like `Fix`): `step` builds one for every fix
+    of every geofenced order, and a tuple costs a quarter as much to build.
 
     `last_ts`: the ts of the last fix consumed (an older or equal one changes nothing).
     `seen`, `since`: the order state the track last saw and the ts of the first fix seen
@@ -307,17 +309,21 @@ def step(
     found: Status | None = None
 
     if pickup is not None and rank < _ARRIVED:
-        d = between(fix, pickup)
-        if d <= radius(pickup, rules.radius_m):
-            inside = _extend(track.inside_since, track.inside_count, fix.ts)
-            if _dwelt(inside, fix.ts, rules.dwell_s, rules.min_fixes):
-                found = Status.ARRIVED_AT_STORE
-        if found is None and rank < _ARRIVING and d <= rules.approach_m:
-            found = Status.ARRIVING_AT_STORE
+        r = radius(pickup, rules.radius_m)
+        # Beyond both the radius and the approach distance, neither rule fires: most
+        # fixes, and `beyond` then needs no haversine.
+        if not beyond(fix, pickup, max(r, rules.approach_m)):
+            d = between(fix, pickup)
+            if d <= r:
+                inside = _extend(track.inside_since, track.inside_count, fix.ts)
+                if _dwelt(inside, fix.ts, rules.dwell_s, rules.min_fixes):
+                    found = Status.ARRIVED_AT_STORE
+            if found is None and rank < _ARRIVING and d <= rules.approach_m:
+                found = Status.ARRIVING_AT_STORE
     elif pickup is not None and rank == _ARRIVED:
         start = since if status_at is None else status_at
         exit_m = rules.exit_factor * radius(pickup, rules.radius_m)
-        if fix.ts >= start + rules.depart_after_s and between(fix, pickup) > exit_m:
+        if fix.ts >= start + rules.depart_after_s and beyond(fix, pickup, exit_m):
             outside = track.outside_count + 1
             if outside >= rules.min_fixes:
                 found = Status.DASHER_OUT_FOR_DELIVERY
@@ -325,7 +331,7 @@ def step(
         dropoff is not None
         and rank == _OUT
         and rules.auto_dropoff
-        and between(fix, dropoff) <= radius(dropoff, rules.dropoff_radius_m)
+        and within(fix, dropoff, radius(dropoff, rules.dropoff_radius_m))
     ):
         drop = _extend(track.drop_since, track.drop_count, fix.ts)
         if _dwelt(drop, fix.ts, rules.dropoff_dwell_s, rules.min_fixes):

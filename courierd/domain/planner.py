@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
 
 from courierd.domain import geofence
@@ -396,7 +397,7 @@ class _Batch:
     def _step(self, order: Order, places: Places, fix: LocationFix, point: geofence.Fix) -> None:
         oid = order.order_id
         assert self.rules is not None
-        track = self.tracks.get(order.order_id, Track())
+        track = self.tracks.get(order.order_id, _NO_TRACK)
         # A track that never consumed a fix is new, or was reset by a new assignment.
         fresh = track.last_ts is None
         self.consumed[oid] = self.fx.consumed[oid] = consumed_after(
@@ -406,6 +407,9 @@ class _Batch:
         self.tracks[order.order_id] = self.fx.tracks[order.order_id] = track
         if event is not None:
             self._status(event)
+
+
+_NO_TRACK = Track()  # an order's track before its first fix (immutable: one will do)
 
 
 def geofence_step(
@@ -457,7 +461,10 @@ def _older(ts: str | None, assigned_at: str | None) -> bool:
     return ts is None or ts < assigned_at
 
 
+@lru_cache(maxsize=65_536)  # as many as the writer's memos hold
 def _unix(text: str) -> float | None:
+    """Pure, and read for every fix of every geofenced order: each order's status time
+    is parsed once, not once per fix."""
     try:
         return datetime.fromisoformat(text).timestamp()
     except ValueError:

@@ -32,6 +32,9 @@ class Database(abc.ABC):
     skip_locked: ClassVar[str] = ""
     # Several instances may share this database: claims then carry a lease.
     concurrent: ClassVar[bool] = False
+    # A column that addresses a row more cheaply than its primary key, and that stays
+    # the row's until the transaction that read it ends ("" if the engine has none).
+    row_address: ClassVar[str] = ""
 
     #: Where the data lives, for messages (a path, or a URL without its password).
     location: str

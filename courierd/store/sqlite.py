@@ -33,6 +33,9 @@ def _is_unavailable(error: sqlite3.Error) -> bool:
 
 class SqliteDatabase(Database):
     dialect = "sqlite"
+    # Only a VACUUM renumbers the rowids of a table without an INTEGER PRIMARY KEY, and
+    # it cannot run inside a write transaction.
+    row_address = "rowid"
 
     def __init__(
         self,

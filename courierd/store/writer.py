@@ -49,9 +49,12 @@ DEAD_LETTER_KEEP = 4096
 _ORDER_COLUMNS = (
     "o.order_id, o.state, o.courier_id, o.hold_until, o.status_at, "
     "o.pickup_lat, o.pickup_lng, o.pickup_radius_m, s.lat, s.lng, s.radius_m, "
-    "o.dropoff_lat, o.dropoff_lng, o.dropoff_radius_m, o.address_lat, o.address_lng, o.track, "
-    "o.confirmed_at, o.ready_at, o.assigned_at, o.status_ts, o.consumed"
+    "o.dropoff_lat, o.dropoff_lng, o.dropoff_radius_m, o.address_lat, o.address_lng, "
+    "o.confirmed_at, o.ready_at, o.assigned_at, o.status_ts, o.track, o.consumed"
 )
+# An order row's columns up to the track: the part `BatchWriter._order` keeps the
+# values of, as they are the same batch after batch (only the track changes per fix).
+_ORDER_KEY = 20
 _ORDERS_FROM = "FROM orders AS o LEFT JOIN stores AS s ON s.merchant_supplied_id = o.store_id"
 
 
@@ -87,6 +90,13 @@ class BatchWriter:
         # batch reads the same text back, and takes the value instead of parsing it.
         self._tracks: Memo[Track] = Memo()
         self._consumed: Memo[Consumed] = Memo()
+        # Per order, the columns before the track as last read and what they made (the
+        # Order and Places): a pure function of those columns, so a row read again with
+        # the very same values takes them back instead of building them anew.
+        self._rows: dict[str, tuple[tuple[Any, ...], Order, Places | None]] = {}
+        # The engine's address (SQLite's rowid) of each order row the batch being
+        # committed read: its track is rewritten by that, a cheaper lookup than the key.
+        self._addresses: dict[str, Any] = {}
 
     def commit(
         self, inputs: Sequence[Input], *, now: float, slots: Mapping[int, int] | None = None
@@ -114,9 +124,12 @@ class BatchWriter:
                 raise FencedOut(f"MQTT slots {sorted(slots)} were taken over by another instance")
             if self.db.concurrent:
                 self._create_rows(order_ids, couriers, now)
-            snap = self.snapshot(order_ids, event_ids, couriers, tracked, now=now)
-            fx = plan_batch(snap, inputs, now=now, geofence_rules=self.geofence_rules)
-            self.write(fx, snap, now=now)
+            try:
+                snap = self.snapshot(order_ids, event_ids, couriers, tracked, now=now)
+                fx = plan_batch(snap, inputs, now=now, geofence_rules=self.geofence_rules)
+                self.write(fx, snap, now=now)
+            finally:
+                self._addresses = {}  # this transaction's: never used in another
         return fx
 
     def _create_rows(self, order_ids: set[str], couriers: set[str], now: float) -> None:
@@ -145,6 +158,8 @@ class BatchWriter:
         """The rows a batch needs; call inside `transaction()` so nobody changes them."""
         snap = Snapshot()
         db = self.db
+        self._addresses = {}
+        address = f", o.{db.row_address}" if db.row_address else ""
         self._couriers(snap, couriers)
         # Couriers reported offline need their orders too: a message brings them back.
         tracked |= {c for c, state in snap.couriers.items() if state.offline}
@@ -159,10 +174,14 @@ class BatchWriter:
             )
             params += chunk
         if where:
-            # One statement, sorted: PostgreSQL instances lock orders in the same order.
+            # One statement, sorted where it locks rows: PostgreSQL instances lock orders
+            # in the same order. (SQLite's transaction is exclusive: it locks no rows, and
+            # its sort is a temporary B-tree of every row read.)
+            lock = db.for_update_of("o")
+            order_by = f" ORDER BY o.order_id{lock}" if lock else ""
             rows = db.rows(
-                f"SELECT {_ORDER_COLUMNS} {_ORDERS_FROM} WHERE {' OR '.join(where)} "
-                f"ORDER BY o.order_id{db.for_update_of('o')}",
+                f"SELECT {_ORDER_COLUMNS}{address} {_ORDERS_FROM} WHERE {' OR '.join(where)}"
+                f"{order_by}",
                 params,
             )
             for row in rows:
@@ -225,22 +244,30 @@ class BatchWriter:
                     snap.corrupt_profiles.add(cid)
 
     def _order(self, snap: Snapshot, row: tuple[Any, ...], now: float) -> None:
-        (oid, state, courier, hold_until, status_at, p_lat, p_lng, p_rad, s_lat, s_lng, s_rad,
-         d_lat, d_lng, d_rad, a_lat, a_lng, track, confirmed_at, ready_at,
-         assigned_at, status_ts, consumed) = row  # fmt: skip
-        if not valid_state(state):
-            snap.corrupt_orders.add(oid)
-            return
-        held = hold_until is not None and hold_until > now
-        snap.orders[oid] = Order(
-            oid, state, courier, held, status_at, confirmed_at, ready_at, assigned_at, status_ts
-        )
+        oid, state, courier, hold_until = row[:4]
+        track, consumed = row[_ORDER_KEY : _ORDER_KEY + 2]
+        if len(row) > _ORDER_KEY + 2:
+            self._addresses[oid] = row[_ORDER_KEY + 2]
+        key = row[:_ORDER_KEY]
+        known_row = self._rows.get(oid)
+        if known_row is not None and known_row[0] == key:
+            # Seen before, unchanged: state valid, not held (only such rows are kept).
+            order, places = known_row[1], known_row[2]
+        else:
+            if not valid_state(state):
+                snap.corrupt_orders.add(oid)
+                return
+            order, places = self._order_of(key, now)
+            if hold_until is None:  # `held` depends on the clock: not kept
+                rows = self._rows
+                if len(rows) >= self._tracks.size and oid not in rows:
+                    rows.clear()
+                rows[oid] = (key, order, places)
+        snap.orders[oid] = order
         if courier is not None and state not in FINISHED:
             snap.active.setdefault(courier, set()).add(oid)
-        pickup = _place(p_lat, p_lng, p_rad) or _place(s_lat, s_lng, s_rad)
-        dropoff = _place(d_lat, d_lng, d_rad) or _place(a_lat, a_lng, None)
-        if pickup is not None or dropoff is not None:
-            snap.places[oid] = Places(pickup, dropoff)
+        if places is not None:
+            snap.places[oid] = places
         if track is not None:
             known = self._tracks.get(oid, track)
             if known is not None:
@@ -255,6 +282,22 @@ class BatchWriter:
             else:
                 with contextlib.suppress(ValueError):  # unreadable: counted afresh
                     snap.consumed[oid] = read_consumed(consumed)
+
+    @staticmethod
+    def _order_of(key: tuple[Any, ...], now: float) -> tuple[Order, Places | None]:
+        """The order and its places, from an order row's columns before the track."""
+        (oid, state, courier, hold_until, status_at, p_lat, p_lng, p_rad, s_lat, s_lng, s_rad,
+         d_lat, d_lng, d_rad, a_lat, a_lng, confirmed_at, ready_at, assigned_at,
+         status_ts) = key  # fmt: skip
+        held = hold_until is not None and hold_until > now
+        order = Order(
+            oid, state, courier, held, status_at, confirmed_at, ready_at, assigned_at, status_ts
+        )
+        pickup = _place(p_lat, p_lng, p_rad) or _place(s_lat, s_lng, s_rad)
+        dropoff = _place(d_lat, d_lng, d_rad) or _place(a_lat, a_lng, None)
+        if pickup is None and dropoff is None:
+            return order, None
+        return order, Places(pickup, dropoff)
 
     def write(self, fx: Effects, snap: Snapshot, *, now: float) -> None:
         """Write every effect of a batch; call inside `transaction()` (one commit)."""
@@ -289,13 +332,22 @@ class BatchWriter:
                     if (place := getattr(places, kind)) is not None
                 ],
             )
-        db.executemany(
-            "UPDATE orders SET track = ?, consumed = COALESCE(?, consumed) WHERE order_id = ?",
-            [
-                (self._track_text(oid, track), self._consumed_text(oid, fx.consumed.get(oid)), oid)
-                for oid, track in fx.tracks.items()
-            ],
-        )
+        # Tracks of the orders the batch read, by their address if the engine has one;
+        # the others (an order new in this batch) by key.
+        by_address: list[tuple[str, str | None, Any]] = []
+        by_key: list[tuple[str, str | None, Any]] = []
+        addresses = self._addresses
+        for oid, track in fx.tracks.items():
+            texts = self._track_text(oid, track), self._consumed_text(oid, fx.consumed.get(oid))
+            address = addresses.get(oid)
+            if address is None:
+                by_key.append((*texts, oid))
+            else:
+                by_address.append((*texts, address))
+        set_track = "UPDATE orders SET track = ?, consumed = COALESCE(?, consumed) WHERE"
+        db.executemany(f"{set_track} order_id = ?", by_key)
+        if by_address:
+            db.executemany(f"{set_track} {db.row_address} = ?", by_address)
         db.executemany(
             "INSERT INTO transitions (order_id, status, inferred, event_id, at, recorded_at, "
             "source, lat, lng, fixes, clocked) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -418,6 +470,10 @@ def stored_consumed(consumed: Consumed) -> tuple[str, Consumed | None]:
     """The JSON text to store, and what `read_consumed` gives back for it (None if it
     would refuse it). Segments as the planner makes them (two strings and a positive
     int) are written by hand, into the very text the JSON encoder writes."""
+    if len(consumed) == 1:  # most orders: one courier, one segment
+        c, first, n = consumed[0]
+        if type(c) is str and type(first) is str and type(n) is int and n > 0:
+            return f"[[{_string(c)},{_string(first)},{n}]]", consumed
     if all(
         type(c) is str and type(first) is str and type(n) is int and n > 0
         for c, first, n in consumed
