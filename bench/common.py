@@ -45,13 +45,14 @@ PING_COURIERS = 10_000  # a fleet: every courier pings every 4 s of fix time
 PING_T0 = time.time() - 86400  # fixes a day old: never "in the future", always newer
 
 
-def messages(n: int, ping_share: float, tag: str) -> list[tuple[str, bytes]]:
+def messages(n: int, ping_share: float, tag: str, first_round: int = 0) -> list[tuple[str, bytes]]:
     """n messages: pings from PING_COURIERS couriers and status events walking orders
     (of 200 couriers) through the chain.
 
     Statuses go out step by step across orders (every order's confirm, then every
     arriving, ...), spread evenly between the pings. Each courier's fixes move a few
     metres per ping and are 4 s apart, so the geofence filters accept them all.
+    `first_round` shifts the pings' time, so a later call's fixes are newer.
     """
     n_status = round(n * (1 - ping_share))
     orders = max(1, -(-n_status // len(STATUSES)))
@@ -75,8 +76,8 @@ def messages(n: int, ping_share: float, tag: str) -> list[tuple[str, bytes]]:
             f"couriers/c{i % PING_COURIERS}/location",
             json.dumps(
                 {
-                    "ts": iso(PING_T0 + 4 * (i // PING_COURIERS)),
-                    "lat": 40.7 + (i // PING_COURIERS) * 2e-4,
+                    "ts": iso(PING_T0 + 4 * (first_round + i // PING_COURIERS)),
+                    "lat": 40.7 + (first_round + i // PING_COURIERS) * 2e-4,
                     "lng": -74.0 + (i % PING_COURIERS) * 1e-5,
                     "accuracy_m": 5.0,
                     "speed_mps": 7.1,
@@ -86,8 +87,8 @@ def messages(n: int, ping_share: float, tag: str) -> list[tuple[str, bytes]]:
         )
         for i in range(n - n_status)
     ]
-    keyed = [(i / len(pings), m) for i, m in enumerate(pings)]
-    keyed += [(k / len(statuses), m) for k, m in enumerate(statuses)]
+    keyed = [(i / max(1, len(pings)), m) for i, m in enumerate(pings)]
+    keyed += [(k / max(1, len(statuses)), m) for k, m in enumerate(statuses)]
     return [m for _, m in sorted(keyed, key=lambda pair: pair[0])]
 
 

@@ -38,65 +38,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from courierd.domain.lifecycle import CHAIN
-
-PING_COURIERS = 10_000
-PING_T0 = time.time() - 86400  # fixes a day old: never "in the future", always newer
-STATUSES = [s.value for s in CHAIN]
+from bench.common import PING_COURIERS, PING_T0, iso, messages
 
 
 def say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
-
-
-def iso(t: float) -> str:
-    from courierd.domain.model import iso as _iso
-
-    return _iso(t)
-
-
-def messages(n: int, ping_share: float, tag: str, first_round: int = 0) -> list[tuple[str, bytes]]:
-    """As the bench's mix: pings from PING_COURIERS couriers (4 s apart, a few metres
-    each: the filters accept them all), and statuses walking orders through the chain.
-    `first_round` shifts the pings' time, so a later call's fixes are newer."""
-    n_status = round(n * (1 - ping_share))
-    orders = max(1, -(-n_status // len(STATUSES)))
-    statuses = [
-        (
-            f"couriers/c{o % 200}/status",
-            json.dumps(
-                {
-                    "event_id": f"{tag}-{o}-{s}",
-                    "order_id": f"{tag}-o{o}",
-                    "status": STATUSES[s],
-                    "ts": "2026-01-01T00:00:00Z",
-                }
-            ).encode(),
-        )
-        for s in range(len(STATUSES))
-        for o in range(orders)
-    ][:n_status]
-    pings = []
-    for i in range(n - n_status):
-        step = first_round + i // PING_COURIERS
-        pings.append(
-            (
-                f"couriers/c{i % PING_COURIERS}/location",
-                json.dumps(
-                    {
-                        "ts": iso(PING_T0 + 4 * step),
-                        "lat": 40.7 + step * 2e-4,
-                        "lng": -74.0 + (i % PING_COURIERS) * 1e-5,
-                        "accuracy_m": 5.0,
-                        "speed_mps": 7.1,
-                        "heading": 90,
-                    }
-                ).encode(),
-            )
-        )
-    keyed = [(i / max(1, len(pings)), m) for i, m in enumerate(pings)]
-    keyed += [(k / max(1, len(statuses)), m) for k, m in enumerate(statuses)]
-    return [m for _, m in sorted(keyed, key=lambda pair: pair[0])]
 
 
 @contextmanager
