@@ -120,6 +120,8 @@ class Daemon:
         self.settings = settings
         self.metrics = Metrics()
         self.stop_requested = threading.Event()
+        # Set by the signal handler, and nothing more: see `_stop_now`.
+        self.signal_received: int | None = None
         self._stop_intake = threading.Event()
         self._fatal: list[str] = []
         self._dispatch = DispatchStats()
@@ -372,7 +374,7 @@ class Daemon:
         ping_every = systemd.watchdog_interval()
         next_ping = 0.0
         dropped = 0
-        while not self.stop_requested.wait(0.2):
+        while not self._stop_now(0.2):
             self.sessions.tick()  # a cluster's grant runs out here, however things stand
             self.metrics.mqtt_connected.set(1 if self.sessions.connected() else 0)
             self.metrics.database_ok.set(0 if self.batcher.database_problem else 1)
@@ -402,10 +404,24 @@ class Daemon:
             return False
         return True
 
+    def _stop_now(self, wait_s: float) -> bool:
+        """Whether to stop (a fatal error, or a signal), after waiting up to `wait_s`.
+
+        The signal handler only notes the signal; this turns it into `stop_requested`
+        on the main thread's normal path. Setting the Event in the handler itself takes
+        the Event's lock, which the main thread may hold inside `Event.wait` when the
+        signal lands: it then waits on itself for good (seen once in CI: SIGTERM
+        logged, then nothing until the SIGKILL 40 s later)."""
+        signum = self.signal_received
+        if signum is not None and not self.stop_requested.is_set():
+            log.info("daemon.signal %s", signal.Signals(signum).name)
+            self.stop_requested.set()
+        return self.stop_requested.wait(wait_s)
+
     def _wait(self, event: threading.Event, what: str) -> bool:
         deadline = time.monotonic() + START_TIMEOUT_S
         while not event.wait(0.05):
-            if self.stop_requested.is_set():
+            if self._stop_now(0):
                 return False
             if time.monotonic() > deadline:
                 self._die(f"{what} process did not start")
@@ -468,8 +484,7 @@ def run_daemon(settings: Settings, on_subscribed: Callable[[], None] = lambda: N
 
 def _run(daemon: Daemon) -> int:
     def on_signal(signum: int, _frame: FrameType | None) -> None:
-        log.info("daemon.signal %s", signal.Signals(signum).name)
-        daemon.stop_requested.set()
+        daemon.signal_received = signum  # no lock, no logging here: see Daemon._stop_now
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)

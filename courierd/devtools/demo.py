@@ -73,8 +73,7 @@ def run_simulate(host: str, port: int, args: Any) -> int:
         on_progress=progress_line,
     )
     stop = threading.Event()
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    _stop_on_signals(stop)
     if args.duration:
         threading.Timer(args.duration, stop.set).start()
     sent = sim.run(stop)
@@ -158,9 +157,20 @@ def _broker(settings: Settings) -> tuple[str, LocalBroker | None]:
     return broker.url, broker
 
 
+def _stop_on_signals(stop: threading.Event) -> None:
+    """SIGINT and SIGTERM set `stop`, from a thread of their own: set in the handler, the
+    Event would take its lock, which the main thread may hold inside `stop.wait` when
+    the signal lands, and wait on itself for good (courierd run's supervisor likewise)."""
+
+    def handler(_signum: int, _frame: object) -> None:
+        threading.Thread(target=stop.set, name="signal", daemon=True).start()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
 def _wait_for_signal() -> None:
     stop = threading.Event()
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    _stop_on_signals(stop)
     while not stop.wait(0.5):
         pass
