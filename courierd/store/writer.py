@@ -195,17 +195,29 @@ class BatchWriter:
         by_id: dict[str, set[str]] = {}
         for order_id, event_id in event_ids:
             by_id.setdefault(event_id, set()).add(order_id)
-        orders = sorted({o for o, _ in event_ids} | {""})
-        for id_chunk in chunks(sorted(by_id)):
-            for order_chunk in chunks(orders):
+        # Pair by pair, one primary-key probe each: an IN list per column made SQLite
+        # probe every order with every id (100 orders x 500 ids a batch of statuses:
+        # 40 ms, half the status-only ingest's time).
+        pairs = sorted(event_ids)
+        for i in range(0, len(pairs), 250):
+            chunk = pairs[i : i + 250]
+            values = ",".join("(?, ?)" for _ in chunk)
+            snap.seen_event_ids.update(
+                (order_id, event_id)
                 for order_id, event_id in self.db.rows(
-                    "SELECT order_id, event_id FROM processed_events "
-                    f"WHERE order_id IN ({placeholders(order_chunk)}) "
-                    f"AND event_id IN ({placeholders(id_chunk)})",
-                    [*order_chunk, *id_chunk],
-                ):
-                    wanted = by_id[event_id]
-                    snap.seen_event_ids.update((o, event_id) for o in wanted if order_id in ("", o))
+                    f"WITH wanted (order_id, event_id) AS (VALUES {values}) "
+                    "SELECT p.order_id, p.event_id FROM wanted JOIN processed_events p "
+                    "ON p.order_id = wanted.order_id AND p.event_id = wanted.event_id",
+                    [v for pair in chunk for v in pair],
+                )
+            )
+        for id_chunk in chunks(sorted(by_id)):
+            for _, event_id in self.db.rows(
+                "SELECT order_id, event_id FROM processed_events "
+                f"WHERE order_id = '' AND event_id IN ({placeholders(id_chunk)})",
+                id_chunk,
+            ):
+                snap.seen_event_ids.update((o, event_id) for o in by_id[event_id])
 
     def _couriers(self, snap: Snapshot, couriers: set[str]) -> None:
         for chunk in chunks(sorted(couriers)):
