@@ -38,7 +38,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from bench.common import PING_COURIERS, PING_T0, iso, messages
+from bench.common import PING_COURIERS, PING_T0, iso, messages, publish_all
 
 
 def say(text: str) -> None:
@@ -174,32 +174,6 @@ def run_ingest(args: argparse.Namespace) -> dict[str, Any]:
 # -- the MQTT process ---------------------------------------------------------------------
 
 
-def _publish(port: int, msgs: list[tuple[str, bytes]]) -> None:
-    import paho.mqtt.client as paho
-    from paho.mqtt.enums import CallbackAPIVersion
-
-    done = threading.Event()
-    acked = [0]
-
-    def on_publish(*_: Any) -> None:
-        acked[0] += 1
-        if acked[0] == len(msgs):
-            done.set()
-
-    c = paho.Client(CallbackAPIVersion.VERSION2, client_id="profile-pub", protocol=paho.MQTTv5)
-    c.max_inflight_messages_set(1000)
-    c.max_queued_messages_set(0)
-    c.on_publish = on_publish
-    c.connect("127.0.0.1", port)
-    c.loop_start()
-    for topic, payload in msgs:
-        c.publish(topic, payload, qos=1)
-    if not done.wait(300):
-        raise RuntimeError(f"publisher: {acked[0]} of {len(msgs)} acknowledged")
-    c.disconnect()
-    c.loop_stop()
-
-
 def _edge(port: int, protocol: str, client_id: str, inbox: queue.SimpleQueue[Any]) -> Any:
     from courierd.config import MqttSettings
     from courierd.edges.mqtt import MqttEdge
@@ -314,7 +288,7 @@ def run_mqtt(args: argparse.Namespace) -> dict[str, Any]:
                 for protocol in args.protocols.split(","):
                     client_id = f"profile-{kind}-{protocol}-{r}"
                     _register(broker.port, kind, protocol, client_id)
-                    _publish(broker.port, msgs)
+                    publish_all(broker.port, msgs)
                     last = r == args.rounds - 1 and kind == "edge"
                     path = None
                     if last and args.profile is not None:
