@@ -240,6 +240,24 @@ def test_unwritable_path_is_a_store_error(tmp_path: Path) -> None:
         open_path(blocker / "sub" / "db.sqlite")
 
 
+def test_a_write_through_a_read_only_store_is_a_store_error(
+    store: Store, store_settings: StoreSettings
+) -> None:
+    """A write through a store opened read-only (replay, stores suggest, the API's reads)
+    is a StoreError saying so, on either backend: not the driver's own exception, and
+    not StoreUnavailable (no retry would help). Nothing is written."""
+    store.writer.commit([status("e1", "o1", Status.ARRIVING_AT_STORE)], now=T0)
+    with open_store(store_settings, readonly=True) as ro:
+        with pytest.raises(StoreError, match="opened read-only") as plain:
+            ro.db.execute("UPDATE orders SET state = 'cancelled'")
+        assert not isinstance(plain.value, StoreUnavailable)
+        refused = pytest.raises(StoreError, match="opened read-only")
+        with refused as in_tx, ro.db.transaction():
+            ro.db.executemany("DELETE FROM orders WHERE order_id = ?", [("o1",)])
+        assert not isinstance(in_tx.value, StoreUnavailable)
+        assert ro.db.rows("SELECT order_id, state FROM orders") == [("o1", "arriving_at_store")]
+
+
 def _ids(rows: list) -> list[tuple[str, str]]:  # type: ignore[type-arg]
     return [(r.order_id, r.status) for r in rows]
 

@@ -123,9 +123,20 @@ class PostgresDatabase(Database):
 
     # -- Database ---------------------------------------------------------------------
 
+    def _read_only(self, error: psycopg.Error) -> StoreError:
+        """A write through a read-only store (replay, stores suggest, the API's reads): a
+        mistake of courierd's, not the database failing, so no retry would help."""
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return StoreError(
+            f"cannot write to {self.location}: this store was opened read-only "
+            f"(PostgreSQL: {first})"
+        )
+
     def execute(self, sql: str, params: Sequence[Any] = ()) -> psycopg.Cursor[Any]:
         try:
             return self._live().execute(self._translate(sql), tuple(params) or None)
+        except pg_errors.ReadOnlySqlTransaction as e:
+            raise self._read_only(e) from e
         except psycopg.Error as e:
             if self._lost(e):
                 raise StoreUnavailable(f"database {self.location}: {e}") from e
@@ -138,6 +149,8 @@ class PostgresDatabase(Database):
         try:
             with self._live().cursor() as cur:
                 cur.executemany(self._translate(sql), batch)
+        except pg_errors.ReadOnlySqlTransaction as e:
+            raise self._read_only(e) from e
         except psycopg.Error as e:
             if self._lost(e):
                 raise StoreUnavailable(f"database {self.location}: {e}") from e
@@ -171,6 +184,8 @@ class PostgresDatabase(Database):
             raise
         try:
             tx.__exit__(None, None, None)
+        except pg_errors.ReadOnlySqlTransaction as e:
+            raise self._read_only(e) from e
         except psycopg.Error as e:
             if self._lost(e):
                 raise StoreUnavailable(f"commit to {self.location} failed: {e}") from e

@@ -50,6 +50,7 @@ class SqliteDatabase(Database):
         self.location = str(path)
         self.busy_timeout_ms = int(busy_timeout_s * 1000)
         self._migrations = tuple(migrations)
+        self.readonly = readonly
         try:
             if readonly:
                 uri = self.path.resolve().as_uri() + "?mode=ro"
@@ -72,10 +73,23 @@ class SqliteDatabase(Database):
 
     # -- Database ---------------------------------------------------------------------
 
+    def _refused(self, error: sqlite3.Error) -> StoreError | None:
+        """A write through a store opened read-only (replay, stores suggest, the API's
+        reads): courierd's mistake, which no retry would mend, so not StoreUnavailable."""
+        code = getattr(error, "sqlite_errorcode", None)
+        if self.readonly and code is not None and code & 0xFF == sqlite3.SQLITE_READONLY:
+            return StoreError(
+                f"cannot write to {self.location}: this store was opened read-only "
+                f"(SQLite: {error})"
+            )
+        return None
+
     def execute(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
         try:
             return self.conn.execute(sql, params)
         except sqlite3.Error as e:
+            if refused := self._refused(e):
+                raise refused from e
             if _is_unavailable(e):
                 raise StoreUnavailable(f"database {self.location}: {e}") from e
             raise
@@ -84,6 +98,8 @@ class SqliteDatabase(Database):
         try:
             self.conn.executemany(sql, rows)
         except sqlite3.Error as e:
+            if refused := self._refused(e):
+                raise refused from e
             if _is_unavailable(e):
                 raise StoreUnavailable(f"database {self.location}: {e}") from e
             raise
