@@ -104,6 +104,25 @@ def test_an_order_row_changed_behind_the_writer_is_read_as_it_is_now(store: Stor
     assert store.db.value("SELECT state FROM orders") == "arriving_at_store"
 
 
+def test_the_writer_forgets_an_order_row_once_the_order_is_finished(store: Store) -> None:
+    """What the writer keeps per order row (to skip rebuilding it) is dropped when the
+    order finishes, and a finished order's row read again (a late duplicate) is not kept:
+    finished orders do not fill the memo until it is cleared."""
+    writer = store.writer
+    writer.commit([status("a1", "o1", Status.ARRIVING_AT_STORE)], now=T0)
+    writer.commit([status("b1", "o2", Status.ARRIVING_AT_STORE)], now=T0)
+    writer.commit(  # each order's row read again: kept
+        [status("a2", "o1", Status.ARRIVED_AT_STORE), status("b2", "o2", Status.ARRIVED_AT_STORE)],
+        now=T0 + 1,
+    )
+    assert {"o1", "o2"} <= set(writer._rows)
+    writer.commit([status("a3", "o1", Status.DROPOFF)], now=T0 + 2)
+    assert store.db.value("SELECT state FROM orders WHERE order_id = 'o1'") == "dropoff"
+    assert "o1" not in writer._rows and "o2" in writer._rows
+    writer.commit([status("a3", "o1", Status.DROPOFF)], now=T0 + 3)  # a late duplicate
+    assert "o1" not in writer._rows
+
+
 def test_consumed_fixes_as_stored_read_back_as_kept() -> None:
     """What the writer keeps beside the consumed segments it writes is what reading the
     text gives back; the text is the JSON encoder's, escapes and all."""

@@ -128,6 +128,9 @@ class BatchWriter:
                 snap = self.snapshot(order_ids, event_ids, couriers, tracked, now=now)
                 fx = plan_batch(snap, inputs, now=now, geofence_rules=self.geofence_rules)
                 self.write(fx, snap, now=now)
+                for oid, order in fx.orders.items():  # finished: its row is read no more
+                    if order.state in FINISHED:
+                        self._rows.pop(oid, None)
             finally:
                 self._addresses = {}  # this transaction's: never used in another
         return fx
@@ -270,7 +273,11 @@ class BatchWriter:
                 snap.corrupt_orders.add(oid)
                 return
             order, places = self._order_of(key, now)
-            if hold_until is None:  # `held` depends on the clock: not kept
+            # `held` depends on the clock: not kept; nor is a finished order's row, which
+            # a batch seldom reads again (a late duplicate).
+            if state in FINISHED:
+                self._rows.pop(oid, None)
+            elif hold_until is None:
                 rows = self._rows
                 if len(rows) >= self._tracks.size and oid not in rows:
                     rows.clear()
