@@ -9,11 +9,13 @@ import pytest
 
 from courierd.config import StoreSettings
 from courierd.daemon.housekeeping import Housekeeper
+from courierd.devtools.sandbox import Sandbox
 from courierd.domain.model import DeadLetter, Status, StatusEvent
 from courierd.store import open_store
 from courierd.store.outbox import PushResult
 from courierd.store.schema import DELIVERED
 from tests.harness import open_path
+from tests.test_api import TOKEN, Client, serve
 
 HOUR = 3600.0
 
@@ -114,12 +116,13 @@ def test_a_big_backlog_is_pruned_in_many_small_transactions(tmp_path: Path) -> N
 
 
 def test_accepted_fixes_go_after_their_own_retention_and_replay_names_who_lost_them(
-    cli, db_path: Path
+    cli, db_path: Path, onetablet: Sandbox
 ) -> None:  # type: ignore[no-untyped-def]
     """Accepted fixes are kept `store.fix_retention_days` (7 by default), apart from the
     orders' 30: fixes older than that go, younger ones stay, and the finished order the
-    old ones served stays for its own retention. `courierd replay` then leaves that
-    order out and names it, and replays the other as decided."""
+    old ones served stays for its own retention. `courierd replay` then shows that order
+    flagged with its missing fixes, as the API's replay does, keeps it out of the
+    summary and names it, and replays the other as decided."""
     from courierd.domain.model import Assignment, LocationFix, Place, iso
 
     now = 1_800_000_000.0
@@ -152,8 +155,25 @@ def test_accepted_fixes_go_after_their_own_retention_and_replay_names_who_lost_t
 
     r = cli("replay", "--json")
     assert r.code == 0, r.err
-    assert [o["order_id"] for o in json.loads(r.out)["orders"]] == ["young"]
-    assert "1 orders left out" in r.err and "store.fix_retention_days): old" in r.err
+    got = json.loads(r.out)
+    flagged = {o["order_id"]: o["missing_fixes"] for o in got["orders"]}
+    assert flagged["young"] == 0 and flagged["old"] > 0, flagged
+    assert got["summary"]["orders_replayed"] == 1  # the faithful one only
+    assert got["summary"]["orders_missing_fixes"] == 1
+    assert "1 orders flagged, not in the summary" in r.err
+    assert "store.fix_retention_days): old" in r.err
+    text = cli("replay", "--order", "old")
+    assert text.code == 0, text.err
+    assert f"old  {flagged['old']} of its fixes pruned: not faithful" in text.out
+    assert "orders replayed: 0" in text.out
+    server = serve(db_path.parent, onetablet, TOKEN)  # the API's replay says the same
+    try:
+        client = Client(server.port, onetablet, db_path)
+        for order, missing in flagged.items():
+            code, doc, _ = client.call("GET", f"/v1/orders/{order}/replay")
+            assert code == 200 and doc["missing_fixes"] == missing, (order, doc)
+    finally:
+        server.stop()
 
     # Past the orders' own retention, the finished orders go too.
     store = open_path(db_path)

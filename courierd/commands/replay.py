@@ -15,7 +15,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from pydantic import ValidationError
@@ -97,19 +97,30 @@ def run_replay(
         missing = sorted(set(orders) - set(ids))
         if missing:
             raise InputError(f"no accepted fixes stored for order {missing[0]!r}")
-        results = list(replay_orders(reads, ids, rules, screen))
-    summary = summarise(results)
+        pruned: dict[str, int] = {}
+        results = list(replay_orders(reads, ids, rules, screen, pruned))
+    # A partly pruned order is shown, flagged, but kept out of the summary: its replay
+    # is not faithful, and would skew the shifts the summary is read for.
+    summary = summarise(r for r in results if r.order_id not in pruned)
     if as_json:
-        print(json.dumps(replay_json(results, summary)))
+        print(json.dumps(replay_json(results, summary, pruned)))
     else:
-        print(report_text(results, summary))
+        print(report_text(results, summary, pruned))
     return 0
 
 
 def replay_orders(
-    reads: ReplayReads, ids: Sequence[str], rules: GeofenceRules, screen: bool
+    reads: ReplayReads,
+    ids: Sequence[str],
+    rules: GeofenceRules,
+    screen: bool,
+    pruned: dict[str, int] | None = None,
 ) -> Iterator[OrderReplay]:
-    """Replayed orders; a progress line on stderr each second of a long replay."""
+    """Replayed orders; a progress line on stderr each second of a long replay.
+
+    An order some of whose consumed fixes were pruned (retention) is not faithful: it
+    is replayed over the fixes still kept, its missing count put in `pruned`, or left
+    out when `pruned` is None. Either way stderr names such orders."""
     started = last = time.monotonic()
     fixes = 0
     partial: list[str] = []
@@ -118,7 +129,9 @@ def replay_orders(
         if history.missing:
             # Some of its fixes were pruned: a replay would not be faithful.
             partial.append(history.order_id)
-            continue
+            if pruned is None:
+                continue
+            pruned[history.order_id] = history.missing
         yield replay(history, rules, screen=screen)
         now = time.monotonic()
         if now - last >= PROGRESS_EVERY_S:
@@ -128,18 +141,23 @@ def replay_orders(
             )
     if partial:
         shown = ", ".join(partial[:PRUNED_SHOWN]) + (", ..." if len(partial) > PRUNED_SHOWN else "")
+        what = "left out" if pruned is None else "flagged, not in the summary"
         sys.stderr.write(
-            f"replay: {len(partial):,} orders left out, some of the fixes their rules "
+            f"replay: {len(partial):,} orders {what}, some of the fixes their rules "
             "consumed are no longer kept (accepted fixes are deleted after "
             f"store.fix_retention_days): {shown}\n"
         )
 
 
-def replay_json(results: Sequence[OrderReplay], summary: Summary) -> dict[str, Any]:
+def replay_json(
+    results: Sequence[OrderReplay], summary: Summary, pruned: Mapping[str, int] | None = None
+) -> dict[str, Any]:
+    pruned = pruned or {}
     return {
         "orders": [
             {
                 "order_id": r.order_id,
+                "missing_fixes": pruned.get(r.order_id, 0),
                 "statuses": [
                     {"status": s.status.value, "was": s.was, "would_be": s.would_be}
                     for s in r.statuses
@@ -147,14 +165,23 @@ def replay_json(results: Sequence[OrderReplay], summary: Summary) -> dict[str, A
             }
             for r in results
         ],
-        "summary": summary.to_json(),
+        "summary": {**summary.to_json(), "orders_missing_fixes": len(pruned)},
     }
 
 
-def report_text(results: Sequence[OrderReplay], summary: Summary) -> str:
-    """Changed orders one status a line, then the summary."""
+def report_text(
+    results: Sequence[OrderReplay], summary: Summary, pruned: Mapping[str, int] | None = None
+) -> str:
+    """Changed orders one status a line (a partly pruned order's flagged), then the
+    summary (of the faithful orders only)."""
+    pruned = pruned or {}
     lines = []
     for r in results:
+        if r.order_id in pruned:
+            lines.append(
+                f"{r.order_id}  {pruned[r.order_id]} of its fixes pruned: not faithful, "
+                "not in the summary"
+            )
         for s in r.statuses:
             if not s.changed:
                 continue
@@ -166,6 +193,8 @@ def report_text(results: Sequence[OrderReplay], summary: Summary) -> str:
                 what = f"{s.was} -> {s.would_be} ({_signed(s.shift_s)})"
             lines.append(f"{r.order_id}  {s.status.value}: {what}")
     lines.append(f"orders replayed: {summary.orders}, orders that change: {summary.changed}")
+    if pruned:
+        lines.append(f"orders with pruned fixes (not in the summary): {len(pruned)}")
     for shift in summary.shifts:
         parts = []
         if shift.median_s is not None and shift.p90_s is not None:
