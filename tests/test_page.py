@@ -148,6 +148,29 @@ def test_order_view_draws_transitions_pushes_and_track(sqlite_rig: Rig, browser:
     assert browser.find_element(By.ID, "order-state").text == "out for delivery"
 
 
+def test_health_shows_on_every_view(sqlite_rig: Rig, browser: WebDriver) -> None:
+    """The health pill is filled on the order and stores views too, opened directly
+    (not through the dashboard), and follows the daemon's health there: the broker
+    stopped, the order view's pill turns unhealthy, saying why, without a reload."""
+    port = with_traffic(sqlite_rig, token=TOKEN)  # /healthz needs no token: not even asked
+    for view in ("#/orders/o-geo", "#/stores"):
+        browser.get(f"http://127.0.0.1:{port}/{view}")
+        browser.refresh()  # a fresh page on this view (only the # changed)
+        wait(browser, "#health.ok", "healthy")
+    browser.get(f"http://127.0.0.1:{port}/#/orders/o-geo")
+    browser.refresh()
+    wait(browser, "#health.ok", "healthy")
+    sqlite_rig.broker.stop()
+    wait(browser, "#health.bad", "unhealthy", timeout=30)
+    assert "mqtt" in (browser.find_element(By.ID, "health").get_attribute("title") or "")
+    errors = [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    expected = (
+        "/healthz - Failed to load resource: the server responded with a status of 503",
+        "401 (Unauthorized)",
+    )
+    assert all(any(x in e for x in expected) for e in errors), errors  # no script error
+
+
 def test_page_asks_for_the_token_once(sqlite_rig: Rig, browser: WebDriver) -> None:
     """With http.token set the page asks for it, says when it is wrong, then keeps it for
     the tab (sessionStorage) and sends it with every request."""

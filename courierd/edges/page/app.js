@@ -1,7 +1,8 @@
 // courierd's operator page: the dashboard (#/), one order (#/orders/{id}) and the stores'
 // learned pickup points (#/stores). Plain DOM, no dependencies, nothing loaded from
 // elsewhere; data from the dispatch API (/v1/...), polled every 2 s (the stores every
-// 60 s: learning them reads every stay). Text from the API only ever goes in as text nodes.
+// 60 s: learning them reads every stay), and the health pill from /healthz every 2 s on
+// every view. Text from the API only ever goes in as text nodes.
 //
 // An order's view replays its geofence statuses with other settings when the URL says so:
 // `?geofence.approach_m=300` in the page's address (before or after the #), as
@@ -309,6 +310,19 @@
     healthPill.className = "pill " + (ok ? "ok" : health.status === "unknown" ? "" : "bad");
     healthPill.textContent = ok ? "healthy" : health.status === "unknown" ? "health unknown" : "unhealthy";
     healthPill.title = (health.reasons || []).join("\n") + (paused ? "\nOneTablet key refused" : "");
+  }
+
+  // The health pill on every view, not only the dashboard's: /healthz (no token needed,
+  // and its 503 is an answer too), polled on its own whatever the view and the token.
+  async function pollHealth() {
+    try {
+      const reply = await fetch("/healthz", { headers: { Accept: "application/json" }, cache: "no-store" });
+      const report = await reply.json();
+      showHealth(report, report.onetablet === "unauthorized");
+    } catch (error) {
+      showHealth({ status: "unknown", reasons: ["health not read: " + error.message] }, false);
+    }
+    setTimeout(pollHealth, POLL_MS);
   }
 
   // -- one order --------------------------------------------------------------------
@@ -628,5 +642,6 @@
     return svg;
   }
 
+  pollHealth();
   refresh();
 })();
