@@ -22,6 +22,8 @@ from tests.harness import (
     Publisher,
     all_dropped_off,
     delivered,
+    start_together,
+    stop_together,
     wait_until,
 )
 from tests.tcpproxy import TcpProxy
@@ -29,6 +31,9 @@ from tests.tcpproxy import TcpProxy
 pytestmark = pytest.mark.integration
 STATUSES = [s.value for s in CHAIN]
 LEASE_S = 4  # short leases keep the test short; failover takes about this long
+# A fault outlasts what it must bring about by this much: three leases, every lease
+# (heartbeat, slots, the sessions of those gone silent) runs out on every side by then.
+FAULT_MARGIN_S = 3 * LEASE_S
 
 
 class Cluster:
@@ -112,7 +117,7 @@ def test_three_instances_survive_losing_one_for_good_and_restarting_another(
     one's sessions (queued and in-flight messages) and claims well within 60 s, and every
     order's pushes arrive complete, in order, with few repeats."""
     cluster.onetablet.faults.latency_ms = 5  # keep pushes in flight when the kills land
-    a, b, c = (cluster.instance().start() for _ in range(3))
+    a, b, c = start_together(*(cluster.instance() for _ in range(3)))
     wait_until(lambda: slots(a) | slots(b) | slots(c) == {0, 1, 2, 3}, 30, "slots shared out")
     orders = [f"k{i}" for i in range(60)]
     done = threading.Event()
@@ -130,15 +135,14 @@ def test_three_instances_survive_losing_one_for_good_and_restarting_another(
     assert cluster.onetablet.wait_for(lambda _: all_dropped_off(cluster.onetablet, orders), 90)
     check_pushes(cluster.onetablet, orders, disruptions=2)
     wait_until(lambda: slots(b) | slots(c) == {0, 1, 2, 3} and slots(b), 30, "b rejoined")
-    for d in (b, c):
-        assert d.stop() == 0
+    assert stop_together(b, c) == [0, 0]
 
 
 def test_a_paused_instance_is_fenced_off(cluster: Cluster) -> None:
     """An instance stopped (SIGSTOP) longer than its leases loses its sessions and claims
     to the other; continued, it commits nothing of what is no longer its share (no
     transition twice) and gives the sessions back, while every order completes in order."""
-    a, b = cluster.instance().start(), cluster.instance().start()
+    a, b = start_together(cluster.instance(), cluster.instance())
     wait_until(lambda: slots(a) and slots(b), 30, "both holding slots")
     orders = [f"s{i}" for i in range(40)]
     done = threading.Event()
@@ -165,8 +169,7 @@ def test_a_paused_instance_is_fenced_off(cluster: Cluster) -> None:
     assert {o: n for o, n in counts if o in orders} == {o: len(STATUSES) for o in orders}
     wait_until(lambda: slots(a) and slots(a) | slots(b) == {0, 1, 2, 3}, 60, "a back")
     assert not slots(a) & slots(b)
-    for d in (a, b):
-        assert d.stop() == 0
+    assert stop_together(a, b) == [0, 0]
 
 
 class Stream:
@@ -248,22 +251,22 @@ def test_joining_scaling_out_and_a_rolling_restart_stall_nothing(cluster: Cluste
     everyone = [first, *members]
     assert not [ln for d in everyone for ln in lines(d, "ERROR")]
     assert not [ln for d in everyone for ln in lines(d, "mqtt.disconnected")]
-    for d in members:
-        assert d.stop() == 0
+    assert stop_together(*members) == [0, 0, 0]
 
 
 def test_silent_instances_are_taken_over_and_come_back_without_harm(cluster: Cluster) -> None:
     """Under a steady stream, one instance is stopped (SIGSTOP) and another's path to
-    PostgreSQL goes silent (no RST, its MQTT still up), both for 45 s: the third takes
-    every session over well within 60 s; back, they commit nothing that is no longer
-    theirs and never kick its sessions off. Then PostgreSQL is down for 15 s for all
-    (health 503 meanwhile, 200 after). Every order is pushed complete, in order."""
+    PostgreSQL goes silent (no RST, its MQTT still up), both until three leases after the
+    third took every session over (within 60 s): back, they commit nothing that is no
+    longer theirs and never kick its sessions off. Then PostgreSQL is down for all, three
+    leases long (health 503 meanwhile, 200 after). Every order is pushed complete, in
+    order."""
     cluster.onetablet.faults.latency_ms = 5
     base, _, dbname = cluster.url.rpartition("/")
     host, _, port = base.rpartition(":")  # the suite's own PostgreSQL (tests/pg.py)
     proxies = [TcpProxy(int(port)).start() for _ in range(3)]
     try:
-        a, b, c = (cluster.instance(f"{host}:{p.port}/{dbname}").start() for p in proxies)
+        a, b, c = start_together(*(cluster.instance(f"{host}:{p.port}/{dbname}") for p in proxies))
         wait_until(lambda: shared_out(a, b, c), 30, "slots shared out")
         stream = Stream(cluster.broker, "q").start()
         try:
@@ -277,7 +280,9 @@ def test_silent_instances_are_taken_over_and_come_back_without_harm(cluster: Clu
             try:
                 wait_until(lambda: slots(b) == {0, 1, 2, 3}, 60, "b taking every slot over")
                 took_over = time.monotonic() - began
-                time.sleep(max(0.0, began + 45 - time.monotonic()))  # the fault's length
+                # The fault goes on while b works their shares (the silent ones' MQTT
+                # clients meanwhile kicked off, trying to come back): three leases.
+                time.sleep(FAULT_MARGIN_S)  # the fault's length, not a synchronisation
             finally:
                 for pid in stopped:
                     os.kill(pid, signal.SIGCONT)
@@ -288,7 +293,8 @@ def test_silent_instances_are_taken_over_and_come_back_without_harm(cluster: Clu
                 p.refuse()
             try:
                 wait_until(lambda: b.health()[0] == 503, 15, "health 503 without the database")
-                time.sleep(max(0.0, outage + 15 - time.monotonic()))  # the outage's length
+                # The outage's length (not a synchronisation): every lease runs out.
+                time.sleep(max(0.0, outage + FAULT_MARGIN_S - time.monotonic()))
             finally:
                 for p in proxies:
                     p.resume()
@@ -306,8 +312,7 @@ def test_silent_instances_are_taken_over_and_come_back_without_harm(cluster: Clu
             counts = store.db.rows("SELECT order_id, count(*) FROM transitions GROUP BY order_id")
         assert {o: n for o, n in counts if o in orders} == {o: len(STATUSES) for o in orders}
         assert not lines(b, "mqtt.disconnected")  # nobody kicked b's sessions off
-        for d in (a, b, c):
-            assert d.stop() == 0
+        assert stop_together(a, b, c) == [0, 0, 0]
     finally:
         for p in proxies:
             p.stop()
