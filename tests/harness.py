@@ -276,8 +276,9 @@ class Rig:
     def store_env(self) -> dict[str, str]:
         """The environment that points courierd (daemon or command) at this store."""
         if self.pg_url is not None:
-            # Short leases: a killed instance's successor takes its sessions back sooner.
-            return {"COURIERD_STORE__URL": self.pg_url, "COURIERD_CLUSTER__LEASE_S": "5"}
+            # Short leases (as test_cluster's): a killed instance's successor takes its
+            # sessions back sooner.
+            return {"COURIERD_STORE__URL": self.pg_url, "COURIERD_CLUSTER__LEASE_S": "4"}
         return {"COURIERD_STORE__PATH": str(self.dir / "courierd.db")}
 
     def daemon(self, **env: str) -> Daemon:
