@@ -34,6 +34,7 @@ from courierd.daemon.ipc import (
     Grant,
     orphaned,
     quick_thread_handovers,
+    settle_gc,
     worker_setup,
 )
 from courierd.daemon.membership import SlotManager
@@ -474,6 +475,7 @@ def dispatch_main(
     keeper.start()
     publishing = threading.Thread(target=notifier.run, args=(stop,), name="notifier")
     publishing.start()
+    settle_gc()
     report("ready", None)
     _listen(control, wake, on_wake, on_control)
     stop.set()  # the slot manager leaves at once: the MQTT process is disconnected
