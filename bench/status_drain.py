@@ -129,6 +129,29 @@ def drain(
     }
 
 
+def steady(
+    broker: LocalBroker,
+    sandbox: SandboxProc,
+    root: Path,
+    tree: str,
+    tag: str,
+    seconds: float,
+    rate: int,
+    status_every: int,
+) -> dict[str, Any]:
+    """bench/phases/latency.py's phase (publish → POST of statuses among pings at a
+    steady `rate`), with the daemon from `tree`."""
+    from bench.phases import latency as phase
+
+    class FromTree(Courierd):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.env["PYTHONPATH"] = tree
+
+    phase.Courierd = FromTree  # type: ignore[misc]
+    return phase.latency(broker, sandbox, root, seconds, f"-{tag}", rate, status_every)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tree", action="append", required=True, help="NAME=PATH")
@@ -137,6 +160,14 @@ def main() -> None:
     ap.add_argument("--messages", type=int, default=20_000)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--json", type=Path)
+    ap.add_argument(
+        "--latency",
+        type=float,
+        metavar="SECONDS",
+        help="instead of a drain: bench/phases/latency.py's steady load for SECONDS",
+    )
+    ap.add_argument("--rate", type=int, default=2000, help="--latency: msg/s")
+    ap.add_argument("--status-every", type=int, default=20, help="--latency: 1 = statuses only")
     args = ap.parse_args()
     trees = dict(t.split("=", 1) for t in args.tree)
     envs: dict[str, dict[str, str]] = defaultdict(dict)
@@ -159,6 +190,20 @@ def main() -> None:
                 order = list(trees) if r % 2 == 0 else list(reversed(trees))
                 for name in order:
                     tag = f"{name}{r}"
+                    if args.latency:
+                        got = steady(
+                            broker,
+                            sandbox,
+                            root,
+                            trees[name],
+                            tag,
+                            args.latency,
+                            args.rate,
+                            args.status_every,
+                        )
+                        say(f"{name} round {r}: {json.dumps(got)}")
+                        results[name].append(got)
+                        continue
                     got = drain(
                         broker,
                         sandbox,
@@ -177,6 +222,14 @@ def main() -> None:
             broker.stop()
     say("medians:")
     summary = {}
+    if args.latency:
+        for name, runs in results.items():
+            med = {k: statistics.median(r[k] for r in runs) for k in ("p50_ms", "p99_ms")}
+            summary[name] = {"median": med, "runs": runs}
+            say(f"  {name}: {json.dumps(med)} (p99s {[r['p99_ms'] for r in runs]})")
+        if args.json:
+            args.json.write_text(json.dumps(summary, indent=1))
+        return
     for name, runs in results.items():
         med: dict[str, Any] = {}
         for key in ("ingest_per_s", "first_to_last_push_s", "ingest_end_to_last_push_s"):
