@@ -107,6 +107,7 @@ def drain(
             raise RuntimeError(f"{tag}: ingested {got}, pushed {pushed} of {n}")
         time.sleep(0.05)
     cpu_end = cpu()
+    rss, pss = daemon.memory_mb()
     metrics = daemon.get("/metrics") or ""
     daemon.stop()
     forget_session(broker.port, name)
@@ -121,6 +122,7 @@ def drain(
         "first_to_last_push_s": round(t_pushed - t_first, 2),
         "ingest_end_to_last_push_s": round(t_pushed - t_ingested, 2),
         "whole_cpu_us": {k: round(v / counted * 1e6) for k, v in sorted(whole.items())},
+        "daemon_rss_pss_mb": [round(rss, 1), round(pss, 1)],  # its processes, at the end
         "pushes_failed_or_retried": sum(
             float(line.rsplit(" ", 1)[1])
             for line in metrics.splitlines()
