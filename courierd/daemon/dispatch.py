@@ -464,6 +464,8 @@ def dispatch_main(
         if kind == "holding" and manager is not None:
             manager.holding(value)  # type: ignore[arg-type]
 
+    # Before the threads start: nothing in flight yet is frozen with what start-up built.
+    settle_gc()
     worker = threading.Thread(target=run_dispatcher, name="dispatch")
     worker.start()
     threading.Thread(target=run_reporter, name="reporter", daemon=True).start()
@@ -475,7 +477,6 @@ def dispatch_main(
     keeper.start()
     publishing = threading.Thread(target=notifier.run, args=(stop,), name="notifier")
     publishing.start()
-    settle_gc()
     report("ready", None)
     _listen(control, wake, on_wake, on_control)
     stop.set()  # the slot manager leaves at once: the MQTT process is disconnected
