@@ -150,7 +150,7 @@ def steady(
             super().__init__(*args, **kwargs)
             self.env["PYTHONPATH"] = tree
 
-    phase.Courierd = FromTree  # type: ignore[misc]
+    phase.Courierd = FromTree  # type: ignore[attr-defined]
     return phase.latency(broker, sandbox, root, seconds, f"-{tag}", rate, status_every)
 
 
@@ -226,9 +226,9 @@ def main() -> None:
     summary = {}
     if args.latency:
         for name, runs in results.items():
-            med = {k: statistics.median(r[k] for r in runs) for k in ("p50_ms", "p99_ms")}
-            summary[name] = {"median": med, "runs": runs}
-            say(f"  {name}: {json.dumps(med)} (p99s {[r['p99_ms'] for r in runs]})")
+            mid = {k: statistics.median(r[k] for r in runs) for k in ("p50_ms", "p99_ms")}
+            summary[name] = {"median": mid, "runs": runs}
+            say(f"  {name}: {json.dumps(mid)} (p99s {[r['p99_ms'] for r in runs]})")
         if args.json:
             args.json.write_text(json.dumps(summary, indent=1))
         return
