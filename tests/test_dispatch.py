@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -253,3 +255,19 @@ def test_a_committed_batch_wakes_only_whom_it_wrote_for(db_path: Path) -> None:
     assert (statuses.pushes, statuses.notifications, wake_for(statuses)) == (1, 0, PUSHES)
     assert (alert.pushes, alert.notifications, wake_for(alert)) == (0, 1, NOTIFICATIONS)
     assert wake_for(BatchReport(2, pushes=1, notifications=1)) == PUSHES + NOTIFICATIONS
+
+
+def test_a_worker_settles_its_collector_once_started() -> None:
+    """After start, a worker's collector leaves what it built alone (frozen) and runs
+    after GC_YOUNG new objects, not CPython's 700: at the defaults it walked the 256
+    pushes in flight over and over, a sixth of the push process's CPU. (In a process of
+    its own: pytest's collector is not ours to change.)"""
+    code = (
+        "import gc\n"
+        "from courierd.daemon.ipc import GC_YOUNG, settle_gc\n"
+        "assert gc.get_threshold()[0] == 700 and gc.get_freeze_count() == 0\n"
+        "settle_gc()\n"
+        "print(gc.get_threshold()[0] == GC_YOUNG > 700, gc.get_freeze_count() > 1000)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "True"]

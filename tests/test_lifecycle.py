@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from courierd.domain import lifecycle
 from courierd.domain.lifecycle import CHAIN, DeliveryLifecycle, decide
-from courierd.domain.model import CANCELLED, EXPIRED, NEW, Order, Outcome, Status, StatusEvent
+from courierd.domain.model import (
+    CANCELLED,
+    EXPIRED,
+    NEW,
+    Order,
+    Outcome,
+    Status,
+    StatusEvent,
+    dumps,
+)
 from courierd.errors import InputError
 
 NOW = "2026-01-01T00:00:00.000Z"
@@ -132,6 +143,26 @@ def test_idempotency_key_is_stable_and_distinct() -> None:
     k = lifecycle.idempotency_key
     assert k("o1", Status.DROPOFF) == k("o1", Status.DROPOFF)
     assert len({k("o1", s) for s in Status} | {k("o2", s) for s in Status}) == 10
+
+
+@given(st.text(min_size=1), st.sampled_from(list(Status)))
+def test_idempotency_key_is_uuid5_of_order_and_status(order_id: str, status: Status) -> None:
+    """The key is uuid5(NAMESPACE_URL, "courierd:{order}:{status}"), written out by hand:
+    keys of pushes made before and after must match (the same push, the same key)."""
+    try:
+        expected = str(uuid.uuid5(uuid.NAMESPACE_URL, f"courierd:{order_id}:{status.value}"))
+    except UnicodeEncodeError:  # lone surrogates: ids never carry them (parse refuses)
+        with pytest.raises(UnicodeEncodeError):
+            lifecycle.idempotency_key(order_id, status)
+        return
+    assert lifecycle.idempotency_key(order_id, status) == expected
+
+
+@pytest.mark.parametrize("info", [None, {}, {"phone": None}, {"vehicle": {"color": None}}])
+def test_a_body_without_courier_info_is_what_dumps_writes(info: dict[str, object] | None) -> None:
+    """The bodies without courier_info (precomputed per status) are the encoder's text."""
+    for status in Status:
+        assert lifecycle.push_body(status, info) == dumps({"delivery_status": status.value})
 
 
 def test_cancel_refused_after_dropoff_allowed_before() -> None:

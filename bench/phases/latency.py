@@ -54,13 +54,18 @@ def latency(
     seconds: float,
     label: str = "",
     rate: int = 2000,
+    status_every: int = 20,
     beside: Callable[[int], contextlib.AbstractContextManager[Any]] | None = None,
 ) -> dict[str, Any]:
     """publish → POST for status events while pings flow at `rate` msg/s in all; where
     the time goes, from courierd's own stage histograms; and how far the harness's
     publisher fell behind its schedule (not courierd's: delays start at the publish call).
-    `beside(http_port)`, if given, runs around the publishing (a page reader)."""
-    say(f"latency: {seconds:.0f} s at {rate} msg/s (95% pings), publish → POST")
+    `beside(http_port)`, if given, runs around the publishing (a page reader); one
+    message in `status_every` is a status event (1: statuses only)."""
+    say(
+        f"latency: {seconds:.0f} s at {rate} msg/s ({1 - 1 / status_every:.0%} pings), "
+        "publish → POST"
+    )
     work = root / f"latency{label}"
     work.mkdir()
     daemon = Courierd(work, broker, sandbox.url, f"bench-courierd-latency{label}")
@@ -79,8 +84,8 @@ def latency(
         lags.append(time.perf_counter() - next_tick)
         for _ in range(per_tick):
             i += 1
-            if i % 20 == 0:  # 5 % status events, each order walking the chain
-                o, s = divmod(i // 20, len(STATUSES))
+            if i % status_every == 0:  # status events (5 %), each order walking the chain
+                o, s = divmod(i // status_every, len(STATUSES))
                 order = f"lat{label}-{o}"
                 payload = json.dumps(
                     {"event_id": f"lat-{i}", "order_id": order, "status": STATUSES[s]}

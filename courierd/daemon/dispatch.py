@@ -34,6 +34,7 @@ from courierd.daemon.ipc import (
     Grant,
     orphaned,
     quick_thread_handovers,
+    settle_gc,
     worker_setup,
 )
 from courierd.daemon.membership import SlotManager
@@ -463,6 +464,8 @@ def dispatch_main(
         if kind == "holding" and manager is not None:
             manager.holding(value)  # type: ignore[arg-type]
 
+    # Before the threads start: nothing in flight yet is frozen with what start-up built.
+    settle_gc()
     worker = threading.Thread(target=run_dispatcher, name="dispatch")
     worker.start()
     threading.Thread(target=run_reporter, name="reporter", daemon=True).start()

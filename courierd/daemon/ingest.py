@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from multiprocessing.connection import Connection
 
 from courierd.config import Settings
-from courierd.daemon.ipc import orphaned, wake_for, worker_setup
+from courierd.daemon.ipc import orphaned, settle_gc, wake_for, worker_setup
 from courierd.domain.model import (
     Assignment,
     BatchReport,
@@ -148,6 +148,7 @@ def ingest_main(settings: Settings, pipe: Connection, wake: Connection, instance
     except CourierdError as e:
         pipe.send(("fatal", str(e)))
         return
+    settle_gc()
     pipe.send(("ready", None))
     while True:
         try:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import gc
 import logging
 import os
 import signal
@@ -83,6 +84,24 @@ def worker_setup(settings: Settings, name: str) -> None:
     setup_logging(settings.log.level, settings.log.format)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+GC_YOUNG = 20_000  # a worker's collector runs after this many new objects (CPython: 700)
+
+
+def settle_gc() -> None:
+    """Once a worker has started: what it has built so far (modules, settings, its
+    connections) lives as long as it does, so the cyclic collector stops walking it
+    (`gc.freeze`), and it runs after GC_YOUNG new objects instead of 700.
+
+    A push in flight holds a few hundred objects (aiohttp's request, response, task),
+    and 256 are in flight: at CPython's defaults the collector walked them over and
+    over, 40-47 µs per push (a sixth of the push process's CPU), and re-walked every
+    module at each full collection. Garbage in cycles still goes, a few MB at most later.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG, *gc.get_threshold()[1:])
 
 
 def quick_thread_handovers() -> None:

@@ -9,9 +9,11 @@ against the table to prove they agree.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Mapping
 from dataclasses import replace
+from json.encoder import encode_basestring
 from typing import Any
 
 from statemachine import State, StateMachine
@@ -107,13 +109,31 @@ def valid_state(value: object) -> bool:
     return value in STATE_VALUES
 
 
+_URL_NAMESPACE = uuid.NAMESPACE_URL.bytes
+
+
 def idempotency_key(order_id: str, status: Status) -> str:
-    """Stable for the life of the push: each status is pushed once per order."""
-    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"courierd:{order_id}:{status.value}"))
+    """Stable for the life of the push: each status is pushed once per order.
+
+    `uuid.uuid5(NAMESPACE_URL, "courierd:{order_id}:{status}")` as text, written out
+    here: the same SHA-1, version and variant bits, without building a UUID object
+    (uuid5 and str() were a tenth of the ingest process's time on statuses)."""
+    name = f"courierd:{order_id}:{status.value}".encode()
+    raw = bytearray(hashlib.sha1(_URL_NAMESPACE + name).digest()[:16])
+    raw[6] = (raw[6] & 0x0F) | 0x50  # version 5
+    raw[8] = (raw[8] & 0x3F) | 0x80  # RFC 4122 variant
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+# The body of a push with no courier_info, per status: what `dumps` writes for it.
+_BARE_BODIES = {s: f'{{"delivery_status":{encode_basestring(s.value)}}}' for s in Status}
 
 
 def push_body(status: Status, courier_info: Mapping[str, Any] | None) -> str:
     """The delivery-status body; courier_info fields that are absent are left out."""
+    if not courier_info:
+        return _BARE_BODIES[status]
     body: dict[str, Any] = {"delivery_status": status.value}
     info = drop_nulls(dict(courier_info)) if courier_info else None
     if info:

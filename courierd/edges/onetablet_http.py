@@ -146,9 +146,13 @@ class OneTabletHttp:
 
     async def post(self, path: str, content: bytes, headers: dict[str, str]) -> Answer:
         """POST `path` (already escaped) under `base_url`, within the deadline."""
-        url = self.base_url + path
-        if not path.startswith("/") or origin_of(url) != self.origin:
+        # Only a path that starts with "/" is taken, and that is enough: base_url's
+        # authority ends where base_url does or sooner, so what follows it cannot move the
+        # origin (tests/test_onetablet_policy.py checks this against `origin_of` for any
+        # path). Parsing every URL again to compare was 5 % of the push process's CPU.
+        if not path.startswith("/"):
             raise ForeignOrigin(f"{path[:80]!r} does not lead to OneTablet's origin")
+        url = self.base_url + path
         try:
             async with asyncio.timeout(self.deadline_s):
                 return await self._library.post(url, content, headers)
