@@ -199,3 +199,61 @@ def test_fix_retention_is_a_setting_like_the_others(tmp_path: Path) -> None:
     assert store.retention.retention_s == 30 * 86400
     assert Housekeeper(store).prune_every_s == 0.1 * 86400 / 4
     store.close()
+
+
+def test_an_order_whose_oldest_fixes_were_pruned_is_flagged_not_replayed_over_later_ones(
+    cli, db_path: Path, onetablet: Sandbox
+) -> None:  # type: ignore[no-untyped-def]
+    """Retention prunes a courier's oldest fixes first: when those of an order's segment
+    went, the fixes from its first one on that are still kept are the courier's LATER
+    ones (another order's), so replay must not take them: the whole segment counts as
+    missing, the same way for `courierd replay` and the API, and the order stays out of
+    the summary; the later order is replayed as decided."""
+    import time
+
+    from courierd.domain.model import Assignment, LocationFix, Place, iso
+
+    store = open_path(db_path)
+    t0 = time.time() - 3600  # recent: nothing of it is due for pruning by the server
+
+    def delivery(order: str, start: float) -> list[str]:
+        store.writer.commit([Assignment(order, "c1", pickup=Place(40.7, -74.0))], now=start)
+        stamps = [iso(start + 1 + 20 * i) for i in range(5)]
+        for i, ts in enumerate(stamps):
+            store.writer.commit([LocationFix("c1", ts, 40.7, -74.0, 5.0)], now=start + 1 + 20 * i)
+        store.writer.commit(
+            [StatusEvent(f"{order}-d", order, "c1", Status.DROPOFF, iso(start + 200))],
+            now=start + 200,
+        )
+        return stamps
+
+    first = delivery("o1", t0)
+    delivery("o2", t0 + 300)  # the same courier's next order: its fixes come after o1's
+    assert store.db.value("SELECT count(*) FROM track_points") == 10
+    with store.db.transaction():  # retention pruned o1's oldest two
+        store.db.execute(
+            "DELETE FROM track_points WHERE courier_id = 'c1' AND ts IN (?, ?)", tuple(first[:2])
+        )
+    store.close()
+
+    r = cli("replay", "--json")
+    assert r.code == 0, r.err
+    got = json.loads(r.out)
+    flagged = {o["order_id"]: o["missing_fixes"] for o in got["orders"]}
+    assert flagged == {"o1": 5, "o2": 0}, flagged  # not 0: o2's fixes are not o1's
+    assert got["summary"]["orders_replayed"] == 1
+    assert got["summary"]["orders_missing_fixes"] == 1
+    assert "1 orders flagged, not in the summary" in r.err
+    assert "store.fix_retention_days): o1" in r.err
+    text = cli("replay", "--order", "o1")
+    assert text.code == 0, text.err
+    assert "o1  5 of its fixes pruned: not faithful" in text.out
+    server = serve(db_path.parent, onetablet, TOKEN)
+    try:
+        client = Client(server.port, onetablet, db_path)
+        code, doc, _ = client.call("GET", "/v1/orders/o1/replay")
+        assert code == 200 and doc["missing_fixes"] == 5 and doc["fixes"] == 0, doc
+        code, doc, _ = client.call("GET", "/v1/orders/o2/replay")
+        assert code == 200 and doc["missing_fixes"] == 0 and doc["fixes"] == 5, doc
+    finally:
+        server.stop()

@@ -132,6 +132,12 @@ class ReplayReads:
                         "courier_id = ? AND ts >= ? ORDER BY ts, id LIMIT ?",
                         (courier, first, count),
                     )
+                    if not found or found[0][0] != first:
+                        # Its first fix is gone: retention prunes the oldest first, so
+                        # what follows it may be the courier's later fixes (another
+                        # order's). None of the segment is replayed; all of it is missing.
+                        history.missing += count
+                        continue
                     history.missing += count - len(found)
                     history.starts.add(len(history.fixes))
                     history.fixes += [LocationFix(courier, *r) for r in found]
