@@ -29,6 +29,7 @@ from courierd.store.outbox import CLAIM_SQL, PushResult
 from courierd.store.schema import DELIVERED, FAILED, PENDING, SQLITE_MIGRATIONS
 from courierd.store.sqlite import SqliteDatabase
 from courierd.store.writer import read_consumed, stored_consumed
+from tests import pg
 from tests.conftest import open_path
 
 T0 = 1_700_000_000.0
@@ -275,6 +276,34 @@ def test_a_write_through_a_read_only_store_is_a_store_error(
             ro.db.executemany("DELETE FROM orders WHERE order_id = ?", [("o1",)])
         assert not isinstance(in_tx.value, StoreUnavailable)
         assert ro.db.rows("SELECT order_id, state FROM orders") == [("o1", "arriving_at_store")]
+
+
+def test_a_read_write_postgresql_store_on_a_read_only_server_is_unavailable() -> None:
+    """The daemon's own (read-write) store landing on a read-only server (failover to a
+    standby, default_transaction_read_only) is a database outage: StoreUnavailable, so
+    the daemon retries and reconnects (CONTRACT.md 10), not the fatal StoreError of a
+    store opened read-only. The session is dropped: the next use opens a new one, which
+    writes once the server takes writes again."""
+    if (why := pg.available()) is not None:
+        pytest.skip(why)
+    with pg.database() as url, open_store(StoreSettings(url=url)) as store:
+        store.db.execute("SET default_transaction_read_only = on")  # this session only
+        with pytest.raises(StoreUnavailable):
+            store.db.execute("UPDATE orders SET state = 'cancelled'")
+        store.writer.commit([status("e1", "o1", Status.ARRIVING_AT_STORE)], now=T0)  # anew
+
+        with psycopg.connect(url, autocommit=True) as admin:
+            dbname = admin.info.dbname
+            # The whole server read-only from now on (new sessions), as a standby is.
+            admin.execute(f'ALTER DATABASE "{dbname}" SET default_transaction_read_only = on')
+            store.db.execute("SET default_transaction_read_only = on")  # and this one
+            with pytest.raises(StoreUnavailable), store.db.transaction():
+                store.db.executemany("DELETE FROM orders WHERE order_id = ?", [("o1",)])
+            with pytest.raises(StoreUnavailable):  # a new session, read-only too
+                store.writer.commit([status("e2", "o1", Status.ARRIVED_AT_STORE)], now=T0)
+            admin.execute(f'ALTER DATABASE "{dbname}" RESET default_transaction_read_only')
+        store.writer.commit([status("e2", "o1", Status.ARRIVED_AT_STORE)], now=T0)
+        assert store.db.rows("SELECT order_id, state FROM orders") == [("o1", "arrived_at_store")]
 
 
 def _ids(rows: list) -> list[tuple[str, str]]:  # type: ignore[type-arg]

@@ -8,8 +8,9 @@ advisory lock, so instances starting together migrate once. SQL is written with 
 placeholders for both engines and translated here.
 
 Errors: a lost connection, a server shutting down, a full disk, a serialization
-failure or a deadlock mean "try again" (`StoreUnavailable`); the connection is opened
-again on the next use. Anything else (a NUL byte in a text value, say) is the data's.
+failure, a deadlock or a write refused by a read-only server (a standby) mean "try
+again" (`StoreUnavailable`); the connection is opened again on the next use. Anything
+else (a NUL byte in a text value, say) is the data's.
 """
 
 from __future__ import annotations
@@ -124,9 +125,19 @@ class PostgresDatabase(Database):
     # -- Database ---------------------------------------------------------------------
 
     def _read_only(self, error: psycopg.Error) -> StoreError:
-        """A write through a read-only store (replay, stores suggest, the API's reads): a
-        mistake of courierd's, not the database failing, so no retry would help."""
+        """A write refused as read-only. Through a store opened read-only (replay,
+        stores suggest, the API's reads): a mistake of courierd's, not the database
+        failing, so no retry would help. Through a read-write store, the server is the
+        read-only one (failover to a standby, default_transaction_read_only): an outage,
+        so StoreUnavailable, and the session is dropped so that the next use opens
+        another (on the new primary, once there is one)."""
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if not self.readonly:
+            with contextlib.suppress(psycopg.Error):
+                self.conn.close()
+            return StoreUnavailable(
+                f"cannot write to {self.location}: the server is read-only (PostgreSQL: {first})"
+            )
         return StoreError(
             f"cannot write to {self.location}: this store was opened read-only "
             f"(PostgreSQL: {first})"
