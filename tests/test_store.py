@@ -278,6 +278,47 @@ def test_a_write_through_a_read_only_store_is_a_store_error(
         assert ro.db.rows("SELECT order_id, state FROM orders") == [("o1", "arriving_at_store")]
 
 
+@pytest.mark.parametrize(
+    "code",
+    [
+        sqlite3.SQLITE_READONLY_RECOVERY,
+        sqlite3.SQLITE_READONLY_CANTINIT,
+        sqlite3.SQLITE_READONLY_CANTLOCK,
+        sqlite3.SQLITE_READONLY_DBMOVED,
+    ],
+)
+def test_a_read_only_sqlite_store_failing_a_read_is_unavailable_not_refused(
+    sqlite_store: Store, db_path: Path, code: int
+) -> None:
+    """Only a write refused as such (SQLITE_READONLY itself) is the read-only store's
+    StoreError. The extended READONLY codes a plain read through mode=ro can get (the
+    WAL needs recovery, the -shm cannot be set up or locked, the file was moved) are
+    the database failing this time: StoreUnavailable, as on a read-write store."""
+    with open_store(StoreSettings(path=db_path), readonly=True) as ro:
+        db = ro.db
+        assert isinstance(db, SqliteDatabase)
+        conn = db.conn
+
+        class Failing:
+            def __init__(self, code: int, message: str) -> None:
+                self.error = sqlite3.OperationalError(message)
+                self.error.sqlite_errorcode = code
+
+            def execute(self, *args: object) -> None:
+                raise self.error
+
+        try:
+            db.conn = Failing(code, "attempt to write a readonly database")  # type: ignore[assignment]
+            with pytest.raises(StoreUnavailable):
+                db.execute("SELECT count(*) FROM orders")
+            db.conn = Failing(sqlite3.SQLITE_READONLY, "attempt to write a readonly database")  # type: ignore[assignment]
+            with pytest.raises(StoreError, match="opened read-only") as refused:
+                db.execute("DELETE FROM orders")
+            assert not isinstance(refused.value, StoreUnavailable)
+        finally:
+            db.conn = conn
+
+
 def test_a_read_write_postgresql_store_on_a_read_only_server_is_unavailable() -> None:
     """The daemon's own (read-write) store landing on a read-only server (failover to a
     standby, default_transaction_read_only) is a database outage: StoreUnavailable, so

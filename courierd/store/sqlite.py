@@ -75,9 +75,13 @@ class SqliteDatabase(Database):
 
     def _refused(self, error: sqlite3.Error) -> StoreError | None:
         """A write through a store opened read-only (replay, stores suggest, the API's
-        reads): courierd's mistake, which no retry would mend, so not StoreUnavailable."""
+        reads): courierd's mistake, which no retry would mend, so not StoreUnavailable.
+        Only SQLITE_READONLY itself (what a write through mode=ro gets): the extended
+        codes (READONLY_RECOVERY, _CANTINIT, _CANTLOCK, _DBMOVED) also come from plain
+        reads through mode=ro (a WAL needing recovery, say), and are the database
+        failing this time (`_is_unavailable`)."""
         code = getattr(error, "sqlite_errorcode", None)
-        if self.readonly and code is not None and code & 0xFF == sqlite3.SQLITE_READONLY:
+        if self.readonly and code == sqlite3.SQLITE_READONLY:
             return StoreError(
                 f"cannot write to {self.location}: this store was opened read-only "
                 f"(SQLite: {error})"
