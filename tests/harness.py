@@ -206,11 +206,14 @@ class Daemon:
 
 def start_together(*daemons: Daemon) -> tuple[Daemon, ...]:
     """Start daemons at once, then wait until each is ready: several starts (each a few
-    processes importing courierd) in about the time of one."""
+    processes importing courierd) in about the time of one, or of all of them on a busy
+    machine with fewer cores: one start's 20 s per daemon, shared by the waits."""
     for d in daemons:
         d.start(wait_ready=False)
+    deadline = time.monotonic() + 20 * len(daemons)
     for d in daemons:
-        wait_until(lambda d=d: d.health()[0] == 200, 20, "daemon health to turn ok")
+        left = max(0.0, deadline - time.monotonic())
+        wait_until(lambda d=d: d.health()[0] == 200, left, "daemon health to turn ok")
     return daemons
 
 
@@ -276,9 +279,9 @@ class Rig:
     def store_env(self) -> dict[str, str]:
         """The environment that points courierd (daemon or command) at this store."""
         if self.pg_url is not None:
-            # Short leases (as test_cluster's): a killed instance's successor takes its
-            # sessions back sooner.
-            return {"COURIERD_STORE__URL": self.pg_url, "COURIERD_CLUSTER__LEASE_S": "4"}
+            # Short leases: a killed instance's successor takes its sessions back sooner
+            # (test_cluster sets its own).
+            return {"COURIERD_STORE__URL": self.pg_url, "COURIERD_CLUSTER__LEASE_S": "5"}
         return {"COURIERD_STORE__PATH": str(self.dir / "courierd.db")}
 
     def daemon(self, **env: str) -> Daemon:

@@ -140,7 +140,7 @@ def test_kill_9_mid_stream_loses_nothing(rig: Rig) -> None:
     for _ in range(3):  # kill after a random number of further pushes, three times
         target = len(rig.onetablet.requests()) + rng.randint(5, 40)
         # A cluster member that was killed takes its MQTT sessions back only once their
-        # leases (4 s in these tests) lapse: allow for that on PostgreSQL.
+        # leases (5 s in these tests) lapse: allow for that on PostgreSQL.
         wait_until(lambda n=target: pushed_or_finished(n), 45, "some pushes")
         daemon.kill()  # the broker keeps queueing for courierd's session meanwhile
         daemon = rig.daemon().start()
