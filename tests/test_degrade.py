@@ -159,7 +159,9 @@ def test_above_capacity_the_broker_holds_the_backlog_and_all_arrives(
         return daemon.metric('courierd_messages_received_total{kind="location"}') >= FIXES + 1
 
     wait_until(drained, 180, "every fix committed")
-    assert peak <= most, f"{peak} messages in courierd while draining"
+    # While draining, also the batch just committed: its acks go out once the next batch
+    # is on its way to the ingest process (daemon/batcher.py), a moment later.
+    assert peak <= most + BATCH, f"{peak} messages in courierd while draining"
     orders = [f"o{n}" for n in range(ORDERS)]
     assert rig.onetablet.wait_for(lambda _: all_dropped_off(rig.onetablet, orders), 60)
     got = delivered(rig.onetablet)

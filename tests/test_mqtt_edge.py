@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import threading
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -14,6 +15,7 @@ from paho.mqtt.properties import Properties
 
 from courierd.config import MqttSettings
 from courierd.edges.mqtt import LeanProperties, Message, MqttEdge, use_lean_properties
+from tests.harness import wait_until
 
 
 def message(mid: int, qos: int) -> paho.MQTTMessage:
@@ -78,3 +80,51 @@ def test_an_mqtt5_edge_has_paho_decode_into_lean_properties() -> None:
     MqttEdge(MqttSettings(), queue.SimpleQueue(), receive_max=10)
     assert _packet.Properties is LeanProperties
     assert use_lean_properties()
+
+
+def test_a_batch_is_acknowledged_in_one_write_of_what_paho_would_send() -> None:
+    """`ack_many` queues one packet: the PUBACKs paho's `ack` would queue one by one,
+    back to back; QoS 0 and messages of an earlier connection get none. Fails on the
+    edge that acknowledged message by message (no `ack_many`)."""
+    one_by_one = MqttEdge(MqttSettings(), queue.SimpleQueue(), receive_max=10)
+    batched = MqttEdge(MqttSettings(), queue.SimpleQueue(), receive_max=10)
+    for edge in (one_by_one, batched):
+        edge._generation = 7
+    mids = [1, 2, 255, 256, 65535]
+    wanted = [Message("t", b"", mid, 1, 7, 0) for mid in mids]
+    others = [Message("t", b"", 9, 0, 7, 0), Message("t", b"", 10, 1, 6, 0)]
+    for m in wanted + others:
+        one_by_one.ack(m)
+    batched.ack_many(others[:1] + wanted + others[1:])
+    singles = [bytes(p["packet"]) for p in one_by_one._client._out_packet]
+    [packet] = batched._client._out_packet
+    assert len(singles) == len(mids)
+    assert bytes(packet["packet"]) == b"".join(singles)
+    assert packet["command"] == paho.PUBACK and packet["to_process"] == 4 * len(mids)
+    batched.ack_many([])
+    batched.ack_many(others)
+    assert len(batched._client._out_packet) == 1  # nothing to acknowledge: nothing queued
+
+
+def test_a_full_inbox_holds_paho_until_the_batcher_takes_a_batch() -> None:
+    """At the window, paho's thread waits (not reading the socket) until a batch is
+    taken and `room` is set; stopping the edge ends the wait too."""
+    inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
+    edge = MqttEdge(MqttSettings(), inbox, receive_max=2)
+    for mid in (1, 2):
+        edge._on_message(None, None, message(mid, 1))  # type: ignore[arg-type]
+    third = threading.Thread(target=edge._on_message, args=(None, None, message(3, 1)))
+    third.start()
+    third.join(0.05)
+    assert third.is_alive() and inbox.qsize() == 2  # waiting for room
+    inbox.get_nowait()
+    edge.room.set()  # what the batcher does after taking messages
+    third.join(5)
+    assert not third.is_alive() and inbox.qsize() == 2
+    fourth = threading.Thread(target=edge._on_message, args=(None, None, message(4, 1)))
+    fourth.start()
+    wait_until(lambda: not edge.room.is_set(), 5, "paho's thread waiting for room")
+    edge._stopping = True
+    edge.room.set()  # as stop() does
+    fourth.join(5)
+    assert not fourth.is_alive()

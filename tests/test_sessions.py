@@ -85,6 +85,33 @@ def test_fences_and_acks_never_cross_connections(
     pub.close()
 
 
+def test_a_batch_is_acknowledged_on_each_messages_own_connection(
+    rig: tuple[Broker, Sessions, queue.SimpleQueue[Message], Clock],
+) -> None:
+    """`ack_many` of a batch from two sessions (and a message of a connection since
+    gone) acknowledges each on its own connection: once both are connected again, the
+    broker hands none of them over again, only what is new."""
+    broker, sessions, inbox, clock = rig
+    pub = Publisher(broker.port, "courier")
+    held_at(sessions, clock, {0: 1, 1: 1})
+    got: list[Message] = []
+    n = 0
+    while {m.slot for m in got} != {0, 1} or len(got) < 10:
+        pub.status(f"c{n}", f"e{n}", f"o{n}", "dasher_confirmed")
+        got.append(inbox.get(timeout=10))
+        n += 1
+    stale = got[0]._replace(generation=-1)  # a connection since gone: acknowledges nothing
+    sessions.ack_many([stale, *got])
+    held_at(sessions, clock, {0: 2, 1: 2})  # new connections: the unacked would come again
+    seen: list[Message] = []
+    while {m.slot for m in seen if b"sentinel" in m.payload} != {0, 1}:
+        pub.status("c1", f"sentinel{len(seen)}", "o1", "arriving_at_store")
+        seen.append(inbox.get(timeout=10))
+    # Each connection redelivers what it holds unacked before anything new.
+    assert all(b"sentinel" in m.payload for m in seen), [m.payload for m in seen]
+    pub.close()
+
+
 def test_a_grant_that_ran_out_disconnects_and_never_reconnects(
     rig: tuple[Broker, Sessions, queue.SimpleQueue[Message], Clock],
 ) -> None:

@@ -349,6 +349,13 @@ def run_step(
     # rate, so the per-batch costs are shared by more messages as it rises)
     us_per_msg = {k: round(v / 100 / sent * 1e6, 1) for k, v in cpu_pct.items() if sent}
     committed, batches = (b - a for a, b in zip(batches0, batches1, strict=True))
+    # CPU µs per committed batch of courierd's processes: with the batch size, what a
+    # batch costs beyond its messages (README "Capacity", per-batch costs)
+    us_per_batch = {
+        k: round(v / 100 * wall / batches * 1e6)
+        for k, v in cpu_pct.items()
+        if batches and k.startswith("courierd")
+    }
     kept_up = drained and drain_s <= KEPT_UP_S
     held = p99 <= P99_GOAL_MS and sent >= SENT_GOAL * rate and missing == 0 and kept_up
     return {
@@ -367,6 +374,7 @@ def run_step(
         "cpu_pct": cpu_pct,
         "cpu_us_per_msg": us_per_msg,
         "mean_batch": round(committed / batches, 1) if batches else None,
+        "cpu_us_per_batch": us_per_batch,
         "machine_cpu_pct": round(machine, 1),
         "other_cpu_pct": round(max(0.0, machine - ours), 1),  # the shared machine's others
         "publisher_lag_p99_ms": round(pub["lag_p99_ms"], 1),
@@ -494,7 +502,12 @@ def row(who: str, s: dict[str, Any]) -> str:
     )
     p50 = "lost" if s["p50_ms"] is None else f"{s['p50_ms']:.1f}"
     p99 = "lost" if s["p99_ms"] is None else f"{s['p99_ms']:.1f}"
-    batch = f"batch {s['mean_batch']:.0f}; " if s.get("mean_batch") else ""
+    per_batch = s.get("cpu_us_per_batch") or {}
+    batch = f"batch {s['mean_batch']:.0f}" if s.get("mean_batch") else ""
+    if batch and per_batch:
+        costs = ", ".join(f"{SHORT.get(k, k)} {v:,.0f}" for k, v in per_batch.items())
+        batch += f" (CPU µs a batch: {costs})"
+    batch += "; " if batch else ""
     return (
         f"{who:8} {s['rate']:>6,}/s: sent {s['sent_per_s']:>6,}/s, p50 {p50} ms, p99 {p99} ms, "
         f"drain {s['drain_s']:.1f} s, {'held' if s['held'] else 'NOT held'}; CPU % {cpu}; "
@@ -561,6 +574,10 @@ def median_steps(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
             n: med([s["cpu_us_per_msg"].get(n, 0.0) for s in steps]) for n in names
         }
         m["mean_batch"] = med([s["mean_batch"] for s in steps])
+        per_batch = [s.get("cpu_us_per_batch") or {} for s in steps]
+        m["cpu_us_per_batch"] = {
+            n: med([b.get(n, 0.0) for b in per_batch]) for n in names if n.startswith("courierd")
+        }
         m["kept_up_runs"] = sum(s["kept_up"] for s in steps)
         m["drained_runs"] = sum(s["drained"] for s in steps)
         m["started_on_backlog_runs"] = sum(s["started_on_backlog"] for s in steps)

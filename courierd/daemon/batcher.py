@@ -7,6 +7,12 @@ acknowledged meanwhile (so the broker stops sending once Receive Maximum is reac
 and health says why; when the database works again, intake resumes by itself.
 While idle, it asks the ingest process for a real write every PROBE_EVERY_S, so that
 health knows the database takes writes even when no traffic proves it.
+
+A committed batch's acknowledgements (and its metrics) wait until the next batch is on
+its way to the ingest process, or until nothing else is waiting: the ingest process
+then commits the next batch while this thread acknowledges the last one, instead of
+waiting for it. Nothing is acknowledged before its commit; and it is acknowledged
+before this thread waits for new messages or stops.
 """
 
 from __future__ import annotations
@@ -86,6 +92,10 @@ class Batcher:
         self.caught_up_at = time.monotonic()  # last time the inbox held less than a batch
         self.oldest_pending: float | None = None  # received (monotonic) of the batch in hand
         self.in_hand = 0  # messages of the batch being committed
+        # The last batch committed, not yet acknowledged (see the module text), and its
+        # report; written and read by this thread only (`inflight` reads its length).
+        self._unacked: list[Message] = []
+        self._unreported: BatchReport | None = None
 
     def behind_s(self, now: float) -> float:
         """How long ingest has not caught up: since a batch last took everything waiting
@@ -99,13 +109,32 @@ class Batcher:
 
     def inflight(self) -> int:
         """Messages received and not yet acknowledged (queued here or being committed)."""
-        return self.inbox.qsize() + self.in_hand
+        return self.inbox.qsize() + self.in_hand + len(self._unacked)
 
     def run(self, stop: threading.Event) -> None:
         """Until `stop`; raises IngestFailed if the ingest process fails."""
+        try:
+            self._run(stop)
+        finally:
+            self._settle()  # committed: acknowledged, whatever ends the loop
+
+    def _settle(self) -> None:
+        """Acknowledge the last batch committed and report it (see the module text)."""
+        batch, report = self._unacked, self._unreported
+        self._unacked, self._unreported = [], None
+        if batch:
+            self.sessions.ack_many(batch)
+        if report is not None:
+            self.on_report(report)
+
+    def _run(self, stop: threading.Event) -> None:
         while not stop.is_set():
             self.heartbeat = time.monotonic()
+            if self._unacked and self.inbox.empty():  # nothing to send on: no reason to wait
+                self._settle()
             batch = take_batch(self.inbox, size=self.size, wait_s=self.wait_s, timeout=0.2)
+            if batch:
+                self.sessions.room.set()  # paho's thread may wait for room in the inbox
             if len(batch) < self.size:  # nothing more was waiting: caught up
                 self.caught_up_at = time.monotonic()
             if not batch:
@@ -125,13 +154,11 @@ class Batcher:
                     return  # stopping with the batch uncommitted: it is redelivered later
                 if report is FENCED:
                     continue  # our slots were taken over: the new holder gets these again
-                for message in batch:
-                    self.sessions.ack(message)
+                report.waited_s = max(0.0, handed_over - received)
+                report.commit_s = time.monotonic() - handed_over
+                self._unacked, self._unreported = batch, report
             finally:
                 self.oldest_pending, self.in_hand = None, 0
-            report.waited_s = max(0.0, handed_over - received)
-            report.commit_s = time.monotonic() - handed_over
-            self.on_report(report)
 
     def _until_committed(self, request: tuple[str, Any], stop: threading.Event) -> Any:
         """Send until the ingest process commits it; None if stopped first."""
@@ -162,6 +189,7 @@ class Batcher:
     def _exchange(self, request: tuple[str, Any]) -> tuple[str, Any]:
         try:
             self.pipe.send(request)
+            self._settle()  # the last batch's acks, while the ingest process works on this
             kind, value = self.pipe.recv()
         except (EOFError, OSError) as e:
             # The pipe fails only when the process at its other end is gone.

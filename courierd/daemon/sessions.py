@@ -73,6 +73,9 @@ class Sessions:
         self._dropped_before = 0  # QoS 0 drops counted by edges since stopped
         self._lock = threading.Lock()
         self._stopped = False
+        # Set when messages are taken out of the inbox: an edge whose paho thread waits
+        # for room in it (MqttEdge._make_room) goes on.
+        self.room = threading.Event()
 
     def hold(self, slots: dict[int, int]) -> None:
         """Hold exactly these slots (slot → epoch): connect new ones, drop the rest."""
@@ -152,6 +155,7 @@ class Sessions:
                 self.on_subscribed,
                 self.subscriptions,
                 self.unsubscriptions,
+                room=self.room,
             )
         group = self.settings.client_id
         shared = tuple(
@@ -168,6 +172,7 @@ class Sessions:
             client_id=f"{self.settings.client_id}-{slot}",
             epoch=epoch,
             supervised=True,
+            room=self.room,
         )
 
     def admit(self, batch: list[Message]) -> tuple[list[Message], dict[int, int] | None]:
@@ -189,6 +194,23 @@ class Sessions:
             edge = self._edges.get(message.slot)
         if edge is not None:
             edge.ack(message)
+
+    def ack_many(self, messages: list[Message]) -> None:
+        """Acknowledge a committed batch: each message on the connection that delivered
+        it, each connection's share in one write (MqttEdge.ack_many)."""
+        with self._lock:
+            edges = dict(self._edges)
+        if len(edges) == 1:  # alone, or a cluster holding one slot: no sorting out
+            [(only, alone)] = edges.items()
+            alone.ack_many(m for m in messages if m.slot == only)
+            return
+        by_slot: dict[int, list[Message]] = {}
+        for m in messages:
+            by_slot.setdefault(m.slot, []).append(m)
+        for slot, mine in by_slot.items():
+            edge = edges.get(slot)
+            if edge is not None:
+                edge.ack_many(mine)
 
     def held(self) -> list[int]:
         with self._lock:

@@ -13,9 +13,10 @@ import itertools
 import logging
 import queue
 import ssl
+import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 import paho.mqtt.client as paho
@@ -36,6 +37,13 @@ _CONNECTIONS = itertools.count(1)
 # An oversized payload is a dead letter whatever it holds: only its start travels on
 # (to be kept for operators), not megabytes through the queue, pickling and the pipe.
 KEEP_OVERSIZED = 4096
+
+
+# A PUBACK is its fixed header (type, remaining length 2) and the message id: 4 bytes,
+# packed as one big-endian word. paho's own queue of outgoing packets (`ack_many`); None
+# if this paho has no such method (then every message is acknowledged on its own).
+_PUBACK_HEAD = (int(paho.PUBACK) << 24) | (2 << 16)
+_PACKET_QUEUE: Callable[..., Any] | None = getattr(paho.Client, "_packet_queue", None)
 
 
 class LeanProperties(Properties):
@@ -130,6 +138,7 @@ class MqttEdge:
         client_id: str | None = None,
         epoch: int = 0,
         supervised: bool = False,
+        room: threading.Event | None = None,
     ) -> None:
         self.slot = slot
         self.epoch = epoch
@@ -145,8 +154,10 @@ class MqttEdge:
         # (OwnTracks turned off): dropped on every connect, or they would keep flowing.
         self.unsubscriptions = unsubscriptions
         self.max_backlog = max(10_000, receive_max * 4)
-        # The window, held on our side too (see `_make_room`).
+        # The window, held on our side too (see `_make_room`); `room` is set by whoever
+        # takes messages out of the inbox (the batcher), shared by the edges feeding it.
         self.max_inbox = receive_max
+        self.room = room if room is not None else threading.Event()
         self.dropped_qos0 = 0
         self.settings = settings
         self.inbox = inbox
@@ -208,6 +219,7 @@ class MqttEdge:
 
     def stop(self) -> None:
         self._stopping = True
+        self.room.set()  # paho's thread may be waiting in `_make_room`
         self._client.disconnect()
         self._client.loop_stop()
         self.connected.clear()
@@ -216,6 +228,27 @@ class MqttEdge:
         """PUBACK a message whose effects are committed (no-op for QoS 0)."""
         if message.qos and message.generation == self._generation:
             self._client.ack(message.mid, message.qos)
+
+    def ack_many(self, messages: Iterable[Message]) -> None:
+        """PUBACK a committed batch's messages in one write to the broker.
+
+        paho queues each `ack()` as a packet of its own: one wake-up of its thread, one
+        send() and, at the broker, one read per message. A PUBACK is 4 bytes, the same in
+        MQTT 3.1.1 and 5 (reason code "success" left out): a batch's PUBACKs in one
+        buffer are what the broker would have read anyway, in one go. QoS 2 (which
+        courierd never subscribes with) and a paho without this queue go one by one."""
+        generation, queue_packet = self._generation, _PACKET_QUEUE
+        mids = []
+        for m in messages:
+            if m.qos and m.generation == generation:
+                if m.qos != 1 or queue_packet is None:
+                    self._client.ack(m.mid, m.qos)
+                else:
+                    mids.append(m.mid)
+        if mids:
+            packet = struct.pack(f"!{len(mids)}I", *(_PUBACK_HEAD | mid for mid in mids))
+            assert queue_packet is not None
+            queue_packet(self._client, paho.PUBACK, packet, 0, 0)
 
     def _on_connect(self, client: paho.Client, _u: Any, flags: Any, reason: Any, _p: Any) -> None:
         if reason.is_failure:
@@ -301,9 +334,15 @@ class MqttEdge:
         broker back and the backlog stays in the broker, not here. The batcher drains the
         inbox without paho's thread (acks are only queued), so this ends with the next
         batch; if ingest is stalled, it lets one message in per quarter of the keepalive,
-        so that paho's thread still keeps the connection alive."""
+        so that paho's thread still keeps the connection alive. It waits on `room`,
+        which the batcher sets whenever it takes a batch: woken at once, not polling."""
         deadline = time.monotonic() + self.settings.keepalive_s / 4
+        room = self.room
         while self.inbox.qsize() >= self.max_inbox and not self._stopping:
-            if time.monotonic() >= deadline:
+            room.clear()  # then look again: a batch taken before the clear is seen here
+            if self.inbox.qsize() < self.max_inbox:
                 return
-            time.sleep(0.001)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            room.wait(left)

@@ -1,0 +1,150 @@
+"""The batcher thread (daemon/batcher.py) against a stand-in ingest pipe and sessions:
+nothing is acknowledged before its commit, and the last batch's acks are sent while the
+ingest process commits the next one."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterable
+from typing import Any
+
+from courierd.daemon.batcher import Batcher
+from courierd.domain.model import BatchReport
+from courierd.edges.mqtt import Message
+from tests.harness import wait_until
+
+
+class Log:
+    """What happened, in order: ("send", topics), ("commit", topics), ("ack", mids)."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, tuple[Any, ...]]] = []
+        self.lock = threading.Lock()
+
+    def add(self, kind: str, what: Iterable[Any]) -> None:
+        with self.lock:
+            self.events.append((kind, tuple(what)))
+
+    def of(self, kind: str) -> list[tuple[Any, ...]]:
+        with self.lock:
+            return [what for k, what in self.events if k == kind]
+
+
+class Pipe:
+    """The ingest process: every batch is committed and answered at once."""
+
+    def __init__(self, log: Log) -> None:
+        self.log = log
+        self.answers: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+
+    def send(self, request: tuple[str, Any]) -> None:
+        kind, value = request
+        if kind == "batch":
+            messages, _fence = value
+            topics = [topic for topic, _payload, _size in messages]
+            self.log.add("send", topics)
+            self.log.add("commit", topics)
+            self.answers.put(("ok", BatchReport(len(messages))))
+        else:
+            self.answers.put(("ok", None))
+
+    def recv(self) -> tuple[str, Any]:
+        return self.answers.get(timeout=5)
+
+
+class FakeSessions:
+    def __init__(self, log: Log) -> None:
+        self.log = log
+        self.room = threading.Event()
+
+    def admit(self, batch: list[Message]) -> tuple[list[Message], None]:
+        return batch, None
+
+    def ack_many(self, messages: list[Message]) -> None:
+        self.log.add("ack", (m.mid for m in messages))
+
+    def ack(self, message: Message) -> None:  # what the batcher used before ack_many
+        self.log.add("ack", (message.mid,))
+
+
+def message(mid: int) -> Message:
+    return Message(f"couriers/c{mid}/location", b"{}", mid, 1, 1, 2)
+
+
+def run_batcher(
+    inbox: queue.SimpleQueue[Message], log: Log, reports: list[BatchReport]
+) -> tuple[Batcher, threading.Event, threading.Thread]:
+    batcher = Batcher(
+        inbox,
+        Pipe(log),  # type: ignore[arg-type]
+        FakeSessions(log),  # type: ignore[arg-type]
+        size=2,
+        wait_s=0.0,
+        on_report=reports.append,
+    )
+    stop = threading.Event()
+    thread = threading.Thread(target=batcher.run, args=(stop,), daemon=True)
+    thread.start()
+    return batcher, stop, thread
+
+
+def acked(log: Log) -> list[int]:
+    return [mid for mids in log.of("ack") for mid in mids]
+
+
+def test_the_next_batch_is_sent_before_the_last_ones_acks() -> None:
+    """With more waiting, batch 2 goes to the ingest process first, then batch 1's acks
+    (one call for the batch): the ingest process does not wait for them. Fails on the
+    batcher that acknowledged each message before sending the next batch."""
+    inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
+    log, reports = Log(), []
+    for mid in range(1, 5):
+        inbox.put(message(mid))
+    _batcher, stop, thread = run_batcher(inbox, log, reports)
+    try:
+        wait_until(lambda: acked(log) == [1, 2, 3, 4], 5, "every message acknowledged")
+    finally:
+        stop.set()
+        thread.join(5)
+    kinds = [kind for kind, _ in log.events]
+    assert kinds == ["send", "commit", "send", "commit", "ack", "ack"]
+    assert log.of("ack") == [(1, 2), (3, 4)]
+    assert [r.size for r in reports] == [2, 2]
+
+
+def test_nothing_is_acknowledged_before_its_commit() -> None:
+    inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
+    log, reports = Log(), []
+    for mid in range(1, 8):
+        inbox.put(message(mid))
+    _batcher, stop, thread = run_batcher(inbox, log, reports)
+    try:
+        wait_until(lambda: len(acked(log)) == 7, 5, "every message acknowledged")
+    finally:
+        stop.set()
+        thread.join(5)
+    committed: set[str] = set()
+    for kind, what in log.events:
+        if kind == "commit":
+            committed.update(what)
+        elif kind == "ack":
+            assert {f"couriers/c{mid}/location" for mid in what} <= committed
+
+
+def test_with_nothing_more_waiting_the_last_batch_is_acknowledged_at_once() -> None:
+    """No next batch to send: the committed one is acknowledged (and reported) without
+    waiting for more traffic."""
+    inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
+    log, reports = Log(), []
+    batcher, stop, thread = run_batcher(inbox, log, reports)
+    try:
+        inbox.put(message(1))
+        wait_until(lambda: acked(log) == [1], 2, "the lone message acknowledged")
+        wait_until(lambda: len(reports) == 1, 2, "its batch reported")
+        assert batcher.inflight() == 0
+        assert batcher.sessions.room.is_set()  # type: ignore[attr-defined]
+    finally:
+        stop.set()
+        thread.join(5)
+    assert not thread.is_alive()
