@@ -88,6 +88,10 @@ def test_replay_gives_back_what_the_daemon_decided_and_touches_nothing(rig: Rig)
     assert rig.onetablet.wait_for(
         lambda _: all(len(delivered(rig.onetablet).get(o, [])) == 4 for o in ORDERS)
     )
+    # Fixes after the dropoff may still be on their way in: a status sent after them,
+    # on the same connection, is ingested after them (one session, in order).
+    pub.status("c8", "settled", "settled", "dasher_confirmed")
+    assert rig.onetablet.wait_for(lambda _: "settled" in delivered(rig.onetablet))
     # The daemon records each push's result just after OneTablet has it.
     wait_until(lambda: undelivered(rig) == 0, 10, "the pushes' results")
     before, pushed = rows(rig), len(rig.onetablet.requests())
