@@ -14,7 +14,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from courierd.config import MqttSettings
-from courierd.edges.mqtt import LeanProperties, Message, MqttEdge, use_lean_properties
+from courierd.edges.mqtt import LeanProperties, Message, MqttEdge, Room, use_lean_properties
 from tests.harness import wait_until
 
 
@@ -108,23 +108,50 @@ def test_a_batch_is_acknowledged_in_one_write_of_what_paho_would_send() -> None:
 
 def test_a_full_inbox_holds_paho_until_the_batcher_takes_a_batch() -> None:
     """At the window, paho's thread waits (not reading the socket) until a batch is
-    taken and `room` is set; stopping the edge ends the wait too."""
+    taken and room is made; stopping the edge ends the wait too."""
     inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
     edge = MqttEdge(MqttSettings(), inbox, receive_max=2)
     for mid in (1, 2):
         edge._on_message(None, None, message(mid, 1))  # type: ignore[arg-type]
     third = threading.Thread(target=edge._on_message, args=(None, None, message(3, 1)))
     third.start()
-    third.join(0.05)
-    assert third.is_alive() and inbox.qsize() == 2  # waiting for room
+    wait_until(lambda: edge.room.waiting == 1, 5, "paho's thread waiting for room")
+    assert third.is_alive() and inbox.qsize() == 2
     inbox.get_nowait()
-    edge.room.set()  # what the batcher does after taking messages
+    edge.room.made()  # what the batcher does after taking messages
     third.join(5)
     assert not third.is_alive() and inbox.qsize() == 2
     fourth = threading.Thread(target=edge._on_message, args=(None, None, message(4, 1)))
     fourth.start()
-    wait_until(lambda: not edge.room.is_set(), 5, "paho's thread waiting for room")
+    wait_until(lambda: edge.room.waiting == 1, 5, "paho's thread waiting for room")
     edge._stopping = True
-    edge.room.set()  # as stop() does
+    edge.room.made()  # as stop() does
     fourth.join(5)
     assert not fourth.is_alive()
+
+
+def test_every_paho_thread_waiting_for_room_goes_on_once_it_is_made() -> None:
+    """A cluster instance's slots share one inbox and one Room: when the batcher takes a
+    batch, every paho thread waiting for room (one per slot) goes on, however their
+    checks and waits interleave with the taking (no wake-up is lost to another waiter)."""
+    inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
+    room = Room()
+    settings = MqttSettings(keepalive_s=60)  # a lost wake-up would wait out 15 s
+    edges = [MqttEdge(settings, inbox, receive_max=2, room=room) for _ in range(2)]
+    for mid in (1, 2):
+        edges[0]._on_message(None, None, message(mid, 1))  # type: ignore[arg-type]
+    for round_ in range(50):
+        waiting = [
+            threading.Thread(target=e._on_message, args=(None, None, message(10 + i, 1)))
+            for i, e in enumerate(edges)
+        ]
+        for t in waiting:
+            t.start()
+        wait_until(lambda: room.waiting == 2, 5, "both paho threads waiting for room")
+        inbox.get_nowait()
+        inbox.get_nowait()
+        room.made()
+        for t in waiting:
+            t.join(5)
+            assert not t.is_alive(), f"a paho thread still waits for room (round {round_})"
+        assert inbox.qsize() == 2

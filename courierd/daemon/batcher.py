@@ -130,11 +130,14 @@ class Batcher:
     def _run(self, stop: threading.Event) -> None:
         while not stop.is_set():
             self.heartbeat = time.monotonic()
-            if self._unacked and self.inbox.empty():  # nothing to send on: no reason to wait
+            # Acknowledge now if taking a batch may wait: for messages (none waiting), or
+            # for more of them (batch_ms), which the broker may hold back until it has
+            # these acknowledgements (its window).
+            if self._unacked and (self.wait_s > 0 or self.inbox.empty()):
                 self._settle()
             batch = take_batch(self.inbox, size=self.size, wait_s=self.wait_s, timeout=0.2)
             if batch:
-                self.sessions.room.set()  # paho's thread may wait for room in the inbox
+                self.sessions.room.made()  # paho's thread may wait for room in the inbox
             if len(batch) < self.size:  # nothing more was waiting: caught up
                 self.caught_up_at = time.monotonic()
             if not batch:
@@ -189,9 +192,16 @@ class Batcher:
     def _exchange(self, request: tuple[str, Any]) -> tuple[str, Any]:
         try:
             self.pipe.send(request)
-            self._settle()  # the last batch's acks, while the ingest process works on this
+        except OSError as e:
+            raise self._ingest_gone(e) from None
+        self._settle()  # the last batch's acks, while the ingest process works on this
+        try:
             kind, value = self.pipe.recv()
         except (EOFError, OSError) as e:
-            # The pipe fails only when the process at its other end is gone.
-            raise IngestFailed(f"ingest process exited (its pipe: {e!r})") from None
+            raise self._ingest_gone(e) from None
         return str(kind), value
+
+    @staticmethod
+    def _ingest_gone(error: BaseException) -> IngestFailed:
+        # The pipe fails only when the process at its other end is gone.
+        return IngestFailed(f"ingest process exited (its pipe: {error!r})")

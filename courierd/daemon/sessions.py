@@ -33,7 +33,7 @@ from collections.abc import Callable
 
 from courierd.config import MqttSettings
 from courierd.daemon.ipc import Grant
-from courierd.edges.mqtt import Message, MqttEdge
+from courierd.edges.mqtt import Message, MqttEdge, Room
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class Sessions:
         self._stopped = False
         # Set when messages are taken out of the inbox: an edge whose paho thread waits
         # for room in it (MqttEdge._make_room) goes on.
-        self.room = threading.Event()
+        self.room = Room()
 
     def hold(self, slots: dict[int, int]) -> None:
         """Hold exactly these slots (slot → epoch): connect new ones, drop the rest."""

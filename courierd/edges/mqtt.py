@@ -15,7 +15,6 @@ import queue
 import ssl
 import struct
 import threading
-import time
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
@@ -44,6 +43,30 @@ KEEP_OVERSIZED = 4096
 # if this paho has no such method (then every message is acknowledged on its own).
 _PUBACK_HEAD = (int(paho.PUBACK) << 24) | (2 << 16)
 _PACKET_QUEUE: Callable[..., Any] | None = getattr(paho.Client, "_packet_queue", None)
+
+
+class Room:
+    """Room in the inbox: made by whoever takes messages out of it (the batcher),
+    waited for by the paho threads that fill it (`MqttEdge._make_room`), one per slot a
+    cluster instance holds. A Condition, so that no waiter misses a wake-up: a shared
+    Event, cleared by one waiter, could leave another waiting out its timeout."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self.waiting = 0  # threads waiting now (for tests and their synchronisation)
+
+    def made(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def wait_for(self, ready: Callable[[], bool], timeout: float) -> bool:
+        """Until `ready()` (checked whenever room is made) or `timeout`: `ready()`."""
+        with self._cond:
+            self.waiting += 1
+            try:
+                return self._cond.wait_for(ready, timeout)
+            finally:
+                self.waiting -= 1
 
 
 class LeanProperties(Properties):
@@ -138,7 +161,7 @@ class MqttEdge:
         client_id: str | None = None,
         epoch: int = 0,
         supervised: bool = False,
-        room: threading.Event | None = None,
+        room: Room | None = None,
     ) -> None:
         self.slot = slot
         self.epoch = epoch
@@ -157,7 +180,7 @@ class MqttEdge:
         # The window, held on our side too (see `_make_room`); `room` is set by whoever
         # takes messages out of the inbox (the batcher), shared by the edges feeding it.
         self.max_inbox = receive_max
-        self.room = room if room is not None else threading.Event()
+        self.room = room if room is not None else Room()
         self.dropped_qos0 = 0
         self.settings = settings
         self.inbox = inbox
@@ -219,7 +242,7 @@ class MqttEdge:
 
     def stop(self) -> None:
         self._stopping = True
-        self.room.set()  # paho's thread may be waiting in `_make_room`
+        self.room.made()  # paho's thread may be waiting in `_make_room`
         self._client.disconnect()
         self._client.loop_stop()
         self.connected.clear()
@@ -284,6 +307,9 @@ class MqttEdge:
             self._on_subscribed()
 
     def _on_disconnect(self, _c: paho.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        # Acks of this connection's messages are no use on the next one (the broker
+        # resends them there), and paho could write them before its CONNECT.
+        self._generation = next(_CONNECTIONS)
         self.connected.clear()
         self.subscribed.clear()
         if self.supervised:
@@ -335,14 +361,10 @@ class MqttEdge:
         inbox without paho's thread (acks are only queued), so this ends with the next
         batch; if ingest is stalled, it lets one message in per quarter of the keepalive,
         so that paho's thread still keeps the connection alive. It waits on `room`,
-        which the batcher sets whenever it takes a batch: woken at once, not polling."""
-        deadline = time.monotonic() + self.settings.keepalive_s / 4
-        room = self.room
-        while self.inbox.qsize() >= self.max_inbox and not self._stopping:
-            room.clear()  # then look again: a batch taken before the clear is seen here
-            if self.inbox.qsize() < self.max_inbox:
-                return
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return
-            room.wait(left)
+        which the batcher makes whenever it takes a batch: woken at once, not polling."""
+        if self.inbox.qsize() < self.max_inbox:
+            return
+        self.room.wait_for(
+            lambda: self.inbox.qsize() < self.max_inbox or self._stopping,
+            self.settings.keepalive_s / 4,
+        )
