@@ -95,6 +95,10 @@ class OneTabletSettings(_Section):
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("must be an http:// or https:// URL")
+        if "?" in value or "#" in value:
+            # Request paths are appended to it: after a query or fragment they would
+            # silently be part of that, and every request would go to the same URL.
+            raise ValueError("must not have a query (?) or fragment (#)")
         return value.rstrip("/")
 
     @field_validator("retry_schedule_s")

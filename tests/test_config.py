@@ -67,6 +67,16 @@ def test_config_file_from_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
             "ftp://x",
             "invalid setting onetablet.base_url (COURIERD_ONETABLET__BASE_URL)",
         ),
+        (
+            "COURIERD_ONETABLET__BASE_URL",
+            "https://onetablet.example/api?v=2",
+            "must not have a query (?) or fragment (#)",
+        ),
+        (
+            "COURIERD_ONETABLET__BASE_URL",
+            "https://onetablet.example/#",
+            "must not have a query (?) or fragment (#)",
+        ),
         ("COURIERD_HTTP__LISTEN", "8787", "invalid setting http.listen (COURIERD_HTTP__LISTEN)"),
         (
             "COURIERD_INGEST__BATCH_SIZE",
