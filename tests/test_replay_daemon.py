@@ -65,7 +65,9 @@ def test_replay_gives_back_what_the_daemon_decided_and_touches_nothing(rig: Rig)
     """Two deliveries driven by fixes through the daemon: replay (run while the daemon
     runs) gives every geofence status at the time decided live; a smaller approach_m
     moves only arriving_at_store, later; neither replay writes a row or sends a push."""
-    rig.daemon().start()
+    # One MQTT session (a PostgreSQL instance otherwise holds 4 slots' shared sessions),
+    # so that a status sent after the fixes is ingested after them (see below).
+    rig.daemon(COURIERD_CLUSTER__SLOTS="1").start()
     pub = rig.publisher()
     for n, oid in enumerate(ORDERS):
         pub.publish(
