@@ -115,8 +115,15 @@ class Batcher:
         """Until `stop`; raises IngestFailed if the ingest process fails."""
         try:
             self._run(stop)
-        finally:
-            self._settle()  # committed: acknowledged, whatever ends the loop
+        except BaseException:
+            # Committed: acknowledged, whatever ends the loop; but a failure to
+            # acknowledge must not hide the one that ended it.
+            try:
+                self._settle()
+            except Exception:
+                log.exception("batcher.ack_failed while stopping on another error")
+            raise
+        self._settle()
 
     def _settle(self) -> None:
         """Acknowledge the last batch committed and report it (see the module text)."""
@@ -131,9 +138,11 @@ class Batcher:
         while not stop.is_set():
             self.heartbeat = time.monotonic()
             # Acknowledge now if taking a batch may wait: for messages (none waiting), or
-            # for more of them (batch_ms), which the broker may hold back until it has
-            # these acknowledgements (its window).
-            if self._unacked and (self.wait_s > 0 or self.inbox.empty()):
+            # for more of them (batch_ms, less than a batch waiting), which the broker may
+            # hold back until it has these acknowledgements (its window). Only this thread
+            # takes from the inbox: what it holds can only grow until the take.
+            waiting = self.inbox.qsize()
+            if self._unacked and (not waiting or (self.wait_s > 0 and waiting < self.size)):
                 self._settle()
             batch = take_batch(self.inbox, size=self.size, wait_s=self.wait_s, timeout=0.2)
             if batch:
