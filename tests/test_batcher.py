@@ -105,20 +105,26 @@ def acked(log: Log) -> list[int]:
     return [mid for mids in log.of("ack") for mid in mids]
 
 
+def drained(n: int) -> tuple[Log, list[BatchReport]]:
+    """Messages 1..n queued, then taken by a batcher until every one is acknowledged."""
+    inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
+    log, reports = Log(), []
+    for mid in range(1, n + 1):
+        inbox.put(message(mid))
+    _batcher, stop, thread = run_batcher(inbox, log, reports)
+    try:
+        wait_until(lambda: acked(log) == list(range(1, n + 1)), 5, "every message acknowledged")
+    finally:
+        stop.set()
+        thread.join(5)
+    return log, reports
+
+
 def test_the_next_batch_is_sent_before_the_last_ones_acks() -> None:
     """With more waiting, batch 2 goes to the ingest process first, then batch 1's acks
     (one call for the batch): the ingest process does not wait for them. Fails on the
     batcher that acknowledged each message before sending the next batch."""
-    inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
-    log, reports = Log(), []
-    for mid in range(1, 5):
-        inbox.put(message(mid))
-    _batcher, stop, thread = run_batcher(inbox, log, reports)
-    try:
-        wait_until(lambda: acked(log) == [1, 2, 3, 4], 5, "every message acknowledged")
-    finally:
-        stop.set()
-        thread.join(5)
+    log, reports = drained(4)
     kinds = [kind for kind, _ in log.events]
     assert kinds == ["send", "commit", "send", "commit", "ack", "ack"]
     assert log.of("ack") == [(1, 2), (3, 4)]
@@ -126,16 +132,7 @@ def test_the_next_batch_is_sent_before_the_last_ones_acks() -> None:
 
 
 def test_nothing_is_acknowledged_before_its_commit() -> None:
-    inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
-    log, reports = Log(), []
-    for mid in range(1, 8):
-        inbox.put(message(mid))
-    _batcher, stop, thread = run_batcher(inbox, log, reports)
-    try:
-        wait_until(lambda: len(acked(log)) == 7, 5, "every message acknowledged")
-    finally:
-        stop.set()
-        thread.join(5)
+    log, _reports = drained(7)
     committed: set[str] = set()
     for kind, what in log.events:
         if kind == "commit":
