@@ -159,14 +159,14 @@ def main() -> int:
         ),
         "capacity": lambda: capacity(broker, sandbox, root, reps, args.quick),
     }
-    chosen = args.only.split(",") if args.only else list(phases)
-    if args.no_postgres:
-        chosen = [name for name in chosen if name not in ("postgres", "cluster")]
-    unknown = set(chosen) - set(phases)
-    if unknown:
-        parser.error(f"unknown phases {sorted(unknown)}; known: {', '.join(phases)}")
     failed: list[str] = []
-    try:
+    try:  # from here on, whatever ends the run stops the broker and the sandbox
+        chosen = args.only.split(",") if args.only else list(phases)
+        if args.no_postgres:
+            chosen = [name for name in chosen if name not in ("postgres", "cluster")]
+        unknown = set(chosen) - set(phases)
+        if unknown:
+            parser.error(f"unknown phases {sorted(unknown)}; known: {', '.join(phases)}")
         for name in chosen:
             try:
                 if name == "postgres":
