@@ -50,6 +50,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import signal
 import sys
 import tempfile
@@ -193,6 +194,10 @@ def main() -> int:
         stop_every_daemon()
         sandbox.stop()
         broker.stop()
+        if failed:  # kept: the daemons' and the broker's logs say what went wrong
+            say(f"the failed run's files are kept in {root}")
+        else:  # a full run leaves hundreds of MB of databases and broker state
+            shutil.rmtree(root, ignore_errors=True)
     out = args.out or _new_file(Path("bench/results"), results["date"][:10])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
