@@ -73,7 +73,7 @@ class Sessions:
         self._dropped_before = 0  # QoS 0 drops counted by edges since stopped
         self._lock = threading.Lock()
         self._stopped = False
-        # Set when messages are taken out of the inbox: an edge whose paho thread waits
+        # Made when messages are taken out of the inbox: an edge whose paho thread waits
         # for room in it (MqttEdge._make_room) goes on.
         self.room = Room()
 

@@ -177,7 +177,7 @@ class MqttEdge:
         # (OwnTracks turned off): dropped on every connect, or they would keep flowing.
         self.unsubscriptions = unsubscriptions
         self.max_backlog = max(10_000, receive_max * 4)
-        # The window, held on our side too (see `_make_room`); `room` is set by whoever
+        # The window, held on our side too (see `_make_room`); `room` is made by whoever
         # takes messages out of the inbox (the batcher), shared by the edges feeding it.
         self.max_inbox = receive_max
         self.room = room if room is not None else Room()
