@@ -161,7 +161,6 @@ class BatchWriter:
         """The rows a batch needs; call inside `transaction()` so nobody changes them."""
         snap = Snapshot()
         db = self.db
-        self._addresses = {}
         address = f", o.{db.row_address}" if db.row_address else ""
         self._couriers(snap, couriers)
         # Couriers reported offline need their orders too: a message brings them back.
@@ -491,15 +490,17 @@ def stored_consumed(consumed: Consumed) -> tuple[str, Consumed | None]:
     int) are written by hand, into the very text the JSON encoder writes."""
     if len(consumed) == 1:  # most orders: one courier, one segment
         c, first, n = consumed[0]
-        if type(c) is str and type(first) is str and type(n) is int and n > 0:
+        if _plain_segment(c, first, n):
             return f"[[{_string(c)},{_string(first)},{n}]]", consumed
-    if all(
-        type(c) is str and type(first) is str and type(n) is int and n > 0
-        for c, first, n in consumed
-    ):
+    if all(_plain_segment(c, first, n) for c, first, n in consumed):
         text = ",".join(f"[{_string(c)},{_string(first)},{n}]" for c, first, n in consumed)
         return f"[{text}]", consumed
     return dumps([list(segment) for segment in consumed]), None
+
+
+def _plain_segment(courier: Any, first: Any, n: Any) -> bool:
+    """A segment as the planner makes it: written by hand, as the encoder would."""
+    return type(courier) is str and type(first) is str and type(n) is int and n > 0
 
 
 def read_consumed(text: str) -> Consumed:
