@@ -144,8 +144,11 @@ class Daemon:
             stderr=out,
         )
         if wait_ready:
-            wait_until(lambda: self.health()[0] == 200, 20, "daemon health to turn ok")
+            self.wait_ready()
         return self
+
+    def wait_ready(self, timeout: float = 20) -> None:
+        wait_until(lambda: self.health()[0] == 200, timeout, "daemon health to turn ok")
 
     def health(self) -> tuple[int, dict[str, Any]]:
         if self.proc is not None and self.proc.poll() is not None:
@@ -179,10 +182,15 @@ class Daemon:
             if line.startswith(name + "{")
         )
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+    def send(self, sig: int = signal.SIGTERM) -> None:
+        """`sig` to the daemon, if it still runs."""
         assert self.proc is not None
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        self.send(sig)
+        assert self.proc is not None
         return self.proc.wait(timeout)
 
     def kill(self) -> None:
@@ -212,17 +220,14 @@ def start_together(*daemons: Daemon) -> tuple[Daemon, ...]:
         d.start(wait_ready=False)
     deadline = time.monotonic() + 20 * len(daemons)
     for d in daemons:
-        left = max(0.0, deadline - time.monotonic())
-        wait_until(lambda d=d: d.health()[0] == 200, left, "daemon health to turn ok")
+        d.wait_ready(max(0.0, deadline - time.monotonic()))
     return daemons
 
 
 def stop_together(*daemons: Daemon, timeout: float = 30) -> list[int]:
     """SIGTERM to every daemon at once, then each one's exit code."""
     for d in daemons:
-        assert d.proc is not None
-        if d.proc.poll() is None:
-            d.proc.send_signal(signal.SIGTERM)
+        d.send(signal.SIGTERM)
     return [d.proc.wait(timeout) for d in daemons if d.proc is not None]
 
 
