@@ -191,9 +191,16 @@ class _Aiohttp:
             allow_redirects=False,
             proxy=self._proxy,
         ) as r:
-            body = await _capped(r.content.iter_chunked(65536))
-            if len(body) == MAX_REPLY_BYTES:
-                r.close()  # the rest is not read: the connection cannot serve again
+            length = r.content_length
+            if length is not None and length < MAX_REPLY_BYTES:
+                # OneTablet's replies say their length, and aiohttp reads exactly that
+                # many bytes, so the cap holds; one read instead of an iterator of
+                # chunks (part of the push process's CPU per push).
+                body = await r.read()
+            else:
+                body = await _capped(r.content.iter_chunked(65536))
+                if len(body) == MAX_REPLY_BYTES:
+                    r.close()  # the rest is not read: the connection cannot serve again
             retry_after, location = r.headers.get("retry-after"), r.headers.get("location")
             return Answer(r.status, r.reason or "", body, retry_after, location)
 
