@@ -144,7 +144,7 @@ def client(port: int, client_id: str, *, session: bool, protocol: str = "5") -> 
         return c
     props = None
     if session:
-        props = Properties(PacketTypes.CONNECT)
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = 3600
         props.ReceiveMaximum = RECEIVE_MAX
     c.connect("127.0.0.1", port, clean_start=not session, properties=props)
@@ -327,7 +327,8 @@ class Courierd:
     def get(self, path: str) -> str | None:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=2) as r:
-                return r.read().decode()
+                body: bytes = r.read()
+                return body.decode()
         except OSError:
             return None
 

@@ -44,11 +44,11 @@ from bench.common import (
     PING_COURIERS,
     PING_T0,
     RunFolder,
-    iso,
     messages,
     process_cpu_s,
     publish_all,
 )
+from courierd.domain.model import iso
 
 
 def say(text: str) -> None:

@@ -93,11 +93,11 @@ def main() -> int:
         return soak(args, None)
     name = f"courierd_soak_{int(time.time())}"
     admin = psycopg.connect(args.pg_url, autocommit=True)
-    admin.execute(f'CREATE DATABASE "{name}"')  # type: ignore[arg-type]
+    admin.execute(f'CREATE DATABASE "{name}"')
     try:
         return soak(args, args.pg_url.rsplit("/", 1)[0] + f"/{name}")
     finally:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')  # type: ignore[arg-type]
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.close()
 
 
