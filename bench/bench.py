@@ -76,6 +76,27 @@ from bench.phases.pushes import pushes, remote_pushes, together
 from bench.phases.replay import replay_cost
 from courierd.devtools.localbroker import LocalBroker
 
+# The phases, in the order a full run takes them (`phases` in main: one entry each).
+PHASES = (
+    "lifecycle",
+    "ingest_pings",
+    "ingest_places",
+    "ingest_status",
+    "ingest_pings_311",
+    "ingest_status_311",
+    "pushes",
+    "pushes_100ms",
+    "pushes_300ms",
+    "end_to_end",
+    "postgres",
+    "cluster",
+    "latency",
+    "replay",
+    "latency_page",
+    "memory",
+    "capacity",
+)
+
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -94,7 +115,7 @@ def main() -> int:
         help="runs of each ratio; the median is reported (default 3)",
     )
     parser.add_argument(
-        "--only", help="comma-separated phases to run (default all; see `phases` in main)"
+        "--only", help=f"comma-separated phases to run (default all): {', '.join(PHASES)}"
     )
     args = parser.parse_args()
     # A SIGTERM unwinds like an error, so every process the bench started is ended.
@@ -169,6 +190,7 @@ def main() -> int:
             ),
             "capacity": lambda: capacity(broker, sandbox, root, reps, args.quick),
         }
+        assert tuple(phases) == PHASES, "PHASES names every phase, in order"
         failed: list[str] = []
         try:  # from here on, whatever ends the run stops the broker and the sandbox
             chosen = args.only.split(",") if args.only else list(phases)
