@@ -50,16 +50,21 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import signal
 import sys
-import tempfile
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.common import PING_COURIERS, SandboxProc, median_run, say, stop_every_daemon
+from bench.common import (
+    PING_COURIERS,
+    RunFolder,
+    SandboxProc,
+    median_run,
+    say,
+    stop_every_daemon,
+)
 from bench.phases.capacity import capacity
 from bench.phases.cluster import cluster_phase
 from bench.phases.ingest import ingest
@@ -70,6 +75,27 @@ from bench.phases.postgres import postgres_phases
 from bench.phases.pushes import pushes, remote_pushes, together
 from bench.phases.replay import replay_cost
 from courierd.devtools.localbroker import LocalBroker
+
+# The phases, in the order a full run takes them (`phases` in main: one entry each).
+PHASES = (
+    "lifecycle",
+    "ingest_pings",
+    "ingest_places",
+    "ingest_status",
+    "ingest_pings_311",
+    "ingest_status_311",
+    "pushes",
+    "pushes_100ms",
+    "pushes_300ms",
+    "end_to_end",
+    "postgres",
+    "cluster",
+    "latency",
+    "replay",
+    "latency_page",
+    "memory",
+    "capacity",
+)
 
 
 def main() -> int:
@@ -89,115 +115,119 @@ def main() -> int:
         help="runs of each ratio; the median is reported (default 3)",
     )
     parser.add_argument(
-        "--only", help="comma-separated phases to run (default all; see `phases` in main)"
+        "--only", help=f"comma-separated phases to run (default all): {', '.join(PHASES)}"
     )
     args = parser.parse_args()
     # A SIGTERM unwinds like an error, so every process the bench started is ended.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     scale = 0.1 if args.quick else 1.0
-    root = Path(tempfile.mkdtemp(prefix="courierd-bench-"))
-    broker = LocalBroker(root / "broker", persistence=True).start()
-    sandbox = SandboxProc()
-    results: dict[str, Any] = {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-        },
-    }
-    reps = range(args.repeats)
-    ping_n, status_n = int(40_000 * scale), int(20_000 * scale)
-    places = min(PING_COURIERS, int(10_000 * scale) or 1)
-    phases: dict[str, Callable[[], Any]] = {
-        "lifecycle": lambda: lifecycle_cost(int(20_000 * scale)),
-        "ingest_pings": lambda: median_run(
-            [ingest(broker, sandbox, root, ping_n, 0.95, f"pings{i}") for i in reps]
-        ),
-        "ingest_places": lambda: median_run(
-            [ingest(broker, sandbox, root, ping_n, 0.95, f"places{i}", places) for i in reps]
-        ),
-        "ingest_status": lambda: median_run(
-            [ingest(broker, sandbox, root, status_n, 0.0, f"status{i}") for i in reps]
-        ),
-        # courierd over the other protocol, against the same two bare ceilings
-        "ingest_pings_311": lambda: median_run(
-            [ingest(broker, sandbox, root, ping_n, 0.95, f"pv3{i}", protocol="3.1.1") for i in reps]
-        ),
-        "ingest_status_311": lambda: median_run(
-            [
-                ingest(broker, sandbox, root, status_n, 0.0, f"sv3{i}", protocol="3.1.1")
-                for i in reps
-            ]
-        ),
-        "pushes": lambda: median_run(
-            [pushes(broker, sandbox, root, int(10_000 * scale), f"p{i}") for i in reps]
-        ),
-        "pushes_100ms": lambda: median_run(
-            [remote_pushes(broker, root, int(20_000 * scale), 100, f"r{i}") for i in reps]
-        ),
-        "pushes_300ms": lambda: median_run(
-            [remote_pushes(broker, root, int(10_000 * scale), 300, f"s{i}") for i in reps]
-        ),
-        "end_to_end": lambda: median_run(
-            [together(broker, sandbox, root, int(15_000 * scale), f"t{i}") for i in reps]
-        ),
-        "postgres": lambda: postgres_phases(broker, sandbox, root, scale, reps, args.pg_url),
-        "cluster": lambda: cluster_phase(broker, sandbox, root, reps, args.pg_url),
-        "latency": lambda: median_run(
-            [latency(broker, sandbox, root, 2 if scale < 1 else 15, f"{i}") for i in reps],
-            key="p99_ms",
-        ),
-        "replay": lambda: replay_cost(root, int(1_000_000 * scale)),
-        "latency_page": lambda: median_run(
-            [
-                latency_beside_page(broker, sandbox, root, 2 if scale < 1 else 15, f"{i}")
-                for i in reps
-            ]
-        ),
-        "memory": lambda: memory_and_start(
-            broker, sandbox, root, int(100_000 * scale), int(1_000_000 * scale)
-        ),
-        "capacity": lambda: capacity(broker, sandbox, root, reps, args.quick),
-    }
-    failed: list[str] = []
-    try:  # from here on, whatever ends the run stops the broker and the sandbox
-        chosen = args.only.split(",") if args.only else list(phases)
-        if args.no_postgres:
-            chosen = [name for name in chosen if name not in ("postgres", "cluster")]
-        unknown = set(chosen) - set(phases)
-        if unknown:
-            parser.error(f"unknown phases {sorted(unknown)}; known: {', '.join(phases)}")
-        for name in chosen:
-            try:
-                if name == "postgres":
-                    results.update(phases[name]())
-                else:
-                    results[name] = phases[name]()
-            except Exception as e:  # one failed phase must not lose the others' figures
-                say(f"phase {name} failed: {e!r}")
-                results[name] = {"error": repr(e)}
-                failed.append(name)
-                stop_every_daemon()  # what the phase left running would skew the next
-        with_places, without = results.get("ingest_places", {}), results.get("ingest_pings", {})
-        if "ratio" in with_places and "ratio" in without:  # both phases ran, neither failed
-            results["geofence_cost"] = {
-                # each against its own run's ceiling; and the plain rates, which do not
-                # carry the ceilings' own run-to-run noise (they carry the machine's)
-                "ratio_with_places_over_without": round(with_places["ratio"] / without["ratio"], 3),
-                "rate_with_places_over_without": round(
-                    with_places["courierd_msgs_per_s"] / without["courierd_msgs_per_s"], 3
-                ),
-                "goal": ">= 0.9",
-            }
-    finally:
-        stop_every_daemon()
-        sandbox.stop()
-        broker.stop()
-        if failed:  # kept: the daemons' and the broker's logs say what went wrong
-            say(f"the failed run's files are kept in {root}")
-        else:  # a full run leaves hundreds of MB of databases and broker state
-            shutil.rmtree(root, ignore_errors=True)
+    with RunFolder("courierd-bench-") as work:
+        root = work.path
+        broker = LocalBroker(root / "broker", persistence=True).start()
+        sandbox = SandboxProc()
+        results: dict[str, Any] = {
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "machine": {
+                "cpus": os.cpu_count(),
+                "python": platform.python_version(),
+                "platform": platform.platform(),
+            },
+        }
+        reps = range(args.repeats)
+        ping_n, status_n = int(40_000 * scale), int(20_000 * scale)
+        places = min(PING_COURIERS, int(10_000 * scale) or 1)
+        phases: dict[str, Callable[[], Any]] = {
+            "lifecycle": lambda: lifecycle_cost(int(20_000 * scale)),
+            "ingest_pings": lambda: median_run(
+                [ingest(broker, sandbox, root, ping_n, 0.95, f"pings{i}") for i in reps]
+            ),
+            "ingest_places": lambda: median_run(
+                [ingest(broker, sandbox, root, ping_n, 0.95, f"places{i}", places) for i in reps]
+            ),
+            "ingest_status": lambda: median_run(
+                [ingest(broker, sandbox, root, status_n, 0.0, f"status{i}") for i in reps]
+            ),
+            # courierd over the other protocol, against the same two bare ceilings
+            "ingest_pings_311": lambda: median_run(
+                [
+                    ingest(broker, sandbox, root, ping_n, 0.95, f"pv3{i}", protocol="3.1.1")
+                    for i in reps
+                ]
+            ),
+            "ingest_status_311": lambda: median_run(
+                [
+                    ingest(broker, sandbox, root, status_n, 0.0, f"sv3{i}", protocol="3.1.1")
+                    for i in reps
+                ]
+            ),
+            "pushes": lambda: median_run(
+                [pushes(broker, sandbox, root, int(10_000 * scale), f"p{i}") for i in reps]
+            ),
+            "pushes_100ms": lambda: median_run(
+                [remote_pushes(broker, root, int(20_000 * scale), 100, f"r{i}") for i in reps]
+            ),
+            "pushes_300ms": lambda: median_run(
+                [remote_pushes(broker, root, int(10_000 * scale), 300, f"s{i}") for i in reps]
+            ),
+            "end_to_end": lambda: median_run(
+                [together(broker, sandbox, root, int(15_000 * scale), f"t{i}") for i in reps]
+            ),
+            "postgres": lambda: postgres_phases(broker, sandbox, root, scale, reps, args.pg_url),
+            "cluster": lambda: cluster_phase(broker, sandbox, root, reps, args.pg_url),
+            "latency": lambda: median_run(
+                [latency(broker, sandbox, root, 2 if scale < 1 else 15, f"{i}") for i in reps],
+                key="p99_ms",
+            ),
+            "replay": lambda: replay_cost(root, int(1_000_000 * scale)),
+            "latency_page": lambda: median_run(
+                [
+                    latency_beside_page(broker, sandbox, root, 2 if scale < 1 else 15, f"{i}")
+                    for i in reps
+                ]
+            ),
+            "memory": lambda: memory_and_start(
+                broker, sandbox, root, int(100_000 * scale), int(1_000_000 * scale)
+            ),
+            "capacity": lambda: capacity(broker, sandbox, root, reps, args.quick),
+        }
+        assert tuple(phases) == PHASES, "PHASES names every phase, in order"
+        failed: list[str] = []
+        try:  # from here on, whatever ends the run stops the broker and the sandbox
+            chosen = args.only.split(",") if args.only else list(phases)
+            if args.no_postgres:
+                chosen = [name for name in chosen if name not in ("postgres", "cluster")]
+            unknown = set(chosen) - set(phases)
+            if unknown:
+                parser.error(f"unknown phases {sorted(unknown)}; known: {', '.join(phases)}")
+            for name in chosen:
+                try:
+                    if name == "postgres":
+                        results.update(phases[name]())
+                    else:
+                        results[name] = phases[name]()
+                except Exception as e:  # one failed phase must not lose the others' figures
+                    say(f"phase {name} failed: {e!r}")
+                    results[name] = {"error": repr(e)}
+                    failed.append(name)
+                    stop_every_daemon()  # what the phase left running would skew the next
+            with_places, without = results.get("ingest_places", {}), results.get("ingest_pings", {})
+            if "ratio" in with_places and "ratio" in without:  # both phases ran, neither failed
+                results["geofence_cost"] = {
+                    # each against its own run's ceiling; and the plain rates, which do not
+                    # carry the ceilings' own run-to-run noise (they carry the machine's)
+                    "ratio_with_places_over_without": round(
+                        with_places["ratio"] / without["ratio"], 3
+                    ),
+                    "rate_with_places_over_without": round(
+                        with_places["courierd_msgs_per_s"] / without["courierd_msgs_per_s"], 3
+                    ),
+                    "goal": ">= 0.9",
+                }
+        finally:
+            stop_every_daemon()
+            sandbox.stop()
+            broker.stop()
+        work.failed = bool(failed)  # kept: the daemons' and the broker's logs say what went wrong
     out = args.out or _new_file(Path("bench/results"), results["date"][:10])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")

@@ -7,14 +7,17 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
 import uuid
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -36,6 +39,32 @@ RECEIVE_MAX = 1000
 
 def say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
+
+
+class RunFolder:
+    """A run's working folder in /tmp (databases, the broker's state, the daemons' logs:
+    up to hundreds of MB), removed when the `with` ends, unless the run failed: then it is
+    kept, and named, for the logs. Failed: `failed` was set (a phase failed, a check
+    found problems) or an error escaped; a run interrupted (Ctrl-C, SIGTERM as
+    SystemExit) is removed. Whatever writes into it must be stopped inside the `with`."""
+
+    def __init__(self, prefix: str) -> None:
+        self.path = Path(tempfile.mkdtemp(prefix=prefix))
+        self.failed = False
+
+    def __enter__(self) -> RunFolder:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if self.failed or (kind is not None and issubclass(kind, Exception)):
+            say(f"the failed run's files are kept in {self.path}")
+        else:
+            shutil.rmtree(self.path, ignore_errors=True)
 
 
 # -- workloads ---------------------------------------------------------------------------
@@ -115,7 +144,7 @@ def client(port: int, client_id: str, *, session: bool, protocol: str = "5") -> 
         return c
     props = None
     if session:
-        props = Properties(PacketTypes.CONNECT)
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = 3600
         props.ReceiveMaximum = RECEIVE_MAX
     c.connect("127.0.0.1", port, clean_start=not session, properties=props)
@@ -298,7 +327,8 @@ class Courierd:
     def get(self, path: str) -> str | None:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=2) as r:
-                return r.read().decode()
+                body: bytes = r.read()
+                return body.decode()
         except OSError:
             return None
 

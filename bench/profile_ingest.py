@@ -28,6 +28,8 @@ import cProfile
 import json
 import os
 import queue
+import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -38,7 +40,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from bench.common import PING_COURIERS, PING_T0, iso, messages, process_cpu_s, publish_all
+from bench.common import (
+    PING_COURIERS,
+    PING_T0,
+    RunFolder,
+    messages,
+    process_cpu_s,
+    publish_all,
+)
+from courierd.domain.model import iso
 
 
 def say(text: str) -> None:
@@ -136,6 +146,7 @@ def ingest_cpu(
             commit_messages(store, raw[i : i + batch], time.time())
         used = time.process_time() - started
     store.close()
+    shutil.rmtree(folder)  # each round's database goes once measured
     return used / n * 1e6
 
 
@@ -146,18 +157,21 @@ def _say_sql(label: str, n: int) -> None:
 
 
 def run_ingest(args: argparse.Namespace) -> dict[str, Any]:
-    root = Path(tempfile.mkdtemp(prefix="courierd-profile-"))
-    plain: list[float] = []
-    fenced: list[float] = []
-    for r in range(args.rounds):
-        plain.append(ingest_cpu(root, args.messages, 0, args.batch, None, args.sql))
-        if args.sql:
-            _say_sql("plain", args.messages)
-        profile = args.profile if r == args.rounds - 1 else None
-        fenced.append(ingest_cpu(root, args.messages, PING_COURIERS, args.batch, profile, args.sql))
-        if args.sql:
-            _say_sql("geofenced", args.messages)
-        say(f"  round {r + 1}: plain {plain[-1]:.1f} µs/msg, geofenced {fenced[-1]:.1f} µs/msg")
+    with RunFolder("courierd-profile-") as work:  # the rounds' databases
+        root = work.path
+        plain: list[float] = []
+        fenced: list[float] = []
+        for r in range(args.rounds):
+            plain.append(ingest_cpu(root, args.messages, 0, args.batch, None, args.sql))
+            if args.sql:
+                _say_sql("plain", args.messages)
+            profile = args.profile if r == args.rounds - 1 else None
+            fenced.append(
+                ingest_cpu(root, args.messages, PING_COURIERS, args.batch, profile, args.sql)
+            )
+            if args.sql:
+                _say_sql("geofenced", args.messages)
+            say(f"  round {r + 1}: plain {plain[-1]:.1f} µs/msg, geofenced {fenced[-1]:.1f} µs/msg")
     p, f = statistics.median(plain), statistics.median(fenced)
     say(
         f"ingest process, median: plain {p:.1f} µs/msg, geofenced {f:.1f}; "
@@ -252,69 +266,80 @@ def _drain(port: int, kind: str, protocol: str, client_id: str, n: int) -> tuple
 
     got = [0]
     finished = threading.Event()
+    failed: list[BaseException] = []
+    stop = threading.Event()
 
     def acker() -> None:  # the batcher, with a commit that takes no time
-        # As the batcher of the code measured does it (older code: one ack at a time).
+        # As the batcher of the code measured does it: room made (`Room.made`; before
+        # it, an Event set), a batch's acks in one call (older code: one at a time).
         ack_many, room = getattr(edge, "ack_many", None), getattr(edge, "room", None)
-        while got[0] < n:
-            batch = take_batch(inbox, size=500, wait_s=0.0, timeout=0.2)
-            if room is not None and batch:
-                room.set()
-            payloads = [(m.topic, m.payload, m.size) for m in batch]
-            del payloads
-            if ack_many is not None:
-                ack_many(batch)
-            else:
-                for message in batch:
-                    edge.ack(message)
-            got[0] += len(batch)
-        finished.set()
+        make_room = getattr(room, "made", None) or getattr(room, "set", None)
+        try:
+            while got[0] < n and not stop.is_set():
+                batch = take_batch(inbox, size=500, wait_s=0.0, timeout=0.2)
+                if make_room is not None and batch:
+                    make_room()
+                payloads = [(m.topic, m.payload, m.size) for m in batch]
+                del payloads
+                if ack_many is not None:
+                    ack_many(batch)
+                else:
+                    for message in batch:
+                        edge.ack(message)
+                got[0] += len(batch)
+        except BaseException as e:  # said at once, not after the 300 s wait below
+            failed.append(e)
+        finally:
+            finished.set()
 
     thread = threading.Thread(target=acker)
     cpu, wall = time.process_time(), time.perf_counter()
     thread.start()
     edge.start()
-    if not finished.wait(300):
-        raise RuntimeError(f"edge: {got[0]} of {n}")
-    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-    edge.stop()
-    thread.join()
+    try:
+        if not finished.wait(300) or failed:
+            raise RuntimeError(f"edge: {got[0]} of {n}") from (failed[0] if failed else None)
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    finally:
+        stop.set()
+        edge.stop()
+        thread.join()
     return n / wall, cpu / n * 1e6
 
 
 def run_mqtt(args: argparse.Namespace) -> dict[str, Any]:
     from courierd.devtools.localbroker import LocalBroker
 
-    root = Path(tempfile.mkdtemp(prefix="courierd-profile-"))
-    broker = LocalBroker(root / "broker", persistence=False).start()
     results: dict[str, list[tuple[float, float]]] = {}
     brokers: dict[str, list[float]] = {}
-    try:
-        msgs = messages(args.messages, 0.95, "m")
-        for r in range(args.rounds):
-            for kind in args.kinds.split(","):
-                for protocol in args.protocols.split(","):
-                    client_id = f"profile-{kind}-{protocol}-{r}"
-                    _register(broker.port, kind, protocol, client_id)
-                    publish_all(broker.port, msgs)
-                    last = r == args.rounds - 1 and kind == "edge"
-                    path = None
-                    if last and args.profile is not None:
-                        path = args.profile.with_suffix(f".{protocol}.pstats")
-                    assert broker.proc is not None
-                    broker_cpu = process_cpu_s(broker.proc.pid)
-                    with profiled(path):
-                        rate, us = _drain(broker.port, kind, protocol, client_id, len(msgs))
-                    broker_us = (process_cpu_s(broker.proc.pid) - broker_cpu) / len(msgs) * 1e6
-                    results.setdefault(f"{kind} {protocol}", []).append((rate, us))
-                    brokers.setdefault(f"{kind} {protocol}", []).append(broker_us)
-                    say(
-                        f"  round {r + 1}: {kind} MQTT {protocol}: "
-                        f"{rate:,.0f} msg/s, {us:.1f} µs/msg (the broker meanwhile, delivering: "
-                        f"{broker_us:.1f} µs/msg)"
-                    )
-    finally:
-        broker.stop()
+    with RunFolder("courierd-profile-") as work:
+        broker = LocalBroker(work.path / "broker", persistence=False).start()
+        try:
+            msgs = messages(args.messages, 0.95, "m")
+            for r in range(args.rounds):
+                for kind in args.kinds.split(","):
+                    for protocol in args.protocols.split(","):
+                        client_id = f"profile-{kind}-{protocol}-{r}"
+                        _register(broker.port, kind, protocol, client_id)
+                        publish_all(broker.port, msgs)
+                        last = r == args.rounds - 1 and kind == "edge"
+                        path = None
+                        if last and args.profile is not None:
+                            path = args.profile.with_suffix(f".{protocol}.pstats")
+                        assert broker.proc is not None
+                        broker_cpu = process_cpu_s(broker.proc.pid)
+                        with profiled(path):
+                            rate, us = _drain(broker.port, kind, protocol, client_id, len(msgs))
+                        broker_us = (process_cpu_s(broker.proc.pid) - broker_cpu) / len(msgs) * 1e6
+                        results.setdefault(f"{kind} {protocol}", []).append((rate, us))
+                        brokers.setdefault(f"{kind} {protocol}", []).append(broker_us)
+                        say(
+                            f"  round {r + 1}: {kind} MQTT {protocol}: "
+                            f"{rate:,.0f} msg/s, {us:.1f} µs/msg (the broker meanwhile, "
+                            f"delivering: {broker_us:.1f} µs/msg)"
+                        )
+        finally:
+            broker.stop()
     out = {}
     for key, runs in results.items():
         out[key] = {
@@ -337,6 +362,8 @@ def main() -> int:
     parser.add_argument("--protocols", default="5,3.1.1", help="mqtt: 5 and/or 3.1.1")
     parser.add_argument("--sql", action="store_true", help="ingest: CPU time per statement")
     args = parser.parse_args()
+    # A SIGTERM unwinds like Ctrl-C: the broker stopped, the working folder removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     result = run_ingest(args) if args.what == "ingest" else run_mqtt(args)
     print(json.dumps(result, indent=2))
     return 0

@@ -24,15 +24,14 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import signal
 import sys
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 import psycopg
 
-from bench.common import STATUSES, Courierd, SandboxProc, say
+from bench.common import STATUSES, Courierd, RunFolder, SandboxProc, say
 from courierd.config import StoreSettings
 from courierd.devtools.localbroker import LocalBroker
 from courierd.devtools.simulate import Noise, Simulation, mqtt_publisher
@@ -87,115 +86,122 @@ def main() -> int:
         help="a server where a database can be created (its own is made and dropped)",
     )
     args = parser.parse_args()
+    # A SIGTERM unwinds like Ctrl-C: daemons, sandbox and broker stopped, the database
+    # dropped, the working folder removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if not args.postgres:
         return soak(args, None)
     name = f"courierd_soak_{int(time.time())}"
     admin = psycopg.connect(args.pg_url, autocommit=True)
-    admin.execute(f'CREATE DATABASE "{name}"')  # type: ignore[arg-type]
+    admin.execute(f'CREATE DATABASE "{name}"')
     try:
         return soak(args, args.pg_url.rsplit("/", 1)[0] + f"/{name}")
     finally:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')  # type: ignore[arg-type]
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.close()
 
 
 def soak(args: argparse.Namespace, pg_url: str | None) -> int:
     rng = random.Random(args.seed)
-    root = Path(tempfile.mkdtemp(prefix="courierd-soak-"))
-    broker = LocalBroker(root / "broker").start()
-    sandbox = SandboxProc(
-        "--error-rate",
-        "0.05",
-        "--throttle-rate",
-        "0.02",
-        "--latency-ms",
-        "3",
-        "--seed",
-        str(args.seed),
-    )
-    members = 0
+    with RunFolder("courierd-soak-") as work:  # kept, and named, when a check fails
+        root = work.path
+        broker = LocalBroker(root / "broker").start()
+        sandbox = SandboxProc(
+            "--error-rate",
+            "0.05",
+            "--throttle-rate",
+            "0.02",
+            "--latency-ms",
+            "3",
+            "--seed",
+            str(args.seed),
+        )
+        members = 0
 
-    def member() -> Courierd:
-        nonlocal members
-        members += 1
-        folder = root / f"instance-{members}"
-        folder.mkdir()
-        d = Courierd(folder, broker, sandbox.url, "soak")
-        d.env["COURIERD_ONETABLET__RETRY_SCHEDULE_S"] = "[0.2, 1.0, 2.0]"
-        if pg_url is not None:
-            d.env["COURIERD_STORE__URL"] = pg_url
-        else:
-            d.env["COURIERD_STORE__PATH"] = str(root / "courierd.db")
-        d.start()
-        return d
+        def member() -> Courierd:
+            nonlocal members
+            members += 1
+            folder = root / f"instance-{members}"
+            folder.mkdir()
+            d = Courierd(folder, broker, sandbox.url, "soak")
+            d.env["COURIERD_ONETABLET__RETRY_SCHEDULE_S"] = "[0.2, 1.0, 2.0]"
+            if pg_url is not None:
+                d.env["COURIERD_STORE__URL"] = pg_url
+            else:
+                d.env["COURIERD_STORE__PATH"] = str(root / "courierd.db")
+            d.start()
+            return d
 
-    daemons = [member() for _ in range(args.instances if pg_url else 1)]
-    client, publish = mqtt_publisher("127.0.0.1", broker.port, "soak-couriers")
-    sim = Simulation(
-        publish,
-        couriers=args.couriers,
-        speed=120,
-        seed=args.seed,
-        noise=Noise(duplicates=0.05, reorder=0.05, offline=0.02, junk=0.01),
-    )
-    stop = threading.Event()
-    threading.Thread(target=sim.run, args=(stop,), daemon=True).start()
-    end = time.monotonic() + args.minutes * 60
-    kills = restarts = 0
-    next_kill = time.monotonic() + args.kill_every
-    try:
-        while time.monotonic() < end:
-            time.sleep(1)
-            left = end - time.monotonic()
-            sys.stderr.write(
-                f"\rsoak: {left:5.0f} s left, orders done {sim.orders_done}, "
-                f"sent {sum(sim.sent.values())}, kills {kills}, "
-                f"broker restarts {restarts}   "
+        daemons = [member() for _ in range(args.instances if pg_url else 1)]
+        client, publish = mqtt_publisher("127.0.0.1", broker.port, "soak-couriers")
+        sim = Simulation(
+            publish,
+            couriers=args.couriers,
+            speed=120,
+            seed=args.seed,
+            noise=Noise(duplicates=0.05, reorder=0.05, offline=0.02, junk=0.01),
+        )
+        stop = threading.Event()
+        threading.Thread(target=sim.run, args=(stop,), daemon=True).start()
+        end = time.monotonic() + args.minutes * 60
+        kills = restarts = 0
+        next_kill = time.monotonic() + args.kill_every
+        try:
+            while time.monotonic() < end:
+                time.sleep(1)
+                left = end - time.monotonic()
+                sys.stderr.write(
+                    f"\rsoak: {left:5.0f} s left, orders done {sim.orders_done}, "
+                    f"sent {sum(sim.sent.values())}, kills {kills}, "
+                    f"broker restarts {restarts}   "
+                )
+                if time.monotonic() >= next_kill:
+                    victim = rng.randrange(len(daemons))
+                    daemons[victim].stop(kill=True)
+                    kills += 1
+                    if rng.random() < 0.2:
+                        broker.stop()
+                        broker.start()
+                        restarts += 1
+                    daemons[victim] = member()  # alone: the same again; a cluster: a new member
+                    next_kill = time.monotonic() + args.kill_every * rng.uniform(0.5, 1.5)
+            stop.set()
+            say("\nsoak: couriers stopped; waiting for the outbox to drain")
+            # Ask the database, not /healthz: its outbox gauge is refreshed once a second and
+            # can still say 0 just after a commit; and the last messages may still be in
+            # flight, so the outbox must stay empty for a few seconds.
+            settings = (
+                StoreSettings(url=pg_url) if pg_url else StoreSettings(path=root / "courierd.db")
             )
-            if time.monotonic() >= next_kill:
-                victim = rng.randrange(len(daemons))
-                daemons[victim].stop(kill=True)
-                kills += 1
-                if rng.random() < 0.2:
-                    broker.stop()
-                    broker.start()
-                    restarts += 1
-                daemons[victim] = member()  # alone: the same again; a cluster: a new member
-                next_kill = time.monotonic() + args.kill_every * rng.uniform(0.5, 1.5)
-        stop.set()
-        say("\nsoak: couriers stopped; waiting for the outbox to drain")
-        # Ask the database, not /healthz: its outbox gauge is refreshed once a second and
-        # can still say 0 just after a commit; and the last messages may still be in
-        # flight, so the outbox must stay empty for a few seconds.
-        settings = StoreSettings(url=pg_url) if pg_url else StoreSettings(path=root / "courierd.db")
-        store = open_store(settings, instance="soak-check")
-        deadline, empty_since = time.monotonic() + 300, None
-        while time.monotonic() < deadline:
-            if store.outbox.stats()[0] > 0:
-                empty_since = None
-            elif empty_since is None:
-                empty_since = time.monotonic()
-            elif time.monotonic() - empty_since > 5:
-                break
-            time.sleep(0.5)
-        for d in daemons:
-            d.stop()
-        orders, problems = check(sandbox.requests(), store)
-        store.close()
-    finally:
-        stop.set()
-        client.loop_stop()
-        for d in daemons:
-            d.stop(kill=True)
-        sandbox.stop()
-        broker.stop()
-    for p in problems[:20]:
-        say(f"  PROBLEM {p}")
-    where = f"a cluster of {args.instances} on PostgreSQL" if pg_url else "SQLite"
-    say(
-        f"soak ({where}): {orders} orders checked, {kills} kills, {restarts} broker "
-        f"restarts, {len(problems)} problems (work dir {root})"
-    )
+            store = open_store(settings, instance="soak-check")
+            deadline, empty_since = time.monotonic() + 300, None
+            while time.monotonic() < deadline:
+                if store.outbox.stats()[0] > 0:
+                    empty_since = None
+                elif empty_since is None:
+                    empty_since = time.monotonic()
+                elif time.monotonic() - empty_since > 5:
+                    break
+                time.sleep(0.5)
+            for d in daemons:
+                d.stop()
+            orders, problems = check(sandbox.requests(), store)
+            store.close()
+        finally:
+            stop.set()
+            client.loop_stop()
+            for d in daemons:
+                d.stop(kill=True)
+            sandbox.stop()
+            broker.stop()
+        for p in problems[:20]:
+            say(f"  PROBLEM {p}")
+        where = f"a cluster of {args.instances} on PostgreSQL" if pg_url else "SQLite"
+        say(
+            f"soak ({where}): {orders} orders checked, {kills} kills, {restarts} broker "
+            f"restarts, {len(problems)} problems"
+        )
+        work.failed = bool(problems)  # the daemons' logs, the database: what went wrong
     return 1 if problems else 0
 
 

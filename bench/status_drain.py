@@ -1,7 +1,7 @@
 """Status-only backlog drain: durable ingest and the last push, with CPU per status of
 each process, for one or more courierd source trees in one run (alternating).
 
-Not the bench (`scripts/bench --only ingest` runs the same backlog for the ratio to the
+Not the bench (`scripts/bench --only ingest_status` runs the same backlog for the ratio to the
 bare subscriber); this follows the drain on to its end, the last push of the backlog at
 the sandbox, which is what a priority between ingest and push changes:
 

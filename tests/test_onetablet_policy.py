@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import time
 from collections.abc import Iterator
@@ -19,7 +20,13 @@ from yarl import URL
 
 from courierd.devtools.sandbox import Sandbox
 from courierd.edges.onetablet import call
-from courierd.edges.onetablet_http import CLIENTS, OneTabletHttp, origin_of
+from courierd.edges.onetablet_http import (
+    CLIENTS,
+    MAX_REPLY_BYTES,
+    LoopThread,
+    OneTabletHttp,
+    origin_of,
+)
 from courierd.edges.pusher import Pusher
 from courierd.errors import Rejected, Unavailable
 from tests.conftest import API_KEY
@@ -152,6 +159,36 @@ def test_a_huge_reply_body_is_cut_and_its_status_still_counts(caller: tuple[str,
         assert flood.sent < 64 << 20, flood.sent
     finally:
         flood.close()
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+def test_a_reply_cut_at_the_cap_leaves_nothing_behind(client: str) -> None:
+    """A reply cut at `MAX_REPLY_BYTES`, then the client closed and its loop stopped at
+    once (as the order commands stop theirs): no task destroyed while pending, nothing
+    unclosed (aiohttp reports its sessions and connections to the loop too).
+    httpx-aiohttp's body generators, left suspended inside the one closed, were closed
+    by tasks of the loop's that the stopped loop destroyed."""
+    flood = Flood()
+    thread = LoopThread("cap-test")
+    problems: list[str] = []
+    thread.loop.set_exception_handler(lambda _, context: problems.append(context["message"]))
+
+    async def once() -> tuple[int, int]:
+        http = OneTabletHttp(flood.url, API_KEY, deadline_s=60, max_connections=1, client=client)
+        try:
+            answer = await http.post("/orders/o-1/delivery-status", BODY.encode(), {})
+        finally:
+            await http.close()
+        return answer.status, len(answer.content)
+
+    try:
+        assert thread.run(once(), timeout=60) == (200, MAX_REPLY_BYTES)
+    finally:
+        thread.stop()
+        flood.close()
+    thread.loop.close()
+    gc.collect()  # a task, session or connection left behind says so to its loop's handler
+    assert problems == []
 
 
 def test_order_submit_gives_up_on_a_trickling_reply(cli, tmp_path: Path) -> None:

@@ -28,7 +28,7 @@ from courierd.store import Store, open_store
 from courierd.store.outbox import CLAIM_SQL, PushResult
 from courierd.store.schema import DELIVERED, FAILED, PENDING, SQLITE_MIGRATIONS
 from courierd.store.sqlite import SqliteDatabase
-from courierd.store.writer import read_consumed, stored_consumed
+from courierd.store.writer import MEMO_SWEEP_S, read_consumed, stored_consumed
 from tests import pg
 from tests.conftest import open_path
 
@@ -122,6 +122,67 @@ def test_the_writer_forgets_an_order_row_once_the_order_is_finished(store: Store
     assert "o1" not in writer._rows and "o2" in writer._rows
     writer.commit([status("a3", "o1", Status.DROPOFF)], now=T0 + 3)  # a late duplicate
     assert "o1" not in writer._rows
+
+
+def _kept(store: Store, order_id: str) -> set[str]:
+    """What the writer keeps of an order: its track's and consumed fixes' values for the
+    text its row holds now, the order and places its row made."""
+    writer = store.writer
+    track, consumed = store.db.row(
+        "SELECT track, consumed FROM orders WHERE order_id = ?", (order_id,)
+    ) or (None, None)
+    kept = set()
+    if track is not None and writer._tracks.get(order_id, track) is not None:
+        kept.add("track")
+    if consumed is not None and writer._consumed.get(order_id, consumed) is not None:
+        kept.add("consumed")
+    if order_id in writer._rows:
+        kept.add("row")
+    return kept
+
+
+def _geofenced(store: Store, order_id: str, courier: str, now: float) -> None:
+    """An order with places its courier is far from, and two fixes: the writer keeps it."""
+    far = Place(41.0, -74.0, 100)
+    store.writer.commit([Assignment(order_id, courier, b"{}", far, far)], now=now)
+    for t in (0, 5):
+        store.writer.commit([LocationFix(courier, iso(now + t), 40.0, -74.0, 5.0)], now=now + t)
+
+
+def test_the_writer_forgets_a_finished_order_s_track_and_consumed_fixes(store: Store) -> None:
+    """An order finished by a status the writer commits: nothing of it is kept (its row
+    is not read again), not only its row's order and places."""
+    _geofenced(store, "o1", "c1", T0)
+    assert _kept(store, "o1") == {"track", "consumed", "row"}
+    store.writer.commit([status("a1", "o1", Status.DROPOFF)], now=T0 + 10)
+    assert store.db.value("SELECT state FROM orders") == "dropoff"
+    assert _kept(store, "o1") == set()
+
+
+def test_the_writer_forgets_orders_finished_behind_it(store: Store) -> None:
+    """Orders cancelled (the API's cancel: hold, then finish) or expired outside the
+    writer are never read by it again: what it kept of them goes once a sweep interval
+    passed without a batch reading them, while an order read in every interval is kept.
+    Without that, every such order stayed until the memo filled (about 1.5 KB each)."""
+    writer = store.writer
+    for order_id, courier in (("o1", "c1"), ("o2", "c2"), ("o3", "c3")):
+        _geofenced(store, order_id, courier, T0)
+        assert _kept(store, order_id) == {"track", "consumed", "row"}
+    store.outbox.hold_for_cancel("o1", T0 + 10, 30.0)
+    store.outbox.finish_cancel("o1", T0 + 11)
+    later = T0 + store.expiry.abandon_after_s + 60
+    writer.commit([LocationFix("c2", iso(later), 40.0, -74.0, 5.0)], now=later)  # o2 lives
+    assert store.expiry.step(later) == ["o3"]
+    for i in range(1, 3):  # two intervals, batches reading only o2
+        at = later + i * MEMO_SWEEP_S
+        writer.commit([LocationFix("c2", iso(at), 40.0, -74.0, 5.0)], now=at)
+    assert store.db.rows("SELECT order_id, state FROM orders ORDER BY order_id") == [
+        ("o1", "cancelled"),
+        ("o2", "new"),
+        ("o3", "expired"),
+    ]
+    assert _kept(store, "o1") == _kept(store, "o3") == set()
+    assert _kept(store, "o2") == {"track", "consumed", "row"}
 
 
 def test_consumed_fixes_as_stored_read_back_as_kept() -> None:

@@ -103,7 +103,11 @@ def cluster_membership(
     takeover: dict[str, float] = {}
     for fault in ("kill", "sigstop"):
         other = member()
-        until(lambda o=other: holding(first) + holding(o) == slots and holding(o) > 0)
+
+        def shared(o: Courierd = other) -> bool:  # bound now (the loop's variable: B023)
+            return holding(first) + holding(o) == slots and holding(o) > 0
+
+        until(shared)
         time.sleep(2)
         marks[fault] = time.time()
         other.pause() if fault == "sigstop" else other.stop(kill=True)

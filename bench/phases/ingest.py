@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 from bench.common import (
     PROTOCOLS,
@@ -75,7 +76,7 @@ def ingest(
     pg_url: str | None = None,
     instances: int = 1,
     protocol: str | None = None,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     more = f", {places:,} active orders with places" if places else ""
     where = "" if pg_url is None else f", PostgreSQL x{instances}"
     over = f", courierd over MQTT {protocol}" if protocol else ""

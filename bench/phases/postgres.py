@@ -29,7 +29,7 @@ def postgres_phases(
 
     def fresh(tag: str) -> str:
         name = f"courierd_bench_{int(time.time())}_{tag}"
-        admin.execute(f'CREATE DATABASE "{name}"')  # type: ignore[arg-type]
+        admin.execute(f'CREATE DATABASE "{name}"')
         made.append(name)
         return server.rsplit("/", 1)[0] + f"/{name}"
 
@@ -55,6 +55,6 @@ def postgres_phases(
         )
     finally:
         for name in made:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')  # type: ignore[arg-type]
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.close()
     return out

@@ -10,6 +10,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp  # here, not in the raw client: its import is no CPU of a POST
 import httpx
@@ -196,7 +197,7 @@ def pushes(
     n: int,
     label: str,
     pg_url: str | None = None,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """A backlog of pushes against the local sandbox, next to bare POSTs at the same
     concurrency (sync httpx, the goal's baseline; aiohttp, the push path's client)."""
     where = "" if pg_url is None else ", PostgreSQL"
@@ -240,7 +241,7 @@ def against_bare_clients(
 
 def remote_pushes(
     broker: LocalBroker, root: Path, n: int, latency_ms: int, label: str
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """A burst of orders against a OneTablet `latency_ms` away (`courierd sandbox
     --latency-ms`), next to bare aiohttp POSTs at the same concurrency, and the bound
     that concurrency sets (places in flight / latency)."""
@@ -274,7 +275,7 @@ def remote_pushes(
 
 def together(
     broker: LocalBroker, sandbox: SandboxProc, root: Path, n: int, label: str
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Ingest and pushes at once: `n` status events (orders walking the chain) published
     as fast as the broker takes them to a running daemon, until every push is made;
     next to bare POSTs of as many calls at the same concurrency."""

@@ -53,7 +53,7 @@ def replay_cost(root: Path, fixes: int) -> dict[str, Any]:
         store.writer.commit(batch, now=t0)
     write_s = time.perf_counter() - started
     stored = store.db.value("SELECT count(*) FROM track_points")
-    on_disk = dict(
+    on_disk: dict[str, int] = dict(
         store.db.rows(
             "SELECT name, sum(pgsize) FROM dbstat WHERE name = 'track_points' "
             "OR name LIKE 'track_points_%' GROUP BY name"

@@ -12,6 +12,7 @@ never says what the text does not.
 
 from __future__ import annotations
 
+from collections.abc import Container
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -37,3 +38,11 @@ class Memo(Generic[T]):
         if len(rows) >= self.size and key not in rows:
             rows.clear()
         rows[key] = (text, value)
+
+    def forget(self, key: str) -> None:
+        """Drop `key`'s row (one that will not be read again: its order finished)."""
+        self._rows.pop(key, None)
+
+    def keep_only(self, keys: Container[str]) -> None:
+        """Drop every row but those of `keys`."""
+        self._rows = {key: row for key, row in self._rows.items() if key in keys}

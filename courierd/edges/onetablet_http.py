@@ -26,7 +26,6 @@ The client lives on an asyncio loop; `LoopThread` gives the order commands one.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ssl
 import threading
 import urllib.request
@@ -248,9 +247,7 @@ class _Httpx:
     async def post(self, url: str, content: bytes, headers: dict[str, str]) -> Answer:
         # Streamed, so that the cap holds; leaving the block early drops the connection.
         async with self._http.stream("POST", url, content=content, headers=headers) as r:
-            # A generator left early is closed, not leaked.
-            async with contextlib.aclosing(r.aiter_bytes()) as chunks:  # type: ignore[type-var]
-                body = await _capped(chunks)
+            body = await self._capped(r)
             return Answer(
                 r.status_code,
                 r.reason_phrase,
@@ -258,6 +255,26 @@ class _Httpx:
                 r.headers.get("retry-after"),
                 r.headers.get("location"),
             )
+
+    async def _capped(self, r: httpx.Response) -> bytes:
+        """The body's first `MAX_REPLY_BYTES` at most. At the cap the reply is closed (its
+        connection dropped, not drained) and the iteration carried on to its end, which
+        then comes at once (what was buffered, then the closed stream's error). httpx
+        reads through a chain of async generators, one inside the other: only the
+        outermost can be closed from here, and each one left suspended inside it is
+        closed later by a task of the loop's, which a loop stopped soon after (as the
+        order commands stop theirs) destroys while pending (httpx-aiohttp: always)."""
+        body = bytearray()
+        try:
+            async for chunk in r.aiter_bytes():
+                if len(body) < MAX_REPLY_BYTES:
+                    body += chunk
+                    if len(body) >= MAX_REPLY_BYTES:
+                        await r.aclose()
+        except self.errors:
+            if not r.is_closed:  # a failed exchange, not the end of the one cut short
+                raise
+        return bytes(body[:MAX_REPLY_BYTES])
 
     async def close(self) -> None:
         await self._http.aclose()

@@ -45,6 +45,12 @@ from courierd.store.schema import HELD, PENDING
 
 # Dead letters keep the start of the payload (enough to see what an app sent) and its size.
 DEAD_LETTER_KEEP = 4096
+# What the writer keeps per order (BatchWriter._tracks, _consumed, _rows) goes when the
+# order finishes in a batch, and otherwise once no batch read the order for a whole
+# interval of this many seconds: an order finished outside the writer (cancelled
+# through the API or by OneTablet, expired, by another instance) is not read by it
+# again, and what it kept of it (about 1.5 KB) stayed until a memo filled.
+MEMO_SWEEP_S = 300.0
 
 _ORDER_COLUMNS = (
     "o.order_id, o.state, o.courier_id, o.hold_until, o.status_at, "
@@ -97,6 +103,9 @@ class BatchWriter:
         # The engine's address (SQLite's rowid) of each order row the batch being
         # committed read: its track is rewritten by that, a cheaper lookup than the key.
         self._addresses: dict[str, Any] = {}
+        # The orders batches read since the last sweep (`_sweep`), and when it was.
+        self._touched: set[str] = set()
+        self._swept_at = float("-inf")
 
     def commit(
         self, inputs: Sequence[Input], *, now: float, slots: Mapping[int, int] | None = None
@@ -130,10 +139,29 @@ class BatchWriter:
                 self.write(fx, snap, now=now)
                 for oid, order in fx.orders.items():  # finished: its row is read no more
                     if order.state in FINISHED:
-                        self._rows.pop(oid, None)
+                        self._forget(oid)
+                self._touched.update(snap.orders)
             finally:
                 self._addresses = {}  # this transaction's: never used in another
+        self._sweep(now)
         return fx
+
+    def _forget(self, order_id: str) -> None:
+        """Drop what is kept of an order (see __init__)."""
+        self._tracks.forget(order_id)
+        self._consumed.forget(order_id)
+        self._rows.pop(order_id, None)
+
+    def _sweep(self, now: float) -> None:
+        """Once every MEMO_SWEEP_S, drop what is kept of the orders no batch touched since
+        the last sweep (a clock stepped back sweeps at once). An order still active, only
+        quiet, is a miss when next read: parsed as if never kept."""
+        if self._swept_at <= now < self._swept_at + MEMO_SWEEP_S:
+            return
+        touched, self._touched, self._swept_at = self._touched, set(), now
+        self._tracks.keep_only(touched)
+        self._consumed.keep_only(touched)
+        self._rows = {oid: row for oid, row in self._rows.items() if oid in touched}
 
     def _create_rows(self, order_ids: set[str], couriers: set[str], now: float) -> None:
         """Make sure the rows a batch reads exist, so that reading them locks them: two
