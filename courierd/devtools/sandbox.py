@@ -140,7 +140,10 @@ class Sandbox:
         self._sock.close()
 
     async def _open(self) -> None:
-        self._server = await asyncio.start_server(self._connection, sock=self._sock)
+        # start_server listens again, with its own backlog (100) unless told.
+        self._server = await asyncio.start_server(
+            self._connection, sock=self._sock, backlog=BACKLOG
+        )
 
     async def _close(self) -> None:
         if self._server is not None:
