@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from courierd.devtools.sandbox import Sandbox
 from courierd.devtools.simulate import Noise, Simulation
 from courierd.domain.lifecycle import CHAIN
 from tests.harness import Broker, free_port, wait_until
@@ -102,6 +104,23 @@ def test_sandbox_command_answers_and_injects_faults(tmp_path: Path) -> None:
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(10) == 0
+
+
+def test_a_stopped_sandbox_answers_no_one() -> None:
+    """stop() also closes the connections clients keep alive: a stopped sandbox answers no
+    one (the threaded server's connection threads went on serving after stop())."""
+    sandbox = Sandbox(api_key="k").start()
+    host, port = sandbox.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=5)
+    try:
+        conn.request("GET", "/requests/count")
+        assert json.loads(conn.getresponse().read()) == {"count": 0}
+        sandbox.stop()
+        with pytest.raises((ConnectionError, http.client.HTTPException)):
+            conn.request("GET", "/requests/count")
+            conn.getresponse().read()
+    finally:
+        conn.close()
 
 
 def test_bad_tool_arguments_exit_2() -> None:

@@ -10,18 +10,27 @@ latency, an outage window). `GET /` is a small read-only page of the calls per o
 `x-courierd-source`; the page labels each call with it and the log has it as `source`.
 Tests may also install a `responder` that answers in place of the normal logic, to
 script exact sequences of replies.
+
+It is a small HTTP/1.1 server on asyncio streams, on an event loop of its own thread: a
+request in flight (held by `latency_ms`, say) is a coroutine, not a thread. It reads and
+writes header bytes as latin-1, as `http.server` did, so a responder can send any byte a
+real server might (a redirect's Location, say). Only a responder runs on a thread, one
+per call, since a test's responder may block until the test lets it go.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import html
+import http
 import json
 import random
+import socket
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import unquote
 
@@ -30,6 +39,7 @@ from courierd.domain.model import CANCEL_REASONS, Status
 WEBHOOK_TYPES = {"order.submit", "order.cancel", "order.delivery_status"}
 SOURCES = ("app", "geofence", "fill")  # the values of x-courierd-source the page colours
 _STATUSES = {s.value for s in Status}
+_PHRASES = {s.value: s.phrase for s in http.HTTPStatus}  # as http.server says them
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,18 +89,16 @@ class Faults:
         self.rng = random.Random(self.seed)
 
 
-class _Server(ThreadingHTTPServer):
-    # courierd opens hundreds of connections at once; the default backlog of 5 would
-    # drop most of their SYNs, and the client would retry them a second later.
-    request_queue_size = 1024
-
-
 Reply = tuple[int, dict[str, str], Any]
 Responder = Callable[[Request], Reply | None]
 
+# courierd opens hundreds of connections at once; a small backlog would drop most of
+# their SYNs, and the client would retry them a second later.
+BACKLOG = 1024
+
 
 class Sandbox:
-    """A threaded HTTP server; `start()` it, read `url`, `stop()` it."""
+    """An HTTP server on an event loop of its own thread; `start()` it, read `url`, `stop()` it."""
 
     def __init__(
         self,
@@ -105,25 +113,81 @@ class Sandbox:
         self._requests: list[Request] = []
         self._cond = threading.Condition()
         self._started = time.monotonic()
-        self._server = _Server((host, port), _handler(self))
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
+        self._sock = socket.create_server((host, port), backlog=BACKLOG)  # OSError if taken
+        self._address = self._sock.getsockname()[:2]
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="sandbox", daemon=True)
+        self._server: asyncio.Server | None = None
 
     @property
     def url(self) -> str:
-        host, port = self._server.server_address[:2]
+        host, port = self._address
         return f"http://{host!s}:{port}"
 
     def start(self) -> Sandbox:
         self._started = time.monotonic()
         self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._open(), self._loop).result()
         return self
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        """Stop listening and close every connection; replies still in flight are dropped."""
+        if self._thread.is_alive():
+            asyncio.run_coroutine_threadsafe(self._close(), self._loop).result()
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+        self._loop.close()
+        self._sock.close()
+
+    async def _open(self) -> None:
+        # start_server listens again, with its own backlog (100) unless told.
+        self._server = await asyncio.start_server(
+            self._connection, sock=self._sock, backlog=BACKLOG
+        )
+
+    async def _close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        tasks = asyncio.all_tasks() - {asyncio.current_task()}
+        for task in tasks:  # the connections, and replies waiting on latency or a responder
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One client's requests, one after the other (HTTP/1.1 keep-alive), until it closes."""
+        try:
+            while request := await _read_request(reader):
+                method, target, version, headers, body = request
+                if method not in ("GET", "POST"):  # as http.server: 501, then the connection closes
+                    message = f"Unsupported method ({method!r})"
+                    error = {"error": "Not Implemented", "message": message}
+                    writer.write(_encode(501, {"connection": "close"}, error))
+                    break
+                # The target as sent: percent-encoded, with its query.
+                if method == "POST":
+                    reply = await self._answer(method, target, headers, body)
+                else:
+                    reply = self._get(target)
+                writer.write(_encode(*reply))
+                await writer.drain()
+                connection = headers.get("connection", "").lower()
+                if connection == "close" or (version == "HTTP/1.0" and connection != "keep-alive"):
+                    break
+        except (ConnectionError, asyncio.CancelledError):
+            pass  # the client left before its reply, or stop() ended the connection
+        finally:
+            writer.close()
+
+    def _get(self, target: str) -> Reply:
+        path, _, query = target.partition("?")
+        if path == "/requests":
+            since = int(query[6:]) if query.startswith("since=") and query[6:].isdigit() else 0
+            return 200, {}, self.log(since)
+        if path == "/requests/count":
+            return 200, {}, {"count": len(self.requests())}
+        if path == "/":
+            return 200, {"content-type": "text/html; charset=utf-8"}, self.page()
+        return _error(404, "Not Found", target)
 
     def requests(self) -> list[Request]:
         with self._cond:
@@ -141,10 +205,19 @@ class Sandbox:
             return True
 
     def answer(self, method: str, path: str, headers: dict[str, str], body: bytes) -> Reply:
-        """Decide the reply to one request (faults, auth, validation), and log it."""
+        """Decide the reply to one request (faults, auth, validation), and log it: what
+        the server does with a POST, without the HTTP (on the server's loop: start first)."""
+        return asyncio.run_coroutine_threadsafe(
+            self._answer(method, path, headers, body), self._loop
+        ).result()
+
+    async def _answer(self, method: str, path: str, headers: dict[str, str], body: bytes) -> Reply:
         probe = Request(method, path, headers, body, 0, time.time())
-        reply = self.responder(probe) if self.responder else None
+        responder = self.responder
+        reply = await _in_thread(responder, probe) if responder else None
         if reply is None:
+            if self.faults.latency_ms:
+                await asyncio.sleep(self.faults.latency_ms / 1000)
             reply = self._faulted() or self._normal(method, path, headers, body)
         with self._cond:
             self._requests.append(Request(method, path, headers, body, reply[0], probe.at))
@@ -153,8 +226,6 @@ class Sandbox:
 
     def _faulted(self) -> Reply | None:
         f = self.faults
-        if f.latency_ms:
-            time.sleep(f.latency_ms / 1000)
         if f.outage and f.outage[0] <= time.monotonic() - self._started < f.outage[1]:
             return _error(503, "Service Unavailable", "outage (sandbox fault injection)")
         roll = f.rng.random()
@@ -272,45 +343,51 @@ def _error(status: int, error: str, message: str) -> Reply:
     return status, {}, {"error": error, "message": message}
 
 
-def _handler(sandbox: Sandbox) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"  # keep-alive, as the real service
-        # Without this every reply waits ~40 ms on delayed ACK (measured: 23 requests/s).
-        disable_nagle_algorithm = True
+async def _read_request(
+    reader: asyncio.StreamReader,
+) -> tuple[str, str, str, dict[str, str], bytes] | None:
+    """The next request on a connection: method, target, version, headers (names in lower
+    case, decoded as latin-1) and body; None when the client closed or sent no HTTP/1.x."""
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+        request_line, *lines = head[:-4].decode("latin-1").split("\r\n")
+        method, target, version = request_line.split(" ")
+        headers = {}
+        for line in lines:
+            name, colon, value = line.partition(":")
+            if colon:
+                headers[name.strip().lower()] = value.strip()
+        body = await reader.readexactly(int(headers.get("content-length") or 0))
+    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError, ValueError):
+        return None
+    return method, target, version, headers, body
 
-        def do_POST(self) -> None:
-            length = int(self.headers.get("content-length") or 0)
-            body = self.rfile.read(length)
-            headers = {k.lower(): v for k, v in self.headers.items()}
-            self._send(*sandbox.answer("POST", self.path, headers, body))
 
-        def do_GET(self) -> None:
-            path, _, query = self.path.partition("?")
-            if path == "/requests":
-                since = int(query[6:]) if query.startswith("since=") and query[6:].isdigit() else 0
-                self._send(200, {}, sandbox.log(since))
-            elif path == "/requests/count":
-                self._send(200, {}, {"count": len(sandbox.requests())})
-            elif path == "/":
-                self._send(200, {"content-type": "text/html; charset=utf-8"}, sandbox.page())
-            else:
-                self._send(404, {}, {"error": "Not Found", "message": self.path})
+def _encode(status: int, headers: dict[str, str], body: Any) -> bytes:
+    """A reply as bytes on the wire: JSON unless the headers say otherwise, headers in latin-1."""
+    if isinstance(body, bytes):  # a responder's raw bytes (a proxy's page, say)
+        data = body
+    else:
+        data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+    lines = [f"HTTP/1.1 {status} {_PHRASES.get(status, '')}"]
+    if "content-type" not in {k.lower() for k in headers}:
+        lines.append("content-type: application/json")
+    lines += [f"{k}: {v}" for k, v in headers.items()]
+    lines.append(f"content-length: {len(data)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + data
 
-        def _send(self, status: int, headers: dict[str, str], body: Any) -> None:
-            if isinstance(body, bytes):  # a responder's raw bytes (a proxy's page, say)
-                data = body
-            else:
-                data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
-            self.send_response(status)
-            if "content-type" not in {k.lower() for k in headers}:
-                self.send_header("content-type", "application/json")
-            for k, v in headers.items():
-                self.send_header(k, v)
-            self.send_header("content-length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
 
-        def log_message(self, format: str, *args: Any) -> None:
-            pass  # the request log is the record; stderr stays quiet
+async def _in_thread(responder: Responder, request: Request) -> Reply | None:
+    """A test's responder, on a daemon thread of its own: it may block (hold a reply until
+    the test lets it go) without holding up other requests, stop() or the interpreter's exit."""
+    done: concurrent.futures.Future[Reply | None] = concurrent.futures.Future()
 
-    return Handler
+    def run() -> None:
+        if done.set_running_or_notify_cancel():  # not when stop() cancelled the request
+            try:
+                done.set_result(responder(request))
+            except BaseException as e:  # raised in the request's handler
+                done.set_exception(e)
+
+    threading.Thread(target=run, name="sandbox-responder", daemon=True).start()
+    return await asyncio.wrap_future(done)
