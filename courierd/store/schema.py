@@ -275,6 +275,34 @@ def _sqlite_7(db: sqlite_utils.Database) -> None:
         db.execute(statement)
 
 
+# A change marker for the ingest writer (SQLite): `changes.seq` of 'orders' moves with
+# every row written to `orders` or `stores` (inserted, updated, deleted), by triggers,
+# so whoever writes (the API, expiry, holds, inbound events, retention, an operator's
+# own SQL) moves it without knowing of it. The writer reads it as its batch begins and
+# once more after its own writes: unmoved in between, the order rows it keeps are still
+# what a read would give, and it need not read them again (store/writer.py). SQLite
+# only: one daemon writes a file, and an older courierd refuses a newer schema, so no
+# writer that predates the marker can run beside it. (PostgreSQL instances share the
+# database and read every row, marker or none: see the writer.)
+_CHANGE_TRIGGERS = tuple(
+    f"CREATE TRIGGER {table}_{event.lower()}_marker AFTER {event} ON {table} "
+    "BEGIN UPDATE changes SET seq = seq + 1 WHERE name = 'orders'; END"
+    for table in ("orders", "stores")
+    for event in ("INSERT", "UPDATE", "DELETE")
+)
+_SQLITE_8 = (
+    "CREATE TABLE changes (name TEXT PRIMARY KEY, seq INTEGER NOT NULL) WITHOUT ROWID",
+    "INSERT INTO changes VALUES ('orders', 0)",
+    *_CHANGE_TRIGGERS,
+)
+
+
+def _sqlite_8(db: sqlite_utils.Database) -> None:
+    """The writer's change marker on orders and stores."""
+    for statement in _SQLITE_8:
+        db.execute(statement)
+
+
 # Append only: a released migration never changes; user_version counts those applied.
 SQLITE_MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (
     _sqlite_1,
@@ -284,6 +312,7 @@ SQLITE_MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (
     _sqlite_5,
     _sqlite_6,
     _sqlite_7,
+    _sqlite_8,
 )
 
 
