@@ -469,7 +469,9 @@ class BatchWriter:
                 by_key.append((*texts, oid))
             else:
                 by_address.append((*texts, address))
-        set_track = "UPDATE orders SET track = ?, consumed = COALESCE(?, consumed) WHERE"
+        # With a change marker, `track_rev` tells this rewrite from anyone else's (schema.py).
+        rev = ", track_rev = track_rev + 1" if db.change_marker else ""
+        set_track = f"UPDATE orders SET track = ?, consumed = COALESCE(?, consumed){rev} WHERE"
         db.executemany(f"{set_track} order_id = ?", by_key)
         if by_address:
             db.executemany(f"{set_track} {db.row_address} = ?", by_address)
