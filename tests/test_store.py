@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 from pathlib import Path
@@ -28,7 +29,7 @@ from courierd.store import Store, open_store
 from courierd.store.outbox import CLAIM_SQL, PushResult
 from courierd.store.schema import DELIVERED, FAILED, PENDING, SQLITE_MIGRATIONS
 from courierd.store.sqlite import SqliteDatabase
-from courierd.store.writer import MEMO_SWEEP_S, read_consumed, stored_consumed
+from courierd.store.writer import MEMO_SWEEP_S, BatchWriter, read_consumed, stored_consumed
 from tests import pg
 from tests.conftest import open_path
 
@@ -103,6 +104,106 @@ def test_an_order_row_changed_behind_the_writer_is_read_as_it_is_now(store: Stor
         store.db.execute("UPDATE orders SET pickup_lat = ?", (there.lat,))
     store.writer.commit([LocationFix("c1", iso(T0 + 5), 40.0, -74.0, 5.0)], now=T0 + 5)
     assert store.db.value("SELECT state FROM orders") == "arriving_at_store"
+
+
+def _fixes(courier: str, start: float, n: int) -> list[LocationFix]:
+    """Accepted fixes 40 s apart, inside a pickup at (40, -74)."""
+    return [LocationFix(courier, iso(start + 40 * i), 40.0, -74.0, 5.0) for i in range(n)]
+
+
+def _snapshot(writer: BatchWriter, couriers: set[str], now: float) -> Snapshot:
+    """What `writer` would read for a batch of fixes of `couriers` (nothing written)."""
+    with writer.db.transaction():
+        return writer.snapshot(set(), set(), set(couriers), set(couriers), now=now, seq=writer._seq)
+
+
+def _order_reads(store: Store) -> list[str]:
+    """Collects the statements that read order rows for the writer's snapshot (SQLite)."""
+    seen: list[str] = []
+    conn = store.db.conn  # type: ignore[attr-defined]
+    conn.set_trace_callback(lambda sql: seen.append(sql) if "FROM orders AS o" in sql else None)
+    return seen
+
+
+def test_the_writer_reads_no_order_row_the_change_marker_vouches_for(sqlite_store: Store) -> None:
+    """SQLite: once the writer has read a courier's active orders, its next batches take
+    them from what it holds while nobody else wrote an order or a store; what it
+    decides is what reading them would decide."""
+    store = sqlite_store
+    store.writer.commit([Assignment("o1", "c1", b"{}", Place(40.0, -74.0, 100), None)], now=T0)
+    fixes = _fixes("c1", T0, 5)
+    for fix in fixes[:2]:  # read (new to the writer), then read again after each transition
+        store.writer.commit([fix], now=T0)
+    assert store.db.value("SELECT state FROM orders") == "arrived_at_store"
+    store.writer.commit([fixes[2]], now=T0 + 80)  # read: the batch before changed the order
+    reads = _order_reads(store)
+    for fix in fixes[3:]:
+        store.writer.commit([fix], now=T0 + 160)
+    assert reads == []
+    assert store.db.value("SELECT consumed FROM orders") == f'[["c1","{fixes[0].ts}",5]]'
+    fresh = BatchWriter(store.db, store.writer.geofence_rules)
+    assert _snapshot(store.writer, {"c1"}, T0 + 200) == _snapshot(fresh, {"c1"}, T0 + 200)
+
+
+# Writes by others (the API, expiry, holds, inbound events, retention, an operator, an
+# older courierd): plain SQL that knows nothing of the change marker.
+FOREIGN_WRITES = {
+    "pickup moved": "UPDATE orders SET pickup_lat = 40.5, pickup_lng = -74",
+    "cancelled": "UPDATE orders SET state = 'cancelled', updated_at = 'x'",
+    "held": "UPDATE orders SET hold_until = 1e12",
+    "track reset": "UPDATE orders SET track = '{}'",
+    "segments reset": "UPDATE orders SET consumed = '[]'",
+    "another order": "INSERT INTO orders (order_id, state, courier_id, updated_at, pickup_lat, "
+    "pickup_lng) VALUES ('o2', 'dasher_confirmed', 'c1', 'x', 40.0, -74.0)",
+    "deleted": "DELETE FROM orders",
+    "store placed": "INSERT INTO stores VALUES ('s1', 40.0, -74.0, 50, 'x')",
+}
+
+
+@pytest.mark.parametrize("write", FOREIGN_WRITES.values(), ids=FOREIGN_WRITES.keys())
+def test_a_write_by_anyone_else_makes_the_writer_read_its_orders_again(
+    store: Store, store_settings: StoreSettings, write: str
+) -> None:
+    """Whatever another connection writes to an order or a store, however it writes it
+    (an instance or a tool that predates the change marker included), the writer's next
+    snapshot is exactly what a writer holding nothing reads."""
+    writer = store.writer
+    writer.commit([Assignment("o1", "c1", b"{}", None, None)], now=T0)
+    with store.db.transaction():  # a store's place for the order (its pickup is none)
+        store.db.execute("UPDATE orders SET store_id = 's1', dropoff_lat = 41, dropoff_lng = -74")
+        store.db.execute("INSERT INTO stores VALUES ('s0', 1, 1, 1, 'x')")
+    for fix in _fixes("c1", T0, 2):
+        writer.commit([fix], now=T0 + 40)
+    other = open_store(store_settings)  # another process
+    try:
+        with other.db.transaction():
+            other.db.execute(write)
+    finally:
+        other.close()
+    fresh = BatchWriter(store.db, writer.geofence_rules)
+    assert _snapshot(writer, {"c1"}, T0 + 100) == _snapshot(fresh, {"c1"}, T0 + 100)
+
+
+def test_a_batch_rolled_back_leaves_the_writer_reading_its_orders_again(
+    sqlite_store: Store,
+) -> None:
+    """A batch whose transaction fails wrote nothing: what the writer noted of it is
+    not taken for the rows' contents (the next batch reads them)."""
+    store = sqlite_store
+    writer = store.writer
+    writer.commit([Assignment("o1", "c1", b"{}", Place(40.0, -74.0, 100), None)], now=T0)
+    fixes = _fixes("c1", T0, 4)
+    for fix in fixes[:3]:  # the last one changes nothing but the track: it is held
+        writer.commit([fix], now=T0 + 80)
+    store.db.execute(  # the batch fails after it rewrote the track
+        "CREATE TRIGGER boom BEFORE INSERT ON track_points WHEN NEW.ts = ? "
+        "BEGIN SELECT RAISE(ABORT, 'boom'); END".replace("?", f"'{fixes[3].ts}'")
+    )
+    with pytest.raises(sqlite3.IntegrityError):
+        writer.commit([fixes[3]], now=T0 + 120)
+    store.db.execute("DROP TRIGGER boom")  # DDL: the marker stays where it was
+    fresh = BatchWriter(store.db, writer.geofence_rules)
+    assert _snapshot(writer, {"c1"}, T0 + 130) == _snapshot(fresh, {"c1"}, T0 + 130)
 
 
 def test_the_writer_forgets_an_order_row_once_the_order_is_finished(store: Store) -> None:
@@ -183,6 +284,26 @@ def test_the_writer_forgets_orders_finished_behind_it(store: Store) -> None:
     ]
     assert _kept(store, "o1") == _kept(store, "o3") == set()
     assert _kept(store, "o2") == {"track", "consumed", "row"}
+
+
+def test_the_writer_forgets_quiet_orders_it_need_not_read(store: Store) -> None:
+    """With the change marker (SQLite) the writer holds each order's row so as not to read
+    it; an order no batch read for a sweep interval is dropped from that too, and its
+    courier's next fix reads the row again and carries on from it."""
+    writer = store.writer
+    _geofenced(store, "o1", "c1", T0)
+    _geofenced(store, "o2", "c2", T0)
+    assert ("o1" in writer._known) is store.db.change_marker
+    for i in range(1, 3):  # two intervals, batches reading only o2
+        at = T0 + i * MEMO_SWEEP_S
+        writer.commit([LocationFix("c2", iso(at), 40.0, -74.0, 5.0)], now=at)
+    assert "o1" not in writer._known and "c1" not in writer._known_active
+    assert ("o2" in writer._known) is store.db.change_marker
+    back = T0 + 3 * MEMO_SWEEP_S
+    writer.commit([LocationFix("c1", iso(back), 40.0, -74.0, 5.0)], now=back)
+    track = "SELECT track FROM orders WHERE order_id = ?"
+    o1, o2 = (json.loads(store.db.value(track, (oid,))) for oid in ("o1", "o2"))
+    assert o1 == {**o2, "last": back} and o2["last"] == T0 + 2 * MEMO_SWEEP_S
 
 
 def test_consumed_fixes_as_stored_read_back_as_kept() -> None:

@@ -35,6 +35,9 @@ class Database(abc.ABC):
     # A column that addresses a row more cheaply than its primary key, and that stays
     # the row's until the transaction that read it ends ("" if the engine has none).
     row_address: ClassVar[str] = ""
+    # `changes.seq` of 'orders' moves with every write to orders and stores (triggers,
+    # schema.py): the ingest writer may then skip reading rows it already holds.
+    change_marker: ClassVar[bool] = False
 
     #: Where the data lives, for messages (a path, or a URL without its password).
     location: str

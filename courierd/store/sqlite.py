@@ -36,6 +36,7 @@ class SqliteDatabase(Database):
     # Only a VACUUM renumbers the rowids of a table without an INTEGER PRIMARY KEY, and
     # it cannot run inside a write transaction.
     row_address = "rowid"
+    change_marker = True
 
     def __init__(
         self,

@@ -74,6 +74,9 @@ def _place(lat: Any, lng: Any, radius: Any) -> Place | None:
 
 
 Fence = Callable[[Mapping[int, int]], bool]
+# What a snapshot takes from one order row: its order, places, track and consumed
+# segments (None where the snapshot has none).
+_Known = tuple[Order, "Places | None", "Track | None", "Consumed | None"]
 
 
 class BatchWriter:
@@ -106,6 +109,19 @@ class BatchWriter:
         # The orders batches read since the last sweep (`_sweep`), and when it was.
         self._touched: set[str] = set()
         self._swept_at = float("-inf")
+        # With a change marker (SQLite): `changes.seq` as this writer's last commit left
+        # it (None: unknown), and what the snapshot takes from each order row, and each
+        # courier's active orders, as of that commit. While the marker has not moved
+        # since, nobody else wrote an order or a store, and these are exactly what
+        # reading the rows would give: a courier's fix then reads no order row.
+        self._seq: int | None = None
+        self._known: dict[str, _Known] = {}
+        self._known_active: dict[str, tuple[str, ...]] = {}
+        # The batch's own, applied once it is committed: rows read (by courier), and
+        # the track and segments written (None: not kept).
+        self._read: dict[str, _Known] = {}
+        self._read_active: dict[str, tuple[str, ...]] = {}
+        self._wrote: dict[str, tuple[Track | None, Consumed | None, bool]] = {}
 
     def commit(
         self, inputs: Sequence[Input], *, now: float, slots: Mapping[int, int] | None = None
@@ -128,21 +144,28 @@ class BatchWriter:
             elif isinstance(item, Assignment):
                 order_ids.add(item.order_id)
                 couriers.add(item.courier_id)
+        trusted, self._seq = self._seq, None  # unknown unless this batch commits
+        seq = None
         with self.db.transaction():
             if slots and self.fence is not None and not self.fence(slots):
                 raise FencedOut(f"MQTT slots {sorted(slots)} were taken over by another instance")
             if self.db.concurrent:
                 self._create_rows(order_ids, couriers, now)
             try:
-                snap = self.snapshot(order_ids, event_ids, couriers, tracked, now=now)
+                snap = self.snapshot(order_ids, event_ids, couriers, tracked, now=now, seq=trusted)
                 fx = plan_batch(snap, inputs, now=now, geofence_rules=self.geofence_rules)
                 self.write(fx, snap, now=now)
                 for oid, order in fx.orders.items():  # finished: its row is read no more
                     if order.state in FINISHED:
                         self._forget(oid)
                 self._touched.update(snap.orders)
+                if self.db.change_marker:
+                    seq = self._changes()  # this batch's own writes moved it too
             finally:
                 self._addresses = {}  # this transaction's: never used in another
+        if seq is not None:
+            self._remember(fx)
+            self._seq = seq
         self._sweep(now)
         return fx
 
@@ -162,6 +185,49 @@ class BatchWriter:
         self._tracks.keep_only(touched)
         self._consumed.keep_only(touched)
         self._rows = {oid: row for oid, row in self._rows.items() if oid in touched}
+        # And what the change marker lets batches skip reading: a courier is read again
+        # once any of its active orders is dropped (or it has none).
+        known = {oid: row for oid, row in self._known.items() if oid in touched}
+        self._known = known
+        self._known_active = {
+            courier: oids
+            for courier, oids in self._known_active.items()
+            if oids and all(oid in known for oid in oids)
+        }
+
+    def _changes(self) -> int:
+        return int(self.db.value("SELECT seq FROM changes WHERE name = 'orders'"))
+
+    def _remember(self, fx: Effects) -> None:
+        """After a commit: what the batch read, updated with what it wrote, is what the
+        next batch would read (the marker says whether anyone else wrote meanwhile)."""
+        known, active = self._known, self._known_active
+        if len(known) + len(self._read) > self._tracks.size:
+            known.clear()
+            active.clear()
+        known.update(self._read)
+        active.update(self._read_active)
+        for oid, (track, consumed, keep) in self._wrote.items():
+            row = known.get(oid)
+            if row is None:
+                continue
+            if track is None or (consumed is None and not keep):  # not kept: read it
+                self._unknow(oid)
+            else:
+                known[oid] = (row[0], row[1], track, row[3] if keep else consumed)
+        # Rows the batch wrote beyond the track (state, courier, places): read afresh,
+        # and so are the active orders of the couriers they were and are now with.
+        for oid in (*fx.orders, *fx.assigned):
+            self._unknow(oid)
+            order = fx.orders.get(oid)
+            if order is not None and order.courier_id is not None:
+                active.pop(order.courier_id, None)
+
+    def _unknow(self, oid: str) -> None:
+        """Read the order's row (and its courier's active orders) again next batch."""
+        row = self._known.pop(oid, None)
+        if row is not None and row[0].courier_id is not None:
+            self._known_active.pop(row[0].courier_id, None)
 
     def _create_rows(self, order_ids: set[str], couriers: set[str], now: float) -> None:
         """Make sure the rows a batch reads exist, so that reading them locks them: two
@@ -185,14 +251,25 @@ class BatchWriter:
         tracked: set[str],
         *,
         now: float,
+        seq: int | None = None,
     ) -> Snapshot:
-        """The rows a batch needs; call inside `transaction()` so nobody changes them."""
+        """The rows a batch needs; call inside `transaction()` so nobody changes them.
+
+        `seq`: the change marker as this writer's last commit left it: if it has not
+        moved, the active orders of couriers the writer holds are not read again."""
         snap = Snapshot()
         db = self.db
         address = f", o.{db.row_address}" if db.row_address else ""
         self._couriers(snap, couriers)
         # Couriers reported offline need their orders too: a message brings them back.
         tracked |= {c for c, state in snap.couriers.items() if state.offline}
+        self._read, self._read_active, self._wrote = {}, {}, {}
+        if db.change_marker:
+            if seq is None or self._changes() != seq:  # someone else wrote: read all
+                self._known.clear()
+                self._known_active.clear()
+            else:
+                tracked = self._from_known(snap, tracked)
         where = []
         params: list[Any] = []
         for chunk in chunks(order_ids):
@@ -216,8 +293,37 @@ class BatchWriter:
             )
             for row in rows:
                 self._order(snap, row, now)
+            if db.change_marker and not snap.corrupt_orders:  # corrupt: reported each time
+                read = self._read
+                for courier in tracked:
+                    oids = tuple(snap.active.get(courier, ()))
+                    if all(oid in read for oid in oids):
+                        self._read_active[courier] = oids
         self._seen_events(snap, event_ids)
         return snap
+
+    def _from_known(self, snap: Snapshot, tracked: set[str]) -> set[str]:
+        """Fill `snap` with the active orders of the tracked couriers the writer holds;
+        returns the couriers left to read."""
+        known, active = self._known, self._known_active
+        left = set()
+        for courier in tracked:
+            oids = active.get(courier)
+            if oids is None or not all(oid in known for oid in oids):
+                left.add(courier)
+                continue
+            if oids:
+                snap.active.setdefault(courier, set()).update(oids)
+            for oid in oids:
+                order, places, track, consumed = known[oid]
+                snap.orders[oid] = order
+                if places is not None:
+                    snap.places[oid] = places
+                if track is not None:
+                    snap.tracks[oid] = track
+                if consumed is not None:
+                    snap.consumed[oid] = consumed
+        return left
 
     def _seen_events(self, snap: Snapshot, event_ids: set[tuple[str, str]]) -> None:
         """Which of the batch's (order id, event id) pairs were seen before. A row with the
@@ -328,6 +434,17 @@ class BatchWriter:
             else:
                 with contextlib.suppress(ValueError):  # unreadable: counted afresh
                     snap.consumed[oid] = read_consumed(consumed)
+        # What the snapshot took from a row it may take again without reading it, while
+        # the change marker stands still: not a held order's (`held` depends on the clock)
+        # nor an unreadable track's or segments' (kept as text only).
+        if (
+            self.db.change_marker
+            and hold_until is None
+            and state not in FINISHED
+            and (track is None or oid in snap.tracks)
+            and (consumed is None or oid in snap.consumed)
+        ):
+            self._read[oid] = (order, places, snap.tracks.get(oid), snap.consumed.get(oid))
 
     @staticmethod
     def _order_of(key: tuple[Any, ...], now: float) -> tuple[Order, Places | None]:
@@ -390,7 +507,9 @@ class BatchWriter:
                 by_key.append((*texts, oid))
             else:
                 by_address.append((*texts, address))
-        set_track = "UPDATE orders SET track = ?, consumed = COALESCE(?, consumed) WHERE"
+        # With a change marker, `track_rev` tells this rewrite from anyone else's (schema.py).
+        rev = ", track_rev = track_rev + 1" if db.change_marker else ""
+        set_track = f"UPDATE orders SET track = ?, consumed = COALESCE(?, consumed){rev} WHERE"
         db.executemany(f"{set_track} order_id = ?", by_key)
         if by_address:
             db.executemany(f"{set_track} {db.row_address} = ?", by_address)
@@ -488,6 +607,7 @@ class BatchWriter:
         text, value = track.stored()
         if value is not None:
             self._tracks.put(order_id, text, value)
+        self._wrote[order_id] = (value, None, True)
         return text
 
     def _consumed_text(self, order_id: str, consumed: Consumed | None) -> str | None:
@@ -496,6 +616,8 @@ class BatchWriter:
         text, value = stored_consumed(consumed)
         if value is not None:
             self._consumed.put(order_id, text, value)
+        track = self._wrote.get(order_id, (None, None, True))[0]  # written just before
+        self._wrote[order_id] = (track, value, False)
         return text
 
     def heartbeat(self, now: float) -> None:
