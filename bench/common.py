@@ -230,9 +230,10 @@ def drain_bare(port: int, client_id: str, n: int, protocol: str = "5") -> float:
 
 
 class SandboxProc:
-    """`courierd sandbox` in a subprocess, so no client shares its interpreter."""
+    """`courierd sandbox` in a subprocess, so no client shares its interpreter; from the
+    source tree `tree` if given (else the one this runs from)."""
 
-    def __init__(self, *flags: str) -> None:
+    def __init__(self, *flags: str, tree: str | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
@@ -248,6 +249,7 @@ class SandboxProc:
                 *flags,
             ],
             stderr=subprocess.DEVNULL,
+            env=None if tree is None else os.environ | {"PYTHONPATH": tree},
         )
         deadline = time.monotonic() + 10
         while True:

@@ -19,7 +19,8 @@ Usage (from outside the work tree, so `-m courierd` imports the tree named):
 
     cd /tmp && PYTHONPATH=/work/wt/x /work/wt/x/.venv/bin/python -m bench.push_trickle \
         --tree new=/work/wt/x --tree old=/tmp/x-old [--rate 600] [--seconds 20] \
-        [--rounds 3] [--status-every 1] [--spy NAME:out.svg] [--json out.json]
+        [--rounds 3] [--status-every 1] [--spy NAME:out.svg] [--json out.json] \
+        [--sandbox-per-tree]
 """
 
 from __future__ import annotations
@@ -245,6 +246,11 @@ def main() -> None:
     ap.add_argument("--spy", action="append", default=[], help="NAME:FILE (py-spy, raw)")
     ap.add_argument("--syscalls", action="store_true", help="count them (perf stat)")
     ap.add_argument("--json", type=Path)
+    ap.add_argument(
+        "--sandbox-per-tree",
+        action="store_true",
+        help="each run's sandbox from the run's tree (else one, from this one's)",
+    )
     args = ap.parse_args()
     trees = dict(t.split("=", 1) for t in args.tree)
     spies = dict(s.split(":", 1) for s in args.spy)
@@ -253,7 +259,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="push-trickle-") as tmp:
         root = Path(tmp)
         broker = LocalBroker(root / "broker").start()
-        sandbox = SandboxProc()
+        shared = None if args.sandbox_per_tree else SandboxProc()
         try:
             for r in range(args.rounds):
                 order = list(trees) if r % 2 == 0 else list(reversed(trees))
@@ -261,14 +267,26 @@ def main() -> None:
                     spy = spies.get(name)
                     if spy and args.rounds > 1:
                         spy = f"{spy}.{r}"
-                    got = run_one(
-                        broker, sandbox, root / f"{name}{r}", trees[name], f"{name}{r}", args, spy
-                    )
+                    sandbox = shared or SandboxProc(tree=trees[name])
+                    try:
+                        got = run_one(
+                            broker,
+                            sandbox,
+                            root / f"{name}{r}",
+                            trees[name],
+                            f"{name}{r}",
+                            args,
+                            spy,
+                        )
+                    finally:
+                        if shared is None:
+                            sandbox.stop()
                     say(f"{name} round {r}: {json.dumps(got)}")
                     results[name].append(got)
         finally:
             stop_every_daemon()
-            sandbox.stop()
+            if shared is not None:
+                shared.stop()
             broker.stop()
     say("medians (CPU µs per push):")
     summary = {}
