@@ -15,7 +15,7 @@ n pushes. Usage (from outside the work tree, so `-m courierd` imports the tree n
 
     cd /tmp && PYTHONPATH=/work/wt/x .venv/bin/python -m bench.status_drain \
         --tree new=/work/wt/x --tree old=/tmp/x-old [--messages N] [--rounds R] \
-        [--env name:KEY=VALUE]
+        [--env name:KEY=VALUE] [--sandbox-per-tree]
 """
 
 from __future__ import annotations
@@ -170,6 +170,11 @@ def main() -> None:
     )
     ap.add_argument("--rate", type=int, default=2000, help="--latency: msg/s")
     ap.add_argument("--status-every", type=int, default=20, help="--latency: 1 = statuses only")
+    ap.add_argument(
+        "--sandbox-per-tree",
+        action="store_true",
+        help="each run's sandbox from the run's tree (else one, from this one's)",
+    )
     args = ap.parse_args()
     trees = dict(t.split("=", 1) for t in args.tree)
     envs: dict[str, dict[str, str]] = defaultdict(dict)
@@ -186,41 +191,45 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="status-drain-") as tmp:
         root = Path(tmp)
         broker = LocalBroker(root / "broker").start()
-        sandbox = SandboxProc()
+        shared = None if args.sandbox_per_tree else SandboxProc()
         try:
             for r in range(args.rounds):
                 order = list(trees) if r % 2 == 0 else list(reversed(trees))
                 for name in order:
                     tag = f"{name}{r}"
-                    if args.latency:
-                        got = steady(
-                            broker,
-                            sandbox,
-                            root,
-                            trees[name],
-                            tag,
-                            args.latency,
-                            args.rate,
-                            args.status_every,
-                        )
-                        say(f"{name} round {r}: {json.dumps(got)}")
-                        results[name].append(got)
-                        continue
-                    got = drain(
-                        broker,
-                        sandbox,
-                        root / tag,
-                        trees[name],
-                        args.messages,
-                        tag,
-                        envs[name],
-                        nices[name],
-                    )
+                    sandbox = shared or SandboxProc(tree=trees[name])
+                    try:
+                        if args.latency:
+                            got = steady(
+                                broker,
+                                sandbox,
+                                root,
+                                trees[name],
+                                tag,
+                                args.latency,
+                                args.rate,
+                                args.status_every,
+                            )
+                        else:
+                            got = drain(
+                                broker,
+                                sandbox,
+                                root / tag,
+                                trees[name],
+                                args.messages,
+                                tag,
+                                envs[name],
+                                nices[name],
+                            )
+                    finally:
+                        if shared is None:
+                            sandbox.stop()
                     say(f"{name} round {r}: {json.dumps(got)}")
                     results[name].append(got)
         finally:
             stop_every_daemon()
-            sandbox.stop()
+            if shared is not None:
+                shared.stop()
             broker.stop()
     say("medians:")
     summary = {}
