@@ -123,8 +123,8 @@ def main() -> int:
     scale = 0.1 if args.quick else 1.0
     with RunFolder("courierd-bench-") as work:
         root = work.path
-        broker = LocalBroker(root / "broker", persistence=True).start()
-        sandbox = SandboxProc()
+        broker = work.started(LocalBroker(root / "broker", persistence=True).start())
+        sandbox = work.started(SandboxProc())
         results: dict[str, Any] = {
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "machine": {

@@ -18,7 +18,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
@@ -41,19 +41,34 @@ def say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
+class _Stops(Protocol):
+    def stop(self) -> None: ...
+
+
+_Stoppable = TypeVar("_Stoppable", bound=_Stops)
+
+
 class RunFolder:
     """A run's working folder in /tmp (databases, the broker's state, the daemons' logs:
     up to hundreds of MB), removed when the `with` ends, unless the run failed: then it is
     kept, and named, for the logs. Failed: `failed` was set (a phase failed, a check
     found problems) or an error escaped; a run interrupted (Ctrl-C, SIGTERM as
-    SystemExit) is removed. Whatever writes into it must be stopped inside the `with`."""
+    SystemExit) is removed. Whatever writes into it is stopped first: the processes
+    handed to `started`, and every daemon the bench started, even when a signal or an
+    error comes while they are still starting."""
 
     def __init__(self, prefix: str) -> None:
         self.path = Path(tempfile.mkdtemp(prefix=prefix))
         self.failed = False
+        self._stops = contextlib.ExitStack()
 
     def __enter__(self) -> RunFolder:
         return self
+
+    def started(self, process: _Stoppable) -> _Stoppable:
+        """`process`, to be stopped (last started, first stopped) when the `with` ends."""
+        self._stops.callback(process.stop)
+        return process
 
     def __exit__(
         self,
@@ -61,10 +76,14 @@ class RunFolder:
         error: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        if self.failed or (kind is not None and issubclass(kind, Exception)):
-            say(f"the failed run's files are kept in {self.path}")
-        else:
-            shutil.rmtree(self.path, ignore_errors=True)
+        try:
+            stop_every_daemon()
+            self._stops.close()
+        finally:
+            if self.failed or (kind is not None and issubclass(kind, Exception)):
+                say(f"the failed run's files are kept in {self.path}")
+            else:
+                shutil.rmtree(self.path, ignore_errors=True)
 
 
 # -- workloads ---------------------------------------------------------------------------
@@ -252,14 +271,19 @@ class SandboxProc:
             env=None if tree is None else os.environ | {"PYTHONPATH": tree},
         )
         deadline = time.monotonic() + 10
-        while True:
-            try:
-                self.requests()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)
+        try:
+            while True:
+                try:
+                    self.requests()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.02)
+        except BaseException:  # timed out, or interrupted (SIGTERM): not left running
+            self.proc.kill()
+            self.proc.wait()
+            raise
 
     def requests(self, since: int = 0) -> list[dict[str, Any]]:
         with urllib.request.urlopen(f"{self.url}/requests?since={since}", timeout=30) as r:
@@ -438,12 +462,25 @@ def p99_of(ordered: list[float]) -> float:
 
 
 def stop_every_daemon() -> None:
-    """Kill every daemon the bench started and has not stopped (paused ones too)."""
+    """Kill every daemon the bench started and has not stopped (paused ones too), its
+    workers with it: a killed daemon's workers outlive it for a moment, and one still
+    writing would put files back into a run folder being removed."""
     for daemon in Courierd.running:
         if daemon.proc is not None and daemon.proc.poll() is None:
             with contextlib.suppress(OSError):
                 daemon.resume()
+            workers: list[int] = []
+            with contextlib.suppress(OSError):
+                workers = daemon.tree()[1:]
             daemon.stop(kill=True)
+            for pid in workers:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while any(Path(f"/proc/{pid}").exists() for pid in workers):
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.01)
 
 
 def median_run(runs: list[dict[str, Any]], key: str = "ratio") -> dict[str, Any]:

@@ -31,7 +31,7 @@ import time
 
 import psycopg
 
-from bench.common import STATUSES, Courierd, RunFolder, SandboxProc, say
+from bench.common import STATUSES, Courierd, RunFolder, SandboxProc, say, stop_every_daemon
 from courierd.config import StoreSettings
 from courierd.devtools.localbroker import LocalBroker
 from courierd.devtools.simulate import Noise, Simulation, mqtt_publisher
@@ -105,16 +105,18 @@ def soak(args: argparse.Namespace, pg_url: str | None) -> int:
     rng = random.Random(args.seed)
     with RunFolder("courierd-soak-") as work:  # kept, and named, when a check fails
         root = work.path
-        broker = LocalBroker(root / "broker").start()
-        sandbox = SandboxProc(
-            "--error-rate",
-            "0.05",
-            "--throttle-rate",
-            "0.02",
-            "--latency-ms",
-            "3",
-            "--seed",
-            str(args.seed),
+        broker = work.started(LocalBroker(root / "broker").start())
+        sandbox = work.started(
+            SandboxProc(
+                "--error-rate",
+                "0.05",
+                "--throttle-rate",
+                "0.02",
+                "--latency-ms",
+                "3",
+                "--seed",
+                str(args.seed),
+            )
         )
         members = 0
 
@@ -190,8 +192,7 @@ def soak(args: argparse.Namespace, pg_url: str | None) -> int:
         finally:
             stop.set()
             client.loop_stop()
-            for d in daemons:
-                d.stop(kill=True)
+            stop_every_daemon()  # the killed ones' workers too
             sandbox.stop()
             broker.stop()
         for p in problems[:20]:

@@ -191,8 +191,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="status-drain-") as tmp:
         root = Path(tmp)
         broker = LocalBroker(root / "broker").start()
-        shared = None if args.sandbox_per_tree else SandboxProc()
-        try:
+        shared = None
+        try:  # whatever ends the run, even the shared sandbox failing to start
+            shared = None if args.sandbox_per_tree else SandboxProc()
             for r in range(args.rounds):
                 order = list(trees) if r % 2 == 0 else list(reversed(trees))
                 for name in order:

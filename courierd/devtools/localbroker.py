@@ -80,10 +80,14 @@ class LocalBroker:
         log = (self.dir / "mosquitto.log").open("ab")
         self.proc = subprocess.Popen([self.exe, "-c", str(self.conf)], stdout=log, stderr=log)
         deadline = time.monotonic() + timeout
-        while not port_open("127.0.0.1", self.port):
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise ConfigError(f"mosquitto did not start (see {self.dir}/mosquitto.log)")
-            time.sleep(0.02)
+        try:
+            while not port_open("127.0.0.1", self.port):
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise ConfigError(f"mosquitto did not start (see {self.dir}/mosquitto.log)")
+                time.sleep(0.02)
+        except BaseException:  # timed out, or interrupted (Ctrl-C, SIGTERM): not left running
+            self.kill()
+            raise
         return self
 
     def stop(self) -> None:
