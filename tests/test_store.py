@@ -184,6 +184,20 @@ def test_a_write_by_anyone_else_makes_the_writer_read_its_orders_again(
     assert _snapshot(writer, {"c1"}, T0 + 100) == _snapshot(fresh, {"c1"}, T0 + 100)
 
 
+def test_without_its_change_marker_the_writer_reads_every_row_and_goes_on(
+    sqlite_store: Store,
+) -> None:
+    """An operator who deletes the change marker's row costs reads, not ingest: batches
+    still commit (every one of them failed before, and ingest stopped)."""
+    store = sqlite_store
+    store.writer.commit([Assignment("o1", "c1", b"{}", Place(40.0, -74.0, 100), None)], now=T0)
+    store.db.execute("DELETE FROM changes")
+    for fix in _fixes("c1", T0, 3):
+        store.writer.commit([fix], now=T0 + 80)
+    assert store.db.value("SELECT count(*) FROM track_points") == 3
+    assert store.writer._known == {}
+
+
 def test_a_batch_rolled_back_leaves_the_writer_reading_its_orders_again(
     sqlite_store: Store,
 ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import http.client
 import json
 import os
@@ -121,6 +122,46 @@ def test_a_stopped_sandbox_answers_no_one() -> None:
             conn.getresponse().read()
     finally:
         conn.close()
+
+
+def test_a_sandbox_not_started_refuses_to_answer() -> None:
+    """answer() before start() says so, instead of waiting for a loop that never runs."""
+    sandbox = Sandbox(api_key="k")
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            call = pool.submit(sandbox.answer, "POST", "/orders", {}, b"{}")
+            with pytest.raises(RuntimeError, match="start"):
+                call.result(timeout=30)
+    finally:
+        sandbox.stop()
+
+
+def test_posts_are_answered_while_the_log_is_read() -> None:
+    """Reading the request log (GET /requests, the page) does not hold up POSTs: a long
+    log took seconds to serve, and every push waited behind it."""
+    sandbox = Sandbox(api_key="k").start()
+    reading, release = threading.Event(), threading.Event()
+    log = sandbox.log
+
+    def slow_log(since: int = 0) -> list[dict[str, object]]:
+        reading.set()
+        release.wait(60)
+        return log(since)
+
+    sandbox.log = slow_log  # type: ignore[method-assign]
+    host, port = sandbox.url.removeprefix("http://").split(":")
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        try:
+            reader = pool.submit(urllib.request.urlopen, f"{sandbox.url}/requests", timeout=60)
+            assert reading.wait(30)
+            conn = http.client.HTTPConnection(host, int(port), timeout=30)
+            conn.request("POST", "/orders", b'{"id": "o1"}', {"x-api-key": "k"})
+            assert conn.getresponse().status == 200
+            conn.close()
+        finally:
+            release.set()
+            reader.result(timeout=60).close()
+            sandbox.stop()
 
 
 def test_bad_tool_arguments_exit_2() -> None:

@@ -166,8 +166,8 @@ class Sandbox:
                 # The target as sent: percent-encoded, with its query.
                 if method == "POST":
                     reply = await self._answer(method, target, headers, body)
-                else:
-                    reply = self._get(target)
+                else:  # off the loop: a long log's page would hold up every POST meanwhile
+                    reply = await asyncio.to_thread(self._get, target)
                 writer.write(_encode(*reply))
                 await writer.drain()
                 connection = headers.get("connection", "").lower()
@@ -207,6 +207,8 @@ class Sandbox:
     def answer(self, method: str, path: str, headers: dict[str, str], body: bytes) -> Reply:
         """Decide the reply to one request (faults, auth, validation), and log it: what
         the server does with a POST, without the HTTP (on the server's loop: start first)."""
+        if not self._thread.is_alive():  # else it would wait for a loop that never runs
+            raise RuntimeError("the sandbox is not running: start() it first")
         return asyncio.run_coroutine_threadsafe(
             self._answer(method, path, headers, body), self._loop
         ).result()

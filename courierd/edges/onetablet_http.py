@@ -226,6 +226,8 @@ class _Httpx:
         if kind == "httpx-aiohttp":
             from httpx_aiohttp import AiohttpTransport  # optional: the bench's, README
 
+            # Some of aiohttp's own (a reply its parser refuses) pass through as they are.
+            self.errors = (*self.errors, aiohttp.ClientError)
             transport = AiohttpTransport(
                 verify=tls,
                 limits=limits,

@@ -195,8 +195,10 @@ class BatchWriter:
             if oids and all(oid in known for oid in oids)
         }
 
-    def _changes(self) -> int:
-        return int(self.db.value("SELECT seq FROM changes WHERE name = 'orders'"))
+    def _changes(self) -> int | None:
+        """The change marker; None (trust nothing: read every row) if its row is gone."""
+        seq = self.db.value("SELECT seq FROM changes WHERE name = 'orders'")
+        return None if seq is None else int(seq)
 
     def _remember(self, fx: Effects) -> None:
         """After a commit: what the batch read, updated with what it wrote, is what the
