@@ -16,6 +16,7 @@ import threading
 import time
 import urllib.request
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol, TypeVar
@@ -423,6 +424,35 @@ class Courierd:
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
             self.proc.wait(60)
+
+
+def alternating_rounds(
+    prefix: str,
+    trees: dict[str, str],
+    rounds: int,
+    sandbox_per_tree: bool,
+    run: Callable[[LocalBroker, SandboxProc, Path, str, int], dict[str, Any]],
+) -> dict[str, list[dict[str, Any]]]:
+    """An A/B of source trees (NAME -> path): `rounds` rounds on one broker, the trees in
+    turn (in order, then reversed, so neither always runs first), each against one
+    sandbox shared by all or, with `sandbox_per_tree`, one from its own tree. `run(broker,
+    sandbox, folder, name, round)` measures one; its figures are gathered per tree.
+    Whatever ends the run, everything it started is stopped (`RunFolder`)."""
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name in trees}
+    with RunFolder(prefix) as work:
+        broker = work.started(LocalBroker(work.path / "broker").start())
+        shared = None if sandbox_per_tree else work.started(SandboxProc())
+        for r in range(rounds):
+            for name in list(trees) if r % 2 == 0 else list(reversed(trees)):
+                sandbox = shared or SandboxProc(tree=trees[name])
+                try:
+                    got = run(broker, sandbox, work.path, name, r)
+                finally:
+                    if shared is None:
+                        sandbox.stop()
+                say(f"{name} round {r}: {json.dumps(got)}")
+                results[name].append(got)
+    return results
 
 
 def wait_for_shares(daemons: list[Courierd], timeout: float = 300) -> None:

@@ -33,10 +33,9 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +43,11 @@ from bench.common import (
     STATUSES,
     Courierd,
     SandboxProc,
+    alternating_rounds,
     client,
     forget_session,
     process_cpu_s,
     say,
-    stop_every_daemon,
 )
 from courierd.devtools.localbroker import LocalBroker
 
@@ -255,40 +254,16 @@ def main() -> None:
     trees = dict(t.split("=", 1) for t in args.tree)
     spies = dict(s.split(":", 1) for s in args.spy)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    results: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    with tempfile.TemporaryDirectory(prefix="push-trickle-") as tmp:
-        root = Path(tmp)
-        broker = LocalBroker(root / "broker").start()
-        shared = None
-        try:  # whatever ends the run, even the shared sandbox failing to start
-            shared = None if args.sandbox_per_tree else SandboxProc()
-            for r in range(args.rounds):
-                order = list(trees) if r % 2 == 0 else list(reversed(trees))
-                for name in order:
-                    spy = spies.get(name)
-                    if spy and args.rounds > 1:
-                        spy = f"{spy}.{r}"
-                    sandbox = shared or SandboxProc(tree=trees[name])
-                    try:
-                        got = run_one(
-                            broker,
-                            sandbox,
-                            root / f"{name}{r}",
-                            trees[name],
-                            f"{name}{r}",
-                            args,
-                            spy,
-                        )
-                    finally:
-                        if shared is None:
-                            sandbox.stop()
-                    say(f"{name} round {r}: {json.dumps(got)}")
-                    results[name].append(got)
-        finally:
-            stop_every_daemon()
-            if shared is not None:
-                shared.stop()
-            broker.stop()
+
+    def one(broker: LocalBroker, sandbox: SandboxProc, root: Path, name: str, r: int) -> Any:
+        spy = spies.get(name)
+        if spy and args.rounds > 1:
+            spy = f"{spy}.{r}"
+        return run_one(broker, sandbox, root / f"{name}{r}", trees[name], f"{name}{r}", args, spy)
+
+    results = alternating_rounds(
+        "courierd-push-trickle-", trees, args.rounds, args.sandbox_per_tree, one
+    )
     say("medians (CPU µs per push):")
     summary = {}
     for name, runs in results.items():

@@ -25,7 +25,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -34,12 +33,12 @@ from typing import Any
 from bench.common import (
     Courierd,
     SandboxProc,
+    alternating_rounds,
     forget_session,
     messages,
     process_cpu_s,
     publish_all,
     say,
-    stop_every_daemon,
 )
 from courierd.devtools.localbroker import LocalBroker
 
@@ -187,51 +186,20 @@ def main() -> None:
         who, kv = e.split(":", 1)
         k, v = kv.split("=", 1)
         nices[who][k] = int(v)
-    results: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    with tempfile.TemporaryDirectory(prefix="status-drain-") as tmp:
-        root = Path(tmp)
-        broker = LocalBroker(root / "broker").start()
-        shared = None
-        try:  # whatever ends the run, even the shared sandbox failing to start
-            shared = None if args.sandbox_per_tree else SandboxProc()
-            for r in range(args.rounds):
-                order = list(trees) if r % 2 == 0 else list(reversed(trees))
-                for name in order:
-                    tag = f"{name}{r}"
-                    sandbox = shared or SandboxProc(tree=trees[name])
-                    try:
-                        if args.latency:
-                            got = steady(
-                                broker,
-                                sandbox,
-                                root,
-                                trees[name],
-                                tag,
-                                args.latency,
-                                args.rate,
-                                args.status_every,
-                            )
-                        else:
-                            got = drain(
-                                broker,
-                                sandbox,
-                                root / tag,
-                                trees[name],
-                                args.messages,
-                                tag,
-                                envs[name],
-                                nices[name],
-                            )
-                    finally:
-                        if shared is None:
-                            sandbox.stop()
-                    say(f"{name} round {r}: {json.dumps(got)}")
-                    results[name].append(got)
-        finally:
-            stop_every_daemon()
-            if shared is not None:
-                shared.stop()
-            broker.stop()
+
+    def one(broker: LocalBroker, sandbox: SandboxProc, root: Path, name: str, r: int) -> Any:
+        tag = f"{name}{r}"
+        if args.latency:
+            return steady(
+                broker, sandbox, root, trees[name], tag, args.latency, args.rate, args.status_every
+            )
+        return drain(
+            broker, sandbox, root / tag, trees[name], args.messages, tag, envs[name], nices[name]
+        )
+
+    results = alternating_rounds(
+        "courierd-status-drain-", trees, args.rounds, args.sandbox_per_tree, one
+    )
     say("medians:")
     summary = {}
     if args.latency:
