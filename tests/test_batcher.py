@@ -76,9 +76,6 @@ class FakeSessions:
     def ack_many(self, messages: list[Message]) -> None:
         self.log.add("ack", (m.mid for m in messages))
 
-    def ack(self, message: Message) -> None:  # what the batcher used before ack_many
-        self.log.add("ack", (message.mid,))
-
 
 def message(mid: int) -> Message:
     return Message(f"couriers/c{mid}/location", b"{}", mid, 1, 1, 2)

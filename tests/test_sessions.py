@@ -74,11 +74,11 @@ def test_fences_and_acks_never_cross_connections(
     assert again.generation != first.generation
     kept, fence = sessions.admit([first, again])
     assert kept == [again] and fence == {0: 6}
-    sessions.ack(first)  # its connection is gone: acknowledges nothing
+    sessions.ack_many([first])  # its connection is gone: acknowledges nothing
     held_at(sessions, clock, {0: 7})
     third = inbox.get(timeout=10)
     assert third.payload == first.payload and third.epoch == 7
-    sessions.ack(third)
+    sessions.ack_many([third])
     held_at(sessions, clock, {0: 8})
     pub.status("c1", "sentinel", "o1", "arriving_at_store")
     assert b"sentinel" in inbox.get(timeout=10).payload  # acked: not delivered again

@@ -188,16 +188,9 @@ class Sessions:
             log.info("ingest.not_ours messages=%d (slots handed over)", len(batch) - len(kept))
         return kept, {m.slot: m.epoch for m in kept}
 
-    def ack(self, message: Message) -> None:
-        """Acknowledge on the connection that delivered it (a no-op if that is gone)."""
-        with self._lock:
-            edge = self._edges.get(message.slot)
-        if edge is not None:
-            edge.ack(message)
-
     def ack_many(self, messages: list[Message]) -> None:
         """Acknowledge a committed batch: each message on the connection that delivered
-        it, each connection's share in one write (MqttEdge.ack_many)."""
+        it (none if that is gone), each connection's share in one write (MqttEdge.ack_many)."""
         with self._lock:
             edges = dict(self._edges)
         if len(edges) == 1:  # alone, or a cluster holding one slot: no sorting out
