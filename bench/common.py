@@ -222,15 +222,18 @@ def forget_session(port: int, client_id: str) -> None:
     c.loop_stop()
 
 
-def drain_bare(port: int, client_id: str, n: int, protocol: str = "5") -> float:
-    """The ceiling: a QoS 1 subscriber that only counts, draining its queued backlog."""
+def drain_bare(port: int, client_id: str, n: int, protocol: str = "5") -> tuple[float, float]:
+    """The ceiling: a QoS 1 subscriber that only counts, draining its queued backlog.
+    Its rate, and its CPU µs per message: this process's CPU over the same span (the
+    main thread only waits meanwhile), a cost that moves with the host as courierd's
+    does, so a ratio of the two holds on a fast host and a slow one alike."""
     seen = [0]
-    first = [0.0]
+    first = [0.0, 0.0]
     done = threading.Event()
 
     def on_message(*_: Any) -> None:
         if seen[0] == 0:
-            first[0] = time.perf_counter()
+            first[:] = time.perf_counter(), time.process_time()
         seen[0] += 1
         if seen[0] >= n:
             done.set()
@@ -240,10 +243,10 @@ def drain_bare(port: int, client_id: str, n: int, protocol: str = "5") -> float:
     c.loop_start()
     if not done.wait(300):
         raise RuntimeError(f"bare subscriber got {seen[0]} of {n}")
-    elapsed = time.perf_counter() - first[0]
+    elapsed, cpu = time.perf_counter() - first[0], time.process_time() - first[1]
     c.disconnect()
     c.loop_stop()
-    return (n - 1) / elapsed
+    return (n - 1) / elapsed, cpu / (n - 1) * 1e6
 
 
 # -- the sandbox and the daemon, each in its own process -------------------------------
