@@ -224,6 +224,28 @@ def test_a_share_handed_over_is_free_at_once(shared: StoreSettings) -> None:
     b.close()
 
 
+def test_slots_work_without_their_unused_lease_column(shared: StoreSettings) -> None:
+    """Nothing reads or writes `slots.lease_until` (membership is by heartbeat), so the
+    migration that drops it later cannot break an instance of this version running
+    beside a newer one: join, take, hand over, fence and view all work without it."""
+    a, sa = joined(shared, "a")
+    with a.db.transaction():
+        a.db.execute("ALTER TABLE slots DROP COLUMN lease_until")
+    assert sa.rebalance().held.keys() == {0, 1, 2, 3}
+    b, sb = joined(shared, "b")
+    first = sa.rebalance()
+    sa.release(first.handover)
+    taken = sb.rebalance()
+    assert taken.held.keys() == first.handover.keys()
+    with b.db.transaction():
+        assert sb.holds(taken.held)
+    assert [v["holder"] for v in sa.view()] == ["a", "a", "b", "b"]
+    sb.leave()
+    assert sa.rebalance().held.keys() == {0, 1, 2, 3}  # taken over
+    a.close()
+    b.close()
+
+
 def test_renewing_never_waits_for_an_ingest_transaction(shared: StoreSettings) -> None:
     """A round renews the slots while the instance's own ingest transaction holds them
     (its fence check), at once, instead of waiting out a lock timeout."""
