@@ -297,6 +297,25 @@ def test_leases_are_timed_by_the_databases_clock(
     b.close()
 
 
+def test_pushes_are_due_at_once_whatever_the_committing_hosts_clock(
+    shared: StoreSettings,
+) -> None:
+    """A push committed, or retried by the operator, on a host whose clock is an hour
+    ahead is due at once for the other instances (they claim by the database's clock):
+    it waited for the hour to pass."""
+    a, b = instance(shared, "a"), instance(shared, "b")
+    a.writer.commit(
+        [StatusEvent("e1", "o1", "c1", Status.DASHER_CONFIRMED)], now=time.time() + 3600
+    )
+    claimed = b.outbox.claim_due(b.outbox.db_clock(), 10)
+    assert [r.order_id for r in claimed] == ["o1"]
+    b.outbox.record_results([PushResult(claimed[0].id, "failed", time.time(), None, "400")])
+    assert a.queries.retry_failed("o1", now=time.time() + 3600) == 1
+    assert [r.order_id for r in b.outbox.claim_due(b.outbox.db_clock(), 10)] == ["o1"]
+    a.close()
+    b.close()
+
+
 def test_a_round_failing_for_any_reason_keeps_the_slots_and_says_why(
     shared: StoreSettings,
 ) -> None:
