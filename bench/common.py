@@ -4,6 +4,7 @@ memory), and the statistics (p99, the median run)."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -427,6 +428,25 @@ class Courierd:
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
             self.proc.wait(60)
+
+
+def ab_arguments(ap: argparse.ArgumentParser, rounds: int) -> None:
+    """The options of an A/B run through `alternating_rounds`: `--tree NAME=PATH` (one
+    per tree), `--rounds`, `--json` and `--sandbox-per-tree`; `trees_of(args)` reads the
+    trees back."""
+    ap.add_argument("--tree", action="append", required=True, help="NAME=PATH")
+    ap.add_argument("--rounds", type=int, default=rounds)
+    ap.add_argument("--json", type=Path)
+    ap.add_argument(
+        "--sandbox-per-tree",
+        action="store_true",
+        help="each run's sandbox from the run's tree (else one, from this one's)",
+    )
+
+
+def trees_of(args: argparse.Namespace) -> dict[str, str]:
+    """The `--tree NAME=PATH` options as NAME -> PATH, in the order given."""
+    return dict(t.split("=", 1) for t in args.tree)
 
 
 def alternating_rounds(

@@ -43,11 +43,13 @@ from bench.common import (
     STATUSES,
     Courierd,
     SandboxProc,
+    ab_arguments,
     alternating_rounds,
     client,
     forget_session,
     process_cpu_s,
     say,
+    trees_of,
 )
 from courierd.devtools.localbroker import LocalBroker
 
@@ -235,23 +237,16 @@ def sandbox_connections(sandbox: SandboxProc) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tree", action="append", required=True, help="NAME=PATH")
+    ab_arguments(ap, rounds=3)
     ap.add_argument("--rate", type=int, default=600, help="messages/s published")
     ap.add_argument("--status-every", type=int, default=1, help="1: statuses only")
     ap.add_argument("--orders", type=int, default=500, help="orders walked side by side")
     ap.add_argument("--seconds", type=float, default=20.0, help="the measured window")
     ap.add_argument("--warm", type=float, default=4.0, help="seconds before the window")
-    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--spy", action="append", default=[], help="NAME:FILE (py-spy, raw)")
     ap.add_argument("--syscalls", action="store_true", help="count them (perf stat)")
-    ap.add_argument("--json", type=Path)
-    ap.add_argument(
-        "--sandbox-per-tree",
-        action="store_true",
-        help="each run's sandbox from the run's tree (else one, from this one's)",
-    )
     args = ap.parse_args()
-    trees = dict(t.split("=", 1) for t in args.tree)
+    trees = trees_of(args)
     spies = dict(s.split(":", 1) for s in args.spy)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 

@@ -33,12 +33,14 @@ from typing import Any
 from bench.common import (
     Courierd,
     SandboxProc,
+    ab_arguments,
     alternating_rounds,
     forget_session,
     messages,
     process_cpu_s,
     publish_all,
     say,
+    trees_of,
 )
 from courierd.devtools.localbroker import LocalBroker
 
@@ -155,12 +157,10 @@ def steady(
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tree", action="append", required=True, help="NAME=PATH")
+    ab_arguments(ap, rounds=2)
     ap.add_argument("--env", action="append", default=[], help="NAME:KEY=VALUE")
     ap.add_argument("--nice", action="append", default=[], help="NAME:PROCESS=N (renice)")
     ap.add_argument("--messages", type=int, default=20_000)
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--json", type=Path)
     ap.add_argument(
         "--latency",
         type=float,
@@ -169,13 +169,8 @@ def main() -> None:
     )
     ap.add_argument("--rate", type=int, default=2000, help="--latency: msg/s")
     ap.add_argument("--status-every", type=int, default=20, help="--latency: 1 = statuses only")
-    ap.add_argument(
-        "--sandbox-per-tree",
-        action="store_true",
-        help="each run's sandbox from the run's tree (else one, from this one's)",
-    )
     args = ap.parse_args()
-    trees = dict(t.split("=", 1) for t in args.tree)
+    trees = trees_of(args)
     envs: dict[str, dict[str, str]] = defaultdict(dict)
     for e in args.env:
         who, kv = e.split(":", 1)

@@ -81,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
         "backup", parents=[common], help="copy the database with SQLite's online backup API"
     )
     backup.add_argument("destination", type=Path, metavar="FILE")
+    commands.add_parser(
+        "compact",
+        parents=[common],
+        help="rewrite the SQLite file so it gives freed space back (the daemon stopped)",
+    )
 
     stores = commands.add_parser("stores", help="the store registry (pickup places)")
     store_cmds = stores.add_subparsers(dest="stores_command", required=True, metavar="ACTION")
@@ -230,7 +235,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         if args.stores_command == "suggest":
             return replay.run_suggest(settings, args.min_orders, args.format or "text")
         return stores.list_stores(settings, args.json)
-    if args.command in ("outbox", "dead-letters", "backup"):
+    if args.command in ("outbox", "dead-letters", "backup", "compact"):
         return operate.operate(args, settings)
     if args.command == "config":
         print(json.dumps(masked_settings(settings), indent=2))

@@ -224,6 +224,28 @@ def test_a_share_handed_over_is_free_at_once(shared: StoreSettings) -> None:
     b.close()
 
 
+def test_slots_work_without_their_unused_lease_column(shared: StoreSettings) -> None:
+    """Nothing reads or writes `slots.lease_until` (membership is by heartbeat), so the
+    migration that drops it later cannot break an instance of this version running
+    beside a newer one: join, take, hand over, fence and view all work without it."""
+    a, sa = joined(shared, "a")
+    with a.db.transaction():
+        a.db.execute("ALTER TABLE slots DROP COLUMN lease_until")
+    assert sa.rebalance().held.keys() == {0, 1, 2, 3}
+    b, sb = joined(shared, "b")
+    first = sa.rebalance()
+    sa.release(first.handover)
+    taken = sb.rebalance()
+    assert taken.held.keys() == first.handover.keys()
+    with b.db.transaction():
+        assert sb.holds(taken.held)
+    assert [v["holder"] for v in sa.view()] == ["a", "a", "b", "b"]
+    sb.leave()
+    assert sa.rebalance().held.keys() == {0, 1, 2, 3}  # taken over
+    a.close()
+    b.close()
+
+
 def test_renewing_never_waits_for_an_ingest_transaction(shared: StoreSettings) -> None:
     """A round renews the slots while the instance's own ingest transaction holds them
     (its fence check), at once, instead of waiting out a lock timeout."""
@@ -271,6 +293,25 @@ def test_leases_are_timed_by_the_databases_clock(
         assert not a.leases.hold("notifier", 15) or not b.leases.hold("notifier", 15)
         lag = a.db.value(f"SELECT max(abs(heartbeat_at - {NOW})) FROM instances")
         assert lag < 5
+    a.close()
+    b.close()
+
+
+def test_pushes_are_due_at_once_whatever_the_committing_hosts_clock(
+    shared: StoreSettings,
+) -> None:
+    """A push committed, or retried by the operator, on a host whose clock is an hour
+    ahead is due at once for the other instances (they claim by the database's clock):
+    it waited for the hour to pass."""
+    a, b = instance(shared, "a"), instance(shared, "b")
+    a.writer.commit(
+        [StatusEvent("e1", "o1", "c1", Status.DASHER_CONFIRMED)], now=time.time() + 3600
+    )
+    claimed = b.outbox.claim_due(b.outbox.db_clock(), 10)
+    assert [r.order_id for r in claimed] == ["o1"]
+    b.outbox.record_results([PushResult(claimed[0].id, "failed", time.time(), None, "400")])
+    assert a.queries.retry_failed("o1", now=time.time() + 3600) == 1
+    assert [r.order_id for r in b.outbox.claim_due(b.outbox.db_clock(), 10)] == ["o1"]
     a.close()
     b.close()
 

@@ -9,6 +9,9 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
+from courierd.config import StoreSettings
 from courierd.daemon.dispatch import Dispatcher
 from courierd.daemon.ingest import commit_messages
 from courierd.daemon.ipc import NOTIFICATIONS, PUSHES, wake_for
@@ -16,6 +19,8 @@ from courierd.devtools.sandbox import Request, Sandbox
 from courierd.domain.lifecycle import CHAIN
 from courierd.domain.model import BatchReport, Status, StatusEvent
 from courierd.edges.pusher import Pusher
+from courierd.store import open_store
+from tests import pg
 from tests.conftest import API_KEY, open_path
 from tests.harness import wait_until
 
@@ -224,6 +229,53 @@ def test_retries_follow_elapsed_time_when_the_wall_clock_steps(
     finally:
         client.close()
         store.close()
+
+
+def test_a_shared_databases_retries_are_due_by_its_clock(onetablet: Sandbox) -> None:
+    """In a cluster, pushes are due by the database's clock, as leases are, not by the
+    hosts': a push committed by an instance whose clock is an hour ahead is due at once
+    for one whose clock is an hour behind (it waited two hours), and a retry that one
+    schedules 1 s out is not taken at once by the instance ahead (it was two hours
+    overdue), but ~1 s later."""
+    if (why := pg.available()) is not None:
+        pytest.skip(why)
+    answer: dict[str, tuple[int, dict[str, str], object] | None] = {
+        "now": (503, {}, {"error": "Unavailable", "message": "later"})
+    }
+    onetablet.responder = lambda _: answer["now"]
+    with pg.database() as url:
+        settings = StoreSettings(url=url)
+        stores, pushers, dispatchers = [], [], []
+        for name, skew in (("ahead", 3600.0), ("behind", -3600.0)):
+            stores.append(open_store(settings, instance=name))
+            pushers.append(Pusher(onetablet.url, API_KEY))
+            dispatchers.append(
+                Dispatcher(
+                    stores[-1].outbox,
+                    pushers[-1],
+                    concurrency=4,
+                    schedule=(1.0, 5.0, 30.0),
+                    clock=lambda skew=skew: time.time() + skew,
+                    rng=random.Random(0),
+                    follow_clock_steps=False,
+                )
+            )
+        ahead, behind = dispatchers
+        try:
+            stores[0].writer.commit(
+                [StatusEvent("e1", "o1", "c1", Status.DASHER_CONFIRMED)], now=time.time() + 3600
+            )
+            wait_until(lambda: (behind.turn(), onetablet.requests())[1], 10, "the first try")
+            _settle(behind)  # 503: a retry in 1 s (±10 %)
+            failed_at = onetablet.requests()[0].at
+            answer["now"] = None
+            wait_until(lambda: (ahead.turn(), ok(onetablet))[1], 10, "the retry")
+            assert ok(onetablet)[0].at - failed_at >= 0.85
+        finally:
+            for p in pushers:
+                p.close()
+            for s in stores:
+                s.close()
 
 
 def ok(onetablet: Sandbox) -> list[Request]:

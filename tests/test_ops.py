@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 from pathlib import Path
 
 import pytest
 
+from courierd.daemon.lock import DaemonLock
 from courierd.devtools.sandbox import Request, Sandbox
 from courierd.domain.model import DeadLetter, Status, StatusEvent
+from courierd.store import Store
 from courierd.store.outbox import PushResult
 from courierd.store.schema import FAILED
 from tests.conftest import API_KEY, open_path
@@ -125,3 +128,64 @@ def test_parked_push_retried_while_daemon_runs(tmp_path: Path, onetablet: Sandbo
     assert daemon.stop() == 0
     pub.close()
     broker.stop()
+
+
+def _legacy_database(db_path: Path) -> None:
+    """A database as 0.1.0 made them, without auto-vacuum, holding an order, and with
+    some 8 MB of freed pages (dead letters deleted)."""
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.closing(sqlite3.connect(db_path)) as conn:
+        conn.execute("CREATE TABLE before_courierd (x)")  # so the file has pages: no mode
+    s = open_path(db_path)
+    s.writer.commit([StatusEvent("e1", "o1", "c1", Status.ARRIVING_AT_STORE)], now=1000.0)
+    _fill_and_free(s)
+    s.close()
+
+
+def _fill_and_free(s: Store) -> None:
+    with s.db.transaction():
+        s.db.executemany(
+            "INSERT INTO dead_letters (topic, payload, reason, received_at) VALUES (?, ?, ?, ?)",
+            [("couriers/c1/status", b"x" * 40_000, "bad_json", "2026-01-01")] * 200,
+        )
+    with s.db.transaction():
+        s.db.execute("DELETE FROM dead_letters")
+
+
+def test_compact_gives_a_legacy_databases_free_pages_back(
+    cli, db_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`courierd compact` rewrites a database made without auto-vacuum: the freed space
+    goes back to the file system, the data stays, and from then on retention gives
+    freed pages back by itself (reclaim_free_pages did nothing before, and says so)."""
+    _legacy_database(db_path)
+    s = open_path(db_path)
+    assert s.db.reclaim_free_pages(512) == 0  # no auto-vacuum: nothing given back
+    assert "courierd compact" in caplog.text  # the daemon's log says what to do
+    s.close()
+    before = db_path.stat().st_size
+    assert before > 8_000_000
+    done = cli("compact")
+    assert done.code == 0, done.err
+    assert "auto-vacuum none -> incremental" in done.out
+    assert db_path.stat().st_size < 1_000_000
+    s = open_path(db_path)
+    assert s.db.value("PRAGMA auto_vacuum") == 2
+    assert s.outbox.get_order("o1") is not None
+    _fill_and_free(s)
+    assert s.db.reclaim_free_pages(512) > 0  # retention can give pages back now
+    s.close()
+
+
+def test_compact_refuses_while_the_daemon_runs_and_on_postgresql(cli, db_path: Path) -> None:
+    """compact takes the daemon's lock (a VACUUM would hold every write up for as long
+    as it takes), and PostgreSQL is not its business."""
+    _legacy_database(db_path)
+    lock = DaemonLock(db_path).acquire()
+    try:
+        refused = cli("compact")
+        assert refused.code == 1 and "another courierd daemon" in refused.err
+    finally:
+        lock.release()
+    assert cli("compact", env={"COURIERD_STORE__URL": "postgresql://h/db"}).code == 2
+    assert cli("compact").code == 0

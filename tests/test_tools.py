@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import concurrent.futures
+import http
 import http.client
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -197,3 +199,56 @@ def test_demo_brings_everything_up(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(20) == 0, log.read_text()[-2000:]
         broker.stop()
+
+
+POST = b"POST /orders HTTP/1.1\r\nhost: x\r\nx-api-key: k\r\n"
+
+
+@pytest.mark.parametrize(
+    ("data", "status"),
+    [
+        (b"GARBAGE\r\n\r\n", 400),
+        (b"GET /  HTTP/1.1\r\n\r\n", 400),
+        (b"GET / HTTP/1.1 extra\r\n\r\n", 400),
+        (b"GET / HTTQ/1.1\r\n\r\n", 400),
+        (b"GET / HTTP/2.0\r\n\r\n", 505),
+        (b"GET / HTTP/1.1\r\nno colon here\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nhost: x\r\n folded\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\n" + b"x-a: b\r\n" * 101 + b"\r\n", 431),
+        (b"GET / HTTP/1.1\r\nx-big: " + b"a" * 70_000 + b"\r\n\r\n", 431),
+        (b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\n\r\n", 414),
+        (POST + b"content-length: ten\r\n\r\n", 400),
+        (POST + b"content-length: -1\r\n\r\n", 400),
+        (POST + b"content-length: \xb2\r\n\r\n", 400),  # a digit to str.isdigit, not to int
+        (POST + b"transfer-encoding: chunked\r\n\r\n5\r\n{}   \r\n0\r\n\r\n", 411),
+        (POST + b"transfer-encoding: chunked\r\ncontent-length: 2\r\n\r\n{}", 400),
+        (POST + b"content-length: 2000000\r\n\r\n", 413),
+        (b"GET / HTTP/1.1\r\nhost: x", 400),  # the client stopped half-way through the head
+    ],
+)
+def test_a_malformed_request_is_answered_then_closed(data: bytes, status: int) -> None:
+    """A request the sandbox cannot read gets the status http.server gave it (400, 414,
+    431, 505), 411 for a chunked body, 413 for one over the limit, in JSON, and the
+    connection closes; the asyncio sandbox closed such a connection without a word. The
+    request is not logged, and the next connection is served."""
+    sandbox = Sandbox(api_key="k").start()
+    try:
+        host, port = sandbox.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            sock.sendall(data)
+            if data.endswith(b"host: x"):
+                sock.shutdown(socket.SHUT_WR)
+            received = b""
+            while chunk := sock.recv(65536):  # until the sandbox closes
+                received += chunk
+        head, _, body = received.partition(b"\r\n\r\n")
+        assert head.split(b"\r\n")[0].startswith(f"HTTP/1.1 {status} ".encode()), received[:200]
+        assert b"connection: close" in head.lower().split(b"\r\n")
+        assert json.loads(body)["error"] == http.HTTPStatus(status).phrase
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        conn.request("POST", "/orders", b'{"id": "o1"}', {"x-api-key": "k"})
+        assert conn.getresponse().status == 200
+        conn.close()
+        assert [r.path for r in sandbox.requests()] == ["/orders"]
+    finally:
+        sandbox.stop()

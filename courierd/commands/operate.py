@@ -1,28 +1,33 @@
-"""The operator commands: outbox status, parked pushes, dead letters, retry, backup.
+"""The operator commands: outbox status, parked pushes, dead letters, retry, backup,
+compact.
 
-All of these work while the daemon runs; `retry` writes in one short transaction,
-and the dispatcher picks the pushes up on its next pass.
+All of these but `compact` work while the daemon runs; `retry` writes in one short
+transaction, and the dispatcher picks the pushes up on its next pass.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from courierd.config import Settings
-from courierd.errors import InputError
+from courierd.errors import InputError, StoreError
 from courierd.store import open_store
 
 EXIT_OK = 0
 
 
 def operate(args: argparse.Namespace, settings: Settings) -> int:
-    """outbox status/failed/retry, dead-letters, backup."""
+    """outbox status/failed/retry, dead-letters, backup, compact."""
     if args.command == "backup":
         return _backup(args, settings)
+    if args.command == "compact":
+        return _compact(settings)
     with open_store(settings.store) as store:
         q = store.queries
         if args.command == "dead-letters":
@@ -62,6 +67,49 @@ def _backup(args: argparse.Namespace, settings: Settings) -> int:
     size = destination.stat().st_size
     print(f"backed up {settings.store.path} to {destination} ({size} bytes)")
     return EXIT_OK
+
+
+def _compact(settings: Settings) -> int:
+    """Switch the SQLite file to incremental auto-vacuum and rewrite it (VACUUM), with the
+    daemon stopped: a database made by 0.1.0 reuses freed pages but never gives them
+    back, and only a VACUUM changes that. It takes as long as the file is big, hence a
+    command, not something the daemon does as it starts."""
+    from courierd.daemon.lock import DaemonLock
+    from courierd.store.sqlite import SqliteDatabase
+
+    if settings.store.url is not None:
+        raise InputError(
+            "compact rewrites courierd's SQLite file; PostgreSQL's autovacuum reuses freed "
+            "space by itself (its VACUUM FULL gives it back, locking the table meanwhile)"
+        )
+    path = settings.store.path
+    if not path.is_file():
+        raise InputError(f"no database at {path}")
+    lock = DaemonLock(path).acquire()  # StoreError (exit 1) while the daemon runs
+    try:
+        before = _size(path)
+        free = shutil.disk_usage(path.parent).free
+        if free < before:  # the rewritten file goes through the WAL first
+            raise StoreError(f"compact needs up to {before} bytes free beside {path}; {free} are")
+        db = SqliteDatabase(path, busy_timeout_s=settings.store.busy_timeout_s)
+        try:
+            was = db.compact()
+        finally:
+            db.close()
+    finally:
+        lock.release()
+    after = _size(path)
+    print(
+        f"compacted {path}: {before} -> {after} bytes; auto-vacuum {was} -> incremental "
+        "(retention now gives freed pages back)"
+    )
+    return EXIT_OK
+
+
+def _size(path: Path) -> int:
+    """The database file and its WAL, in bytes."""
+    wal = path.with_name(path.name + "-wal")
+    return int(path.stat().st_size + (wal.stat().st_size if wal.exists() else 0))
 
 
 def _emit(args: argparse.Namespace, data: Any, text: Callable[[], str]) -> int:

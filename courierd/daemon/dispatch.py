@@ -91,6 +91,11 @@ class Dispatcher:
     tests drive the policy without waiting. When the wall clock steps (NTP, an
     operator), pending retries are moved by the same amount: a retry due in 30 s stays
     due in 30 s, instead of waiting out an hour the clock was set back.
+
+    On a shared database the schedule is on the database's clock instead (`_now`: ours
+    plus how far the database's is from it, read once a second), as the cluster's
+    leases are: every instance then finds a retry due at the same moment, whatever its
+    host's clock says, and a step of that clock moves nothing.
     """
 
     def __init__(
@@ -106,8 +111,8 @@ class Dispatcher:
         follow_clock_steps: bool = True,
     ) -> None:
         self.outbox = outbox
-        # Alone, courierd moves the schedule with its clock's steps; in a cluster one
-        # host's step must not move everyone's shared schedule (NTP keeps them agreed).
+        # Alone, courierd moves the schedule with its clock's steps; in a cluster the
+        # schedule is on the database's clock, which one host's step does not move.
         self.follow_clock_steps = follow_clock_steps
         self.pusher = pusher
         self.stats = DispatchStats()
@@ -121,6 +126,8 @@ class Dispatcher:
         self.paused_until: float | None = None  # set while OneTablet refuses our key
         self._auth_failures = 0
         self._clock_offset = clock() - monotonic()
+        self._db_offset = 0.0  # a shared database's clock minus `clock` (0 alone)
+        self._next_db_offset = 0.0  # monotonic time to read it again
         self._inflight: dict[int, OutboxRow] = {}  # claimed and sent, no reply recorded
         self._results: queue.SimpleQueue[Attempt] = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -161,6 +168,7 @@ class Dispatcher:
         self._wake.clear()
         self.heartbeat = self.monotonic()
         self._follow_clock_step()
+        self._follow_db_clock()
         self._record()
         self._renew()
         self._claimed_all = self._claim()
@@ -194,6 +202,8 @@ class Dispatcher:
         offset = self.clock() - self.monotonic()
         step = offset - self._clock_offset
         self._clock_offset = offset  # slow drift (NTP slewing) is followed quietly
+        if abs(step) >= CLOCK_STEP_S:
+            self._next_db_offset = 0.0  # how far the database's clock is: read it again
         if abs(step) < CLOCK_STEP_S or not self.follow_clock_steps:
             return
         moved = self.outbox.shift_schedule(step)
@@ -201,9 +211,22 @@ class Dispatcher:
             self.paused_until += step
         log.warning("dispatch.clock_step seconds=%+.1f pushes_rescheduled=%d", step, moved)
 
+    def _follow_db_clock(self) -> None:
+        """On a shared database, read how far its clock is from ours, once a second."""
+        if not self.outbox.db.concurrent or self.monotonic() < self._next_db_offset:
+            return
+        self._next_db_offset = self.monotonic() + 1.0
+        before = self.clock()
+        at = self.outbox.db_clock()
+        self._db_offset = at - (before + self.clock()) / 2
+
+    def _now(self) -> float:
+        """The outbox's time: the wall clock, or on a shared database the database's."""
+        return self.clock() + self._db_offset
+
     def _claim(self) -> bool:
         """Send due pushes in the free places; True if more may be waiting for one."""
-        now = self.clock()
+        now = self._now()
         slots = self.concurrency - len(self._inflight)
         if self.paused_until is None and not self._new_work and 0 < slots < self.claim_batch:
             return True  # a few replies more first (each wakes us)
@@ -264,7 +287,8 @@ class Dispatcher:
                 break
         if not attempts:
             return
-        now = self.clock()
+        now = self._now()
+        wall = now - self._db_offset  # created_at is the committing process's wall clock
         sent = [a for a in attempts if a.outcome != "skipped"]
         try:
             self.outbox.unclaim([a.row.id for a in attempts if a.outcome == "skipped"])
@@ -282,7 +306,7 @@ class Dispatcher:
             with self._stats_lock:
                 self.stats.outcomes[a.outcome] += 1
                 if a.outcome == "delivered":
-                    self.stats.latencies.append(max(0.0, now - a.row.created_at))
+                    self.stats.latencies.append(max(0.0, wall - a.row.created_at))
                     self.stats.add_stages(
                         claim=a.claimed_at - a.row.created_at,
                         send=a.sent_at - a.claimed_at,
@@ -332,7 +356,7 @@ class Dispatcher:
         Pushes due now but not claimed wait behind an in-flight or parked push of
         their order; a result or a commit wakes the loop for them.
         """
-        now = self.clock()
+        now = self._now()
         if self.paused_until is not None:
             return max(0.01, min(1.0, self.paused_until - now))
         due = self.outbox.next_due_after(now)

@@ -26,6 +26,7 @@ import html
 import http
 import json
 import random
+import re
 import socket
 import threading
 import time
@@ -96,6 +97,14 @@ Responder = Callable[[Request], Reply | None]
 # their SYNs, and the client would retry them a second later.
 BACKLOG = 1024
 
+# Malformed requests are answered and the connection closed, as http.server did: a head
+# over the reader's limit (64 KiB) 414 or 431, more than MAX_HEADERS header lines 431.
+# Bodies are read whole, so one over MAX_BODY_BYTES is refused (413) before it is read.
+MAX_HEADERS = 100  # as http.server
+MAX_BODY_BYTES = 1 << 20
+_VERSIONS = ("HTTP/1.1", "HTTP/1.0")
+_LATER_VERSION = re.compile(r"HTTP/([2-9]|[1-9][0-9]+)\.[0-9]+")
+
 
 class Sandbox:
     """An HTTP server on an event loop of its own thread; `start()` it, read `url`, `stop()` it."""
@@ -156,12 +165,17 @@ class Sandbox:
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One client's requests, one after the other (HTTP/1.1 keep-alive), until it closes."""
         try:
-            while request := await _read_request(reader):
+            while True:
+                try:
+                    request = await _read_request(reader)
+                except _Refused as refused:  # malformed: answered as http.server did, closed
+                    await _refuse(writer, refused.status, refused.message)
+                    break
+                if request is None:
+                    break
                 method, target, version, headers, body = request
                 if method not in ("GET", "POST"):  # as http.server: 501, then the connection closes
-                    message = f"Unsupported method ({method!r})"
-                    error = {"error": "Not Implemented", "message": message}
-                    writer.write(_encode(501, {"connection": "close"}, error))
+                    await _refuse(writer, 501, f"Unsupported method ({method!r})")
                     break
                 # The target as sent: percent-encoded, with its query.
                 if method == "POST":
@@ -345,24 +359,75 @@ def _error(status: int, error: str, message: str) -> Reply:
     return status, {}, {"error": error, "message": message}
 
 
+class _Refused(Exception):
+    """A request the sandbox will not read: answered `status` (with `message`), then closed."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(status, message)
+        self.status = status
+        self.message = message
+
+
 async def _read_request(
     reader: asyncio.StreamReader,
 ) -> tuple[str, str, str, dict[str, str], bytes] | None:
     """The next request on a connection: method, target, version, headers (names in lower
-    case, decoded as latin-1) and body; None when the client closed or sent no HTTP/1.x."""
+    case, decoded as latin-1) and body; None when the client closed. A malformed request
+    raises _Refused with the status `http.server` answered it (400, 414, 431, 505), or
+    411 (a body without a length: chunked is not read) or 413 (over MAX_BODY_BYTES)."""
     try:
         head = await reader.readuntil(b"\r\n\r\n")
-        request_line, *lines = head[:-4].decode("latin-1").split("\r\n")
+    except asyncio.IncompleteReadError as e:  # closed, maybe half-way through a head
+        if e.partial.strip():
+            raise _Refused(400, "incomplete request head") from None
+        return None
+    except asyncio.LimitOverrunError as e:  # the head is over the reader's limit (64 KiB)
+        seen = await reader.read(e.consumed)
+        if b"\r\n" not in seen:
+            raise _Refused(414, "request line too long") from None
+        raise _Refused(431, "request header fields too large") from None
+    request_line, *lines = head[:-4].decode("latin-1").split("\r\n")
+    try:
         method, target, version = request_line.split(" ")
-        headers = {}
-        for line in lines:
-            name, colon, value = line.partition(":")
-            if colon:
-                headers[name.strip().lower()] = value.strip()
-        body = await reader.readexactly(int(headers.get("content-length") or 0))
-    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError, ValueError):
+    except ValueError:
+        raise _Refused(400, f"bad request syntax ({request_line!r})") from None
+    if version not in _VERSIONS:
+        if _LATER_VERSION.fullmatch(version):
+            raise _Refused(505, f"invalid HTTP version ({version})")
+        raise _Refused(400, f"bad request version ({version!r})")
+    if len(lines) > MAX_HEADERS:
+        raise _Refused(431, "too many headers")
+    headers = {}
+    for line in lines:
+        name, colon, value = line.partition(":")
+        if not colon:  # a folded line too (RFC 9112, 5.2)
+            raise _Refused(400, f"bad header line ({line[:100]!r})")
+        headers[name.strip().lower()] = value.strip()
+    if "transfer-encoding" in headers:  # chunked is not read; both at once is smuggling
+        if "content-length" in headers:
+            raise _Refused(400, "both content-length and transfer-encoding")
+        raise _Refused(411, "a body needs content-length (chunked is not read)")
+    length = headers.get("content-length") or "0"
+    try:
+        size = int(length)
+    except ValueError:
+        raise _Refused(400, f"bad content-length ({length[:100]!r})") from None
+    if not 0 <= size <= MAX_BODY_BYTES:
+        if size < 0:
+            raise _Refused(400, f"bad content-length ({length[:100]!r})")
+        raise _Refused(413, f"body over {MAX_BODY_BYTES} bytes")
+    try:
+        body = await reader.readexactly(size)
+    except asyncio.IncompleteReadError:  # the client closed before the whole body
         return None
     return method, target, version, headers, body
+
+
+async def _refuse(writer: asyncio.StreamWriter, status: int, message: str) -> None:
+    """Answer `status` in JSON, saying the connection closes (the caller closes it)."""
+    error = {"error": _PHRASES.get(status, ""), "message": message}
+    writer.write(_encode(status, {"connection": "close"}, error))
+    await writer.drain()
 
 
 def _encode(status: int, headers: dict[str, str], body: Any) -> bytes:

@@ -21,6 +21,11 @@ Membership, as Kafka's cooperative rebalancing does it (DESIGN.md, v3):
   if the slots and epochs its messages came through are still this instance's.
 - Every time is the database's (`NOW`, read in the statement that uses it): the hosts'
   clocks may differ.
+
+`slots.lease_until` is a leftover of the first design (a lease per slot, renewed row by
+row, which waited on the rows an ingest transaction holds): nothing reads or writes it.
+It stays until no instance that still writes it (builds before 2026-12-07) can share the
+database; a later migration drops it (README, "Scaling out").
 """
 
 from __future__ import annotations
@@ -163,7 +168,7 @@ class Slots:
             handover = {s: held.pop(s) for s in beyond}
             while len(held) < share:
                 taken = self.db.row(
-                    "UPDATE slots SET holder = ?, epoch = epoch + 1, lease_until = NULL "
+                    "UPDATE slots SET holder = ?, epoch = epoch + 1 "
                     "WHERE slot = (SELECT slot FROM slots s WHERE slot < ? AND (holder IS NULL "
                     "OR NOT EXISTS (SELECT 1 FROM instances i WHERE i.instance_id = s.holder "
                     f"AND i.heartbeat_at >= {NOW} - ?)) ORDER BY slot LIMIT 1 "

@@ -107,6 +107,10 @@ class Outbox:
                 [(i, self.holder) for i in ids],
             )
 
+    def db_clock(self) -> float:
+        """The database's clock (a shared database's retries are scheduled on it)."""
+        return float(self.db.value(f"SELECT {NOW}"))
+
     def next_due_after(self, now: float) -> float | None:
         """When the next pending push that is not due at `now` becomes due."""
         due = self.db.value(

@@ -26,6 +26,7 @@ from psycopg import errors as pg_errors
 
 from courierd.config import redact
 from courierd.errors import StoreError, StoreUnavailable
+from courierd.store.cluster import NOW
 from courierd.store.db import Database
 from courierd.store.schema import POSTGRES_MIGRATIONS
 
@@ -55,6 +56,7 @@ class PostgresDatabase(Database):
     for_update = " FOR UPDATE"
     skip_locked = " SKIP LOCKED"
     concurrent = True
+    at_once = f"least(?, {NOW})"
 
     def __init__(
         self,

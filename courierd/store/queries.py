@@ -166,7 +166,7 @@ class Queries:
         where, params = ("AND order_id = ?", (order_id,)) if order_id is not None else ("", ())
         with self.db.transaction():
             changed = self.db.changed(
-                f"UPDATE outbox SET state = 'pending', next_attempt_at = ? "
+                f"UPDATE outbox SET state = 'pending', next_attempt_at = {self.db.at_once} "
                 f"WHERE state = 'failed' {where}",
                 (now, *params),
             )

@@ -380,6 +380,8 @@ _PG_1 = (
     # The cluster: live instances, and the MQTT session slots each one holds.
     "CREATE TABLE instances (instance_id text PRIMARY KEY, started_at double precision "
     "NOT NULL, heartbeat_at double precision NOT NULL, http text)",
+    # lease_until: unused since membership went by heartbeat (store/cluster.py says why
+    # it is not dropped yet).
     "CREATE TABLE slots (slot integer PRIMARY KEY, holder text, "
     "epoch bigint NOT NULL DEFAULT 0, lease_until double precision)",
 )

@@ -9,6 +9,7 @@ pages back to the file system; older ones reuse them (the file stops growing eit
 from __future__ import annotations
 
 import contextlib
+import logging
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
     import sqlite_utils
 
 Migration = Callable[["sqlite_utils.Database"], None]
+
+log = logging.getLogger(__name__)
 
 
 def _is_unavailable(error: sqlite3.Error) -> bool:
@@ -52,6 +55,7 @@ class SqliteDatabase(Database):
         self.busy_timeout_ms = int(busy_timeout_s * 1000)
         self._migrations = tuple(migrations)
         self.readonly = readonly
+        self._said_not_incremental = False
         try:
             if readonly:
                 uri = self.path.resolve().as_uri() + "?mode=ro"
@@ -207,10 +211,30 @@ class SqliteDatabase(Database):
         except (sqlite3.Error, OSError) as e:
             raise StoreError(f"backup to {destination} failed: {e}") from e
 
+    def compact(self) -> str:
+        """Switch to incremental auto-vacuum and rewrite the whole file (VACUUM: as long
+        as the file is big, every other writer waiting); the mode it had before."""
+        modes = {0: "none", 1: "full", 2: "incremental"}
+        try:
+            was = modes.get(self.conn.execute("PRAGMA auto_vacuum").fetchone()[0], "?")
+            self.conn.execute("PRAGMA auto_vacuum=INCREMENTAL")  # takes effect in VACUUM
+            self.conn.execute("VACUUM")
+            self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        except sqlite3.Error as e:
+            raise StoreError(f"compacting {self.path} failed (nothing changed): {e}") from e
+        return was
+
     def reclaim_free_pages(self, step: int) -> int:
         """Give free pages back to the file system, `step` at a time, keeping 10 % slack
         (reusing a free page is cheaper than growing the file again)."""
         if self.conn.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:  # not incremental
+            if not self._said_not_incremental:
+                log.warning(
+                    "store.not_incremental path=%s: freed pages are reused, never given back; "
+                    "`courierd compact`, with the daemon stopped, switches the file over",
+                    self.path,
+                )
+                self._said_not_incremental = True
             return 0
         reclaimed = 0
         while True:

@@ -539,8 +539,8 @@ class BatchWriter:
         held = {oid for oid, o in {**snap.orders, **fx.orders}.items() if o.held}
         db.executemany(
             "INSERT INTO outbox (order_id, status, body, idempotency_key, state, "
-            "attempts, next_attempt_at, created_at, source) VALUES (?, ?, ?, ?, ?, 0, ?, ?, ?) "
-            "ON CONFLICT (idempotency_key) DO NOTHING",
+            f"attempts, next_attempt_at, created_at, source) VALUES (?, ?, ?, ?, ?, 0, "
+            f"{db.at_once}, ?, ?) ON CONFLICT (idempotency_key) DO NOTHING",
             [
                 (
                     p.order_id,
