@@ -26,6 +26,7 @@ The client lives on an asyncio loop; `LoopThread` gives the order commands one.
 from __future__ import annotations
 
 import asyncio
+import re
 import ssl
 import threading
 import urllib.request
@@ -37,13 +38,21 @@ from urllib.parse import urlsplit
 import aiohttp
 from yarl import URL
 
+from courierd.edges.http1 import Http1Error, Pool, checked_fields
+
 if TYPE_CHECKING:
     import httpx
 
 T = TypeVar("T")
 
-CLIENTS = ("aiohttp", "httpx", "httpx-aiohttp")  # what may run underneath; first is default
+CLIENTS = (
+    "aiohttp",
+    "httptools",
+    "httpx",
+    "httpx-aiohttp",
+)  # what may run underneath; first is default
 MAX_REPLY_BYTES = 1 << 20  # OneTablet's replies are a few hundred bytes
+_UNSAFE_TARGET = re.compile(r"[\x00-\x20\x7f]")  # a target is escaped: none of these
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +132,8 @@ class OneTabletHttp:
         tls = ssl.create_default_context()
         if client == "aiohttp":
             self._library: _Library = _Aiohttp(headers, tls, self.proxy, max_connections)
+        elif client == "httptools":
+            self._library = _Lean(self.base_url, headers, tls, self.proxy, max_connections)
         elif client in ("httpx", "httpx-aiohttp"):
             self._library = _Httpx(headers, tls, self.proxy, max_connections, client)
         else:
@@ -153,6 +164,8 @@ class OneTabletHttp:
             raise ForeignOrigin(f"{path[:80]!r} does not lead to OneTablet's origin")
         url = self.base_url + path
         try:
+            if _UNSAFE_TARGET.search(path):  # aiohttp sent such a request, httpx raised InvalidURL
+                raise ValueError(f"{path[:80]!r} would break the request line")
             async with asyncio.timeout(self.deadline_s):
                 return await self._library.post(url, content, headers)
         except TimeoutError:
@@ -205,6 +218,45 @@ class _Aiohttp:
 
     async def close(self) -> None:
         await self._session.close()
+
+
+class _Lean:
+    """`http1.Pool`: an asyncio protocol on httptools' parser, a keep-alive pool of its
+    own (at most `limit` connections), nothing else."""
+
+    errors: tuple[type[Exception], ...] = (Http1Error,)
+
+    def __init__(
+        self,
+        base_url: str,
+        headers: dict[str, str],
+        tls: ssl.SSLContext,
+        proxy: str | None,
+        limit: int,
+    ) -> None:
+        parts = urlsplit(base_url)
+        self._root = f"{parts.scheme}://{parts.netloc}"  # what comes before the path
+        scheme, host, port = origin_of(base_url)
+        try:
+            self._fields: str | ValueError = checked_fields(headers)
+        except ValueError as e:  # a key that would break the request: each call refused
+            self._fields = e
+        self._pool = Pool(
+            scheme, host, port, limit=limit, tls=tls, cap=MAX_REPLY_BYTES, proxy=proxy
+        )
+
+    async def post(self, url: str, content: bytes, headers: dict[str, str]) -> Answer:
+        if not url.startswith(self._root):
+            raise ForeignOrigin(f"{url[:80]!r} is not on OneTablet's origin")
+        if isinstance(self._fields, ValueError):
+            raise self._fields
+        r = await self._pool.request(
+            "POST", url[len(self._root) :] or "/", self._fields, content, headers
+        )
+        return Answer(r.status, r.reason, r.body, r.header(b"retry-after"), r.header(b"location"))
+
+    async def close(self) -> None:
+        await self._pool.close()
 
 
 class _Httpx:
