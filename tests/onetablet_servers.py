@@ -24,6 +24,7 @@ class Seen:
     method: str
     target: str
     api_key: str | None
+    proxy_authorization: str | None = None
 
 
 class OtherHost:
@@ -38,7 +39,14 @@ class OtherHost:
             def _any(self) -> None:
                 length = int(self.headers.get("content-length") or 0)
                 self.rfile.read(length)
-                seen.append(Seen(self.command, self.path, self.headers.get("x-api-key")))
+                seen.append(
+                    Seen(
+                        self.command,
+                        self.path,
+                        self.headers.get("x-api-key"),
+                        self.headers.get("proxy-authorization"),
+                    )
+                )
                 self.send_response(200)
                 self.send_header("content-type", "application/json")
                 self.send_header("content-length", "2")

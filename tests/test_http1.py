@@ -181,6 +181,32 @@ def test_a_reply_framed_by_the_end_of_its_connection(servers: Callable[..., Scri
     assert server.connections == 2
 
 
+def test_a_reply_the_server_cuts_short_is_an_error_and_its_connection_gone(
+    servers: Callable[..., Scripted],
+) -> None:
+    """Half a body, or half a chunked body, then the close: an error, not a short body;
+    half the headers: the same."""
+    cut = [
+        b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n12345",
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\n12345\r\n",
+        b"HTTP/1.1 200 OK\r\ncontent-len",
+    ]
+    server = servers(lambda n: (cut[n], True) if n < len(cut) else ok(n))
+
+    async def use(pool: Pool) -> list[object]:
+        got: list[object] = []
+        for _ in range(len(cut) + 1):
+            try:
+                got.append((await post(pool)).status)
+            except Http1Error as e:
+                got.append(str(e))
+        return got
+
+    short = "the server closed the connection mid-reply"
+    assert with_pool(server, use) == [short, short, short, 200]
+    assert server.connections == len(cut) + 1
+
+
 def test_chunked_informational_and_a_protocol_switch(servers: Callable[..., Scripted]) -> None:
     """A chunked reply is read whole; a 100 before the reply is skipped; a 101 (protocol
     switch) is an error, and its connection is not reused."""

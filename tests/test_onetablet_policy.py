@@ -6,6 +6,7 @@ alike, whichever library runs underneath."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import gc
 import json
@@ -263,6 +264,24 @@ def test_proxy_variables_rule_pushes_and_commands_alike(
         with made_by(caller, onetablet.url, API_KEY) as c:
             c.delivery_status("o-1", BODY, "k")
     assert len(proxy.seen) == len(CALLERS) and len(onetablet.requests()) == len(CALLERS)
+
+
+def test_a_proxy_urls_credentials_go_to_the_proxy_only(
+    onetablet: Sandbox, other_host: OtherHost, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HTTP_PROXY with user-info: every caller gives the proxy Basic credentials (the
+    user-info percent-decoded), the same from each library."""
+    proxy = other_host
+    for name in ("http_proxy", "no_proxy", "NO_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    host_port = proxy.url.removeprefix("http://")
+    monkeypatch.setenv("HTTP_PROXY", f"http://courier:p%40ss@{host_port}")
+    for caller in CALLERS:
+        with made_by(caller, onetablet.url, API_KEY) as c:
+            c.delivery_status("o-1", BODY, "k")
+    credentials = "Basic " + base64.b64encode(b"courier:p@ss").decode()
+    assert [s.proxy_authorization for s in proxy.seen] == [credentials] * len(CALLERS)
+    assert onetablet.requests() == []
 
 
 def test_https_goes_through_a_connect_tunnel_for_every_caller(
