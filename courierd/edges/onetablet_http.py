@@ -38,9 +38,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, Self, TypeVar
 from urllib.parse import urlsplit
 
-import aiohttp
-from yarl import URL
-
 from courierd import __version__
 from courierd.edges.http1 import Http1Error, Pool, checked_fields
 
@@ -182,11 +179,16 @@ class OneTabletHttp:
 
 
 class _Aiohttp:
-    errors: tuple[type[Exception], ...] = (aiohttp.ClientError,)
+    """aiohttp, imported only when chosen: the push process need not load it."""
 
     def __init__(
         self, headers: dict[str, str], tls: ssl.SSLContext, proxy: str | None, limit: int
     ) -> None:
+        import aiohttp
+        from yarl import URL
+
+        self.errors: tuple[type[Exception], ...] = (aiohttp.ClientError,)
+        self._url = URL
         self._proxy = proxy
         self._session = aiohttp.ClientSession(
             headers=headers,
@@ -201,7 +203,7 @@ class _Aiohttp:
     async def post(self, url: str, content: bytes, headers: dict[str, str]) -> Answer:
         # `encoded`: the order id is already escaped in the path, exactly once.
         async with self._session.post(
-            URL(url, encoded=True),
+            self._url(url, encoded=True),
             data=content,
             headers=headers,
             allow_redirects=False,
@@ -281,6 +283,7 @@ class _Httpx:
         limits = httpx.Limits(max_connections=limit, max_keepalive_connections=limit)
         transport: httpx.AsyncBaseTransport | None = None
         if kind == "httpx-aiohttp":
+            import aiohttp
             from httpx_aiohttp import AiohttpTransport  # optional: the bench's, README
 
             # Some of aiohttp's own (a reply its parser refuses) pass through as they are.
