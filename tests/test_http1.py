@@ -434,3 +434,17 @@ def test_the_push_process_loads_no_aiohttp() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_a_proxy_it_cannot_speak_is_no_answer_not_a_failed_start(
+    servers: Callable[..., Scripted], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HTTP_PROXY naming a SOCKS proxy: the client is made (the daemon starts), each call
+    is no answer saying why, and nothing goes to OneTablet directly."""
+    server = servers(ok)
+    for name in ("http_proxy", "no_proxy", "NO_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", "socks5://127.0.0.1:9")
+    got = answered(server.url, "httptools", "/o", {})
+    assert got == ("no answer", "only http:// proxies are supported, not 'socks5://127.0.0.1:9'")
+    assert server.requests == []

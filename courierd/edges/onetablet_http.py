@@ -243,27 +243,31 @@ class _Lean:
         parts = urlsplit(base_url)
         self._root = f"{parts.scheme}://{parts.netloc}"  # what comes before the path
         scheme, host, port = origin_of(base_url)
+        self._fields = ""
+        self._pool: Pool | ValueError
+        # A key that would break a request, or a proxy that is not http://: each call is
+        # refused (no answer) as aiohttp refused them, rather than the process failing.
         try:  # aiohttp named itself (and offered gzip, which was then never decoded)
-            fields = {**headers, "user-agent": f"courierd/{__version__}"}
-            self._fields: str | ValueError = checked_fields(fields)
-        except ValueError as e:  # a key that would break the request: each call refused
-            self._fields = e
-        self._pool = Pool(
-            scheme, host, port, limit=limit, tls=tls, cap=MAX_REPLY_BYTES, proxy=proxy
-        )
+            self._fields = checked_fields({**headers, "user-agent": f"courierd/{__version__}"})
+            self._pool = Pool(
+                scheme, host, port, limit=limit, tls=tls, cap=MAX_REPLY_BYTES, proxy=proxy
+            )
+        except ValueError as e:
+            self._pool = e
 
     async def post(self, url: str, content: bytes, headers: dict[str, str]) -> Answer:
         if not url.startswith(self._root):
             raise ForeignOrigin(f"{url[:80]!r} is not on OneTablet's origin")
-        if isinstance(self._fields, ValueError):
-            raise self._fields
+        if isinstance(self._pool, ValueError):
+            raise self._pool
         r = await self._pool.request(
             "POST", url[len(self._root) :] or "/", self._fields, content, headers
         )
         return Answer(r.status, r.reason, r.body, r.header(b"retry-after"), r.header(b"location"))
 
     async def close(self) -> None:
-        await self._pool.close()
+        if isinstance(self._pool, Pool):
+            await self._pool.close()
 
 
 class _Httpx:
