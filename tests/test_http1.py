@@ -20,6 +20,7 @@ from courierd.edges.http1 import Http1Error, Pool, Reply
 from courierd.edges.onetablet_http import CLIENTS, MAX_REPLY_BYTES, Answer, NoAnswer, OneTabletHttp
 from tests.conftest import API_KEY
 from tests.onetablet_servers import Scripted
+from tests.tcpproxy import TcpProxy
 
 T = TypeVar("T")
 OK = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}"
@@ -448,3 +449,39 @@ def test_a_proxy_it_cannot_speak_is_no_answer_not_a_failed_start(
     got = answered(server.url, "httptools", "/o", {})
     assert got == ("no answer", "only http:// proxies are supported, not 'socks5://127.0.0.1:9'")
     assert server.requests == []
+
+
+def test_after_every_connection_is_cut_the_pool_recovers(
+    servers: Callable[..., Scripted],
+) -> None:
+    """OneTablet goes away with 8 requests in flight or waiting on 4 connections (a TCP
+    proxy closes everything, and every new connection at once): each of them fails;
+    when it is back, the pool serves again within its limit, no slot lost."""
+    server = servers(ok, hold_s=0.3)
+    proxy = TcpProxy(int(server.url.rsplit(":", 1)[1])).start()
+
+    async def use(pool: Pool) -> tuple[list[str], list[int]]:
+        calls = [asyncio.ensure_future(post(pool)) for _ in range(8)]
+        await until(lambda: len(server.requests) >= 4, 5, "4 requests at the server")
+        proxy.refuse()
+        failed = await asyncio.gather(*calls, return_exceptions=True)
+        proxy.resume()
+        again = await asyncio.gather(*(post(pool) for _ in range(8)))
+        assert pool.connections <= 4
+        return [type(e).__name__ for e in failed], [r.status for r in again]
+
+    try:
+        port = proxy.port
+        failed, again = asyncio.run(_on_port(port, use))
+    finally:
+        proxy.stop()
+    assert set(failed) <= {"Http1Error", "ConnectionResetError", "ConnectionRefusedError"}
+    assert len(failed) == 8 and again == [200] * 8
+
+
+async def _on_port(port: int, use: Callable[[Pool], Awaitable[T]]) -> T:
+    pool = Pool("http", "127.0.0.1", port, limit=4, tls=None, cap=MAX_REPLY_BYTES)
+    try:
+        return await use(pool)
+    finally:
+        await pool.close()
