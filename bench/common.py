@@ -17,7 +17,7 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol, TypeVar
@@ -432,9 +432,11 @@ class Courierd:
 
 def ab_arguments(ap: argparse.ArgumentParser, rounds: int) -> None:
     """The options of an A/B run through `alternating_rounds`: `--tree NAME=PATH` (one
-    per tree), `--rounds`, `--json` and `--sandbox-per-tree`; `trees_of(args)` reads the
-    trees back."""
+    per tree), `--env NAME:KEY=VALUE` (the daemon's environment in that tree's runs: one
+    tree under two names compares settings), `--rounds`, `--json` and
+    `--sandbox-per-tree`; `trees_of(args)` and `envs_of(args)` read them back."""
     ap.add_argument("--tree", action="append", required=True, help="NAME=PATH")
+    ap.add_argument("--env", action="append", default=[], help="NAME:KEY=VALUE")
     ap.add_argument("--rounds", type=int, default=rounds)
     ap.add_argument("--json", type=Path)
     ap.add_argument(
@@ -447,6 +449,21 @@ def ab_arguments(ap: argparse.ArgumentParser, rounds: int) -> None:
 def trees_of(args: argparse.Namespace) -> dict[str, str]:
     """The `--tree NAME=PATH` options as NAME -> PATH, in the order given."""
     return dict(t.split("=", 1) for t in args.tree)
+
+
+def envs_of(args: argparse.Namespace) -> dict[str, dict[str, str]]:
+    """The `--env NAME:KEY=VALUE` options as NAME -> {KEY: VALUE}, for every tree."""
+    return name_key_values(args.env, trees_of(args))
+
+
+def name_key_values(options: list[str], names: Iterable[str]) -> dict[str, dict[str, str]]:
+    """`NAME:KEY=VALUE` options as NAME -> {KEY: VALUE}, with an entry for each of `names`."""
+    found: dict[str, dict[str, str]] = {name: {} for name in names}
+    for option in options:
+        who, kv = option.split(":", 1)
+        key, value = kv.split("=", 1)
+        found.setdefault(who, {})[key] = value
+    return found
 
 
 def alternating_rounds(

@@ -20,7 +20,10 @@ Usage (from outside the work tree, so `-m courierd` imports the tree named):
     cd /tmp && PYTHONPATH=/work/wt/x /work/wt/x/.venv/bin/python -m bench.push_trickle \
         --tree new=/work/wt/x --tree old=/tmp/x-old [--rate 600] [--seconds 20] \
         [--rounds 3] [--status-every 1] [--spy NAME:out.svg] [--json out.json] \
-        [--sandbox-per-tree]
+        [--sandbox-per-tree] [--env NAME:KEY=VALUE]
+
+One tree under two names, with `--env` telling them apart, compares settings (e.g.
+`--env aio:COURIERD_ONETABLET__CLIENT=aiohttp`).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from bench.common import (
     ab_arguments,
     alternating_rounds,
     client,
+    envs_of,
     forget_session,
     process_cpu_s,
     say,
@@ -138,11 +142,13 @@ def run_one(
     tag: str,
     args: argparse.Namespace,
     spy: str | None,
+    env: dict[str, str],
 ) -> dict[str, Any]:
     work.mkdir()
     name = f"trickle-{tag}"
     daemon = Courierd(work, broker, sandbox.url, name)
     daemon.env["PYTHONPATH"] = tree
+    daemon.env.update(env)
     daemon.start()
     assert broker.proc is not None
     others = {"mosquitto": broker.proc.pid, "sandbox": sandbox.proc.pid}
@@ -248,13 +254,15 @@ def main() -> None:
     args = ap.parse_args()
     trees = trees_of(args)
     spies = dict(s.split(":", 1) for s in args.spy)
+    envs = envs_of(args)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     def one(broker: LocalBroker, sandbox: SandboxProc, root: Path, name: str, r: int) -> Any:
         spy = spies.get(name)
         if spy and args.rounds > 1:
             spy = f"{spy}.{r}"
-        return run_one(broker, sandbox, root / f"{name}{r}", trees[name], f"{name}{r}", args, spy)
+        work, tag = root / f"{name}{r}", f"{name}{r}"
+        return run_one(broker, sandbox, work, trees[name], tag, args, spy, envs[name])
 
     results = alternating_rounds(
         "courierd-push-trickle-", trees, args.rounds, args.sandbox_per_tree, one

@@ -26,7 +26,7 @@ import os
 import statistics
 import sys
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +35,10 @@ from bench.common import (
     SandboxProc,
     ab_arguments,
     alternating_rounds,
+    envs_of,
     forget_session,
     messages,
+    name_key_values,
     process_cpu_s,
     publish_all,
     say,
@@ -158,7 +160,6 @@ def steady(
 def main() -> None:
     ap = argparse.ArgumentParser()
     ab_arguments(ap, rounds=2)
-    ap.add_argument("--env", action="append", default=[], help="NAME:KEY=VALUE")
     ap.add_argument("--nice", action="append", default=[], help="NAME:PROCESS=N (renice)")
     ap.add_argument("--messages", type=int, default=20_000)
     ap.add_argument(
@@ -171,16 +172,11 @@ def main() -> None:
     ap.add_argument("--status-every", type=int, default=20, help="--latency: 1 = statuses only")
     args = ap.parse_args()
     trees = trees_of(args)
-    envs: dict[str, dict[str, str]] = defaultdict(dict)
-    for e in args.env:
-        who, kv = e.split(":", 1)
-        k, v = kv.split("=", 1)
-        envs[who][k] = v
-    nices: dict[str, dict[str, int]] = defaultdict(dict)
-    for e in args.nice:
-        who, kv = e.split(":", 1)
-        k, v = kv.split("=", 1)
-        nices[who][k] = int(v)
+    envs = envs_of(args)
+    nices = {
+        who: {process: int(n) for process, n in values.items()}
+        for who, values in name_key_values(args.nice, trees).items()
+    }
 
     def one(broker: LocalBroker, sandbox: SandboxProc, root: Path, name: str, r: int) -> Any:
         tag = f"{name}{r}"

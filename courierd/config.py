@@ -86,6 +86,9 @@ class OneTabletSettings(_Section):
     max_concurrency: int = Field(256, ge=1, le=4096)
     # Connections courierd opens to OneTablet's host; a push in flight holds one.
     max_connections_per_host: int = Field(256, ge=1, le=4096)
+    # The HTTP library under the OneTablet client (`edges/onetablet_http.py`): the lean
+    # one on httptools' parser, or aiohttp (the default before it, kept as a fallback).
+    client: Literal["httptools", "aiohttp"] = "httptools"
 
     @field_validator("base_url")
     @classmethod

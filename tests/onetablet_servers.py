@@ -4,10 +4,13 @@ and a OneTablet that trickles its reply in a byte at a time."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 import subprocess
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -21,6 +24,7 @@ class Seen:
     method: str
     target: str
     api_key: str | None
+    proxy_authorization: str | None = None
 
 
 class OtherHost:
@@ -35,7 +39,14 @@ class OtherHost:
             def _any(self) -> None:
                 length = int(self.headers.get("content-length") or 0)
                 self.rfile.read(length)
-                seen.append(Seen(self.command, self.path, self.headers.get("x-api-key")))
+                seen.append(
+                    Seen(
+                        self.command,
+                        self.path,
+                        self.headers.get("x-api-key"),
+                        self.headers.get("proxy-authorization"),
+                    )
+                )
                 self.send_response(200)
                 self.send_header("content-type", "application/json")
                 self.send_header("content-length", "2")
@@ -155,3 +166,140 @@ def self_signed(directory: Path) -> tuple[Path, Path]:
         timeout=60,
     )
     return cert, key
+
+
+class Scripted:
+    """A raw HTTP/1.1 server whose replies are bytes as `answer(n)` gives them for the
+    n-th request (from 0): `(reply, close)`, the connection closed after the reply when
+    `close` (at once, without a reply, when `reply` is None). Each request is read whole
+    (head, then content-length bytes). It counts connections: accepted, open now, the
+    most open at once, and those the client closed."""
+
+    def __init__(
+        self,
+        answer: Callable[[int], tuple[bytes | None, bool]],
+        hold_s: float = 0.0,
+    ) -> None:
+        self.answer, self.hold_s = answer, hold_s
+        self.requests: list[tuple[int, bytes]] = []  # (connection number, request head)
+        self.connections = self.open = self.peak = self.closed_by_client = 0
+        self._lock = threading.Lock()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self._conns: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                number = self.connections
+                self.connections += 1
+                self.open += 1
+                self.peak = max(self.peak, self.open)
+                self._conns.append(conn)
+            threading.Thread(target=self._serve, args=(conn, number), daemon=True).start()
+
+    def _serve(self, conn: socket.socket, number: int) -> None:
+        buffer = b""
+        try:
+            while True:
+                while b"\r\n\r\n" not in buffer:
+                    data = conn.recv(65536)
+                    if not data:
+                        with self._lock:
+                            self.closed_by_client += 1
+                        return
+                    buffer += data
+                head, buffer = buffer.split(b"\r\n\r\n", 1)
+                length = 0
+                for line in head.split(b"\r\n")[1:]:
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                while len(buffer) < length:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    buffer += data
+                buffer = buffer[length:]
+                with self._lock:
+                    n = len(self.requests)
+                    self.requests.append((number, head))
+                if self.hold_s:
+                    time.sleep(self.hold_s)  # a slow server, so that requests overlap
+                reply, close = self.answer(n)
+                if reply is not None:
+                    conn.sendall(reply)
+                if close or reply is None:
+                    return
+        except OSError:
+            return
+        finally:
+            with self._lock:
+                self.open -= 1
+            conn.close()
+
+    def close(self) -> None:
+        self._listener.close()
+        with self._lock:
+            for conn in self._conns:
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
+
+
+class ConnectProxy:
+    """A forward proxy for https:// that only tunnels: `CONNECT host:port`, answered
+    200, then bytes both ways. Records each CONNECT's target."""
+
+    def __init__(self) -> None:
+        self.targets: list[str] = []
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        with client:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                data = client.recv(65536)
+                if not data:
+                    return
+                head += data
+            method, target, _ = head.split(b"\r\n", 1)[0].decode().split(" ", 2)
+            if method != "CONNECT":
+                client.sendall(b"HTTP/1.1 405 Only CONNECT\r\ncontent-length: 0\r\n\r\n")
+                return
+            self.targets.append(target)
+            host, port = target.rsplit(":", 1)
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=10) as server:
+                server.settimeout(None)
+                client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                back = threading.Thread(target=_pump, args=(server, client), daemon=True)
+                back.start()
+                _pump(client, server)
+                back.join(10)
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+def _pump(src: socket.socket, dst: socket.socket) -> None:
+    try:
+        while data := src.recv(65536):
+            dst.sendall(data)
+    except OSError:
+        pass
+    with contextlib.suppress(OSError):
+        dst.shutdown(socket.SHUT_WR)

@@ -6,6 +6,7 @@ alike, whichever library runs underneath."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import gc
 import json
@@ -32,7 +33,7 @@ from courierd.edges.pusher import Pusher
 from courierd.errors import Rejected, Unavailable
 from tests.conftest import API_KEY
 from tests.harness import Rig, wait_until
-from tests.onetablet_servers import Flood, OtherHost, Trickler, self_signed
+from tests.onetablet_servers import ConnectProxy, Flood, OtherHost, Trickler, self_signed
 from tests.test_onetablet import BODY, ORDER
 from tests.test_pusher import CALLERS, made_by
 
@@ -263,6 +264,48 @@ def test_proxy_variables_rule_pushes_and_commands_alike(
         with made_by(caller, onetablet.url, API_KEY) as c:
             c.delivery_status("o-1", BODY, "k")
     assert len(proxy.seen) == len(CALLERS) and len(onetablet.requests()) == len(CALLERS)
+
+
+def test_a_proxy_urls_credentials_go_to_the_proxy_only(
+    onetablet: Sandbox, other_host: OtherHost, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HTTP_PROXY with user-info: every caller gives the proxy Basic credentials (the
+    user-info percent-decoded), the same from each library."""
+    proxy = other_host
+    for name in ("http_proxy", "no_proxy", "NO_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    host_port = proxy.url.removeprefix("http://")
+    monkeypatch.setenv("HTTP_PROXY", f"http://courier:p%40ss@{host_port}")
+    for caller in CALLERS:
+        with made_by(caller, onetablet.url, API_KEY) as c:
+            c.delivery_status("o-1", BODY, "k")
+    credentials = "Basic " + base64.b64encode(b"courier:p@ss").decode()
+    assert [s.proxy_authorization for s in proxy.seen] == [credentials] * len(CALLERS)
+    assert onetablet.requests() == []
+
+
+def test_https_goes_through_a_connect_tunnel_for_every_caller(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HTTPS_PROXY: each caller asks the proxy for a tunnel to OneTablet's host and port
+    (CONNECT) and speaks TLS to OneTablet inside it, its certificate verified; the
+    proxy sees neither the key nor the path."""
+    cert, key = self_signed(tmp_path)
+    host, proxy = OtherHost(tls=(cert, key)), ConnectProxy()
+    try:
+        for name in ("http_proxy", "https_proxy", "no_proxy", "NO_PROXY", "all_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("HTTPS_PROXY", proxy.url)
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+        for caller in CALLERS:
+            with made_by(caller, host.url, API_KEY) as c:
+                assert c.delivery_status("o-1", BODY, "k").status == 200, caller
+        assert proxy.targets == [host.url.removeprefix("https://")] * len(CALLERS)
+        seen = [(s.target, s.api_key) for s in host.seen]
+        assert seen == [("/orders/o-1/delivery-status", API_KEY)] * len(CALLERS)
+    finally:
+        proxy.close()
+        host.close()
 
 
 def test_tls_is_verified_alike_by_every_caller(

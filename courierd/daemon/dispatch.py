@@ -416,6 +416,7 @@ def dispatch_main(
         transport=ot.transport,
         timeout=ot.timeout_s,
         max_connections=ot.max_connections_per_host,
+        client=ot.client,
     )
     dispatcher = Dispatcher(
         store.outbox,

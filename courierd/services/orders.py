@@ -28,7 +28,11 @@ def client(settings: Settings) -> OneTabletClient:
     ot = settings.require_onetablet()
     assert ot.base_url is not None and ot.api_key is not None
     return OneTabletClient(
-        ot.base_url, ot.api_key.get_secret_value(), transport=ot.transport, timeout=ot.timeout_s
+        ot.base_url,
+        ot.api_key.get_secret_value(),
+        transport=ot.transport,
+        timeout=ot.timeout_s,
+        client=ot.client,
     )
 
 

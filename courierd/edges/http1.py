@@ -1,0 +1,459 @@
+"""A lean HTTP/1.1 client to one origin: an asyncio protocol around httptools' response
+parser (llhttp, the parser of Node.js, also under uvicorn) and a keep-alive pool.
+
+It does only what `onetablet_http.py` needs (CONTRACT.md 6.1), at a quarter of
+aiohttp's CPU per request (README "Performance"):
+
+- one origin (scheme, host, port); requests carry their body with a content-length,
+  and no redirect is ever followed (the reply is the answer);
+- at most `limit` connections, open or opening; callers beyond wait in turn (first come,
+  first served) for a connection or a free slot;
+- a connection serves again only when its reply was read to the end, the reply allows
+  it (`should_keep_alive`: HTTP/1.1 without `Connection: close`, or HTTP/1.0 with
+  keep-alive) and the peer has not closed it. Anything else (a reply cut at the cap,
+  a request cancelled by its caller's deadline, a parser error, a reply framed by the
+  connection's end) closes it. An idle connection is closed after `idle_s` (15 s,
+  aiohttp's keep-alive default), so that a server's own idle timeout rarely races a
+  reuse;
+- a kept-alive connection that the server closes before any byte of the reply (it
+  timed the connection out as the request went): the request fails (`Http1Error`),
+  as aiohttp fails a POST then (it re-sends only idempotent methods). The caller's
+  caller retries (the outbox, with the Idempotency-Key that makes a re-send safe);
+- the reply body is kept up to `cap` bytes: at the cap the reply is taken as it is
+  (its status decides) and the connection closed, the rest never read. A reply with
+  neither content-length nor chunked framing ends with its connection;
+- 1xx informational replies are skipped; a 101 (protocol switch) is an error;
+- CR, LF, NUL or other control characters in a request target or header (and spaces in
+  the target) are refused (ValueError) before anything is sent;
+- TLS with the caller's context (`server_hostname`: the origin's host);
+- a proxy: an HTTP proxy carries http:// requests (absolute-form targets); https://
+  goes through a CONNECT tunnel, then TLS to the origin inside it. A proxy URL's
+  user-info goes as `Proxy-Authorization: Basic`.
+
+Every wait is bounded by the caller (`asyncio.timeout` around `request`): a request
+cancelled at any point leaves no connection half-used in the pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import re
+import ssl
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import unquote, urlsplit
+
+import httptools
+
+IDLE_S = 15.0  # aiohttp's keep-alive default
+_CONTROL_IN_TARGET = re.compile(r"[\x00-\x20\x7f]")
+_CONTROL_IN_FIELD = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # horizontal tab is allowed
+_BAD_NAME = re.compile(r"[^!#$%&'*+\-.^_`|~0-9A-Za-z]")  # a header name is a token
+
+
+class Http1Error(Exception):
+    """The exchange failed: the peer's reply could not be parsed, or the connection
+    ended before the reply did."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    status: int
+    reason: str
+    headers: list[tuple[bytes, bytes]]  # as received, names as sent
+    body: bytes
+
+    def header(self, name: bytes) -> str | None:
+        """The first value of header `name` (lower-case), or None."""
+        for key, value in self.headers:
+            if key.lower() == name:
+                return value.decode("latin-1")
+        return None
+
+
+def checked_fields(headers: dict[str, str]) -> str:
+    """`headers` as header lines, or ValueError if a name or value would break the
+    request (CR/LF or another control character, a name that is not a token)."""
+    for name, value in headers.items():
+        if not name or _BAD_NAME.search(name) or _CONTROL_IN_FIELD.search(value):
+            raise ValueError(f"header {name[:40]!r} would break the request")
+    return "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+
+
+class _Connection(asyncio.Protocol):
+    """One connection, one exchange at a time: `exchange` writes a request and waits
+    for its reply."""
+
+    def __init__(self, cap: int) -> None:
+        self._cap = cap
+        self._parser = httptools.HttpResponseParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.lost = False  # the peer closed, or we did
+        self.keep = False  # the last reply allows the connection to serve again
+        self._reply: asyncio.Future[Reply] | None = None
+        self._started = False  # a byte of the reply came
+        self._status = 0
+        self._reason = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._body = bytearray()
+        self._until_close = True  # neither content-length nor chunked: ends with the connection
+        self._tunnel: asyncio.Future[bytes] | None = None  # a CONNECT's reply head
+        self._tunnel_head = bytearray()
+        self.on_lost: Callable[[_Connection], None] | None = None  # the pool's, while idle
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if self._tunnel is not None:
+            self._tunnel_data(data)
+            return
+        if self._reply is None or self._reply.done():
+            self._fail(Http1Error("the server sent bytes no request asked for"))
+            return
+        self._started = True
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(Http1Error("the server switched protocols"))
+        except httptools.HttpParserError as e:
+            self._fail(Http1Error(f"unreadable reply: {e}"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.keep = False
+        if self.on_lost is not None:
+            self.on_lost(self)
+        if self._tunnel is not None and not self._tunnel.done():
+            self._tunnel.set_exception(Http1Error("the proxy closed the connection"))
+        reply = self._reply
+        if reply is None or reply.done():
+            return
+        if self._status >= 200 and self._until_close:  # its body ended with the connection
+            reply.set_result(self._made())
+        elif not self._started:
+            reply.set_exception(Http1Error("the server closed the connection before answering"))
+        else:
+            reply.set_exception(Http1Error("the server closed the connection mid-reply"))
+
+    # httptools' callbacks
+
+    def on_message_begin(self) -> None:
+        self._status, self._reason = 0, b""
+        self._headers, self._body = [], bytearray()
+        self._until_close = True
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+        if len(name) in (14, 17) and name.lower() in (b"content-length", b"transfer-encoding"):
+            self._until_close = False
+
+    def on_headers_complete(self) -> None:
+        self._status = self._parser.get_status_code()
+
+    def on_body(self, body: bytes) -> None:
+        if self._reply is None or self._reply.done():
+            return  # past the cap: being dropped
+        self._body += body
+        if len(self._body) >= self._cap:
+            del self._body[self._cap :]
+            self._reply.set_result(self._made())
+            self._close()  # the rest is never read
+
+    def on_message_complete(self) -> None:
+        if self._status == 101:
+            self._fail(Http1Error("the server switched protocols"))
+            return
+        if 100 <= self._status < 200:
+            return  # informational: the reply follows
+        reply = self._reply
+        if reply is None or reply.done():
+            self._fail(Http1Error("the server sent a reply no request asked for"))
+            return
+        self.keep = self._parser.should_keep_alive()
+        reply.set_result(self._made())
+
+    # the exchange
+
+    def _made(self) -> Reply:
+        return Reply(self._status, self._reason.decode("latin-1"), self._headers, bytes(self._body))
+
+    async def exchange(self, request: bytes) -> Reply:
+        assert self.transport is not None
+        self.keep, self._started = False, False
+        self._reply = asyncio.get_running_loop().create_future()
+        self.transport.write(request)
+        return await self._reply
+
+    def _fail(self, error: Exception) -> None:
+        if self._reply is not None and not self._reply.done():
+            self._reply.set_exception(error)
+        self._close()
+
+    def _close(self) -> None:
+        self.keep = False
+        self.lost = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    # a CONNECT tunnel
+
+    async def tunnel(self, request: bytes) -> bytes:
+        """Sends a CONNECT and returns its reply's head (up to the blank line)."""
+        assert self.transport is not None
+        self._tunnel = asyncio.get_running_loop().create_future()
+        self.transport.write(request)
+        try:
+            return await self._tunnel
+        finally:
+            self._tunnel = None
+
+    def _tunnel_data(self, data: bytes) -> None:
+        assert self._tunnel is not None
+        self._tunnel_head += data
+        end = self._tunnel_head.find(b"\r\n\r\n")
+        if end >= 0 and not self._tunnel.done():
+            if end + 4 != len(self._tunnel_head):  # the origin speaks only after TLS starts
+                self._tunnel.set_exception(Http1Error("the proxy sent bytes past its reply"))
+            else:
+                self._tunnel.set_result(bytes(self._tunnel_head))
+        elif len(self._tunnel_head) > 16384 and not self._tunnel.done():
+            self._tunnel.set_exception(Http1Error("the proxy's reply is too long"))
+
+
+class Pool:
+    """Keep-alive connections to one origin (scheme, host, port), at most `limit`."""
+
+    def __init__(
+        self,
+        scheme: str,
+        host: str,
+        port: int,
+        *,
+        limit: int,
+        tls: ssl.SSLContext | None,
+        cap: int,
+        proxy: str | None = None,
+        idle_s: float = IDLE_S,
+    ) -> None:
+        if scheme not in ("http", "https"):
+            raise ValueError(f"not an http(s) origin: {scheme!r}")
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        self.scheme, self.host, self.port = scheme, host, port
+        self._tls = tls if scheme == "https" else None
+        self._cap, self._limit, self._idle_s = cap, limit, idle_s
+        default = 443 if scheme == "https" else 80
+        bracketed = f"[{host}]" if ":" in host else host
+        authority = bracketed if port == default else f"{bracketed}:{port}"
+        self._host_line = checked_fields({"host": authority})
+        self._prefix = ""  # before the path in a request target: absolute-form via a proxy
+        self._proxy: tuple[str, int] | None = None
+        self._proxy_auth = ""
+        if proxy is not None:
+            parts = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+            if parts.scheme != "http" or not parts.hostname:
+                raise ValueError(f"only http:// proxies are supported, not {proxy!r}")
+            self._proxy = (parts.hostname, parts.port or 80)
+            if parts.username is not None:
+                user = unquote(parts.username) + ":" + unquote(parts.password or "")
+                self._proxy_auth = checked_fields(
+                    {"proxy-authorization": "Basic " + base64.b64encode(user.encode()).decode()}
+                )
+            if scheme == "http":
+                self._prefix = f"http://{authority}"
+        self._authority = f"{bracketed}:{port}"  # a CONNECT's target names the port
+        self._opened = 0  # connections open or opening, idle or busy
+        self._idle: deque[tuple[float, _Connection]] = deque()  # oldest first
+        self._waiters: deque[asyncio.Future[_Connection | None]] = deque()
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._all: set[_Connection] = set()
+        self._closed = False
+
+    async def request(
+        self, method: str, path: str, fields: str, body: bytes, extra: dict[str, str]
+    ) -> Reply:
+        """`method` `path` (already escaped) with header lines `fields` (from
+        `checked_fields`, checked once) and `extra` (checked here) and `body`."""
+        if _CONTROL_IN_TARGET.search(path) or not path.startswith("/"):
+            raise ValueError(f"request target {path[:80]!r} would break the request")
+        head = (
+            f"{method} {self._prefix}{path} HTTP/1.1\r\n{self._host_line}{fields}"
+            f"{checked_fields(extra) if extra else ''}{self._proxy_auth if self._prefix else ''}"
+            f"content-length: {len(body)}\r\n\r\n"
+        ).encode("latin-1")
+        conn = await self._acquire()
+        try:
+            reply = await conn.exchange(head + body)
+        except BaseException:
+            self._discard(conn)
+            raise
+        if conn.keep and not conn.lost:
+            self._release(conn)
+        else:
+            self._discard(conn)
+        return reply
+
+    async def close(self) -> None:
+        """Closes every connection (idle or busy: their requests fail) and refuses more."""
+        self._closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_exception(Http1Error("the client is closed"))
+        self._waiters.clear()
+        self._idle.clear()
+        for conn in list(self._all):
+            conn._fail(Http1Error("the client is closed"))
+        self._all.clear()
+        self._opened = 0
+
+    # the pool
+
+    async def _acquire(self) -> _Connection:
+        if self._closed:
+            raise Http1Error("the client is closed")
+        idle = self._idle
+        while idle:
+            _, conn = idle.pop()  # the most recent: the likeliest alive
+            conn.on_lost = None
+            if not conn.lost:
+                return conn
+            self._discard(conn)
+        if self._opened < self._limit and not self._waiters:
+            self._opened += 1
+            return await self._open()
+        waiter: asyncio.Future[_Connection | None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            got = await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                handed = waiter.result()  # handed over as this caller was cancelled
+                if handed is None:
+                    self._slot_freed()
+                else:
+                    self._release(handed)
+            raise
+        if got is None:  # a slot, counted for this caller already
+            return await self._open()
+        if got.lost:
+            self._discard(got)
+            return await self._acquire()
+        return got
+
+    async def _open(self) -> _Connection:
+        """A new connection, its slot already counted (freed again if it fails)."""
+        loop = asyncio.get_running_loop()
+        try:
+            if self._proxy is None:
+                _, conn = await loop.create_connection(
+                    lambda: _Connection(self._cap),
+                    self.host,
+                    self.port,
+                    ssl=self._tls,
+                    server_hostname=self.host if self._tls else None,
+                )
+            else:
+                conn = await self._through_proxy(loop)
+        except BaseException:
+            self._slot_freed()
+            raise
+        if self._closed:
+            conn._close()
+            raise Http1Error("the client is closed")
+        self._all.add(conn)
+        return conn
+
+    async def _through_proxy(self, loop: asyncio.AbstractEventLoop) -> _Connection:
+        assert self._proxy is not None
+        transport, conn = await loop.create_connection(lambda: _Connection(self._cap), *self._proxy)
+        if self._tls is None:
+            return conn
+        try:
+            request = (
+                f"CONNECT {self._authority} HTTP/1.1\r\nhost: {self._authority}\r\n"
+                f"{self._proxy_auth}\r\n"
+            )
+            head = await conn.tunnel(request.encode("latin-1"))
+            status_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+            parts = status_line.split(" ", 2)
+            if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or parts[1][:1] != "2":
+                raise Http1Error(f"the proxy refused the tunnel: {status_line[:100]!r}")
+            tls_transport = await loop.start_tls(
+                transport, conn, self._tls, server_hostname=self.host
+            )
+        except BaseException:
+            transport.abort()
+            raise
+        if tls_transport is None:
+            raise Http1Error("TLS could not start in the tunnel")
+        conn.transport = tls_transport
+        return conn
+
+    def _release(self, conn: _Connection) -> None:
+        """A connection free to serve again: to the first waiter, or idle."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(conn)
+                return
+        if self._closed:
+            self._discard(conn)
+            return
+        loop = asyncio.get_running_loop()
+        self._idle.append((loop.time(), conn))
+        conn.on_lost = self._lost_while_idle
+        if self._sweeper is None:
+            self._sweeper = loop.call_at(loop.time() + self._idle_s, self._sweep)
+
+    def _lost_while_idle(self, conn: _Connection) -> None:
+        """The peer closed an idle connection: out of the pool at once, its slot freed."""
+        conn.on_lost = None
+        for i, (_, idle) in enumerate(self._idle):
+            if idle is conn:
+                del self._idle[i]
+                break
+        self._discard(conn)
+
+    @property
+    def connections(self) -> int:
+        """Connections open (idle or busy)."""
+        return len(self._all)
+
+    def _discard(self, conn: _Connection) -> None:
+        conn.on_lost = None
+        conn._close()
+        if conn in self._all:
+            self._all.discard(conn)
+            self._slot_freed()
+
+    def _slot_freed(self) -> None:
+        """A connection ended (or never opened): its slot to the first waiter, if any."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self._opened = max(0, self._opened - 1)
+
+    def _sweep(self) -> None:
+        """Closes the connections idle for `idle_s` and over; again when the next is due."""
+        self._sweeper = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        idle = self._idle
+        while idle and idle[0][0] + self._idle_s <= now:
+            self._discard(idle.popleft()[1])
+        if idle:
+            self._sweeper = loop.call_at(idle[0][0] + self._idle_s, self._sweep)

@@ -1,0 +1,487 @@
+"""The lean HTTP/1.1 client (`edges/http1.py`, the "httptools" client) against raw
+servers on 127.0.0.1: which connections serve again and which never do, the limit on
+connections with callers waiting in turn, idle expiry, what never reaches the wire; and
+hostile replies, fuzzed, through every client's real path."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from typing import TypeVar
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from courierd.edges.http1 import Http1Error, Pool, Reply
+from courierd.edges.onetablet_http import CLIENTS, MAX_REPLY_BYTES, Answer, NoAnswer, OneTabletHttp
+from tests.conftest import API_KEY
+from tests.onetablet_servers import Scripted
+from tests.tcpproxy import TcpProxy
+
+T = TypeVar("T")
+OK = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}"
+
+
+def ok(_: int) -> tuple[bytes | None, bool]:
+    return OK, False
+
+
+@pytest.fixture
+def servers() -> Iterator[Callable[..., Scripted]]:
+    made: list[Scripted] = []
+
+    def make(answer: Callable[[int], tuple[bytes | None, bool]], **options: float) -> Scripted:
+        made.append(Scripted(answer, **options))
+        return made[-1]
+
+    yield make
+    for server in made:
+        server.close()
+
+
+def with_pool(
+    server: Scripted, use: Callable[[Pool], Awaitable[T]], limit: int = 4, idle_s: float = 15
+) -> T:
+    """`use(pool)` on a fresh loop, the pool closed after."""
+    port = int(server.url.rsplit(":", 1)[1])
+
+    async def run() -> T:
+        pool = Pool(
+            "http", "127.0.0.1", port, limit=limit, tls=None, cap=MAX_REPLY_BYTES, idle_s=idle_s
+        )
+        try:
+            return await use(pool)
+        finally:
+            await pool.close()
+
+    return asyncio.run(run())
+
+
+async def post(pool: Pool, path: str = "/x") -> Reply:
+    return await pool.request("POST", path, "x-api-key: k\r\n", b"{}", {})
+
+
+async def until(condition: Callable[[], object], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+def test_a_connection_serves_request_after_request(servers: Callable[..., Scripted]) -> None:
+    server = servers(ok)
+
+    async def use(pool: Pool) -> list[int]:
+        return [(await post(pool)).status for _ in range(5)]
+
+    assert with_pool(server, use) == [200] * 5
+    assert server.connections == 1
+
+
+def test_an_idle_connection_the_server_closed_leaves_the_pool(
+    servers: Callable[..., Scripted],
+) -> None:
+    """The server closes after its reply (saying nothing): the pool drops the connection
+    when the close arrives, and the next request opens another."""
+    server = servers(lambda _: (OK, True))
+
+    async def use(pool: Pool) -> list[int]:
+        first = await post(pool)
+        await until(lambda: pool.connections == 0, 5, "the closed connection to leave")
+        return [first.status, (await post(pool)).status]
+
+    assert with_pool(server, use) == [200, 200]
+    assert server.connections == 2
+
+
+def test_a_kept_connection_closed_before_answering_fails_that_request_only(
+    servers: Callable[..., Scripted],
+) -> None:
+    """The server reads the second request and closes without a byte of reply (its idle
+    timeout racing the reuse): that request fails (as aiohttp fails a POST then), to be
+    retried by the outbox; the next request goes on a new connection."""
+    server = servers(lambda n: (None, True) if n == 1 else (OK, False))
+
+    async def use(pool: Pool) -> list[object]:
+        got: list[object] = [(await post(pool)).status]
+        try:
+            await post(pool)
+        except Http1Error as e:
+            got.append(str(e))
+        got.append((await post(pool)).status)
+        return got
+
+    assert with_pool(server, use) == [
+        200,
+        "the server closed the connection before answering",
+        200,
+    ]
+    assert [number for number, _ in server.requests] == [0, 0, 1]
+
+
+def test_a_reply_cut_at_the_cap_is_taken_and_its_connection_never_reused(
+    servers: Callable[..., Scripted],
+) -> None:
+    big = b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % (4 * MAX_REPLY_BYTES)
+    server = servers(lambda n: (big + b"x" * 4 * MAX_REPLY_BYTES, False) if n == 0 else ok(n))
+
+    async def use(pool: Pool) -> list[tuple[int, int]]:
+        return [((r := await post(pool)).status, len(r.body)) for _ in range(2)]
+
+    assert with_pool(server, use) == [(200, MAX_REPLY_BYTES), (200, 2)]
+    assert [number for number, _ in server.requests] == [0, 1]
+
+
+def test_a_reply_cut_by_the_deadline_is_never_reused(servers: Callable[..., Scripted]) -> None:
+    """Half a reply, then nothing: the caller's deadline ends the request, and its
+    connection (which the server would read a next request from) is closed."""
+    half = b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n12345"
+    server = servers(lambda n: (half, False) if n == 0 else ok(n))
+
+    async def use(pool: Pool) -> int:
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.5):
+                await post(pool)
+        assert pool.connections == 0
+        return (await post(pool)).status
+
+    assert with_pool(server, use) == 200
+    assert [number for number, _ in server.requests] == [0, 1]
+
+
+REUSE_FORBIDDEN = {
+    "connection-close": b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\n{}",
+    "http-1.0": b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\n{}",
+}
+
+
+@pytest.mark.parametrize("reply", REUSE_FORBIDDEN.values(), ids=REUSE_FORBIDDEN.keys())
+def test_a_reply_that_forbids_reuse_is_obeyed_though_the_server_keeps_the_connection(
+    servers: Callable[..., Scripted], reply: bytes
+) -> None:
+    server = servers(lambda _: (reply, False))  # the server would read on: it is not asked
+
+    async def use(pool: Pool) -> list[bytes]:
+        return [(await post(pool)).body for _ in range(2)]
+
+    assert with_pool(server, use) == [b"{}", b"{}"]
+    assert [number for number, _ in server.requests] == [0, 1]
+
+
+def test_a_reply_framed_by_the_end_of_its_connection(servers: Callable[..., Scripted]) -> None:
+    """Neither content-length nor chunked: the body is what came before the close."""
+    server = servers(lambda _: (b'HTTP/1.1 201 Created\r\n\r\n{"ok": true}', True))
+
+    async def use(pool: Pool) -> list[tuple[int, bytes]]:
+        return [((r := await post(pool)).status, r.body) for _ in range(2)]
+
+    assert with_pool(server, use) == [(201, b'{"ok": true}')] * 2
+    assert server.connections == 2
+
+
+def test_a_reply_the_server_cuts_short_is_an_error_and_its_connection_gone(
+    servers: Callable[..., Scripted],
+) -> None:
+    """Half a body, or half a chunked body, then the close: an error, not a short body;
+    half the headers: the same."""
+    cut = [
+        b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n12345",
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\n12345\r\n",
+        b"HTTP/1.1 200 OK\r\ncontent-len",
+    ]
+    server = servers(lambda n: (cut[n], True) if n < len(cut) else ok(n))
+
+    async def use(pool: Pool) -> list[object]:
+        got: list[object] = []
+        for _ in range(len(cut) + 1):
+            try:
+                got.append((await post(pool)).status)
+            except Http1Error as e:
+                got.append(str(e))
+        return got
+
+    short = "the server closed the connection mid-reply"
+    assert with_pool(server, use) == [short, short, short, 200]
+    assert server.connections == len(cut) + 1
+
+
+def test_chunked_informational_and_a_protocol_switch(servers: Callable[..., Scripted]) -> None:
+    """A chunked reply is read whole; a 100 before the reply is skipped; a 101 (protocol
+    switch) is an error, and its connection is not reused."""
+    replies = [
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\n{}\r\n3\r\n[1]\r\n0\r\n\r\n",
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 202 Accepted\r\ncontent-length: 2\r\n\r\n{}",
+        b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: h2c\r\n\r\n",
+        OK,
+    ]
+    server = servers(lambda n: (replies[n], False))
+
+    async def use(pool: Pool) -> list[object]:
+        got: list[object] = []
+        for _ in replies:
+            try:
+                got.append(((r := await post(pool)).status, r.body))
+            except Http1Error as e:
+                got.append(str(e))
+        return got
+
+    assert with_pool(server, use) == [
+        (200, b"{}[1]"),
+        (202, b"{}"),
+        "the server switched protocols",
+        (200, b"{}"),
+    ]
+    assert [number for number, _ in server.requests] == [0, 0, 0, 1]
+
+
+def test_at_most_limit_connections_and_callers_wait_in_turn(
+    servers: Callable[..., Scripted],
+) -> None:
+    """12 requests at once, a limit of 3: the server never sees more than 3 connections.
+    With a limit of 1, requests go out in the order they were made."""
+    server = servers(ok, hold_s=0.05)
+
+    async def at_once(pool: Pool) -> list[int]:
+        replies = await asyncio.gather(*(post(pool, f"/{i}") for i in range(12)))
+        return [r.status for r in replies]
+
+    assert with_pool(server, at_once, limit=3) == [200] * 12
+    assert server.peak == 3 and server.connections == 3
+
+    in_turn = servers(ok, hold_s=0.02)
+    assert with_pool(in_turn, at_once, limit=1) == [200] * 12
+    targets = [head.split(b" ")[1] for _, head in in_turn.requests]
+    assert targets == [b"/%d" % i for i in range(12)] and in_turn.connections == 1
+
+
+def test_a_caller_that_gives_up_waiting_costs_no_connection(
+    servers: Callable[..., Scripted],
+) -> None:
+    """Callers cancelled while they wait (their deadlines passed) leave the pool whole:
+    the limit's one connection still serves the next caller."""
+    server = servers(ok, hold_s=0.3)
+
+    async def use(pool: Pool) -> int:
+        first = asyncio.ensure_future(post(pool))
+        waiting = [asyncio.ensure_future(post(pool)) for _ in range(3)]
+        await until(lambda: server.requests, 5, "the first request")
+        for task in waiting:
+            task.cancel()
+        assert (await first).status == 200
+        return (await post(pool)).status
+
+    assert with_pool(server, use, limit=1) == 200
+    assert server.connections == 1 and len(server.requests) == 2
+
+
+def test_an_idle_connection_is_closed_after_idle_s(servers: Callable[..., Scripted]) -> None:
+    server = servers(ok)
+
+    async def use(pool: Pool) -> float:
+        await post(pool)
+        started = time.monotonic()
+        await until(lambda: server.closed_by_client == 1, 5, "the idle connection to close")
+        assert pool.connections == 0
+        return time.monotonic() - started
+
+    assert with_pool(server, use, idle_s=0.3) >= 0.25
+
+
+def test_close_closes_every_connection(servers: Callable[..., Scripted]) -> None:
+    server = servers(ok, hold_s=0.05)
+
+    async def use(pool: Pool) -> int:
+        await asyncio.gather(*(post(pool) for _ in range(3)))
+        assert pool.connections == 3
+        await pool.close()
+        await until(lambda: server.closed_by_client == 3, 5, "every connection to close")
+        return pool.connections
+
+    assert with_pool(server, use, limit=3) == 0
+
+
+def answered(
+    url: str, client: str, path: str, headers: dict[str, str], key: str = API_KEY
+) -> object:
+    """A OneTabletHttp's outcome: its Answer, or "no answer" and why."""
+
+    async def once() -> object:
+        http = OneTabletHttp(url, key, deadline_s=3, max_connections=2, client=client)
+        try:
+            return await http.post(path, b"{}", headers)
+        except NoAnswer as e:
+            return ("no answer", e.reason)
+        finally:
+            await http.close()
+
+    return asyncio.run(once())
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+@pytest.mark.parametrize(
+    ("path", "headers", "key"),
+    [
+        ("/o\r\nx-evil: 1", {}, API_KEY),
+        ("/o", {"idempotency-key": "k\r\nx-evil: 1"}, API_KEY),
+        ("/o", {"idempotency-key": "k\nx-evil: 1"}, API_KEY),
+        ("/o", {"x-evil\r\n": "1"}, API_KEY),
+        ("/o", {}, f"{API_KEY}\r\nx-evil: 1"),
+    ],
+    ids=["target", "value", "lf", "name", "key"],
+)
+def test_cr_lf_never_reach_the_wire(
+    servers: Callable[..., Scripted], client: str, path: str, headers: dict[str, str], key: str
+) -> None:
+    """A CR or LF in a target, header or key: no answer, and nothing sent."""
+    server = servers(ok)
+    got = answered(server.url, client, path, headers, key)
+    assert isinstance(got, tuple) and got[0] == "no answer", got
+    assert server.requests == []
+
+
+STATUSES = st.sampled_from([100, 101, 200, 201, 204, 302, 304, 400, 401, 429, 500, 503, 999])
+HEADERS = st.lists(
+    st.sampled_from(
+        [
+            b"retry-after: 7",
+            b"location: /elsewhere",
+            b"connection: close",
+            b"connection: keep-alive",
+            b"content-length: 5",
+            b"content-length: -1",
+            b"content-length: 99999999999999999999",
+            b"transfer-encoding: chunked",
+            b"transfer-encoding: gzip",
+            b"x-folded: a\r\n b",
+            b"no colon",
+            b": empty name",
+            b"x-nul: a\x00b",
+            b"x-high: \xff\xfe",
+        ]
+    ),
+    max_size=4,
+)
+
+
+@st.composite
+def replies(draw: st.DrawFn) -> tuple[bytes, tuple[int, bytes] | None]:
+    """(reply bytes, (status, body) when the reply is well formed, else None)."""
+    if draw(st.integers(0, 9)) == 0:
+        return draw(st.binary(max_size=300)), None  # anything at all
+    version = draw(st.sampled_from([b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2", b"HTTP/1.1  ", b""]))
+    status = draw(STATUSES)
+    reason = draw(st.sampled_from([b"OK", b"", b"Bad \xff", b"a\rb"]))
+    body = draw(st.binary(max_size=200))
+    headers = draw(HEADERS)
+    framing = draw(st.sampled_from(["length", "chunked", "none", "short", "long"]))
+    lines = [b"%s %d %s" % (version, status, reason), *headers]
+    payload = body
+    if framing == "length":
+        lines.append(b"content-length: %d" % len(body))
+    elif framing == "chunked":
+        lines.append(b"transfer-encoding: chunked")
+        payload = (b"%x\r\n%s\r\n" % (len(body), body) if body else b"") + b"0\r\n\r\n"
+    elif framing in ("short", "long"):
+        lines.append(b"content-length: %d" % (len(body) + (5 if framing == "long" else -1)))
+    reply = b"\r\n".join(lines) + b"\r\n\r\n" + payload
+    if draw(st.booleans()):  # cut anywhere
+        reply = reply[: draw(st.integers(0, len(reply)))]
+    well_formed = (
+        version == b"HTTP/1.1"
+        and 200 <= status < 600
+        and status not in (204, 304)
+        and reason in (b"OK", b"")
+        and not headers
+        and framing in ("length", "chunked")
+        and reply.endswith(payload)
+        and len(reply) == len(b"\r\n".join(lines)) + 4 + len(payload)
+    )
+    return reply, (status, body) if well_formed else None
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(reply=replies())
+def test_any_reply_is_an_answer_or_no_answer(
+    servers: Callable[..., Scripted], client: str, reply: tuple[bytes, tuple[int, bytes] | None]
+) -> None:
+    """Whatever comes back, through each client's real path (the server closes after
+    it): an Answer or NoAnswer within the deadline, never another error; a well formed
+    reply is read as it is."""
+    data, expected = reply
+    server = servers(lambda _: (data, True))
+    got = answered(server.url, client, "/orders/o-1/delivery-status", {"idempotency-key": "k"})
+    assert isinstance(got, Answer) or (isinstance(got, tuple) and got[0] == "no answer"), got
+    if expected is not None:
+        assert isinstance(got, Answer) and (got.status, got.content) == expected, (got, data)
+
+
+def test_the_push_process_loads_no_aiohttp() -> None:
+    """The dispatch process's module, imported as the daemon starts it, loads neither
+    aiohttp nor yarl: with the lean client they would cost it 0.2 s and 9 MB for
+    nothing (aiohttp is imported when chosen)."""
+    code = (
+        "import sys, courierd.daemon.dispatch; "
+        "print(sorted({'aiohttp', 'yarl'} & set(sys.modules)))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_a_proxy_it_cannot_speak_is_no_answer_not_a_failed_start(
+    servers: Callable[..., Scripted], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HTTP_PROXY naming a SOCKS proxy: the client is made (the daemon starts), each call
+    is no answer saying why, and nothing goes to OneTablet directly."""
+    server = servers(ok)
+    for name in ("http_proxy", "no_proxy", "NO_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", "socks5://127.0.0.1:9")
+    got = answered(server.url, "httptools", "/o", {})
+    assert got == ("no answer", "only http:// proxies are supported, not 'socks5://127.0.0.1:9'")
+    assert server.requests == []
+
+
+def test_after_every_connection_is_cut_the_pool_recovers(
+    servers: Callable[..., Scripted],
+) -> None:
+    """OneTablet goes away with 8 requests in flight or waiting on 4 connections (a TCP
+    proxy closes everything, and every new connection at once): each of them fails;
+    when it is back, the pool serves again within its limit, no slot lost."""
+    server = servers(ok, hold_s=0.3)
+    proxy = TcpProxy(int(server.url.rsplit(":", 1)[1])).start()
+
+    async def use(pool: Pool) -> tuple[list[str], list[int]]:
+        calls = [asyncio.ensure_future(post(pool)) for _ in range(8)]
+        await until(lambda: len(server.requests) >= 4, 5, "4 requests at the server")
+        proxy.refuse()
+        failed = await asyncio.gather(*calls, return_exceptions=True)
+        proxy.resume()
+        again = await asyncio.gather(*(post(pool) for _ in range(8)))
+        assert pool.connections <= 4
+        return [type(e).__name__ for e in failed], [r.status for r in again]
+
+    try:
+        port = proxy.port
+        failed, again = asyncio.run(_on_port(port, use))
+    finally:
+        proxy.stop()
+    assert set(failed) <= {"Http1Error", "ConnectionResetError", "ConnectionRefusedError"}
+    assert len(failed) == 8 and again == [200] * 8
+
+
+async def _on_port(port: int, use: Callable[[Pool], Awaitable[T]]) -> T:
+    pool = Pool("http", "127.0.0.1", port, limit=4, tls=None, cap=MAX_REPLY_BYTES)
+    try:
+        return await use(pool)
+    finally:
+        await pool.close()
