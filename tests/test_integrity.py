@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from courierd.daemon.ingest import commit_messages
-from courierd.domain.lifecycle import CHAIN, FINISHED_SQL
+from courierd.domain.lifecycle import CHAIN, active_sql
 from courierd.domain.model import DeadLetter, Status, StatusEvent, iso
 from courierd.domain.telemetry import parse
 from courierd.logs import JsonFormatter, TextFormatter
@@ -361,7 +361,7 @@ def test_looking_for_abandoned_orders_uses_its_partial_index(sqlite_store: Store
         r[3]
         for r in sqlite_store.db.rows(
             "EXPLAIN QUERY PLAN SELECT order_id FROM orders AS o WHERE "
-            f"state NOT IN ({FINISHED_SQL}) AND updated_at < ?",
+            f"{active_sql()} AND updated_at < ?",
             ("2024-01-01",),
         )
     ]
