@@ -5,9 +5,9 @@ work, so that a change to it can be set against the code before it, in one run:
 
 - `ingest`: the ingest process's work (`commit_messages`: parse, plan, write, commit
   under synchronous=FULL) on a real SQLite file, in batches, for the bench's ping mix
-  (95 % pings) with and without 10k active orders that have places (every ping then
-  runs the geofence rules). CPU µs per message of this process, each mix in turn,
-  `--rounds` times, and the ratio of the two.
+  (95 % pings; `--pings 0`: statuses only) with and without 10k active orders that
+  have places (every ping then runs the geofence rules). CPU µs per message of this
+  process, each mix in turn, `--rounds` times, and the ratio of the two.
 - `mqtt`: the MQTT process's receive path: a real Mosquitto of our own, a backlog
   published to a persistent session, then drained by courierd's own `MqttEdge` (paho,
   manual ack) with a thread that acknowledges each batch as the batcher does after a
@@ -113,7 +113,13 @@ class _Rows:
 
 
 def ingest_cpu(
-    root: Path, n: int, places: int, batch: int, profile: Path | None, sql: bool = False
+    root: Path,
+    n: int,
+    places: int,
+    batch: int,
+    profile: Path | None,
+    sql: bool = False,
+    pings: float = 0.95,
 ) -> float:
     """CPU µs per message of `commit_messages` over `n` messages of the ping mix."""
     from courierd.config import GeofenceSettings, StoreSettings
@@ -134,7 +140,7 @@ def ingest_cpu(
     warm = [(t, p, len(p)) for t, p in messages(PING_COURIERS, 1.0, "warm")]
     for i in range(0, len(warm), batch):
         commit_messages(store, warm[i : i + batch], time.time())
-    raw = [(t, p, len(p)) for t, p in messages(n, 0.95, "m", first_round=1)]
+    raw = [(t, p, len(p)) for t, p in messages(n, pings, "m", first_round=1)]
     if CACHE_KIB:
         store.db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
     if sql:
@@ -162,12 +168,14 @@ def run_ingest(args: argparse.Namespace) -> dict[str, Any]:
         plain: list[float] = []
         fenced: list[float] = []
         for r in range(args.rounds):
-            plain.append(ingest_cpu(root, args.messages, 0, args.batch, None, args.sql))
+            plain.append(ingest_cpu(root, args.messages, 0, args.batch, None, args.sql, args.pings))
             if args.sql:
                 _say_sql("plain", args.messages)
             profile = args.profile if r == args.rounds - 1 else None
             fenced.append(
-                ingest_cpu(root, args.messages, PING_COURIERS, args.batch, profile, args.sql)
+                ingest_cpu(
+                    root, args.messages, PING_COURIERS, args.batch, profile, args.sql, args.pings
+                )
             )
             if args.sql:
                 _say_sql("geofenced", args.messages)
@@ -361,6 +369,9 @@ def main() -> int:
     parser.add_argument("--kinds", default="bare,edge", help="mqtt: bare and/or edge")
     parser.add_argument("--protocols", default="5,3.1.1", help="mqtt: 5 and/or 3.1.1")
     parser.add_argument("--sql", action="store_true", help="ingest: CPU time per statement")
+    parser.add_argument(
+        "--pings", type=float, default=0.95, help="ingest: the pings' share (0: statuses only)"
+    )
     args = parser.parse_args()
     # A SIGTERM unwinds like Ctrl-C: the broker stopped, the working folder removed.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

@@ -92,3 +92,15 @@ def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
     # httpx logs every request at INFO; courierd logs its own line per call instead.
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def lean_records() -> None:
+    """Log records without what no courierd format writes: the caller's file, function
+    and line (found by walking up the stack, per record), the thread's and the
+    process's names. The lines are the same; a record costs a fifth less (88k -> 69k
+    instructions for `ingest.transition`, which the ingest process logs per status).
+    The switches are `logging`'s own (its HOWTO, "Optimization"), for this process."""
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False

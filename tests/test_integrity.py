@@ -9,14 +9,15 @@ import random
 import sys
 import uuid
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from courierd.daemon.ingest import commit_messages
-from courierd.domain.lifecycle import CHAIN, FINISHED_SQL
+from courierd.domain.lifecycle import CHAIN, active_sql
 from courierd.domain.model import DeadLetter, Status, StatusEvent, iso
 from courierd.domain.telemetry import parse
-from courierd.logs import JsonFormatter, TextFormatter
+from courierd.logs import JsonFormatter, TextFormatter, lean_records, setup_logging
 from courierd.store import Store
 from tests.test_tracking import T0, a_delivery, assign, drive, fix, statuses_pushed
 
@@ -102,6 +103,34 @@ def test_the_log_formats_keep_one_event_on_one_line(head: str, control: str, tai
         assert not any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in out)
         out.encode("utf-8")  # lone surrogates escaped too
     assert json.loads(line)["msg"] == f"ingest.batch id={value}"
+
+
+def test_lean_log_records_write_the_same_lines(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The ingest process makes its records without the caller's place, thread and
+    process (`lean_records`): each format still writes the very same line."""
+    for switch in ("_srcfile", "logThreads", "logProcesses", "logMultiprocessing"):
+        monkeypatch.setattr(logging, switch, getattr(logging, switch))  # put back after
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [])
+    monkeypatch.setattr(root, "level", root.level)
+    kept: list[logging.LogRecord] = []
+    logger = logging.getLogger("courierd.daemon.ingest")
+    caplog.set_level(logging.INFO, logger=logger.name)
+    monkeypatch.setattr(logger, "handle", kept.append)
+    for lean in (False, True):
+        if lean:
+            lean_records()
+        logger.info("ingest.transition order_id=%s status=%s inferred=%s", "o\n1", "dropoff", 0)
+    full, lean_one = kept
+    assert full.lineno > 0 and lean_one.lineno == 0  # no walk up the stack for it
+    lean_one.created, lean_one.msecs = full.created, full.msecs
+    for fmt in ("text", "json"):
+        setup_logging("INFO", fmt)
+        formatter = root.handlers[0].formatter
+        assert formatter is not None
+        assert formatter.format(lean_one) == formatter.format(full)
 
 
 @given(st.text(max_size=40), CONTROLS, st.text(max_size=40))
@@ -361,7 +390,7 @@ def test_looking_for_abandoned_orders_uses_its_partial_index(sqlite_store: Store
         r[3]
         for r in sqlite_store.db.rows(
             "EXPLAIN QUERY PLAN SELECT order_id FROM orders AS o WHERE "
-            f"state NOT IN ({FINISHED_SQL}) AND updated_at < ?",
+            f"{active_sql()} AND updated_at < ?",
             ("2024-01-01",),
         )
     ]

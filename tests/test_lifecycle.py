@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 
 import pytest
@@ -180,3 +181,28 @@ def test_decide_is_pure(state: str, status: Status) -> None:
     a = decide(order, event(status), duplicate=False, profile=None, received_at=NOW)
     b = decide(order, event(status), duplicate=False, profile=None, received_at=NOW)
     assert a == b
+
+
+def test_an_accepted_status_carries_every_other_field_of_the_order() -> None:
+    """`decide` builds the order afterwards field by field: what the event does not
+    change (the hold, OneTablet's times, the assignment's ts, any field added later)
+    is the order's before, as `dataclasses.replace` would keep it."""
+    values: dict[str, object] = {}
+    for f in dataclasses.fields(Order):
+        values[f.name] = True if f.type in ("bool", bool) else f"kept-{f.name}"
+    values.update(order_id="o1", state=Status.ARRIVING_AT_STORE.value, courier_id="c1")
+    before = Order(**values)  # type: ignore[arg-type]
+    ev = event(Status.DROPOFF, ts="2026-01-01T00:00:00Z")
+    d = decide(before, ev, duplicate=False, profile=None, received_at="now")
+    assert d.outcome is Outcome.ACCEPTED
+    assert d.order == dataclasses.replace(
+        before,
+        state=Status.DROPOFF.value,
+        courier_id="c1",
+        status_at="2026-01-01T00:00:00Z",
+        status_ts="2026-01-01T00:00:00Z",
+    )
+    assert [t.status for t in d.transitions] == list(CHAIN[2:])
+    assert [(t.inferred, t.source) for t in d.transitions] == [(True, "fill")] * 2 + [
+        (False, "app")
+    ]

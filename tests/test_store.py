@@ -11,6 +11,7 @@ import psycopg
 import pytest
 
 from courierd.config import StoreSettings
+from courierd.domain.lifecycle import active_sql, finished_sql
 from courierd.domain.model import (
     Assignment,
     DeadLetter,
@@ -386,6 +387,75 @@ def test_upgrade_from_version_1_keeps_data(tmp_path: Path) -> None:
     assert s.outbox.get_order("o1").state == "arrived_at_store"  # type: ignore[union-attr]
     fx = s.writer.commit([status("old-event", "o1", Status.DROPOFF)], now=T0)
     assert fx.counts["duplicate"] == 1  # event ids from before the upgrade still count
+    s.close()
+
+
+# The store's queries over orders, each with the partial index it must use.
+_ORDER_QUERIES = (
+    (
+        "orders_active",
+        f"SELECT order_id FROM orders AS o WHERE (o.courier_id IN (?, ?) AND "
+        f"{active_sql('o.state')})",
+        ("c1", "c2"),
+    ),
+    (
+        "orders_idle",
+        f"SELECT order_id FROM orders AS o WHERE {active_sql()} AND updated_at < ? "
+        "AND hold_until IS NULL",
+        ("2024",),
+    ),
+    (
+        "orders_finished",
+        f"SELECT order_id FROM orders AS o WHERE {finished_sql()} AND updated_at < ? "
+        "AND hold_until IS NULL ORDER BY updated_at LIMIT 5",
+        ("2024",),
+    ),
+)
+
+
+def _plan(store: Store, sql: str, params: tuple[str, ...]) -> str:
+    if store.db.dialect == "sqlite":
+        return " ".join(r[3] for r in store.db.rows(f"EXPLAIN QUERY PLAN {sql}", params))
+    with store.db.transaction():  # an empty table: only an index the query can use
+        store.db.execute("SET LOCAL enable_seqscan = off")
+        return " ".join(r[0] for r in store.db.rows(f"EXPLAIN {sql}", params))
+
+
+def test_the_orders_partial_indexes_are_cheap_to_keep_and_used(store: Store) -> None:
+    """Every transition writes `state`, which the orders' partial indexes name: SQLite
+    evaluates their WHERE for each row written, and an IN list of three values costs
+    it a temporary table each time. Spelled as comparisons (SQLite), and the queries
+    spelled alike, each query still uses its index, on both engines (PostgreSQL keeps
+    its `NOT IN` indexes and proves the one spelling from the other)."""
+    for index, sql, params in _ORDER_QUERIES:
+        assert index in _plan(store, sql, params), (index, _plan(store, sql, params))
+    if store.db.dialect != "sqlite":
+        return
+    wheres = store.db.rows(
+        "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND tbl_name = 'orders' "
+        "AND sql LIKE '%state%'"
+    )
+    assert sorted(name for name, _ in wheres) == ["orders_active", "orders_finished", "orders_idle"]
+    assert not [name for name, sql in wheres if " IN (" in sql.upper()], wheres
+
+
+def test_upgrade_to_the_respelled_indexes_keeps_them_serving(tmp_path: Path) -> None:
+    """A database of migration 8 gets the respelled indexes, with its rows in them."""
+    path = tmp_path / "v8.db"
+    old = SqliteDatabase(path, migrations=SQLITE_MIGRATIONS[:8])
+    old.execute(
+        "INSERT INTO orders (order_id, state, courier_id, updated_at) VALUES "
+        "('o1', 'picked_up', 'c1', '2023'), ('o2', 'dropoff', 'c1', '2023'), "
+        "('o3', 'expired', 'c2', '2023')"
+    )
+    old.close()
+    s = open_path(path)
+    assert s.db.schema_version == len(SQLITE_MIGRATIONS)
+    found = []
+    for index, sql, params in _ORDER_QUERIES:
+        assert index in _plan(s, sql, params)
+        found.append(sorted(r[0] for r in s.db.rows(sql, params)))
+    assert found == [["o1"], ["o1"], ["o2", "o3"]]
     s.close()
 
 

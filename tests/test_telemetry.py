@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from courierd.domain import fields
 from courierd.domain.model import (
     Assignment,
     DeadLetter,
@@ -16,8 +17,10 @@ from courierd.domain.model import (
     ProfileUpdate,
     Status,
     StatusEvent,
+    format_ts,
 )
 from courierd.domain.telemetry import parse
+from courierd.errors import TelemetryError
 
 NOW = 1_705_341_900.0  # 2024-01-15T18:05:00Z
 GOOD = {
@@ -272,3 +275,36 @@ def test_oversized_payload_known_only_by_its_size() -> None:
     result = parse("couriers/c7/status", b'{"event_id"', now=NOW, size=70_000)
     assert isinstance(result, DeadLetter) and result.reason == "too_large"
     assert result.size == 70_000
+
+
+_TS_PARTS = st.tuples(
+    st.sampled_from(["0000", "0001", "1970", "2024", "2026", "9999"]),
+    st.sampled_from(["00", "01", "02", "12", "13"]),
+    st.sampled_from(["00", "01", "28", "29", "30", "31"]),
+    st.sampled_from("Tt "),
+    st.sampled_from(["00", "12", "23", "24"]),
+    st.sampled_from(["00", "59", "60"]),
+    st.sampled_from(["00", "59", "60", "61"]),
+    st.sampled_from(["", ".", ".1", ".12", ".123", ".1234", ".123456", ".1234567"]),
+    st.sampled_from(["Z", "z", "+00:00", "-00:00", "+05:30", "-23:59", "+24:00", "+01:60"]),
+)
+
+
+@given(_TS_PARTS)
+def test_a_ts_is_stored_as_the_one_format_whatever_path_it_takes(parts: tuple[str, ...]) -> None:
+    """A UTC ts is written into the stored format from its digits, any other through
+    the datetime: the same text (or the same refusal) either way."""
+    y, mo, d, sep, h, mi, s, frac, off = parts
+    text = f"{y}-{mo}-{d}{sep}{h}:{mi}:{s}{frac}{off}"
+    try:
+        expected: object = format_ts(fields.parse_rfc3339(text))
+    except TelemetryError as e:
+        expected = e.reason
+    try:
+        when, stored = fields.stored_rfc3339(text)
+    except TelemetryError as e:
+        assert e.reason == expected
+        return
+    assert stored == expected and when == fields.parse_rfc3339(text)
+    status = json.dumps({"event_id": "e", "order_id": "o", "status": "dropoff", "ts": text})
+    assert parse("couriers/c1/status", status.encode(), now=NOW).ts == stored  # type: ignore[union-attr]

@@ -8,7 +8,7 @@ import json
 import math
 from pathlib import Path
 
-from courierd.domain.lifecycle import FINISHED_SQL
+from courierd.domain.lifecycle import active_sql
 from courierd.domain.model import (
     Assignment,
     CourierOffline,
@@ -245,7 +245,7 @@ def test_the_active_orders_lookup_uses_its_partial_index(sqlite_store: Store) ->
         r[3]
         for r in store.db.rows(
             "EXPLAIN QUERY PLAN SELECT order_id FROM orders AS o WHERE "
-            f"(o.courier_id IN (?, ?) AND o.state NOT IN ({FINISHED_SQL}))",  # the writer's
+            f"(o.courier_id IN (?, ?) AND {active_sql('o.state')})",  # the writer's
             ("c1", "c2"),
         )
     ]

@@ -37,6 +37,7 @@ from courierd.domain.owntracks import CourierIdFrom
 from courierd.domain.planner import Effects
 from courierd.domain.telemetry import parse
 from courierd.errors import CourierdError, FencedOut, StoreError, StoreUnavailable
+from courierd.logs import lean_records
 from courierd.store import Store, open_store
 from courierd.store.writer import safe_text
 
@@ -136,6 +137,7 @@ def _commit_isolating(
 def ingest_main(settings: Settings, pipe: Connection, wake: Connection, instance: str) -> None:
     """Entry point of the ingest process: commit batches until told to stop."""
     worker_setup(settings, "courierd-ingest")
+    lean_records()  # a log line per transition: one per status
     owntracks = settings.owntracks.courier_id if settings.owntracks.enabled else None
     try:
         store = open_store(

@@ -1,7 +1,10 @@
 """Plain values shared by the core and the edges: statuses, inputs, decisions.
 
 Everything here is a frozen dataclass or an enum, so the pure core can be driven with
-plain values in tests and nothing is mutated behind anyone's back.
+plain values in tests and nothing is mutated behind anyone's back. The values every
+message makes (`value`) are frozen for mypy, which refuses any assignment to their
+fields, and not at run time, where a frozen dataclass sets each field through
+`object.__setattr__`: 13k instructions to build a Transition, 3k unfrozen.
 """
 
 from __future__ import annotations
@@ -12,9 +15,18 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar, dataclass_transform
 
 JSON = dict[str, Any]
+_T = TypeVar("_T")
+
+
+@dataclass_transform(frozen_default=True)
+def value(cls: type[_T]) -> type[_T]:
+    """A frozen dataclass to mypy (it refuses any assignment to a field),
+    hashed and compared by its fields like one; at run time built at the cost of a
+    plain dataclass (see the module text)."""
+    return dataclass(slots=True, unsafe_hash=True)(cls)
 
 
 class Status(enum.StrEnum):
@@ -54,7 +66,7 @@ REJECTED_OUTCOMES = frozenset(
 )
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class StatusEvent:
     """A courier's status event from `couriers/{courier_id}/status`."""
 
@@ -69,7 +81,7 @@ class StatusEvent:
     where: tuple[float, float] | None = None  # the fix a geofence status fired at
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class LocationFix:
     """A courier's position from `couriers/{courier_id}/location`."""
 
@@ -141,7 +153,7 @@ Input = (
 )
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Order:
     """The stored state of one order."""
 
@@ -165,7 +177,7 @@ class Order:
         return self.state == CANCELLED
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Transition:
     """One status an order reached; `inferred` when filled in for a skipped status.
 
@@ -186,7 +198,7 @@ class Transition:
     clocked: bool = True
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Push:
     """One delivery-status call to make, in order, for an order."""
 
@@ -197,7 +209,7 @@ class Push:
     source: str = "app"  # the transition's: app, geofence or fill
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Decision:
     """What an event does: the order afterwards, and what to record and push."""
 

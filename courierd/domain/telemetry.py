@@ -23,7 +23,6 @@ from courierd.domain.model import (
     ProfileUpdate,
     Status,
     StatusEvent,
-    format_ts,
 )
 from courierd.domain.owntracks import CourierIdFrom, parse_owntracks
 from courierd.errors import TelemetryError
@@ -119,19 +118,19 @@ def _status_event(courier_id: str, doc: dict[str, Any], raw: bytes) -> StatusEve
     status = _STATUSES.get(status_text)
     if status is None:
         raise TelemetryError("unknown_status", f"status {status_text[:40]!r} is not in the chain")
-    when = fields.timestamp(doc, required=False)
-    ts = None if when is None else format_ts(when)
+    stamp = fields.stored_timestamp(doc, required=False)
+    ts = None if stamp is None else stamp[1]
     info = courier_info(doc["courier_info"], "courier_info") if "courier_info" in doc else None
     return StatusEvent(event_id, order_id, courier_id, status, ts, info, raw)
 
 
 def _location(courier_id: str, doc: dict[str, Any], now: float) -> LocationFix:
-    when = fields.timestamp(doc, required=True)
-    assert when is not None
+    stamp = fields.stored_timestamp(doc, required=True)
+    assert stamp is not None
     lat, lng = fields.position(doc, "lat", "lng")
     return LocationFix(
         courier_id,
-        fields.not_in_future(when, now, FUTURE_SLACK_S),
+        fields.not_in_future(stamp[0], now, FUTURE_SLACK_S, stored=stamp[1]),
         lat,
         lng,
         fields.number(doc, "accuracy_m", low=0),

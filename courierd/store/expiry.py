@@ -12,7 +12,7 @@ in progress waits for the cancel's outcome.
 
 from __future__ import annotations
 
-from courierd.domain.lifecycle import FINISHED_SQL
+from courierd.domain.lifecycle import active_sql
 from courierd.domain.model import EXPIRED, iso
 from courierd.store.db import Database, placeholders
 
@@ -35,7 +35,7 @@ class Expiry:
             ids = [
                 row[0]
                 for row in db.rows(
-                    f"SELECT order_id FROM orders AS o WHERE state NOT IN ({FINISHED_SQL}) "
+                    f"SELECT order_id FROM orders AS o WHERE {active_sql()} "
                     "AND updated_at < ? AND hold_until IS NULL AND NOT EXISTS (SELECT 1 "
                     "FROM couriers AS c WHERE c.courier_id = o.courier_id AND c.fix_at >= ?) "
                     f"ORDER BY order_id LIMIT ?{db.for_update_of('o')}",

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from courierd.domain.lifecycle import FINISHED_SQL
+from courierd.domain.lifecycle import active_sql
 from courierd.domain.model import dumps, iso
 from courierd.domain.planner import ALERTS_TOPIC
 from courierd.store.db import Database
 
-ACTIVE = f"state NOT IN ({FINISHED_SQL})"
+ACTIVE, ACTIVE_O = active_sql(), active_sql("o.state")
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +64,7 @@ class Notices:
                 for row in self.db.rows(
                     "SELECT c.courier_id, c.last_seen FROM couriers AS c "
                     "WHERE c.offline = 0 AND c.last_seen < ? AND EXISTS (SELECT 1 FROM orders "
-                    f"AS o WHERE o.courier_id = c.courier_id AND o.{ACTIVE}) "
+                    f"AS o WHERE o.courier_id = c.courier_id AND {ACTIVE_O}) "
                     f"ORDER BY c.courier_id{self.db.for_update}",
                     (now - offline_after_s,),
                 )
@@ -103,6 +103,6 @@ class Notices:
         return int(
             self.db.value(
                 "SELECT count(*) FROM couriers AS c WHERE c.offline = 1 AND EXISTS (SELECT 1 "
-                f"FROM orders AS o WHERE o.courier_id = c.courier_id AND o.{ACTIVE})"
+                f"FROM orders AS o WHERE o.courier_id = c.courier_id AND {ACTIVE_O})"
             )
         )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from courierd.domain.geo import eta
-from courierd.domain.lifecycle import CHAIN, FINISHED, FINISHED_SQL, valid_state
+from courierd.domain.lifecycle import CHAIN, FINISHED, active_sql, valid_state
 from courierd.domain.model import CANCELLED, EXPIRED, NEW, Place, iso
 from courierd.errors import InputError
 from courierd.store.db import Database, Row, chunks, placeholders
@@ -191,7 +191,7 @@ class Queries:
         where: list[str] = []
         params: list[Any] = []
         if state == "active":
-            where.append(f"state NOT IN ({_FINISHED_SQL})")
+            where.append(active_sql())
         elif state is not None:
             where.append("state = ?")
             params.append(state)
@@ -249,7 +249,7 @@ class Queries:
         for chunk in chunks(courier_ids):
             for order_id, courier_id, state, updated_at in self.db.rows(
                 "SELECT order_id, courier_id, state, updated_at FROM orders "
-                f"WHERE courier_id IN ({placeholders(chunk)}) AND state NOT IN ({_FINISHED_SQL})",
+                f"WHERE courier_id IN ({placeholders(chunk)}) AND {active_sql()}",
                 chunk,
             ):
                 found.setdefault(courier_id, []).append((order_id, state, updated_at))
@@ -274,7 +274,7 @@ class Queries:
         offline_rows = self.db.rows(
             "SELECT c.courier_id, c.last_seen FROM couriers AS c WHERE c.offline = 1 AND EXISTS "
             "(SELECT 1 FROM orders AS o WHERE o.courier_id = c.courier_id "
-            f"AND o.state NOT IN ({_FINISHED_SQL})) ORDER BY c.last_seen, c.courier_id LIMIT ?",
+            f"AND {active_sql('o.state')}) ORDER BY c.last_seen, c.courier_id LIMIT ?",
             (active_cap,),
         )
         orders = self._active_orders([row[0] for row in offline_rows])
@@ -356,7 +356,6 @@ class Queries:
 _STATES = (NEW, *(s.value for s in CHAIN), CANCELLED, EXPIRED)
 _RANKS = {state: i for i, state in enumerate(_STATES[:-2])}
 _FINISHED = FINISHED
-_FINISHED_SQL = FINISHED_SQL
 _SUMMARY = "order_id, state, courier_id, updated_at, status_at, hold_until"
 
 

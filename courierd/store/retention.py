@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from courierd.domain.lifecycle import FINISHED_SQL
+from courierd.domain.lifecycle import finished_sql
 from courierd.domain.model import iso
 from courierd.store.db import Database, placeholders
 
@@ -97,7 +97,7 @@ class Retention:
         ids = [
             r[0]
             for r in self.db.rows(
-                f"SELECT order_id FROM orders AS o WHERE state IN ({FINISHED_SQL}) "
+                f"SELECT order_id FROM orders AS o WHERE {finished_sql()} "
                 "AND updated_at < ? AND hold_until IS NULL AND NOT EXISTS (SELECT 1 FROM "
                 "outbox WHERE outbox.order_id = o.order_id AND state IN ('pending', 'failed', "
                 f"'held')) ORDER BY updated_at LIMIT ?{self.db.for_update}",

@@ -216,7 +216,7 @@ _INTEGRITY = (
     "ALTER TABLE orders ADD COLUMN status_ts TEXT",
     "UPDATE orders SET status_ts = status_at",  # as the timers read it before
     # Expired (abandoned) orders are finished too: the partial indexes say so, spelled
-    # as the queries spell them (lifecycle.FINISHED_SQL), so that SQLite uses them.
+    # as the queries spelled them then, so that SQLite uses them (migration 9 respells them).
     "DROP INDEX orders_active",
     "CREATE INDEX orders_active ON orders(courier_id) "
     "WHERE courier_id IS NOT NULL AND state NOT IN ('cancelled', 'dropoff', 'expired')",
@@ -309,6 +309,31 @@ def _sqlite_8(db: sqlite_utils.Database) -> None:
         db.execute(statement)
 
 
+# The partial indexes on orders, spelled as comparisons (lifecycle.active_sql and
+# finished_sql, which the queries use): SQLite evaluates `state NOT IN (three values)`
+# with a temporary table, for each index, each row an UPDATE writes, and every
+# transition writes `state` (three indexes: about 15 of the order row's 18 µs on this
+# project's machine). Same rows, same columns; only the spelling. PostgreSQL keeps its
+# `NOT IN` indexes: it proves either spelling from the other, and pays nothing per row.
+_SQLITE_9 = (
+    "DROP INDEX orders_active",
+    "CREATE INDEX orders_active ON orders(courier_id) WHERE courier_id IS NOT NULL AND "
+    "(state <> 'cancelled' AND state <> 'dropoff' AND state <> 'expired')",
+    "DROP INDEX orders_finished",
+    "CREATE INDEX orders_finished ON orders(updated_at) "
+    "WHERE (state = 'cancelled' OR state = 'dropoff' OR state = 'expired')",
+    "DROP INDEX orders_idle",
+    "CREATE INDEX orders_idle ON orders(updated_at) "
+    "WHERE (state <> 'cancelled' AND state <> 'dropoff' AND state <> 'expired')",
+)
+
+
+def _sqlite_9(db: sqlite_utils.Database) -> None:
+    """The orders' partial indexes without IN lists."""
+    for statement in _SQLITE_9:
+        db.execute(statement)
+
+
 # Append only: a released migration never changes; user_version counts those applied.
 SQLITE_MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (
     _sqlite_1,
@@ -319,6 +344,7 @@ SQLITE_MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (
     _sqlite_6,
     _sqlite_7,
     _sqlite_8,
+    _sqlite_9,
 )
 
 

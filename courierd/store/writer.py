@@ -18,7 +18,7 @@ from json.encoder import encode_basestring as _string
 from typing import Any
 
 from courierd.domain.geofence import GeofenceRules, Track
-from courierd.domain.lifecycle import FINISHED, FINISHED_SQL, valid_state
+from courierd.domain.lifecycle import FINISHED, active_sql, valid_state
 from courierd.domain.memo import Memo
 from courierd.domain.model import (
     Assignment,
@@ -61,6 +61,7 @@ _ORDER_COLUMNS = (
 # An order row's columns up to the track: the part `BatchWriter._order` keeps the
 # values of, as they are the same batch after batch (only the track changes per fix).
 _ORDER_KEY = 20
+_ACTIVE = active_sql("o.state")
 _ORDERS_FROM = "FROM orders AS o LEFT JOIN stores AS s ON s.merchant_supplied_id = o.store_id"
 
 
@@ -278,9 +279,7 @@ class BatchWriter:
             where.append(f"o.order_id IN ({placeholders(chunk)})")
             params += chunk
         for chunk in chunks(tracked):
-            where.append(
-                f"(o.courier_id IN ({placeholders(chunk)}) AND o.state NOT IN ({FINISHED_SQL}))"
-            )
+            where.append(f"(o.courier_id IN ({placeholders(chunk)}) AND {_ACTIVE})")
             params += chunk
         if where:
             # One statement, sorted where it locks rows: PostgreSQL instances lock orders
