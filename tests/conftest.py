@@ -3,7 +3,9 @@ a guard that no process a test started outlives it.
 
 Every process the suite starts inherits TESTRUN_COURIERD (a fresh value per run), so
 whatever a test leaves behind, however deep in a process tree, can be found in /proc.
-After each test the leftovers are killed and recorded; the session then fails.
+After each test the leftovers are killed and recorded; the session then fails. Under
+pytest-xdist (`-n`, as scripts/test runs it) each worker has a marker of its own and
+guards only its own processes; the controller fails the run on what the workers found.
 
 Under CI=true a skipped test fails the run, unless its reason is on ALLOWED_SKIPS: a
 missing tool must not turn a section of the suite silently green.
@@ -21,6 +23,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import settings
@@ -56,8 +59,24 @@ def in_ci() -> bool:
     return os.environ.get("CI", "").lower() in ("true", "1")
 
 
+def xdist_controller(config: pytest.Config) -> bool:
+    """True in the process that hands tests to pytest-xdist workers (`-n`) and runs none."""
+    return (
+        not hasattr(config, "workerinput")
+        and config.getoption("dist", "no") != "no"
+        and not config.getoption("collectonly")
+    )
+
+
 def pytest_configure(config: pytest.Config) -> None:
-    os.environ.setdefault(MARKER, uuid.uuid4().hex)
+    if hasattr(config, "workerinput"):
+        # An xdist worker: a marker of its own (not the one it may have inherited), so
+        # that its guard never takes another worker's processes for its leftovers.
+        os.environ[MARKER] = uuid.uuid4().hex
+    elif not xdist_controller(config):
+        os.environ.setdefault(MARKER, uuid.uuid4().hex)
+    # (The controller starts nothing: each worker guards its own processes and
+    # databases, and hands its leftovers to it at the end; pytest_testnodedown.)
     if pg.SHARED_URL is not None and pg.available() is None:
         pg.drop_leftovers()  # databases a crashed earlier run left behind
 
@@ -130,13 +149,22 @@ def stop_what_the_test_started(no_process_outlives_the_test: None) -> Iterator[N
     stop_all()
 
 
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: unknown to a run without it
+def pytest_testnodedown(node: Any, error: object) -> None:
+    """Under xdist, in the controller: a finished worker's leftovers fail the run here
+    (a worker's own exit status does not)."""
+    _LEAKS.extend(getattr(node, "workeroutput", {}).get("courierd_leaks", []))
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if pg.SHARED_URL is not None and pg.available() is None:
         pg.drop_leftovers(everything=True)  # every database this run created
     pg.stop_server()
-    left = marked_processes()
+    left = {} if MARKER not in os.environ else marked_processes()
     _kill_all(left)
     leaks = _LEAKS + [f"(at the end) pid {p} {cmd[:120]}" for p, cmd in left.items()]
+    if hasattr(session.config, "workerinput"):
+        session.config.workeroutput["courierd_leaks"] = leaks  # type: ignore[attr-defined]
     if leaks:
         sys.stderr.write("\nprocesses outlived their tests:\n  " + "\n  ".join(leaks) + "\n")
         session.exitstatus = 1

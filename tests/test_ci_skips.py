@@ -21,6 +21,7 @@ def run_suite_of_one(tmp_path: Path, reason: str, ci: bool) -> subprocess.Comple
     test = tmp_path / "test_one.py"
     test.write_text(SKIPPING.format(reason=reason))
     env = {k: v for k, v in os.environ.items() if k not in ("CI", "TESTRUN_COURIERD")}
+    env = {k: v for k, v in env.items() if not k.startswith("PYTEST_XDIST")}  # -n's worker
     if ci:
         env["CI"] = "true"
     # Only the plugins the suite's own settings name: the installed ones load otherwise

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -31,30 +32,39 @@ def test_a_failing_run_leaves_no_server_and_no_folder(tmp_path: Path) -> None:
     server and removes its data folder."""
     if pg.SHARED_URL is not None:
         pytest.skip("COURIERD_TEST_PG_URL names a server: no private one to check")
-    before = set(Path(tempfile.gettempdir()).glob(pg.FOLDER_PREFIX + "*"))
+    # The run's temporary folder is one of its own: another server's folder (a pytest-xdist
+    # worker's beside this one) never counts, and the check sees every folder it left.
+    # Traversable by all: the server runs as the `postgres` OS user under root.
+    tmp = Path(tempfile.mkdtemp(prefix="courierd-pgtest-"))
+    tmp.chmod(0o755)
     test = tmp_path / "test_fails.py"
     test.write_text(FAILING)
     env = {k: v for k, v in os.environ.items() if k not in ("CI", "TESTRUN_COURIERD")}
+    env = {k: v for k, v in env.items() if not k.startswith("PYTEST_XDIST")}
+    env["TMPDIR"] = str(tmp)
     # Only the plugins the suite's settings name (as in test_ci_skips): schemathesis and
     # hypothesis, loaded for nothing here, cost 2 s of CPU.
     env["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"
     pytest_run = [sys.executable, "-m", "pytest", "-p", "tests.conftest", "-p", "pytest_timeout"]
     pytest_run += ["-p", "no:cacheprovider"]
     config = ["--rootdir", str(tmp_path), "-c", str(ROOT / "pyproject.toml")]
-    done = subprocess.run(
-        [*pytest_run, *config, "-s", str(test)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    try:
+        done = subprocess.run(
+            [*pytest_run, *config, "-s", str(test)],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        left = list(tmp.glob(pg.FOLDER_PREFIX + "*"))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     assert done.returncode == 1 and "failing on purpose" in done.stdout, done.stdout
     server = re.search(r"SERVER postgresql://postgres@127\.0\.0\.1:(\d+)/", done.stdout)
     assert server is not None, done.stdout
     port = server[1]
     assert port != "5432"  # its own server, not the machine's
-    left = set(Path(tempfile.gettempdir()).glob(pg.FOLDER_PREFIX + "*")) - before
-    assert left == set(), left
+    assert left == [], left
     postmasters = subprocess.run(["pgrep", "-f", f"port={port}"], capture_output=True, text=True)
     assert postmasters.stdout == "", postmasters.stdout

@@ -33,6 +33,10 @@ SANDBOX_KEY = "sandbox-key"
 
 def run_sandbox(host: str, port: int, api_key: str, faults: Faults) -> int:
     """Serve the sandbox in the foreground until Ctrl-C or SIGTERM."""
+    # The handlers before it listens: a Ctrl-C as soon as it answers is a clean stop, not
+    # a KeyboardInterrupt (exit 130) in the moment before they would be in place.
+    stop = threading.Event()
+    _stop_on_signals(stop)
     try:
         sandbox = Sandbox(host, port, api_key, faults).start()
     except OSError as e:
@@ -41,7 +45,8 @@ def run_sandbox(host: str, port: int, api_key: str, faults: Faults) -> int:
         f"OneTablet sandbox on {sandbox.url} (x-api-key: {api_key}); request log at {sandbox.url}/",
         file=sys.stderr,
     )
-    _wait_for_signal()
+    while not stop.wait(0.5):
+        pass
     sandbox.stop()
     return 0
 
@@ -167,10 +172,3 @@ def _stop_on_signals(stop: threading.Event) -> None:
 
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
-
-
-def _wait_for_signal() -> None:
-    stop = threading.Event()
-    _stop_on_signals(stop)
-    while not stop.wait(0.5):
-        pass
