@@ -6,8 +6,11 @@ hostile replies, fuzzed, through every client's real path."""
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import TypeVar
@@ -152,6 +155,121 @@ def test_a_reply_cut_by_the_deadline_is_never_reused(servers: Callable[..., Scri
 
     assert with_pool(server, use) == 200
     assert [number for number, _ in server.requests] == [0, 1]
+
+
+@pytest.mark.parametrize("status", [204, 304])
+def test_a_bodiless_reply_never_answers_the_next_request(
+    servers: Callable[..., Scripted], status: int
+) -> None:
+    """A 204 (or 304) without content-length, then the server reads the next request on
+    the same connection and closes without a byte: that request fails. (The 204's
+    status and framing, left from the exchange before, answered it: a push recorded as
+    delivered that OneTablet never answered.)"""
+    first = b"HTTP/1.1 %d Nothing\r\n\r\n" % status
+    server = servers(lambda n: (first, False) if n == 0 else (None, True))
+
+    async def use(pool: Pool) -> list[object]:
+        got: list[object] = [(await post(pool)).status]
+        try:
+            got.append((await post(pool)).status)
+        except Http1Error as e:
+            got.append(str(e))
+        return got
+
+    assert with_pool(server, use) == [status, "the server closed the connection before answering"]
+    assert [number for number, _ in server.requests] == [0, 0]
+
+
+def test_a_reply_past_the_one_asked_for_ends_its_connection(
+    servers: Callable[..., Scripted],
+) -> None:
+    """The reply, and in the same read the head of another nobody asked for: the reply
+    is taken, and its connection never serves again (the next request, on a new one,
+    reads its own reply, not the phantom's)."""
+    phantom = b"HTTP/1.1 200 OK\r\ncontent-length: 50\r\n\r\n"
+    busy = b"HTTP/1.1 503 Busy\r\nretry-after: 9\r\ncontent-length: 2\r\n\r\n{}"
+    server = servers(lambda n: (OK + phantom, False) if n == 0 else (busy, False))
+
+    async def use(pool: Pool) -> list[tuple[int, bytes]]:
+        return [((r := await post(pool)).status, r.body) for _ in range(2)]
+
+    assert with_pool(server, use) == [(200, b"{}"), (503, b"{}")]
+    assert [number for number, _ in server.requests] == [0, 1]
+
+
+HUGE_HEADS = {
+    "endless-value": b"HTTP/1.1 200 OK\r\nx-a: " + b"a" * (4 << 20),
+    "endless-reason": b"HTTP/1.1 200 " + b"A" * (4 << 20),
+    "many-headers": b"HTTP/1.1 200 OK\r\n" + b"x-a: 1\r\n" * 200 + b"content-length: 2\r\n\r\n{}",
+    "long-1xx": b"HTTP/1.1 103 Hints\r\nlink: " + b"l" * 40000 + b"\r\n\r\n"
+    b"HTTP/1.1 200 OK\r\nx-b: " + b"b" * 40000 + b"\r\ncontent-length: 2\r\n\r\n{}",
+}
+
+
+@pytest.mark.parametrize("head", HUGE_HEADS.values(), ids=HUGE_HEADS.keys())
+def test_a_reply_head_is_bounded(servers: Callable[..., Scripted], head: bytes) -> None:
+    """A head over 64 KiB (1xx included) or over 128 headers: an error at once (not at
+    the deadline, after hundreds of MB buffered), the connection closed."""
+    server = servers(lambda _: (head, False))  # and the server keeps the connection open
+
+    async def use(pool: Pool) -> tuple[str, int]:
+        async with asyncio.timeout(5):
+            with pytest.raises(Http1Error) as info:
+                await post(pool)
+        return str(info.value), pool.connections
+
+    error, connections = with_pool(server, use)
+    assert connections == 0 and ("head is over" in error or "headers" in error), error
+
+
+def test_a_head_just_under_the_bound_is_read(servers: Callable[..., Scripted]) -> None:
+    head = b"HTTP/1.1 200 OK\r\n" + b"x-a: %s\r\n" % (b"a" * 500) * 120
+    server = servers(lambda _: (head + b"content-length: 2\r\n\r\n{}", False))
+
+    async def use(pool: Pool) -> tuple[int, int]:
+        r = await post(pool)
+        return r.status, len(r.headers)
+
+    assert with_pool(server, use) == (200, 121)
+
+
+def test_a_body_framed_by_the_close_and_ended_by_a_reset_is_an_error() -> None:
+    """Neither content-length nor chunked, part of the body, then a reset (not a
+    close): the reply did not end, it failed."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    reset = threading.Event()
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b'HTTP/1.1 200 OK\r\n\r\n{"half": ')
+            reset.wait(10)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+
+    async def use() -> str:
+        pool = Pool("http", "127.0.0.1", port, limit=1, tls=None, cap=MAX_REPLY_BYTES)
+        try:
+            call = asyncio.ensure_future(post(pool))
+            await until(lambda: any(c._body for c in pool._all), 5, "part of the body")
+            reset.set()
+            with pytest.raises(Http1Error) as info:
+                await call
+            return str(info.value)
+        finally:
+            await pool.close()
+
+    try:
+        error = asyncio.run(use())
+    finally:
+        reset.set()
+        listener.close()
+        thread.join(10)
+    assert error.startswith("the connection was reset mid-reply"), error
 
 
 REUSE_FORBIDDEN = {

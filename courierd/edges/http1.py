@@ -48,6 +48,8 @@ from urllib.parse import unquote, urlsplit
 import httptools
 
 IDLE_S = 15.0  # aiohttp's keep-alive default
+MAX_HEAD_BYTES = 1 << 16  # a reply's head (status line and headers, 1xx included)
+MAX_HEADERS = 128  # header lines in one reply's head
 _CONTROL_IN_TARGET = re.compile(r"[\x00-\x20\x7f]")
 _CONTROL_IN_FIELD = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # horizontal tab is allowed
 _BAD_NAME = re.compile(r"[^!#$%&'*+\-.^_`|~0-9A-Za-z]")  # a header name is a token
@@ -99,6 +101,9 @@ class _Connection(asyncio.Protocol):
         self._headers: list[tuple[bytes, bytes]] = []
         self._body = bytearray()
         self._until_close = True  # neither content-length nor chunked: ends with the connection
+        self._in_head = False  # this exchange's reply head is being read
+        self._head_bytes = 0  # of the heads read whole (1xx included), this exchange
+        self._head_read = 0  # bytes read while a head was unfinished, this exchange
         self._tunnel: asyncio.Future[bytes] | None = None  # a CONNECT's reply head
         self._tunnel_head = bytearray()
         self.on_lost: Callable[[_Connection], None] | None = None  # the pool's, while idle
@@ -121,8 +126,18 @@ class _Connection(asyncio.Protocol):
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._fail(Http1Error("the server switched protocols"))
+            return
+        except httptools.HttpParserCallbackError as e:  # one of ours, raised in a callback
+            cause = e.__context__
+            self._fail(cause if isinstance(cause, Http1Error) else Http1Error(str(e)))
+            return
         except httptools.HttpParserError as e:
             self._fail(Http1Error(f"unreadable reply: {e}"))
+            return
+        if self._in_head:  # what the parser holds of an unfinished header is bounded too
+            self._head_read += len(data)
+            if self._head_read > MAX_HEAD_BYTES:
+                self._fail(Http1Error(f"the reply's head is over {MAX_HEAD_BYTES} bytes"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
@@ -134,29 +149,48 @@ class _Connection(asyncio.Protocol):
         reply = self._reply
         if reply is None or reply.done():
             return
-        if self._status >= 200 and self._until_close:  # its body ended with the connection
-            reply.set_result(self._made())
-        elif not self._started:
+        # Everything below was set during this exchange (`exchange` reset it): a reply
+        # of an earlier exchange never answers this one.
+        if not self._started:
             reply.set_exception(Http1Error("the server closed the connection before answering"))
+        elif exc is not None:  # a reset is no end of a body, whatever the framing
+            reply.set_exception(Http1Error(f"the connection was reset mid-reply ({exc})"))
+        elif self._status >= 200 and self._until_close:  # its body ended with the connection
+            reply.set_result(self._made())
         else:
             reply.set_exception(Http1Error("the server closed the connection mid-reply"))
 
     # httptools' callbacks
 
     def on_message_begin(self) -> None:
+        if self._reply is None or self._reply.done():
+            # A second reply after the one asked for (in the same read): the framing of
+            # this connection cannot be trusted, it never serves again.
+            raise Http1Error("the server sent a reply no request asked for")
+        self._in_head = True
         self._status, self._reason = 0, b""
         self._headers, self._body = [], bytearray()
         self._until_close = True
 
     def on_status(self, reason: bytes) -> None:
         self._reason += reason
+        self._count_head(len(reason))
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name, value))
+        if len(self._headers) > MAX_HEADERS:
+            raise Http1Error(f"the reply has over {MAX_HEADERS} headers")
+        self._count_head(len(name) + len(value) + 4)
         if len(name) in (14, 17) and name.lower() in (b"content-length", b"transfer-encoding"):
             self._until_close = False
 
+    def _count_head(self, n: int) -> None:
+        self._head_bytes += n
+        if self._head_bytes > MAX_HEAD_BYTES:
+            raise Http1Error(f"the reply's head is over {MAX_HEAD_BYTES} bytes")
+
     def on_headers_complete(self) -> None:
+        self._in_head = False
         self._status = self._parser.get_status_code()
 
     def on_body(self, body: bytes) -> None:
@@ -173,7 +207,8 @@ class _Connection(asyncio.Protocol):
             self._fail(Http1Error("the server switched protocols"))
             return
         if 100 <= self._status < 200:
-            return  # informational: the reply follows
+            self._in_head = True  # informational: the reply's head follows, counted with it
+            return
         reply = self._reply
         if reply is None or reply.done():
             self._fail(Http1Error("the server sent a reply no request asked for"))
@@ -188,7 +223,11 @@ class _Connection(asyncio.Protocol):
 
     async def exchange(self, request: bytes) -> Reply:
         assert self.transport is not None
+        # Nothing of an earlier reply counts for this one (a 204's status and framing
+        # would otherwise answer a request the server closed on).
         self.keep, self._started = False, False
+        self._status, self._reason, self._headers, self._body = 0, b"", [], bytearray()
+        self._until_close, self._in_head, self._head_bytes, self._head_read = True, True, 0, 0
         self._reply = asyncio.get_running_loop().create_future()
         self.transport.write(request)
         return await self._reply
