@@ -462,6 +462,53 @@ def test_cr_lf_never_reach_the_wire(
     assert server.requests == []
 
 
+@pytest.mark.parametrize("client", CLIENTS)
+@pytest.mark.parametrize(
+    ("path", "headers"),
+    [
+        ("/o\x85", {}),
+        ("/o\u0100", {}),
+        ("/o", {"x-courierd-source": "caf\xe9"}),
+        ("/o", {"x-courierd-source": "a\x85x-evil: 1"}),
+        ("/o", {"x-courierd-source": "\u0100"}),
+        ("/o", {"x-courierd-source": "a\u2028x-evil: 1"}),
+    ],
+    ids=["path-nel", "path-wide", "value-latin1", "value-nel", "value-wide", "value-ls"],
+)
+def test_non_ascii_never_reaches_the_wire(
+    servers: Callable[..., Scripted], client: str, path: str, headers: dict[str, str]
+) -> None:
+    """A character past ASCII in a target or a header value: no answer, nothing sent,
+    whichever client (they sent it as latin-1, as UTF-8, or failed, each its own way)."""
+    server = servers(ok)
+    got = answered(server.url, client, path, headers)
+    assert isinstance(got, tuple) and got[0] == "no answer", got
+    assert server.requests == []
+
+
+@pytest.mark.parametrize(
+    ("headers", "key"),
+    [
+        ({"content-length": "0"}, API_KEY),
+        ({"Transfer-Encoding": "chunked"}, API_KEY),
+        ({"Host": "evil.example"}, API_KEY),
+        ({"connection": "close"}, API_KEY),
+        ({}, "cl\xe9"),
+    ],
+    ids=["content-length", "transfer-encoding", "host", "connection", "key-latin1"],
+)
+def test_the_lean_client_refuses_framing_headers_and_a_non_ascii_key(
+    servers: Callable[..., Scripted], headers: dict[str, str], key: str
+) -> None:
+    """The headers that frame the request are the client's own: a caller's are refused
+    (a second content-length or host went out as they were); a key past ASCII too
+    (the config refuses it at start: this is the client's own guard)."""
+    server = servers(ok)
+    got = answered(server.url, "httptools", "/o", headers, key)
+    assert isinstance(got, tuple) and got[0] == "no answer", got
+    assert server.requests == []
+
+
 STATUSES = st.sampled_from([100, 101, 200, 201, 204, 302, 304, 400, 401, 429, 500, 503, 999])
 HEADERS = st.lists(
     st.sampled_from(

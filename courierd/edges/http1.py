@@ -50,8 +50,11 @@ import httptools
 IDLE_S = 15.0  # aiohttp's keep-alive default
 MAX_HEAD_BYTES = 1 << 16  # a reply's head (status line and headers, 1xx included)
 MAX_HEADERS = 128  # header lines in one reply's head
-_CONTROL_IN_TARGET = re.compile(r"[\x00-\x20\x7f]")
-_CONTROL_IN_FIELD = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # horizontal tab is allowed
+# Requests are ASCII: a control character, or one past ASCII (which each client
+# encoded its own way, and the lean one as latin-1 when it could), is refused.
+_BAD_IN_TARGET = re.compile(r"[^\x21-\x7e]")
+_BAD_IN_FIELD = re.compile(r"[^\t\x20-\x7e]")  # horizontal tab is allowed
+_FRAMING = frozenset({"content-length", "transfer-encoding", "host", "connection"})
 _BAD_NAME = re.compile(r"[^!#$%&'*+\-.^_`|~0-9A-Za-z]")  # a header name is a token
 
 
@@ -75,12 +78,17 @@ class Reply:
         return None
 
 
-def checked_fields(headers: dict[str, str]) -> str:
+def checked_fields(headers: dict[str, str], *, framing: bool = False) -> str:
     """`headers` as header lines, or ValueError if a name or value would break the
-    request (CR/LF or another control character, a name that is not a token)."""
+    request (CR/LF or another control character, a character past ASCII, a name that
+    is not a token), or if a name is one of the framing headers the client writes
+    itself (content-length, transfer-encoding, host, connection; `framing`: the
+    client's own)."""
     for name, value in headers.items():
-        if not name or _BAD_NAME.search(name) or _CONTROL_IN_FIELD.search(value):
+        if not name or _BAD_NAME.search(name) or _BAD_IN_FIELD.search(value):
             raise ValueError(f"header {name[:40]!r} would break the request")
+        if not framing and name.lower() in _FRAMING:
+            raise ValueError(f"header {name!r} is the client's own: it frames the request")
     return "".join(f"{name}: {value}\r\n" for name, value in headers.items())
 
 
@@ -293,7 +301,7 @@ class Pool:
         default = 443 if scheme == "https" else 80
         bracketed = f"[{host}]" if ":" in host else host
         authority = bracketed if port == default else f"{bracketed}:{port}"
-        self._host_line = checked_fields({"host": authority})
+        self._host_line = checked_fields({"host": authority}, framing=True)
         self._prefix = ""  # before the path in a request target: absolute-form via a proxy
         self._proxy: tuple[str, int] | None = None
         self._proxy_auth = ""
@@ -322,7 +330,7 @@ class Pool:
     ) -> Reply:
         """`method` `path` (already escaped) with header lines `fields` (from
         `checked_fields`, checked once) and `extra` (checked here) and `body`."""
-        if _CONTROL_IN_TARGET.search(path) or not path.startswith("/"):
+        if _BAD_IN_TARGET.search(path) or not path.startswith("/"):
             raise ValueError(f"request target {path[:80]!r} would break the request")
         head = (
             f"{method} {self._prefix}{path} HTTP/1.1\r\n{self._host_line}{fields}"

@@ -53,7 +53,7 @@ CLIENTS = (
     "httpx-aiohttp",
 )  # what may run underneath; first is default
 MAX_REPLY_BYTES = 1 << 20  # OneTablet's replies are a few hundred bytes
-_UNSAFE_TARGET = re.compile(r"[\x00-\x20\x7f]")  # a target is escaped: none of these
+_UNSAFE_TARGET = re.compile(r"[^\x21-\x7e]")  # a target is escaped: printable ASCII only
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +167,11 @@ class OneTabletHttp:
         try:
             if _UNSAFE_TARGET.search(path):  # aiohttp sent it altered, httpx raised InvalidURL
                 raise ValueError(f"{path[:80]!r} would break the request line")
+            for name, value in headers.items():
+                if not (name.isascii() and value.isascii()):
+                    # Each client encoded them its own way (the lean one as latin-1 when it
+                    # could, aiohttp as UTF-8) or refused them (httpx): refused alike.
+                    raise ValueError(f"header {name[:40]!r} is not ASCII")
             async with asyncio.timeout(self.deadline_s):
                 return await self._library.post(url, content, headers)
         except TimeoutError:
