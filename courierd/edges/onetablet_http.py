@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Protocol, Self, TypeVar
 from urllib.parse import urlsplit
 
 from courierd import __version__
+from courierd.config import OneTabletSettings
 from courierd.edges.http1 import Http1Error, Pool, checked_fields
 
 if TYPE_CHECKING:
@@ -46,12 +47,13 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
+# What may run underneath; the first is the default, the config's (`onetablet.client`),
+# so that a client made without `client=` (most tests) runs what production runs.
+DEFAULT_CLIENT: str = OneTabletSettings.model_fields["client"].default
 CLIENTS = (
-    "aiohttp",
-    "httptools",
-    "httpx",
-    "httpx-aiohttp",
-)  # what may run underneath; first is default
+    DEFAULT_CLIENT,
+    *(c for c in ("httptools", "aiohttp", "httpx", "httpx-aiohttp") if c != DEFAULT_CLIENT),
+)
 MAX_REPLY_BYTES = 1 << 20  # OneTablet's replies are a few hundred bytes
 _UNSAFE_TARGET = re.compile(r"[^\x21-\x7e]")  # a target is escaped: printable ASCII only
 
