@@ -197,8 +197,10 @@ class _Aiohttp:
         self.errors: tuple[type[Exception], ...] = (aiohttp.ClientError,)
         self._url = URL
         self._proxy = proxy
+        # Not the session's default headers: aiohttp sends those to the proxy too, in the
+        # CONNECT of an https:// tunnel (the API key in clear to the proxy).
+        self._headers = headers
         self._session = aiohttp.ClientSession(
-            headers=headers,
             # All calls go to one host: the limit is the connections OneTablet sees.
             connector=aiohttp.TCPConnector(limit=limit, limit_per_host=limit, ssl=tls),
             timeout=aiohttp.ClientTimeout(total=None),  # OneTabletHttp's deadline rules
@@ -212,7 +214,7 @@ class _Aiohttp:
         async with self._session.post(
             self._url(url, encoded=True),
             data=content,
-            headers=headers,
+            headers={**self._headers, **headers},
             allow_redirects=False,
             proxy=self._proxy,
         ) as r:
