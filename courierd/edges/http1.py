@@ -19,12 +19,27 @@ aiohttp's CPU per request (README "Performance"):
   timed the connection out as the request went): the request fails (`Http1Error`),
   as aiohttp fails a POST then (it re-sends only idempotent methods). The caller's
   caller retries (the outbox, with the Idempotency-Key that makes a re-send safe);
+- a reply answers only the exchange it came in: what `exchange` reads starts afresh
+  (status, headers, framing), so that a reply before (a 204, framed without a length)
+  never answers a request the server then closed on. Bytes past the reply (the start
+  of another that no request asked for, in the same read or later) close the
+  connection: its framing is not to be trusted;
 - the reply body is kept up to `cap` bytes: at the cap the reply is taken as it is
   (its status decides) and the connection closed, the rest never read. A reply with
-  neither content-length nor chunked framing ends with its connection;
+  neither content-length nor chunked framing ends with its connection, when the peer
+  closes it; a reset then is an error, not the end of the body;
+- the reply's head (status line and headers, 1xx replies before it included) is
+  bounded: over `MAX_HEAD_BYTES` (64 KiB) or `MAX_HEADERS` (128 headers) it is an
+  error at once and the connection closed, nothing more buffered;
+- the parser is llhttp's strict one: a bare LF for CRLF, a folded header (obs-fold) or
+  a space before a header's colon is an error (no answer), where aiohttp's parser takes
+  them. A OneTablet answering so would have every push retried until it expires:
+  `onetablet.client = "aiohttp"` is the way out;
 - 1xx informational replies are skipped; a 101 (protocol switch) is an error;
-- CR, LF, NUL or other control characters in a request target or header (and spaces in
-  the target) are refused (ValueError) before anything is sent;
+- requests are ASCII: a control character (CR, LF, NUL...) or one past ASCII in a
+  request target or header (and spaces in the target) is refused (ValueError) before
+  anything is sent, and so are a caller's framing headers (content-length,
+  transfer-encoding, host, connection: the client writes its own);
 - TLS with the caller's context (`server_hostname`: the origin's host);
 - a proxy: an HTTP proxy carries http:// requests (absolute-form targets); https://
   goes through a CONNECT tunnel, then TLS to the origin inside it. A proxy URL's
