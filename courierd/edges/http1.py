@@ -125,8 +125,8 @@ class _Connection(asyncio.Protocol):
         self._body = bytearray()
         self._until_close = True  # neither content-length nor chunked: ends with the connection
         self._in_head = False  # this exchange's reply head is being read
-        self._head_bytes = 0  # of the heads read whole (1xx included), this exchange
-        self._head_read = 0  # bytes read while a head was unfinished, this exchange
+        self._read = 0  # bytes read in this exchange
+        self._heads_before = 0  # bytes of this exchange's 1xx heads
         self._tunnel: asyncio.Future[bytes] | None = None  # a CONNECT's reply head
         self._tunnel_head = bytearray()
         self.on_lost: Callable[[_Connection], None] | None = None  # the pool's, while idle
@@ -145,6 +145,7 @@ class _Connection(asyncio.Protocol):
             self._fail(Http1Error("the server sent bytes no request asked for"))
             return
         self._started = True
+        self._read += len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -157,10 +158,10 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserError as e:
             self._fail(Http1Error(f"unreadable reply: {e}"))
             return
-        if self._in_head:  # what the parser holds of an unfinished header is bounded too
-            self._head_read += len(data)
-            if self._head_read > MAX_HEAD_BYTES:
-                self._fail(Http1Error(f"the reply's head is over {MAX_HEAD_BYTES} bytes"))
+        # A head still unfinished: all read so far was heads, what the parser holds of
+        # them (a header's value, the reason, until they end) is bounded by it.
+        if self._in_head and self._read > MAX_HEAD_BYTES:
+            self._fail(Http1Error(f"the reply's head is over {MAX_HEAD_BYTES} bytes"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
@@ -197,23 +198,24 @@ class _Connection(asyncio.Protocol):
 
     def on_status(self, reason: bytes) -> None:
         self._reason += reason
-        self._count_head(len(reason))
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name, value))
         if len(self._headers) > MAX_HEADERS:
             raise Http1Error(f"the reply has over {MAX_HEADERS} headers")
-        self._count_head(len(name) + len(value) + 4)
         if len(name) in (14, 17) and name.lower() in (b"content-length", b"transfer-encoding"):
             self._until_close = False
 
-    def _count_head(self, n: int) -> None:
-        self._head_bytes += n
-        if self._head_bytes > MAX_HEAD_BYTES:
-            raise Http1Error(f"the reply's head is over {MAX_HEAD_BYTES} bytes")
+    def _head_size(self) -> int:
+        """The bytes of the head just read (near enough: its lines, not their ends)."""
+        return len(self._reason) + sum(len(n) + len(v) + 4 for n, v in self._headers)
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        # A head read whole in one read: measured only when this exchange has read more
+        # than the bound (a head can be over it only then).
+        if self._read > MAX_HEAD_BYTES and self._heads_before + self._head_size() > MAX_HEAD_BYTES:
+            raise Http1Error(f"the reply's head is over {MAX_HEAD_BYTES} bytes")
         self._status = self._parser.get_status_code()
 
     def on_body(self, body: bytes) -> None:
@@ -231,6 +233,7 @@ class _Connection(asyncio.Protocol):
             return
         if 100 <= self._status < 200:
             self._in_head = True  # informational: the reply's head follows, counted with it
+            self._heads_before += self._head_size()
             return
         reply = self._reply
         if reply is None or reply.done():
@@ -248,9 +251,9 @@ class _Connection(asyncio.Protocol):
         assert self.transport is not None
         # Nothing of an earlier reply counts for this one (a 204's status and framing
         # would otherwise answer a request the server closed on).
-        self.keep, self._started = False, False
-        self._status, self._reason, self._headers, self._body = 0, b"", [], bytearray()
-        self._until_close, self._in_head, self._head_bytes, self._head_read = True, True, 0, 0
+        # (The reason, headers and body are reset as a reply begins.)
+        self.keep, self._started, self._status, self._until_close = False, False, 0, True
+        self._in_head, self._read, self._heads_before = True, 0, 0
         self._reply = asyncio.get_running_loop().create_future()
         self.transport.write(request)
         return await self._reply
