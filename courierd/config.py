@@ -7,6 +7,7 @@ startup by the CLI; each component is handed only its own section.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal, Self
@@ -32,6 +33,8 @@ from pydantic_settings import (
 from courierd.errors import ConfigError
 
 ENV_PREFIX = "COURIERD_"
+_PRINTABLE_ASCII = re.compile(r"[\x20-\x7e]+")
+_URL_CHARS = re.compile(r"[\x21-\x7e]+")  # printable ASCII, no space
 
 
 class _Section(BaseModel):
@@ -102,7 +105,25 @@ class OneTabletSettings(_Section):
             # Request paths are appended to it: after a query or fragment they would
             # silently be part of that, and every request would go to the same URL.
             raise ValueError("must not have a query (?) or fragment (#)")
+        if not _URL_CHARS.fullmatch(value):
+            # Each HTTP client sent other bytes for it (or failed each call, retried forever).
+            raise ValueError(
+                "must be printable ASCII: an international host name in its xn-- (IDNA) "
+                "form, the path %-escaped"
+            )
+        if "@" in parts.netloc:
+            # Every client dropped it silently: OneTablet's credential is onetablet.api_key.
+            raise ValueError("must not carry user-info (user:password@); set onetablet.api_key")
         return value.rstrip("/")
+
+    @field_validator("api_key")
+    @classmethod
+    def _api_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not _PRINTABLE_ASCII.fullmatch(value.get_secret_value()):
+            # It goes in a header: a character there would break or alter every request,
+            # each one failing and retried forever. The value is never echoed.
+            raise ValueError("must be printable ASCII (no control or non-ASCII characters)")
+        return value
 
     @field_validator("retry_schedule_s")
     @classmethod

@@ -253,10 +253,13 @@ class Scripted:
 
 class ConnectProxy:
     """A forward proxy for https:// that only tunnels: `CONNECT host:port`, answered
-    200, then bytes both ways. Records each CONNECT's target."""
+    200, then bytes both ways. Records each CONNECT's target, and every byte a client
+    sent it (`seen`: the CONNECT's head, then what it carried in the tunnel)."""
 
     def __init__(self) -> None:
         self.targets: list[str] = []
+        self.seen = bytearray()
+        self._seen_lock = threading.Lock()
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
         threading.Thread(target=self._accept, daemon=True).start()
@@ -277,6 +280,7 @@ class ConnectProxy:
                 if not data:
                     return
                 head += data
+            self._saw(head)
             method, target, _ = head.split(b"\r\n", 1)[0].decode().split(" ", 2)
             if method != "CONNECT":
                 client.sendall(b"HTTP/1.1 405 Only CONNECT\r\ncontent-length: 0\r\n\r\n")
@@ -288,16 +292,24 @@ class ConnectProxy:
                 client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
                 back = threading.Thread(target=_pump, args=(server, client), daemon=True)
                 back.start()
-                _pump(client, server)
+                _pump(client, server, self._saw)
                 back.join(10)
+
+    def _saw(self, data: bytes) -> None:
+        with self._seen_lock:
+            self.seen += data
 
     def close(self) -> None:
         self._listener.close()
 
 
-def _pump(src: socket.socket, dst: socket.socket) -> None:
+def _pump(
+    src: socket.socket, dst: socket.socket, record: Callable[[bytes], None] | None = None
+) -> None:
     try:
         while data := src.recv(65536):
+            if record is not None:
+                record(data)
             dst.sendall(data)
     except OSError:
         pass

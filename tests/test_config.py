@@ -77,6 +77,30 @@ def test_config_file_from_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
             "https://onetablet.example/#",
             "must not have a query (?) or fragment (#)",
         ),
+        (
+            "COURIERD_ONETABLET__BASE_URL",
+            "https://bücher.example",
+            "invalid setting onetablet.base_url (COURIERD_ONETABLET__BASE_URL): must be "
+            "printable ASCII: an international host name in its xn-- (IDNA) form",
+        ),
+        (
+            "COURIERD_ONETABLET__BASE_URL",
+            "https://courier:pw-secret@onetablet.example",
+            "invalid setting onetablet.base_url (COURIERD_ONETABLET__BASE_URL): must not "
+            "carry user-info (user:password@); set onetablet.api_key",
+        ),
+        (
+            "COURIERD_ONETABLET__API_KEY",
+            "clé",
+            "invalid setting onetablet.api_key (COURIERD_ONETABLET__API_KEY): must be "
+            "printable ASCII",
+        ),
+        (
+            "COURIERD_ONETABLET__API_KEY",
+            "k\r\nx-evil: 1",
+            "invalid setting onetablet.api_key (COURIERD_ONETABLET__API_KEY): must be "
+            "printable ASCII",
+        ),
         ("COURIERD_HTTP__LISTEN", "8787", "invalid setting http.listen (COURIERD_HTTP__LISTEN)"),
         (
             "COURIERD_INGEST__BATCH_SIZE",
@@ -98,6 +122,7 @@ def test_bad_setting_names_key_and_variable(
     with pytest.raises(ConfigError) as info:
         load_settings()
     assert needle in str(info.value)
+    assert "pw-secret" not in str(info.value) and "clé" not in str(info.value)
 
 
 def test_unknown_key_in_file_and_bad_files(tmp_path: Path) -> None:

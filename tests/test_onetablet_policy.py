@@ -289,7 +289,8 @@ def test_https_goes_through_a_connect_tunnel_for_every_caller(
 ) -> None:
     """HTTPS_PROXY: each caller asks the proxy for a tunnel to OneTablet's host and port
     (CONNECT) and speaks TLS to OneTablet inside it, its certificate verified; the
-    proxy sees neither the key nor the path."""
+    proxy sees neither the key nor the path nor the body (aiohttp sent the key in the
+    CONNECT while it was one of the session's default headers)."""
     cert, key = self_signed(tmp_path)
     host, proxy = OtherHost(tls=(cert, key)), ConnectProxy()
     try:
@@ -303,6 +304,9 @@ def test_https_goes_through_a_connect_tunnel_for_every_caller(
         assert proxy.targets == [host.url.removeprefix("https://")] * len(CALLERS)
         seen = [(s.target, s.api_key) for s in host.seen]
         assert seen == [("/orders/o-1/delivery-status", API_KEY)] * len(CALLERS)
+        assert proxy.seen.count(b"CONNECT ") == len(CALLERS)  # and TLS records after each
+        for secret in (API_KEY.encode(), b"/orders/o-1", b"delivery-status", BODY.encode()):
+            assert secret not in proxy.seen, secret
     finally:
         proxy.close()
         host.close()

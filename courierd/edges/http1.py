@@ -19,12 +19,27 @@ aiohttp's CPU per request (README "Performance"):
   timed the connection out as the request went): the request fails (`Http1Error`),
   as aiohttp fails a POST then (it re-sends only idempotent methods). The caller's
   caller retries (the outbox, with the Idempotency-Key that makes a re-send safe);
+- a reply answers only the exchange it came in: what `exchange` reads starts afresh
+  (status, headers, framing), so that a reply before (a 204, framed without a length)
+  never answers a request the server then closed on. Bytes past the reply (the start
+  of another that no request asked for, in the same read or later) close the
+  connection: its framing is not to be trusted;
 - the reply body is kept up to `cap` bytes: at the cap the reply is taken as it is
   (its status decides) and the connection closed, the rest never read. A reply with
-  neither content-length nor chunked framing ends with its connection;
+  neither content-length nor chunked framing ends with its connection, when the peer
+  closes it; a reset then is an error, not the end of the body;
+- the reply's head (status line and headers, 1xx replies before it included) is
+  bounded: over `MAX_HEAD_BYTES` (64 KiB) or `MAX_HEADERS` (128 headers) it is an
+  error at once and the connection closed, nothing more buffered;
+- the parser is llhttp's strict one: a bare LF for CRLF, a folded header (obs-fold) or
+  a space before a header's colon is an error (no answer), where aiohttp's parser takes
+  them. A OneTablet answering so would have every push retried until it expires:
+  `onetablet.client = "aiohttp"` is the way out;
 - 1xx informational replies are skipped; a 101 (protocol switch) is an error;
-- CR, LF, NUL or other control characters in a request target or header (and spaces in
-  the target) are refused (ValueError) before anything is sent;
+- requests are ASCII: a control character (CR, LF, NUL...) or one past ASCII in a
+  request target or header (and spaces in the target) is refused (ValueError) before
+  anything is sent, and so are a caller's framing headers (content-length,
+  transfer-encoding, host, connection: the client writes its own);
 - TLS with the caller's context (`server_hostname`: the origin's host);
 - a proxy: an HTTP proxy carries http:// requests (absolute-form targets); https://
   goes through a CONNECT tunnel, then TLS to the origin inside it. A proxy URL's
@@ -48,8 +63,13 @@ from urllib.parse import unquote, urlsplit
 import httptools
 
 IDLE_S = 15.0  # aiohttp's keep-alive default
-_CONTROL_IN_TARGET = re.compile(r"[\x00-\x20\x7f]")
-_CONTROL_IN_FIELD = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # horizontal tab is allowed
+MAX_HEAD_BYTES = 1 << 16  # a reply's head (status line and headers, 1xx included)
+MAX_HEADERS = 128  # header lines in one reply's head
+# Requests are ASCII: a control character, or one past ASCII (which each client
+# encoded its own way, and the lean one as latin-1 when it could), is refused.
+_BAD_IN_TARGET = re.compile(r"[^\x21-\x7e]")
+_BAD_IN_FIELD = re.compile(r"[^\t\x20-\x7e]")  # horizontal tab is allowed
+_FRAMING = frozenset({"content-length", "transfer-encoding", "host", "connection"})
 _BAD_NAME = re.compile(r"[^!#$%&'*+\-.^_`|~0-9A-Za-z]")  # a header name is a token
 
 
@@ -73,12 +93,17 @@ class Reply:
         return None
 
 
-def checked_fields(headers: dict[str, str]) -> str:
+def checked_fields(headers: dict[str, str], *, framing: bool = False) -> str:
     """`headers` as header lines, or ValueError if a name or value would break the
-    request (CR/LF or another control character, a name that is not a token)."""
+    request (CR/LF or another control character, a character past ASCII, a name that
+    is not a token), or if a name is one of the framing headers the client writes
+    itself (content-length, transfer-encoding, host, connection; `framing`: the
+    client's own)."""
     for name, value in headers.items():
-        if not name or _BAD_NAME.search(name) or _CONTROL_IN_FIELD.search(value):
+        if not name or _BAD_NAME.search(name) or _BAD_IN_FIELD.search(value):
             raise ValueError(f"header {name[:40]!r} would break the request")
+        if not framing and name.lower() in _FRAMING:
+            raise ValueError(f"header {name!r} is the client's own: it frames the request")
     return "".join(f"{name}: {value}\r\n" for name, value in headers.items())
 
 
@@ -99,6 +124,9 @@ class _Connection(asyncio.Protocol):
         self._headers: list[tuple[bytes, bytes]] = []
         self._body = bytearray()
         self._until_close = True  # neither content-length nor chunked: ends with the connection
+        self._in_head = False  # this exchange's reply head is being read
+        self._read = 0  # bytes read in this exchange
+        self._heads_before = 0  # bytes of this exchange's 1xx heads
         self._tunnel: asyncio.Future[bytes] | None = None  # a CONNECT's reply head
         self._tunnel_head = bytearray()
         self.on_lost: Callable[[_Connection], None] | None = None  # the pool's, while idle
@@ -117,12 +145,23 @@ class _Connection(asyncio.Protocol):
             self._fail(Http1Error("the server sent bytes no request asked for"))
             return
         self._started = True
+        self._read += len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._fail(Http1Error("the server switched protocols"))
+            return
+        except httptools.HttpParserCallbackError as e:  # one of ours, raised in a callback
+            cause = e.__context__
+            self._fail(cause if isinstance(cause, Http1Error) else Http1Error(str(e)))
+            return
         except httptools.HttpParserError as e:
             self._fail(Http1Error(f"unreadable reply: {e}"))
+            return
+        # A head still unfinished: all read so far was heads, what the parser holds of
+        # them (a header's value, the reason, until they end) is bounded by it.
+        if self._in_head and self._read > MAX_HEAD_BYTES:
+            self._fail(Http1Error(f"the reply's head is over {MAX_HEAD_BYTES} bytes"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
@@ -134,16 +173,25 @@ class _Connection(asyncio.Protocol):
         reply = self._reply
         if reply is None or reply.done():
             return
-        if self._status >= 200 and self._until_close:  # its body ended with the connection
-            reply.set_result(self._made())
-        elif not self._started:
+        # Everything below was set during this exchange (`exchange` reset it): a reply
+        # of an earlier exchange never answers this one.
+        if not self._started:
             reply.set_exception(Http1Error("the server closed the connection before answering"))
+        elif exc is not None:  # a reset is no end of a body, whatever the framing
+            reply.set_exception(Http1Error(f"the connection was reset mid-reply ({exc})"))
+        elif self._status >= 200 and self._until_close:  # its body ended with the connection
+            reply.set_result(self._made())
         else:
             reply.set_exception(Http1Error("the server closed the connection mid-reply"))
 
     # httptools' callbacks
 
     def on_message_begin(self) -> None:
+        if self._reply is None or self._reply.done():
+            # A second reply after the one asked for (in the same read): the framing of
+            # this connection cannot be trusted, it never serves again.
+            raise Http1Error("the server sent a reply no request asked for")
+        self._in_head = True
         self._status, self._reason = 0, b""
         self._headers, self._body = [], bytearray()
         self._until_close = True
@@ -153,10 +201,21 @@ class _Connection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name, value))
+        if len(self._headers) > MAX_HEADERS:
+            raise Http1Error(f"the reply has over {MAX_HEADERS} headers")
         if len(name) in (14, 17) and name.lower() in (b"content-length", b"transfer-encoding"):
             self._until_close = False
 
+    def _head_size(self) -> int:
+        """The bytes of the head just read (near enough: its lines, not their ends)."""
+        return len(self._reason) + sum(len(n) + len(v) + 4 for n, v in self._headers)
+
     def on_headers_complete(self) -> None:
+        self._in_head = False
+        # A head read whole in one read: measured only when this exchange has read more
+        # than the bound (a head can be over it only then).
+        if self._read > MAX_HEAD_BYTES and self._heads_before + self._head_size() > MAX_HEAD_BYTES:
+            raise Http1Error(f"the reply's head is over {MAX_HEAD_BYTES} bytes")
         self._status = self._parser.get_status_code()
 
     def on_body(self, body: bytes) -> None:
@@ -173,7 +232,9 @@ class _Connection(asyncio.Protocol):
             self._fail(Http1Error("the server switched protocols"))
             return
         if 100 <= self._status < 200:
-            return  # informational: the reply follows
+            self._in_head = True  # informational: the reply's head follows, counted with it
+            self._heads_before += self._head_size()
+            return
         reply = self._reply
         if reply is None or reply.done():
             self._fail(Http1Error("the server sent a reply no request asked for"))
@@ -188,7 +249,11 @@ class _Connection(asyncio.Protocol):
 
     async def exchange(self, request: bytes) -> Reply:
         assert self.transport is not None
-        self.keep, self._started = False, False
+        # Nothing of an earlier reply counts for this one (a 204's status and framing
+        # would otherwise answer a request the server closed on).
+        # (The reason, headers and body are reset as a reply begins.)
+        self.keep, self._started, self._status, self._until_close = False, False, 0, True
+        self._in_head, self._read, self._heads_before = True, 0, 0
         self._reply = asyncio.get_running_loop().create_future()
         self.transport.write(request)
         return await self._reply
@@ -254,7 +319,7 @@ class Pool:
         default = 443 if scheme == "https" else 80
         bracketed = f"[{host}]" if ":" in host else host
         authority = bracketed if port == default else f"{bracketed}:{port}"
-        self._host_line = checked_fields({"host": authority})
+        self._host_line = checked_fields({"host": authority}, framing=True)
         self._prefix = ""  # before the path in a request target: absolute-form via a proxy
         self._proxy: tuple[str, int] | None = None
         self._proxy_auth = ""
@@ -283,7 +348,7 @@ class Pool:
     ) -> Reply:
         """`method` `path` (already escaped) with header lines `fields` (from
         `checked_fields`, checked once) and `extra` (checked here) and `body`."""
-        if _CONTROL_IN_TARGET.search(path) or not path.startswith("/"):
+        if _BAD_IN_TARGET.search(path) or not path.startswith("/"):
             raise ValueError(f"request target {path[:80]!r} would break the request")
         head = (
             f"{method} {self._prefix}{path} HTTP/1.1\r\n{self._host_line}{fields}"

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Protocol, Self, TypeVar
 from urllib.parse import urlsplit
 
 from courierd import __version__
+from courierd.config import OneTabletSettings
 from courierd.edges.http1 import Http1Error, Pool, checked_fields
 
 if TYPE_CHECKING:
@@ -46,14 +47,15 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
+# What may run underneath; the first is the default, the config's (`onetablet.client`),
+# so that a client made without `client=` (most tests) runs what production runs.
+DEFAULT_CLIENT: str = OneTabletSettings.model_fields["client"].default
 CLIENTS = (
-    "aiohttp",
-    "httptools",
-    "httpx",
-    "httpx-aiohttp",
-)  # what may run underneath; first is default
+    DEFAULT_CLIENT,
+    *(c for c in ("httptools", "aiohttp", "httpx", "httpx-aiohttp") if c != DEFAULT_CLIENT),
+)
 MAX_REPLY_BYTES = 1 << 20  # OneTablet's replies are a few hundred bytes
-_UNSAFE_TARGET = re.compile(r"[\x00-\x20\x7f]")  # a target is escaped: none of these
+_UNSAFE_TARGET = re.compile(r"[^\x21-\x7e]")  # a target is escaped: printable ASCII only
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +169,11 @@ class OneTabletHttp:
         try:
             if _UNSAFE_TARGET.search(path):  # aiohttp sent it altered, httpx raised InvalidURL
                 raise ValueError(f"{path[:80]!r} would break the request line")
+            for name, value in headers.items():
+                if not (name.isascii() and value.isascii()):
+                    # Each client encoded them its own way (the lean one as latin-1 when it
+                    # could, aiohttp as UTF-8) or refused them (httpx): refused alike.
+                    raise ValueError(f"header {name[:40]!r} is not ASCII")
             async with asyncio.timeout(self.deadline_s):
                 return await self._library.post(url, content, headers)
         except TimeoutError:
@@ -190,8 +197,10 @@ class _Aiohttp:
         self.errors: tuple[type[Exception], ...] = (aiohttp.ClientError,)
         self._url = URL
         self._proxy = proxy
+        # Not the session's default headers: aiohttp sends those to the proxy too, in the
+        # CONNECT of an https:// tunnel (the API key in clear to the proxy).
+        self._headers = headers
         self._session = aiohttp.ClientSession(
-            headers=headers,
             # All calls go to one host: the limit is the connections OneTablet sees.
             connector=aiohttp.TCPConnector(limit=limit, limit_per_host=limit, ssl=tls),
             timeout=aiohttp.ClientTimeout(total=None),  # OneTabletHttp's deadline rules
@@ -205,7 +214,7 @@ class _Aiohttp:
         async with self._session.post(
             self._url(url, encoded=True),
             data=content,
-            headers=headers,
+            headers={**self._headers, **headers},
             allow_redirects=False,
             proxy=self._proxy,
         ) as r:
