@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import json
 import sqlite3
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -189,3 +191,52 @@ def test_compact_refuses_while_the_daemon_runs_and_on_postgresql(cli, db_path: P
         lock.release()
     assert cli("compact", env={"COURIERD_STORE__URL": "postgresql://h/db"}).code == 2
     assert cli("compact").code == 0
+
+
+@pytest.fixture
+def small_tmp(tmp_path: Path) -> Iterator[Path]:
+    """A 16 MiB tmpfs, standing in for a small /var/tmp (root only)."""
+    mount = tmp_path / "small-tmp"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _legacy_database_in_use(db_path: Path, megabytes: int) -> None:
+    """A legacy database holding `megabytes` of live rows besides its freed pages."""
+    _legacy_database(db_path)
+    with contextlib.closing(sqlite3.connect(db_path)) as conn, conn:
+        conn.executemany(
+            "INSERT INTO dead_letters (topic, payload, reason, received_at) VALUES (?, ?, ?, ?)",
+            [("couriers/c1/status", b"y" * (1 << 20), "bad_json", "2026-01-01")] * megabytes,
+        )
+
+
+def test_compact_rewrites_beside_the_database_not_in_a_small_tmp(
+    cli, db_path: Path, small_tmp: Path
+) -> None:
+    """VACUUM builds its copy in SQLite's temporary folder (TMPDIR, else /var/tmp), often a
+    small file system: compact has it built beside the database, where it checked the
+    room, so a database larger than /var/tmp compacts (it failed "disk is full")."""
+    _legacy_database_in_use(db_path, 24)
+    done = cli("compact", env={"TMPDIR": str(small_tmp)})
+    assert done.code == 0, done.err
+    assert "auto-vacuum none -> incremental" in done.out
+
+
+def test_compact_refuses_a_temporary_folder_without_room(
+    cli, db_path: Path, small_tmp: Path
+) -> None:
+    """A temporary folder the operator chose (SQLITE_TMPDIR) is kept, and checked: too
+    small, and compact refuses before it starts, naming it; the file is untouched."""
+    _legacy_database_in_use(db_path, 24)
+    before = db_path.read_bytes()
+    refused = cli("compact", env={"SQLITE_TMPDIR": str(small_tmp)})
+    assert refused.code == 1
+    assert "SQLite's temporary folder" in refused.err and str(small_tmp) in refused.err
+    assert db_path.read_bytes() == before

@@ -223,6 +223,9 @@ POST = b"POST /orders HTTP/1.1\r\nhost: x\r\nx-api-key: k\r\n"
         (POST + b"transfer-encoding: chunked\r\n\r\n5\r\n{}   \r\n0\r\n\r\n", 411),
         (POST + b"transfer-encoding: chunked\r\ncontent-length: 2\r\n\r\n{}", 400),
         (POST + b"content-length: 2000000\r\n\r\n", 413),
+        # ... with the rest of the request sent: read and dropped, not a reset (lingering)
+        (POST + b"content-length: 3000000\r\n\r\n" + b"x" * 3_000_000, 413),
+        (b"GET /" + b"a" * 200_000 + b" HTTP/1.1\r\n\r\n", 414),
         (b"GET / HTTP/1.1\r\nhost: x", 400),  # the client stopped half-way through the head
     ],
 )

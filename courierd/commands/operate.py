@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -88,12 +89,16 @@ def _compact(settings: Settings) -> int:
     lock = DaemonLock(path).acquire()  # StoreError (exit 1) while the daemon runs
     try:
         before = _size(path)
-        free = shutil.disk_usage(path.parent).free
-        if free < before:  # the rewritten file goes through the WAL first
-            raise StoreError(f"compact needs up to {before} bytes free beside {path}; {free} are")
+        # VACUUM builds the new file in SQLite's temporary folder (else TMPDIR or /var/tmp,
+        # often a small file system), then writes it back through the WAL: both beside the
+        # database, where the room is checked, unless the operator chose a folder.
+        chosen = os.environ.get("SQLITE_TMPDIR")
+        temporary = Path(chosen) if chosen else path.parent
         db = SqliteDatabase(path, busy_timeout_s=settings.store.busy_timeout_s)
         try:
-            was = db.compact()
+            in_use = db.value("PRAGMA page_count") - db.value("PRAGMA freelist_count")
+            _room_for(in_use * db.value("PRAGMA page_size"), path.parent, temporary)
+            was = db.compact(temporary)
         finally:
             db.close()
     finally:
@@ -104,6 +109,27 @@ def _compact(settings: Settings) -> int:
         "(retention now gives freed pages back)"
     )
     return EXIT_OK
+
+
+def _room_for(size: int, folder: Path, temporary: Path) -> None:
+    """Refuse unless the rewrite has room: a copy of the `size` bytes in use in SQLite's
+    temporary folder and another through the WAL beside the database (twice that on
+    one file system)."""
+    try:
+        same = folder.stat().st_dev == temporary.stat().st_dev
+        free = shutil.disk_usage(folder).free
+        free_temporary = free if same else shutil.disk_usage(temporary).free
+    except OSError as e:
+        raise StoreError(f"compact cannot check the free space: {e}") from e
+    if same and free < 2 * size:
+        raise StoreError(f"compact needs up to {2 * size} bytes free in {folder}; {free} are")
+    if free < size:
+        raise StoreError(f"compact needs up to {size} bytes free in {folder}; {free} are")
+    if free_temporary < size:
+        raise StoreError(
+            f"compact needs up to {size} bytes free in SQLite's temporary folder {temporary} "
+            f"(SQLITE_TMPDIR); {free_temporary} are"
+        )
 
 
 def _size(path: Path) -> int:

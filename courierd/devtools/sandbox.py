@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import html
 import http
 import json
@@ -102,6 +103,7 @@ BACKLOG = 1024
 # Bodies are read whole, so one over MAX_BODY_BYTES is refused (413) before it is read.
 MAX_HEADERS = 100  # as http.server
 MAX_BODY_BYTES = 1 << 20
+LINGER_S, LINGER_BYTES = 2.0, 16 << 20  # what a refused request's rest may cost
 _VERSIONS = ("HTTP/1.1", "HTTP/1.0")
 _LATER_VERSION = re.compile(r"HTTP/([2-9]|[1-9][0-9]+)\.[0-9]+")
 
@@ -169,13 +171,13 @@ class Sandbox:
                 try:
                     request = await _read_request(reader)
                 except _Refused as refused:  # malformed: answered as http.server did, closed
-                    await _refuse(writer, refused.status, refused.message)
+                    await _refuse(reader, writer, refused.status, refused.message)
                     break
                 if request is None:
                     break
                 method, target, version, headers, body = request
                 if method not in ("GET", "POST"):  # as http.server: 501, then the connection closes
-                    await _refuse(writer, 501, f"Unsupported method ({method!r})")
+                    await _refuse(reader, writer, 501, f"Unsupported method ({method!r})")
                     break
                 # The target as sent: percent-encoded, with its query.
                 if method == "POST":
@@ -423,11 +425,23 @@ async def _read_request(
     return method, target, version, headers, body
 
 
-async def _refuse(writer: asyncio.StreamWriter, status: int, message: str) -> None:
-    """Answer `status` in JSON, saying the connection closes (the caller closes it)."""
+async def _refuse(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, status: int, message: str
+) -> None:
+    """Answer `status` in JSON, saying the connection closes (the caller closes it). What
+    the client still sends is read and dropped for a while first (a lingering close, as
+    web servers do): closed with a request's rest unread, the connection is reset, and
+    the client sees the reset instead of this answer."""
     error = {"error": _PHRASES.get(status, ""), "message": message}
     writer.write(_encode(status, {"connection": "close"}, error))
     await writer.drain()
+    if writer.can_write_eof():
+        writer.write_eof()
+    left = LINGER_BYTES
+    with contextlib.suppress(TimeoutError, ConnectionError):
+        async with asyncio.timeout(LINGER_S):
+            while left > 0 and (chunk := await reader.read(min(1 << 16, left))):
+                left -= len(chunk)
 
 
 def _encode(status: int, headers: dict[str, str], body: Any) -> bytes:

@@ -211,11 +211,16 @@ class SqliteDatabase(Database):
         except (sqlite3.Error, OSError) as e:
             raise StoreError(f"backup to {destination} failed: {e}") from e
 
-    def compact(self) -> str:
+    def compact(self, temporary: Path) -> str:
         """Switch to incremental auto-vacuum and rewrite the whole file (VACUUM: as long
-        as the file is big, every other writer waiting); the mode it had before."""
+        as the file is big, every other writer waiting), building the copy in the folder
+        `temporary`; the mode it had before."""
         modes = {0: "none", 1: "full", 2: "incremental"}
         try:
+            # The process's temporary folder, read by SQLite once at its start (SQLITE_TMPDIR
+            # then): a deprecated pragma, and the only way to set it afterwards.
+            quoted = str(temporary).replace("'", "''")
+            self.conn.execute(f"PRAGMA temp_store_directory = '{quoted}'")
             was = modes.get(self.conn.execute("PRAGMA auto_vacuum").fetchone()[0], "?")
             self.conn.execute("PRAGMA auto_vacuum=INCREMENTAL")  # takes effect in VACUUM
             self.conn.execute("VACUUM")
