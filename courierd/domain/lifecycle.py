@@ -196,8 +196,9 @@ def decide(
             )
         )
         pushes.append(Push(oid, s, push_body(s, info), idempotency_key(oid, s), source))
-    # `dataclasses.replace` spelled out (it cost a tenth of `decide`); every field is
-    # named, so one added to Order fails here (tests/test_lifecycle.py checks the rest).
+    # `dataclasses.replace` spelled out (it cost a tenth of `decide`). A field added to
+    # Order has a default and would silently reset here: tests/test_lifecycle.py checks
+    # that an accepted status carries every other field over, whatever fields Order has.
     after = Order(
         order_id=current.order_id,
         state=status.value,
