@@ -1,8 +1,8 @@
 """A lean HTTP/1.1 client to one origin: an asyncio protocol around httptools' response
 parser (llhttp, the parser of Node.js, also under uvicorn) and a keep-alive pool.
 
-It does only what `onetablet_http.py` needs (CONTRACT.md 6.1), at a quarter of
-aiohttp's CPU per request (README "Performance"):
+It does only what `onetablet_http.py` needs (CONTRACT.md 6.1), at less than half of
+aiohttp's CPU per request (0.36-0.45 of it; README "Performance"):
 
 - one origin (scheme, host, port); requests carry their body with a content-length,
   and no redirect is ever followed (the reply is the answer);
