@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +78,35 @@ class OtherHost:
         self._server.server_close()
 
 
-class Trickler:
+class _Listener:
+    """A TCP server on 127.0.0.1, each connection served on a thread of its own
+    (`_serve`, with the arguments `_accepted` gives), until `close()`. A subclass sets
+    its own fields before calling `__init__`, which starts accepting."""
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            threading.Thread(target=self._serve, args=self._accepted(conn), daemon=True).start()
+
+    def _accepted(self, conn: socket.socket) -> tuple[Any, ...]:
+        return (conn,)
+
+    def _serve(self, *args: Any) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+class Trickler(_Listener):
     """Answers every request with headers at once, then one body byte per `every_s`:
     each read is quick, only the whole reply is slow."""
 
@@ -85,18 +114,11 @@ class Trickler:
         self.every_s, self.length = every_s, length
         self.connections = 0
         self._stop = threading.Event()
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._listener.accept()
-            except OSError:
-                return
-            self.connections += 1
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+    def _accepted(self, conn: socket.socket) -> tuple[Any, ...]:
+        self.connections += 1
+        return (conn,)
 
     def _serve(self, conn: socket.socket) -> None:
         with conn:
@@ -113,27 +135,17 @@ class Trickler:
 
     def close(self) -> None:
         self._stop.set()
-        self._listener.close()
+        super().close()
 
 
-class Flood:
+class Flood(_Listener):
     """Answers every request 200 with a body of `length` bytes (far more than any real
     reply), sent as fast as the client reads it; counts what it managed to send."""
 
     def __init__(self, length: int = 256 << 20) -> None:
         self.length = length
         self.sent = 0
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self._listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+        super().__init__()
 
     def _serve(self, conn: socket.socket) -> None:
         chunk = b"x" * 65536
@@ -147,9 +159,6 @@ class Flood:
                     self.sent += len(chunk)
             except OSError:
                 return  # the client stopped reading and closed: what the test wants
-
-    def close(self) -> None:
-        self._listener.close()
 
 
 def self_signed(directory: Path) -> tuple[Path, Path]:
@@ -168,7 +177,7 @@ def self_signed(directory: Path) -> tuple[Path, Path]:
     return cert, key
 
 
-class Scripted:
+class Scripted(_Listener):
     """A raw HTTP/1.1 server whose replies are bytes as `answer(n)` gives them for the
     n-th request (from 0): `(reply, close)`, the connection closed after the reply when
     `close` (at once, without a reply, when `reply` is None). Each request is read whole
@@ -184,24 +193,17 @@ class Scripted:
         self.requests: list[tuple[int, bytes]] = []  # (connection number, request head)
         self.connections = self.open = self.peak = self.closed_by_client = 0
         self._lock = threading.Lock()
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
         self._conns: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self._listener.accept()
-            except OSError:
-                return
-            with self._lock:
-                number = self.connections
-                self.connections += 1
-                self.open += 1
-                self.peak = max(self.peak, self.open)
-                self._conns.append(conn)
-            threading.Thread(target=self._serve, args=(conn, number), daemon=True).start()
+    def _accepted(self, conn: socket.socket) -> tuple[Any, ...]:
+        with self._lock:
+            number = self.connections
+            self.connections += 1
+            self.open += 1
+            self.peak = max(self.peak, self.open)
+            self._conns.append(conn)
+        return conn, number
 
     def _serve(self, conn: socket.socket, number: int) -> None:
         buffer = b""
@@ -244,14 +246,14 @@ class Scripted:
             conn.close()
 
     def close(self) -> None:
-        self._listener.close()
+        super().close()
         with self._lock:
             for conn in self._conns:
                 with contextlib.suppress(OSError):
                     conn.shutdown(socket.SHUT_RDWR)
 
 
-class ConnectProxy:
+class ConnectProxy(_Listener):
     """A forward proxy for https:// that only tunnels: `CONNECT host:port`, answered
     200, then bytes both ways. Records each CONNECT's target, and every byte a client
     sent it (`seen`: the CONNECT's head, then what it carried in the tunnel)."""
@@ -260,17 +262,7 @@ class ConnectProxy:
         self.targets: list[str] = []
         self.seen = bytearray()
         self._seen_lock = threading.Lock()
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self._listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+        super().__init__()
 
     def _serve(self, client: socket.socket) -> None:
         with client:
@@ -298,9 +290,6 @@ class ConnectProxy:
     def _saw(self, data: bytes) -> None:
         with self._seen_lock:
             self.seen += data
-
-    def close(self) -> None:
-        self._listener.close()
 
 
 def _pump(

@@ -10,7 +10,6 @@ import re
 import signal
 import socket
 import sqlite3
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -19,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from courierd.domain.model import Status, StatusEvent
-from tests.harness import Rig, delivered, statuses, wait_until
+from tests.harness import Rig, delivered, statuses, tmpfs, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -134,15 +133,8 @@ def test_starts_without_the_broker_and_connects_when_it_comes(
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 16 MiB tmpfs of our own, so the disk can really fill up (root only)."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], capture_output=True
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
+    with tmpfs(tmp_path / "disk") as mount:
+        yield mount
 
 
 def fill(disk: Path) -> Path:

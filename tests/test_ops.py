@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import sqlite3
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from courierd.store import Store
 from courierd.store.outbox import PushResult
 from courierd.store.schema import FAILED
 from tests.conftest import API_KEY, open_path
-from tests.harness import Broker, Daemon, Publisher, wait_until
+from tests.harness import Broker, Daemon, Publisher, tmpfs, wait_until
 
 
 @pytest.fixture
@@ -196,15 +195,8 @@ def test_compact_refuses_while_the_daemon_runs_and_on_postgresql(cli, db_path: P
 @pytest.fixture
 def small_tmp(tmp_path: Path) -> Iterator[Path]:
     """A 16 MiB tmpfs, standing in for a small /var/tmp (root only)."""
-    mount = tmp_path / "small-tmp"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], capture_output=True
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
+    with tmpfs(tmp_path / "small-tmp") as mount:
+        yield mount
 
 
 def _legacy_database_in_use(db_path: Path, megabytes: int) -> None:
