@@ -107,6 +107,12 @@ def checked_fields(headers: dict[str, str], *, framing: bool = False) -> str:
     return "".join(f"{name}: {value}\r\n" for name, value in headers.items())
 
 
+def unsafe_target(path: str) -> bool:
+    """Whether a request target would break the request line (or be altered by a
+    client): anything but printable ASCII, a space included (a target is escaped)."""
+    return _BAD_IN_TARGET.search(path) is not None
+
+
 class _Connection(asyncio.Protocol):
     """One connection, one exchange at a time: `exchange` writes a request and waits
     for its reply."""
@@ -348,7 +354,7 @@ class Pool:
     ) -> Reply:
         """`method` `path` (already escaped) with header lines `fields` (from
         `checked_fields`, checked once) and `extra` (checked here) and `body`."""
-        if _BAD_IN_TARGET.search(path) or not path.startswith("/"):
+        if unsafe_target(path) or not path.startswith("/"):
             raise ValueError(f"request target {path[:80]!r} would break the request")
         head = (
             f"{method} {self._prefix}{path} HTTP/1.1\r\n{self._host_line}{fields}"

@@ -29,7 +29,6 @@ The client lives on an asyncio loop; `LoopThread` gives the order commands one.
 from __future__ import annotations
 
 import asyncio
-import re
 import ssl
 import threading
 import urllib.request
@@ -40,7 +39,7 @@ from urllib.parse import urlsplit
 
 from courierd import __version__
 from courierd.config import OneTabletSettings
-from courierd.edges.http1 import Http1Error, Pool, checked_fields
+from courierd.edges.http1 import Http1Error, Pool, checked_fields, unsafe_target
 
 if TYPE_CHECKING:
     import httpx
@@ -55,7 +54,6 @@ CLIENTS = (
     *(c for c in ("httptools", "aiohttp", "httpx", "httpx-aiohttp") if c != DEFAULT_CLIENT),
 )
 MAX_REPLY_BYTES = 1 << 20  # OneTablet's replies are a few hundred bytes
-_UNSAFE_TARGET = re.compile(r"[^\x21-\x7e]")  # a target is escaped: printable ASCII only
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,7 +165,7 @@ class OneTabletHttp:
             raise ForeignOrigin(f"{path[:80]!r} does not lead to OneTablet's origin")
         url = self.base_url + path
         try:
-            if _UNSAFE_TARGET.search(path):  # aiohttp sent it altered, httpx raised InvalidURL
+            if unsafe_target(path):  # aiohttp sent it altered, httpx raised InvalidURL
                 raise ValueError(f"{path[:80]!r} would break the request line")
             for name, value in headers.items():
                 if not (name.isascii() and value.isascii()):
