@@ -414,9 +414,9 @@ async def _read_request(
         size = int(length)
     except ValueError:
         raise _Refused(400, f"bad content-length ({length[:100]!r})") from None
-    if not 0 <= size <= MAX_BODY_BYTES:
-        if size < 0:
-            raise _Refused(400, f"bad content-length ({length[:100]!r})")
+    if size < 0:
+        raise _Refused(400, f"bad content-length ({length[:100]!r})")
+    if size > MAX_BODY_BYTES:
         raise _Refused(413, f"body over {MAX_BODY_BYTES} bytes")
     try:
         body = await reader.readexactly(size)
