@@ -3,10 +3,10 @@ ALLOWED_SKIPS; elsewhere a skip only says why."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
+
+from tests.conftest import inner_pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SKIPPING = """
@@ -20,15 +20,9 @@ def test_needs_a_tool():
 def run_suite_of_one(tmp_path: Path, reason: str, ci: bool) -> subprocess.CompletedProcess[str]:
     test = tmp_path / "test_one.py"
     test.write_text(SKIPPING.format(reason=reason))
-    env = {k: v for k, v in os.environ.items() if k not in ("CI", "TESTRUN_COURIERD")}
-    env = {k: v for k, v in env.items() if not k.startswith("PYTEST_XDIST")}  # -n's worker
+    pytest, env = inner_pytest()
     if ci:
         env["CI"] = "true"
-    # Only the plugins the suite's own settings name: the installed ones load otherwise
-    # (schemathesis, hypothesis: 2.2 s of CPU a run, four fifths of it), for nothing here.
-    env["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"
-    pytest = [sys.executable, "-m", "pytest", "-p", "tests.conftest", "-p", "pytest_timeout"]
-    pytest += ["-p", "no:cacheprovider"]
     return subprocess.run(
         [*pytest, "--rootdir", str(tmp_path), "-c", str(ROOT / "pyproject.toml"), str(test)],
         cwd=ROOT,

@@ -3,17 +3,16 @@ its folder removed at the end, also when the run fails."""
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 
 from tests import pg
+from tests.conftest import inner_pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 FAILING = """
@@ -39,14 +38,8 @@ def test_a_failing_run_leaves_no_server_and_no_folder(tmp_path: Path) -> None:
     tmp.chmod(0o755)
     test = tmp_path / "test_fails.py"
     test.write_text(FAILING)
-    env = {k: v for k, v in os.environ.items() if k not in ("CI", "TESTRUN_COURIERD")}
-    env = {k: v for k, v in env.items() if not k.startswith("PYTEST_XDIST")}
+    pytest_run, env = inner_pytest()
     env["TMPDIR"] = str(tmp)
-    # Only the plugins the suite's settings name (as in test_ci_skips): schemathesis and
-    # hypothesis, loaded for nothing here, cost 2 s of CPU.
-    env["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"
-    pytest_run = [sys.executable, "-m", "pytest", "-p", "tests.conftest", "-p", "pytest_timeout"]
-    pytest_run += ["-p", "no:cacheprovider"]
     config = ["--rootdir", str(tmp_path), "-c", str(ROOT / "pyproject.toml")]
     try:
         done = subprocess.run(
