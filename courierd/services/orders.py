@@ -82,7 +82,8 @@ def cancel(
     own = store is None
     store = store or open_store(settings.store)
     try:
-        store.outbox.hold_for_cancel(order_id, time.time(), cancel_hold_s(settings))
+        # On the store's clock: another instance's host releases the hold when expired.
+        store.outbox.hold_for_cancel(order_id, store.clock(), cancel_hold_s(settings))
         try:
             with client(settings) as ot:
                 reply = with_retries(
@@ -91,7 +92,7 @@ def cancel(
         except BaseException:
             store.outbox.release_hold(order_id)
             raise
-        dropped = store.outbox.finish_cancel(order_id, time.time())
+        dropped = store.outbox.finish_cancel(order_id, store.clock())
     finally:
         if own:
             store.close()
