@@ -10,7 +10,6 @@ daemon's worker processes, which import the command-line module again when they 
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 from courierd.config import Settings
@@ -61,7 +60,7 @@ def submit(settings: Settings, document: bytes, source: str) -> dict[str, Any]:
         )
     try:
         with open_store(settings.store) as store:
-            store.registry.record_order(facts, time.time())
+            store.registry.record_order(facts, store.clock())
     except StoreError as e:  # OneTablet has the order: that must not read as a failure
         log.warning("order.places_not_recorded order_id=%s error=%s", facts.order_id, e)
     return {"order_id": facts.order_id, "status": reply.status, "reply": reply.body}
