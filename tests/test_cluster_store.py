@@ -8,22 +8,28 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import psycopg
 import pytest
 
-from courierd.config import StoreSettings
+from courierd.config import StoreSettings, load_settings
+from courierd.daemon.dispatch import Dispatcher
+from courierd.daemon.housekeeping import Housekeeper
 from courierd.daemon.ipc import Grant
 from courierd.daemon.membership import SlotManager
+from courierd.devtools.sandbox import Request, Sandbox
 from courierd.domain.lifecycle import CHAIN
 from courierd.domain.model import Status, StatusEvent
+from courierd.edges.pusher import Pusher
 from courierd.errors import FencedOut, StoreUnavailable
+from courierd.services import orders
 from courierd.store import Store, open_store
 from courierd.store.cluster import NOW, Slots
 from courierd.store.outbox import PushResult
 from courierd.store.schema import DELIVERED
 from tests import pg
-from tests.harness import wait_until
+from tests.harness import API_KEY, wait_until
 
 T0 = 1_700_000_000.0
 
@@ -314,6 +320,103 @@ def test_pushes_are_due_at_once_whatever_the_committing_hosts_clock(
     assert [r.order_id for r in b.outbox.claim_due(b.outbox.db_clock(), 10)] == ["o1"]
     a.close()
     b.close()
+
+
+def test_a_cancel_hold_lasts_its_time_by_the_databases_clock(
+    shared: StoreSettings, onetablet: Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`order cancel` run on a host whose clock is 10 minutes behind holds the order's
+    pushes for its configured time as the database (and so every other instance) sees
+    it: the hold was written on the host's clock, already 7 minutes over for the others,
+    whose housekeeping released it while OneTablet was still being asked."""
+    settings = load_settings(
+        None,
+        {
+            "onetablet": {"base_url": onetablet.url, "api_key": API_KEY},
+            "store": {"url": shared.postgres_url},
+        },
+    )
+    a, b = instance(shared, "a"), instance(shared, "b")
+    a.writer.commit([StatusEvent("e1", "o1", "c1", Status.DASHER_CONFIRMED)], now=time.time())
+    asked, answer = threading.Event(), threading.Event()
+
+    def slow_cancel(r: Request) -> Any:
+        if r.path.endswith("/cancel"):
+            asked.set()
+            answer.wait(10)
+        return None
+
+    onetablet.responder = slow_cancel
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() - 600)
+    worker = threading.Thread(target=orders.cancel, args=(settings, "o1", "OTHER", None, a))
+    worker.start()
+    try:
+        assert asked.wait(10)
+        monkeypatch.setattr(time, "time", real)
+        left = b.db.value(f"SELECT hold_until - {NOW} FROM orders WHERE order_id = 'o1'")
+        assert abs(left - orders.cancel_hold_s(settings)) < 5
+        assert b.outbox.release_expired_holds(b.outbox.db_clock()) == 0
+    finally:
+        answer.set()
+        worker.join(10)
+    a.close()
+    b.close()
+
+
+def test_housekeeping_on_a_host_ahead_judges_holds_and_silence_by_the_databases_clock(
+    shared: StoreSettings,
+) -> None:
+    """The instance doing housekeeping has a host clock 10 minutes ahead. A cancel hold
+    taken just now stays (its pushes were released while the cancel was in progress),
+    and a courier heard from just now is not reported offline (every courier whose
+    messages another instance took was: a false alert per courier)."""
+    a, b = instance(shared, "a"), instance(shared, "b")
+    a.writer.commit([StatusEvent("e1", "o1", "c1", Status.DASHER_CONFIRMED)], now=time.time())
+    a.outbox.hold_for_cancel("o1", a.outbox.db_clock(), 180.0)
+    # An order abandoned two days ago: its expiry shows that a round has run.
+    a.writer.commit(
+        [StatusEvent("e9", "o9", "c9", Status.DASHER_CONFIRMED)], now=time.time() - 2 * 86400
+    )
+    keeper = Housekeeper(b, offline_after_s=300.0, clock=lambda: time.time() + 600)
+    stop = threading.Event()
+    runner = threading.Thread(target=keeper.run, args=(stop,))
+    runner.start()
+    try:
+        wait_until(
+            lambda: a.db.value("SELECT state FROM orders WHERE order_id = 'o9'") == "expired",
+            10,
+            "a housekeeping round",
+        )
+    finally:
+        stop.set()
+        runner.join(10)
+    states = a.db.rows("SELECT state FROM outbox WHERE order_id = 'o1'")
+    assert states == [("held",)]
+    offline = a.db.rows("SELECT courier_id FROM couriers WHERE offline = 1 ORDER BY courier_id")
+    assert offline == [("c9",)]
+    a.close()
+    b.close()
+
+
+def test_push_ages_are_by_the_databases_clock(shared: StoreSettings, onetablet: Sandbox) -> None:
+    """A dispatcher on a host whose clock is 10 minutes ahead reports a push committed
+    just now as just made: the oldest pending push's age (the gauge alerts watch) and
+    the delivery latency were 10 minutes."""
+    a, b = instance(shared, "a"), instance(shared, "b")
+    pusher = Pusher(onetablet.url, API_KEY)
+    ahead = Dispatcher(b.outbox, pusher, clock=lambda: time.time() + 600, follow_clock_steps=False)
+    try:
+        a.writer.commit([StatusEvent("e1", "o1", "c1", Status.DASHER_CONFIRMED)], now=time.time())
+        ahead.turn()  # claims the push, and reads the gauges while it is pending
+        assert ahead.report().oldest_pending_age_s < 5
+        wait_until(lambda: (ahead.turn(), onetablet.requests())[1], 10, "the push")
+        wait_until(lambda: (ahead.turn(), not ahead._inflight)[1], 10, "its reply recorded")
+        assert 0 < max(ahead.report().latencies) < 5
+    finally:
+        pusher.close()
+        a.close()
+        b.close()
 
 
 def test_a_round_failing_for_any_reason_keeps_the_slots_and_says_why(

@@ -36,7 +36,7 @@ def operate(args: argparse.Namespace, settings: Settings) -> int:
             columns = ["id", "received_at", "reason", "topic", "size", "detail"]
             return _emit(args, rows, lambda: table(rows, columns))
         if args.outbox_command == "status":
-            status = q.outbox_status(time.time())
+            status = q.outbox_status(store.clock())
             return _emit(args, status, lambda: "\n".join(f"{k}: {v}" for k, v in status.items()))
         if args.outbox_command == "failed":
             rows = q.failed_pushes(args.limit)

@@ -46,6 +46,7 @@ from courierd.edges.publisher import MqttPublisher
 from courierd.edges.pusher import Outcome, Push, Pusher
 from courierd.errors import CourierdError, Rejected, StoreUnavailable, Unauthorized, Unavailable
 from courierd.store import Store, open_store
+from courierd.store.cluster import DbClock
 from courierd.store.outbox import Outbox, OutboxRow, PushResult
 from courierd.store.schema import DELIVERED, FAILED, PENDING
 
@@ -126,8 +127,7 @@ class Dispatcher:
         self.paused_until: float | None = None  # set while OneTablet refuses our key
         self._auth_failures = 0
         self._clock_offset = clock() - monotonic()
-        self._db_offset = 0.0  # a shared database's clock minus `clock` (0 alone)
-        self._next_db_offset = 0.0  # monotonic time to read it again
+        self._db_clock = DbClock(outbox.db, clock, monotonic)  # `clock`, or the database's
         self._inflight: dict[int, OutboxRow] = {}  # claimed and sent, no reply recorded
         self._results: queue.SimpleQueue[Attempt] = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -168,7 +168,6 @@ class Dispatcher:
         self._wake.clear()
         self.heartbeat = self.monotonic()
         self._follow_clock_step()
-        self._follow_db_clock()
         self._record()
         self._renew()
         self._claimed_all = self._claim()
@@ -203,7 +202,7 @@ class Dispatcher:
         step = offset - self._clock_offset
         self._clock_offset = offset  # slow drift (NTP slewing) is followed quietly
         if abs(step) >= CLOCK_STEP_S:
-            self._next_db_offset = 0.0  # how far the database's clock is: read it again
+            self._db_clock.reset()  # how far the database's clock is: read it again
         if abs(step) < CLOCK_STEP_S or not self.follow_clock_steps:
             return
         moved = self.outbox.shift_schedule(step)
@@ -211,18 +210,9 @@ class Dispatcher:
             self.paused_until += step
         log.warning("dispatch.clock_step seconds=%+.1f pushes_rescheduled=%d", step, moved)
 
-    def _follow_db_clock(self) -> None:
-        """On a shared database, read how far its clock is from ours, once a second."""
-        if not self.outbox.db.concurrent or self.monotonic() < self._next_db_offset:
-            return
-        self._next_db_offset = self.monotonic() + 1.0
-        before = self.clock()
-        at = self.outbox.db_clock()
-        self._db_offset = at - (before + self.clock()) / 2
-
     def _now(self) -> float:
         """The outbox's time: the wall clock, or on a shared database the database's."""
-        return self.clock() + self._db_offset
+        return self._db_clock()
 
     def _claim(self) -> bool:
         """Send due pushes in the free places; True if more may be waiting for one."""
@@ -287,8 +277,8 @@ class Dispatcher:
                 break
         if not attempts:
             return
-        now = self._now()
-        wall = now - self._db_offset  # created_at is the committing process's wall clock
+        now = self._now()  # created_at is on this clock too (the committer's `DbClock`)
+        offset = self._db_clock.offset  # the claimed_at.. stamps are on `time.time`
         sent = [a for a in attempts if a.outcome != "skipped"]
         try:
             self.outbox.unclaim([a.row.id for a in attempts if a.outcome == "skipped"])
@@ -306,9 +296,9 @@ class Dispatcher:
             with self._stats_lock:
                 self.stats.outcomes[a.outcome] += 1
                 if a.outcome == "delivered":
-                    self.stats.latencies.append(max(0.0, wall - a.row.created_at))
+                    self.stats.latencies.append(max(0.0, now - a.row.created_at))
                     self.stats.add_stages(
-                        claim=a.claimed_at - a.row.created_at,
+                        claim=a.claimed_at + offset - a.row.created_at,
                         send=a.sent_at - a.claimed_at,
                         reply=a.replied_at - a.sent_at,
                         record=recorded_at - a.replied_at,
@@ -372,7 +362,7 @@ class Dispatcher:
         with self._stats_lock:
             self.stats.pending, self.stats.failed = pending, failed
             self.stats.oldest_pending_age_s = (
-                0.0 if oldest is None else max(0.0, self.clock() - oldest)
+                0.0 if oldest is None else max(0.0, self._now() - oldest)
             )
 
     def report(self) -> DispatchStats:

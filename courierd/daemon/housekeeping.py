@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from courierd.errors import StoreUnavailable
 from courierd.store import Store
+from courierd.store.cluster import DbClock
 from courierd.store.expiry import BATCH as EXPIRE_BATCH
 from courierd.store.retention import Pruned
 
@@ -34,10 +35,12 @@ class Housekeeper:
         *,
         offline_after_s: float = 300.0,
         on_alert: Callable[[], None] = lambda: None,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.store = store
-        self.clock = clock
+        # The host's clock (`clock`), or on a shared database the database's: the times
+        # compared (holds, last heard from, updated) were stored by every instance.
+        self.clock = DbClock(store.db, clock)
         self.offline_after_s = offline_after_s
         self.on_alert = on_alert
         self.couriers_offline = 0  # the gauge, refreshed with every watchdog round
@@ -50,11 +53,13 @@ class Housekeeper:
         self.expire_every_s = min(60.0, store.expiry.abandon_after_s / 4)
 
     def run(self, stop: threading.Event) -> None:
-        next_prune = self.clock() + min(FIRST_PRUNE_AFTER_S, self.prune_every_s)
+        next_prune: float | None = None
         next_holds = next_watch = next_expire = 0.0
         while not stop.wait(min(1.0, self.prune_every_s, self.expire_every_s)):
-            now = self.clock()
             try:
+                now = self.clock()  # a shared database's: it may be unavailable
+                if next_prune is None:
+                    next_prune = now + min(FIRST_PRUNE_AFTER_S, self.prune_every_s)
                 if self.store.db.concurrent and not self.store.leases.hold(
                     "housekeeping", self.store.lease_s
                 ):

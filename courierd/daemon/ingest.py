@@ -165,7 +165,7 @@ def ingest_main(settings: Settings, pipe: Connection, wake: Connection, instance
                 pipe.send(("ok", None))
                 continue
             messages, slots = batch
-            result = commit_messages(store, messages, time.time(), owntracks, slots)
+            result = commit_messages(store, messages, store.clock(), owntracks, slots)
         except FencedOut as e:
             pipe.send(("fenced", str(e)))
             continue

@@ -15,7 +15,6 @@ import asyncio
 import hmac
 import json
 import logging
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 from courierd.config import Settings
@@ -89,7 +88,7 @@ class Webhook:
     def _apply(self, event: RestaurantEvent) -> bool:
         if self._store is None:
             self._store = open_store(self._settings.store)
-        return self._store.inbound.apply(event, time.time())
+        return self._store.inbound.apply(event, self._store.clock())
 
     def close(self) -> None:
         try:

@@ -10,7 +10,6 @@ daemon's worker processes, which import the command-line module again when they 
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 from courierd.config import Settings
@@ -61,7 +60,7 @@ def submit(settings: Settings, document: bytes, source: str) -> dict[str, Any]:
         )
     try:
         with open_store(settings.store) as store:
-            store.registry.record_order(facts, time.time())
+            store.registry.record_order(facts, store.clock())
     except StoreError as e:  # OneTablet has the order: that must not read as a failure
         log.warning("order.places_not_recorded order_id=%s error=%s", facts.order_id, e)
     return {"order_id": facts.order_id, "status": reply.status, "reply": reply.body}
@@ -82,7 +81,8 @@ def cancel(
     own = store is None
     store = store or open_store(settings.store)
     try:
-        store.outbox.hold_for_cancel(order_id, time.time(), cancel_hold_s(settings))
+        # On the store's clock: another instance's host releases the hold when expired.
+        store.outbox.hold_for_cancel(order_id, store.clock(), cancel_hold_s(settings))
         try:
             with client(settings) as ot:
                 reply = with_retries(
@@ -91,7 +91,7 @@ def cancel(
         except BaseException:
             store.outbox.release_hold(order_id)
             raise
-        dropped = store.outbox.finish_cancel(order_id, time.time())
+        dropped = store.outbox.finish_cancel(order_id, store.clock())
     finally:
         if own:
             store.close()

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from courierd.config import GeofenceSettings, StoreSettings
 from courierd.domain.geofence import GeofenceRules
-from courierd.store.cluster import Leases, Slots
+from courierd.store.cluster import DbClock, Leases, Slots
 from courierd.store.db import Database
 from courierd.store.expiry import Expiry
 from courierd.store.inbound import Inbound
@@ -50,6 +50,9 @@ class Store:
         lease_s: float = 15.0,
     ) -> None:
         self.db = db
+        # The time to stamp and compare stored times by: the host's, or a shared
+        # database's (its instances' hosts may disagree). Cheap: one query a second.
+        self.clock = DbClock(db)
         self.instance = instance
         self.lease_s = lease_s
         # Shared databases only: the cluster's MQTT session slots, and its leases.

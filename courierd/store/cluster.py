@@ -31,7 +31,8 @@ database; a later migration drops it (README, "Scaling out").
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from courierd.errors import StoreError, StoreUnavailable
@@ -43,6 +44,42 @@ log = logging.getLogger(__name__)
 # transaction's start, which may be a lock wait ago).
 NOW = "extract(epoch from clock_timestamp())::float8"
 LOCK_TIMEOUT = "SET LOCAL lock_timeout = '2s'"  # never hang on a lock: next round instead
+DB_CLOCK_EVERY_S = 1.0  # how often a process reads how far the database's clock is
+
+
+class DbClock:
+    """courierd's clock, for times stored and compared: the host's wall clock, or on a
+    shared database the database's, since each instance compares times the others
+    stored (pushes due, cancel holds, when a push was made or a courier last heard
+    from) and the hosts' clocks may differ.
+
+    How far the database's clock is from `clock` is read once a second (and at once
+    after `reset`: the host's clock stepped), not at every call; StoreUnavailable if
+    the database cannot be reached then."""
+
+    def __init__(
+        self,
+        db: Database,
+        clock: Callable[[], float] | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.db = db
+        self.clock = clock or (lambda: time.time())  # looked up at each call
+        self.monotonic = monotonic
+        self.offset = 0.0  # the database's clock minus `clock` (0 alone)
+        self._next_read = float("-inf")
+
+    def __call__(self) -> float:
+        if self.db.concurrent and self.monotonic() >= self._next_read:
+            self._next_read = self.monotonic() + DB_CLOCK_EVERY_S
+            before = self.clock()
+            at = float(self.db.value(f"SELECT {NOW}"))
+            self.offset = at - (before + self.clock()) / 2
+        return self.clock() + self.offset
+
+    def reset(self) -> None:
+        """Read the offset again at the next call."""
+        self._next_read = float("-inf")
 
 
 class Leases:
