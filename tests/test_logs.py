@@ -232,18 +232,20 @@ def test_sigterm_loses_no_line(sqlite_rig: Rig) -> None:
     its line on stderr once it has exited."""
     daemon = sqlite_rig.daemon().start()
     pub = sqlite_rig.publisher()
+    store = sqlite_rig.store()
+
+    def committed() -> set[str]:
+        rows = store.db.rows("SELECT order_id FROM orders WHERE state <> 'new'")
+        return {row[0] for row in rows}
+
     orders = [f"o-{i}" for i in range(300)]
     for i, order in enumerate(orders):
         pub.status("c-1", f"e-{order}", order, "dasher_confirmed")
         if i == 150:
-            wait_until(lambda: _transition_orders(daemon.log), 10, "a first line")
+            wait_until(committed, 10, "a first commit")
             daemon.send(signal.SIGTERM)
     assert daemon.stop() == 0
     pub.close()
-    store = sqlite_rig.store()
-    committed = {
-        row[0] for row in store.db.rows("SELECT order_id FROM orders WHERE state <> 'new'")
-    }
+    done = committed()
     store.close()
-    logged = _transition_orders(daemon.log)
-    assert committed and sorted(logged) == sorted(committed)
+    assert done and sorted(_transition_orders(daemon.log)) == sorted(done)
