@@ -8,12 +8,13 @@ import json
 import logging
 import re
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import courierd.logs
@@ -102,27 +103,39 @@ def _record(created: float, level: int, name: str, value: str) -> logging.LogRec
 
 
 @given(RECORDS)
-@settings(max_examples=150)
 def test_the_daemon_text_line_is_the_plain_formatters(
     records: list[tuple[float, int, str, str]],
 ) -> None:
     """setup_logging's formatter (an f-string, the time kept per second) writes, record
     after record, what logging's own Formatter writes for TEXT_LINE with the message
     escaped by the reference."""
-    fast = LineFormatter()
+    fast, general = LineFormatter(), TextFormatter(TEXT_LINE, TEXT_DATE)
+    general.converter = time.gmtime
     plain = logging.Formatter(TEXT_LINE, TEXT_DATE)
     plain.converter = time.gmtime
     for created, level, name, value in records:
         expected = _record(created, level, name, value)
         expected.msg, expected.args = escaped(expected.getMessage()), None
         assert fast.format(_record(created, level, name, value)) == plain.format(expected)
-        general = TextFormatter(TEXT_LINE, TEXT_DATE)
-        general.converter = time.gmtime
         assert general.format(_record(created, level, name, value)) == plain.format(expected)
 
 
+def test_the_daemon_text_line_with_a_traceback_is_the_general_one() -> None:
+    """A record with a traceback goes TextFormatter's way: its lines escaped, indented."""
+    try:
+        raise ValueError("bad\nINFO forged\u2028\ud800")
+    except ValueError:
+        record = _record(1_705_341_900.5, logging.ERROR, "courierd", "x\r")
+        record.exc_info = sys.exc_info()
+    general = TextFormatter(TEXT_LINE, TEXT_DATE)
+    general.converter = time.gmtime
+    line = LineFormatter().format(record)
+    record.exc_text = None
+    assert line == general.format(record)
+    assert line.startswith("2024-01-15T18:05:00.500Z ERROR courierd ingest.batch id=x\\x0d\n")
+
+
 @given(RECORDS)
-@settings(max_examples=150)
 def test_the_json_line_is_the_plain_one(records: list[tuple[float, int, str, str]]) -> None:
     """The JSON line, record after record, is json.dumps of the fields with every unsafe
     character as \\uNNNN and the time formatted afresh."""
