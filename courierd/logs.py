@@ -7,15 +7,22 @@ A message carries values from outside (ids, topics, OneTablet's error text). Ids
 control characters are dead-lettered at the edge, but anything else that still holds
 one is escaped here: a line break, carriage return, escape sequence or Unicode line
 separator in a value never starts what looks like a line of courierd's own.
+
+The ingest process logs a line per status, so a line is kept cheap: the escaping regex
+runs only on text `str.isprintable` finds something in, the time is formatted once per
+second, and inside `batched()` the lines go out in one write at the block's end
+instead of a write (a system call) each.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 # C0 controls, DEL, C1 controls, the Unicode line and paragraph separators, and lone
@@ -29,14 +36,35 @@ def _escape(match: re.Match[str]) -> str:
 
 
 def escape_controls(text: str) -> str:
-    """`text` with every control character and line separator written as an escape."""
-    return _UNSAFE.sub(_escape, text)
+    """`text` with every control character and line separator written as an escape.
+
+    Most text has none, and `str.isprintable` (a scan in C, cheaper than the regex)
+    says so. It is False for every character `_UNSAFE` matches (controls are Unicode
+    category Cc, the separators Zl and Zp, surrogates Cs: a test checks each one), and
+    for others too (spaces other than " ", unassigned ones...): those go through the
+    regex, as all text did before."""
+    return text if text.isprintable() else _UNSAFE.sub(_escape, text)
 
 
 class TextFormatter(logging.Formatter):
     """The text line, escaped. A traceback spans lines, but each of its lines is escaped
     and indented, so an exception's message (often outside text) cannot start a line
     that passes for one of courierd's own, nor lose the record to a lone surrogate."""
+
+    _second: tuple[float, Any, str | None, str] = (-1.0, None, None, "")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        """As `logging.Formatter`'s, reused while the records' second is the same
+        (without `datefmt` the text has milliseconds: then made each time)."""
+        if not datefmt:
+            return super().formatTime(record, datefmt)
+        second = record.created // 1  # the second gmtime and localtime take: the floor
+        last = self._second  # one tuple: another thread may replace it meanwhile
+        if last[0] == second and last[1] is self.converter and last[2] == datefmt:
+            return last[3]
+        text = super().formatTime(record, datefmt)
+        self._second = (second, self.converter, datefmt, text)
+        return text
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         record.message = escape_controls(record.message)
@@ -47,6 +75,27 @@ class TextFormatter(logging.Formatter):
 
     def formatStack(self, stack_info: str) -> str:
         return _indented(super().formatStack(stack_info))
+
+
+TEXT_LINE = "%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s %(message)s"
+TEXT_DATE = "%Y-%m-%dT%H:%M:%S"
+
+
+class LineFormatter(TextFormatter):
+    """courierd's text line: `TextFormatter(TEXT_LINE, TEXT_DATE)` in UTC, made by an
+    f-string instead of `%` over the record's dict (a test holds the two equal). A
+    record with a traceback or a stack goes the general way."""
+
+    def __init__(self) -> None:
+        super().__init__(TEXT_LINE, TEXT_DATE)
+        self.converter = time.gmtime
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.exc_info or record.exc_text or record.stack_info:
+            return super().format(record)
+        record.message = message = escape_controls(record.getMessage())
+        record.asctime = asctime = self.formatTime(record, TEXT_DATE)
+        return f"{asctime}.{int(record.msecs):03d}Z {record.levelname} {record.name} {message}"
 
 
 def _indented(text: str) -> str:
@@ -60,11 +109,19 @@ def _json_escape(match: re.Match[str]) -> str:
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: ts, level, logger, event, msg."""
 
+    _second: tuple[float, str] = (-1.0, "")
+
     def format(self, record: logging.LogRecord) -> str:
         message = record.getMessage()
+        second = record.created // 1
+        last = self._second
+        if last[0] != second:
+            last = self._second = (
+                second,
+                time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)),
+            )
         out = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "ts": last[1] + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
             "event": message.split(" ", 1)[0],
@@ -73,19 +130,85 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         # json escapes C0 itself; DEL, C1 and the line separators it leaves as they are.
-        return _UNSAFE.sub(_json_escape, json.dumps(out, ensure_ascii=False))
+        line = json.dumps(out, ensure_ascii=False)
+        return line if line.isprintable() else _UNSAFE.sub(_json_escape, line)
+
+
+class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """`logging.StreamHandler`, and inside `batched()` it holds the lines and writes
+    them together at the block's end: one write(2) for a batch's lines instead of one
+    per line (stderr is line-buffered). A warning or an error is written at once, with
+    whatever is held before it (a fatal error may end the process with `os._exit`);
+    `flush()` (`logging.shutdown` at exit) writes what is held too."""
+
+    def __init__(self, stream: Any = None) -> None:
+        super().__init__(stream)
+        self._held: list[str] = []
+        self._holding = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._held.append(self.format(record) + "\n")
+            if not self._holding or record.levelno >= logging.WARNING:
+                self._write()
+        except RecursionError:  # as StreamHandler
+            raise
+        except Exception:
+            self.handleError(record)
+
+    def _write(self) -> None:
+        text = "".join(self._held)
+        self._held.clear()  # written or not: a stream that fails must not grow it
+        self.stream.write(text)
+        self.stream.flush()
+
+    def flush(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            if self._held:
+                self._write()
+            else:
+                super().flush()
+
+    def hold(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            self._holding += 1
+
+    def release_held(self) -> None:
+        """The end of a block: the lines held are written."""
+        with self.lock:  # type: ignore[union-attr]
+            self._holding -= 1
+            if self._held:
+                try:
+                    self._write()
+                except Exception:  # as emit's: said on stderr if it can, not raised
+                    self.handleError(logging.makeLogRecord({"msg": "(held lines)"}))
+
+
+_handler: LineHandler | None = None  # setup_logging's
+
+
+@contextlib.contextmanager
+def batched() -> Iterator[None]:
+    """The lines logged in the block are written together at its end (see LineHandler):
+    for a loop that logs a line per item. Keep the block short: its lines wait for it."""
+    handler = _handler
+    if handler is None:
+        yield
+        return
+    handler.hold()
+    try:
+        yield
+    finally:
+        handler.release_held()
 
 
 def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    global _handler
+    handler = _handler = LineHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        formatter = TextFormatter(
-            "%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s %(message)s", "%Y-%m-%dT%H:%M:%S"
-        )
-        formatter.converter = time.gmtime
-        handler.setFormatter(formatter)
+        handler.setFormatter(LineFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

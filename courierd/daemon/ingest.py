@@ -37,7 +37,7 @@ from courierd.domain.owntracks import CourierIdFrom
 from courierd.domain.planner import Effects
 from courierd.domain.telemetry import parse
 from courierd.errors import CourierdError, FencedOut, StoreError, StoreUnavailable
-from courierd.logs import lean_records
+from courierd.logs import batched, lean_records
 from courierd.store import Store, open_store
 from courierd.store.writer import safe_text
 
@@ -93,13 +93,14 @@ def commit_messages(
             letter.topic[:200],
             letter.detail[:300],
         )
-    for t in fx.transitions:
-        log.info(
-            "ingest.transition order_id=%s status=%s inferred=%s",
-            t.order_id,
-            t.status.value,
-            t.inferred,
-        )
+    with batched():  # a line per status: the batch's lines in one write
+        for t in fx.transitions:
+            log.info(
+                "ingest.transition order_id=%s status=%s inferred=%s",
+                t.order_id,
+                t.status.value,
+                t.inferred,
+            )
     return report
 
 
