@@ -22,7 +22,6 @@ import random
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 
 from courierd.config import Settings
@@ -39,7 +38,7 @@ from courierd.daemon.ipc import (
 )
 from courierd.daemon.membership import SlotManager
 from courierd.daemon.notifier import Notifier
-from courierd.domain.model import DispatchStats
+from courierd.domain.model import DispatchStats, value
 from courierd.domain.policy import RETRY_SCHEDULE, retry_delay
 from courierd.edges.onetablet import Reply
 from courierd.edges.publisher import MqttPublisher
@@ -56,7 +55,7 @@ CLOCK_STEP_S = 2.0  # a wall-clock jump beyond this (against the monotonic clock
 CLAIM_BATCH_DIVISOR = 16  # claim once 1/16 of the places in flight are free
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Attempt:
     """What one push attempt got back, from the pusher to the dispatcher thread."""
 
@@ -268,12 +267,16 @@ class Dispatcher:
     ) -> Callable[[Outcome | None, float], None]:
         """What the pusher calls (on its thread) with the outcome of `row`."""
 
+        results, wake = self._results, self._wake
+
         def done(outcome: Outcome | None, sent_at: float) -> None:
             kind, error, retry_after = attempt_of(row, outcome)
-            self._results.put(
-                Attempt(row, kind, error, retry_after, claimed_at, sent_at, time.time())
-            )
-            self._wake.set()
+            results.put(Attempt(row, kind, error, retry_after, claimed_at, sent_at, time.time()))
+            # Set already (replies come in bursts): the dispatcher has not cleared it
+            # yet, and it takes the results only after clearing it, so this one too.
+            # Not setting it again spares a lock and a notify per reply.
+            if not wake.is_set():
+                wake.set()
 
         return done
 
@@ -302,17 +305,19 @@ class Dispatcher:
                 if a.row.id == self._probe_id:
                     self._probe_id = None
         recorded_at = time.time()
-        for a in sent:
-            with self._stats_lock:
-                self.stats.outcomes[a.outcome] += 1
+        with self._stats_lock:
+            stats = self.stats
+            for a in sent:
+                stats.outcomes[a.outcome] += 1
                 if a.outcome == "delivered":
-                    self.stats.latencies.append(max(0.0, wall - a.row.created_at))
-                    self.stats.add_stages(
+                    stats.latencies.append(max(0.0, wall - a.row.created_at))
+                    stats.add_stages(
                         claim=a.claimed_at - a.row.created_at,
                         send=a.sent_at - a.claimed_at,
                         reply=a.replied_at - a.sent_at,
                         record=recorded_at - a.replied_at,
                     )
+        for a in sent:
             if a.outcome == "failed":
                 log.warning(
                     "dispatch.parked order_id=%s status=%s error=%r",

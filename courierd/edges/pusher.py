@@ -16,8 +16,8 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
 
+from courierd.domain.model import value
 from courierd.edges.onetablet import Reply, call, delivery_status_request
 from courierd.edges.onetablet_http import CLIENTS, LoopThread, OneTabletHttp
 from courierd.errors import OneTabletError, Unavailable
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 Outcome = Reply | OneTabletError  # what a push got: a 2xx reply or the error it maps to
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Push:
     """One delivery-status call to make, and whom to tell how it went.
 
