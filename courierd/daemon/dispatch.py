@@ -139,6 +139,14 @@ class Dispatcher:
         # reply would cost O(concurrency) per push.
         self.claim_batch = max(1, concurrency // CLAIM_BATCH_DIVISOR)
         self._new_work = True
+        pusher.after_replies(self._replied)
+
+    def _replied(self) -> None:
+        """Replies were put in `_results` (on the pusher's thread, once for a burst).
+        Set already: the dispatcher has not cleared it yet, and it takes the results
+        only after clearing it, so these too; not set again, no lock and no notify."""
+        if not self._wake.is_set():
+            self._wake.set()
 
     def wake(self) -> None:
         """New pushes were committed: claim at once, however few places are free."""
@@ -267,16 +275,13 @@ class Dispatcher:
     ) -> Callable[[Outcome | None, float], None]:
         """What the pusher calls (on its thread) with the outcome of `row`."""
 
-        results, wake = self._results, self._wake
+        results = self._results
 
         def done(outcome: Outcome | None, sent_at: float) -> None:
+            # The pusher wakes the dispatcher once it has told every reply of its
+            # loop's pass (`Pusher.after_replies`).
             kind, error, retry_after = attempt_of(row, outcome)
             results.put(Attempt(row, kind, error, retry_after, claimed_at, sent_at, time.time()))
-            # Set already (replies come in bursts): the dispatcher has not cleared it
-            # yet, and it takes the results only after clearing it, so this one too.
-            # Not setting it again spares a lock and a notify per reply.
-            if not wake.is_set():
-                wake.set()
 
         return done
 
