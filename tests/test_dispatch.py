@@ -20,6 +20,8 @@ from courierd.domain.lifecycle import CHAIN
 from courierd.domain.model import BatchReport, Status, StatusEvent
 from courierd.edges.pusher import Pusher
 from courierd.store import open_store
+from courierd.store.outbox import PushResult
+from courierd.store.schema import DELIVERED
 from tests import pg
 from tests.conftest import API_KEY, open_path
 from tests.harness import wait_until
@@ -323,3 +325,37 @@ def test_a_worker_settles_its_collector_once_started() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["True", "True"]
+
+
+def test_a_claim_passes_over_the_pushes_in_flight_and_takes_the_next_heads(
+    db_path: Path,
+) -> None:
+    """With places in flight, a claim takes the next pushes due that head their order,
+    up to its limit: none of those in flight (left out by the claim itself, not read and
+    dropped), and never an order's next push while its head is in flight; once the head
+    is delivered, the next push of its order is next in line."""
+    store = open_path(db_path)
+    for o in range(12):  # o0..o11 confirmed at 1..12 s: due in that order
+        store.writer.commit(
+            [StatusEvent(f"c{o}", f"o{o}", "c1", Status.DASHER_CONFIRMED)], now=1.0 + o
+        )
+    for o in range(3):  # o0..o2 also arriving, behind their confirms
+        store.writer.commit(
+            [StatusEvent(f"a{o}", f"o{o}", "c1", Status.ARRIVING_AT_STORE)], now=20.0
+        )
+    out = store.outbox
+
+    def claim(limit: int, busy: list[int]) -> list[tuple[str, str]]:
+        return [(r.order_id, r.status) for r in out.claim_due(100.0, limit, busy=busy)]
+
+    first = out.claim_due(100.0, 8)
+    assert [r.order_id for r in first] == [f"o{o}" for o in range(8)]
+    busy = [r.id for r in first]
+    assert claim(3, busy) == [(f"o{o}", "dasher_confirmed") for o in (8, 9, 10)]
+    busy += [r.id for r in out.claim_due(100.0, 3, busy=busy)]
+    # Only o11's confirm is left that no push in flight holds back.
+    assert claim(5, busy) == [("o11", "dasher_confirmed")]
+    out.record_results([PushResult(first[0].id, DELIVERED, 100.0)])
+    busy.remove(first[0].id)
+    assert claim(5, busy) == [("o11", "dasher_confirmed"), ("o0", "arriving_at_store")]
+    store.close()

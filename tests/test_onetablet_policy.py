@@ -10,16 +10,19 @@ import base64
 import contextlib
 import gc
 import json
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from yarl import URL
 
-from courierd.devtools.sandbox import Sandbox
+from courierd.devtools.sandbox import Request, Sandbox
 from courierd.edges.onetablet import call
 from courierd.edges.onetablet_http import (
     CLIENTS,
@@ -145,6 +148,62 @@ def test_a_trickling_reply_is_cut_at_the_deadline(caller: tuple[str, str]) -> No
         assert trickler.connections == 1
     finally:
         trickler.close()
+
+
+def test_every_call_is_cut_at_its_own_deadline_whenever_it_started(onetablet: Sandbox) -> None:
+    """One client, a 1 s deadline: a call that hangs, started while an earlier call's
+    deadline was the one being waited for, is still cut at its own deadline (1 s after it
+    started), while calls beside it are answered; a call its caller cancels ends
+    cancelled, not as a timeout, and takes no other call with it."""
+    release, second_in = threading.Event(), threading.Event()
+
+    def hang(r: Request) -> None:  # "hang-*" never answered until released
+        if r.order_id.startswith("hang"):
+            if r.order_id == "hang-2":
+                second_in.set()
+            release.wait(30)
+
+    onetablet.responder = hang
+    thread = LoopThread("deadline-test")
+    http = OneTabletHttp.open_on(thread, onetablet.url, API_KEY, deadline_s=1.0, max_connections=8)
+
+    def post(order: str) -> Future[Any]:
+        path = f"/orders/{order}/delivery-status"
+        coro = http.post(path, BODY.encode(), {"idempotency-key": order})
+        return asyncio.run_coroutine_threadsafe(coro, thread.loop)
+
+    try:
+        assert post("quick-1").result(10).status == 200  # its deadline is waited for first
+        time.sleep(0.3)  # not a wait for anything: the next call's deadline comes later
+        started = time.monotonic()
+        hung = post("hang-1")
+        assert post("quick-2").result(10).status == 200  # answered beside the hung one
+        with pytest.raises(NoAnswer) as cut:
+            hung.result(10)
+        assert cut.value.reason is None  # the deadline, not a connection error
+        assert 0.9 <= time.monotonic() - started < 5
+
+        async def cancel_one() -> str:  # the caller gives up: cancelled, not a timeout
+            task = asyncio.create_task(
+                http.post("/orders/hang-2/delivery-status", BODY.encode(), {})
+            )
+            assert await asyncio.to_thread(second_in.wait, 10)
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                return "cancelled"
+            except NoAnswer as e:
+                return f"no answer: {e}"
+            return "answered"
+
+        assert thread.run(cancel_one(), timeout=10) == "cancelled"
+        assert post("quick-3").result(10).status == 200
+    finally:
+        release.set()
+        with contextlib.suppress(Exception):
+            thread.run(http.close(), timeout=5)
+        thread.stop()
 
 
 @by_caller

@@ -22,7 +22,6 @@ import random
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 
 from courierd.config import Settings
@@ -39,7 +38,7 @@ from courierd.daemon.ipc import (
 )
 from courierd.daemon.membership import SlotManager
 from courierd.daemon.notifier import Notifier
-from courierd.domain.model import DispatchStats
+from courierd.domain.model import DispatchStats, value
 from courierd.domain.policy import RETRY_SCHEDULE, retry_delay
 from courierd.edges.onetablet import Reply
 from courierd.edges.publisher import MqttPublisher
@@ -57,7 +56,7 @@ CLOCK_STEP_S = 2.0  # a wall-clock jump beyond this (against the monotonic clock
 CLAIM_BATCH_DIVISOR = 16  # claim once 1/16 of the places in flight are free
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Attempt:
     """What one push attempt got back, from the pusher to the dispatcher thread."""
 
@@ -140,6 +139,14 @@ class Dispatcher:
         # reply would cost O(concurrency) per push.
         self.claim_batch = max(1, concurrency // CLAIM_BATCH_DIVISOR)
         self._new_work = True
+        pusher.after_replies(self._replied)
+
+    def _replied(self) -> None:
+        """Replies were put in `_results` (on the pusher's thread, once for a burst).
+        Set already: the dispatcher has not cleared it yet, and it takes the results
+        only after clearing it, so these too; not set again, no lock and no notify."""
+        if not self._wake.is_set():
+            self._wake.set()
 
     def wake(self) -> None:
         """New pushes were committed: claim at once, however few places are free."""
@@ -258,12 +265,13 @@ class Dispatcher:
     ) -> Callable[[Outcome | None, float], None]:
         """What the pusher calls (on its thread) with the outcome of `row`."""
 
+        results = self._results
+
         def done(outcome: Outcome | None, sent_at: float) -> None:
+            # The pusher wakes the dispatcher once it has told every reply of its
+            # loop's pass (`Pusher.after_replies`).
             kind, error, retry_after = attempt_of(row, outcome)
-            self._results.put(
-                Attempt(row, kind, error, retry_after, claimed_at, sent_at, time.time())
-            )
-            self._wake.set()
+            results.put(Attempt(row, kind, error, retry_after, claimed_at, sent_at, time.time()))
 
         return done
 
@@ -292,17 +300,19 @@ class Dispatcher:
                 if a.row.id == self._probe_id:
                     self._probe_id = None
         recorded_at = time.time()
-        for a in sent:
-            with self._stats_lock:
-                self.stats.outcomes[a.outcome] += 1
+        with self._stats_lock:
+            stats = self.stats
+            for a in sent:
+                stats.outcomes[a.outcome] += 1
                 if a.outcome == "delivered":
-                    self.stats.latencies.append(max(0.0, now - a.row.created_at))
-                    self.stats.add_stages(
+                    stats.latencies.append(max(0.0, now - a.row.created_at))
+                    stats.add_stages(
                         claim=a.claimed_at + offset - a.row.created_at,
                         send=a.sent_at - a.claimed_at,
                         reply=a.replied_at - a.sent_at,
                         record=recorded_at - a.replied_at,
                     )
+        for a in sent:
             if a.outcome == "failed":
                 log.warning(
                     "dispatch.parked order_id=%s status=%s error=%r",

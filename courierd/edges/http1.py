@@ -99,12 +99,29 @@ def checked_fields(headers: dict[str, str], *, framing: bool = False) -> str:
     is not a token), or if a name is one of the framing headers the client writes
     itself (content-length, transfer-encoding, host, connection; `framing`: the
     client's own)."""
+    lines = []
     for name, value in headers.items():
-        if not name or _BAD_NAME.search(name) or _BAD_IN_FIELD.search(value):
+        if (framing or name not in _GOOD_NAMES) and not _good_name(name, framing):
             raise ValueError(f"header {name[:40]!r} would break the request")
-        if not framing and name.lower() in _FRAMING:
-            raise ValueError(f"header {name!r} is the client's own: it frames the request")
-    return "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+        if _BAD_IN_FIELD.search(value):
+            raise ValueError(f"header {name[:40]!r} would break the request")
+        lines.append(f"{name}: {value}\r\n")
+    return "".join(lines)
+
+
+_GOOD_NAMES: set[str] = set()  # names a caller's header had and that passed (a few)
+
+
+def _good_name(name: str, framing: bool) -> bool:
+    """Whether `name` is a token and, unless `framing`, none of the client's own; a
+    caller's good name is remembered (each request carries the same few names)."""
+    if not name or _BAD_NAME.search(name):
+        return False
+    if not framing and name.lower() in _FRAMING:
+        raise ValueError(f"header {name!r} is the client's own: it frames the request")
+    if not framing and len(_GOOD_NAMES) < 256:
+        _GOOD_NAMES.add(name)
+    return True
 
 
 def unsafe_target(path: str) -> bool:

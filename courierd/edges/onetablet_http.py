@@ -32,13 +32,14 @@ import asyncio
 import ssl
 import threading
 import urllib.request
+from collections import deque
 from collections.abc import AsyncIterator, Coroutine
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, Self, TypeVar
 from urllib.parse import urlsplit
 
 from courierd import __version__
 from courierd.config import OneTabletSettings
+from courierd.domain.model import value
 from courierd.edges.http1 import Http1Error, Pool, checked_fields, unsafe_target
 
 if TYPE_CHECKING:
@@ -56,7 +57,7 @@ CLIENTS = (
 MAX_REPLY_BYTES = 1 << 20  # OneTablet's replies are a few hundred bytes
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Answer:
     """What came back on the wire, whichever library fetched it."""
 
@@ -140,6 +141,7 @@ class OneTabletHttp:
         else:
             raise ValueError(f"unknown HTTP client {client!r}; one of {', '.join(CLIENTS)}")
         self._failures: tuple[type[Exception], ...] = (*self._library.errors, OSError, ValueError)
+        self._deadlines = _Deadlines(deadline_s)
 
     @classmethod
     def open_on(cls, thread: LoopThread, base_url: str, api_key: str, **options: Any) -> Self:
@@ -164,23 +166,95 @@ class OneTabletHttp:
         if not path.startswith("/"):
             raise ForeignOrigin(f"{path[:80]!r} does not lead to OneTablet's origin")
         url = self.base_url + path
+        if unsafe_target(path):  # aiohttp sent it altered, httpx raised InvalidURL
+            raise NoAnswer(f"{path[:80]!r} would break the request line")
+        for name, text in headers.items():
+            if not (name.isascii() and text.isascii()):
+                # Each client encoded them its own way (the lean one as latin-1 when it
+                # could, aiohttp as UTF-8) or refused them (httpx): refused alike.
+                raise NoAnswer(f"header {name[:40]!r} is not ASCII")
+        call = self._deadlines.start()
         try:
-            if unsafe_target(path):  # aiohttp sent it altered, httpx raised InvalidURL
-                raise ValueError(f"{path[:80]!r} would break the request line")
-            for name, value in headers.items():
-                if not (name.isascii() and value.isascii()):
-                    # Each client encoded them its own way (the lean one as latin-1 when it
-                    # could, aiohttp as UTF-8) or refused them (httpx): refused alike.
-                    raise ValueError(f"header {name[:40]!r} is not ASCII")
-            async with asyncio.timeout(self.deadline_s):
-                return await self._library.post(url, content, headers)
-        except TimeoutError:
+            return await self._library.post(url, content, headers)
+        except asyncio.CancelledError:
+            if call.timed_out():
+                raise NoAnswer(None) from None
+            raise
+        except TimeoutError:  # the system's own (a connect timing out): no answer in time
             raise NoAnswer(None) from None
         except self._failures as e:
             raise NoAnswer(str(e) or type(e).__name__) from None
+        finally:
+            self._deadlines.finish(call)
 
     async def close(self) -> None:
         await self._library.close()
+
+
+class _Call:
+    """One call under its deadline: the task it runs in, when it must end by (the
+    loop's clock), whether the deadline cancelled it, and whether it is over."""
+
+    __slots__ = ("at", "cancelling", "expired", "over", "task")
+
+    def __init__(self, task: asyncio.Task[Any], at: float) -> None:
+        self.task = task
+        self.at = at
+        self.cancelling = task.cancelling()
+        self.expired = False
+        self.over = False
+
+    def timed_out(self) -> bool:
+        """Whether the CancelledError that ended the call is the deadline's own
+        (`asyncio.timeout`'s rule: not if someone else cancelled the task as well)."""
+        if not self.expired:
+            return False
+        self.expired = False  # uncancelled once, here
+        return self.task.uncancel() <= self.cancelling
+
+
+class _Deadlines:
+    """Every call's deadline on one timer, where `asyncio.timeout` makes a timer (and a
+    context manager) per call: 10 % of the push process's CPU per push. Every call
+    gets the same `seconds`, so the calls end their time in the order they started:
+    the timer waits for the oldest call still running, and cancels those past their
+    deadline, as `asyncio.timeout` would (the call then raises `NoAnswer(None)`)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._calls: deque[_Call] = deque()  # in the order they started
+        self._timer: asyncio.TimerHandle | None = None
+
+    def start(self) -> _Call:
+        task = asyncio.current_task()
+        assert task is not None, "a call runs in a task"
+        loop = task.get_loop()
+        call = _Call(task, loop.time() + self.seconds)
+        self._calls.append(call)
+        if self._timer is None:
+            self._timer = loop.call_at(call.at, self._expire, loop)
+        return call
+
+    def finish(self, call: _Call) -> None:
+        call.over = True
+        if call.expired:  # cancelled by its deadline, ended some other way: as asyncio.timeout
+            call.expired = False
+            call.task.uncancel()
+        calls = self._calls
+        while calls and calls[0].over:
+            calls.popleft()
+
+    def _expire(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer = None
+        now = loop.time()
+        calls = self._calls
+        while calls and (calls[0].over or calls[0].at <= now):
+            call = calls.popleft()
+            if not call.over:
+                call.expired = True
+                call.task.cancel()
+        if calls:
+            self._timer = loop.call_at(calls[0].at, self._expire, loop)
 
 
 class _Aiohttp:
@@ -270,6 +344,8 @@ class _Lean:
         r = await self._pool.request(
             "POST", url[len(self._root) :] or "/", self._fields, content, headers
         )
+        if 200 <= r.status < 300:  # Retry-After and Location count only for the others
+            return Answer(r.status, r.reason, r.body)
         return Answer(r.status, r.reason, r.body, r.header(b"retry-after"), r.header(b"location"))
 
     async def close(self) -> None:

@@ -16,8 +16,8 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
 
+from courierd.domain.model import value
 from courierd.edges.onetablet import Reply, call, delivery_status_request
 from courierd.edges.onetablet_http import CLIENTS, LoopThread, OneTabletHttp
 from courierd.errors import OneTabletError, Unavailable
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 Outcome = Reply | OneTabletError  # what a push got: a 2xx reply or the error it maps to
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Push:
     """One delivery-status call to make, and whom to tell how it went.
 
@@ -74,6 +74,25 @@ class Pusher:
             max_connections=max_connections,
             client=client,
         )
+        self._on_replies: list[Callable[[], None]] = []
+        self._telling = False  # a call of the `after_replies` callbacks is scheduled
+
+    def after_replies(self, callback: Callable[[], None]) -> None:
+        """Run `callback` (on the pusher's thread) once after each pass of its loop in
+        which pushes finished, after their `done`: the dispatcher is woken once for a
+        burst of replies, not once per reply (a lock and a notify each, and as many
+        wake-ups of its thread)."""
+        self._on_replies.append(callback)
+
+    def _finished(self) -> None:
+        if self._on_replies and not self._telling:
+            self._telling = True
+            self._loop.call_soon(self._tell)
+
+    def _tell(self) -> None:
+        self._telling = False
+        for callback in self._on_replies:
+            callback()
 
     def send(self, pushes: Sequence[Push]) -> None:
         """Start these pushes now (one wake-up of the loop for the lot)."""
@@ -87,6 +106,7 @@ class Pusher:
         sent_at = self._clock()
         if self._monotonic() >= push.until:
             push.done(None, sent_at)
+            self._finished()
             return
         try:
             outcome: Outcome = await self._call(push)
@@ -95,7 +115,10 @@ class Pusher:
         except Exception as e:  # a bug must not lose the push: it is retried, loudly
             log.exception("pusher.crash order_id=%s", push.order_id)
             outcome = Unavailable(f"internal error: {e!r}")
-        push.done(outcome, sent_at)
+        try:
+            push.done(outcome, sent_at)
+        finally:
+            self._finished()
 
     async def _call(self, push: Push) -> Reply:
         request = delivery_status_request(
