@@ -372,7 +372,12 @@ class LoopThread:
         self._thread.start()
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+        try:
+            future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        except RuntimeError:  # the loop is closed (stopped): `coro` never runs
+            coro.close()  # (not "never awaited" when the garbage collector finds it)
+            raise
+        return future.result(timeout)
 
     def stop(self) -> None:
         """Stops the loop and closes it (its self-pipe, a socket pair, and its executor):
