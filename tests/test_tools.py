@@ -97,6 +97,7 @@ def test_sandbox_command_answers_and_injects_faults(tmp_path: Path) -> None:
                 with urllib.request.urlopen(req, timeout=2) as r:
                     return r.status
             except urllib.error.HTTPError as e:
+                e.close()  # the reply it holds
                 return e.code
             except OSError:
                 return 0
@@ -106,7 +107,8 @@ def test_sandbox_command_answers_and_injects_faults(tmp_path: Path) -> None:
             assert b"o1" in r.read()
     finally:
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(10) == 0
+        _, err = proc.communicate(timeout=10)  # also closes the pipe
+        assert proc.returncode == 0, err.decode(errors="replace")[-2000:]
 
 
 def test_a_stopped_sandbox_answers_no_one() -> None:
@@ -185,9 +187,10 @@ def test_demo_brings_everything_up(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("COURIERD_")}
     env |= {"COURIERD_MQTT__URL": broker.url, "COURIERD_HTTP__LISTEN": f"127.0.0.1:{http_port}"}
     log = tmp_path / "demo.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "courierd", "demo"], cwd=tmp_path, env=env, stderr=log.open("wb")
-    )
+    with log.open("wb") as stderr:  # the demo has its own copy
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "courierd", "demo"], cwd=tmp_path, env=env, stderr=stderr
+        )
     try:
         wait_until(
             lambda: "onetablet.call" in log.read_text() and "status=200" in log.read_text(),
