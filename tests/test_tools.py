@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import urllib.request
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -298,3 +299,15 @@ def test_a_content_length_repeated_with_one_value_is_read(lengths: bytes) -> Non
         assert [(r.path, r.body) for r in sandbox.requests()] == [("/orders", ORDER)] * 2
     finally:
         sandbox.stop()
+
+
+def test_a_started_broker_closes_its_copy_of_the_log(tmp_path: Path) -> None:
+    """LocalBroker.start gives mosquitto its log file and closes its own copy (it was
+    left to be collected, with a ResourceWarning, unclosed file, as start returned)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        broker = Broker(tmp_path / "broker").start()
+    assert [str(w.message) for w in caught if w.category is ResourceWarning] == []
+    log = str((tmp_path / "broker" / "mosquitto.log").resolve())
+    assert broker.proc is not None
+    assert [os.readlink(f"/proc/{broker.proc.pid}/fd/{fd}") for fd in (1, 2)] == [log, log]
