@@ -401,28 +401,20 @@ async def _read_request(
     if len(lines) > MAX_HEADERS:
         raise _Refused(431, "too many headers")
     headers = {}
-    lengths: set[str] = set()  # every content-length value, of every such line
+    lengths = []  # the value of each content-length line
     for line in lines:
         name, colon, value = line.partition(":")
         if not colon:  # a folded line too (RFC 9112, 5.2)
             raise _Refused(400, f"bad header line ({line[:100]!r})")
         key = name.strip().lower()
         headers[key] = value.strip()
-        if key == "content-length":  # "42, 42" is a list of the one value (RFC 9110 8.6)
-            lengths.update(v.strip(" \t") for v in value.split(","))
+        if key == "content-length":
+            lengths.append(value)
     if "transfer-encoding" in headers:  # chunked is not read; both at once is smuggling
         if "content-length" in headers:
             raise _Refused(400, "both content-length and transfer-encoding")
         raise _Refused(411, "a body needs content-length (chunked is not read)")
-    # A length is ASCII digits and nothing else (int() took "+5" and "0_0"; an empty one
-    # was taken as 0), and lengths that disagree are refused, not the last one believed
-    # (RFC 9112 6.3): a server and a proxy each reading another is request smuggling.
-    for length in lengths:
-        if not _DIGITS.fullmatch(length):
-            raise _Refused(400, f"bad content-length ({length[:100]!r})")
-    if len(lengths) > 1:
-        raise _Refused(400, f"content-lengths disagree ({', '.join(sorted(lengths))[:100]})")
-    size = int(lengths.pop()) if lengths else 0
+    size = _content_length(lengths) if lengths else 0
     if size > MAX_BODY_BYTES:
         raise _Refused(413, f"body over {MAX_BODY_BYTES} bytes")
     try:
@@ -430,6 +422,25 @@ async def _read_request(
     except asyncio.IncompleteReadError:  # the client closed before the whole body
         return None
     return method, target, version, headers, body
+
+
+def _content_length(values: list[str]) -> int:
+    """The body's length, from the values of the request's content-length lines: ASCII
+    digits and nothing else (int() took "+5" and "0_0", and an empty value was taken as
+    0), and one value, which may come again ("42, 42" or a second line: RFC 9110 8.6).
+    Lengths that disagree are refused, not the last one believed (RFC 9112 6.3): a
+    server and a proxy each reading another is request smuggling. _Refused (400) else."""
+    if len(values) == 1:  # the usual request: a single length, checked in a few steps
+        length = values[0].strip(" \t")
+        if length.isdigit() and length.isascii():  # (isdigit alone takes "²", "٣")
+            return int(length)
+    found = {v.strip(" \t") for value in values for v in value.split(",")}
+    for length in sorted(found):
+        if not _DIGITS.fullmatch(length):
+            raise _Refused(400, f"bad content-length ({length[:100]!r})")
+    if len(found) > 1:
+        raise _Refused(400, f"content-lengths disagree ({', '.join(sorted(found))[:100]})")
+    return int(found.pop())
 
 
 async def _refuse(
