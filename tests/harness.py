@@ -177,7 +177,8 @@ class Daemon:
             ) as r:
                 return r.status, json.loads(r.read())
         except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read())
+            with e:  # the reply it holds, closed
+                return e.code, json.loads(e.read())
         except OSError:
             return 0, {}
 
