@@ -150,17 +150,17 @@ class Daemon:
         self._log_from = 0  # where this run's lines begin (the log is shared by restarts)
 
     def start(self, wait_ready: bool = True) -> Daemon:
-        out = self.log.open("ab")
-        self._log_from = out.tell()
         if self not in _STARTED:
             _STARTED.append(self)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "courierd", "run"],
-            env=self.env,
-            cwd=self.dir,
-            stdout=out,
-            stderr=out,
-        )
+        with self.log.open("ab") as out:  # the daemon has its own copy
+            self._log_from = out.tell()
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "courierd", "run"],
+                env=self.env,
+                cwd=self.dir,
+                stdout=out,
+                stderr=out,
+            )
         if wait_ready:
             self.wait_ready()
         return self
@@ -177,7 +177,8 @@ class Daemon:
             ) as r:
                 return r.status, json.loads(r.read())
         except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read())
+            with e:  # the reply it holds, closed
+                return e.code, json.loads(e.read())
         except OSError:
             return 0, {}
 

@@ -79,16 +79,30 @@ class OtherHost:
 
 
 class _Listener:
-    """A TCP server on 127.0.0.1, each connection served on a thread of its own
-    (`_serve`, with the arguments `_accepted` gives), until `close()`. A subclass sets
-    its own fields before calling `__init__`, which starts accepting."""
+    """A TCP server on `host` (127.0.0.1, or ::1), each connection served on a thread of
+    its own (`_serve`, with the arguments `_accepted` gives), until `close()`. A subclass
+    sets its own fields before calling `__init__`, which starts listening, and accepting
+    unless `accepting` is False: connections then wait in the listen queue (`backlog`
+    long) until `start_accepting()`, and once it is full the kernel drops further SYNs
+    (a connect hangs, as to a server too busy to accept)."""
 
-    def __init__(self) -> None:
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+    def __init__(
+        self, host: str = "127.0.0.1", *, backlog: int | None = None, accepting: bool = True
+    ) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._listener = socket.create_server((host, 0), family=family, backlog=backlog)
+        self.port = self._listener.getsockname()[1]
+        self.url = f"http://{f'[{host}]' if ':' in host else host}:{self.port}"
+        self._accepting = threading.Event()
+        if accepting:
+            self._accepting.set()
         threading.Thread(target=self._accept, daemon=True).start()
 
+    def start_accepting(self) -> None:
+        self._accepting.set()
+
     def _accept(self) -> None:
+        self._accepting.wait()
         while True:
             try:
                 conn, _ = self._listener.accept()
@@ -104,6 +118,7 @@ class _Listener:
 
     def close(self) -> None:
         self._listener.close()
+        self._accepting.set()  # the accept thread ends on the closed listener
 
 
 class Trickler(_Listener):
@@ -182,19 +197,20 @@ class Scripted(_Listener):
     n-th request (from 0): `(reply, close)`, the connection closed after the reply when
     `close` (at once, without a reply, when `reply` is None). Each request is read whole
     (head, then content-length bytes). It counts connections: accepted, open now, the
-    most open at once, and those the client closed."""
+    most open at once, and those the client closed. `listen`: `_Listener`'s options."""
 
     def __init__(
         self,
         answer: Callable[[int], tuple[bytes | None, bool]],
         hold_s: float = 0.0,
+        **listen: Any,
     ) -> None:
         self.answer, self.hold_s = answer, hold_s
         self.requests: list[tuple[int, bytes]] = []  # (connection number, request head)
         self.connections = self.open = self.peak = self.closed_by_client = 0
         self._lock = threading.Lock()
         self._conns: list[socket.socket] = []
-        super().__init__()
+        super().__init__(**listen)  # _Listener's host, backlog, accepting
 
     def _accepted(self, conn: socket.socket) -> tuple[Any, ...]:
         with self._lock:

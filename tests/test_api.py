@@ -4,12 +4,14 @@ reads against a running daemon with traffic, and schemathesis against /openapi.j
 
 from __future__ import annotations
 
+import gc
 import http.client
 import json
 import math
 import socket
 import sqlite3
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -359,6 +361,24 @@ def test_onetablet_refusing_is_a_502_with_its_message(api: Client) -> None:
     status, doc, _ = api.call("POST", "/v1/orders/o-active/cancel")
     assert_error(status, doc, 502, "OneTabletError")
     assert api.call("GET", "/v1/orders/o-active")[1]["cancelled"] is False
+
+
+def test_a_stopped_server_leaves_nothing_for_the_garbage_collector(
+    tmp_path: Path, onetablet: Sandbox
+) -> None:
+    """HttpServer.stop closes its loop: only stopped, the loop and its self-pipe (a
+    socket pair) went to the garbage collector, which warned of each (ResourceWarning)
+    in whatever test ran then."""
+    gc.collect()  # what earlier tests left is not this test's
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        server = serve(tmp_path, onetablet, TOKEN)
+        assert get(server.port, "/healthz")[0] == 200
+        server.stop()
+        server.stop()  # again: nothing more to do
+        del server
+        gc.collect()
+    assert [str(w.message) for w in caught if w.category is ResourceWarning] == []
 
 
 def test_database_unavailable_is_a_503(tmp_path: Path, onetablet: Sandbox) -> None:

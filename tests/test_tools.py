@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import urllib.request
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -97,6 +98,7 @@ def test_sandbox_command_answers_and_injects_faults(tmp_path: Path) -> None:
                 with urllib.request.urlopen(req, timeout=2) as r:
                     return r.status
             except urllib.error.HTTPError as e:
+                e.close()  # the reply it holds
                 return e.code
             except OSError:
                 return 0
@@ -106,7 +108,8 @@ def test_sandbox_command_answers_and_injects_faults(tmp_path: Path) -> None:
             assert b"o1" in r.read()
     finally:
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(10) == 0
+        _, err = proc.communicate(timeout=10)  # also closes the pipe
+        assert proc.returncode == 0, err.decode(errors="replace")[-2000:]
 
 
 def test_a_stopped_sandbox_answers_no_one() -> None:
@@ -185,9 +188,10 @@ def test_demo_brings_everything_up(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("COURIERD_")}
     env |= {"COURIERD_MQTT__URL": broker.url, "COURIERD_HTTP__LISTEN": f"127.0.0.1:{http_port}"}
     log = tmp_path / "demo.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "courierd", "demo"], cwd=tmp_path, env=env, stderr=log.open("wb")
-    )
+    with log.open("wb") as stderr:  # the demo has its own copy
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "courierd", "demo"], cwd=tmp_path, env=env, stderr=stderr
+        )
     try:
         wait_until(
             lambda: "onetablet.call" in log.read_text() and "status=200" in log.read_text(),
@@ -202,6 +206,7 @@ def test_demo_brings_everything_up(tmp_path: Path) -> None:
 
 
 POST = b"POST /orders HTTP/1.1\r\nhost: x\r\nx-api-key: k\r\n"
+ORDER = b'{"id": "o1"}'  # a body the sandbox answers 200 (12 bytes)
 
 
 @pytest.mark.parametrize(
@@ -220,6 +225,14 @@ POST = b"POST /orders HTTP/1.1\r\nhost: x\r\nx-api-key: k\r\n"
         (POST + b"content-length: ten\r\n\r\n", 400),
         (POST + b"content-length: -1\r\n\r\n", 400),
         (POST + b"content-length: \xb2\r\n\r\n", 400),  # a digit to str.isdigit, not to int
+        # Digits only (RFC 9110 8.6); int() read these as 12, 0 and 12 (the body is 12 bytes)
+        (POST + b"content-length: +12\r\n\r\n" + ORDER, 400),
+        (POST + b"content-length: 0_0\r\n\r\n", 400),
+        (POST + b"content-length: 1_2\r\n\r\n" + ORDER, 400),
+        (POST + b"content-length:\r\n\r\n", 400),  # empty: it was taken as 0
+        # Lengths that disagree: the last one was believed (RFC 9112 6.3: 400)
+        (POST + b"content-length: 0\r\ncontent-length: 12\r\n\r\n" + ORDER, 400),
+        (POST + b"content-length: 12, 0\r\n\r\n" + ORDER, 400),
         (POST + b"transfer-encoding: chunked\r\n\r\n5\r\n{}   \r\n0\r\n\r\n", 411),
         (POST + b"transfer-encoding: chunked\r\ncontent-length: 2\r\n\r\n{}", 400),
         (POST + b"content-length: 2000000\r\n\r\n", 413),
@@ -255,3 +268,46 @@ def test_a_malformed_request_is_answered_then_closed(data: bytes, status: int) -
         assert [r.path for r in sandbox.requests()] == ["/orders"]
     finally:
         sandbox.stop()
+
+
+@pytest.mark.parametrize(
+    "lengths",
+    [b"content-length: 12", b"content-length: 12\r\ncontent-length: 12", b"content-length: 12, 12"],
+    ids=["one", "repeated", "list"],
+)
+def test_a_content_length_repeated_with_one_value_is_read(lengths: bytes) -> None:
+    """The same length twice, on two lines or as a list ("12, 12"), is the one length
+    (RFC 9110 8.6 lets a recipient take it so): the body is read and answered, and the
+    connection serves the next request."""
+    sandbox = Sandbox(api_key="k").start()
+    try:
+        host, port = sandbox.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            request = POST + lengths + b"\r\n\r\n" + ORDER
+            sock.sendall(request + request)
+            replies = sock.makefile("rb")
+            for _ in range(2):
+                status = replies.readline()
+                assert status.startswith(b"HTTP/1.1 200 "), status
+                length = 0
+                while (line := replies.readline()) != b"\r\n":
+                    name, _, value = line.partition(b":")
+                    if name.lower() == b"content-length":
+                        length = int(value)
+                replies.read(length)
+            replies.close()
+        assert [(r.path, r.body) for r in sandbox.requests()] == [("/orders", ORDER)] * 2
+    finally:
+        sandbox.stop()
+
+
+def test_a_started_broker_closes_its_copy_of_the_log(tmp_path: Path) -> None:
+    """LocalBroker.start gives mosquitto its log file and closes its own copy (it was
+    left to be collected, with a ResourceWarning, unclosed file, as start returned)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        broker = Broker(tmp_path / "broker").start()
+    assert [str(w.message) for w in caught if w.category is ResourceWarning] == []
+    log = str((tmp_path / "broker" / "mosquitto.log").resolve())
+    assert broker.proc is not None
+    assert [os.readlink(f"/proc/{broker.proc.pid}/fd/{fd}") for fd in (1, 2)] == [log, log]

@@ -96,7 +96,8 @@ def post(port: int, body: bytes, key: str | None = SECRET, path: str = "/onetabl
         with urllib.request.urlopen(request, timeout=10) as r:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+        with e:  # the reply it holds, closed
+            return e.code, json.loads(e.read())
 
 
 def event(kind: str, order: str, event_id: str | None = None) -> bytes:

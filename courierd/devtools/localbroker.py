@@ -77,8 +77,8 @@ class LocalBroker:
         return f"mqtt://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 10.0) -> LocalBroker:
-        log = (self.dir / "mosquitto.log").open("ab")
-        self.proc = subprocess.Popen([self.exe, "-c", str(self.conf)], stdout=log, stderr=log)
+        with (self.dir / "mosquitto.log").open("ab") as log:  # the child has its own copy
+            self.proc = subprocess.Popen([self.exe, "-c", str(self.conf)], stdout=log, stderr=log)
         deadline = time.monotonic() + timeout
         try:
             while not port_open("127.0.0.1", self.port):

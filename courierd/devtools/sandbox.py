@@ -106,6 +106,7 @@ MAX_BODY_BYTES = 1 << 20
 LINGER_S, LINGER_BYTES = 2.0, 16 << 20  # what a refused request's rest may cost
 _VERSIONS = ("HTTP/1.1", "HTTP/1.0")
 _LATER_VERSION = re.compile(r"HTTP/([2-9]|[1-9][0-9]+)\.[0-9]+")
+_DIGITS = re.compile(r"[0-9]+")  # a content-length (RFC 9110 8.6: 1*DIGIT)
 
 
 class Sandbox:
@@ -400,22 +401,20 @@ async def _read_request(
     if len(lines) > MAX_HEADERS:
         raise _Refused(431, "too many headers")
     headers = {}
+    lengths = []  # the value of each content-length line
     for line in lines:
         name, colon, value = line.partition(":")
         if not colon:  # a folded line too (RFC 9112, 5.2)
             raise _Refused(400, f"bad header line ({line[:100]!r})")
-        headers[name.strip().lower()] = value.strip()
+        key = name.strip().lower()
+        headers[key] = value.strip()
+        if key == "content-length":
+            lengths.append(value)
     if "transfer-encoding" in headers:  # chunked is not read; both at once is smuggling
         if "content-length" in headers:
             raise _Refused(400, "both content-length and transfer-encoding")
         raise _Refused(411, "a body needs content-length (chunked is not read)")
-    length = headers.get("content-length") or "0"
-    try:
-        size = int(length)
-    except ValueError:
-        raise _Refused(400, f"bad content-length ({length[:100]!r})") from None
-    if size < 0:
-        raise _Refused(400, f"bad content-length ({length[:100]!r})")
+    size = _content_length(lengths) if lengths else 0
     if size > MAX_BODY_BYTES:
         raise _Refused(413, f"body over {MAX_BODY_BYTES} bytes")
     try:
@@ -423,6 +422,25 @@ async def _read_request(
     except asyncio.IncompleteReadError:  # the client closed before the whole body
         return None
     return method, target, version, headers, body
+
+
+def _content_length(values: list[str]) -> int:
+    """The body's length, from the values of the request's content-length lines: ASCII
+    digits and nothing else (int() took "+5" and "0_0", and an empty value was taken as
+    0), and one value, which may come again ("42, 42" or a second line: RFC 9110 8.6).
+    Lengths that disagree are refused, not the last one believed (RFC 9112 6.3): a
+    server and a proxy each reading another is request smuggling. _Refused (400) else."""
+    if len(values) == 1:  # the usual request: a single length, checked in a few steps
+        length = values[0].strip(" \t")
+        if length.isdigit() and length.isascii():  # (isdigit alone takes "²", "٣")
+            return int(length)
+    found = {v.strip(" \t") for value in values for v in value.split(",")}
+    for length in sorted(found):
+        if not _DIGITS.fullmatch(length):
+            raise _Refused(400, f"bad content-length ({length[:100]!r})")
+    if len(found) > 1:
+        raise _Refused(400, f"content-lengths disagree ({', '.join(sorted(found))[:100]})")
+    return int(found.pop())
 
 
 async def _refuse(

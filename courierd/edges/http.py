@@ -332,6 +332,8 @@ class HttpServer:
         for socks in self.sockets:
             for sock in socks:
                 sock.close()
+        if not self._thread.is_alive() and not self.loop.is_closed():
+            self.loop.close()  # its self-pipe and executor (else left to the garbage collector)
 
     async def _stop(self) -> None:
         for server in self._servers:

@@ -448,9 +448,21 @@ class LoopThread:
         self._thread.start()
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+        try:
+            future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        except RuntimeError:  # the loop is closed (stopped): `coro` never runs
+            coro.close()  # (not "never awaited" when the garbage collector finds it)
+            raise
+        return future.result(timeout)
 
     def stop(self) -> None:
-        if self.loop.is_running():
+        """Stops the loop and closes it (its self-pipe, a socket pair, and its executor):
+        a loop only stopped left them to the garbage collector, which warned of each.
+        A loop still running after 2 s (a callback that blocks) is left as it is."""
+        if self.loop.is_closed():
+            return
+        if self._thread.is_alive():  # (a stop before run_forever began ends it at once)
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(2.0)
+        if not self._thread.is_alive():
+            self.loop.close()
