@@ -27,8 +27,9 @@ CLOSED = ConfigDict(extra="forbid")
 
 
 def _digits(value: Any) -> Any:
-    """A limit as a query string writes it: digits only (no sign, no spaces)."""
-    if isinstance(value, str) and not re.fullmatch(r"[0-9]{1,4}", value):
+    """A count as a query string writes it: digits only (no sign, no spaces), and few of
+    them (a long one is refused before it is read; the field's own bounds then apply)."""
+    if isinstance(value, str) and not re.fullmatch(r"[0-9]{1,6}", value):
         raise ValueError("must be an integer written in digits")
     return value
 
