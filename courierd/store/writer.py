@@ -21,6 +21,7 @@ from courierd.domain.geofence import GeofenceRules, Track
 from courierd.domain.lifecycle import FINISHED, active_sql, valid_state
 from courierd.domain.memo import Memo
 from courierd.domain.model import (
+    STATUS_TEXT,
     Assignment,
     CourierOffline,
     Input,
@@ -577,7 +578,7 @@ class BatchWriter:
             [
                 (
                     t.order_id,
-                    t.status.value,
+                    STATUS_TEXT[t.status],
                     int(t.inferred),
                     t.event_id,
                     t.at,
@@ -600,7 +601,7 @@ class BatchWriter:
             [
                 (
                     p.order_id,
-                    p.status.value,
+                    STATUS_TEXT[p.status],
                     p.body,
                     p.idempotency_key,
                     HELD if p.order_id in held else PENDING,
