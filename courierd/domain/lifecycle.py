@@ -134,11 +134,13 @@ def idempotency_key(order_id: str, status: Status) -> str:
     here: the same SHA-1, version and variant bits, without building a UUID object
     (uuid5 and str() were a tenth of the ingest process's time on statuses)."""
     name = f"courierd:{order_id}:{STATUS_TEXT[status]}".encode()
-    raw = bytearray(hashlib.sha1(_URL_NAMESPACE + name).digest()[:16])
-    raw[6] = (raw[6] & 0x0F) | 0x50  # version 5
-    raw[8] = (raw[8] & 0x3F) | 0x80  # RFC 4122 variant
-    h = raw.hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    h = hashlib.sha1(_URL_NAMESPACE + name).hexdigest()
+    # The version (5) is the 13th hex digit; the variant's two bits top the 17th.
+    return f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:32]}"
+
+
+# A hex digit with its top two bits made 10 (RFC 4122's variant).
+_VARIANT = {f"{n:x}": f"{(n & 0x3) | 0x8:x}" for n in range(16)}
 
 
 # The body of a push with no courier_info, per status: what `dumps` writes for it.
