@@ -238,13 +238,13 @@ class BatchWriter:
         for oid, order in fx.orders.items():
             if oid in fx.assigned:
                 continue
-            row: _Known | None = None
+            held: _Known | None = None
             if oid in snap.orders or oid in snap.corrupt_orders:  # it had a row
-                row = known.get(oid) if oid in read else None
+                held = known.get(oid) if oid in read else None
             elif oid not in self._wrote:
-                row = (order, None, None, None)
+                held = (order, None, None, None)
             courier = order.courier_id
-            if row is None or (row[0].courier_id not in (None, courier)):
+            if held is None or held[0].courier_id not in (None, courier):
                 self._unknow(oid)
                 if courier is not None:
                     active.pop(courier, None)
@@ -255,7 +255,7 @@ class BatchWriter:
                 if oids is not None and courier is not None:
                     active[courier] = tuple(o for o in oids if o != oid)
                 continue
-            known[oid] = (order, row[1], row[2], row[3])
+            known[oid] = (order, held[1], held[2], held[3])
             if oids is not None and courier is not None and oid not in oids:
                 active[courier] = (*oids, oid)
 
