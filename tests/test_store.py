@@ -11,6 +11,7 @@ import psycopg
 import pytest
 
 from courierd.config import StoreSettings
+from courierd.daemon.ingest import _commit_isolating
 from courierd.domain.lifecycle import active_sql, finished_sql
 from courierd.domain.model import (
     Assignment,
@@ -221,6 +222,145 @@ def test_a_batch_rolled_back_leaves_the_writer_reading_its_orders_again(
     assert _snapshot(writer, {"c1"}, T0 + 130) == _snapshot(fresh, {"c1"}, T0 + 130)
 
 
+def _everything(
+    writer: BatchWriter, orders: set[str], couriers: set[str], now: float
+) -> tuple[Snapshot, Snapshot]:
+    """What `writer` would read for a batch of statuses of `orders`, and for one of fixes
+    of `couriers` (nothing written). Apart: a courier's fix reads its active orders,
+    which would hide what the writer holds of them for a status."""
+    with writer.db.transaction():
+        statuses = writer.snapshot(set(orders), set(), set(), set(), now=now, seq=writer._seq)
+    return statuses, _snapshot(writer, couriers, now)
+
+
+def _transitions(store: Store, order_id: str) -> list[tuple[str, int]]:
+    return store.db.rows(
+        "SELECT status, inferred FROM transitions WHERE order_id = ? ORDER BY id", (order_id,)
+    )
+
+
+def test_statuses_decided_from_what_the_writer_holds_are_decided_as_from_the_rows(
+    store: Store,
+) -> None:
+    """The writer holds the order rows its own batches wrote (SQLite, while the change
+    marker stands) instead of reading them back: after every batch (several statuses of
+    one order in one, a batch broken by one message and committed message by message, an
+    order held and then cancelled through the API meanwhile, its hold run out, a finished
+    order's late status), what it would decide the next batch from (an order's status,
+    a courier's active orders) is exactly what a writer holding nothing reads, and every
+    order's history is its chain, each status once."""
+    writer, outbox = store.writer, store.outbox
+    d, a, r, o, x = (
+        Status.DASHER_CONFIRMED,
+        Status.ARRIVING_AT_STORE,
+        Status.ARRIVED_AT_STORE,
+        Status.DASHER_OUT_FOR_DELIVERY,
+        Status.DROPOFF,
+    )
+    orders, couriers = {"o1", "o2", "o3", "o4"}, {"c1", "c2"}
+
+    def same_as_read(now: float) -> None:
+        fresh = BatchWriter(store.db, writer.geofence_rules)
+        assert _everything(writer, orders, couriers, now) == _everything(
+            fresh, orders, couriers, now
+        )
+
+    def batch(now: float, *inputs: StatusEvent | LocationFix) -> None:
+        raw = [("couriers/c/status", b"{}", 2) for _ in inputs]
+        _commit_isolating(store, raw, list(inputs), now)
+        same_as_read(now)
+
+    def fixes(now: float) -> list[LocationFix]:  # the couriers' active orders read
+        return [LocationFix(c, iso(now), 40.0, -74.0, 5.0) for c in sorted(couriers)]
+
+    batch(T0 - 10, *fixes(T0 - 10))  # (the first batch's sweep drops couriers with none)
+    batch(
+        T0,
+        *fixes(T0),
+        status("e1", "o1", d),
+        status("e2", "o1", a),
+        status("e3", "o2", a, "c2"),
+    )
+    batch(
+        T0 + 1,
+        status("e4", "o1", r),
+        status("e5", "o1", a),  # stale
+        status("e6", "o3", d),
+        status("e3", "o2", a, "c2"),  # a duplicate
+    )
+    batch(  # broken by one message: committed one message at a time
+        T0 + 2,
+        status("e7", "o1", o),
+        status("e\ud800", "o4", d, "c2"),
+        status("e8", "o3", a),
+        status("e9", "o1", x),
+    )
+    outbox.hold_for_cancel("o2", T0 + 3, 30.0)
+    batch(T0 + 3, status("e10", "o2", r, "c2"), status("e11", "o3", r), status("e12", "o1", a))
+    same_as_read(T0 + 60)  # the hold ran out meanwhile
+    outbox.finish_cancel("o2", T0 + 61)
+    batch(
+        T0 + 62,
+        status("e13", "o2", o, "c2"),  # cancelled
+        status("e14", "o3", o, "c2"),  # the wrong courier
+        status("e15", "o4", d, "c2"),
+    )
+    batch(T0 + 63, status("e16", "o3", x), status("e17", "o4", r, "c2"), *fixes(T0 + 63))
+    chain = [(s.value, 0) for s in (d, a, r, o, x)]
+    assert _transitions(store, "o1") == chain
+    assert _transitions(store, "o2") == [(d.value, 1), (a.value, 0), (r.value, 0)]
+    assert _transitions(store, "o3") == [*chain[:3], (o.value, 1), chain[4]]
+    assert _transitions(store, "o4") == [(d.value, 0), (a.value, 1), (r.value, 0)]
+    assert store.db.rows("SELECT order_id, state FROM orders ORDER BY order_id") == [
+        ("o1", "dropoff"),
+        ("o2", "cancelled"),
+        ("o3", "dropoff"),
+        ("o4", "arrived_at_store"),
+    ]
+    assert sorted(store.db.rows("SELECT reason FROM dead_letters")) == [
+        ("cancelled",),
+        ("unprocessable",),
+        ("wrong_courier",),
+    ]
+
+
+def test_the_writer_reads_no_order_row_of_a_status_it_holds(sqlite_store: Store) -> None:
+    """SQLite: an order's next status, while nobody but the writer wrote an order, is
+    decided from what the writer holds of its row (no read); a row written by anyone
+    else is read."""
+    store = sqlite_store
+    store.writer.commit([status("e1", "o1", Status.DASHER_CONFIRMED)], now=T0)
+    store.writer.commit([status("e2", "o1", Status.ARRIVING_AT_STORE)], now=T0 + 1)
+    reads = _order_reads(store)
+    store.writer.commit([status("e3", "o1", Status.ARRIVED_AT_STORE)], now=T0 + 2)
+    store.writer.commit([status("e4", "o2", Status.DASHER_CONFIRMED)], now=T0 + 3)
+    assert [sql for sql in reads if "'o1'" in sql] == []
+    store.db.execute("UPDATE orders SET ready_at = 'x' WHERE order_id = 'o1'")  # OneTablet
+    store.writer.commit([status("e5", "o1", Status.DASHER_OUT_FOR_DELIVERY)], now=T0 + 4)
+    assert len([sql for sql in reads if "'o1'" in sql]) == 1
+    assert store.db.value("SELECT state FROM orders WHERE order_id = 'o1'") == (
+        "dasher_out_for_delivery"
+    )
+
+
+def test_two_writers_taking_turns_on_one_order_each_read_the_other_s_status(
+    store_settings: StoreSettings,
+) -> None:
+    """Two writers on one database (PostgreSQL: two instances; SQLite: two processes)
+    take turns with the statuses of one order: each decides from the row as the other
+    left it, never from what it wrote itself before; every status is recorded once."""
+    one, two = open_store(store_settings), open_store(store_settings)
+    try:
+        for i, st in enumerate(Status):
+            writer = (one, two)[i % 2].writer
+            writer.commit([status(f"e{i}", "o1", st)], now=T0 + i)
+        assert _transitions(one, "o1") == [(s.value, 0) for s in Status]
+        assert one.db.value("SELECT count(*) FROM outbox") == len(Status)
+    finally:
+        one.close()
+        two.close()
+
+
 def test_the_writer_forgets_an_order_row_once_the_order_is_finished(store: Store) -> None:
     """What the writer keeps per order row (to skip rebuilding it) is dropped when the
     order finishes, and a finished order's row read again (a late duplicate) is not kept:
@@ -228,16 +368,17 @@ def test_the_writer_forgets_an_order_row_once_the_order_is_finished(store: Store
     writer = store.writer
     writer.commit([status("a1", "o1", Status.ARRIVING_AT_STORE)], now=T0)
     writer.commit([status("b1", "o2", Status.ARRIVING_AT_STORE)], now=T0)
-    writer.commit(  # each order's row read again: kept
+    writer.commit(  # each order's row read again (or, with a change marker, held): kept
         [status("a2", "o1", Status.ARRIVED_AT_STORE), status("b2", "o2", Status.ARRIVED_AT_STORE)],
         now=T0 + 1,
     )
-    assert {"o1", "o2"} <= set(writer._rows)
+    kept = lambda: set(writer._rows) | set(writer._known)  # noqa: E731
+    assert {"o1", "o2"} <= kept()
     writer.commit([status("a3", "o1", Status.DROPOFF)], now=T0 + 2)
     assert store.db.value("SELECT state FROM orders WHERE order_id = 'o1'") == "dropoff"
-    assert "o1" not in writer._rows and "o2" in writer._rows
+    assert "o1" not in kept() and "o2" in kept()
     writer.commit([status("a3", "o1", Status.DROPOFF)], now=T0 + 3)  # a late duplicate
-    assert "o1" not in writer._rows
+    assert "o1" not in kept()
 
 
 def _kept(store: Store, order_id: str) -> set[str]:

@@ -85,6 +85,8 @@ def check_text(value: str, name: str, limit: int = MAX_TEXT) -> str:
         raise TelemetryError("too_long", f"{name} is {len(value)} characters (at most {limit})")
     if "\x00" in value:
         raise TelemetryError("bad_unicode", f"{name} contains a NUL character")
+    if value.isascii():  # no lone surrogate (what an app sends, nearly always)
+        return value
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
@@ -96,6 +98,10 @@ def check_id(value: str, name: str, limit: int = MAX_TEXT) -> str:
     """An identifier (order, courier, event): storable text without control characters,
     else TelemetryError(bad_id). A lone surrogate stays `bad_unicode`: it is not a
     character at all, and no store takes it."""
+    if value.isascii() and value.isprintable():  # no control character, NUL, surrogate
+        if len(value) > limit:
+            raise TelemetryError("too_long", f"{name} is {len(value)} characters (at most {limit})")
+        return value
     found = _CONTROL.search(value)
     if found is not None:
         raise TelemetryError(

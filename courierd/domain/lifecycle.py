@@ -21,6 +21,7 @@ from courierd.domain.model import (
     CANCELLED,
     EXPIRED,
     NEW,
+    STATUS_TEXT,
     Decision,
     Order,
     Outcome,
@@ -132,12 +133,14 @@ def idempotency_key(order_id: str, status: Status) -> str:
     `uuid.uuid5(NAMESPACE_URL, "courierd:{order_id}:{status}")` as text, written out
     here: the same SHA-1, version and variant bits, without building a UUID object
     (uuid5 and str() were a tenth of the ingest process's time on statuses)."""
-    name = f"courierd:{order_id}:{status.value}".encode()
-    raw = bytearray(hashlib.sha1(_URL_NAMESPACE + name).digest()[:16])
-    raw[6] = (raw[6] & 0x0F) | 0x50  # version 5
-    raw[8] = (raw[8] & 0x3F) | 0x80  # RFC 4122 variant
-    h = raw.hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    name = f"courierd:{order_id}:{STATUS_TEXT[status]}".encode()
+    h = hashlib.sha1(_URL_NAMESPACE + name).hexdigest()
+    # The version (5) is the 13th hex digit; the variant's two bits top the 17th.
+    return f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:32]}"
+
+
+# A hex digit with its top two bits made 10 (RFC 4122's variant).
+_VARIANT = {f"{n:x}": f"{(n & 0x3) | 0x8:x}" for n in range(16)}
 
 
 # The body of a push with no courier_info, per status: what `dumps` writes for it.
@@ -178,7 +181,7 @@ def decide(
         return Decision(Outcome.EXPIRED, current)
     if current.courier_id is not None and current.courier_id != event.courier_id:
         return Decision(Outcome.WRONG_COURIER, current)
-    have, want = _RANK[current.state], _RANK[event.status.value]
+    have, want = _RANK[current.state], _RANK[STATUS_TEXT[event.status]]
     if want <= have:
         return Decision(Outcome.STALE, current)
 
@@ -201,7 +204,7 @@ def decide(
     # that an accepted status carries every other field over, whatever fields Order has.
     after = Order(
         order_id=current.order_id,
-        state=status.value,
+        state=STATUS_TEXT[status],
         courier_id=event.courier_id,
         held=current.held,
         status_at=at,

@@ -26,6 +26,7 @@ from courierd.domain import geofence
 from courierd.domain.geofence import GeofenceRules, Track
 from courierd.domain.lifecycle import FINISHED, decide
 from courierd.domain.model import (
+    OUTCOME_TEXT,
     REJECTED_OUTCOMES,
     Assignment,
     CourierOffline,
@@ -247,7 +248,7 @@ class _Batch:
             self.seen.add(key)
             self.fx.event_ids.add(key)
         if event.source == "app":
-            self.fx.counts[decision.outcome.value] += 1
+            self.fx.counts[OUTCOME_TEXT[decision.outcome]] += 1
         elif decision.outcome is Outcome.ACCEPTED:
             self.fx.counts["geofence_status"] += 1
         if decision.outcome in REJECTED_OUTCOMES:
@@ -256,8 +257,9 @@ class _Batch:
         if decision.transitions:
             self._bind(decision.order)
             self.fx.transitions.extend(decision.transitions)
-            count = sum(n for _, _, n in self.consumed.get(event.order_id, ()))
-            self.fx.transition_fixes.extend(count for _ in decision.transitions)
+            consumed = self.consumed.get(event.order_id)
+            count = sum(n for _, _, n in consumed) if consumed else 0
+            self.fx.transition_fixes.extend([count] * len(decision.transitions))
             self.fx.pushes.extend(decision.pushes)
 
     def _duplicate(self, event: StatusEvent) -> bool:

@@ -21,6 +21,7 @@ from courierd.domain.geofence import GeofenceRules, Track
 from courierd.domain.lifecycle import FINISHED, active_sql, valid_state
 from courierd.domain.memo import Memo
 from courierd.domain.model import (
+    STATUS_TEXT,
     Assignment,
     CourierOffline,
     Input,
@@ -160,12 +161,13 @@ class BatchWriter:
                     if order.state in FINISHED:
                         self._forget(oid)
                 self._touched.update(snap.orders)
+                self._touched.update(fx.orders)  # new ones too: the writer holds them
                 if self.db.change_marker:
                     seq = self._changes()  # this batch's own writes moved it too
             finally:
                 self._addresses = {}  # this transaction's: never used in another
         if seq is not None:
-            self._remember(fx)
+            self._remember(fx, snap)
             self._seq = seq
         self._sweep(now)
         return fx
@@ -201,11 +203,11 @@ class BatchWriter:
         seq = self.db.value("SELECT seq FROM changes WHERE name = 'orders'")
         return None if seq is None else int(seq)
 
-    def _remember(self, fx: Effects) -> None:
+    def _remember(self, fx: Effects, snap: Snapshot) -> None:
         """After a commit: what the batch read, updated with what it wrote, is what the
         next batch would read (the marker says whether anyone else wrote meanwhile)."""
         known, active = self._known, self._known_active
-        if len(known) + len(self._read) > self._tracks.size:
+        if len(known) + len(self._read.keys() - known.keys()) > self._tracks.size:
             known.clear()
             active.clear()
         known.update(self._read)
@@ -218,13 +220,44 @@ class BatchWriter:
                 self._unknow(oid)
             else:
                 known[oid] = (row[0], row[1], track, row[3] if keep else consumed)
-        # Rows the batch wrote beyond the track (state, courier, places): read afresh,
-        # and so are the active orders of the couriers they were and are now with.
-        for oid in (*fx.orders, *fx.assigned):
+        # Rows an assignment wrote (places, maybe a courier): read afresh, and so are the
+        # active orders of the couriers they were and are now with.
+        for oid in fx.assigned:
             self._unknow(oid)
             order = fx.orders.get(oid)
             if order is not None and order.courier_id is not None:
                 active.pop(order.courier_id, None)
+        # A status writes the row's state, courier and times from the very order the
+        # batch decided, and nothing else: the row now reads as what the batch held of
+        # it with that order. So for a row it held (read or kept) and for a row it
+        # created (every column it did not write is NULL: no places, track, hold). The
+        # order joins its courier's active orders, or leaves them once finished (a
+        # finished order is not held). Not held: a row read but not kept (held,
+        # unreadable track), or a new one given a track (kept only once read).
+        read = self._read
+        for oid, order in fx.orders.items():
+            if oid in fx.assigned:
+                continue
+            held: _Known | None = None
+            if oid in snap.orders or oid in snap.corrupt_orders:  # it had a row
+                held = known.get(oid) if oid in read else None
+            elif oid not in self._wrote:
+                held = (order, None, None, None)
+            courier = order.courier_id
+            if held is None or held[0].courier_id not in (None, courier):
+                self._unknow(oid)
+                if courier is not None:
+                    active.pop(courier, None)
+                continue
+            oids = None if courier is None else active.get(courier)
+            if order.state in FINISHED:
+                known.pop(oid, None)
+                if oids is not None and courier is not None:
+                    active[courier] = tuple(o for o in oids if o != oid)
+                continue
+            known[oid] = (order, held[1], held[2], held[3])
+            if oids is not None and courier is not None and oid not in oids:
+                active[courier] = (*oids, oid)
 
     def _unknow(self, oid: str) -> None:
         """Read the order's row (and its courier's active orders) again next batch."""
@@ -273,6 +306,7 @@ class BatchWriter:
                 self._known_active.clear()
             else:
                 tracked = self._from_known(snap, tracked)
+                order_ids = self._orders_from_known(snap, order_ids)
         where = []
         params: list[Any] = []
         for chunk in chunks(order_ids):
@@ -316,7 +350,7 @@ class BatchWriter:
             if oids:
                 snap.active.setdefault(courier, set()).update(oids)
             for oid in oids:
-                order, places, track, consumed = known[oid]
+                order, places, track, consumed = self._read[oid] = known[oid]
                 snap.orders[oid] = order
                 if places is not None:
                     snap.places[oid] = places
@@ -324,6 +358,30 @@ class BatchWriter:
                     snap.tracks[oid] = track
                 if consumed is not None:
                     snap.consumed[oid] = consumed
+        return left
+
+    def _orders_from_known(self, snap: Snapshot, order_ids: set[str]) -> set[str]:
+        """Fill `snap` with the orders of `order_ids` the writer holds (as reading their
+        rows by id would: the order, its places, track and segments, and the order among
+        its courier's active ones); returns the order ids left to read."""
+        known, read = self._known, self._read
+        left = set()
+        for oid in order_ids:
+            row = known.get(oid)
+            if row is None:
+                left.add(oid)
+                continue
+            read[oid] = row
+            order, places, track, consumed = row
+            snap.orders[oid] = order
+            if order.courier_id is not None:  # what the writer holds is never finished
+                snap.active.setdefault(order.courier_id, set()).add(oid)
+            if places is not None:
+                snap.places[oid] = places
+            if track is not None:
+                snap.tracks[oid] = track
+            if consumed is not None:
+                snap.consumed[oid] = consumed
         return left
 
     def _seen_events(self, snap: Snapshot, event_ids: set[tuple[str, str]]) -> None:
@@ -520,7 +578,7 @@ class BatchWriter:
             [
                 (
                     t.order_id,
-                    t.status.value,
+                    STATUS_TEXT[t.status],
                     int(t.inferred),
                     t.event_id,
                     t.at,
@@ -543,7 +601,7 @@ class BatchWriter:
             [
                 (
                     p.order_id,
-                    p.status.value,
+                    STATUS_TEXT[p.status],
                     p.body,
                     p.idempotency_key,
                     HELD if p.order_id in held else PENDING,
