@@ -831,6 +831,21 @@ def test_a_cancel_hold_that_expires_lets_pushes_go(store: Store) -> None:
     assert _ids(out.claim_due(T0 + 61, 10)) == [("o1", "dasher_confirmed")]
 
 
+def test_a_status_after_a_hold_expired_but_before_its_release_waits_its_turn(
+    store: Store,
+) -> None:
+    """A hold ends when housekeeping releases it (every few seconds), not at the very
+    moment it expires: a status that lands in between joins the held pushes, so it is
+    never pushed ahead of the order's earlier held statuses (CONTRACT 4: in order)."""
+    out = store.outbox
+    store.writer.commit([status("a", "o1", Status.DASHER_CONFIRMED)], now=T0)
+    out.hold_for_cancel("o1", T0, 60)
+    store.writer.commit([status("b", "o1", Status.ARRIVING_AT_STORE)], now=T0 + 61)
+    assert out.claim_due(T0 + 61, 10) == []  # the earlier status is still held
+    assert out.release_expired_holds(T0 + 62) == 2
+    assert _ids(out.claim_due(T0 + 62, 10)) == [("o1", "dasher_confirmed")]
+
+
 def test_clock_step_keeps_what_was_due_and_what_was_waiting(store: Store) -> None:
     """After the clock is set back an hour, a push that was due is still due, and a retry
     that was 30 s away is still 30 s away."""

@@ -327,7 +327,7 @@ class BatchWriter:
                 params,
             )
             for row in rows:
-                self._order(snap, row, now)
+                self._order(snap, row)
             if db.change_marker and not snap.corrupt_orders:  # corrupt: reported each time
                 read = self._read
                 for courier in tracked:
@@ -450,7 +450,7 @@ class BatchWriter:
                 else:
                     snap.corrupt_profiles.add(cid)
 
-    def _order(self, snap: Snapshot, row: tuple[Any, ...], now: float) -> None:
+    def _order(self, snap: Snapshot, row: tuple[Any, ...]) -> None:
         oid, state, courier, hold_until = row[:4]
         track, consumed = row[_ORDER_KEY : _ORDER_KEY + 2]
         if len(row) > _ORDER_KEY + 2:
@@ -464,8 +464,9 @@ class BatchWriter:
             if not valid_state(state):
                 snap.corrupt_orders.add(oid)
                 return
-            order, places = self._order_of(key, now)
-            # `held` depends on the clock: not kept; nor is a finished order's row, which
+            order, places = self._order_of(key)
+            # A held order's row is not kept (its release is another process's write);
+            # nor is a finished order's row, which
             # a batch seldom reads again (a late duplicate).
             if state in FINISHED:
                 self._rows.pop(oid, None)
@@ -494,7 +495,7 @@ class BatchWriter:
                 with contextlib.suppress(ValueError):  # unreadable: counted afresh
                     snap.consumed[oid] = read_consumed(consumed)
         # What the snapshot took from a row it may take again without reading it, while
-        # the change marker stands still: not a held order's (`held` depends on the clock)
+        # the change marker stands still: not a held order's (released by another process)
         # nor an unreadable track's or segments' (kept as text only).
         if (
             self.db.change_marker
@@ -506,12 +507,15 @@ class BatchWriter:
             self._read[oid] = (order, places, snap.tracks.get(oid), snap.consumed.get(oid))
 
     @staticmethod
-    def _order_of(key: tuple[Any, ...], now: float) -> tuple[Order, Places | None]:
+    def _order_of(key: tuple[Any, ...]) -> tuple[Order, Places | None]:
         """The order and its places, from an order row's columns before the track."""
         (oid, state, courier, hold_until, status_at, p_lat, p_lng, p_rad, s_lat, s_lng, s_rad,
          d_lat, d_lng, d_rad, a_lat, a_lng, confirmed_at, ready_at, assigned_at,
          status_ts) = key  # fmt: skip
-        held = hold_until is not None and hold_until > now
+        # Held until the hold is released (housekeeping, within seconds of its end), not
+        # only until it ends: a push made in between joins the held ones, and so is not
+        # sent ahead of them (they wait for the release; only pending ones are claimed).
+        held = hold_until is not None
         order = Order(
             oid, state, courier, held, status_at, confirmed_at, ready_at, assigned_at, status_ts
         )
