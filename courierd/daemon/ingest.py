@@ -22,6 +22,7 @@ from multiprocessing.connection import Connection
 from courierd.config import Settings
 from courierd.daemon.ipc import orphaned, settle_gc, wake_for, worker_setup
 from courierd.domain.model import (
+    STATUS_TEXT,
     Assignment,
     BatchReport,
     CourierOffline,
@@ -98,7 +99,7 @@ def commit_messages(
             log.info(
                 "ingest.transition order_id=%s status=%s inferred=%s",
                 t.order_id,
-                t.status.value,
+                STATUS_TEXT[t.status],
                 t.inferred,
             )
     return report
