@@ -36,7 +36,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from courierd.domain.geo import between, beyond, within
+from courierd.domain.geo import _M_PER_DEG_LAT, _MARGIN_M, between, beyond, within
 from courierd.domain.lifecycle import CHAIN
 from courierd.domain.model import NEW, Place, Status, dumps
 
@@ -142,15 +142,15 @@ class Track(NamedTuple):
         if self._canonical():
             parts = []
             if self.last_ts is not None:
-                parts.append(f'"last":{self.last_ts!r}')
+                parts.append(f'"last":{float_text(self.last_ts)}')
             if self.seen is not None:  # a state name: nothing in it to escape
-                parts.append(f'"seen":"{self.seen}","since":{self.since!r}')
+                parts.append(f'"seen":"{self.seen}","since":{_since_text(self.since)}')
             if self.inside_count:
-                parts.append(f'"in":[{self.inside_since!r},{self.inside_count}]')
+                parts.append(f'"in":[{float_text(self.inside_since)},{self.inside_count}]')
             if self.outside_count:
                 parts.append(f'"out":{self.outside_count}')
             if self.drop_count:
-                parts.append(f'"drop":[{self.drop_since!r},{self.drop_count}]')
+                parts.append(f'"drop":[{float_text(self.drop_since)},{self.drop_count}]')
             return "{" + ",".join(parts) + "}", self
         doc: dict[str, Any] = {}
         if self.last_ts is not None:
@@ -171,18 +171,32 @@ class Track(NamedTuple):
 
     def _canonical(self) -> bool:
         """Whether `from_json(to_json())` gives this very track back: every time a finite
-        float, every count an int, a streak's start exactly when it has fixes."""
+        float, every count an int, a streak's start exactly when it has fixes.
+
+        Checked for every track the ingest process writes, so written out without calls
+        (`x - x == 0.0`: a float is finite, as `_finite` says)."""
+        last, seen, since, in_since, in_count, out, drop_since, drop_count = self
         return (
-            (self.last_ts is None or _finite(self.last_ts))
+            (last is None or (type(last) is float and last - last == 0.0))
             and (
-                self.since is None
-                if self.seen is None
-                else self.seen in _RANK and _finite(self.since)
+                since is None
+                if seen is None
+                else seen in _RANK and type(since) is float and since - since == 0.0
             )
-            and _streak_ok(self.inside_since, self.inside_count)
-            and _streak_ok(self.drop_since, self.drop_count)
-            and type(self.outside_count) is int
-            and self.outside_count >= 0
+            and type(in_count) is int
+            and (
+                in_since is None
+                if in_count == 0
+                else in_count > 0 and type(in_since) is float and in_since - in_since == 0.0
+            )
+            and type(drop_count) is int
+            and (
+                drop_since is None
+                if drop_count == 0
+                else drop_count > 0 and type(drop_since) is float and drop_since - drop_since == 0.0
+            )
+            and type(out) is int
+            and out >= 0
         )
 
     def read_back(self) -> Track:
@@ -235,14 +249,45 @@ class Track(NamedTuple):
         )
 
 
-def _finite(value: object) -> bool:
-    return type(value) is float and math.isfinite(value)
+# Floats below this are at most 2**-10 s (under a millisecond) from the next float: two
+# numbers of at most 3 decimals never read back as the same float.
+_MS_EXACT = 2.0**42
 
 
-def _streak_ok(since: float | None, count: int) -> bool:
-    if type(count) is not int or count < 0:
-        return False
-    return since is None if count == 0 else _finite(since)
+def float_text(x: float | None) -> str:
+    """`repr(x)`, the text the JSON encoder writes for a float, faster for a number of
+    at most 3 decimals (a fix's time: stored to the millisecond).
+
+    `repr` writes the shortest decimal that reads back as `x`, and finding it costs
+    more than the rest of a track's text. When `x` is within ±2**42 and its nearest
+    3-decimal number reads back as `x`, that number (trailing zeros cut, as `repr`
+    does, down to ".0") is the one: any other of at most 3 decimals is 0.001 or more
+    away, over the spacing of floats there, so none reads back as `x`; any with more
+    decimals has more digits. Else (more decimals, huge, NaN), `repr`.
+    """
+    if type(x) is float and -_MS_EXACT < x < _MS_EXACT:
+        text = "%.3f" % x  # noqa: UP031 (the % operator: no method lookup, no parsing)
+        if float(text) == x:
+            text = text.rstrip("0")
+            return text + "0" if text[-1] == "." else text
+    return repr(x)
+
+
+# The text of the `since` times tracks were last written with: a track's `since` stays
+# the same from fix to fix while its `last` moves. Bounded (emptied whole when full).
+_SINCE_TEXT: dict[float | None, str] = {}
+
+
+def _since_text(since: float | None) -> str:
+    """`float_text(since)`, remembered; not for 0.0 and -0.0 (equal keys, two texts)."""
+    text = _SINCE_TEXT.get(since)
+    if text is None:
+        text = float_text(since)
+        if since:
+            if len(_SINCE_TEXT) >= 65_536:
+                _SINCE_TEXT.clear()
+            _SINCE_TEXT[since] = text
+    return text
 
 
 def _reject_constant(name: str) -> Any:
@@ -309,10 +354,15 @@ def step(
     found: Status | None = None
 
     if pickup is not None and rank < _ARRIVED:
-        r = radius(pickup, rules.radius_m)
+        r = rules.radius_m if pickup.radius_m is None else pickup.radius_m
+        approach_m = rules.approach_m
+        reach = approach_m if approach_m > r else r  # max(r, approach_m), NaN and all
         # Beyond both the radius and the approach distance, neither rule fires: most
-        # fixes, and `beyond` then needs no haversine.
-        if not beyond(fix, pickup, max(r, rules.approach_m)):
+        # fixes. `beyond`'s meridian bound, written out (no call, no haversine: a far
+        # fix costs a few comparisons); nearer, `beyond` itself decides.
+        if not abs(fix.lat - pickup.lat) * _M_PER_DEG_LAT > reach + _MARGIN_M and not beyond(
+            fix, pickup, reach
+        ):
             d = between(fix, pickup)
             if d <= r:
                 inside = _extend(track.inside_since, track.inside_count, fix.ts)
@@ -337,8 +387,15 @@ def step(
         if _dwelt(drop, fix.ts, rules.dropoff_dwell_s, rules.min_fixes):
             found = Status.DROPOFF
 
-    after = Track(fix.ts, status, since, inside[0], inside[1], outside, drop[0], drop[1])
+    after: Track = _new_track(
+        Track, (fix.ts, status, since, inside[0], inside[1], outside, drop[0], drop[1])
+    )
     return after, found
+
+
+# `Track(...)` less its Python-level `__new__` (a NamedTuple's, which only passes its
+# arguments on to this): one is built for every fix of every geofenced order.
+_new_track = tuple.__new__
 
 
 def _extend(since: float | None, count: int, ts: float) -> tuple[float, int]:

@@ -386,7 +386,8 @@ class _Batch:
         if self.rules is None:
             return
         tracked = False
-        for order_id in sorted(self.active.get(fix.courier_id, ())):
+        ids = self.active.get(fix.courier_id, ())
+        for order_id in sorted(ids) if len(ids) > 1 else ids:  # most couriers: one order
             places = self.places.get(order_id)
             order = self.orders.get(order_id)
             if places is None or order is None or order.courier_id != fix.courier_id:

@@ -344,7 +344,7 @@ class BatchWriter:
         left = set()
         for courier in tracked:
             oids = active.get(courier)
-            if oids is None or not all(oid in known for oid in oids):
+            if oids is None or not all(map(known.__contains__, oids)):
                 left.add(courier)
                 continue
             if oids:
@@ -703,7 +703,7 @@ def stored_consumed(consumed: Consumed) -> tuple[str, Consumed | None]:
     int) are written by hand, into the very text the JSON encoder writes."""
     if len(consumed) == 1:  # most orders: one courier, one segment
         c, first, n = consumed[0]
-        if _plain_segment(c, first, n):
+        if type(c) is str and type(first) is str and type(n) is int and n > 0:  # plain
             return f"[[{_string(c)},{_string(first)},{n}]]", consumed
     if all(_plain_segment(c, first, n) for c, first, n in consumed):
         text = ",".join(f"[{_string(c)},{_string(first)},{n}]" for c, first, n in consumed)
