@@ -3,6 +3,7 @@ concurrent ingest of the same orders, leased claims, fencing, slots and leases."
 
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
 import time
@@ -413,6 +414,41 @@ def test_push_ages_are_by_the_databases_clock(shared: StoreSettings, onetablet: 
         wait_until(lambda: (ahead.turn(), onetablet.requests())[1], 10, "the push")
         wait_until(lambda: (ahead.turn(), not ahead._inflight)[1], 10, "its reply recorded")
         assert 0 < max(ahead.report().latencies) < 5
+    finally:
+        pusher.close()
+        a.close()
+        b.close()
+
+
+def test_a_database_blip_as_a_reply_is_recorded_loses_no_push(
+    shared: StoreSettings, onetablet: Sandbox
+) -> None:
+    """The database drops the dispatcher's connection (a failover, a restart) just as it
+    records a reply, where it reads the database's clock: once it is back, the reply
+    is recorded and the order's next push goes out. (The reply was taken and dropped,
+    its push stayed in flight for good, and the order was stuck until a restart.)"""
+    a, b = instance(shared, "a"), instance(shared, "b")
+    pusher = Pusher(onetablet.url, API_KEY)
+    later = [0.0]
+    d = Dispatcher(
+        b.outbox, pusher, monotonic=lambda: time.monotonic() + later[0], follow_clock_steps=False
+    )
+
+    def turn() -> None:
+        with contextlib.suppress(StoreUnavailable):
+            d.turn()
+
+    try:
+        statuses = [Status.DASHER_CONFIRMED, Status.ARRIVING_AT_STORE]
+        a.writer.commit([StatusEvent(f"e{s}", "o1", "c1", s) for s in statuses], now=time.time())
+        d.turn()
+        wait_until(lambda: not d._results.empty(), 10, "the first push's reply")
+        later[0] += 2  # the clock is due to be read again, as the reply is recorded
+        a.db.value(f"SELECT pg_terminate_backend({int(b.db.value('SELECT pg_backend_pid()'))})")
+        wait_until(lambda: (turn(), len(onetablet.requests()) >= 2)[1], 20, "the next push")
+        assert [r.json["delivery_status"] for r in onetablet.requests()] == [
+            s.value for s in statuses
+        ]
     finally:
         pusher.close()
         a.close()

@@ -164,7 +164,12 @@ class Dispatcher:
                     self._claimed_all = False
                     stop.wait(1.0)
                     continue
-                self._wake.wait(self._idle_wait())
+                try:
+                    idle_s = self._idle_wait()  # it may read the database (its clock)
+                except StoreUnavailable as e:
+                    log.error("dispatch.database_unavailable error=%s", e)
+                    idle_s = 1.0
+                self._wake.wait(idle_s)
         finally:
             self._drain(grace_s)
 
@@ -277,16 +282,19 @@ class Dispatcher:
 
     def _record(self) -> None:
         """Turn finished attempts into outbox updates, all in one commit."""
+        if self._results.empty():
+            return
+        # Read before the results leave their queue: on a shared database the clock is
+        # the database's, and a read that fails must leave them there for the next turn
+        # (taken and then dropped, their pushes would stay in flight for good).
+        now = self._now()  # created_at is on this clock too (the committer's `DbClock`)
+        offset = self._db_clock.offset  # the claimed_at.. stamps are on `time.time`
         attempts: list[Attempt] = []
         while True:
             try:
                 attempts.append(self._results.get_nowait())
             except queue.Empty:
                 break
-        if not attempts:
-            return
-        now = self._now()  # created_at is on this clock too (the committer's `DbClock`)
-        offset = self._db_clock.offset  # the claimed_at.. stamps are on `time.time`
         sent = [a for a in attempts if a.outcome != "skipped"]
         try:
             self.outbox.unclaim([a.row.id for a in attempts if a.outcome == "skipped"])
