@@ -20,6 +20,7 @@ import contextlib
 import json
 import logging
 import re
+import select
 import sys
 import time
 from collections.abc import Iterator
@@ -134,11 +135,14 @@ class JsonFormatter(logging.Formatter):
         return line if line.isprintable() else _UNSAFE.sub(_json_escape, line)
 
 
+ATOMIC_WRITE = select.PIPE_BUF  # bytes a pipe takes in one piece (POSIX: at least 512)
+
+
 class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """`logging.StreamHandler`, and inside `batched()` it holds the lines and writes
-    them together at the block's end: one write(2) for a batch's lines instead of one
-    per line (stderr is line-buffered). A warning or an error is written at once, with
-    whatever is held before it (a fatal error may end the process with `os._exit`);
+    them together at the block's end: a write(2) for up to 4 KiB of a batch's lines
+    instead of one per line (stderr is line-buffered). A warning or an error is written
+    at once, with whatever is held before it (a fatal error may end the process with `os._exit`);
     `flush()` (`logging.shutdown` at exit) writes what is held too."""
 
     def __init__(self, stream: Any = None) -> None:
@@ -157,9 +161,24 @@ class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
             self.handleError(record)
 
     def _write(self) -> None:
-        text = "".join(self._held)
-        self._held.clear()  # written or not: a stream that fails must not grow it
-        self.stream.write(text)
+        """The held lines, in writes of whole lines and at most PIPE_BUF bytes each: the
+        processes share stderr (a pipe to journald, a terminal), and only a write that
+        small is never cut by another process's line (a larger one may be, mid-line)."""
+        held, self._held = self._held, []  # written or not: a failing stream must not grow it
+        chunk: list[str] = []
+        size = 0
+        for line in held:
+            n = len(line) if line.isascii() else len(line.encode("utf-8", "replace"))
+            if chunk and size + n > ATOMIC_WRITE:
+                self._write_lines(chunk)
+                chunk, size = [], 0
+            chunk.append(line)
+            size += n
+        if chunk:
+            self._write_lines(chunk)
+
+    def _write_lines(self, lines: list[str]) -> None:
+        self.stream.write("".join(lines))
         self.stream.flush()
 
     def flush(self) -> None:

@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import re
+import select
 import signal
 import sys
 import time
@@ -200,6 +201,21 @@ def test_a_batch_of_transitions_is_written_at_once(store: Store, stderr: Stderr)
     lines = [ln for ln in stderr.getvalue().splitlines() if "ingest.transition" in ln]
     assert [re.search(r"order_id=(\S+)", ln)[1] for ln in lines] == orders  # type: ignore[index]
     assert len([w for w in stderr.writes if "ingest.transition" in w]) == 1
+
+
+def test_a_large_batch_is_written_in_whole_lines_no_write_too_large_to_stay_whole(
+    store: Store, stderr: Stderr
+) -> None:
+    """courierd's processes share stderr: a write to a pipe of more than PIPE_BUF bytes
+    may be cut by another process's line, mid-line. A batch of 300 transitions (about
+    30 KiB of lines) goes out in writes of whole lines, none larger, and few of them."""
+    orders = [f"order-{i:04d}" for i in range(300)]
+    assert commit_messages(store, [_status(o) for o in orders], time.time()).transitions == 300
+    writes = [w for w in stderr.writes if "ingest.transition" in w]
+    assert all(w.endswith("\n") and len(w.encode()) <= select.PIPE_BUF for w in writes)
+    assert len(writes) <= 2 * len("".join(writes).encode()) // select.PIPE_BUF + 1
+    lines = "".join(writes).splitlines()
+    assert [re.search(r"order_id=(\S+)", ln)[1] for ln in lines] == orders  # type: ignore[index]
 
 
 def test_a_warning_goes_out_at_once_with_the_lines_held_before_it(stderr: Stderr) -> None:
