@@ -433,14 +433,21 @@ def _content_length(values: list[str]) -> int:
     if len(values) == 1:  # the usual request: a single length, checked in a few steps
         length = values[0].strip(" \t")
         if length.isdigit() and length.isascii():  # (isdigit alone takes "²", "٣")
-            return int(length)
+            return _length(length)
     found = {v.strip(" \t") for value in values for v in value.split(",")}
     for length in sorted(found):
         if not _DIGITS.fullmatch(length):
             raise _Refused(400, f"bad content-length ({length[:100]!r})")
     if len(found) > 1:
         raise _Refused(400, f"content-lengths disagree ({', '.join(sorted(found))[:100]})")
-    return int(found.pop())
+    return _length(found.pop())
+
+
+def _length(digits: str) -> int:
+    """The number the digits write, or past any length served (then refused, 413) when
+    they are too many to read (int() refuses over 4,300)."""
+    digits = digits.lstrip("0") or "0"
+    return int(digits) if len(digits) <= 18 else MAX_BODY_BYTES + 1
 
 
 async def _refuse(

@@ -49,6 +49,7 @@ from courierd.errors import (
 )
 from courierd.services import orders
 from courierd.store import Store, open_store
+from courierd.store.cluster import DbClock
 from courierd.store.queries import Queries
 from courierd.store.replays import ReplayReads
 
@@ -357,10 +358,13 @@ class Api:
         return json_reply({"couriers": await self.reads.run(lambda q: q.couriers_overview(limit))})
 
     async def _dashboard(self, req: Request) -> Reply:
-        now = time.time()
-        doc = await self.reads.run(
-            lambda q: q.dashboard(now, active_cap=ACTIVE_CAP, dead_letters=DEAD_LETTERS)
-        )
+        def read(q: Queries) -> tuple[float, dict[str, Any]]:
+            # The database's clock on a shared one: the ages shown are of times that
+            # every instance stored by it (as `courierd outbox status` shows them).
+            now = DbClock(q.db)()
+            return now, q.dashboard(now, active_cap=ACTIVE_CAP, dead_letters=DEAD_LETTERS)
+
+        now, doc = await self.reads.run(read)
         unknown = {"status": "unknown", "reasons": []}
         health = await self.live() if self.live is not None else unknown
         paused = health.get("onetablet") == "unauthorized"
