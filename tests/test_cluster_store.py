@@ -26,7 +26,7 @@ from courierd.edges.pusher import Pusher
 from courierd.errors import FencedOut, StoreUnavailable
 from courierd.services import orders
 from courierd.store import Store, open_store
-from courierd.store.cluster import NOW, Slots
+from courierd.store.cluster import NOW, DbClock, Slots
 from courierd.store.outbox import PushResult
 from courierd.store.schema import DELIVERED
 from tests import pg
@@ -453,6 +453,23 @@ def test_a_database_blip_as_a_reply_is_recorded_loses_no_push(
         pusher.close()
         a.close()
         b.close()
+
+
+def test_the_clock_follows_the_database_when_the_hosts_clock_steps(
+    shared: StoreSettings,
+) -> None:
+    """The host's clock is set 10 minutes ahead (NTP, an operator): the very next time
+    courierd takes is still the database's, not 10 minutes off until the next
+    once-a-second read (ingest stamped last_seen by it: a false courier_offline)."""
+    a = instance(shared, "a")
+    step = [0.0]
+    clock = DbClock(a.db, lambda: time.time() + step[0])
+    try:
+        assert abs(clock() - float(a.db.value(f"SELECT {NOW}"))) < 1
+        step[0] = 600.0
+        assert abs(clock() - float(a.db.value(f"SELECT {NOW}"))) < 1
+    finally:
+        a.close()
 
 
 def test_a_round_failing_for_any_reason_keeps_the_slots_and_says_why(

@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 NOW = "extract(epoch from clock_timestamp())::float8"
 LOCK_TIMEOUT = "SET LOCAL lock_timeout = '2s'"  # never hang on a lock: next round instead
 DB_CLOCK_EVERY_S = 1.0  # how often a process reads how far the database's clock is
+DB_CLOCK_STEP_S = 0.5  # the host's clock moved this far from the monotonic one: read again
 
 
 class DbClock:
@@ -53,9 +54,10 @@ class DbClock:
     stored (pushes due, cancel holds, when a push was made or a courier last heard
     from) and the hosts' clocks may differ.
 
-    How far the database's clock is from `clock` is read once a second (and at once
-    after `reset`: the host's clock stepped), not at every call; StoreUnavailable if
-    the database cannot be reached then."""
+    How far the database's clock is from `clock` is read once a second, and at once
+    when `clock` stepped (NTP, an operator: it moved apart from `monotonic` since the
+    last read) or after `reset`; not at every call. StoreUnavailable if the database
+    cannot be reached then."""
 
     def __init__(
         self,
@@ -68,14 +70,19 @@ class DbClock:
         self.monotonic = monotonic
         self.offset = 0.0  # the database's clock minus `clock` (0 alone)
         self._next_read = float("-inf")
+        self._apart = 0.0  # `clock` minus `monotonic` at the last read
 
     def __call__(self) -> float:
-        if self.db.concurrent and self.monotonic() >= self._next_read:
-            self._next_read = self.monotonic() + DB_CLOCK_EVERY_S
-            before = self.clock()
-            at = float(self.db.value(f"SELECT {NOW}"))
-            self.offset = at - (before + self.clock()) / 2
-        return self.clock() + self.offset
+        now = self.clock()
+        if self.db.concurrent:
+            mono = self.monotonic()
+            if mono >= self._next_read or abs(now - mono - self._apart) > DB_CLOCK_STEP_S:
+                at = float(self.db.value(f"SELECT {NOW}"))
+                after = self.clock()
+                self.offset = at - (now + after) / 2
+                self._next_read = mono + DB_CLOCK_EVERY_S
+                self._apart, now = after - self.monotonic(), after
+        return now + self.offset
 
     def reset(self) -> None:
         """Read the offset again at the next call."""
