@@ -9,9 +9,9 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from pydantic import SecretStr
@@ -25,6 +25,7 @@ from tests.test_api import TOKEN, with_traffic
 from tests.test_replay import STORE, a_delivery, moved
 
 pytestmark = pytest.mark.integration
+T = TypeVar("T")
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 CHROME_FLAGS = (
     "--headless=new",
@@ -81,6 +82,15 @@ def wait(driver: WebDriver, css: str, text: str | None = None, timeout: float = 
     WebDriverWait(
         driver, timeout, poll_frequency=0.1, ignored_exceptions=[StaleElementReferenceException]
     ).until(found, f"{css} {text or ''} did not show")
+
+
+def settled(driver: WebDriver, read: Callable[[WebDriver], T], timeout: float = 15) -> T:
+    """`read(driver)`, read again while the page re-renders under it: an element it
+    found may be replaced (stale) before its attributes are read, on a busy machine."""
+    waiting = WebDriverWait(
+        driver, timeout, poll_frequency=0.1, ignored_exceptions=[StaleElementReferenceException]
+    )
+    return waiting.until(lambda d: (read(d),), "the page kept re-rendering")[0]
 
 
 def test_dashboard_shows_active_orders_states_and_problems(
@@ -224,7 +234,7 @@ def test_order_view_replays_with_a_geofence_override_from_the_url(
     wait(browser, '#replay tr[data-status="dasher_out_for_delivery"]')
     title = browser.find_element(By.CSS_SELECTOR, "#replay h2").get_attribute("textContent")
     assert "geofence.approach_m=300" in (title or "")
-    rows = replay_rows(browser)
+    rows = settled(browser, replay_rows)
     assert set(rows) == {"arriving_at_store", "arrived_at_store", "dasher_out_for_delivery"}
     arriving = rows.pop("arriving_at_store")
     assert arriving["changed"] == "true" and float(arriving["shift"] or 0) > 0
@@ -232,14 +242,24 @@ def test_order_view_replays_with_a_geofence_override_from_the_url(
     for status, row in rows.items():
         assert row["changed"] == "false" and row["was"] == row["would_be"], status
         assert row["was"]
-    svg = browser.find_element(By.ID, "track-svg")
-    would = svg.find_elements(By.CSS_SELECTOR, "rect.would-be-marker")
-    assert [m.get_attribute("data-status") for m in would] == ["arriving_at_store"]
-    live = svg.find_element(By.CSS_SELECTOR, '.status-marker[data-status="arriving_at_store"]')
-    pickup = svg.find_element(By.CSS_SELECTOR, 'circle.place.pickup[data-kind="radius"]')
-    off_live, off_would = (math.dist(centre(pickup), centre(m)) for m in (live, would[0]))
+
+    def markers(d: WebDriver) -> tuple[list[str | None], float, float, bool]:
+        svg = d.find_element(By.ID, "track-svg")
+        would = svg.find_elements(By.CSS_SELECTOR, "rect.would-be-marker")
+        live = svg.find_element(By.CSS_SELECTOR, '.status-marker[data-status="arriving_at_store"]')
+        pickup = svg.find_element(By.CSS_SELECTOR, 'circle.place.pickup[data-kind="radius"]')
+        off_would = math.dist(centre(pickup), centre(would[0])) if would else math.inf
+        return (
+            [m.get_attribute("data-status") for m in would],
+            math.dist(centre(pickup), centre(live)),
+            off_would,
+            bool(svg.find_elements(By.CSS_SELECTOR, "line.would-be-shift")),
+        )
+
+    would, off_live, off_would, shift_drawn = settled(browser, markers)
+    assert would == ["arriving_at_store"]
     assert off_would < 300 < off_live  # metres from the store, on the drawing
-    assert svg.find_elements(By.CSS_SELECTOR, "line.would-be-shift")
+    assert shift_drawn
 
     browser.find_element(By.ID, "override-value").send_keys("-5")
     browser.find_element(By.CSS_SELECTOR, "#override-form button").click()
@@ -291,11 +311,13 @@ def test_store_view_shows_the_suggested_pickup_point(sqlite_rig: Rig, browser: W
     assert row.find_element(By.CSS_SELECTOR, "td.visits").text == "3"
     registered = row.find_element(By.CSS_SELECTOR, "td.registered").text
     assert registered.startswith(f"{STORE[0]:.6f}, {STORE[1]:.6f}")
-    drawing = browser.find_element(By.CSS_SELECTOR, "#store-s-back svg")
-    points = {
-        c.get_attribute("data-point"): centre(c)
-        for c in drawing.find_elements(By.CSS_SELECTOR, "circle[data-point]")
-    }
+    points = settled(
+        browser,
+        lambda d: {
+            c.get_attribute("data-point"): centre(c)
+            for c in d.find_elements(By.CSS_SELECTOR, "#store-s-back svg circle[data-point]")
+        },
+    )
     off = math.dist(points["suggested"], (points["registered"][0] + 60, points["registered"][1]))
     assert off < 25, points  # 60 m east of the registered point, on the drawing
     errors = [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"]
