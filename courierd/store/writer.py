@@ -350,14 +350,8 @@ class BatchWriter:
             if oids:
                 snap.active.setdefault(courier, set()).update(oids)
             for oid in oids:
-                order, places, track, consumed = self._read[oid] = known[oid]
-                snap.orders[oid] = order
-                if places is not None:
-                    snap.places[oid] = places
-                if track is not None:
-                    snap.tracks[oid] = track
-                if consumed is not None:
-                    snap.consumed[oid] = consumed
+                self._read[oid] = known[oid]
+                _take(snap, oid, known[oid])
         return left
 
     def _orders_from_known(self, snap: Snapshot, order_ids: set[str]) -> set[str]:
@@ -372,16 +366,10 @@ class BatchWriter:
                 left.add(oid)
                 continue
             read[oid] = row
-            order, places, track, consumed = row
-            snap.orders[oid] = order
-            if order.courier_id is not None:  # what the writer holds is never finished
-                snap.active.setdefault(order.courier_id, set()).add(oid)
-            if places is not None:
-                snap.places[oid] = places
-            if track is not None:
-                snap.tracks[oid] = track
-            if consumed is not None:
-                snap.consumed[oid] = consumed
+            _take(snap, oid, row)
+            courier = row[0].courier_id
+            if courier is not None:  # what the writer holds is never finished
+                snap.active.setdefault(courier, set()).add(oid)
         return left
 
     def _seen_events(self, snap: Snapshot, event_ids: set[tuple[str, str]]) -> None:
@@ -742,3 +730,15 @@ def _courier_row(courier_id: str, state: CourierState) -> tuple[Any, ...]:
     if f is None:
         return (courier_id, None, None, None, None, None, None, *seen)
     return (courier_id, f.ts, f.lat, f.lng, f.accuracy_m, f.speed_mps, f.heading, *seen)
+
+
+def _take(snap: Snapshot, oid: str, row: _Known) -> None:
+    """Put what the writer holds of an order's row into `snap`, as reading it would."""
+    order, places, track, consumed = row
+    snap.orders[oid] = order
+    if places is not None:
+        snap.places[oid] = places
+    if track is not None:
+        snap.tracks[oid] = track
+    if consumed is not None:
+        snap.consumed[oid] = consumed
