@@ -10,7 +10,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from courierd.config import StoreSettings
+from courierd.config import GeofenceSettings, StoreSettings
 from courierd.daemon.ingest import _commit_isolating
 from courierd.domain.lifecycle import active_sql, finished_sql
 from courierd.domain.model import (
@@ -829,6 +829,25 @@ def test_a_cancel_hold_that_expires_lets_pushes_go(store: Store) -> None:
     assert out.release_expired_holds(T0 + 59) == 0
     assert out.release_expired_holds(T0 + 61) == 1
     assert _ids(out.claim_due(T0 + 61, 10)) == [("o1", "dasher_confirmed")]
+
+
+def test_auto_dropoff_of_a_couriers_only_order(store_settings: StoreSettings) -> None:
+    """With `geofence.auto_dropoff` on, a courier with one order waits at the customer's
+    door: the fixes infer the dropoff. (The planner walked the courier's set of active
+    orders while the dropoff took the order out of it: every such fix failed its batch
+    and was dead-lettered, and the order was never dropped off.)"""
+    store = open_store(store_settings, geofence=GeofenceSettings(auto_dropoff=True))
+    try:
+        pickup, door = Place(40.0, -74.0, 50.0), Place(40.05, -74.0, 50.0)
+        store.writer.commit([Assignment("o1", "c1", pickup=pickup, dropoff=door)], now=T0)
+        out = StatusEvent("e1", "o1", "c1", Status.DASHER_OUT_FOR_DELIVERY, iso(T0 + 1))
+        store.writer.commit([out], now=T0 + 1)
+        for t in (T0 + 100 + 40 * i for i in range(4)):
+            store.writer.commit([LocationFix("c1", iso(t), door.lat, door.lng, 5.0)], now=t)
+        order = store.outbox.get_order("o1")
+        assert order is not None and order.state == Status.DROPOFF.value
+    finally:
+        store.close()
 
 
 def test_a_status_after_a_hold_expired_but_before_its_release_waits_its_turn(

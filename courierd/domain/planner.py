@@ -387,7 +387,9 @@ class _Batch:
             return
         tracked = False
         ids = self.active.get(fix.courier_id, ())
-        for order_id in sorted(ids) if len(ids) > 1 else ids:  # most couriers: one order
+        # A copy: a status found here may take its order out of `ids` (a dropoff). Most
+        # couriers have one order, which needs no sort.
+        for order_id in sorted(ids) if len(ids) > 1 else tuple(ids):
             places = self.places.get(order_id)
             order = self.orders.get(order_id)
             if places is None or order is None or order.courier_id != fix.courier_id:
