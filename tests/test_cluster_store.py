@@ -472,6 +472,62 @@ def test_the_clock_follows_the_database_when_the_hosts_clock_steps(
         a.close()
 
 
+def test_a_status_committed_as_a_hold_is_released_is_not_held_for_good(
+    shared: StoreSettings,
+) -> None:
+    """Housekeeping ends a cancel hold that ran out while another instance commits a
+    status of that order: once both are done, both pushes are pending. (The release
+    let the held pushes go first and the order after; a status committed in between
+    was added held, after the release had looked, and stayed held for good with every
+    later push of its order behind it.) A third connection holding the first push's
+    row keeps the release at that point while the status is committed."""
+    a, b = instance(shared, "a"), instance(shared, "b")
+    t0 = time.time()
+    errors: list[BaseException] = []
+
+    def run(call: Any, *args: Any) -> threading.Thread:
+        def guarded() -> None:
+            try:
+                call(*args)
+            except BaseException as e:  # said below, not lost in the thread
+                errors.append(e)
+
+        thread = threading.Thread(target=guarded)
+        thread.start()
+        return thread
+
+    def waiting(conn: psycopg.Connection[Any]) -> int:
+        sql = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+        return int(conn.execute(sql).fetchone()[0])  # type: ignore[index]
+
+    try:
+        a.writer.commit([StatusEvent("e1", "o1", "c1", Status.DASHER_CONFIRMED)], now=t0)
+        a.outbox.hold_for_cancel("o1", t0 - 120, 60)  # a hold that ran out a minute ago
+        later = [StatusEvent("e2", "o1", "c1", Status.ARRIVING_AT_STORE)]
+        with psycopg.connect(shared.postgres_url or "", autocommit=True) as blocker:
+            with blocker.transaction():
+                blocker.execute("SELECT id FROM outbox WHERE order_id = 'o1' FOR UPDATE")
+                with psycopg.connect(shared.postgres_url or "", autocommit=True) as watcher:
+                    releasing = run(b.outbox.release_expired_holds, t0)
+                    wait_until(lambda: waiting(watcher) >= 1, 10, "the release to wait")
+                    committing = run(lambda: a.writer.commit(later, now=t0 + 1))
+                    wait_until(
+                        lambda: not committing.is_alive() or waiting(watcher) >= 2,
+                        10,
+                        "the status committed, or waiting for the release",
+                    )
+            releasing.join(10)
+            committing.join(10)
+        assert not errors, errors
+        assert a.db.rows("SELECT status, state FROM outbox WHERE order_id = 'o1' ORDER BY id") == [
+            ("dasher_confirmed", "pending"),
+            ("arriving_at_store", "pending"),
+        ]
+    finally:
+        a.close()
+        b.close()
+
+
 def test_a_round_failing_for_any_reason_keeps_the_slots_and_says_why(
     shared: StoreSettings,
 ) -> None:

@@ -239,24 +239,30 @@ class Outbox:
     def release_hold(self, order_id: str) -> None:
         """The cancel did not go through: the order's pushes flow again."""
         with self.db.transaction():
-            self._release(
-                "UPDATE orders SET hold_until = NULL WHERE order_id = ?",
-                "order_id = ?",
-                (order_id,),
-            )
+            self._release("order_id = ?", (order_id,))
 
     def release_expired_holds(self, now: float) -> int:
         """Holds left by a cancel command that died mid-way: give their pushes back."""
         with self.db.transaction():
-            return self._release(
-                "UPDATE orders SET hold_until = NULL WHERE hold_until <= ?",
-                "order_id IN (SELECT order_id FROM orders WHERE hold_until <= ?)",
-                (now,),
-            )
+            return self._release("hold_until <= ?", (now,))
 
-    def _release(self, orders_sql: str, which: str, params: tuple[object, ...]) -> int:
-        released = self.db.changed(
-            f"UPDATE outbox SET state = 'pending' WHERE state = 'held' AND {which}", params
+    def _release(self, which_orders: str, params: tuple[object, ...]) -> int:
+        """End the holds of the held orders `which_orders` names; their pushes pending.
+
+        The orders' rows first, locked on a shared database: a writer adding a push to
+        one of them (it locks the row too) then waits for this release and finds the
+        hold gone. With the pushes released first, a push it added in between was held,
+        after the release had looked, and stayed held for good."""
+        held = self.db.rows(
+            f"SELECT order_id FROM orders WHERE {which_orders} ORDER BY order_id"
+            f"{self.db.for_update}",
+            params,
         )
-        self.db.execute(orders_sql, params)
+        released = 0
+        for (order_id,) in held:
+            self.db.execute("UPDATE orders SET hold_until = NULL WHERE order_id = ?", (order_id,))
+            released += self.db.changed(
+                "UPDATE outbox SET state = 'pending' WHERE state = 'held' AND order_id = ?",
+                (order_id,),
+            )
         return released
