@@ -200,11 +200,12 @@ class Dispatcher:
 
     def _drain(self, grace_s: float) -> None:
         deadline = time.monotonic() + grace_s
-        while self._inflight and time.monotonic() < deadline:
-            self._wake.clear()
-            self._record()
-            self._wake.wait(0.05)
+        # The database may be gone at the stop too: what is not recorded is sent again.
         with contextlib.suppress(StoreUnavailable):
+            while self._inflight and time.monotonic() < deadline:
+                self._wake.clear()
+                self._record()
+                self._wake.wait(0.05)
             self._record()
         if self._inflight:
             log.warning("dispatch.unfinished pushes=%d (sent again on start)", len(self._inflight))
