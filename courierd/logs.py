@@ -47,25 +47,25 @@ def escape_controls(text: str) -> str:
     return text if text.isprintable() else _UNSAFE.sub(_escape, text)
 
 
+TEXT_LINE = "%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s %(message)s"
+TEXT_DATE = "%Y-%m-%dT%H:%M:%S"
+_last_second: tuple[float, str] = (-1.0, "")
+
+
+def utc_second(created: float) -> str:
+    """The UTC second `created` falls in, as TEXT_DATE writes it (both formats' time,
+    less its milliseconds): made once per second, not per line."""
+    global _last_second
+    last = _last_second  # one tuple: another thread may replace it meanwhile
+    if last[0] != created // 1:
+        last = _last_second = (created // 1, time.strftime(TEXT_DATE, time.gmtime(created)))
+    return last[1]
+
+
 class TextFormatter(logging.Formatter):
     """The text line, escaped. A traceback spans lines, but each of its lines is escaped
     and indented, so an exception's message (often outside text) cannot start a line
     that passes for one of courierd's own, nor lose the record to a lone surrogate."""
-
-    _second: tuple[float, Any, str | None, str] = (-1.0, None, None, "")
-
-    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        """As `logging.Formatter`'s, reused while the records' second is the same
-        (without `datefmt` the text has milliseconds: then made each time)."""
-        if not datefmt:
-            return super().formatTime(record, datefmt)
-        second = record.created // 1  # the second gmtime and localtime take: the floor
-        last = self._second  # one tuple: another thread may replace it meanwhile
-        if last[0] == second and last[1] is self.converter and last[2] == datefmt:
-            return last[3]
-        text = super().formatTime(record, datefmt)
-        self._second = (second, self.converter, datefmt, text)
-        return text
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         record.message = escape_controls(record.message)
@@ -76,10 +76,6 @@ class TextFormatter(logging.Formatter):
 
     def formatStack(self, stack_info: str) -> str:
         return _indented(super().formatStack(stack_info))
-
-
-TEXT_LINE = "%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s %(message)s"
-TEXT_DATE = "%Y-%m-%dT%H:%M:%S"
 
 
 class LineFormatter(TextFormatter):
@@ -95,7 +91,7 @@ class LineFormatter(TextFormatter):
         if record.exc_info or record.exc_text or record.stack_info:
             return super().format(record)
         record.message = message = escape_controls(record.getMessage())
-        record.asctime = asctime = self.formatTime(record, TEXT_DATE)
+        record.asctime = asctime = utc_second(record.created)
         return f"{asctime}.{int(record.msecs):03d}Z {record.levelname} {record.name} {message}"
 
 
@@ -110,19 +106,10 @@ def _json_escape(match: re.Match[str]) -> str:
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: ts, level, logger, event, msg."""
 
-    _second: tuple[float, str] = (-1.0, "")
-
     def format(self, record: logging.LogRecord) -> str:
         message = record.getMessage()
-        second = record.created // 1
-        last = self._second
-        if last[0] != second:
-            last = self._second = (
-                second,
-                time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)),
-            )
         out = {
-            "ts": last[1] + f".{int(record.msecs):03d}Z",
+            "ts": f"{utc_second(record.created)}.{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
             "event": message.split(" ", 1)[0],
