@@ -314,11 +314,11 @@ def test_pushes_are_due_at_once_whatever_the_committing_hosts_clock(
     a.writer.commit(
         [StatusEvent("e1", "o1", "c1", Status.DASHER_CONFIRMED)], now=time.time() + 3600
     )
-    claimed = b.outbox.claim_due(b.outbox.db_clock(), 10)
+    claimed = b.outbox.claim_due(b.clock(), 10)
     assert [r.order_id for r in claimed] == ["o1"]
     b.outbox.record_results([PushResult(claimed[0].id, "failed", time.time(), None, "400")])
     assert a.queries.retry_failed("o1", now=time.time() + 3600) == 1
-    assert [r.order_id for r in b.outbox.claim_due(b.outbox.db_clock(), 10)] == ["o1"]
+    assert [r.order_id for r in b.outbox.claim_due(b.clock(), 10)] == ["o1"]
     a.close()
     b.close()
 
@@ -357,7 +357,7 @@ def test_a_cancel_hold_lasts_its_time_by_the_databases_clock(
         monkeypatch.setattr(time, "time", real)
         left = b.db.value(f"SELECT hold_until - {NOW} FROM orders WHERE order_id = 'o1'")
         assert abs(left - orders.cancel_hold_s(settings)) < 5
-        assert b.outbox.release_expired_holds(b.outbox.db_clock()) == 0
+        assert b.outbox.release_expired_holds(b.clock()) == 0
     finally:
         answer.set()
         worker.join(10)
@@ -374,7 +374,7 @@ def test_housekeeping_on_a_host_ahead_judges_holds_and_silence_by_the_databases_
     messages another instance took was: a false alert per courier)."""
     a, b = instance(shared, "a"), instance(shared, "b")
     a.writer.commit([StatusEvent("e1", "o1", "c1", Status.DASHER_CONFIRMED)], now=time.time())
-    a.outbox.hold_for_cancel("o1", a.outbox.db_clock(), 180.0)
+    a.outbox.hold_for_cancel("o1", a.clock(), 180.0)
     # An order abandoned two days ago: its expiry shows that a round has run.
     a.writer.commit(
         [StatusEvent("e9", "o9", "c9", Status.DASHER_CONFIRMED)], now=time.time() - 2 * 86400

@@ -29,10 +29,7 @@ CLAIM_SQL = f"SELECT {_COLUMNS} {_HEADS} ORDER BY next_attempt_at, id LIMIT ?"
 # quarter of the dispatcher's CPU); left out by id from a JSON list (`json_each`, one
 # small index built per claim), they cost an index step each.
 CLAIM_FREE_SQL = (
-    f"SELECT {_COLUMNS} FROM outbox AS o WHERE state = 'pending' AND next_attempt_at <= ? "
-    "AND o.id NOT IN (SELECT value FROM json_each(?)) "
-    "AND NOT EXISTS (SELECT 1 FROM outbox AS p WHERE p.order_id = o.order_id "
-    "AND p.state IN ('pending', 'failed') AND p.id < o.id) "
+    f"SELECT {_COLUMNS} {_HEADS} AND o.id NOT IN (SELECT value FROM json_each(?)) "
     "ORDER BY next_attempt_at, id LIMIT ?"
 )
 # Shared databases: a claim is a lease on the row, taken with SKIP LOCKED so instances
@@ -134,10 +131,6 @@ class Outbox:
                 "WHERE id = ? AND claimed_by = ?",
                 [(i, self.holder) for i in ids],
             )
-
-    def db_clock(self) -> float:
-        """The database's clock (a shared database's retries are scheduled on it)."""
-        return float(self.db.value(f"SELECT {NOW}"))
 
     def next_due_after(self, now: float) -> float | None:
         """When the next pending push that is not due at `now` becomes due."""
