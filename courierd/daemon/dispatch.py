@@ -214,8 +214,7 @@ class Dispatcher:
         offset = self.clock() - self.monotonic()
         step = offset - self._clock_offset
         self._clock_offset = offset  # slow drift (NTP slewing) is followed quietly
-        if abs(step) >= CLOCK_STEP_S:
-            self._db_clock.reset()  # how far the database's clock is: read it again
+        # (The database's clock, `_db_clock`, sees the step itself and reads it again.)
         if abs(step) < CLOCK_STEP_S or not self.follow_clock_steps:
             return
         moved = self.outbox.shift_schedule(step)

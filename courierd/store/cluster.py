@@ -56,8 +56,8 @@ class DbClock:
 
     How far the database's clock is from `clock` is read once a second, and at once
     when `clock` stepped (NTP, an operator: it moved apart from `monotonic` since the
-    last read) or after `reset`; not at every call. StoreUnavailable if the database
-    cannot be reached then."""
+    last read); not at every call. StoreUnavailable if the database cannot be reached
+    then."""
 
     def __init__(
         self,
@@ -83,10 +83,6 @@ class DbClock:
                 self._next_read = mono + DB_CLOCK_EVERY_S
                 self._apart, now = after - self.monotonic(), after
         return now + self.offset
-
-    def reset(self) -> None:
-        """Read the offset again at the next call."""
-        self._next_read = float("-inf")
 
 
 class Leases:
