@@ -98,12 +98,8 @@ def check_id(value: str, name: str, limit: int = MAX_TEXT) -> str:
     """An identifier (order, courier, event): storable text without control characters,
     else TelemetryError(bad_id). A lone surrogate stays `bad_unicode`: it is not a
     character at all, and no store takes it."""
-    if value.isascii() and value.isprintable():  # no control character, NUL, surrogate
-        if len(value) > limit:
-            raise TelemetryError("too_long", f"{name} is {len(value)} characters (at most {limit})")
-        return value
-    found = _CONTROL.search(value)
-    if found is not None:
+    found = None if value.isascii() and value.isprintable() else _CONTROL.search(value)
+    if found is not None:  # (printable ASCII, what an id nearly always is: none to search)
         raise TelemetryError(
             "bad_id", f"{name} contains the control character U+{ord(found.group()):04X}"
         )
