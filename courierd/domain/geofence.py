@@ -359,11 +359,10 @@ def step(
         reach = approach_m if approach_m > r else r  # max(r, approach_m), NaN and all
         # Beyond both the radius and the approach distance, neither rule fires: most
         # fixes. `beyond`'s meridian bound, written out (no call, no haversine: a far
-        # fix costs a few comparisons); nearer, `beyond` itself decides.
-        if not abs(fix.lat - pickup.lat) * _M_PER_DEG_LAT > reach + _MARGIN_M and not beyond(
-            fix, pickup, reach
+        # fix costs a few comparisons); nearer, the distance decides (`beyond`'s test).
+        if not abs(fix.lat - pickup.lat) * _M_PER_DEG_LAT > reach + _MARGIN_M and not (
+            (d := between(fix, pickup)) > reach
         ):
-            d = between(fix, pickup)
             if d <= r:
                 inside = _extend(track.inside_since, track.inside_count, fix.ts)
                 if _dwelt(inside, fix.ts, rules.dwell_s, rules.min_fixes):
