@@ -454,8 +454,8 @@ class BatchWriter:
                 return
             order, places = self._order_of(key)
             # A held order's row is not kept (its release is another process's write);
-            # nor is a finished order's row, which
-            # a batch seldom reads again (a late duplicate).
+            # nor is a finished order's row, which a batch seldom reads again (a late
+            # duplicate).
             if state in FINISHED:
                 self._rows.pop(oid, None)
             elif hold_until is None:
@@ -691,7 +691,7 @@ def stored_consumed(consumed: Consumed) -> tuple[str, Consumed | None]:
     int) are written by hand, into the very text the JSON encoder writes."""
     if len(consumed) == 1:  # most orders: one courier, one segment
         c, first, n = consumed[0]
-        if type(c) is str and type(first) is str and type(n) is int and n > 0:  # plain
+        if _plain_segment(c, first, n):
             return f"[[{_string(c)},{_string(first)},{n}]]", consumed
     if all(_plain_segment(c, first, n) for c, first, n in consumed):
         text = ",".join(f"[{_string(c)},{_string(first)},{n}]" for c, first, n in consumed)
