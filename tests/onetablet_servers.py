@@ -197,15 +197,18 @@ class Scripted(_Listener):
     n-th request (from 0): `(reply, close)`, the connection closed after the reply when
     `close` (at once, without a reply, when `reply` is None). Each request is read whole
     (head, then content-length bytes). It counts connections: accepted, open now, the
-    most open at once, and those the client closed. `listen`: `_Listener`'s options."""
+    most open at once, and those the client closed. A reply waits `hold_s` (requests
+    overlap), and while `gate` is given and not set (the test sets it once what it
+    wants to see is there). `listen`: `_Listener`'s options."""
 
     def __init__(
         self,
         answer: Callable[[int], tuple[bytes | None, bool]],
         hold_s: float = 0.0,
+        gate: threading.Event | None = None,
         **listen: Any,
     ) -> None:
-        self.answer, self.hold_s = answer, hold_s
+        self.answer, self.hold_s, self.gate = answer, hold_s, gate
         self.requests: list[tuple[int, bytes]] = []  # (connection number, request head)
         self.connections = self.open = self.peak = self.closed_by_client = 0
         self._lock = threading.Lock()
@@ -249,6 +252,8 @@ class Scripted(_Listener):
                     self.requests.append((number, head))
                 if self.hold_s:
                     time.sleep(self.hold_s)  # a slow server, so that requests overlap
+                if self.gate is not None:
+                    self.gate.wait(30)
                 reply, close = self.answer(n)
                 if reply is not None:
                     conn.sendall(reply)
@@ -263,6 +268,8 @@ class Scripted(_Listener):
 
     def close(self) -> None:
         super().close()
+        if self.gate is not None:
+            self.gate.set()  # no reply left waiting for it
         with self._lock:
             for conn in self._conns:
                 with contextlib.suppress(OSError):
