@@ -373,8 +373,10 @@ def test_a_stopped_server_leaves_nothing_for_the_garbage_collector(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ResourceWarning)
         server = serve(tmp_path, onetablet, TOKEN)
-        assert get(server.port, "/healthz")[0] == 200
-        server.stop()
+        try:
+            assert get(server.port, "/healthz")[0] == 200
+        finally:
+            server.stop()
         server.stop()  # again: nothing more to do
         del server
         gc.collect()

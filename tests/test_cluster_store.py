@@ -361,8 +361,8 @@ def test_a_cancel_hold_lasts_its_time_by_the_databases_clock(
     finally:
         answer.set()
         worker.join(10)
-    a.close()
-    b.close()
+        a.close()
+        b.close()
 
 
 def test_housekeeping_on_a_host_ahead_judges_holds_and_silence_by_the_databases_clock(
@@ -373,31 +373,33 @@ def test_housekeeping_on_a_host_ahead_judges_holds_and_silence_by_the_databases_
     and a courier heard from just now is not reported offline (every courier whose
     messages another instance took was: a false alert per courier)."""
     a, b = instance(shared, "a"), instance(shared, "b")
-    a.writer.commit([StatusEvent("e1", "o1", "c1", Status.DASHER_CONFIRMED)], now=time.time())
-    a.outbox.hold_for_cancel("o1", a.clock(), 180.0)
-    # An order abandoned two days ago: its expiry shows that a round has run.
-    a.writer.commit(
-        [StatusEvent("e9", "o9", "c9", Status.DASHER_CONFIRMED)], now=time.time() - 2 * 86400
-    )
-    keeper = Housekeeper(b, offline_after_s=300.0, clock=lambda: time.time() + 600)
-    stop = threading.Event()
-    runner = threading.Thread(target=keeper.run, args=(stop,))
-    runner.start()
     try:
-        wait_until(
-            lambda: a.db.value("SELECT state FROM orders WHERE order_id = 'o9'") == "expired",
-            10,
-            "a housekeeping round",
+        a.writer.commit([StatusEvent("e1", "o1", "c1", Status.DASHER_CONFIRMED)], now=time.time())
+        a.outbox.hold_for_cancel("o1", a.clock(), 180.0)
+        # An order abandoned two days ago: its expiry shows that a round has run.
+        a.writer.commit(
+            [StatusEvent("e9", "o9", "c9", Status.DASHER_CONFIRMED)], now=time.time() - 2 * 86400
         )
+        keeper = Housekeeper(b, offline_after_s=300.0, clock=lambda: time.time() + 600)
+        stop = threading.Event()
+        runner = threading.Thread(target=keeper.run, args=(stop,))
+        runner.start()
+        try:
+            wait_until(
+                lambda: a.db.value("SELECT state FROM orders WHERE order_id = 'o9'") == "expired",
+                10,
+                "a housekeeping round",
+            )
+        finally:
+            stop.set()
+            runner.join(10)
+        states = a.db.rows("SELECT state FROM outbox WHERE order_id = 'o1'")
+        assert states == [("held",)]
+        offline = a.db.rows("SELECT courier_id FROM couriers WHERE offline = 1 ORDER BY courier_id")
+        assert offline == [("c9",)]
     finally:
-        stop.set()
-        runner.join(10)
-    states = a.db.rows("SELECT state FROM outbox WHERE order_id = 'o1'")
-    assert states == [("held",)]
-    offline = a.db.rows("SELECT courier_id FROM couriers WHERE offline = 1 ORDER BY courier_id")
-    assert offline == [("c9",)]
-    a.close()
-    b.close()
+        a.close()
+        b.close()
 
 
 def test_push_ages_are_by_the_databases_clock(shared: StoreSettings, onetablet: Sandbox) -> None:

@@ -249,9 +249,11 @@ def test_a_transition_line_reaches_stderr_without_more_traffic(sqlite_rig: Rig) 
     a batch or a buffer that no further message comes to fill."""
     daemon = sqlite_rig.daemon().start()
     pub = sqlite_rig.publisher()
-    pub.status("c-1", "e-alone", "o-alone", "dasher_confirmed")
-    wait_until(lambda: _transition_orders(daemon.log) == ["o-alone"], 10, "the line")
-    pub.close()
+    try:
+        pub.status("c-1", "e-alone", "o-alone", "dasher_confirmed")
+        wait_until(lambda: _transition_orders(daemon.log) == ["o-alone"], 10, "the line")
+    finally:
+        pub.close()
     assert daemon.stop() == 0
 
 
@@ -268,13 +270,15 @@ def test_sigterm_loses_no_line(sqlite_rig: Rig) -> None:
         return {row[0] for row in rows}
 
     orders = [f"o-{i}" for i in range(300)]
-    for i, order in enumerate(orders):
-        pub.status("c-1", f"e-{order}", order, "dasher_confirmed")
-        if i == 150:
-            wait_until(committed, 10, "a first commit")
-            daemon.send(signal.SIGTERM)
-    assert daemon.stop() == 0
-    pub.close()
-    done = committed()
-    store.close()
+    try:
+        for i, order in enumerate(orders):
+            pub.status("c-1", f"e-{order}", order, "dasher_confirmed")
+            if i == 150:
+                wait_until(committed, 10, "a first commit")
+                daemon.send(signal.SIGTERM)
+        assert daemon.stop() == 0
+        done = committed()
+    finally:
+        pub.close()
+        store.close()
     assert done and sorted(_transition_orders(daemon.log)) == sorted(done)

@@ -188,8 +188,10 @@ def test_a_closed_client_leaves_nothing_for_the_garbage_collector(
         warnings.simplefilter("always", ResourceWarning)
         warnings.simplefilter("always", RuntimeWarning)
         client = made_by(caller, onetablet.url, API_KEY)
-        client.delivery_status("o-1", BODY, "k")
-        client.close()
+        try:
+            client.delivery_status("o-1", BODY, "k")
+        finally:
+            client.close()
         client.close()  # again: nothing more to do
         del client
         gc.collect()
