@@ -803,6 +803,47 @@ def test_retry_failure_and_cancel_states(store: Store) -> None:
     assert store.queries.order_view("o1")["pushes"][0]["state"] == "cancelled"  # type: ignore[index]
 
 
+def test_a_burst_of_results_records_each_push_as_one_result_would(store: Store) -> None:
+    """Deliveries are recorded together (one statement per time on SQLite), retries and
+    failures each: every push gets its own result, deliveries at their own time, and a
+    push cancelled meanwhile stays cancelled."""
+    orders = [f"o{i}" for i in range(6)]
+    store.writer.commit(
+        [status(f"e{i}", o, Status.DASHER_CONFIRMED) for i, o in enumerate(orders)], now=T0
+    )
+    out = store.outbox
+    rows = {r.order_id: r for r in out.claim_due(T0, 10)}
+    assert sorted(rows) == orders
+    out.hold_for_cancel("o5", T0, 60)
+    assert out.finish_cancel("o5", T0) == 1
+    out.record_results(
+        [
+            PushResult(rows["o0"].id, DELIVERED, T0 + 1),
+            PushResult(rows["o1"].id, PENDING, T0 + 1, T0 + 6, "503 busy"),
+            PushResult(rows["o2"].id, DELIVERED, T0 + 1),
+            PushResult(rows["o3"].id, FAILED, T0 + 1, None, "400 bad"),
+            PushResult(rows["o4"].id, DELIVERED, T0 + 2),
+            PushResult(rows["o5"].id, DELIVERED, T0 + 1),  # a late reply changes nothing
+        ]
+    )
+    got = {
+        o: store.db.row(
+            "SELECT state, attempts, last_error, next_attempt_at, delivered_at "
+            "FROM outbox WHERE id = ?",
+            (rows[o].id,),
+        )
+        for o in orders
+    }
+    assert got == {
+        "o0": ("delivered", 1, None, T0, T0 + 1),
+        "o1": ("pending", 1, "503 busy", T0 + 6, None),
+        "o2": ("delivered", 1, None, T0, T0 + 1),
+        "o3": ("failed", 1, "400 bad", T0, None),
+        "o4": ("delivered", 1, None, T0, T0 + 2),
+        "o5": ("cancelled", 0, "order cancelled", T0, None),
+    }
+
+
 def test_cancel_hold_keeps_pushes_and_refuses_a_dropped_off_order(store: Store) -> None:
     """While a cancel is asked, the order's pushes (old and new) are held; a dropoff that
     lands meanwhile is recorded but not pushed; released, the pushes flow again."""
