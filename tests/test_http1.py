@@ -934,3 +934,19 @@ def test_a_connect_that_hangs_ends_at_the_deadline_and_the_slot_serves_again(
     assert second == 200
     # The hung connect never got in: accepted were the fillers and the second request's.
     assert server.connections == len(fillers) + 1 and len(server.requests) == 1
+
+
+@settings(max_examples=500)
+@given(st.text(st.characters(max_codepoint=0x2FF)) | st.text())
+@example("/orders/o1/delivery-status")
+@example("/a b")
+@example("/a\x7fb")
+@example("/a\tb")
+@example("")
+def test_the_string_tests_of_targets_and_values_are_the_regular_expressions(text: str) -> None:
+    """`unsafe_target` and `_good_value` (str.isascii/isprintable) refuse exactly what
+    the regular expressions they stand in for refuse."""
+    from courierd.edges import http1
+
+    assert http1.unsafe_target(text) == (http1._BAD_IN_TARGET.search(text) is not None)
+    assert http1._good_value(text) == (http1._BAD_IN_FIELD.search(text) is None)

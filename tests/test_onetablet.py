@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import threading
+from urllib.parse import quote
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from courierd.devtools.sandbox import Request, Sandbox
 from courierd.domain.policy import CLI_MAX_RETRY_AFTER
-from courierd.edges.onetablet import OneTabletClient, with_retries
+from courierd.edges.onetablet import OneTabletClient, _path, with_retries
 from courierd.errors import Rejected, Unauthorized, Unavailable
 from tests.conftest import API_KEY
 
@@ -189,3 +192,14 @@ def test_api_key_never_logged(onetablet: Sandbox, caplog: pytest.LogCaptureFixtu
     assert "endpoint='POST /orders/o-7/delivery-status' order_id=o-7 status=500" in lines[0]
     assert "E - down" in lines[0] and "status=200 error='-'" in lines[1]
     assert all(API_KEY not in r.getMessage() for r in caplog.records)
+
+
+@settings(max_examples=500)
+@given(st.text(st.characters(max_codepoint=0x2FF)) | st.text())
+@example("o-1_2.3~4")
+@example("o/1")
+@example("o 1")
+@example("")
+def test_an_order_ids_path_segment_is_quotes(order_id: str) -> None:
+    """`_path` (ids of unreserved characters as they are) escapes as `quote(safe="")`."""
+    assert _path(order_id) == quote(order_id, safe="")

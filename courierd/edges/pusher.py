@@ -99,8 +99,10 @@ class Pusher:
         self._loop.call_soon_threadsafe(self._start, list(pushes))
 
     def _start(self, pushes: list[Push]) -> None:
+        # Named: an unnamed task has a name formatted for it ("Task-123"), each push.
+        create_task = self._loop.create_task
         for push in pushes:
-            self._loop.create_task(self._deliver(push))
+            create_task(self._deliver(push), name="push")
 
     async def _deliver(self, push: Push) -> None:
         sent_at = self._clock()
@@ -108,8 +110,11 @@ class Pusher:
             push.done(None, sent_at)
             self._finished()
             return
-        try:
-            outcome: Outcome = await self._call(push)
+        try:  # (`call` awaited here: a coroutine between them was one more frame a push)
+            request = delivery_status_request(
+                self.transport, push.order_id, push.body, push.idempotency_key, push.source
+            )
+            outcome: Outcome = await call(self._http, *request, self._clock)
         except OneTabletError as e:
             outcome = e
         except Exception as e:  # a bug must not lose the push: it is retried, loudly
@@ -119,12 +124,6 @@ class Pusher:
             push.done(outcome, sent_at)
         finally:
             self._finished()
-
-    async def _call(self, push: Push) -> Reply:
-        request = delivery_status_request(
-            self.transport, push.order_id, push.body, push.idempotency_key, push.source
-        )
-        return await call(self._http, *request, self._clock)
 
     def delivery_status(
         self, order_id: str, body: str, idempotency_key: str, source: str | None = None
