@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import threading
 import time
 import warnings
@@ -13,15 +14,18 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from courierd import logs
 from courierd.devtools.sandbox import Sandbox
 from courierd.edges.onetablet import OneTabletClient, Reply
 from courierd.edges.onetablet_http import CLIENTS
 from courierd.edges.pusher import Push, Pusher
 from courierd.errors import Unavailable
 from tests.conftest import API_KEY
+from tests.onetablet_servers import Scripted
 from tests.test_onetablet import BODY, ERROR_REPLIES, reply_with
 
 Call = Callable[..., Reply]
+OK_REPLY = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}"
 
 
 # The order commands' client on the default library, and the pusher on each library.
@@ -196,3 +200,66 @@ def test_a_closed_client_leaves_nothing_for_the_garbage_collector(
         del client
         gc.collect()
     assert [str(w.message) for w in caught if w.category in (ResourceWarning, RuntimeWarning)] == []
+
+
+def test_the_lines_of_replies_read_together_are_written_together() -> None:
+    """At INFO each push has its line (`onetablet.call`): those of the replies one pass
+    of the pusher's loop reads are written in one write (`logs.batched`), not one each,
+    and before the dispatcher hears of the replies (`after_replies`)."""
+    n = 20
+    gate = threading.Event()
+    blocked, unblock = threading.Event(), threading.Event()
+    server = Scripted(lambda _: (OK_REPLY, True), gate=gate)
+    writes: list[str] = []
+    lines_when_told: list[int] = []
+
+    class Stream:
+        def write(self, text: str) -> None:
+            writes.append(text)
+
+        def flush(self) -> None:
+            pass
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level, logs._handler
+    handler = logs._handler = logs.LineHandler(Stream())
+    handler.setFormatter(logs.LineFormatter())
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    outcomes: list[object] = []
+    try:
+        with Pusher(f"http://127.0.0.1:{server.port}", API_KEY, max_connections=n) as p:
+            p.after_replies(lambda: lines_when_told.append("".join(writes).count("\n")))
+
+            def block() -> None:
+                blocked.set()
+                unblock.wait(30)
+
+            p.send(
+                [
+                    Push(f"o-{i}", BODY, f"k{i}", None, lambda o, _: outcomes.append(o))
+                    for i in range(n)
+                ]
+            )
+            deadline = time.monotonic() + 30
+            while len(server.requests) < n and time.monotonic() < deadline:
+                time.sleep(0.01)
+            p._loop.call_soon_threadsafe(block)  # the loop reads nothing until every reply is sent
+            assert blocked.wait(30)
+            gate.set()
+            while server.open and time.monotonic() < deadline:
+                time.sleep(0.01)
+            unblock.set()
+            while len(outcomes) < n and time.monotonic() < deadline:
+                time.sleep(0.01)
+    finally:
+        unblock.set()
+        server.close()
+        root.handlers[:], root.level, logs._handler = saved[0], saved[1], saved[2]
+    lines = "".join(writes).splitlines()
+    assert len(outcomes) == n and all(isinstance(o, Reply) for o in outcomes)
+    assert sorted(line.split(" order_id=")[1].split()[0] for line in lines) == sorted(
+        f"o-{i}" for i in range(n)
+    )
+    assert len(writes) == 1  # one pass read every reply
+    assert lines_when_told and lines_when_told[0] == n

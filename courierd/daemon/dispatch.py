@@ -44,6 +44,7 @@ from courierd.edges.onetablet import Reply
 from courierd.edges.publisher import MqttPublisher
 from courierd.edges.pusher import Outcome, Push, Pusher
 from courierd.errors import CourierdError, Rejected, StoreUnavailable, Unauthorized, Unavailable
+from courierd.logs import lean_records
 from courierd.store import Store, open_store
 from courierd.store.cluster import DbClock
 from courierd.store.outbox import Outbox, OutboxRow, PushResult
@@ -398,6 +399,7 @@ def dispatch_main(
 ) -> None:
     """Entry point of the dispatch process: deliver the outbox until told to stop."""
     worker_setup(settings, "courierd-push")
+    lean_records()  # a log line per push (`onetablet.call`, at INFO)
     quick_thread_handovers()
     ot = settings.require_onetablet()
     assert ot.base_url is not None and ot.api_key is not None

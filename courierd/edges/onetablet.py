@@ -141,6 +141,10 @@ class OneTabletClient:
         return self._loop.run(call(self._http, path, order_id, content, headers, self._clock))
 
 
+# Writes a call's line: (level, endpoint, order id, status, error, milliseconds).
+LineWriter = Callable[[int, str, str, int | None, str | None, float], None]
+
+
 async def call(
     http: OneTabletHttp,
     path: str,
@@ -148,19 +152,21 @@ async def call(
     content: bytes,
     headers: dict[str, str] | None,
     clock: Callable[[], float],
+    lines: LineWriter | None = None,
 ) -> Reply:
-    """One POST, by pushes and commands alike; logs one line; returns a 2xx reply or
-    raises the matching error (a 3xx is `Rejected`, its Location in the message)."""
+    """One POST, by pushes and commands alike; logs one line (by `lines` if given: the
+    pusher writes a pass's lines together); returns a 2xx reply or raises the matching
+    error (a 3xx is `Rejected`, its Location in the message)."""
     endpoint = f"POST {path}"
     started = time.perf_counter()
     try:
         answer = await http.post(path, content, headers or {})
     except NoAnswer as e:
-        raise no_reply(endpoint, order_id, started, e.reason) from None
+        raise no_reply(endpoint, order_id, started, e.reason, lines) from None
     except ForeignOrigin as e:  # never sent: a bug or a hostile id, not OneTablet's fault
-        _log_call(endpoint, order_id, None, str(e), started)
+        _log_call(endpoint, order_id, None, str(e), started, lines)
         raise Rejected(f"{endpoint}: refused: {e}") from None
-    return interpret(endpoint, order_id, answer, started, clock())
+    return interpret(endpoint, order_id, answer, started, clock(), lines)
 
 
 def delivery_status_request(
@@ -180,11 +186,18 @@ def delivery_status_request(
     return "/webhooks", order_id, dumps(envelope).encode(), headers
 
 
-def interpret(endpoint: str, order_id: str, answer: Answer, started: float, now: float) -> Reply:
+def interpret(
+    endpoint: str,
+    order_id: str,
+    answer: Answer,
+    started: float,
+    now: float,
+    lines: LineWriter | None = None,
+) -> Reply:
     """Log the call's one line; return a 2xx reply or raise the matching error."""
     verdict = classify(answer.status)
     error = None if verdict is Verdict.DELIVERED else _error_text(_body(answer.content), answer)
-    _log_call(endpoint, order_id, answer.status, error, started)
+    _log_call(endpoint, order_id, answer.status, error, started, lines)
     if verdict is Verdict.DELIVERED:
         return Reply(answer.status, answer.content)
     message = f"OneTablet answered {answer.status} to {endpoint}: {error}"
@@ -195,12 +208,18 @@ def interpret(endpoint: str, order_id: str, answer: Answer, started: float, now:
     raise Rejected(message, answer.status)
 
 
-def no_reply(endpoint: str, order_id: str, started: float, error: str | None) -> Unavailable:
+def no_reply(
+    endpoint: str,
+    order_id: str,
+    started: float,
+    error: str | None,
+    lines: LineWriter | None = None,
+) -> Unavailable:
     """The error (retryable) for a call that got no answer: `error` None is a timeout."""
     if error is None:
-        _log_call(endpoint, order_id, None, "timeout", started)
+        _log_call(endpoint, order_id, None, "timeout", started, lines)
         return Unavailable(f"{endpoint}: OneTablet did not answer in time")
-    _log_call(endpoint, order_id, None, f"connection error: {error}", started)
+    _log_call(endpoint, order_id, None, f"connection error: {error}", started, lines)
     return Unavailable(f"{endpoint}: cannot reach OneTablet ({error})")
 
 
@@ -268,11 +287,24 @@ def _error_text(body: Any, answer: Answer) -> str:
 
 
 def _log_call(
-    endpoint: str, order_id: str, status: int | None, error: str | None, started: float
+    endpoint: str,
+    order_id: str,
+    status: int | None,
+    error: str | None,
+    started: float,
+    lines: LineWriter | None = None,
 ) -> None:
     level = logging.INFO if error is None else logging.WARNING
     if not log.isEnabledFor(level):  # at WARNING, a delivered push's line: not built
         return
+    ms = (time.perf_counter() - started) * 1000
+    (lines or write_line)(level, endpoint, order_id, status, error, ms)
+
+
+def write_line(
+    level: int, endpoint: str, order_id: str, status: int | None, error: str | None, ms: float
+) -> None:
+    """A call's one line, now."""
     log.log(
         level,
         "onetablet.call endpoint=%r order_id=%s status=%s error=%r ms=%.1f",
@@ -280,5 +312,5 @@ def _log_call(
         order_id,
         status if status is not None else "-",
         error or "-",
-        (time.perf_counter() - started) * 1000,
+        ms,
     )

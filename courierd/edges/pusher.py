@@ -18,9 +18,10 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 
 from courierd.domain.model import value
-from courierd.edges.onetablet import Reply, call, delivery_status_request
+from courierd.edges.onetablet import Reply, call, delivery_status_request, write_line
 from courierd.edges.onetablet_http import CLIENTS, LoopThread, OneTabletHttp
 from courierd.errors import OneTabletError, Unavailable
+from courierd.logs import batched
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,10 @@ class Pusher:
             client=client,
         )
         self._on_replies: list[Callable[[], None]] = []
-        self._telling = False  # a call of the `after_replies` callbacks is scheduled
+        self._telling = False  # a call of `_tell` is scheduled
+        # The calls' log lines of this pass of the loop, written together by `_tell`
+        # (`logs.batched`: one write for them, not a write(2) per push at INFO).
+        self._lines: list[tuple[int, str, str, int | None, str | None, float]] = []
 
     def after_replies(self, callback: Callable[[], None]) -> None:
         """Run `callback` (on the pusher's thread) once after each pass of its loop in
@@ -85,12 +89,32 @@ class Pusher:
         self._on_replies.append(callback)
 
     def _finished(self) -> None:
-        if self._on_replies and not self._telling:
+        if not self._telling:
             self._telling = True
             self._loop.call_soon(self._tell)
 
+    def _line(
+        self,
+        level: int,
+        endpoint: str,
+        order_id: str,
+        status: int | None,
+        error: str | None,
+        ms: float,
+    ) -> None:
+        """A call's log line, written with the others of this pass by `_tell`."""
+        self._lines.append((level, endpoint, order_id, status, error, ms))
+        self._finished()
+
     def _tell(self) -> None:
+        """The pass's log lines (before the results they describe are recorded), then
+        the `after_replies` callbacks."""
         self._telling = False
+        if self._lines:
+            lines, self._lines = self._lines, []
+            with batched():
+                for line in lines:
+                    write_line(*line)
         for callback in self._on_replies:
             callback()
 
@@ -114,7 +138,7 @@ class Pusher:
             request = delivery_status_request(
                 self.transport, push.order_id, push.body, push.idempotency_key, push.source
             )
-            outcome: Outcome = await call(self._http, *request, self._clock)
+            outcome: Outcome = await call(self._http, *request, self._clock, self._line)
         except OneTabletError as e:
             outcome = e
         except Exception as e:  # a bug must not lose the push: it is retried, loudly
