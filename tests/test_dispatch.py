@@ -359,3 +359,39 @@ def test_a_claim_passes_over_the_pushes_in_flight_and_takes_the_next_heads(
     busy.remove(first[0].id)
     assert claim(5, busy) == [("o11", "dasher_confirmed"), ("o0", "arriving_at_store")]
     store.close()
+
+
+def test_a_report_counts_outcomes_and_times_only_the_deliveries(
+    db_path: Path, onetablet: Sandbox
+) -> None:
+    """Each result counts under its outcome; each delivered push adds its latency and
+    its four stages (never below 0), and a report without deliveries has no stage."""
+    store = open_path(db_path)
+    T0 = 1_000_000.0
+    store.writer.commit([StatusEvent("e0", "o0", "c1", Status.DASHER_CONFIRMED)], now=T0)
+    answer: dict[str, tuple[int, dict[str, str], object] | None] = {
+        "now": (503, {}, {"error": "Unavailable", "message": "later"})
+    }
+    onetablet.responder = lambda _: answer["now"]
+    clocks = Clocks(T0)
+    d, client = _dispatcher(db_path, onetablet, clocks)
+    try:
+        _settle(d)
+        first = d.report()
+        assert (dict(first.outcomes), first.latencies, first.stages) == ({"retry": 1}, [], {})
+        answer["now"] = None
+        store.writer.commit(
+            [StatusEvent(f"e{i}", f"o{i}", "c1", Status.DASHER_CONFIRMED) for i in (1, 2)],
+            now=T0,
+        )
+        clocks.advance(2.0)  # the retry is due; every push was created 2 s ago
+        d.wake()
+        wait_until(lambda: (d.turn(), store.outbox.stats()[0] == 0)[1], 10, "deliveries")
+        second = d.report()
+        assert dict(second.outcomes) == {"delivered": 3}
+        assert second.latencies == [2.0, 2.0, 2.0]
+        assert list(second.stages) == ["claim", "send", "reply", "record"]
+        assert all(len(v) == 3 and min(v) >= 0.0 for v in second.stages.values())
+    finally:
+        client.close()
+        store.close()
