@@ -11,6 +11,7 @@ same log line and errors.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -123,10 +124,12 @@ class Pusher:
         self._loop.call_soon_threadsafe(self._start, list(pushes))
 
     def _start(self, pushes: list[Push]) -> None:
-        # Named: an unnamed task has a name formatted for it ("Task-123"), each push.
-        create_task = self._loop.create_task
+        # The task made here as `loop.create_task` makes it (this loop has no task
+        # factory), without that method's Python frame; named, since an unnamed task
+        # has a name formatted for it ("Task-123").
+        loop = self._loop
         for push in pushes:
-            create_task(self._deliver(push), name="push")
+            asyncio.Task(self._deliver(push), loop=loop, name="push")
 
     async def _deliver(self, push: Push) -> None:
         sent_at = self._clock()

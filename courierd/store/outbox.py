@@ -169,8 +169,9 @@ class Outbox:
         # and its cursors' opening each time, half of the dispatcher's CPU in recording.
         delivered: dict[float, list[int]] = {}
         others: list[PushResult] = []
+        batched = self._batched_ids()
         for r in results:
-            if r.state == DELIVERED and r.error is None and self._batched_ids():
+            if batched and r.state == DELIVERED and r.error is None:
                 delivered.setdefault(r.at, []).append(r.id)
             else:
                 others.append(r)
