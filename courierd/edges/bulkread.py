@@ -23,7 +23,6 @@ on (pyproject pins paho 2.2.x); if not, the edge uses paho's plain client.
 
 from __future__ import annotations
 
-import struct
 import time
 from collections.abc import Callable
 from typing import Any
@@ -36,9 +35,6 @@ from paho.mqtt.exception import MalformedPacket
 # TCP connection typically hold more): a few hundred pings' worth per wake-up.
 RECV_BYTES = 256 * 1024
 
-_PUBLISH = 0x30  # PUBLISH at QoS 0, and at QoS 1
-_PUBLISH_QOS1 = 0x32
-_UNPACK_H = struct.Struct("!H").unpack_from
 
 Deliver = Callable[[bytes, bytes, int, int, float], None]
 
@@ -115,51 +111,57 @@ class BulkReadClient(paho.Client):
             # bytes of 7 bits each, the least significant first.
             start = pos
             header = data[pos]
-            pos += 1
-            length = 0
-            shift = 0
-            while True:
-                if pos >= end:
-                    return self._keep(data, start, 0)
-                byte = data[pos]
-                pos += 1
-                length |= (byte & 127) << shift
-                if byte < 128:
-                    break
-                shift += 7
-                if shift == 28:  # more than 4 length bytes: not MQTT
-                    return MQTTErrorCode.MQTT_ERR_PROTOCOL
+            if pos + 1 >= end:
+                return self._keep(data, start, 0)
+            length = data[pos + 1]
+            pos += 2
+            if length > 127:
+                length &= 127
+                shift = 7
+                while True:
+                    if pos >= end:
+                        return self._keep(data, start, 0)
+                    byte = data[pos]
+                    pos += 1
+                    length |= (byte & 127) << shift
+                    if byte < 128:
+                        break
+                    shift += 7
+                    if shift == 28:  # more than 4 length bytes: not MQTT
+                        return MQTTErrorCode.MQTT_ERR_PROTOCOL
             stop = pos + length
             if stop > end:
                 return self._keep(data, start, stop - start)
-            kind = header & 0xF6  # the type and QoS bits (not DUP, not RETAIN)
-            # PUBLISH, QoS 0 or 1: topic length, topic, packet id (QoS 1), properties
-            # (MQTT 5: their length, 0 if none), payload. Anything else goes to paho.
-            plain = False
-            if kind in (_PUBLISH, _PUBLISH_QOS1) and length >= 2:
-                qos = (header >> 1) & 3
-                topic_end = pos + 2 + _UNPACK_H(data, pos)[0]
-                body = topic_end + 2 * qos
-                plain = topic_end > pos + 2 and body + v5 <= stop and not (v5 and data[body])
-            if plain:
-                try:
-                    deliver(
-                        data[pos + 2 : topic_end],
-                        data[body + v5 : stop],
-                        _UNPACK_H(data, topic_end)[0] if qos else 0,
-                        qos,
-                        now,
-                    )
-                except Exception as err:
-                    self._easy_log(paho.MQTT_LOG_ERR, "Caught exception in on_message: %s", err)
-                    if not self.suppress_exceptions:
-                        raise
-            else:
-                rc = self._paho_handles(header, data[start + 1 : pos], data[pos:stop])
-                if rc:
-                    return rc
+            # PUBLISH at QoS 0 or 1 (0x30, 0x32; DUP and RETAIN masked off): topic
+            # length, topic, packet id (QoS 1), properties (MQTT 5: their length, 0 if
+            # none), payload. Anything else, and a PUBLISH with an empty topic or with
+            # properties, goes to paho.
+            kind = header & 0xF6
+            if kind in (0x32, 0x30) and length >= 2:
+                topic_end = pos + 2 + (data[pos] << 8 | data[pos + 1])
+                body = topic_end + 2 if kind == 0x32 else topic_end
+                if topic_end > pos + 2 and body + v5 <= stop and not (v5 and data[body]):
+                    try:
+                        deliver(
+                            data[pos + 2 : topic_end],
+                            data[body + v5 : stop],
+                            data[topic_end] << 8 | data[topic_end + 1] if kind == 0x32 else 0,
+                            1 if kind == 0x32 else 0,
+                            now,
+                        )
+                    except Exception as err:
+                        self._easy_log(paho.MQTT_LOG_ERR, "Caught exception in on_message: %s", err)
+                        if not self.suppress_exceptions:
+                            raise
+                    pos = stop
+                    if self._sock is not sock:  # a wait for room found the connection lost
+                        return MQTTErrorCode.MQTT_ERR_SUCCESS
+                    continue
+            rc = self._paho_handles(header, data[start + 1 : pos], data[pos:stop])
             pos = stop
-            if self._sock is not sock:  # that packet ended the connection, or a wait did
+            if rc:
+                return rc
+            if self._sock is not sock:  # that packet ended the connection
                 return MQTTErrorCode.MQTT_ERR_SUCCESS
         return MQTTErrorCode.MQTT_ERR_SUCCESS
 

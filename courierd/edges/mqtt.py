@@ -149,6 +149,9 @@ class Message(NamedTuple):
     epoch: int = 0  # a cluster: the slot's epoch (fencing token) it was delivered under
 
 
+_new_message = tuple.__new__
+
+
 class MqttEdge:
     """A paho client feeding `inbox`; `connected` tells health whether the broker is there."""
 
@@ -335,11 +338,9 @@ class MqttEdge:
 
     def _on_message(self, _c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
         """A message paho decoded itself (see bulkread.py): as any other."""
-        self._take(msg._topic, msg.payload, msg.mid, msg.qos, msg.timestamp)
+        self._take(msg._topic, bytes(msg.payload), msg.mid, msg.qos, msg.timestamp)
 
-    def _take(
-        self, topic: bytes, payload: bytes | bytearray, mid: int, qos: int, received: float
-    ) -> None:
+    def _take(self, topic: bytes, payload: bytes, mid: int, qos: int, received: float) -> None:
         """On paho's thread: a message into the inbox, in the order it came."""
         # The connection that delivered it, read before any wait for room: a wait can
         # end with that connection lost (BulkReadClient.between_packets), and its ack
@@ -357,16 +358,19 @@ class MqttEdge:
         if size > MAX_PAYLOAD:
             payload = payload[:KEEP_OVERSIZED]
         self.inbox.put(
-            Message(
-                name,
-                bytes(payload),
-                mid,
-                qos,
-                generation,
-                size,
-                self.slot,
-                received,
-                self.epoch,
+            _new_message(  # Message(...), without the call of its __new__ in Python
+                Message,
+                (
+                    name,
+                    payload,
+                    mid,
+                    qos,
+                    generation,
+                    size,
+                    self.slot,
+                    received,
+                    self.epoch,
+                ),
             )
         )
 
