@@ -155,3 +155,21 @@ def test_every_paho_thread_waiting_for_room_goes_on_once_it_is_made() -> None:
             t.join(5)
             assert not t.is_alive(), f"a paho thread still waits for room (round {round_})"
         assert inbox.qsize() == 2
+
+
+def test_a_message_keeps_the_connection_it_came_on_across_a_wait_for_room() -> None:
+    """A message that waited for room is acknowledged on the connection that delivered
+    it or not at all, even if that connection was lost during the wait (paho's thread
+    keeps the connection alive while it waits, and may find it gone)."""
+    inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
+    edge = MqttEdge(MqttSettings(), inbox, receive_max=1)
+    edge._generation = 5
+    edge._on_message(None, None, message(1, 1))  # type: ignore[arg-type]
+    waiting = threading.Thread(target=edge._on_message, args=(None, None, message(2, 1)))
+    waiting.start()
+    wait_until(lambda: edge.room.waiting == 1, 5, "paho's thread waiting for room")
+    edge._on_disconnect(None, None, None, "keepalive timeout", None)  # type: ignore[arg-type]
+    inbox.get_nowait()
+    edge.room.made()
+    waiting.join(5)
+    assert inbox.get_nowait().generation == 5 != edge._generation

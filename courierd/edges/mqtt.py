@@ -1,6 +1,7 @@
 """The MQTT edge (paho-mqtt 2.x): connect, subscribe, hand messages over, ack later.
 
-Callbacks run on paho's network thread and only convert and enqueue. Messages are
+Callbacks run on paho's network thread and only convert and enqueue; paho reads the
+broker's stream in bulk (bulkread.py) and hands plain messages to `_take`. Messages are
 acknowledged by the ingest thread with `ack()` after the batch holding their effects
 has committed (manual ack). The session is persistent (clean_start=False and a session
 expiry interval on MQTT 5; clean_session=False on 3.1.1), so the broker keeps queueing
@@ -26,6 +27,8 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from courierd.config import MqttSettings
 from courierd.domain.telemetry import MAX_PAYLOAD
+from courierd.edges.bulkread import BulkReadClient
+from courierd.edges.bulkread import usable as bulk_usable
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +149,9 @@ class Message(NamedTuple):
     epoch: int = 0  # a cluster: the slot's epoch (fencing token) it was delivered under
 
 
+_new_message = tuple.__new__
+
+
 class MqttEdge:
     """A paho client feeding `inbox`; `connected` tells health whether the broker is there."""
 
@@ -191,13 +197,19 @@ class MqttEdge:
         v5 = settings.protocol == "5"
         if v5:
             use_lean_properties()
-        client = paho.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=client_id or settings.client_id,
-            protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
-            clean_session=None if v5 else False,
-            manual_ack=True,
-            reconnect_on_failure=not supervised,
+        options: dict[str, Any] = {
+            "client_id": client_id or settings.client_id,
+            "protocol": paho.MQTTv5 if v5 else paho.MQTTv311,
+            "clean_session": None if v5 else False,
+            "manual_ack": True,
+            "reconnect_on_failure": not supervised,
+        }
+        # paho reading the socket in bulk, plain messages handed to `_take` directly
+        # (bulkread.py); paho's own reader if this paho is not the one it knows.
+        client = (
+            BulkReadClient(CallbackAPIVersion.VERSION2, deliver=self._take, **options)
+            if bulk_usable()
+            else paho.Client(CallbackAPIVersion.VERSION2, **options)
         )
         # Without this, one exception in a callback kills paho's thread while
         # is_connected() keeps answering True.
@@ -325,29 +337,40 @@ class MqttEdge:
             client.disconnect()
 
     def _on_message(self, _c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
-        topic = msg._topic.decode("utf-8", errors="replace")
+        """A message paho decoded itself (see bulkread.py): as any other."""
+        self._take(msg._topic, bytes(msg.payload), msg.mid, msg.qos, msg.timestamp)
+
+    def _take(self, topic: bytes, payload: bytes, mid: int, qos: int, received: float) -> None:
+        """On paho's thread: a message into the inbox, in the order it came."""
+        # The connection that delivered it, read before any wait for room: a wait can
+        # end with that connection lost (BulkReadClient.between_packets), and its ack
+        # must not go to the next one.
+        generation = self._generation
+        name = topic.decode("utf-8", errors="replace")
         # QoS 1 inflow is bounded by the Receive Maximum (unacked messages); QoS 0 is not,
         # so a QoS 0 flood beyond what ingest keeps up with is dropped (QoS 0 allows it).
-        if msg.qos == 0 and self.inbox.qsize() > self.max_backlog:
+        if qos == 0 and self.inbox.qsize() > self.max_backlog:
             self.dropped_qos0 += 1
             return
         if self.inbox.qsize() >= self.max_inbox:
             self._make_room()
-        payload = msg.payload
         size = len(payload)
         if size > MAX_PAYLOAD:
             payload = payload[:KEEP_OVERSIZED]
         self.inbox.put(
-            Message(
-                topic,
-                bytes(payload),
-                msg.mid,
-                msg.qos,
-                self._generation,
-                size,
-                self.slot,
-                msg.timestamp,
-                self.epoch,
+            _new_message(  # Message(...), without the call of its __new__ in Python
+                Message,
+                (
+                    name,
+                    payload,
+                    mid,
+                    qos,
+                    generation,
+                    size,
+                    self.slot,
+                    received,
+                    self.epoch,
+                ),
             )
         )
 
@@ -364,7 +387,10 @@ class MqttEdge:
         which the batcher makes whenever it takes a batch: woken at once, not polling."""
         if self.inbox.qsize() < self.max_inbox:
             return
-        self.room.wait_for(
+        if not self.room.wait_for(
             lambda: self.inbox.qsize() < self.max_inbox or self._stopping,
             self.settings.keepalive_s / 4,
-        )
+        ) and isinstance(self._client, BulkReadClient):
+            # Ingest is stalled, and paho's thread may be in the middle of a bulk read:
+            # it keeps the connection alive as it would between two packets.
+            self._client.between_packets()
