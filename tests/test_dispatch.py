@@ -385,6 +385,7 @@ def test_a_report_counts_outcomes_and_times_only_the_deliveries(
             now=T0,
         )
         clocks.advance(2.0)  # the retry is due; every push was created 2 s ago
+        started = time.time()  # the stages after the claim are on the wall clock
         d.wake()
         wait_until(lambda: (d.turn(), store.outbox.stats()[0] == 0)[1], 10, "deliveries")
         second = d.report()
@@ -392,6 +393,11 @@ def test_a_report_counts_outcomes_and_times_only_the_deliveries(
         assert second.latencies == [2.0, 2.0, 2.0]
         assert list(second.stages) == ["claim", "send", "reply", "record"]
         assert all(len(v) == 3 and min(v) >= 0.0 for v in second.stages.values())
+        took = time.time() - started
+        stages = second.stages
+        for i in range(3):  # a real exchange takes time; the three fit in the wall time
+            assert stages["reply"][i] > 0.0
+            assert stages["send"][i] + stages["reply"][i] + stages["record"][i] <= took
     finally:
         client.close()
         store.close()

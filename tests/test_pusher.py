@@ -205,7 +205,9 @@ def test_a_closed_client_leaves_nothing_for_the_garbage_collector(
 def test_the_lines_of_replies_read_together_are_written_together() -> None:
     """At INFO each push has its line (`onetablet.call`): those of the replies one pass
     of the pusher's loop reads are written in one write (`logs.batched`), not one each,
-    and before the dispatcher hears of the replies (`after_replies`)."""
+    and before the dispatcher hears of the replies (each push's `done`, which records
+    its result, and `after_replies`): a daemon that stops once results are recorded
+    must not lose their lines."""
     n = 20
     gate = threading.Event()
     blocked, unblock = threading.Event(), threading.Event()
@@ -227,6 +229,13 @@ def test_the_lines_of_replies_read_together_are_written_together() -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
     outcomes: list[object] = []
+    logged_when_done: list[bool] = []
+
+    def done(order_id: str, outcome: object) -> None:
+        written = {line.split(" order_id=")[1].split()[0] for line in "".join(writes).splitlines()}
+        logged_when_done.append(order_id in written)
+        outcomes.append(outcome)
+
     try:
         with Pusher(f"http://127.0.0.1:{server.port}", API_KEY, max_connections=n) as p:
             p.after_replies(lambda: lines_when_told.append("".join(writes).count("\n")))
@@ -237,7 +246,7 @@ def test_the_lines_of_replies_read_together_are_written_together() -> None:
 
             p.send(
                 [
-                    Push(f"o-{i}", BODY, f"k{i}", None, lambda o, _: outcomes.append(o))
+                    Push(f"o-{i}", BODY, f"k{i}", None, lambda o, _, i=i: done(f"o-{i}", o))
                     for i in range(n)
                 ]
             )
@@ -262,4 +271,5 @@ def test_the_lines_of_replies_read_together_are_written_together() -> None:
         f"o-{i}" for i in range(n)
     )
     assert len(writes) == 1  # one pass read every reply
+    assert logged_when_done == [True] * n
     assert lines_when_told and lines_when_told[0] == n

@@ -81,6 +81,9 @@ class Pusher:
         # The calls' log lines of this pass of the loop, written together by `_tell`
         # (`logs.batched`: one write for them, not a write(2) per push at INFO).
         self._lines: list[tuple[int, str, str, int | None, str | None, float]] = []
+        # The pushes of this pass that finished, told by `_tell` after those lines: a
+        # result recorded (or a daemon gone) before its call's line would lose the line.
+        self._finished_pushes: list[tuple[Push, Outcome | None, float]] = []
 
     def after_replies(self, callback: Callable[[], None]) -> None:
         """Run `callback` (on the pusher's thread) once after each pass of its loop in
@@ -108,14 +111,20 @@ class Pusher:
         self._finished()
 
     def _tell(self) -> None:
-        """The pass's log lines (before the results they describe are recorded), then
-        the `after_replies` callbacks."""
+        """The pass's log lines, then each finished push's `done` (so a result is
+        recorded only once its call's line is out), then the `after_replies` callbacks."""
         self._telling = False
         if self._lines:
             lines, self._lines = self._lines, []
             with batched():
                 for line in lines:
                     write_line(*line)
+        finished, self._finished_pushes = self._finished_pushes, []
+        for push, outcome, sent_at in finished:
+            try:
+                push.done(outcome, sent_at)
+            except Exception:  # one bad `done` must not keep the others' results back
+                log.exception("pusher.done_failed order_id=%s", push.order_id)
         for callback in self._on_replies:
             callback()
 
@@ -134,7 +143,7 @@ class Pusher:
     async def _deliver(self, push: Push) -> None:
         sent_at = self._clock()
         if self._monotonic() >= push.until:
-            push.done(None, sent_at)
+            self._finished_pushes.append((push, None, sent_at))
             self._finished()
             return
         try:  # (`call` awaited here: a coroutine between them was one more frame a push)
@@ -147,10 +156,8 @@ class Pusher:
         except Exception as e:  # a bug must not lose the push: it is retried, loudly
             log.exception("pusher.crash order_id=%s", push.order_id)
             outcome = Unavailable(f"internal error: {e!r}")
-        try:
-            push.done(outcome, sent_at)
-        finally:
-            self._finished()
+        self._finished_pushes.append((push, outcome, sent_at))
+        self._finished()
 
     def delivery_status(
         self, order_id: str, body: str, idempotency_key: str, source: str | None = None
