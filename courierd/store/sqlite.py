@@ -14,6 +14,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from itertools import chain
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -150,13 +151,13 @@ class SqliteDatabase(Database):
             sql = f"{head} {','.join([row] * step)}{tail}"
             if step == ROWS_PER_INSERT:  # most rows: the same statement, run again
                 runs = [
-                    [v for r in rows[i : i + step] for v in r]
+                    list(chain.from_iterable(rows[i : i + step]))
                     for i in range(start, len(rows) - step + 1, step)
                 ]
                 self.executemany(sql, runs)
                 start += step * len(runs)
                 continue
-            self.execute(sql, [v for r in rows[start:end] for v in r])
+            self.execute(sql, list(chain.from_iterable(rows[start:end])))
             start = end
 
     @contextmanager
