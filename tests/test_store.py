@@ -933,26 +933,26 @@ def test_a_writer_waits_for_the_write_lock_then_gives_up_at_its_busy_timeout(
 def test_a_batch_moves_the_change_marker_once_however_many_orders_it_writes(
     sqlite_store: Store,
 ) -> None:
-    """The writer's own order rows move the change marker once per batch (it moves it
-    itself), not once per row through the triggers; anyone else's insert or update of an
-    order still moves it, row by row."""
+    """The writer's updates of order rows move the change marker once per batch (it
+    moves it itself), not once per row through the update trigger; a new row moves it
+    through the insert trigger, and anyone else's insert or update, row by row."""
     store = sqlite_store
     seq = "SELECT seq FROM changes WHERE name = 'orders'"
     before = store.db.value(seq)
     new = [status(f"e{i}", f"o{i}", Status.DASHER_CONFIRMED) for i in range(5)]
-    store.writer.commit(new, now=T0)  # five new rows
-    assert store.db.value(seq) == before + 1
+    store.writer.commit(new, now=T0)  # five new rows: the insert trigger, and the batch
+    assert store.db.value(seq) == before + 6
     known = [status(f"f{i}", f"o{i}", Status.ARRIVING_AT_STORE) for i in range(5)]
-    store.writer.commit(known, now=T0 + 1)  # the same five, updated
-    assert store.db.value(seq) == before + 2
+    store.writer.commit(known, now=T0 + 1)  # the same five, updated: once
+    assert store.db.value(seq) == before + 7
     store.writer.commit([status("e0", "o0", Status.DASHER_CONFIRMED)], now=T0 + 2)
-    assert store.db.value(seq) == before + 2  # a duplicate writes no order row
+    assert store.db.value(seq) == before + 7  # a duplicate writes no order row
     with store.db.transaction():  # anyone else: the triggers, row by row
         store.db.execute("UPDATE orders SET updated_at = 'x' WHERE order_id IN ('o1', 'o2')")
         store.db.execute(
             "INSERT INTO orders (order_id, state, updated_at) VALUES ('p1', 'new', 'x')"
         )
-    assert store.db.value(seq) == before + 5
+    assert store.db.value(seq) == before + 10
 
 
 @pytest.mark.parametrize("n", [0, 1, 31, 32, 33, 64, 95, 100])

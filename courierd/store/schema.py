@@ -334,25 +334,6 @@ def _sqlite_9(db: sqlite_utils.Database) -> None:
         db.execute(statement)
 
 
-# The ingest writer's own order rows move the marker once per batch, not once per row:
-# its upsert of an order's state moves `track_rev` too (as its rewrite of a track does)
-# and inserts new rows with `track_rev` 1, and the writer moves the marker itself, once,
-# in the same transaction (store/writer.py). A trigger that fired for each of a batch's
-# order rows cost about 4k instructions per status. Anyone else's write still moves it:
-# nobody else writes `track_rev`, so their inserts have 0 and their updates leave it.
-_SQLITE_10 = (
-    "DROP TRIGGER orders_insert_marker",
-    f"CREATE TRIGGER orders_insert_marker AFTER INSERT ON orders WHEN NEW.track_rev = 0 "
-    f"{_MOVE_MARKER}",
-)
-
-
-def _sqlite_10(db: sqlite_utils.Database) -> None:
-    """The writer's own order rows move the change marker once per batch."""
-    for statement in _SQLITE_10:
-        db.execute(statement)
-
-
 # Append only: a released migration never changes; user_version counts those applied.
 SQLITE_MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (
     _sqlite_1,
@@ -364,7 +345,6 @@ SQLITE_MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (
     _sqlite_7,
     _sqlite_8,
     _sqlite_9,
-    _sqlite_10,
 )
 
 

@@ -163,7 +163,7 @@ class BatchWriter:
                 self._touched.update(snap.orders)
                 self._touched.update(fx.orders)  # new ones too: the writer holds them
                 if self.db.change_marker:
-                    # This batch's own order rows move it once (see `write`).
+                    # This batch's own order updates move it once (see `write`).
                     seq = self._changes(moved=bool(fx.orders))
             finally:
                 self._addresses = {}  # this transaction's: never used in another
@@ -200,7 +200,7 @@ class BatchWriter:
         }
 
     def _changes(self, moved: bool = False) -> int | None:
-        """The change marker (`moved`: moved on first, for the batch's own order rows);
+        """The change marker (`moved`: moved on first, for the batch's own order updates);
         None (trust nothing: read every row) if its row is gone."""
         if moved:
             # Every row taken: a RETURNING statement left unfinished would hold the COMMIT.
@@ -526,14 +526,15 @@ class BatchWriter:
         """Write every effect of a batch; call inside `transaction()` (one commit)."""
         db = self.db
         now_iso = iso(now)
-        # With a change marker, `track_rev` moves with the writer's own rows, so that they
-        # do not move the marker one by one (the writer moves it once: `_changes`).
-        own = (", track_rev", ", 1", ", track_rev = orders.track_rev + 1")
-        rev_column, rev_value, rev_set = own if db.change_marker else ("", "", "")
+        # With a change marker, the upsert's update moves `track_rev`, as the writer's
+        # rewrite of a track does, so that the update trigger skips the writer's own rows
+        # (schema.py) and the writer moves the marker once per batch instead (`_changes`).
+        # A new row moves it through the insert trigger, as anyone's does.
+        rev_set = ", track_rev = orders.track_rev + 1" if db.change_marker else ""
         db.insert_rows(
             "INSERT INTO orders (order_id, state, courier_id, updated_at, status_at, "
-            f"assigned_at, status_ts{rev_column}) VALUES",
-            f"(?, ?, ?, ?, ?, ?, ?{rev_value})",
+            "assigned_at, status_ts) VALUES",
+            "(?, ?, ?, ?, ?, ?, ?)",
             [
                 (
                     o.order_id,
