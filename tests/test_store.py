@@ -994,7 +994,17 @@ def test_insert_rows_keeps_few_statement_texts(sqlite_store: Store) -> None:
                 [(f"o{n}", f"e{i}", "t") for i in range(n)],
             )
     texts = {s.split(" VALUES ")[1].count("(") for s in seen if "processed_events" in s}
-    assert texts <= {32, 16, 8, 4, 2, 1}
+    assert texts == {32, 16, 8, 4, 2, 1}
+    traced: list[str] = []
+    db.conn.set_trace_callback(traced.append)  # type: ignore[attr-defined]
+    with db.transaction():  # 79 rows: 32 + 32 + 8 + 4 + 2 + 1, six statements
+        db.insert_rows(
+            "INSERT INTO processed_events (order_id, event_id, seen_at) VALUES",
+            "(?, ?, ?)",
+            [("p79", f"e{i}", "t") for i in range(79)],
+        )
+    sizes = [s.split(" VALUES ")[1].count("(") for s in traced if "processed_events" in s]
+    assert sizes == [32, 32, 8, 4, 2, 1]
 
 
 def test_none_is_bound_through_an_adapter() -> None:

@@ -202,14 +202,9 @@ class BatchWriter:
     def _changes(self, moved: bool = False) -> int | None:
         """The change marker (`moved`: moved on first, for the batch's own order updates);
         None (trust nothing: read every row) if its row is gone."""
-        if moved:
-            # Every row taken: a RETURNING statement left unfinished would hold the COMMIT.
-            rows = self.db.rows(
-                "UPDATE changes SET seq = seq + 1 WHERE name = 'orders' RETURNING seq"
-            )
-            seq = rows[0][0] if rows else None
-        else:
-            seq = self.db.value("SELECT seq FROM changes WHERE name = 'orders'")
+        if moved:  # two statements, not RETURNING: that needs SQLite 3.35
+            self.db.execute("UPDATE changes SET seq = seq + 1 WHERE name = 'orders'")
+        seq = self.db.value("SELECT seq FROM changes WHERE name = 'orders'")
         return None if seq is None else int(seq)
 
     def _remember(self, fx: Effects, snap: Snapshot) -> None:
