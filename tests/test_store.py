@@ -969,3 +969,92 @@ def test_a_writer_waits_for_the_write_lock_then_gives_up_at_its_busy_timeout(
     for conn in (db, impatient):
         conn.close()
     shell.close()
+
+
+def test_a_batch_moves_the_change_marker_once_however_many_orders_it_writes(
+    sqlite_store: Store,
+) -> None:
+    """The writer's updates of order rows move the change marker once per batch (it
+    moves it itself), not once per row through the update trigger; a new row moves it
+    through the insert trigger, and anyone else's insert or update, row by row."""
+    store = sqlite_store
+    seq = "SELECT seq FROM changes WHERE name = 'orders'"
+    before = store.db.value(seq)
+    new = [status(f"e{i}", f"o{i}", Status.DASHER_CONFIRMED) for i in range(5)]
+    store.writer.commit(new, now=T0)  # five new rows: the insert trigger, and the batch
+    assert store.db.value(seq) == before + 6
+    known = [status(f"f{i}", f"o{i}", Status.ARRIVING_AT_STORE) for i in range(5)]
+    store.writer.commit(known, now=T0 + 1)  # the same five, updated: once
+    assert store.db.value(seq) == before + 7
+    store.writer.commit([status("e0", "o0", Status.DASHER_CONFIRMED)], now=T0 + 2)
+    assert store.db.value(seq) == before + 7  # a duplicate writes no order row
+    with store.db.transaction():  # anyone else: the triggers, row by row
+        store.db.execute("UPDATE orders SET updated_at = 'x' WHERE order_id IN ('o1', 'o2')")
+        store.db.execute(
+            "INSERT INTO orders (order_id, state, updated_at) VALUES ('p1', 'new', 'x')"
+        )
+    assert store.db.value(seq) == before + 10
+
+
+@pytest.mark.parametrize("n", [0, 1, 31, 32, 33, 64, 95, 100])
+def test_insert_rows_writes_every_row_in_order(store: Store, n: int) -> None:
+    """`insert_rows` (several rows per statement on SQLite) writes each row once, in
+    the order given, whatever the count; an ON CONFLICT tail applies to each row."""
+    db = store.db
+    rows = [(f"o{i % 7}", f"e{n - i}", f"t{i}") for i in range(n)]
+    with db.transaction():
+        db.insert_rows(
+            "INSERT INTO processed_events (order_id, event_id, seen_at) VALUES",
+            "(?, ?, ?)",
+            [*rows, *rows[:3]],  # seen again: nothing more
+            " ON CONFLICT (order_id, event_id) DO NOTHING",
+        )
+        db.insert_rows(
+            "INSERT INTO transitions (order_id, status, inferred, event_id, at, recorded_at) "
+            "VALUES",
+            "(?, 'x', 0, ?, ?, 'r')",
+            rows,
+        )
+    assert sorted(db.rows("SELECT order_id, event_id, seen_at FROM processed_events")) == sorted(
+        rows
+    )
+    assert db.rows("SELECT order_id, event_id, at FROM transitions ORDER BY id") == rows
+
+
+def test_insert_rows_keeps_few_statement_texts(sqlite_store: Store) -> None:
+    """SQLite: a handful of statement texts per table (32 rows, then halves), so that
+    each stays prepared in the connection's statement cache."""
+    seen: set[str] = set()
+    db = sqlite_store.db
+    db.conn.set_trace_callback(seen.add)  # type: ignore[attr-defined]
+    with db.transaction():
+        for n in range(1, 80):
+            db.insert_rows(
+                "INSERT INTO processed_events (order_id, event_id, seen_at) VALUES",
+                "(?, ?, ?)",
+                [(f"o{n}", f"e{i}", "t") for i in range(n)],
+            )
+    texts = {s.split(" VALUES ")[1].count("(") for s in seen if "processed_events" in s}
+    assert texts == {32, 16, 8, 4, 2, 1}
+    traced: list[str] = []
+    db.conn.set_trace_callback(traced.append)  # type: ignore[attr-defined]
+    with db.transaction():  # 79 rows: 32 + 32 + 8 + 4 + 2 + 1, six statements
+        db.insert_rows(
+            "INSERT INTO processed_events (order_id, event_id, seen_at) VALUES",
+            "(?, ?, ?)",
+            [("p79", f"e{i}", "t") for i in range(79)],
+        )
+    sizes = [s.split(" VALUES ")[1].count("(") for s in traced if "processed_events" in s]
+    assert sizes == [32, 32, 8, 4, 2, 1]
+
+
+def test_none_is_bound_through_an_adapter() -> None:
+    """The store registers an adapter for None: without one, the sqlite3 module raises and
+    formats two AttributeErrors (its protocol's `__adapt__`, the value's `__conform__`)
+    for each None it binds before it binds NULL."""
+    import courierd.store.sqlite  # noqa: F401  (what registers it)
+
+    assert (type(None), sqlite3.PrepareProtocol) in sqlite3.adapters
+    conn = sqlite3.connect(":memory:")
+    assert conn.execute("SELECT typeof(?)", (None,)).fetchone() == ("null",)
+    conn.close()

@@ -65,6 +65,14 @@ class Database(abc.ABC):
     @abc.abstractmethod
     def schema_version(self) -> int: ...
 
+    def insert_rows(
+        self, head: str, row: str, rows: Sequence[Sequence[Any]], tail: str = ""
+    ) -> None:
+        """`head` (an INSERT up to and with VALUES) `row` (one row's placeholders) `tail`
+        (an ON CONFLICT clause, say) for each of `rows`, in their order. Here one
+        statement per row (`executemany`); an engine may put several rows in one."""
+        self.executemany(f"{head} {row}{tail}", rows)
+
     def for_update_of(self, alias: str) -> str:
         """`for_update` limited to one table of a join (PostgreSQL refuses to lock the
         nullable side of an outer join)."""

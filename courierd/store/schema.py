@@ -283,7 +283,9 @@ def _sqlite_7(db: sqlite_utils.Database) -> None:
 # what a read would give, and it need not read them again (store/writer.py). One update
 # is left out: the writer's own rewrite of a track, which also moves the row's
 # `track_rev` (nobody else writes that column; moving the marker on each of those cost
-# 2.5 % of the ingest process's instructions per geofenced fix). SQLite only: one
+# 2.5 % of the ingest process's instructions per geofenced fix; since then its update
+# of an order's state moves `track_rev` too, and it moves the marker once per batch
+# itself: store/writer.py). SQLite only: one
 # daemon writes a file, and an older courierd refuses a newer schema, so no writer that
 # predates the marker can run beside it. (PostgreSQL instances share the database and
 # read every row, marker or none: see the writer.)

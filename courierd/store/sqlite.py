@@ -14,6 +14,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from itertools import chain
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,20 @@ if TYPE_CHECKING:
 Migration = Callable[["sqlite_utils.Database"], None]
 
 log = logging.getLogger(__name__)
+
+# Rows per INSERT statement in `insert_rows` (at most 32 x 11 = 352 parameters of the
+# 999 an older SQLite allows).
+ROWS_PER_INSERT = 32
+
+# The sqlite3 module binds an int, float or str as it is, but asks its adapter registry
+# about anything else, None included: with no adapter registered, it then looks up
+# `__adapt__` on its protocol type, which raises (and formats) an AttributeError, and
+# `__conform__` on the value, before binding NULL: about 2,000 instructions per None
+# bound, and a status's rows bind several (a transition's place and fix count, an
+# order's times). An adapter for None, a C call that returns None (an empty dict's
+# `get`), binds the same NULL for a tenth of that. Process-wide, like every adapter.
+_NOTHING: dict[None, None] = {}
+sqlite3.register_adapter(type(None), _NOTHING.get)
 
 
 def _is_unavailable(error: sqlite3.Error) -> bool:
@@ -117,6 +132,33 @@ class SqliteDatabase(Database):
             if _is_unavailable(e):
                 raise StoreUnavailable(f"database {self.location}: {e}") from e
             raise
+
+    def insert_rows(
+        self, head: str, row: str, rows: Sequence[Sequence[Any]], tail: str = ""
+    ) -> None:
+        """Several rows per statement: `executemany` runs the statement once per row, and
+        each run opens and closes a cursor on the table and on each of its indexes (an
+        outbox row: six) and ends the statement (about a quarter of a status's
+        transition, push and event rows). ROWS_PER_INSERT rows at a time, then the rest
+        in halves (16, 8, ..., 1): a handful of statement texts per table, each prepared
+        once and kept in the connection's statement cache. In the rows' order, so ids
+        come out as one statement per row gives them."""
+        step, start = ROWS_PER_INSERT, 0
+        while start < len(rows):
+            while start + step > len(rows):
+                step //= 2
+            end = start + step
+            sql = f"{head} {','.join([row] * step)}{tail}"
+            if step == ROWS_PER_INSERT:  # most rows: the same statement, run again
+                runs = [
+                    list(chain.from_iterable(rows[i : i + step]))
+                    for i in range(start, len(rows) - step + 1, step)
+                ]
+                self.executemany(sql, runs)
+                start += step * len(runs)
+                continue
+            self.execute(sql, list(chain.from_iterable(rows[start:end])))
+            start = end
 
     @contextmanager
     def transaction(self) -> Iterator[None]:

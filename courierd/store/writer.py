@@ -163,7 +163,8 @@ class BatchWriter:
                 self._touched.update(snap.orders)
                 self._touched.update(fx.orders)  # new ones too: the writer holds them
                 if self.db.change_marker:
-                    seq = self._changes()  # this batch's own writes moved it too
+                    # This batch's own order updates move it once (see `write`).
+                    seq = self._changes(moved=bool(fx.orders))
             finally:
                 self._addresses = {}  # this transaction's: never used in another
         if seq is not None:
@@ -198,8 +199,11 @@ class BatchWriter:
             if oids and all(oid in known for oid in oids)
         }
 
-    def _changes(self) -> int | None:
-        """The change marker; None (trust nothing: read every row) if its row is gone."""
+    def _changes(self, moved: bool = False) -> int | None:
+        """The change marker (`moved`: moved on first, for the batch's own order updates);
+        None (trust nothing: read every row) if its row is gone."""
+        if moved:  # two statements, not RETURNING: that needs SQLite 3.35
+            self.db.execute("UPDATE changes SET seq = seq + 1 WHERE name = 'orders'")
         seq = self.db.value("SELECT seq FROM changes WHERE name = 'orders'")
         return None if seq is None else int(seq)
 
@@ -517,12 +521,15 @@ class BatchWriter:
         """Write every effect of a batch; call inside `transaction()` (one commit)."""
         db = self.db
         now_iso = iso(now)
-        db.executemany(
+        # With a change marker, the upsert's update moves `track_rev`, as the writer's
+        # rewrite of a track does, so that the update trigger skips the writer's own rows
+        # (schema.py) and the writer moves the marker once per batch instead (`_changes`).
+        # A new row moves it through the insert trigger, as anyone's does.
+        rev_set = ", track_rev = orders.track_rev + 1" if db.change_marker else ""
+        db.insert_rows(
             "INSERT INTO orders (order_id, state, courier_id, updated_at, status_at, "
-            "assigned_at, status_ts) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (order_id) "
-            "DO UPDATE SET state = excluded.state, courier_id = excluded.courier_id, "
-            "updated_at = excluded.updated_at, status_at = excluded.status_at, "
-            "assigned_at = excluded.assigned_at, status_ts = excluded.status_ts",
+            "assigned_at, status_ts) VALUES",
+            "(?, ?, ?, ?, ?, ?, ?)",
             [
                 (
                     o.order_id,
@@ -535,6 +542,10 @@ class BatchWriter:
                 )
                 for o in fx.orders.values()
             ],
+            " ON CONFLICT (order_id) DO UPDATE SET state = excluded.state, "
+            "courier_id = excluded.courier_id, updated_at = excluded.updated_at, "
+            "status_at = excluded.status_at, assigned_at = excluded.assigned_at, "
+            f"status_ts = excluded.status_ts{rev_set}",
         )
         for kind in ("pickup", "dropoff"):  # an assignment's place replaces the known one
             db.executemany(
@@ -564,9 +575,10 @@ class BatchWriter:
         db.executemany(f"{set_track} order_id = ?", by_key)
         if by_address:
             db.executemany(f"{set_track} {db.row_address} = ?", by_address)
-        db.executemany(
+        db.insert_rows(
             "INSERT INTO transitions (order_id, status, inferred, event_id, at, recorded_at, "
-            "source, lat, lng, fixes, clocked) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "source, lat, lng, fixes, clocked) VALUES",
+            "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 (
                     t.order_id,
@@ -586,10 +598,10 @@ class BatchWriter:
         )
         # A push of an order whose cancel is in progress waits ("held") for its outcome.
         held = {oid for oid, o in {**snap.orders, **fx.orders}.items() if o.held}
-        db.executemany(
+        db.insert_rows(
             "INSERT INTO outbox (order_id, status, body, idempotency_key, state, "
-            f"attempts, next_attempt_at, created_at, source) VALUES (?, ?, ?, ?, ?, 0, "
-            f"{db.at_once}, ?, ?) ON CONFLICT (idempotency_key) DO NOTHING",
+            "attempts, next_attempt_at, created_at, source) VALUES",
+            f"(?, ?, ?, ?, ?, 0, {db.at_once}, ?, ?)",
             [
                 (
                     p.order_id,
@@ -603,6 +615,7 @@ class BatchWriter:
                 )
                 for p in fx.pushes
             ],
+            " ON CONFLICT (idempotency_key) DO NOTHING",
         )
         db.executemany(
             "INSERT INTO dead_letters (topic, payload, reason, detail, received_at, size) "
@@ -619,10 +632,11 @@ class BatchWriter:
                 for d in fx.dead_letters
             ],
         )
-        db.executemany(
-            "INSERT INTO processed_events (order_id, event_id, seen_at) VALUES (?, ?, ?) "
-            "ON CONFLICT (order_id, event_id) DO NOTHING",
+        db.insert_rows(
+            "INSERT INTO processed_events (order_id, event_id, seen_at) VALUES",
+            "(?, ?, ?)",
             [(order_id, e, now_iso) for order_id, e in sorted(fx.event_ids)],
+            " ON CONFLICT (order_id, event_id) DO NOTHING",
         )
         db.executemany(
             "INSERT INTO couriers (courier_id, profile, profile_at) VALUES (?, ?, ?) "
