@@ -7,7 +7,7 @@ import queue
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from paho.mqtt.properties import Properties
 
 from courierd.config import MqttSettings
 from courierd.edges.bulkread import BulkReadClient
-from courierd.edges.mqtt import KEEP_OVERSIZED, Message, MqttEdge
+from courierd.edges.mqtt import KEEP_OVERSIZED, Message, MqttEdge, Room
 from tests.harness import Broker, Publisher, wait_until
 from tests.test_mqtt_edge import PUBLISH_PROPERTIES
 
@@ -348,6 +348,66 @@ def test_a_connection_lost_while_ingest_is_stalled_ends_pahos_thread(message: by
     finally:
         if not thread.is_alive():
             end_network_thread(edge, thread)
+        ours.close()
+
+
+class WatchedRoom(Room):
+    """A Room that says when paho's thread waits for room: once it has found none, and
+    holding the lock that making room takes, so that room made after this wakes it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Semaphore(0)
+
+    def wait_for(self, ready: Callable[[], bool], timeout: float) -> bool:
+        told = False
+
+        def watched() -> bool:
+            nonlocal told
+            now = ready()
+            if not told:
+                told = True
+                self.entered.release()
+            return now
+
+        return super().wait_for(watched, timeout)
+
+
+def test_acks_queued_while_paho_waited_for_room_are_written_at_once() -> None:
+    """A backlog in paho's buffer, the inbox at the window, the batcher taking batches:
+    the PUBACKs it queues while paho's thread waits for room reach the broker when the
+    wait ends, not after the rest of the buffer (paho's own reader wrote them after
+    every packet; the broker sends no more than its window of unacknowledged messages).
+    Fails on the edge that wrote them only after a wait that timed out: the batcher
+    here waits for each batch's PUBACKs, a wait for room times out only after 30 s."""
+    broker_end, ours = socket.socketpair()
+    ours.setblocking(False)
+    broker_end.settimeout(10)
+    room = WatchedRoom()
+    edge = connected_edge(ours, keepalive=120, receive_max=2, room=room)
+    broker_end.sendall(
+        b"".join(publish(True, b"couriers/c1/location", b"{}", 1, m) for m in range(1, 11))
+    )
+    thread = start_network_thread(edge)
+    try:
+        for _ in range(4):  # paho's thread waits before the 3rd, 5th, 7th and 9th message
+            assert room.entered.acquire(timeout=10), "paho's thread did not wait for room"
+            batch = [edge.inbox.get_nowait() for _ in range(edge.inbox.qsize())]
+            edge.ack_many(batch)
+            room.made()
+            expected = b"".join(b"\x40\x02" + m.mid.to_bytes(2, "big") for m in batch)
+            got = b""
+            while len(got) < len(expected):
+                try:
+                    more = broker_end.recv(len(expected) - len(got))
+                except TimeoutError:
+                    pytest.fail(f"the PUBACKs of {[m.mid for m in batch]} were not written")
+                assert more, "the connection was closed"
+                got += more
+            assert got == expected
+    finally:
+        end_network_thread(edge, thread)
+        broker_end.close()
         ours.close()
 
 
