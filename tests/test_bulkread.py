@@ -7,7 +7,7 @@ import queue
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +16,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from courierd.config import MqttSettings
 from courierd.edges.bulkread import BulkReadClient
-from courierd.edges.mqtt import KEEP_OVERSIZED, Message, MqttEdge
+from courierd.edges.mqtt import KEEP_OVERSIZED, Message, MqttEdge, Room
 from tests.harness import Broker, Publisher, wait_until
 from tests.test_mqtt_edge import PUBLISH_PROPERTIES
 
@@ -93,11 +94,47 @@ TOPICS = st.one_of(
 )
 
 
+BAD = [
+    packet(0x32, b"\x00\x09ab"),  # a topic longer than the packet
+    b"\x30\xff\xff\xff\xff\x01",  # a 5-byte remaining length
+]
+# MQTT 5: a PUBLISH whose properties' length is malformed or overruns the packet.
+TOPIC_AND_MID = b"\x00\x14couriers/c1/location\x00\x07"
+BAD_V5 = [
+    *BAD,
+    packet(0x32, TOPIC_AND_MID),  # no properties' length at all
+    packet(0x32, TOPIC_AND_MID + b"\x80"),  # a length cut short
+    packet(0x32, TOPIC_AND_MID + b"\xff\xff\xff\xff\x01{}"),  # a 5-byte length
+    packet(0x32, TOPIC_AND_MID + b"\x09\x02\x00"),  # 9 bytes of properties, 2 there
+    packet(0x30, TOPIC_AND_MID[:-2] + b"\x81\x01\x26\x00\x01a\x00\x01b"),  # 129, 7
+]
+
+
+def paho_reads(values: dict[str, Any]) -> bool:
+    """paho reads these properties back (it refuses a string holding U+0000 or U+FEFF,
+    which the bulk reader, skipping properties unread, does not look for: see
+    test_properties_are_skipped_unread)."""
+    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    for name, value in values.items():
+        setattr(props, name, value)
+    try:
+        Properties(PacketTypes.PUBLISH).unpack(props.pack())  # type: ignore[no-untyped-call]
+    except MalformedPacket:
+        return False
+    return True
+
+
+READABLE_PROPERTIES = PUBLISH_PROPERTIES.filter(paho_reads)
+# Properties whose length takes 2 or 3 bytes.
+LONG_PROPERTIES = st.integers(120, 20_000).map(lambda n: {"UserProperty": [("k", "v" * n)]})
+
+
 @st.composite
 def streams(draw: st.DrawFn, v5: bool) -> list[bytes]:
     """A broker's packets: PUBLISH of every QoS, flags and size, MQTT 5 properties or
-    none, PINGRESP, PUBREL of a QoS 2 message, sometimes a malformed packet or (MQTT 5)
-    a DISCONNECT, after which nothing more is read."""
+    none, PINGRESP, PUBREL of a QoS 2 message, sometimes a malformed packet (MQTT 5: a
+    malformed properties' length too) or (MQTT 5) a DISCONNECT, after which nothing
+    more is read."""
     packets = []
     qos2: list[int] = []
     for mid in range(1, draw(st.integers(1, 12)) + 1):
@@ -107,23 +144,14 @@ def streams(draw: st.DrawFn, v5: bool) -> list[bytes]:
         elif kind == "pubrel" and qos2:
             packets.append(packet(0x62, qos2.pop(0).to_bytes(2, "big")))
         elif kind == "bad":
-            packets.append(
-                draw(
-                    st.sampled_from(
-                        [
-                            packet(0x32, b"\x00\x09ab"),  # a topic longer than the packet
-                            b"\x30\xff\xff\xff\xff\x01",  # a 5-byte remaining length
-                        ]
-                    )
-                )
-            )
+            packets.append(draw(st.sampled_from(BAD_V5 if v5 else BAD)))
         elif kind == "end" and v5:
             packets.append(packet(0xE0, b"\x8b"))  # DISCONNECT: the broker shutting down
         else:
             qos = draw(st.sampled_from([0, 1, 1, 1, 2]))
             if qos == 2:
                 qos2.append(mid)
-            props = draw(st.one_of(st.none(), PUBLISH_PROPERTIES)) if v5 else None
+            props = draw(st.one_of(st.none(), READABLE_PROPERTIES, LONG_PROPERTIES)) if v5 else None
             flags = draw(st.sampled_from([0, 1, 8, 9]))  # RETAIN, DUP
             packets.append(publish(v5, draw(TOPICS), draw(PAYLOADS), qos, mid, flags, props))
     return packets
@@ -174,6 +202,24 @@ def test_bulk_reading_hands_over_what_paho_reads(v5: bool, data: st.DataObject) 
     assert run(bulk, chunks) == run(plain, chunks)
 
 
+def test_properties_are_skipped_unread() -> None:
+    """courierd reads no MQTT 5 properties: the bulk reader skips them by their length,
+    so a block paho would refuse for what it holds (a NUL in a user property), within
+    its length, does not drop the connection (paho's reader drops it, and the broker
+    would send that message again on the next). One whose length overruns the packet
+    is paho's, which drops the connection."""
+    plain, bulk = clients(True)
+    message = publish(
+        True, b"couriers/c1/status", b"{}", 1, 7, props={"UserProperty": ("a\0", "b")}
+    )
+    assert run(plain, [message]) == ([], b"", True)
+    assert run(bulk, [message]) == ([(b"couriers/c1/status", b"{}", 7, 1)], b"", False)
+    # Ten bytes of properties said, four there (the payload would be taken for them).
+    overrun = packet(0x32, b"\x00\x12couriers/c1/status\x00\x07\x0a\x26\x00\x01a")
+    for client in clients(True):
+        assert run(client, [overrun]) == ([], b"", True)
+
+
 def test_a_backlog_in_the_socket_is_read_at_once() -> None:
     """A backlog waiting in the socket is one read, its messages in the inbox in order
     (paho's own reader: four reads a message, and one wake-up of its thread each)."""
@@ -209,6 +255,39 @@ def test_an_unfinished_packet_of_a_lost_connection_is_dropped() -> None:
     assert received(bulk) == [(b"couriers/c2/status", b"[]", 8, 1)]
 
 
+def connected_edge(ours: socket.socket, keepalive: int, receive_max: int, **kw: Any) -> MqttEdge:
+    """An edge whose client is connected on `ours` (the broker at the socket pair's other
+    end), supervised: once the connection is lost, paho's thread ends (no reconnect)."""
+    settings_ = MqttSettings().model_copy(update={"keepalive_s": keepalive})
+    edge = MqttEdge(settings_, queue.SimpleQueue(), receive_max, supervised=True, **kw)
+    client = edge._client
+    client._sock, client._keepalive = ours, keepalive
+    client._state = paho._ConnectionState.MQTT_CS_CONNECTED
+    client._last_msg_out = client._last_bytes_received = time.monotonic()
+    edge.connected.set()
+    return edge
+
+
+def start_network_thread(edge: MqttEdge) -> threading.Thread:
+    """paho's own network thread (a daemon: a test that finds it stuck fails, not hangs)."""
+    edge._client.loop_start()
+    thread = edge._client._thread
+    assert thread is not None and thread.daemon
+    return thread
+
+
+def end_network_thread(edge: MqttEdge, thread: threading.Thread) -> None:
+    """What `stop()` does, with a deadline on the join (loop_stop's has none)."""
+    edge._stopping = True
+    edge._client._thread_terminate = True
+    edge.room.made()
+    if edge._client._sockpairW is not None:  # out of its select() at once
+        edge._client._sockpairW.send(b"\0")
+    thread.join(10)
+    assert not thread.is_alive(), "paho's thread did not end"
+    edge._client._reset_sockets()
+
+
 def test_a_stalled_ingest_keeps_the_connection_alive_in_the_middle_of_a_read() -> None:
     """The inbox full and nobody taking from it (the database down): paho's thread lets
     one message in per quarter of the keepalive and, in the middle of a bulk read, still
@@ -217,20 +296,11 @@ def test_a_stalled_ingest_keeps_the_connection_alive_in_the_middle_of_a_read() -
     broker_end, ours = socket.socketpair()
     ours.setblocking(False)
     broker_end.settimeout(5)
-    edge = MqttEdge(MqttSettings().model_copy(update={"keepalive_s": 1}), queue.SimpleQueue(), 2)
+    edge = connected_edge(ours, keepalive=1, receive_max=2)
     client = edge._client
-    client._sock, client._keepalive = ours, 1
-    client._state = paho._ConnectionState.MQTT_CS_CONNECTED
-    client._last_msg_out = client._last_bytes_received = time.monotonic()
     backlog = [publish(True, b"couriers/c1/location", b"{}", 1, mid) for mid in range(1, 41)]
     broker_end.sendall(b"".join(backlog))
-
-    def network_thread() -> None:
-        while not edge._stopping:
-            client._loop(0.05)
-
-    thread = threading.Thread(target=network_thread)
-    thread.start()
+    thread = start_network_thread(edge)
     try:
         sent = b""
         while len(sent) < 4:  # two PINGREQs, a keepalive apart, the connection kept
@@ -240,9 +310,103 @@ def test_a_stalled_ingest_keeps_the_connection_alive_in_the_middle_of_a_read() -
         assert sent == b"\xc0\x00\xc0\x00"
         assert edge.inbox.qsize() < 40 and client._sock is ours
     finally:
-        edge._stopping = True
-        edge.room.made()
-        thread.join(5)
+        end_network_thread(edge, thread)
+        broker_end.close()
+        ours.close()
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        # Read by the bulk reader (its properties skipped).
+        publish(
+            True, b"couriers/c1/location", b"{}", 1, 1, props={"ContentType": "application/json"}
+        ),
+        # Decoded by paho (an empty topic: a topic alias), handed over by its on_message.
+        publish(True, b"", b"{}", 1, 1, props={"TopicAlias": 3}),
+    ],
+    ids=["properties", "paho-decoded"],
+)
+def test_a_connection_lost_while_ingest_is_stalled_ends_pahos_thread(message: bytes) -> None:
+    """MQTT 5 messages with properties, the inbox full and nobody taking from it, and the
+    broker gone meanwhile: paho's thread finds the connection lost, tells the edge (so
+    health says so, and a supervised slot is given up) and ends, as paho's own would.
+    Fails on the reader that handed messages with properties to paho: from under paho's
+    callback lock, a wait for room that found the connection lost had paho take that
+    lock again (on_disconnect), and its thread blocked for good (stop() too)."""
+    broker_end, ours = socket.socketpair()
+    ours.setblocking(False)
+    edge = connected_edge(ours, keepalive=1, receive_max=2)
+    broker_end.sendall(message * 10)
+    broker_end.close()
+    thread = start_network_thread(edge)
+    try:
+        thread.join(10)
+        assert not thread.is_alive(), "paho's thread is stuck"
+        assert edge.ended.is_set() and not edge.connected.is_set()
+        assert 2 <= edge.inbox.qsize() <= 10
+    finally:
+        if not thread.is_alive():
+            end_network_thread(edge, thread)
+        ours.close()
+
+
+class WatchedRoom(Room):
+    """A Room that says when paho's thread waits for room: once it has found none, and
+    holding the lock that making room takes, so that room made after this wakes it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Semaphore(0)
+
+    def wait_for(self, ready: Callable[[], bool], timeout: float) -> bool:
+        told = False
+
+        def watched() -> bool:
+            nonlocal told
+            now = ready()
+            if not told:
+                told = True
+                self.entered.release()
+            return now
+
+        return super().wait_for(watched, timeout)
+
+
+def test_acks_queued_while_paho_waited_for_room_are_written_at_once() -> None:
+    """A backlog in paho's buffer, the inbox at the window, the batcher taking batches:
+    the PUBACKs it queues while paho's thread waits for room reach the broker when the
+    wait ends, not after the rest of the buffer (paho's own reader wrote them after
+    every packet; the broker sends no more than its window of unacknowledged messages).
+    Fails on the edge that wrote them only after a wait that timed out: the batcher
+    here waits for each batch's PUBACKs, a wait for room times out only after 30 s."""
+    broker_end, ours = socket.socketpair()
+    ours.setblocking(False)
+    broker_end.settimeout(10)
+    room = WatchedRoom()
+    edge = connected_edge(ours, keepalive=120, receive_max=2, room=room)
+    broker_end.sendall(
+        b"".join(publish(True, b"couriers/c1/location", b"{}", 1, m) for m in range(1, 11))
+    )
+    thread = start_network_thread(edge)
+    try:
+        for _ in range(4):  # paho's thread waits before the 3rd, 5th, 7th and 9th message
+            assert room.entered.acquire(timeout=10), "paho's thread did not wait for room"
+            batch = [edge.inbox.get_nowait() for _ in range(edge.inbox.qsize())]
+            edge.ack_many(batch)
+            room.made()
+            expected = b"".join(b"\x40\x02" + m.mid.to_bytes(2, "big") for m in batch)
+            got = b""
+            while len(got) < len(expected):
+                try:
+                    more = broker_end.recv(len(expected) - len(got))
+                except TimeoutError:
+                    pytest.fail(f"the PUBACKs of {[m.mid for m in batch]} were not written")
+                assert more, "the connection was closed"
+                got += more
+            assert got == expected
+    finally:
+        end_network_thread(edge, thread)
         broker_end.close()
         ours.close()
 

@@ -387,10 +387,12 @@ class MqttEdge:
         which the batcher makes whenever it takes a batch: woken at once, not polling."""
         if self.inbox.qsize() < self.max_inbox:
             return
-        if not self.room.wait_for(
+        self.room.wait_for(
             lambda: self.inbox.qsize() < self.max_inbox or self._stopping,
             self.settings.keepalive_s / 4,
-        ) and isinstance(self._client, BulkReadClient):
-            # Ingest is stalled, and paho's thread may be in the middle of a bulk read:
-            # it keeps the connection alive as it would between two packets.
+        )
+        if isinstance(self._client, BulkReadClient):
+            # paho's thread may be in the middle of a bulk read: after a wait (room
+            # made, or ingest stalled) it does what paho's loop did between two packets,
+            # writes the PUBACKs queued meanwhile, sends a PINGREQ when one is due.
             self._client.between_packets()
