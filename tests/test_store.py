@@ -13,6 +13,7 @@ import pytest
 from courierd.config import GeofenceSettings, StoreSettings
 from courierd.daemon.ingest import _commit_isolating
 from courierd.domain.lifecycle import active_sql, finished_sql
+from courierd.domain.memo import Memo
 from courierd.domain.model import (
     Assignment,
     DeadLetter,
@@ -404,6 +405,21 @@ def _geofenced(store: Store, order_id: str, courier: str, now: float) -> None:
     store.writer.commit([Assignment(order_id, courier, b"{}", far, far)], now=now)
     for t in (0, 5):
         store.writer.commit([LocationFix(courier, iso(now + t), 40.0, -74.0, 5.0)], now=now + t)
+
+
+def test_the_rows_the_writer_holds_are_emptied_whole_past_its_bound(sqlite_store: Store) -> None:
+    """The order rows the writer holds (so as not to read them again) are emptied whole
+    once they and the rows a batch newly read would be more than its memos hold, as the
+    memos are; rows it holds already, read again, are not counted twice."""
+    writer = sqlite_store.writer
+    writer._tracks = Memo(3)  # its bound
+    for i in range(3):
+        _geofenced(sqlite_store, f"o{i}", f"c{i}", T0)
+    assert set(writer._known) == {"o0", "o1", "o2"}
+    writer.commit([LocationFix("c0", iso(T0 + 10), 40.0, -74.0, 5.0)], now=T0 + 10)
+    assert set(writer._known) == {"o0", "o1", "o2"}  # o0 was held: nothing new
+    _geofenced(sqlite_store, "o3", "c3", T0 + 20)  # a fourth: over the bound
+    assert set(writer._known) == {"o3"}
 
 
 def test_the_writer_forgets_a_finished_order_s_track_and_consumed_fixes(store: Store) -> None:
