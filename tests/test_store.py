@@ -422,6 +422,33 @@ def test_the_rows_the_writer_holds_are_emptied_whole_past_its_bound(sqlite_store
     assert set(writer._known) == {"o3"}
 
 
+@pytest.mark.parametrize("update_from", [True, False])
+def test_a_batch_writes_every_track_and_kept_fix_however_many(
+    store: Store, update_from: bool
+) -> None:
+    """Every geofenced order's track and consumed fixes are rewritten, and every fix
+    kept, whatever the batch's size (the writer puts many rows in one statement: here
+    64 + 32 + 4 + 2 + 1), whether the batch read the order rows or held them; and so
+    with an engine without UPDATE ... FROM (SQLite before 3.33), a row at a time."""
+    store.db.update_from = update_from  # type: ignore[misc]
+    n = 103
+    far = Place(41.0, -74.0, 100)
+    couriers = [f"c{i:03}" for i in range(n)]
+    store.writer.commit(
+        [Assignment(f"o{i:03}", c, b"{}", far, far) for i, c in enumerate(couriers)], now=T0
+    )
+    for k in (1, 2):  # rows read (the assignment wrote them), then held (SQLite)
+        at = T0 + k
+        store.writer.commit([LocationFix(c, iso(at), 40.0, -74.0, 5.0) for c in couriers], now=at)
+        rows = store.db.rows("SELECT order_id, courier_id, track, consumed FROM orders")
+        assert len(rows) == n
+        for _, courier, track, consumed in rows:
+            assert json.loads(track)["last"] == at
+            assert json.loads(consumed) == [[courier, iso(T0 + 1), k]]
+        kept = store.db.rows("SELECT courier_id, count(*) FROM track_points GROUP BY courier_id")
+        assert sorted(kept) == [(c, k) for c in couriers]
+
+
 def test_the_writer_forgets_a_finished_order_s_track_and_consumed_fixes(store: Store) -> None:
     """An order finished by a status the writer commits: nothing of it is kept (its row
     is not read again), not only its row's order and places."""

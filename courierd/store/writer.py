@@ -12,6 +12,7 @@ so that instances never deadlock.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 from collections.abc import Callable, Mapping, Sequence
 from json.encoder import encode_basestring as _string
@@ -563,11 +564,23 @@ class BatchWriter:
             else:
                 by_address.append((*texts, address))
         # With a change marker, `track_rev` tells this rewrite from anyone else's (schema.py).
-        rev = ", track_rev = track_rev + 1" if db.change_marker else ""
-        set_track = f"UPDATE orders SET track = ?, consumed = COALESCE(?, consumed){rev} WHERE"
-        db.executemany(f"{set_track} order_id = ?", by_key)
-        if by_address:
-            db.executemany(f"{set_track} {db.row_address} = ?", by_address)
+        rev = ", track_rev = orders.track_rev + 1" if db.change_marker else ""
+        for rows, column in ((by_key, "order_id"), (by_address, db.row_address)):
+            if not db.update_from:  # one statement per row
+                db.executemany(
+                    f"UPDATE orders SET track = ?, consumed = COALESCE(?, consumed){rev} "
+                    f"WHERE {column} = ?",
+                    rows,
+                )
+                continue
+            _in_rows(
+                db,
+                "WITH v (track, consumed, k) AS (VALUES ",
+                "(?, ?, ?)",
+                ") UPDATE orders SET track = v.track, consumed = COALESCE(v.consumed, "
+                f"orders.consumed){rev} FROM v WHERE orders.{column} = v.k",
+                [x for row in rows for x in row],
+            )
         db.executemany(
             "INSERT INTO transitions (order_id, status, inferred, event_id, at, recorded_at, "
             "source, lat, lng, fixes, clocked) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -648,10 +661,16 @@ class BatchWriter:
             "fix_at = excluded.fix_at",
             [_courier_row(cid, state) for cid, state in sorted(fx.couriers.items())],
         )
-        db.executemany(
-            "INSERT INTO track_points (courier_id, ts, lat, lng, accuracy_m, recorded_at) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
-            [(f.courier_id, f.ts, f.lat, f.lng, f.accuracy_m, now_iso) for f in fx.track_points],
+        _in_rows(
+            db,
+            "INSERT INTO track_points (courier_id, ts, lat, lng, accuracy_m, recorded_at) VALUES ",
+            "(?, ?, ?, ?, ?, ?)",
+            "",
+            [
+                x
+                for f in fx.track_points
+                for x in (f.courier_id, f.ts, f.lat, f.lng, f.accuracy_m, now_iso)
+            ],
         )
         db.executemany(
             "INSERT INTO notifications (topic, payload, created_at) VALUES (?, ?, ?)",
@@ -683,6 +702,30 @@ class BatchWriter:
                 "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                 (iso(now),),
             )
+
+
+def _in_rows(db: Database, head: str, row: str, tail: str, values: list[Any]) -> None:
+    """One statement `head` + `row`, `row`, ... + `tail` over the rows whose parameters
+    `values` holds one after the other, in as few statements of 64, 32, ..., 1 rows as
+    it takes. Each execution costs about 4k instructions beyond its rows' own work
+    (binding, a step, SQLite's statement journal and trigger frame, the GIL given up and
+    taken back), which `executemany` pays per row: per kept fix and per track rewritten,
+    a geofenced fix's two rows. Powers of two: a handful of statements for the
+    statement cache (it holds 128)."""
+    width = row.count("?")
+    n, done, size = len(values) // width, 0, 64
+    while done < n:
+        while n - done < size:
+            size //= 2
+        sql = _multi_row(head, row, tail, size)
+        while n - done >= size:
+            db.execute(sql, values[done * width : (done + size) * width])
+            done += size
+
+
+@functools.cache
+def _multi_row(head: str, row: str, tail: str, size: int) -> str:
+    return head + ", ".join([row] * size) + tail
 
 
 def _consumed_json(consumed: Consumed | None) -> str | None:
