@@ -13,6 +13,7 @@ import pytest
 from courierd.config import GeofenceSettings, StoreSettings
 from courierd.daemon.ingest import _commit_isolating
 from courierd.domain.lifecycle import active_sql, finished_sql
+from courierd.domain.memo import Memo
 from courierd.domain.model import (
     Assignment,
     DeadLetter,
@@ -404,6 +405,48 @@ def _geofenced(store: Store, order_id: str, courier: str, now: float) -> None:
     store.writer.commit([Assignment(order_id, courier, b"{}", far, far)], now=now)
     for t in (0, 5):
         store.writer.commit([LocationFix(courier, iso(now + t), 40.0, -74.0, 5.0)], now=now + t)
+
+
+def test_the_rows_the_writer_holds_are_emptied_whole_past_its_bound(sqlite_store: Store) -> None:
+    """The order rows the writer holds (so as not to read them again) are emptied whole
+    once they and the rows a batch newly read would be more than its memos hold, as the
+    memos are; rows it holds already, read again, are not counted twice."""
+    writer = sqlite_store.writer
+    writer._tracks = Memo(3)  # its bound
+    for i in range(3):
+        _geofenced(sqlite_store, f"o{i}", f"c{i}", T0)
+    assert set(writer._known) == {"o0", "o1", "o2"}
+    writer.commit([LocationFix("c0", iso(T0 + 10), 40.0, -74.0, 5.0)], now=T0 + 10)
+    assert set(writer._known) == {"o0", "o1", "o2"}  # o0 was held: nothing new
+    _geofenced(sqlite_store, "o3", "c3", T0 + 20)  # a fourth: over the bound
+    assert set(writer._known) == {"o3"}
+
+
+@pytest.mark.parametrize("update_from", [True, False])
+def test_a_batch_writes_every_track_and_kept_fix_however_many(
+    store: Store, update_from: bool
+) -> None:
+    """Every geofenced order's track and consumed fixes are rewritten, and every fix
+    kept, whatever the batch's size (the writer puts many rows in one statement: here
+    64 + 32 + 4 + 2 + 1), whether the batch read the order rows or held them; and so
+    with an engine without UPDATE ... FROM (SQLite before 3.33), a row at a time."""
+    store.db.update_from = update_from  # type: ignore[misc]
+    n = 103
+    far = Place(41.0, -74.0, 100)
+    couriers = [f"c{i:03}" for i in range(n)]
+    store.writer.commit(
+        [Assignment(f"o{i:03}", c, b"{}", far, far) for i, c in enumerate(couriers)], now=T0
+    )
+    for k in (1, 2):  # rows read (the assignment wrote them), then held (SQLite)
+        at = T0 + k
+        store.writer.commit([LocationFix(c, iso(at), 40.0, -74.0, 5.0) for c in couriers], now=at)
+        rows = store.db.rows("SELECT order_id, courier_id, track, consumed FROM orders")
+        assert len(rows) == n
+        for _, courier, track, consumed in rows:
+            assert json.loads(track)["last"] == at
+            assert json.loads(consumed) == [[courier, iso(T0 + 1), k]]
+        kept = store.db.rows("SELECT courier_id, count(*) FROM track_points GROUP BY courier_id")
+        assert sorted(kept) == [(c, k) for c in couriers]
 
 
 def test_the_writer_forgets_a_finished_order_s_track_and_consumed_fixes(store: Store) -> None:

@@ -38,6 +38,8 @@ class Database(abc.ABC):
     # `changes.seq` of 'orders' moves with every write to orders and stores (triggers,
     # schema.py): the ingest writer may then skip reading rows it already holds.
     change_marker: ClassVar[bool] = False
+    # The engine understands UPDATE ... FROM (a join): SQLite from 3.33 on.
+    update_from: ClassVar[bool] = True
     # The due time of a push due at once, for a `now` parameter: on a shared database
     # never later than the database's own now, since the instances claim on its clock.
     at_once: ClassVar[str] = "?"

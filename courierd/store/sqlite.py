@@ -55,6 +55,7 @@ class SqliteDatabase(Database):
     # it cannot run inside a write transaction.
     row_address = "rowid"
     change_marker = True
+    update_from = sqlite3.sqlite_version_info >= (3, 33, 0)
 
     def __init__(
         self,

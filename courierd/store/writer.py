@@ -211,7 +211,11 @@ class BatchWriter:
         """After a commit: what the batch read, updated with what it wrote, is what the
         next batch would read (the marker says whether anyone else wrote meanwhile)."""
         known, active = self._known, self._known_active
-        if len(known) + len(self._read.keys() - known.keys()) > self._tracks.size:
+        # Held and newly read rows over the bound: emptied whole, as the memos are. Counted
+        # only near it (a difference of the two key views walked every row held, 10k
+        # rows each batch of a fleet's fixes).
+        read, size = self._read, self._tracks.size
+        if len(known) + len(read) > size and len(known) + sum(o not in known for o in read) > size:
             known.clear()
             active.clear()
         known.update(self._read)
@@ -570,11 +574,22 @@ class BatchWriter:
             else:
                 by_address.append((*texts, address))
         # With a change marker, `track_rev` tells this rewrite from anyone else's (schema.py).
-        rev = ", track_rev = track_rev + 1" if db.change_marker else ""
-        set_track = f"UPDATE orders SET track = ?, consumed = COALESCE(?, consumed){rev} WHERE"
-        db.executemany(f"{set_track} order_id = ?", by_key)
-        if by_address:
-            db.executemany(f"{set_track} {db.row_address} = ?", by_address)
+        rev = ", track_rev = orders.track_rev + 1" if db.change_marker else ""
+        for rows, column in ((by_key, "order_id"), (by_address, db.row_address)):
+            if not db.update_from:  # one statement per row
+                db.executemany(
+                    f"UPDATE orders SET track = ?, consumed = COALESCE(?, consumed){rev} "
+                    f"WHERE {column} = ?",
+                    rows,
+                )
+                continue
+            db.insert_rows(  # several rows per statement, as inserts are
+                "WITH v (track, consumed, k) AS (VALUES",
+                "(?, ?, ?)",
+                rows,
+                ") UPDATE orders SET track = v.track, consumed = COALESCE(v.consumed, "
+                f"orders.consumed){rev} FROM v WHERE orders.{column} = v.k",
+            )
         db.insert_rows(
             "INSERT INTO transitions (order_id, status, inferred, event_id, at, recorded_at, "
             "source, lat, lng, fixes, clocked) VALUES",
@@ -658,9 +673,9 @@ class BatchWriter:
             "fix_at = excluded.fix_at",
             [_courier_row(cid, state) for cid, state in sorted(fx.couriers.items())],
         )
-        db.executemany(
-            "INSERT INTO track_points (courier_id, ts, lat, lng, accuracy_m, recorded_at) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
+        db.insert_rows(
+            "INSERT INTO track_points (courier_id, ts, lat, lng, accuracy_m, recorded_at) VALUES",
+            "(?, ?, ?, ?, ?, ?)",
             [(f.courier_id, f.ts, f.lat, f.lng, f.accuracy_m, now_iso) for f in fx.track_points],
         )
         db.executemany(
