@@ -105,6 +105,7 @@ BAD_V5 = [
     packet(0x32, TOPIC_AND_MID),  # no properties' length at all
     packet(0x32, TOPIC_AND_MID + b"\x80"),  # a length cut short
     packet(0x32, TOPIC_AND_MID + b"\xff\xff\xff\xff\x01{}"),  # a 5-byte length
+    packet(0x32, TOPIC_AND_MID + b"\x80\x80\x80\x80\x00{}"),  # 5 bytes saying 0
     packet(0x32, TOPIC_AND_MID + b"\x09\x02\x00"),  # 9 bytes of properties, 2 there
     packet(0x30, TOPIC_AND_MID[:-2] + b"\x81\x01\x26\x00\x01a\x00\x01b"),  # 129, 7
 ]
@@ -218,6 +219,22 @@ def test_properties_are_skipped_unread() -> None:
     overrun = packet(0x32, b"\x00\x12couriers/c1/status\x00\x07\x0a\x26\x00\x01a")
     for client in clients(True):
         assert run(client, [overrun]) == ([], b"", True)
+
+
+@pytest.mark.parametrize("size", [0, 6, 127, 128, 16_383, 16_384, 2_097_152])
+def test_properties_of_every_length_size_are_skipped_as_paho_reads_them(size: int) -> None:
+    """A properties block of 1, 2, 3 and 4 length bytes, at each edge: the bulk reader
+    hands over what paho's reader hands over (a user property of `size` bytes)."""
+    block = b""
+    while len(block) < size:  # user properties of up to 65,535 bytes of value each
+        room = min(size - len(block) - 6, 65_535)
+        block += b"\x26\x00\x01k" + room.to_bytes(2, "big") + b"v" * room
+    assert len(block) == size
+    message = packet(0x32, TOPIC_AND_MID + remaining_length(len(block)) + block + b"{}")
+    plain, bulk = clients(True)
+    expected = ([(b"couriers/c1/location", b"{}", 7, 1)], b"", False)
+    assert run(plain, [message]) == expected
+    assert run(bulk, [message]) == expected
 
 
 def test_a_backlog_in_the_socket_is_read_at_once() -> None:
@@ -405,6 +422,42 @@ def test_acks_queued_while_paho_waited_for_room_are_written_at_once() -> None:
                 assert more, "the connection was closed"
                 got += more
             assert got == expected
+    finally:
+        end_network_thread(edge, thread)
+        broker_end.close()
+        ours.close()
+
+
+def test_acks_queued_after_room_was_made_are_written_while_paho_waits() -> None:
+    """The batcher's own order: it takes a batch (room made: paho's thread fills the
+    inbox from its buffer and waits again at once), then queues the previous batch's
+    PUBACKs. They go out while paho's thread still waits, not one commit later (or a
+    quarter of the keepalive, 30 s here, if ingest stalls)."""
+    broker_end, ours = socket.socketpair()
+    ours.setblocking(False)
+    broker_end.settimeout(10)
+    room = WatchedRoom()
+    edge = connected_edge(ours, keepalive=120, receive_max=2, room=room)
+    broker_end.sendall(
+        b"".join(publish(True, b"couriers/c1/location", b"{}", 1, m) for m in range(1, 11))
+    )
+    thread = start_network_thread(edge)
+    try:
+        assert room.entered.acquire(timeout=10), "paho's thread did not wait for room"
+        batch = [edge.inbox.get_nowait() for _ in range(edge.inbox.qsize())]
+        room.made()
+        assert room.entered.acquire(timeout=10), "paho's thread did not wait again"
+        edge.ack_many(batch)
+        expected = b"".join(b"\x40\x02" + m.mid.to_bytes(2, "big") for m in batch)
+        got = b""
+        while len(got) < len(expected):
+            try:
+                more = broker_end.recv(len(expected) - len(got))
+            except TimeoutError:
+                pytest.fail(f"the PUBACKs of {[m.mid for m in batch]} were not written")
+            assert more, "the connection was closed"
+            got += more
+        assert got == expected
     finally:
         end_network_thread(edge, thread)
         broker_end.close()

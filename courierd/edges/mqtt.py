@@ -16,6 +16,7 @@ import queue
 import ssl
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
@@ -194,6 +195,7 @@ class MqttEdge:
         self.subscribed = threading.Event()
         self._generation = 0
         self._stopping = False
+        self._acked = False  # PUBACKs queued since paho's thread last wrote (_make_room)
         v5 = settings.protocol == "5"
         if v5:
             use_lean_properties()
@@ -284,6 +286,10 @@ class MqttEdge:
             packet = struct.pack(f"!{len(mids)}I", *(_PUBACK_HEAD | mid for mid in mids))
             assert queue_packet is not None
             queue_packet(self._client, paho.PUBACK, packet, 0, 0)
+            # paho's thread, if it waits for room, writes them now (`_make_room`)
+            if isinstance(self._client, BulkReadClient):
+                self._acked = True
+                self.room.made()
 
     def _on_connect(self, client: paho.Client, _u: Any, flags: Any, reason: Any, _p: Any) -> None:
         if reason.is_failure:
@@ -387,12 +393,27 @@ class MqttEdge:
         which the batcher makes whenever it takes a batch: woken at once, not polling."""
         if self.inbox.qsize() < self.max_inbox:
             return
-        self.room.wait_for(
-            lambda: self.inbox.qsize() < self.max_inbox or self._stopping,
-            self.settings.keepalive_s / 4,
-        )
-        if isinstance(self._client, BulkReadClient):
-            # paho's thread may be in the middle of a bulk read: after a wait (room
-            # made, or ingest stalled) it does what paho's loop did between two packets,
-            # writes the PUBACKs queued meanwhile, sends a PINGREQ when one is due.
-            self._client.between_packets()
+        client = self._client
+        if not isinstance(client, BulkReadClient):
+            self.room.wait_for(
+                lambda: self.inbox.qsize() < self.max_inbox or self._stopping,
+                self.settings.keepalive_s / 4,
+            )
+            return
+        # paho's thread may be in the middle of a bulk read: after a wait (room made,
+        # PUBACKs queued, or ingest stalled) it does what paho's loop did between two
+        # packets: writes the PUBACKs queued meanwhile, sends a PINGREQ when one is due.
+        # The batcher queues a batch's PUBACKs after it has taken the next batch (made
+        # room): `ack_many` wakes this wait too, so they are not held for a commit.
+        deadline = time.monotonic() + self.settings.keepalive_s / 4
+        while True:
+            self.room.wait_for(
+                lambda: self.inbox.qsize() < self.max_inbox or self._stopping or self._acked,
+                max(0.0, deadline - time.monotonic()),
+            )
+            self._acked = False
+            client.between_packets()
+            if self.inbox.qsize() < self.max_inbox or self._stopping:
+                return
+            if time.monotonic() >= deadline:
+                return
