@@ -11,7 +11,7 @@ from courierd.config import StoreSettings
 from courierd.daemon.housekeeping import Housekeeper
 from courierd.devtools.sandbox import Sandbox
 from courierd.domain.model import DeadLetter, Status, StatusEvent
-from courierd.store import Store, open_store
+from courierd.store import open_store
 from courierd.store.outbox import PushResult
 from courierd.store.schema import DELIVERED
 from tests.harness import open_path
@@ -182,70 +182,6 @@ def test_accepted_fixes_go_after_their_own_retention_and_replay_names_who_lost_t
     assert store.db.value("SELECT count(*) FROM orders") == 0
     assert store.db.value("SELECT count(*) FROM track_points") == 0
     store.close()
-
-
-def test_fixes_go_in_the_order_they_were_kept_even_after_the_clock_stepped_back(
-    store: Store,
-) -> None:
-    """Accepted fixes go oldest kept first, each once older than the fix retention by its
-    own recorded time. After the clock stepped back an hour, the fixes kept after the
-    step (stamped earlier) wait for those kept before it: none goes while a fix kept
-    before it stays (replay reads a courier's fixes from a segment's first one on), and
-    none goes before it is older than the retention."""
-    from courierd.domain.model import Assignment, LocationFix, Place, iso
-
-    day, now = 86400.0, 1_800_000_000.0
-    store.writer.commit([Assignment("o1", "c1", pickup=Place(40.7, -74.0))], now=now)
-    stamps = [now + 10 * i for i in range(6)]  # when the daemon kept each fix, by its clock
-    stamps[3:] = [now - 3600 + 10 * i for i in range(3)]  # the clock stepped back an hour
-    for i, at in enumerate(stamps):
-        fix = LocationFix("c1", iso(now + 20 * i), 40.7, -74.0, 5.0)
-        store.writer.commit([fix], now=at)
-
-    def kept() -> list[str]:
-        return [r[0] for r in store.db.rows("SELECT ts FROM track_points ORDER BY ts")]
-
-    fixes = kept()
-    assert len(fixes) == 6
-    retention = store.retention
-    # The last three are past the retention by their stamps, the first three are not.
-    assert retention.step(now - 3600 + 7 * day + 100).track_points == 0
-    assert kept() == fixes
-    assert retention.step(now + 7 * day + 15).track_points == 2  # the first two only
-    assert kept() == fixes[2:]
-    assert retention.step(now + 7 * day + 100).track_points == 4
-    assert kept() == []
-
-
-def test_a_kept_fix_is_indexed_by_courier_only(store: Store, tmp_path: Path) -> None:
-    """Retention finds old fixes by id, so a kept fix (one per accepted fix of a geofenced
-    courier) goes into the table and its (courier, ts) index only, on both engines and in
-    a SQLite database migrated from before, whose fixes retention still prunes."""
-    from courierd.store.schema import SQLITE_MIGRATIONS
-    from courierd.store.sqlite import SqliteDatabase
-
-    def indexes(s: Store) -> set[str]:
-        if s.db.dialect == "sqlite":
-            sql = "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = ?"
-        else:
-            sql = "SELECT indexname FROM pg_indexes WHERE tablename = ?"
-        return {r[0] for r in s.db.rows(sql, ("track_points",))} - {"track_points_pkey"}
-
-    assert indexes(store) == {"track_points_courier"}
-    path = tmp_path / "v9.db"
-    old = SqliteDatabase(path, migrations=SQLITE_MIGRATIONS[:9])
-    old.execute(
-        "INSERT INTO track_points (courier_id, ts, lat, lng, recorded_at) VALUES "
-        "('c1', '2020-01-01T00:00:00.000Z', 1, 2, '2020-01-01T00:00:01.000Z'), "
-        "('c1', '2020-01-01T00:00:20.000Z', 1, 2, '2020-01-01T00:00:21.000Z')"
-    )
-    old.close()
-    upgraded = open_path(path)
-    try:
-        assert indexes(upgraded) == {"track_points_courier"}
-        assert upgraded.retention.step(1_800_000_000.0).track_points == 2
-    finally:
-        upgraded.close()
 
 
 def test_fix_retention_is_a_setting_like_the_others(tmp_path: Path) -> None:

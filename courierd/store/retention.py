@@ -2,13 +2,13 @@
 
 What a finished order (dropoff, cancelled or expired) leaves behind (its row, transitions,
 delivered pushes, event ids) and dead letters go once older than the retention.
-Accepted fixes go by their own age, after `fix_retention_s`, oldest kept first (a
-courier's fixes may serve several orders, so they cannot go with an order; at 10k
-fixes/s they are most of the database, so they are kept for less time than the orders:
-replay leaves out, and says so, an order whose fixes went first). An order with a push
-still pending, parked or held is kept whole, however old. Each step is one short
-transaction; the number of rows per step adapts so that a step stays near `budget_s`,
-because the ingest writer waits while a step holds the lock.
+Accepted fixes go by their own age, after `fix_retention_s` (a courier's fixes may serve
+several orders, so they cannot go with an order; at 10k fixes/s they are most of the
+database, so they are kept for less time than the orders: replay leaves out, and says
+so, an order whose fixes went first). An
+order with a push still pending, parked or held is kept whole, however old. Each
+step is one short transaction; the number of rows per step adapts so that a step
+stays near `budget_s`, because the ingest writer waits while a step holds the lock.
 """
 
 from __future__ import annotations
@@ -22,21 +22,6 @@ from courierd.domain.model import iso
 from courierd.store.db import Database, placeholders
 
 MAX_BATCH = 5000
-# Accepted fixes go oldest first in the order they were kept (by id), without an index
-# on `recorded_at`: of the first `?` rows by id, those before the first one still
-# younger than the cutoff (a prefix; all of them if none is). So a fix only goes once
-# every fix kept before it has gone, and each goes once it is older than the fix
-# retention by its own `recorded_at`: a clock stepped back delays the prefix (the rows
-# kept before the step look younger than those after it), it never makes a young fix
-# go; and a courier's fixes always go from the oldest on, which replay counts on (its
-# segments: a first fix still there means the ones after it are too). `recorded_at <
-# ?` again in the DELETE: on PostgreSQL a batch that took its ids before the head was
-# read may commit in between, and its fixes are young.
-_HEAD = "(SELECT id, recorded_at FROM track_points ORDER BY id LIMIT ?) AS head"
-_PRUNE_FIXES = (
-    f"DELETE FROM track_points WHERE id < coalesce((SELECT min(id) FROM {_HEAD} WHERE "
-    f"recorded_at >= ?), (SELECT max(id) + 1 FROM {_HEAD})) AND recorded_at < ?"
-)
 
 
 @dataclass(slots=True)
@@ -79,7 +64,6 @@ class Retention:
         fix_cutoff = iso(now - self.fix_retention_s)
         started = self.clock()
         done = Pruned()
-        head = self.batch * 10
         with self.db.transaction():
             done.orders = self._orders(cutoff)
             done.dead_letters = self.db.changed(
@@ -87,7 +71,11 @@ class Retention:
                 "WHERE received_at < ? ORDER BY received_at LIMIT ?)",
                 (cutoff, self.batch),
             )
-            done.track_points = self.db.changed(_PRUNE_FIXES, (head, fix_cutoff, head, fix_cutoff))
+            done.track_points = self.db.changed(
+                "DELETE FROM track_points WHERE id IN (SELECT id FROM track_points "
+                "WHERE recorded_at < ? ORDER BY recorded_at LIMIT ?)",
+                (fix_cutoff, self.batch * 10),
+            )
             since = self.db.value("SELECT value FROM meta WHERE key = 'legacy_events_since'")
             if since is not None and since < cutoff:
                 done.legacy_events = self.db.changed(

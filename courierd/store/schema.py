@@ -336,19 +336,6 @@ def _sqlite_9(db: sqlite_utils.Database) -> None:
         db.execute(statement)
 
 
-# Accepted fixes are pruned oldest first by id, their insertion order (retention.py), not
-# through an index on `recorded_at`: each kept fix was a third B-tree insert, for a query
-# that runs a few times an hour (8.3k of the ingest process's 361k instructions per
-# geofenced message). Shared by both engines.
-_FIXES_BY_ID = ("DROP INDEX track_points_recorded",)
-
-
-def _sqlite_10(db: sqlite_utils.Database) -> None:
-    """Accepted fixes without their `recorded_at` index."""
-    for statement in _FIXES_BY_ID:
-        db.execute(statement)
-
-
 # Append only: a released migration never changes; user_version counts those applied.
 SQLITE_MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (
     _sqlite_1,
@@ -360,7 +347,6 @@ SQLITE_MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (
     _sqlite_7,
     _sqlite_8,
     _sqlite_9,
-    _sqlite_10,
 )
 
 
@@ -434,5 +420,4 @@ POSTGRES_MIGRATIONS: tuple[tuple[str, ...], ...] = (
     _EVENTS,
     (*_INTEGRITY, *_PG_EVENTS_PER_ORDER),
     _REPLAY,
-    _FIXES_BY_ID,
 )
