@@ -390,6 +390,20 @@ class WatchedRoom(Room):
         return super().wait_for(watched, timeout)
 
 
+def expect_pubacks(broker_end: socket.socket, batch: list[Message]) -> None:
+    """The broker's end reads the PUBACKs of `batch`, in order, before its timeout."""
+    expected = b"".join(b"\x40\x02" + m.mid.to_bytes(2, "big") for m in batch)
+    got = b""
+    while len(got) < len(expected):
+        try:
+            more = broker_end.recv(len(expected) - len(got))
+        except TimeoutError:
+            pytest.fail(f"the PUBACKs of {[m.mid for m in batch]} were not written")
+        assert more, "the connection was closed"
+        got += more
+    assert got == expected
+
+
 def test_acks_queued_while_paho_waited_for_room_are_written_at_once() -> None:
     """A backlog in paho's buffer, the inbox at the window, the batcher taking batches:
     the PUBACKs it queues while paho's thread waits for room reach the broker when the
@@ -412,16 +426,7 @@ def test_acks_queued_while_paho_waited_for_room_are_written_at_once() -> None:
             batch = [edge.inbox.get_nowait() for _ in range(edge.inbox.qsize())]
             edge.ack_many(batch)
             room.made()
-            expected = b"".join(b"\x40\x02" + m.mid.to_bytes(2, "big") for m in batch)
-            got = b""
-            while len(got) < len(expected):
-                try:
-                    more = broker_end.recv(len(expected) - len(got))
-                except TimeoutError:
-                    pytest.fail(f"the PUBACKs of {[m.mid for m in batch]} were not written")
-                assert more, "the connection was closed"
-                got += more
-            assert got == expected
+            expect_pubacks(broker_end, batch)
     finally:
         end_network_thread(edge, thread)
         broker_end.close()
@@ -448,16 +453,7 @@ def test_acks_queued_after_room_was_made_are_written_while_paho_waits() -> None:
         room.made()
         assert room.entered.acquire(timeout=10), "paho's thread did not wait again"
         edge.ack_many(batch)
-        expected = b"".join(b"\x40\x02" + m.mid.to_bytes(2, "big") for m in batch)
-        got = b""
-        while len(got) < len(expected):
-            try:
-                more = broker_end.recv(len(expected) - len(got))
-            except TimeoutError:
-                pytest.fail(f"the PUBACKs of {[m.mid for m in batch]} were not written")
-            assert more, "the connection was closed"
-            got += more
-        assert got == expected
+        expect_pubacks(broker_end, batch)
     finally:
         end_network_thread(edge, thread)
         broker_end.close()

@@ -19,7 +19,7 @@ from courierd.devtools.sandbox import Request, Sandbox
 from courierd.domain.lifecycle import CHAIN
 from courierd.domain.model import BatchReport, Status, StatusEvent
 from courierd.edges.pusher import Pusher
-from courierd.store import open_store
+from courierd.store import Store, open_store
 from courierd.store.outbox import PushResult
 from courierd.store.schema import DELIVERED
 from tests import pg
@@ -203,20 +203,33 @@ def test_401_backs_off_once_per_probe_up_to_30s_and_a_5xx_probe_keeps_the_pause(
         store.close()
 
 
+Answer = dict[str, tuple[int, dict[str, str], object] | None]
+
+
+def _refused_at_first(
+    db_path: Path, onetablet: Sandbox, order_id: str, t0: float
+) -> tuple[Store, Answer, Clocks, Dispatcher, Pusher]:
+    """One order's first status committed at `t0`, and OneTablet answering 503 until the
+    test sets `answer["now"]` to None (the sandbox's own answer); the dispatcher on
+    clocks the test sets."""
+    store = open_path(db_path)
+    store.writer.commit(
+        [StatusEvent(f"e{order_id[1:]}", order_id, "c1", Status.DASHER_CONFIRMED)], now=t0
+    )
+    answer: Answer = {"now": (503, {}, {"error": "Unavailable", "message": "later"})}
+    onetablet.responder = lambda _: answer["now"]
+    clocks = Clocks(t0)
+    d, client = _dispatcher(db_path, onetablet, clocks)
+    return store, answer, clocks, d, client
+
+
 def test_retries_follow_elapsed_time_when_the_wall_clock_steps(
     db_path: Path, onetablet: Sandbox
 ) -> None:
     """A push that failed is retried ~1 s later by the monotonic clock even if the wall
     clock was set back an hour meanwhile (the schedule follows the step)."""
-    store = open_path(db_path)
     T0 = 1_000_000.0
-    store.writer.commit([StatusEvent("e1", "o1", "c1", Status.DASHER_CONFIRMED)], now=T0)
-    answer: dict[str, tuple[int, dict[str, str], object] | None] = {
-        "now": (503, {}, {"error": "Unavailable", "message": "later"})
-    }
-    onetablet.responder = lambda _: answer["now"]
-    clocks = Clocks(T0)
-    d, client = _dispatcher(db_path, onetablet, clocks)
+    store, answer, clocks, d, client = _refused_at_first(db_path, onetablet, "o1", T0)
     try:
         _settle(d)
         assert len(onetablet.requests()) == 1
@@ -366,15 +379,8 @@ def test_a_report_counts_outcomes_and_times_only_the_deliveries(
 ) -> None:
     """Each result counts under its outcome; each delivered push adds its latency and
     its four stages (never below 0), and a report without deliveries has no stage."""
-    store = open_path(db_path)
     T0 = 1_000_000.0
-    store.writer.commit([StatusEvent("e0", "o0", "c1", Status.DASHER_CONFIRMED)], now=T0)
-    answer: dict[str, tuple[int, dict[str, str], object] | None] = {
-        "now": (503, {}, {"error": "Unavailable", "message": "later"})
-    }
-    onetablet.responder = lambda _: answer["now"]
-    clocks = Clocks(T0)
-    d, client = _dispatcher(db_path, onetablet, clocks)
+    store, answer, clocks, d, client = _refused_at_first(db_path, onetablet, "o0", T0)
     try:
         _settle(d)
         first = d.report()
