@@ -273,3 +273,25 @@ def test_the_lines_of_replies_read_together_are_written_together() -> None:
     assert len(writes) == 1  # one pass read every reply
     assert logged_when_done == [True] * n
     assert lines_when_told and lines_when_told[0] == n
+
+
+def test_a_done_that_raises_holds_back_no_other_result(onetablet: Sandbox) -> None:
+    """Each finished push's `done` hands its result to the dispatcher: one that raises
+    (a bug) is logged, and the others of the same pass are still told."""
+    told: list[str] = []
+    every = threading.Event()
+
+    def done_for(order_id: str) -> Callable[[object, float], None]:
+        def done(_outcome: object, _sent_at: float) -> None:
+            if order_id == "o-0":
+                raise RuntimeError("a bug in done")
+            told.append(order_id)
+            if len(told) == 9:
+                every.set()
+
+        return done
+
+    with Pusher(onetablet.url, API_KEY) as p:
+        p.send([Push(f"o-{i}", BODY, f"k{i}", None, done_for(f"o-{i}")) for i in range(10)])
+        assert every.wait(10), f"told only {sorted(told)}"
+    assert sorted(told) == sorted(f"o-{i}" for i in range(1, 10))

@@ -431,7 +431,7 @@ def test_a_batch_writes_every_track_and_kept_fix_however_many(
 ) -> None:
     """Every geofenced order's track and consumed fixes are rewritten, and every fix
     kept, whatever the batch's size (the writer puts many rows in one statement: here
-    64 + 32 + 4 + 2 + 1), whether the batch read the order rows or held them; and so
+    32 + 32 + 32 + 4 + 2 + 1), whether the batch read the order rows or held them; and so
     with an engine without UPDATE ... FROM (SQLite before 3.33), a row at a time."""
     store.db.update_from = update_from  # type: ignore[misc]
     n = 103

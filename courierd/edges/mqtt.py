@@ -413,7 +413,8 @@ class MqttEdge:
             )
             self._acked = False
             client.between_packets()
-            if self.inbox.qsize() < self.max_inbox or self._stopping:
+            # Room, a stop, or the connection found lost there (paho's thread reconnects).
+            if self.inbox.qsize() < self.max_inbox or self._stopping or client._sock is None:
                 return
             if time.monotonic() >= deadline:
                 return

@@ -114,12 +114,15 @@ class Pusher:
         """The pass's log lines, then each finished push's `done` (so a result is
         recorded only once its call's line is out), then the `after_replies` callbacks."""
         self._telling = False
-        if self._lines:
-            lines, self._lines = self._lines, []
-            with batched():
-                for line in lines:
-                    write_line(*line)
+        lines, self._lines = self._lines, []
         finished, self._finished_pushes = self._finished_pushes, []
+        if lines:
+            try:
+                with batched():
+                    for line in lines:
+                        write_line(*line)
+            except Exception:  # a line lost must not keep the results back too
+                log.exception("pusher.lines_failed lines=%d", len(lines))
         for push, outcome, sent_at in finished:
             try:
                 push.done(outcome, sent_at)
