@@ -8,6 +8,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -404,6 +405,28 @@ def expect_pubacks(broker_end: socket.socket, batch: list[Message]) -> None:
     assert got == expected
 
 
+@contextmanager
+def backlog_behind_a_full_inbox() -> Iterator[tuple[socket.socket, MqttEdge, WatchedRoom]]:
+    """Ten QoS 1 PUBLISHes waiting for an edge on paho's own thread, with a window of 2
+    (its inbox is full at two) and a 120 s keepalive (a wait for room times out at 30 s):
+    the broker's end of the connection, the edge, its room."""
+    broker_end, ours = socket.socketpair()
+    ours.setblocking(False)
+    broker_end.settimeout(10)
+    room = WatchedRoom()
+    edge = connected_edge(ours, keepalive=120, receive_max=2, room=room)
+    broker_end.sendall(
+        b"".join(publish(True, b"couriers/c1/location", b"{}", 1, m) for m in range(1, 11))
+    )
+    thread = start_network_thread(edge)
+    try:
+        yield broker_end, edge, room
+    finally:
+        end_network_thread(edge, thread)
+        broker_end.close()
+        ours.close()
+
+
 def test_acks_queued_while_paho_waited_for_room_are_written_at_once() -> None:
     """A backlog in paho's buffer, the inbox at the window, the batcher taking batches:
     the PUBACKs it queues while paho's thread waits for room reach the broker when the
@@ -411,26 +434,13 @@ def test_acks_queued_while_paho_waited_for_room_are_written_at_once() -> None:
     every packet; the broker sends no more than its window of unacknowledged messages).
     Fails on the edge that wrote them only after a wait that timed out: the batcher
     here waits for each batch's PUBACKs, a wait for room times out only after 30 s."""
-    broker_end, ours = socket.socketpair()
-    ours.setblocking(False)
-    broker_end.settimeout(10)
-    room = WatchedRoom()
-    edge = connected_edge(ours, keepalive=120, receive_max=2, room=room)
-    broker_end.sendall(
-        b"".join(publish(True, b"couriers/c1/location", b"{}", 1, m) for m in range(1, 11))
-    )
-    thread = start_network_thread(edge)
-    try:
+    with backlog_behind_a_full_inbox() as (broker_end, edge, room):
         for _ in range(4):  # paho's thread waits before the 3rd, 5th, 7th and 9th message
             assert room.entered.acquire(timeout=10), "paho's thread did not wait for room"
             batch = [edge.inbox.get_nowait() for _ in range(edge.inbox.qsize())]
             edge.ack_many(batch)
             room.made()
             expect_pubacks(broker_end, batch)
-    finally:
-        end_network_thread(edge, thread)
-        broker_end.close()
-        ours.close()
 
 
 def test_acks_queued_after_room_was_made_are_written_while_paho_waits() -> None:
@@ -438,26 +448,13 @@ def test_acks_queued_after_room_was_made_are_written_while_paho_waits() -> None:
     inbox from its buffer and waits again at once), then queues the previous batch's
     PUBACKs. They go out while paho's thread still waits, not one commit later (or a
     quarter of the keepalive, 30 s here, if ingest stalls)."""
-    broker_end, ours = socket.socketpair()
-    ours.setblocking(False)
-    broker_end.settimeout(10)
-    room = WatchedRoom()
-    edge = connected_edge(ours, keepalive=120, receive_max=2, room=room)
-    broker_end.sendall(
-        b"".join(publish(True, b"couriers/c1/location", b"{}", 1, m) for m in range(1, 11))
-    )
-    thread = start_network_thread(edge)
-    try:
+    with backlog_behind_a_full_inbox() as (broker_end, edge, room):
         assert room.entered.acquire(timeout=10), "paho's thread did not wait for room"
         batch = [edge.inbox.get_nowait() for _ in range(edge.inbox.qsize())]
         room.made()
         assert room.entered.acquire(timeout=10), "paho's thread did not wait again"
         edge.ack_many(batch)
         expect_pubacks(broker_end, batch)
-    finally:
-        end_network_thread(edge, thread)
-        broker_end.close()
-        ours.close()
 
 
 @pytest.fixture
