@@ -42,13 +42,9 @@ def claimable(store: Store, order_id: str) -> list[str]:
     return [r.status for r in store.outbox.claim_due(T0 + 100, 10) if r.order_id == order_id]
 
 
-def test_a_dropoff_during_the_cancel_call_is_not_pushed_and_not_lost(
-    store: Store, onetablet: Sandbox, settings: Settings
-) -> None:
-    """While OneTablet is asked to cancel, the order's pushes are held; a dropoff that
-    arrives meanwhile is recorded but never pushed, and the cancel does not overwrite a
-    state it did not check (the old read-then-overwrite race)."""
-    store.writer.commit([StatusEvent("e1", "o1", "c1", Status.ARRIVING_AT_STORE)], now=T0)
+def hold_cancel_calls(onetablet: Sandbox) -> tuple[threading.Event, threading.Event]:
+    """OneTablet holds each cancel call: `asked` is set once one arrives, and it answers
+    (as the sandbox does) once the test sets `answer` (or after 10 s)."""
     asked, answer = threading.Event(), threading.Event()
 
     def slow_cancel(r: Request) -> Any:
@@ -58,6 +54,17 @@ def test_a_dropoff_during_the_cancel_call_is_not_pushed_and_not_lost(
         return None
 
     onetablet.responder = slow_cancel
+    return asked, answer
+
+
+def test_a_dropoff_during_the_cancel_call_is_not_pushed_and_not_lost(
+    store: Store, onetablet: Sandbox, settings: Settings
+) -> None:
+    """While OneTablet is asked to cancel, the order's pushes are held; a dropoff that
+    arrives meanwhile is recorded but never pushed, and the cancel does not overwrite a
+    state it did not check (the old read-then-overwrite race)."""
+    store.writer.commit([StatusEvent("e1", "o1", "c1", Status.ARRIVING_AT_STORE)], now=T0)
+    asked, answer = hold_cancel_calls(onetablet)
     result: dict[str, Any] = {}
     worker = threading.Thread(
         target=lambda: result.update(orders.cancel(settings, "o1", "OTHER", None))

@@ -19,7 +19,7 @@ from courierd.daemon.dispatch import Dispatcher
 from courierd.daemon.housekeeping import Housekeeper
 from courierd.daemon.ipc import Grant
 from courierd.daemon.membership import SlotManager
-from courierd.devtools.sandbox import Request, Sandbox
+from courierd.devtools.sandbox import Sandbox
 from courierd.domain.lifecycle import CHAIN
 from courierd.domain.model import Status, StatusEvent
 from courierd.edges.pusher import Pusher
@@ -31,6 +31,7 @@ from courierd.store.outbox import PushResult
 from courierd.store.schema import DELIVERED
 from tests import pg
 from tests.harness import API_KEY, wait_until
+from tests.test_cancel import hold_cancel_calls
 
 T0 = 1_700_000_000.0
 
@@ -339,15 +340,7 @@ def test_a_cancel_hold_lasts_its_time_by_the_databases_clock(
     )
     a, b = instance(shared, "a"), instance(shared, "b")
     a.writer.commit([StatusEvent("e1", "o1", "c1", Status.DASHER_CONFIRMED)], now=time.time())
-    asked, answer = threading.Event(), threading.Event()
-
-    def slow_cancel(r: Request) -> Any:
-        if r.path.endswith("/cancel"):
-            asked.set()
-            answer.wait(10)
-        return None
-
-    onetablet.responder = slow_cancel
+    asked, answer = hold_cancel_calls(onetablet)
     real = time.time
     monkeypatch.setattr(time, "time", lambda: real() - 600)
     worker = threading.Thread(target=orders.cancel, args=(settings, "o1", "OTHER", None, a))

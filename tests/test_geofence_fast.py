@@ -132,39 +132,21 @@ def cases(draw: st.DrawFn) -> tuple[Track, str, float | None, Place, Place, Fix,
     return track, status, status_at, pickup, dropoff, fix, rules
 
 
+def north_of_pickup(
+    metres: float, status: str, radius_m: float, rules: GeofenceRules
+) -> tuple[Track, str, float | None, Place, Place, Fix, GeofenceRules]:
+    """A fresh track's case: a fix due north of a pickup at (0, 0), `metres` from it."""
+    pickup, dropoff = Place(0.0, 0.0, radius_m), Place(1.0, 1.0)
+    return Track(), status, None, pickup, dropoff, Fix(1.7e9, metres / M_PER_DEG, 0.0), rules
+
+
 @given(cases())
-@example(  # due north of the pickup at exactly the approach distance (and a hair over)
-    (
-        Track(),
-        "dasher_confirmed",
-        None,
-        Place(0.0, 0.0, 100.0),
-        Place(1.0, 1.0),
-        Fix(1.7e9, 1000.0 / M_PER_DEG, 0.0),
-        GeofenceRules(),
-    )
-)
+# Due north of the pickup at exactly the approach distance, and a hair over it; and a
+# place's radius beyond the approach distance (the bound is then the radius).
+@example(north_of_pickup(1000.0, "dasher_confirmed", 100.0, GeofenceRules()))
+@example(north_of_pickup(1000.001, "dasher_confirmed", 100.0, GeofenceRules()))
 @example(
-    (
-        Track(),
-        "dasher_confirmed",
-        None,
-        Place(0.0, 0.0, 100.0),
-        Place(1.0, 1.0),
-        Fix(1.7e9, 1000.001 / M_PER_DEG, 0.0),
-        GeofenceRules(),
-    )
-)
-@example(  # a place's radius beyond the approach distance: the bound is the radius
-    (
-        Track(),
-        "arriving_at_store",
-        None,
-        Place(0.0, 0.0, 1500.0),
-        Place(1.0, 1.0),
-        Fix(1.7e9, 1400.0 / M_PER_DEG, 0.0),
-        GeofenceRules(dwell_s=0.0, min_fixes=1),
-    )
+    north_of_pickup(1400.0, "arriving_at_store", 1500.0, GeofenceRules(dwell_s=0.0, min_fixes=1))
 )
 def test_step_decides_as_the_plain_rules(
     case: tuple[Track, str, float | None, Place, Place, Fix, GeofenceRules],

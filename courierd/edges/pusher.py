@@ -106,9 +106,9 @@ class Pusher:
         error: str | None,
         ms: float,
     ) -> None:
-        """A call's log line, written with the others of this pass by `_tell`."""
+        """A call's log line, written with the others of this pass by `_tell` (which its
+        push's finishing, in the same step of `_deliver`, schedules)."""
         self._lines.append((level, endpoint, order_id, status, error, ms))
-        self._finished()
 
     def _tell(self) -> None:
         """The pass's log lines, then each finished push's `done` (so a result is

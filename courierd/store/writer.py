@@ -529,7 +529,7 @@ class BatchWriter:
         # rewrite of a track does, so that the update trigger skips the writer's own rows
         # (schema.py) and the writer moves the marker once per batch instead (`_changes`).
         # A new row moves it through the insert trigger, as anyone's does.
-        rev_set = ", track_rev = orders.track_rev + 1" if db.change_marker else ""
+        rev = ", track_rev = orders.track_rev + 1" if db.change_marker else ""
         db.insert_rows(
             "INSERT INTO orders (order_id, state, courier_id, updated_at, status_at, "
             "assigned_at, status_ts) VALUES",
@@ -549,7 +549,7 @@ class BatchWriter:
             " ON CONFLICT (order_id) DO UPDATE SET state = excluded.state, "
             "courier_id = excluded.courier_id, updated_at = excluded.updated_at, "
             "status_at = excluded.status_at, assigned_at = excluded.assigned_at, "
-            f"status_ts = excluded.status_ts{rev_set}",
+            f"status_ts = excluded.status_ts{rev}",
         )
         for kind in ("pickup", "dropoff"):  # an assignment's place replaces the known one
             db.executemany(
@@ -573,8 +573,7 @@ class BatchWriter:
                 by_key.append((*texts, oid))
             else:
                 by_address.append((*texts, address))
-        # With a change marker, `track_rev` tells this rewrite from anyone else's (schema.py).
-        rev = ", track_rev = orders.track_rev + 1" if db.change_marker else ""
+        # `rev` (above) tells this rewrite from anyone else's too (schema.py).
         for rows, column in ((by_key, "order_id"), (by_address, db.row_address)):
             if not db.update_from:  # one statement per row
                 db.executemany(
