@@ -16,6 +16,7 @@ import urllib.request
 import warnings
 from collections import defaultdict
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 
@@ -209,41 +210,41 @@ POST = b"POST /orders HTTP/1.1\r\nhost: x\r\nx-api-key: k\r\n"
 ORDER = b'{"id": "o1"}'  # a body the sandbox answers 200 (12 bytes)
 
 
-@pytest.mark.parametrize(
-    ("data", "status"),
-    [
-        (b"GARBAGE\r\n\r\n", 400),
-        (b"GET /  HTTP/1.1\r\n\r\n", 400),
-        (b"GET / HTTP/1.1 extra\r\n\r\n", 400),
-        (b"GET / HTTQ/1.1\r\n\r\n", 400),
-        (b"GET / HTTP/2.0\r\n\r\n", 505),
-        (b"GET / HTTP/1.1\r\nno colon here\r\n\r\n", 400),
-        (b"GET / HTTP/1.1\r\nhost: x\r\n folded\r\n\r\n", 400),
-        (b"GET / HTTP/1.1\r\n" + b"x-a: b\r\n" * 101 + b"\r\n", 431),
-        (b"GET / HTTP/1.1\r\nx-big: " + b"a" * 70_000 + b"\r\n\r\n", 431),
-        (b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\n\r\n", 414),
-        (POST + b"content-length: ten\r\n\r\n", 400),
-        (POST + b"content-length: -1\r\n\r\n", 400),
-        (POST + b"content-length: \xb2\r\n\r\n", 400),  # a digit to str.isdigit, not to int
-        # Digits only (RFC 9110 8.6); int() read these as 12, 0 and 12 (the body is 12 bytes)
-        (POST + b"content-length: +12\r\n\r\n" + ORDER, 400),
-        (POST + b"content-length: 0_0\r\n\r\n", 400),
-        (POST + b"content-length: 1_2\r\n\r\n" + ORDER, 400),
-        (POST + b"content-length:\r\n\r\n", 400),  # empty: it was taken as 0
-        # Lengths that disagree: the last one was believed (RFC 9112 6.3: 400)
-        (POST + b"content-length: 0\r\ncontent-length: 12\r\n\r\n" + ORDER, 400),
-        (POST + b"content-length: 12, 0\r\n\r\n" + ORDER, 400),
-        (POST + b"transfer-encoding: chunked\r\n\r\n5\r\n{}   \r\n0\r\n\r\n", 411),
-        (POST + b"transfer-encoding: chunked\r\ncontent-length: 2\r\n\r\n{}", 400),
-        (POST + b"content-length: 2000000\r\n\r\n", 413),
-        # Too many digits for int() (over 4,300): no answer at all, an exception logged
-        (POST + b"content-length: " + b"9" * 5000 + b"\r\n\r\n", 413),
-        # ... with the rest of the request sent: read and dropped, not a reset (lingering)
-        (POST + b"content-length: 3000000\r\n\r\n" + b"x" * 3_000_000, 413),
-        (b"GET /" + b"a" * 200_000 + b" HTTP/1.1\r\n\r\n", 414),
-        (b"GET / HTTP/1.1\r\nhost: x", 400),  # the client stopped half-way through the head
-    ],
-)
+MALFORMED = [
+    (b"GARBAGE\r\n\r\n", 400),
+    (b"GET /  HTTP/1.1\r\n\r\n", 400),
+    (b"GET / HTTP/1.1 extra\r\n\r\n", 400),
+    (b"GET / HTTQ/1.1\r\n\r\n", 400),
+    (b"GET / HTTP/2.0\r\n\r\n", 505),
+    (b"GET / HTTP/1.1\r\nno colon here\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nhost: x\r\n folded\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\n" + b"x-a: b\r\n" * 101 + b"\r\n", 431),
+    (b"GET / HTTP/1.1\r\nx-big: " + b"a" * 70_000 + b"\r\n\r\n", 431),
+    (b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\n\r\n", 414),
+    (POST + b"content-length: ten\r\n\r\n", 400),
+    (POST + b"content-length: -1\r\n\r\n", 400),
+    (POST + b"content-length: \xb2\r\n\r\n", 400),  # a digit to str.isdigit, not to int
+    # Digits only (RFC 9110 8.6); int() read these as 12, 0 and 12 (the body is 12 bytes)
+    (POST + b"content-length: +12\r\n\r\n" + ORDER, 400),
+    (POST + b"content-length: 0_0\r\n\r\n", 400),
+    (POST + b"content-length: 1_2\r\n\r\n" + ORDER, 400),
+    (POST + b"content-length:\r\n\r\n", 400),  # empty: it was taken as 0
+    # Lengths that disagree: the last one was believed (RFC 9112 6.3: 400)
+    (POST + b"content-length: 0\r\ncontent-length: 12\r\n\r\n" + ORDER, 400),
+    (POST + b"content-length: 12, 0\r\n\r\n" + ORDER, 400),
+    (POST + b"transfer-encoding: chunked\r\n\r\n5\r\n{}   \r\n0\r\n\r\n", 411),
+    (POST + b"transfer-encoding: chunked\r\ncontent-length: 2\r\n\r\n{}", 400),
+    (POST + b"content-length: 2000000\r\n\r\n", 413),
+    # Too many digits for int() (over 4,300): no answer at all, an exception logged
+    (POST + b"content-length: " + b"9" * 5000 + b"\r\n\r\n", 413),
+    # ... with the rest of the request sent: read and dropped, not a reset (lingering)
+    (POST + b"content-length: 3000000\r\n\r\n" + b"x" * 3_000_000, 413),
+    (b"GET /" + b"a" * 200_000 + b" HTTP/1.1\r\n\r\n", 414),
+    (b"GET / HTTP/1.1\r\nhost: x", 400),  # the client stopped half-way through the head
+]
+
+
+@pytest.mark.parametrize(("data", "status"), MALFORMED)
 def test_a_malformed_request_is_answered_then_closed(data: bytes, status: int) -> None:
     """A request the sandbox cannot read gets the status http.server gave it (400, 414,
     431, 505), 411 for a chunked body, 413 for one over the limit, in JSON, and the
@@ -268,6 +269,120 @@ def test_a_malformed_request_is_answered_then_closed(data: bytes, status: int) -
         assert conn.getresponse().status == 200
         conn.close()
         assert [r.path for r in sandbox.requests()] == ["/orders"]
+    finally:
+        sandbox.stop()
+
+
+def read_reply(replies: BinaryIO) -> tuple[int, dict[bytes, bytes], bytes]:
+    """One reply from a connection's reading end: status, headers (names in lower case), body."""
+    status = int(replies.readline().split(b" ")[1])
+    headers = {}
+    while (line := replies.readline()) != b"\r\n":
+        name, _, value = line.partition(b":")
+        headers[name.strip().lower()] = value.strip()
+    return status, headers, replies.read(int(headers[b"content-length"]))
+
+
+def test_requests_sent_together_are_answered_in_order_on_a_kept_connection() -> None:
+    """Requests sent back to back on one keep-alive connection are answered in their order,
+    whatever each one needs (a POST answered at once, a GET served off the loop, a refused
+    key, a head that arrives in two packets, the second of which would be a request of its
+    own), and a POST with `connection: close` ends the connection after its reply."""
+    sandbox = Sandbox(api_key="k").start()
+
+    def post(key: bytes, close: bool = False) -> bytes:
+        end = b"connection: close\r\n" if close else b""
+        return (
+            b"POST /orders HTTP/1.1\r\nhost: x\r\nx-api-key: "
+            + key
+            + b"\r\ncontent-length: 12\r\n"
+            + end
+            + b"\r\n"
+            + ORDER
+        )
+
+    count = b"GET /requests/count HTTP/1.1\r\nhost: x\r\n\r\n"
+    try:
+        host, port = sandbox.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            replies = sock.makefile("rb")
+            sock.sendall(post(b"k"))
+            assert read_reply(replies)[0] == 200
+            begun = b"POST /x HTTP/1.1\r\nx-note: "  # the rest of its head comes later
+            sock.sendall(post(b"k") + count + post(b"bad") + post(b"k") + count + begun)
+            got = [read_reply(replies) for _ in range(5)]
+            assert [(s, json.loads(b)) for s, _, b in got] == [
+                (200, {"ok": True}),
+                (200, {"count": 2}),
+                (401, {"error": "Unauthorized", "message": "invalid or missing x-api-key"}),
+                (200, {"ok": True}),
+                (200, {"count": 4}),
+            ]
+            sock.sendall(post(b"k") + post(b"k", close=True) + post(b"k"))
+            assert [read_reply(replies)[0] for _ in range(2)] == [404, 200]  # POST /x, then
+            assert replies.read() == b""  # closed after the second: the third is not read
+            replies.close()
+        assert [r.status for r in sandbox.requests()] == [200, 200, 401, 200, 404, 200]
+    finally:
+        sandbox.stop()
+
+
+@pytest.mark.parametrize(
+    ("connection", "kept"),
+    [(b"", False), (b"connection: keep-alive\r\n", True), (b"connection: close\r\n", False)],
+    ids=["default", "keep-alive", "close"],
+)
+def test_an_http_1_0_post_closes_the_connection_unless_kept_alive(
+    connection: bytes, kept: bool
+) -> None:
+    """HTTP/1.0 closes the connection after the reply unless the request asks to keep it."""
+    sandbox = Sandbox(api_key="k").start()
+    request = (
+        b"POST /orders HTTP/1.0\r\nx-api-key: k\r\ncontent-length: 12\r\n"
+        + connection
+        + b"\r\n"
+        + ORDER
+    )
+    try:
+        host, port = sandbox.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            replies = sock.makefile("rb")
+            sock.sendall(request)
+            assert read_reply(replies)[0] == 200
+            if kept:
+                sock.sendall(request)
+                assert read_reply(replies)[0] == 200
+                sock.shutdown(socket.SHUT_WR)
+            assert replies.read() == b""
+            replies.close()
+    finally:
+        sandbox.stop()
+
+
+@pytest.mark.parametrize(("data", "status"), MALFORMED)
+def test_a_malformed_request_after_answered_ones_is_answered_then_closed(
+    data: bytes, status: int
+) -> None:
+    """On a connection that has been served, a malformed request sent right behind a
+    well-formed one gets the same answer as on a new connection, after the well-formed
+    one's reply, and the connection closes."""
+    sandbox = Sandbox(api_key="k").start()
+    try:
+        host, port = sandbox.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            replies = sock.makefile("rb")
+            sock.sendall(POST + b"content-length: 12\r\n\r\n" + ORDER)
+            assert read_reply(replies)[0] == 200
+            sock.sendall(POST + b"content-length: 12\r\n\r\n" + ORDER + data)
+            if data.endswith(b"host: x"):
+                sock.shutdown(socket.SHUT_WR)
+            assert read_reply(replies)[0] == 200
+            refused, headers, body = read_reply(replies)
+            assert (refused, headers[b"connection"]) == (status, b"close")
+            assert json.loads(body)["error"] == http.HTTPStatus(status).phrase
+            assert replies.read() == b""
+            replies.close()
+        assert [r.status for r in sandbox.requests()] == [200, 200]
     finally:
         sandbox.stop()
 

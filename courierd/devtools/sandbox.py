@@ -16,6 +16,11 @@ request in flight (held by `latency_ms`, say) is a coroutine, not a thread. It r
 writes header bytes as latin-1, as `http.server` did, so a responder can send any byte a
 real server might (a redirect's Location, say). Only a responder runs on a thread, one
 per call, since a test's responder may block until the test lets it go.
+
+The usual request, a well-formed keep-alive POST that is answered at once (no latency, no
+responder), is answered where its bytes arrive (`_Connection.data_received`), without
+waking the connection's coroutine; anything else goes to that coroutine, which reads it
+as before. The bench runs this process on courierd's cores, so its cost per push shows.
 """
 
 from __future__ import annotations
@@ -152,9 +157,9 @@ class Sandbox:
         self._sock.close()
 
     async def _open(self) -> None:
-        # start_server listens again, with its own backlog (100) unless told.
-        self._server = await asyncio.start_server(
-            self._connection, sock=self._sock, backlog=BACKLOG
+        # create_server listens again, with its own backlog (100) unless told.
+        self._server = await self._loop.create_server(
+            lambda: _Connection(self), sock=self._sock, backlog=BACKLOG
         )
 
     async def _close(self) -> None:
@@ -165,10 +170,16 @@ class Sandbox:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """One client's requests, one after the other (HTTP/1.1 keep-alive), until it closes."""
+    async def _connection(
+        self, reader: _Reader, writer: asyncio.StreamWriter, protocol: _Connection
+    ) -> None:
+        """One client's requests, one after the other (HTTP/1.1 keep-alive), until it closes;
+        between them, its protocol answers what it can at once (see _Connection)."""
         try:
             while True:
+                # Every reply so far is written: the connection may answer the next
+                # request itself, unless part of it is already here, waiting in the reader.
+                protocol.idle = reader.empty()
                 try:
                     request = await _read_request(reader)
                 except _Refused as refused:  # malformed: answered as http.server did, closed
@@ -185,7 +196,7 @@ class Sandbox:
                     reply = await self._answer(method, target, headers, body)
                 else:  # off the loop: a long log's page would hold up every POST meanwhile
                     reply = await asyncio.to_thread(self._get, target)
-                writer.write(_encode(*reply))
+                writer.write(_wire(reply))
                 await writer.drain()
                 connection = headers.get("connection", "").lower()
                 if connection == "close" or (version == "HTTP/1.0" and connection != "keep-alive"):
@@ -193,6 +204,7 @@ class Sandbox:
         except (ConnectionError, asyncio.CancelledError):
             pass  # the client left before its reply, or stop() ended the connection
         finally:
+            protocol.idle = False
             writer.close()
 
     def _get(self, target: str) -> Reply:
@@ -226,22 +238,39 @@ class Sandbox:
         the server does with a POST, without the HTTP (on the server's loop: start first)."""
         if not self._thread.is_alive():  # else it would wait for a loop that never runs
             raise RuntimeError("the sandbox is not running: start() it first")
-        return asyncio.run_coroutine_threadsafe(
+        reply = asyncio.run_coroutine_threadsafe(
             self._answer(method, path, headers, body), self._loop
         ).result()
+        return (200, {}, {"ok": True}) if reply is _OK else reply  # not the shared one
 
     async def _answer(self, method: str, path: str, headers: dict[str, str], body: bytes) -> Reply:
-        probe = Request(method, path, headers, body, 0, time.time())
+        at = time.time()
         responder = self.responder
-        reply = await _in_thread(responder, probe) if responder else None
+        reply = None
+        if responder:
+            reply = await _in_thread(responder, Request(method, path, headers, body, 0, at))
         if reply is None:
             if self.faults.latency_ms:
                 await asyncio.sleep(self.faults.latency_ms / 1000)
             reply = self._faulted() or self._normal(method, path, headers, body)
-        with self._cond:
-            self._requests.append(Request(method, path, headers, body, reply[0], probe.at))
-            self._cond.notify_all()
+        self._log(Request(method, path, headers, body, reply[0], at))
         return reply
+
+    def answers_at_once(self) -> bool:
+        """Whether a POST is answered as it arrives: no responder to ask, no latency."""
+        return self.responder is None and not self.faults.latency_ms
+
+    def _answer_at_once(self, path: str, headers: dict[str, str], body: bytes) -> bytes:
+        """A POST's reply on the wire when `answers_at_once()`: `_answer` without a coroutine."""
+        at = time.time()
+        reply = self._faulted() or self._normal("POST", path, headers, body)
+        self._log(Request("POST", path, headers, body, reply[0], at))
+        return _wire(reply)
+
+    def _log(self, request: Request) -> None:
+        with self._cond:
+            self._requests.append(request)
+            self._cond.notify_all()
 
     def _faulted(self) -> Reply | None:
         f = self.faults
@@ -284,7 +313,7 @@ class Sandbox:
             return _error(404, "Not Found", f"no endpoint {path}")
         if problem:
             return _error(400, "Bad Request", problem)
-        return 200, {}, {"ok": True}
+        return _OK
 
     def log(self, since: int = 0) -> list[dict[str, Any]]:
         """The request log from entry `since` on, as `GET /requests` serves it."""
@@ -369,6 +398,114 @@ class _Refused(Exception):
         super().__init__(status, message)
         self.status = status
         self.message = message
+
+
+class _Reader(asyncio.StreamReader):
+    def empty(self) -> bool:
+        """Whether no byte is waiting to be read (the stream's buffer is not public)."""
+        return not self._buffer  # type: ignore[attr-defined]
+
+
+class _Connection(asyncio.StreamReaderProtocol):
+    """One client's connection. While its coroutine (`Sandbox._connection`) waits for a
+    request with nothing buffered (`idle`), the requests that arrive whole and can be
+    answered at once (`_quick_request`, `Sandbox.answers_at_once`) are answered here, in
+    order, without waking it; the first byte of any other request, and everything after
+    it, goes to the coroutine's reader, to be read and answered (or refused) as before,
+    until the coroutine is idle again. So replies keep their requests' order."""
+
+    def __init__(self, sandbox: Sandbox) -> None:
+        self._sandbox = sandbox
+        self.idle = False
+        self._writing_paused = False
+        self._out: asyncio.Transport | None = None
+        self._reader = _Reader(loop=sandbox._loop)  # its limit (64 KiB) bounds a head
+        super().__init__(self._reader, self._serve, loop=sandbox._loop)
+
+    def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Any:
+        return self._sandbox._connection(self._reader, writer, self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.idle:
+            data = self._answer_at_once(data)
+            if not data:
+                return
+            self.idle = False
+        super().data_received(data)
+
+    def _answer_at_once(self, data: bytes) -> bytes:
+        """Answer the whole requests at the start of `data` that can be answered at once;
+        the rest of `data`, from the first that cannot, is returned."""
+        sandbox, out, start = self._sandbox, self._out, 0
+        while (
+            out is not None
+            and start < len(data)
+            and not self._writing_paused
+            and sandbox.answers_at_once()
+        ):
+            request = _quick_request(data, start)
+            if request is None:
+                break
+            path, headers, body, start = request
+            out.write(sandbox._answer_at_once(path, headers, body))
+        return data[start:] if start else data
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._out = transport if isinstance(transport, asyncio.Transport) else None
+        super().connection_made(transport)
+
+    def pause_writing(self) -> None:  # the client is not reading its replies: wait, as drain did
+        self._writing_paused = True
+        super().pause_writing()
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        super().resume_writing()
+
+
+QUICK_HEAD_BYTES = 8192  # a longer head goes to the coroutine, to be read as before
+
+
+def _quick_request(data: bytes, start: int) -> tuple[str, dict[str, str], bytes, int] | None:
+    """The well-formed keep-alive `POST ... HTTP/1.1` that starts at `data[start]`, whole:
+    (target, headers, body, where the next request starts), the target and headers as
+    `_read_request` reads them. None for anything else (not whole, another method or
+    version, `connection: close`, any framing `_read_request` would refuse or look at
+    twice): that goes to `_read_request`."""
+    end = data.find(b"\r\n\r\n", start, start + QUICK_HEAD_BYTES)
+    if end < 0:
+        return None
+    request_line, *lines = data[start:end].decode("latin-1").split("\r\n")
+    if not (request_line.startswith("POST ") and request_line.endswith(" HTTP/1.1")):
+        return None
+    target = request_line[5:-9]
+    if " " in target or len(lines) > MAX_HEADERS:
+        return None
+    headers = {}
+    length = None
+    for line in lines:
+        name, colon, value = line.partition(":")
+        if not colon:
+            return None
+        key = name.strip().lower()
+        if key == "content-length":
+            if length is not None:  # a second line: _content_length compares them
+                return None
+            length = value.strip(" \t")
+        headers[key] = value.strip()
+    if "transfer-encoding" in headers or headers.get("connection", "").lower() == "close":
+        return None
+    size = 0
+    if length is not None:
+        if not (length.isdigit() and length.isascii() and len(length) <= 7):
+            return None
+        size = int(length)
+        if size > MAX_BODY_BYTES:
+            return None
+    begin = end + 4
+    if len(data) < begin + size:
+        return None
+    return target, headers, data[begin : begin + size], begin + size
 
 
 async def _read_request(
@@ -481,6 +618,15 @@ def _encode(status: int, headers: dict[str, str], body: Any) -> bytes:
     lines += [f"{k}: {v}" for k, v in headers.items()]
     lines.append(f"content-length: {len(data)}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + data
+
+
+# The usual reply, and its bytes: not to be changed (answer() hands out a copy).
+_OK: Reply = (200, {}, {"ok": True})
+_OK_BYTES = _encode(*_OK)
+
+
+def _wire(reply: Reply) -> bytes:
+    return _OK_BYTES if reply is _OK else _encode(*reply)
 
 
 async def _in_thread(responder: Responder, request: Request) -> Reply | None:
