@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import http
 import http.client
@@ -19,8 +20,10 @@ from pathlib import Path
 from typing import BinaryIO
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
-from courierd.devtools.sandbox import Sandbox
+from courierd.devtools.sandbox import Sandbox, _json, _quick_request, _read_request, _Refused
 from courierd.devtools.simulate import Noise, Simulation
 from courierd.domain.lifecycle import CHAIN
 from tests.harness import Broker, free_port, wait_until
@@ -385,6 +388,102 @@ def test_a_malformed_request_after_answered_ones_is_answered_then_closed(
         assert [r.status for r in sandbox.requests()] == [200, 200]
     finally:
         sandbox.stop()
+
+
+HEAD_PARTS = st.sampled_from(
+    [
+        b"POST",
+        b"GET",
+        b" ",
+        b"/orders",
+        b"/o%20x?y=1",
+        b"HTTP/1.1",
+        b"HTTP/1.0",
+        b"HTTP/2.0",
+        b"\r\n",
+        b"\r\n\r\n",
+        b"x-api-key: k",
+        b"X-Api-Key:k\t",
+        b"content-length: 12",
+        b"Content-Length:  3 ",
+        b"content-length: 0\x0b",
+        b"content-length: 12, 12",
+        b"content-length: +1",
+        b"content-length: 99999999",
+        b"transfer-encoding: chunked",
+        b"connection: close",
+        b"Connection: Keep-Alive",
+        b"\xa0host\x85: x\x1c",
+        b":",
+        b"no colon",
+        b"{}",
+        ORDER,
+    ]
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(HEAD_PARTS, max_size=16).map(b"".join))
+@example(POST + b"content-length: 12\r\n\r\n" + ORDER)
+@example(POST + b"content-length: 12\r\ncontent-length: 12\r\n\r\n" + ORDER)
+@example(b"POST /orders HTTP/1.1\r\ncontent-length: \x0b12\r\n\r\n" + ORDER)
+def test_a_request_answered_at_once_is_read_as_the_reader_reads_it(data: bytes) -> None:
+    """What the sandbox answers where it arrives (`_quick_request`) is a whole keep-alive
+    POST that the connection's reader (`_read_request`) reads the same: target, headers,
+    body; anything else, it leaves to the reader."""
+    quick = _quick_request(data, 0)
+    if quick is None:
+        return
+    target, headers, body, end = quick
+
+    async def read() -> object:
+        reader = asyncio.StreamReader()
+        reader.feed_data(data[:end])
+        reader.feed_eof()
+        try:
+            return await _read_request(reader)
+        except _Refused as refused:
+            return refused.status
+
+    assert asyncio.run(read()) == ("POST", target, "HTTP/1.1", headers, body)
+    assert headers.get("connection", "").lower() != "close"
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.one_of(
+        st.binary(max_size=40),
+        st.recursive(
+            st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
+            lambda inner: (
+                st.lists(inner, max_size=3)
+                | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+            ),
+            max_leaves=8,
+        ).map(lambda doc: json.dumps(doc).encode()),
+        st.tuples(
+            st.sampled_from([b"{", b"{ ", b" {", b"\xef\xbb\xbf{"]),
+            st.binary(max_size=20),
+            st.sampled_from([b"}", b"} ", b"}x", b"\n"]),
+        ).map(b"".join),
+        st.sampled_from(["{}", '{"a": "\u00e9"}', '{"a": 1}\n']).flatmap(
+            lambda text: st.sampled_from(
+                ["utf-8", "utf-16-le", "utf-16-be", "utf-32-le", "utf-16"]
+            ).map(text.encode)
+        ),
+    )
+)
+@example(b'{"a": "\xed\xa0\x80"}')  # a lone surrogate, which json.loads reads
+def test_a_body_is_read_as_json_loads_reads_it(body: bytes) -> None:
+    """The sandbox's quick reading of a JSON body gives what json.loads gives, or raises
+    ValueError where it does."""
+    try:
+        expected = json.loads(body)
+    except ValueError:
+        with pytest.raises(ValueError):
+            _json(body)
+        return
+    assert json.dumps(_json(body)) == json.dumps(expected)  # (NaN is not equal to itself)
 
 
 @pytest.mark.parametrize(

@@ -372,8 +372,9 @@ def _json(body: bytes) -> Any:
     """json.loads(body), the usual body (a UTF-8 object, nothing around it) in one step:
     json.loads spends three quarters of its time on a small body finding its encoding
     and the whitespace around it."""
-    # A body starting "{" and then a byte that is not 0 is UTF-8 to json.detect_encoding.
-    if body[:1] == b"{" and len(body) > 1 and body[1]:
+    # json.detect_encoding takes a body starting "{" for UTF-8 unless a 0 byte follows,
+    # which no JSON read from here whole has (a UTF-16 or -32 one goes to json.loads).
+    if body[:1] == b"{":
         try:
             text = body.decode("utf-8", "surrogatepass")  # as json.loads decodes it
             doc, end = _DECODER.raw_decode(text)
