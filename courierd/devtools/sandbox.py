@@ -36,7 +36,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
@@ -449,7 +449,9 @@ class _Connection(asyncio.StreamReaderProtocol):
         self._reader = _Reader(loop=sandbox._loop)  # its limit (64 KiB) bounds a head
         super().__init__(self._reader, self._serve, loop=sandbox._loop)
 
-    def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Any:
+    def _serve(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> Coroutine[Any, Any, None]:
         return self._sandbox._connection(self._reader, writer, self)
 
     def data_received(self, data: bytes) -> None:
