@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -63,7 +63,8 @@ _DECODER = json.JSONDecoder(
 )
 # The decoder's own scanner (C), for a text that is an object from its first character
 # to its last: what `decode` does, without its two Python frames and whitespace regexes.
-_SCAN = _DECODER.scan_once
+# (Set by JSONDecoder.__init__, not in typeshed's stub.)
+_SCAN: Callable[[str, int], tuple[Any, int]] = _DECODER.scan_once  # type: ignore[attr-defined]
 
 
 def load_object(payload: bytes) -> dict[str, Any]:
