@@ -274,9 +274,15 @@ class _Batch:
         before = self.orders.get(order.order_id)
         self.orders[order.order_id] = self.fx.orders[order.order_id] = order
         if before is not None and before.courier_id is not None:
-            self.active.get(before.courier_id, set()).discard(order.order_id)
+            was = self.active.get(before.courier_id)
+            if was is not None:
+                was.discard(order.order_id)
         if order.courier_id is not None and order.state not in FINISHED:
-            self.active.setdefault(order.courier_id, set()).add(order.order_id)
+            ids = self.active.get(order.courier_id)  # (no empty set made per status)
+            if ids is None:
+                self.active[order.courier_id] = {order.order_id}
+            else:
+                ids.add(order.order_id)
         if (
             order.courier_id is not None
             and (order.confirmed_at is not None or order.ready_at is not None)
