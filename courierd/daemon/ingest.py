@@ -94,6 +94,12 @@ def commit_messages(
             letter.topic[:200],
             letter.detail[:300],
         )
+    if fx.transitions and log.isEnabledFor(logging.INFO):  # (else no line's text is made)
+        _log_transitions(fx)
+    return report
+
+
+def _log_transitions(fx: Effects) -> None:
     with batched():  # a line per status: the batch's lines in one write
         for t in fx.transitions:
             log.info(
@@ -102,7 +108,6 @@ def commit_messages(
                 STATUS_TEXT[t.status],
                 t.inferred,
             )
-    return report
 
 
 def _commit_isolating(

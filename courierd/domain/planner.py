@@ -8,7 +8,7 @@ without a database.
 Every status goes through `decide`, whoever says so: a courier's app, or the geofence
 rules reading its fixes (an inferred status is an ordinary status event of the bound
 courier, with a deterministic id `geo:{order}:{status}`, which no app's id can squat:
-see `_Batch._duplicate`). Fixes also keep each courier's last accepted position, and
+see `_Batch._status`). Fixes also keep each courier's last accepted position, and
 every valid message from a courier marks it seen: one that had been reported offline
 is reported back (CONTRACT.md 9).
 """
@@ -227,51 +227,46 @@ class _Batch:
     # -- statuses ---------------------------------------------------------------------
 
     def _status(self, event: StatusEvent) -> None:
+        app = event.source == "app"
         if event.order_id in self.snap.corrupt_orders or (
             event.courier_info is None and event.courier_id in self.corrupt_profiles
         ):
-            decision = Decision(Outcome.CORRUPT_ROW, Order(event.order_id))
+            decision = Decision(_CORRUPT_ROW, Order(event.order_id))
         else:
             decision = decide(
                 self.orders.get(event.order_id),
                 event,
-                duplicate=self._duplicate(event),
+                # Whether the event's id was seen before, for its order (CONTRACT.md 12).
+                # Ids are an app's to choose, so they are deduplicated per order: one
+                # courier's app, however it numbers its events, never suppresses another
+                # order's status. An inferred status is never checked against them: the
+                # chain already makes it once (at or behind the order's state it is
+                # stale), and an app that speaks its id `geo:{order}:{status}` must not
+                # be able to squat it.
+                duplicate=app and (event.order_id, event.event_id) in self.seen,
                 profile=self.profiles.get(event.courier_id),
                 received_at=self.received_at,
             )
-        key = (event.order_id, event.event_id)
-        if (
-            event.source == "app"
-            and key not in self.seen
-            and decision.outcome is not Outcome.CORRUPT_ROW
-        ):
-            self.seen.add(key)
-            self.fx.event_ids.add(key)
-        if event.source == "app":
-            self.fx.counts[OUTCOME_TEXT[decision.outcome]] += 1
-        elif decision.outcome is Outcome.ACCEPTED:
+        outcome = decision.outcome
+        if app:
+            key = (event.order_id, event.event_id)
+            if key not in self.seen and outcome is not _CORRUPT_ROW:
+                self.seen.add(key)
+                self.fx.event_ids.add(key)
+            self.fx.counts[OUTCOME_TEXT[outcome]] += 1
+        elif outcome is _ACCEPTED:
             self.fx.counts["geofence_status"] += 1
-        if decision.outcome in REJECTED_OUTCOMES:
-            self.fx.dead_letters.append(_rejected(event, decision.outcome))
+        if outcome in REJECTED_OUTCOMES:
+            self.fx.dead_letters.append(_rejected(event, outcome))
             return
-        if decision.transitions:
+        transitions = decision.transitions
+        if transitions:
             self._bind(decision.order)
-            self.fx.transitions.extend(decision.transitions)
+            self.fx.transitions.extend(transitions)
             consumed = self.consumed.get(event.order_id)
             count = sum(n for _, _, n in consumed) if consumed else 0
-            self.fx.transition_fixes.extend([count] * len(decision.transitions))
+            self.fx.transition_fixes.extend([count] * len(transitions))
             self.fx.pushes.extend(decision.pushes)
-
-    def _duplicate(self, event: StatusEvent) -> bool:
-        """Whether the event's id was seen before, for its order (CONTRACT.md 12).
-
-        Ids are an app's to choose, so they are deduplicated per order: one courier's
-        app, however it numbers its events, never suppresses another order's status. An
-        inferred status is never checked against them: the chain already makes it once
-        (at or behind the order's state it is stale), and an app that speaks its id
-        `geo:{order}:{status}` must not be able to squat it.
-        """
-        return event.source == "app" and (event.order_id, event.event_id) in self.seen
 
     def _bind(self, order: Order) -> None:
         """Record the order's new state, and keep `active` (courier → orders) true. A
@@ -279,11 +274,19 @@ class _Batch:
         before = self.orders.get(order.order_id)
         self.orders[order.order_id] = self.fx.orders[order.order_id] = order
         if before is not None and before.courier_id is not None:
-            self.active.get(before.courier_id, set()).discard(order.order_id)
+            was = self.active.get(before.courier_id)
+            if was is not None:
+                was.discard(order.order_id)
         if order.courier_id is not None and order.state not in FINISHED:
-            self.active.setdefault(order.courier_id, set()).add(order.order_id)
-        if order.courier_id is not None and (
-            before is None or before.courier_id != order.courier_id
+            ids = self.active.get(order.courier_id)  # (no empty set made per status)
+            if ids is None:
+                self.active[order.courier_id] = {order.order_id}
+            else:
+                ids.add(order.order_id)
+        if (
+            order.courier_id is not None
+            and (order.confirmed_at is not None or order.ready_at is not None)
+            and (before is None or before.courier_id != order.courier_id)
         ):
             for kind, at in ((Kind.CONFIRMED, order.confirmed_at), (Kind.READY, order.ready_at)):
                 if at is not None:
@@ -414,6 +417,8 @@ class _Batch:
             self._status(event)
 
 
+# Read off the enum once: each `Outcome.X` is a lookup through the enum's class.
+_ACCEPTED, _CORRUPT_ROW = Outcome.ACCEPTED, Outcome.CORRUPT_ROW
 _NO_TRACK = Track()  # an order's track before its first fix (immutable: one will do)
 
 

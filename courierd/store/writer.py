@@ -366,7 +366,7 @@ class BatchWriter:
         """Fill `snap` with the orders of `order_ids` the writer holds (as reading their
         rows by id would: the order, its places, track and segments, and the order among
         its courier's active ones); returns the order ids left to read."""
-        known, read = self._known, self._read
+        known, read, active = self._known, self._read, snap.active
         left = set()
         for oid in order_ids:
             row = known.get(oid)
@@ -374,22 +374,31 @@ class BatchWriter:
                 left.add(oid)
                 continue
             read[oid] = row
-            _take(snap, oid, row)
-            courier = row[0].courier_id
+            # `_take`, inline (a call per status).
+            order, places, track, consumed = row
+            snap.orders[oid] = order
+            if places is not None:
+                snap.places[oid] = places
+            if track is not None:
+                snap.tracks[oid] = track
+            if consumed is not None:
+                snap.consumed[oid] = consumed
+            courier = order.courier_id
             if courier is not None:  # what the writer holds is never finished
-                snap.active.setdefault(courier, set()).add(oid)
+                oids = active.get(courier)
+                if oids is None:
+                    active[courier] = {oid}
+                else:
+                    oids.add(oid)
         return left
 
     def _seen_events(self, snap: Snapshot, event_ids: set[tuple[str, str]]) -> None:
         """Which of the batch's (order id, event id) pairs were seen before. A row with the
         order id '' is from before ids named their order: it counts for every order."""
-        by_id: dict[str, set[str]] = {}
-        for order_id, event_id in event_ids:
-            by_id.setdefault(event_id, set()).add(order_id)
         # Pair by pair, one primary-key probe each: an IN list per column made SQLite
         # probe every order with every id (100 orders x 500 ids a batch of statuses:
-        # 40 ms, half the status-only ingest's time).
-        pairs = sorted(event_ids)
+        # 40 ms, half the status-only ingest's time). Unsorted: a read that locks nothing.
+        pairs = list(event_ids)
         for i in range(0, len(pairs), 250):
             chunk = pairs[i : i + 250]
             values = ",".join("(?, ?)" for _ in chunk)
@@ -402,12 +411,17 @@ class BatchWriter:
                     [v for pair in chunk for v in pair],
                 )
             )
-        for id_chunk in chunks(sorted(by_id)):
+        by_id: dict[str, set[str]] | None = None  # the batch's orders per event id, if needed
+        for id_chunk in chunks(sorted({event_id for _, event_id in event_ids})):
             for _, event_id in self.db.rows(
                 "SELECT order_id, event_id FROM processed_events "
                 f"WHERE order_id = '' AND event_id IN ({placeholders(id_chunk)})",
                 id_chunk,
             ):
+                if by_id is None:  # (rows from before ids named their order: seldom)
+                    by_id = {}
+                    for order_id, batch_event_id in event_ids:
+                        by_id.setdefault(batch_event_id, set()).add(order_id)
                 snap.seen_event_ids.update((o, event_id) for o in by_id[event_id])
 
     def _couriers(self, snap: Snapshot, couriers: set[str]) -> None:
