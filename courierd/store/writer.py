@@ -403,11 +403,13 @@ class BatchWriter:
                 )
             )
         # Ids from before ids named their order (migration 6 gave them the order id ''):
-        # looked up only while any is left (one probe a batch). Retention deletes them,
+        # looked up only while any is left (one probe a batch of statuses). Retention deletes them,
         # and courierd writes none since, so on most databases there is none: the lookup
         # by id cost about 2k instructions per status for nothing.
-        legacy = self.db.value("SELECT 1 FROM processed_events WHERE order_id = '' LIMIT 1")
-        for id_chunk in chunks(sorted(by_id) if legacy is not None else ()):
+        legacy = by_id and self.db.value(
+            "SELECT 1 FROM processed_events WHERE order_id = '' LIMIT 1"
+        )
+        for id_chunk in chunks(sorted(by_id) if legacy else ()):
             for _, event_id in self.db.rows(
                 "SELECT order_id, event_id FROM processed_events "
                 f"WHERE order_id = '' AND event_id IN ({placeholders(id_chunk)})",
