@@ -577,6 +577,23 @@ def test_upgrade_from_version_1_keeps_data(tmp_path: Path) -> None:
     s.close()
 
 
+def test_legacy_event_ids_are_looked_up_only_while_there_are_any(tmp_path: Path) -> None:
+    """Ids from before ids named their order (order id '') count for every order; a
+    database with none left is not asked about them each batch, and one that has them
+    still is."""
+    s = open_path(tmp_path / "c.db")
+    seen: list[str] = []
+    s.db.conn.set_trace_callback(seen.append)  # type: ignore[attr-defined]
+    s.writer.commit([status("e1", "o1", Status.DASHER_CONFIRMED)], now=T0)
+    assert not [q for q in seen if "order_id = '' AND event_id IN" in q], seen
+    s.db.execute("INSERT INTO processed_events (order_id, event_id) VALUES ('', 'old-event')")
+    seen.clear()
+    fx = s.writer.commit([status("old-event", "o1", Status.ARRIVED_AT_STORE)], now=T0 + 1)
+    assert fx.counts["duplicate"] == 1
+    assert [q for q in seen if "order_id = '' AND event_id IN" in q]
+    s.close()
+
+
 # The store's queries over orders, each with the partial index it must use.
 _ORDER_QUERIES = (
     (

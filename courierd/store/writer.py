@@ -411,8 +411,16 @@ class BatchWriter:
                     [v for pair in chunk for v in pair],
                 )
             )
+        # Ids from before ids named their order (migration 6 gave them the order id ''):
+        # looked up only while any is left (one probe a batch of statuses). Retention
+        # deletes them, and courierd writes none since, so on most databases there is
+        # none: the lookup by id cost about 2k instructions per status for nothing.
+        legacy = event_ids and self.db.value(
+            "SELECT 1 FROM processed_events WHERE order_id = '' LIMIT 1"
+        )
         by_id: dict[str, set[str]] | None = None  # the batch's orders per event id, if needed
-        for id_chunk in chunks(sorted({event_id for _, event_id in event_ids})):
+        wanted = sorted({event_id for _, event_id in event_ids}) if legacy else []
+        for id_chunk in chunks(wanted):
             for _, event_id in self.db.rows(
                 "SELECT order_id, event_id FROM processed_events "
                 f"WHERE order_id = '' AND event_id IN ({placeholders(id_chunk)})",
