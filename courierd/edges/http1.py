@@ -58,6 +58,7 @@ import ssl
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from urllib.parse import unquote, urlsplit
 
 import httptools
@@ -380,25 +381,72 @@ class Pool:
     ) -> Reply:
         """`method` `path` (already escaped) with header lines `fields` (from
         `checked_fields`, checked once) and `extra` (checked here) and `body`."""
-        if unsafe_target(path) or not path.startswith("/"):
-            raise ValueError(f"request target {path[:80]!r} would break the request")
-        head = (
-            f"{method} {self._prefix}{path} HTTP/1.1\r\n{self._host_line}{fields}"
-            f"{checked_fields(extra) if extra else ''}{self._proxy_auth if self._prefix else ''}"
-            f"content-length: {len(body)}\r\n\r\n"
-        ).encode("latin-1")
+        request = self._request_bytes(method, path, fields, body, extra)
         # An idle connection without a coroutine (`_acquire`'s) made and run for it.
         conn = self._idle_connection() or await self._acquire()
         try:
-            reply = await conn.exchange(head + body)
+            reply = await conn.exchange(request)
         except BaseException:
             self._discard(conn)
             raise
+        self._done_with(conn)
+        return reply
+
+    def request_soon(
+        self,
+        method: str,
+        path: str,
+        fields: str,
+        body: bytes,
+        extra: dict[str, str],
+        then: Callable[[asyncio.Future[Reply]], None],
+    ) -> asyncio.Future[Reply] | None:
+        """`request` without a task, when a connection is idle: the request is written
+        on it now and `then` gets the reply's future once it is done (in a later pass
+        of the loop, as an awaiting task would), after the connection went back to the
+        pool or was closed. None, and nothing sent, when no connection is idle (then
+        `request`). Cancelling the future returned ends the exchange and closes its
+        connection, as cancelling `request` does. (A task per request was its
+        creation, its registration and two more passes of the loop.)"""
+        request = self._request_bytes(method, path, fields, body, extra)
+        conn = self._idle_connection()
+        if conn is None:
+            return None
+        reply = conn.exchange(request)
+        reply.add_done_callback(partial(self._exchanged, conn, then))
+        return reply
+
+    def _exchanged(
+        self,
+        conn: _Connection,
+        then: Callable[[asyncio.Future[Reply]], None],
+        reply: asyncio.Future[Reply],
+    ) -> None:
+        """`request_soon`'s reply came (or failed, or was cancelled): what `request`
+        does after its exchange, then `then`."""
+        if reply.cancelled() or reply.exception() is not None:
+            self._discard(conn)
+        else:
+            self._done_with(conn)
+        then(reply)
+
+    def _request_bytes(
+        self, method: str, path: str, fields: str, body: bytes, extra: dict[str, str]
+    ) -> bytes:
+        if unsafe_target(path) or not path.startswith("/"):
+            raise ValueError(f"request target {path[:80]!r} would break the request")
+        return (
+            f"{method} {self._prefix}{path} HTTP/1.1\r\n{self._host_line}{fields}"
+            f"{checked_fields(extra) if extra else ''}{self._proxy_auth if self._prefix else ''}"
+            f"content-length: {len(body)}\r\n\r\n"
+        ).encode("latin-1") + body
+
+    def _done_with(self, conn: _Connection) -> None:
+        """An exchange ended with its reply: the connection serves again if it can."""
         if conn.keep and not conn.lost:
             self._release(conn)
         else:
             self._discard(conn)
-        return reply
 
     async def close(self) -> None:
         """Closes every connection (idle or busy: their requests fail) and refuses more."""
