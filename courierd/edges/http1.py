@@ -66,6 +66,7 @@ import httptools
 IDLE_S = 15.0  # aiohttp's keep-alive default
 MAX_HEAD_BYTES = 1 << 16  # a reply's head (status line and headers, 1xx included)
 MAX_HEADERS = 128  # header lines in one reply's head
+KNOWN_HEADS = 32  # reply heads a pool remembers (`_KnownHead`); a server's Date changes each second
 # Requests are ASCII: a control character, or one past ASCII (which each client
 # encoded its own way, and the lean one as latin-1 when it could), is refused.
 _BAD_IN_TARGET = re.compile(r"[^\x21-\x7e]")
@@ -92,6 +93,20 @@ class Reply:  # not frozen: a frozen dataclass's fields are set slowly, once per
             if key.lower() == name:
                 return value.decode("latin-1")
         return None
+
+
+@dataclass(slots=True)
+class _KnownHead:
+    """What the parser read in a reply's head (its bytes from the status line to the
+    blank line are the key), and the length of the body it framed: a later reply that
+    is the same head and a body of that length, read whole in one piece between
+    replies, is the same reply to the parser (its reading depends on nothing else), so
+    it is taken as this without the parser's seven calls into Python per reply."""
+
+    status: int
+    reason: str
+    headers: tuple[tuple[bytes, bytes], ...]
+    length: int
 
 
 def checked_fields(headers: dict[str, str], *, framing: bool = False) -> str:
@@ -142,8 +157,10 @@ class _Connection(asyncio.Protocol):
     """One connection, one exchange at a time: `exchange` writes a request and waits
     for its reply."""
 
-    def __init__(self, cap: int) -> None:
+    def __init__(self, cap: int, known_heads: dict[bytes, _KnownHead] | None = None) -> None:
         self._cap = cap
+        # The pool's heads already read (`_KnownHead`); None: every reply is parsed.
+        self._known_heads = known_heads
         self._parser = httptools.HttpResponseParser(self)
         self.transport: asyncio.Transport | None = None
         self.lost = False  # the peer closed, or we did
@@ -175,6 +192,17 @@ class _Connection(asyncio.Protocol):
         if self._reply is None or self._reply.done():
             self._fail(Http1Error("the server sent bytes no request asked for"))
             return
+        first = not self._started  # this exchange's first bytes: the parser is between replies
+        if first and self._known_heads is not None:
+            end = data.find(b"\r\n\r\n") + 4
+            known = self._known_heads.get(data[:end]) if end > 3 else None
+            if known is not None and len(data) - end == known.length:
+                self._started, self._read, self._in_head = True, len(data), False
+                self._status, self._until_close, self.keep = known.status, False, True
+                self._reply.set_result(
+                    Reply(known.status, known.reason, list(known.headers), data[end:])
+                )
+                return
         self._started = True
         self._read += len(data)
         try:
@@ -193,6 +221,23 @@ class _Connection(asyncio.Protocol):
         # them (a header's value, the reason, until they end) is bounded by it.
         if self._in_head and self._read > MAX_HEAD_BYTES:
             self._fail(Http1Error(f"the reply's head is over {MAX_HEAD_BYTES} bytes"))
+        elif first and self.keep and not self.lost and self._heads_before == 0:
+            self._remember(data)
+
+    def _remember(self, data: bytes) -> None:
+        """`data` was one whole reply, read by the parser, its connection kept: its head
+        is remembered if its body was framed by a content-length (not chunked)."""
+        known = self._known_heads
+        length = len(self._body)
+        end = len(data) - length
+        if known is None or data.find(b"\r\n\r\n") + 4 != end or self._until_close:
+            return
+        if any(name.lower() == b"transfer-encoding" for name, _ in self._headers):
+            return
+        if len(known) >= KNOWN_HEADS:
+            known.clear()
+        reason = self._reason.decode("latin-1")
+        known[data[:end]] = _KnownHead(self._status, reason, tuple(self._headers), length)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
@@ -375,6 +420,7 @@ class Pool:
         self._sweeper: asyncio.TimerHandle | None = None
         self._all: set[_Connection] = set()
         self._closed = False
+        self._known_heads: dict[bytes, _KnownHead] = {}  # the connections' (`_KnownHead`)
 
     async def request(
         self, method: str, path: str, fields: str, body: bytes, extra: dict[str, str]
@@ -512,7 +558,7 @@ class Pool:
         try:
             if self._proxy is None:
                 _, conn = await loop.create_connection(
-                    lambda: _Connection(self._cap),
+                    lambda: _Connection(self._cap, self._known_heads),
                     self.host,
                     self.port,
                     ssl=self._tls,
@@ -531,7 +577,9 @@ class Pool:
 
     async def _through_proxy(self, loop: asyncio.AbstractEventLoop) -> _Connection:
         assert self._proxy is not None
-        transport, conn = await loop.create_connection(lambda: _Connection(self._cap), *self._proxy)
+        transport, conn = await loop.create_connection(
+            lambda: _Connection(self._cap, self._known_heads), *self._proxy
+        )
         if self._tls is None:
             return conn
         try:
