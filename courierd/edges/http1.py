@@ -115,14 +115,15 @@ def checked_fields(headers: dict[str, str], *, framing: bool = False) -> str:
     is not a token), or if a name is one of the framing headers the client writes
     itself (content-length, transfer-encoding, host, connection; `framing`: the
     client's own)."""
-    lines = []
+    lines = ""
     for name, value in headers.items():
         if (framing or name not in _GOOD_NAMES) and not _good_name(name, framing):
             raise ValueError(f"header {name[:40]!r} would break the request")
-        if not _good_value(value):
+        # `_good_value`, its call saved (each push's key goes through here)
+        if not (value.isascii() and (value.isprintable() or _BAD_IN_FIELD.search(value) is None)):
             raise ValueError(f"header {name[:40]!r} would break the request")
-        lines.append(f"{name}: {value}\r\n")
-    return "".join(lines)
+        lines += f"{name}: {value}\r\n"
+    return lines
 
 
 _GOOD_NAMES: set[str] = set()  # names a caller's header had and that passed (a few)
@@ -470,10 +471,10 @@ class Pool:
     ) -> None:
         """`request_soon`'s reply came (or failed, or was cancelled): what `request`
         does after its exchange, then `then`."""
-        if reply.cancelled() or reply.exception() is not None:
-            self._discard(conn)
+        if conn.keep and not conn.lost and not reply.cancelled() and reply.exception() is None:
+            self._release(conn)
         else:
-            self._done_with(conn)
+            self._discard(conn)
         then(reply)
 
     def _request_bytes(
