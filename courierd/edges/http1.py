@@ -179,6 +179,8 @@ class _Connection(asyncio.Protocol):
         self._tunnel: asyncio.Future[bytes] | None = None  # a CONNECT's reply head
         self._tunnel_head = bytearray()
         self.on_lost: Callable[[_Connection], None] | None = None  # the pool's, while idle
+        # `Pool.request_soon`'s: what the exchange's end runs, given its reply's future.
+        self._then: Callable[[asyncio.Future[Reply]], None] | None = None
 
     # asyncio.Protocol
 
@@ -200,10 +202,14 @@ class _Connection(asyncio.Protocol):
             if known is not None and len(data) - end == known.length:
                 self._started, self._read, self._in_head = True, len(data), False
                 self._status, self._until_close, self.keep = known.status, False, True
-                self._reply.set_result(
-                    Reply(known.status, known.reason, list(known.headers), data[end:])
-                )
+                reply = self._reply
+                reply.set_result(Reply(known.status, known.reason, list(known.headers), data[end:]))
+                then = self._then
+                if then is not None:  # at once: the reply is whole, nothing more is read
+                    self._then = None
+                    then(reply)
                 return
+        self._then_later()
         self._started = True
         self._read += len(data)
         try:
@@ -241,6 +247,7 @@ class _Connection(asyncio.Protocol):
         known[data[:end]] = _KnownHead(self._status, reason, tuple(self._headers), length)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._then_later()
         self.lost = True
         self.keep = False
         if self.on_lost is not None:
@@ -337,7 +344,24 @@ class _Connection(asyncio.Protocol):
         self.transport.write(request)
         return reply
 
+    def _then_later(self) -> None:
+        """The exchange ends otherwise than by a known head (the parser reads the reply,
+        or it fails, or is given up): its `then` runs as its future's done callback, in
+        a later pass of the loop, never inside the parser's callbacks."""
+        then = self._then
+        if then is not None and self._reply is not None:
+            self._then = None
+            self._reply.add_done_callback(then)
+
+    def give_up(self) -> None:
+        """The caller's deadline passed: the exchange ends (cancelled), as a task
+        cancelled while it awaited it would end it."""
+        self._then_later()
+        if self._reply is not None:
+            self._reply.cancel()
+
     def _fail(self, error: Exception) -> None:
+        self._then_later()
         if self._reply is not None and not self._reply.done():
             self._reply.set_exception(error)
         self._close()
@@ -449,19 +473,30 @@ class Pool:
         then: Callable[[asyncio.Future[Reply]], None],
     ) -> asyncio.Future[Reply] | None:
         """`request` without a task, when a connection is idle: the request is written
-        on it now and `then` gets the reply's future once it is done (in a later pass
-        of the loop, as an awaiting task would), after the connection went back to the
-        pool or was closed. None, and nothing sent, when no connection is idle (then
-        `request`). Cancelling the future returned ends the exchange and closes its
-        connection, as cancelling `request` does. (A task per request was its
+        on it now, and `then` gets the reply's future once it is done (as the reply is
+        read, or in a later pass of the loop; never before this returns), after the
+        connection went back to the pool or was closed. None, and nothing sent, when no
+        connection is idle (then `request`). `give_up(future)` ends the exchange and
+        closes its connection, as cancelling `request` does. (A task per request was its
         creation, its registration and two more passes of the loop.)"""
         request = self._request_bytes(method, path, fields, body, extra)
         conn = self._idle_connection()
         if conn is None:
             return None
         reply = conn.exchange(request)
-        reply.add_done_callback(partial(self._exchanged, conn, then))
+        # Run by the connection at the exchange's end: at once for a reply of a known
+        # head (a done callback was a handle and one more pass of the loop per push),
+        # else as the future's done callback.
+        conn._then = partial(self._exchanged, conn, then)
         return reply
+
+    def give_up(self, reply: asyncio.Future[Reply]) -> None:
+        """Ends `request_soon`'s exchange of `reply` (its caller's deadline passed)."""
+        for conn in self._all:  # (a deadline passing is rare: a walk is no cost)
+            if conn._reply is reply:
+                conn.give_up()
+                return
+        reply.cancel()
 
     def _exchanged(
         self,

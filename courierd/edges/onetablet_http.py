@@ -142,6 +142,8 @@ class OneTabletHttp:
             raise ValueError(f"unknown HTTP client {client!r}; one of {', '.join(CLIENTS)}")
         self._failures: tuple[type[Exception], ...] = (*self._library.errors, OSError, ValueError)
         self._deadlines = _Deadlines(deadline_s)
+        if isinstance(self._library, _Lean):
+            self._deadlines.give_up = self._library.give_up
         # `post_soon`'s calls in flight: each reply's deadline and whom to tell.
         self._replies: dict[asyncio.Future[Any], tuple[_Call, Callable[[Answered], None]]] = {}
 
@@ -194,9 +196,10 @@ class OneTabletHttp:
     ) -> bool:
         """`post` without a task, where it can go at once (courierd's own client, a
         connection idle, the request well-formed): sent now, and `then` gets the
-        `Answer` or the `NoAnswer` (or, a bug, another exception) in a later pass of the
-        loop, under the same deadline. False, and nothing sent, otherwise: `post` then
-        (which also reports what was wrong with the request)."""
+        `Answer` or the `NoAnswer` (or, a bug, another exception) once it ends (as its
+        reply is read; never before this returns), under the same deadline. False, and
+        nothing sent, otherwise: `post` then (which also reports what was wrong with the
+        request)."""
         library = self._library
         if not isinstance(library, _Lean) or not path.startswith("/") or unsafe_target(path):
             return False
@@ -268,13 +271,17 @@ class _Call:
         assert self.task is not None
         return self.task.uncancel() <= self.cancelling
 
-    def cancel(self) -> None:
-        """The deadline passed: the task is cancelled (or the reply: its exchange ends)."""
+    def cancel(self, give_up: Callable[[asyncio.Future[Any]], None]) -> None:
+        """The deadline passed: the task is cancelled (or the reply given up)."""
         self.expired = True
         if self.task is not None:
             self.task.cancel()
         elif self.reply is not None:
-            self.reply.cancel()
+            give_up(self.reply)
+
+
+def _cancel(reply: asyncio.Future[Any]) -> None:
+    reply.cancel()
 
 
 class _Deadlines:
@@ -287,6 +294,8 @@ class _Deadlines:
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
         self._calls: deque[_Call] = deque()  # in the order they started
+        # How a call without a task is given up (`OneTabletHttp.post_soon`'s library's).
+        self.give_up: Callable[[asyncio.Future[Any]], None] = _cancel
         self._timer: asyncio.TimerHandle | None = None
 
     def start(self) -> _Call:
@@ -325,7 +334,7 @@ class _Deadlines:
         while calls and (calls[0].over or calls[0].at <= now):
             call = calls.popleft()
             if not call.over:
-                call.cancel()
+                call.cancel(self.give_up)
         if calls:
             self._timer = loop.call_at(calls[0].at, self._expire, loop)
 
@@ -432,6 +441,13 @@ class _Lean:
             return None
         path = url[len(self._root) :] or "/"
         return self._pool.request_soon("POST", path, self._fields, content, headers, then)
+
+    def give_up(self, reply: asyncio.Future[Reply]) -> None:
+        """Ends `post_soon`'s exchange of `reply` (its deadline passed)."""
+        if isinstance(self._pool, Pool):
+            self._pool.give_up(reply)
+        else:
+            reply.cancel()
 
     @staticmethod
     def answer(r: Reply) -> Answer:
