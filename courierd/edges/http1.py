@@ -36,6 +36,10 @@ aiohttp's CPU per request (0.36-0.45 of it; README "Performance"):
   them. A OneTablet answering so would have every push retried until it expires:
   `onetablet.client = "aiohttp"` is the way out;
 - 1xx informational replies are skipped; a 101 (protocol switch) is an error;
+- a pool remembers the heads (status line to blank line) of whole replies its parser
+  read, with what it read in them (`_KnownHead`): a later reply that is the same head
+  and a body of its content-length, in one read, is that reply without the parser
+  (same bytes, same reading: the parser's reading of a head depends on nothing else);
 - requests are ASCII: a control character (CR, LF, NUL...) or one past ASCII in a
   request target or header (and spaces in the target) is refused (ValueError) before
   anything is sent, and so are a caller's framing headers (content-length,
