@@ -119,15 +119,14 @@ def checked_fields(headers: dict[str, str], *, framing: bool = False) -> str:
     is not a token), or if a name is one of the framing headers the client writes
     itself (content-length, transfer-encoding, host, connection; `framing`: the
     client's own)."""
-    lines = ""
+    lines = []
     for name, value in headers.items():
         if (framing or name not in _GOOD_NAMES) and not _good_name(name, framing):
             raise ValueError(f"header {name[:40]!r} would break the request")
-        # `_good_value`, its call saved (each push's key goes through here)
-        if not (value.isascii() and (value.isprintable() or _BAD_IN_FIELD.search(value) is None)):
+        if not _good_value(value):
             raise ValueError(f"header {name[:40]!r} would break the request")
-        lines += f"{name}: {value}\r\n"
-    return lines
+        lines.append(f"{name}: {value}\r\n")
+    return "".join(lines)
 
 
 _GOOD_NAMES: set[str] = set()  # names a caller's header had and that passed (a few)
@@ -510,10 +509,10 @@ class Pool:
     ) -> None:
         """`request_soon`'s reply came (or failed, or was cancelled): what `request`
         does after its exchange, then `then`."""
-        if conn.keep and not conn.lost and not reply.cancelled() and reply.exception() is None:
-            self._release(conn)
-        else:
+        if reply.cancelled() or reply.exception() is not None:
             self._discard(conn)
+        else:
+            self._done_with(conn)
         then(reply)
 
     def _request_bytes(
