@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from courierd.config import OneTabletSettings
-from courierd.edges.http1 import Http1Error, Pool, Reply
+from courierd.edges.http1 import Http1Error, Pool, Reply, _Connection
 from courierd.edges.onetablet_http import CLIENTS, MAX_REPLY_BYTES, Answer, NoAnswer, OneTabletHttp
 from tests.conftest import API_KEY
 from tests.onetablet_servers import Scripted
@@ -950,3 +950,56 @@ def test_the_string_tests_of_targets_and_values_are_the_regular_expressions(text
 
     assert http1.unsafe_target(text) == (http1._BAD_IN_TARGET.search(text) is not None)
     assert http1._good_value(text) == (http1._BAD_IN_FIELD.search(text) is None)
+
+
+class _Wire(asyncio.Transport):
+    """A transport that takes what is written and nothing else."""
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+
+def read_alone(data: bytes, cap: int, known: dict[bytes, Any] | None) -> tuple[object, ...]:
+    """What a fresh connection makes of `data`, read in one piece as the reply to one
+    request (`known`: the pool's heads already read, or None: the parser alone): the
+    reply or the error, whether it may serve again, whether it is closed."""
+
+    async def read() -> tuple[object, ...]:
+        conn = _Connection(cap, known)
+        conn.connection_made(_Wire())
+        reply = conn.exchange(b"POST / HTTP/1.1\r\n\r\n")
+        conn.data_received(data)
+        if not reply.done():
+            return ("unfinished", conn.keep, conn.lost)
+        if reply.exception() is not None:
+            return ("error", str(reply.exception()), conn.keep, conn.lost)
+        r = reply.result()
+        return (r.status, r.reason, r.headers, r.body, conn.keep, conn.lost)
+
+    return asyncio.run(read())
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    first=st.one_of(good_replies(), replies()),
+    second=st.one_of(good_replies(), replies()),
+    cap=st.sampled_from([16, MAX_REPLY_BYTES]),
+)
+@example(first=(OK, None), second=(OK + b"HTTP/1.1 200 OK\r\n", None), cap=MAX_REPLY_BYTES)
+@example(first=(OK, None), second=(OK[:-1], None), cap=MAX_REPLY_BYTES)
+@example(first=(OK, None), second=(OK[:-2] + b"{}{}", None), cap=MAX_REPLY_BYTES)
+def test_a_reply_whose_head_was_read_before_reads_as_the_parser_reads_it(
+    first: tuple[bytes, object], second: tuple[bytes, object], cap: int
+) -> None:
+    """A pool remembers the heads of whole replies its parser read (`_KnownHead`) and
+    takes a reply of the same head and body length without the parser: whatever the
+    replies and in whatever order, each reads as the parser alone reads it, and the
+    plain 200 every push gets is remembered."""
+    known: dict[bytes, Any] = {}
+    for data in (first[0], second[0], first[0], second[0], second[0]):
+        assert read_alone(data, cap, known) == read_alone(data, cap, None), data
+    read_alone(OK, cap, known)
+    assert OK[: -len(b"{}")] in known

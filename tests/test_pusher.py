@@ -4,6 +4,7 @@ and reads replies the same way."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import json
 import logging
@@ -15,7 +16,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from courierd import logs
-from courierd.devtools.sandbox import Sandbox
+from courierd.devtools.sandbox import Request, Sandbox
 from courierd.edges.onetablet import OneTabletClient, Reply
 from courierd.edges.onetablet_http import CLIENTS
 from courierd.edges.pusher import Push, Pusher
@@ -295,3 +296,44 @@ def test_a_done_that_raises_holds_back_no_other_result(onetablet: Sandbox) -> No
         p.send([Push(f"o-{i}", BODY, f"k{i}", None, done_for(f"o-{i}")) for i in range(10)])
         assert every.wait(10), f"told only {sorted(told)}"
     assert sorted(told) == sorted(f"o-{i}" for i in range(1, 10))
+
+
+def test_a_push_on_a_kept_connection_has_no_task_and_its_deadline_still_cuts_it(
+    onetablet: Sandbox,
+) -> None:
+    """Once a connection is kept, a push goes out on it without a task of its own
+    (`OneTabletHttp.post_soon`). One that gets no reply is still cut at its deadline
+    (no answer in time, retried), its connection is not served again, and the next push
+    is answered on another."""
+    release, hanging = threading.Event(), threading.Event()
+
+    def hang(r: Request) -> None:  # "hang" is not answered until released
+        if r.order_id == "hang":
+            hanging.set()
+            release.wait(30)
+
+    async def other_tasks() -> int:
+        return len(asyncio.all_tasks() - {asyncio.current_task()})
+
+    got: list[object] = []
+    done = threading.Event()
+
+    def report(outcome: object, _sent_at: float) -> None:
+        got.append(outcome)
+        done.set()
+
+    onetablet.responder = hang
+    try:
+        with Pusher(onetablet.url, API_KEY, timeout=1.0, max_connections=1) as p:
+            p.delivery_status("o-1", BODY, "k-1")  # opens the one connection, kept
+            started = time.monotonic()
+            p.send([Push("hang", BODY, "k-2", None, report)])
+            assert hanging.wait(10)
+            assert p._thread.run(other_tasks(), timeout=5) == 0
+            assert done.wait(10)
+            assert 0.9 <= time.monotonic() - started < 5
+            assert isinstance(got[0], Unavailable) and "in time" in str(got[0])
+            release.set()
+            assert p.delivery_status("o-2", BODY, "k-3").status == 200
+    finally:
+        release.set()

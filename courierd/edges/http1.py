@@ -36,6 +36,10 @@ aiohttp's CPU per request (0.36-0.45 of it; README "Performance"):
   them. A OneTablet answering so would have every push retried until it expires:
   `onetablet.client = "aiohttp"` is the way out;
 - 1xx informational replies are skipped; a 101 (protocol switch) is an error;
+- a pool remembers the heads (status line to blank line) of whole replies its parser
+  read, with what it read in them (`_KnownHead`): a later reply that is the same head
+  and a body of its content-length, in one read, is that reply without the parser
+  (same bytes, same reading: the parser's reading of a head depends on nothing else);
 - requests are ASCII: a control character (CR, LF, NUL...) or one past ASCII in a
   request target or header (and spaces in the target) is refused (ValueError) before
   anything is sent, and so are a caller's framing headers (content-length,
@@ -58,6 +62,7 @@ import ssl
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from urllib.parse import unquote, urlsplit
 
 import httptools
@@ -65,6 +70,7 @@ import httptools
 IDLE_S = 15.0  # aiohttp's keep-alive default
 MAX_HEAD_BYTES = 1 << 16  # a reply's head (status line and headers, 1xx included)
 MAX_HEADERS = 128  # header lines in one reply's head
+KNOWN_HEADS = 32  # reply heads a pool remembers (`_KnownHead`); a server's Date changes each second
 # Requests are ASCII: a control character, or one past ASCII (which each client
 # encoded its own way, and the lean one as latin-1 when it could), is refused.
 _BAD_IN_TARGET = re.compile(r"[^\x21-\x7e]")
@@ -91,6 +97,20 @@ class Reply:  # not frozen: a frozen dataclass's fields are set slowly, once per
             if key.lower() == name:
                 return value.decode("latin-1")
         return None
+
+
+@dataclass(slots=True)
+class _KnownHead:
+    """What the parser read in a reply's head (its bytes from the status line to the
+    blank line are the key), and the length of the body it framed: a later reply that
+    is the same head and a body of that length, read whole in one piece between
+    replies, is the same reply to the parser (its reading depends on nothing else), so
+    it is taken as this without the parser's seven calls into Python per reply."""
+
+    status: int
+    reason: str
+    headers: tuple[tuple[bytes, bytes], ...]
+    length: int
 
 
 def checked_fields(headers: dict[str, str], *, framing: bool = False) -> str:
@@ -141,8 +161,10 @@ class _Connection(asyncio.Protocol):
     """One connection, one exchange at a time: `exchange` writes a request and waits
     for its reply."""
 
-    def __init__(self, cap: int) -> None:
+    def __init__(self, cap: int, known_heads: dict[bytes, _KnownHead] | None = None) -> None:
         self._cap = cap
+        # The pool's heads already read (`_KnownHead`); None: every reply is parsed.
+        self._known_heads = known_heads
         self._parser = httptools.HttpResponseParser(self)
         self.transport: asyncio.Transport | None = None
         self.lost = False  # the peer closed, or we did
@@ -160,6 +182,8 @@ class _Connection(asyncio.Protocol):
         self._tunnel: asyncio.Future[bytes] | None = None  # a CONNECT's reply head
         self._tunnel_head = bytearray()
         self.on_lost: Callable[[_Connection], None] | None = None  # the pool's, while idle
+        # `Pool.request_soon`'s: what the exchange's end runs, given its reply's future.
+        self._then: Callable[[asyncio.Future[Reply]], None] | None = None
 
     # asyncio.Protocol
 
@@ -174,6 +198,21 @@ class _Connection(asyncio.Protocol):
         if self._reply is None or self._reply.done():
             self._fail(Http1Error("the server sent bytes no request asked for"))
             return
+        first = not self._started  # this exchange's first bytes: the parser is between replies
+        if first and self._known_heads is not None:
+            end = data.find(b"\r\n\r\n") + 4
+            known = self._known_heads.get(data[:end]) if end > 3 else None
+            if known is not None and len(data) - end == known.length:
+                self._started, self._read, self._in_head = True, len(data), False
+                self._status, self._until_close, self.keep = known.status, False, True
+                reply = self._reply
+                reply.set_result(Reply(known.status, known.reason, list(known.headers), data[end:]))
+                then = self._then
+                if then is not None:  # at once: the reply is whole, nothing more is read
+                    self._then = None
+                    then(reply)
+                return
+        self._then_later()
         self._started = True
         self._read += len(data)
         try:
@@ -192,8 +231,26 @@ class _Connection(asyncio.Protocol):
         # them (a header's value, the reason, until they end) is bounded by it.
         if self._in_head and self._read > MAX_HEAD_BYTES:
             self._fail(Http1Error(f"the reply's head is over {MAX_HEAD_BYTES} bytes"))
+        elif first and self.keep and not self.lost and self._heads_before == 0:
+            self._remember(data)
+
+    def _remember(self, data: bytes) -> None:
+        """`data` was one whole reply, read by the parser, its connection kept: its head
+        is remembered if its body was framed by a content-length (not chunked)."""
+        known = self._known_heads
+        length = len(self._body)
+        end = len(data) - length
+        if known is None or data.find(b"\r\n\r\n") + 4 != end or self._until_close:
+            return
+        if any(name.lower() == b"transfer-encoding" for name, _ in self._headers):
+            return
+        if len(known) >= KNOWN_HEADS:
+            known.clear()
+        reason = self._reason.decode("latin-1")
+        known[data[:end]] = _KnownHead(self._status, reason, tuple(self._headers), length)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._then_later()
         self.lost = True
         self.keep = False
         if self.on_lost is not None:
@@ -290,7 +347,24 @@ class _Connection(asyncio.Protocol):
         self.transport.write(request)
         return reply
 
+    def _then_later(self) -> None:
+        """The exchange ends otherwise than by a known head (the parser reads the reply,
+        or it fails, or is given up): its `then` runs as its future's done callback, in
+        a later pass of the loop, never inside the parser's callbacks."""
+        then = self._then
+        if then is not None and self._reply is not None:
+            self._then = None
+            self._reply.add_done_callback(then)
+
+    def give_up(self) -> None:
+        """The caller's deadline passed: the exchange ends (cancelled), as a task
+        cancelled while it awaited it would end it."""
+        self._then_later()
+        if self._reply is not None:
+            self._reply.cancel()
+
     def _fail(self, error: Exception) -> None:
+        self._then_later()
         if self._reply is not None and not self._reply.done():
             self._reply.set_exception(error)
         self._close()
@@ -374,31 +448,90 @@ class Pool:
         self._sweeper: asyncio.TimerHandle | None = None
         self._all: set[_Connection] = set()
         self._closed = False
+        self._known_heads: dict[bytes, _KnownHead] = {}  # the connections' (`_KnownHead`)
 
     async def request(
         self, method: str, path: str, fields: str, body: bytes, extra: dict[str, str]
     ) -> Reply:
         """`method` `path` (already escaped) with header lines `fields` (from
         `checked_fields`, checked once) and `extra` (checked here) and `body`."""
-        if unsafe_target(path) or not path.startswith("/"):
-            raise ValueError(f"request target {path[:80]!r} would break the request")
-        head = (
-            f"{method} {self._prefix}{path} HTTP/1.1\r\n{self._host_line}{fields}"
-            f"{checked_fields(extra) if extra else ''}{self._proxy_auth if self._prefix else ''}"
-            f"content-length: {len(body)}\r\n\r\n"
-        ).encode("latin-1")
+        request = self._request_bytes(method, path, fields, body, extra)
         # An idle connection without a coroutine (`_acquire`'s) made and run for it.
         conn = self._idle_connection() or await self._acquire()
         try:
-            reply = await conn.exchange(head + body)
+            reply = await conn.exchange(request)
         except BaseException:
             self._discard(conn)
             raise
+        self._done_with(conn)
+        return reply
+
+    def request_soon(
+        self,
+        method: str,
+        path: str,
+        fields: str,
+        body: bytes,
+        extra: dict[str, str],
+        then: Callable[[asyncio.Future[Reply]], None],
+    ) -> asyncio.Future[Reply] | None:
+        """`request` without a task, when a connection is idle: the request is written
+        on it now, and `then` gets the reply's future once it is done (as the reply is
+        read, or in a later pass of the loop; never before this returns), after the
+        connection went back to the pool or was closed. None, and nothing sent, when no
+        connection is idle (then `request`). `give_up(future)` ends the exchange and
+        closes its connection, as cancelling `request` does. (A task per request was its
+        creation, its registration and two more passes of the loop.)"""
+        request = self._request_bytes(method, path, fields, body, extra)
+        conn = self._idle_connection()
+        if conn is None:
+            return None
+        reply = conn.exchange(request)
+        # Run by the connection at the exchange's end: at once for a reply of a known
+        # head (a done callback was a handle and one more pass of the loop per push),
+        # else as the future's done callback.
+        conn._then = partial(self._exchanged, conn, then)
+        return reply
+
+    def give_up(self, reply: asyncio.Future[Reply]) -> None:
+        """Ends `request_soon`'s exchange of `reply` (its caller's deadline passed)."""
+        for conn in self._all:  # (a deadline passing is rare: a walk is no cost)
+            if conn._reply is reply:
+                conn.give_up()
+                return
+        reply.cancel()
+
+    def _exchanged(
+        self,
+        conn: _Connection,
+        then: Callable[[asyncio.Future[Reply]], None],
+        reply: asyncio.Future[Reply],
+    ) -> None:
+        """`request_soon`'s reply came (or failed, or was cancelled): what `request`
+        does after its exchange, then `then`."""
+        if reply.cancelled() or reply.exception() is not None:
+            self._discard(conn)
+        else:
+            self._done_with(conn)
+        then(reply)
+
+    def _request_bytes(
+        self, method: str, path: str, fields: str, body: bytes, extra: dict[str, str]
+    ) -> bytes:
+        if unsafe_target(path) or not path.startswith("/"):
+            raise ValueError(f"request target {path[:80]!r} would break the request")
+        return (
+            f"{method} {self._prefix}{path} HTTP/1.1\r\n{self._host_line}{fields}"
+            f"{checked_fields(extra) if extra else ''}{self._proxy_auth if self._prefix else ''}"
+            f"content-length: {len(body)}\r\n\r\n"
+        ).encode("latin-1") + body
+
+    def _done_with(self, conn: _Connection) -> None:
+        """An exchange ended with its reply: the connection serves again if it can."""
         if conn.keep and not conn.lost:
             self._release(conn)
         else:
             self._discard(conn)
-        return reply
 
     async def close(self) -> None:
         """Closes every connection (idle or busy: their requests fail) and refuses more."""
@@ -464,7 +597,7 @@ class Pool:
         try:
             if self._proxy is None:
                 _, conn = await loop.create_connection(
-                    lambda: _Connection(self._cap),
+                    lambda: _Connection(self._cap, self._known_heads),
                     self.host,
                     self.port,
                     ssl=self._tls,
@@ -483,7 +616,9 @@ class Pool:
 
     async def _through_proxy(self, loop: asyncio.AbstractEventLoop) -> _Connection:
         assert self._proxy is not None
-        transport, conn = await loop.create_connection(lambda: _Connection(self._cap), *self._proxy)
+        transport, conn = await loop.create_connection(
+            lambda: _Connection(self._cap, self._known_heads), *self._proxy
+        )
         if self._tls is None:
             return conn
         try:

@@ -157,16 +157,34 @@ async def call(
     """One POST, by pushes and commands alike; logs one line (by `lines` if given: the
     pusher writes a pass's lines together); returns a 2xx reply or raises the matching
     error (a 3xx is `Rejected`, its Location in the message)."""
-    endpoint = f"POST {path}"
     started = time.perf_counter()
     try:
-        answer = await http.post(path, content, headers or {})
-    except NoAnswer as e:
-        raise no_reply(endpoint, order_id, started, e.reason, lines) from None
-    except ForeignOrigin as e:  # never sent: a bug or a hostile id, not OneTablet's fault
-        _log_call(endpoint, order_id, None, str(e), started, lines)
-        raise Rejected(f"{endpoint}: refused: {e}") from None
-    return interpret(endpoint, order_id, answer, started, clock(), lines)
+        answer: Answer | BaseException = await http.post(path, content, headers or {})
+    except (NoAnswer, ForeignOrigin) as e:
+        answer = e
+    return answered(path, order_id, answer, started, clock(), lines)
+
+
+def answered(
+    path: str,
+    order_id: str,
+    answer: Answer | BaseException,
+    started: float,
+    now: float,
+    lines: LineWriter | None = None,
+) -> Reply:
+    """`call`'s end, once the POST of `path` ended (`started`: by `time.perf_counter`)
+    with `answer` (or without: `NoAnswer`, or `ForeignOrigin` if it was refused): logs
+    the call's line, returns a 2xx reply or raises the matching error."""
+    endpoint = f"POST {path}"
+    if isinstance(answer, Answer):
+        return interpret(endpoint, order_id, answer, started, now, lines)
+    if isinstance(answer, NoAnswer):
+        raise no_reply(endpoint, order_id, started, answer.reason, lines) from None
+    if isinstance(answer, ForeignOrigin):  # never sent: a bug or a hostile id
+        _log_call(endpoint, order_id, None, str(answer), started, lines)
+        raise Rejected(f"{endpoint}: refused: {answer}") from None
+    raise answer
 
 
 def delivery_status_request(

@@ -33,14 +33,14 @@ import ssl
 import threading
 import urllib.request
 from collections import deque
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Protocol, Self, TypeVar
 from urllib.parse import urlsplit
 
 from courierd import __version__
 from courierd.config import OneTabletSettings
 from courierd.domain.model import value
-from courierd.edges.http1 import Http1Error, Pool, checked_fields, unsafe_target
+from courierd.edges.http1 import Http1Error, Pool, Reply, checked_fields, unsafe_target
 
 if TYPE_CHECKING:
     import httpx
@@ -142,6 +142,10 @@ class OneTabletHttp:
             raise ValueError(f"unknown HTTP client {client!r}; one of {', '.join(CLIENTS)}")
         self._failures: tuple[type[Exception], ...] = (*self._library.errors, OSError, ValueError)
         self._deadlines = _Deadlines(deadline_s)
+        if isinstance(self._library, _Lean):
+            self._deadlines.give_up = self._library.give_up
+        # `post_soon`'s calls in flight: each reply's deadline and whom to tell.
+        self._replies: dict[asyncio.Future[Any], tuple[_Call, Callable[[Answered], None]]] = {}
 
     @classmethod
     def open_on(cls, thread: LoopThread, base_url: str, api_key: str, **options: Any) -> Self:
@@ -187,20 +191,74 @@ class OneTabletHttp:
         finally:
             self._deadlines.finish(call)
 
+    def post_soon(
+        self, path: str, content: bytes, headers: dict[str, str], then: Callable[[Answered], None]
+    ) -> bool:
+        """`post` without a task, where it can go at once (courierd's own client, a
+        connection idle, the request well-formed): sent now, and `then` gets the
+        `Answer` or the `NoAnswer` (or, a bug, another exception) once it ends (as its
+        reply is read; never before this returns), under the same deadline. False, and
+        nothing sent, otherwise: `post` then (which also reports what was wrong with the
+        request)."""
+        library = self._library
+        if not isinstance(library, _Lean) or not path.startswith("/") or unsafe_target(path):
+            return False
+        for name, text in headers.items():
+            if not (name.isascii() and text.isascii()):
+                return False
+        try:
+            reply = library.post_soon(self.base_url + path, content, headers, self._answered)
+        except self._failures:  # (a closed client, a header that would break the request)
+            return False
+        if reply is None:
+            return False
+        self._replies[reply] = (self._deadlines.start_reply(reply), then)
+        return True
+
+    def _answered(self, reply: asyncio.Future[Any]) -> None:
+        """`post_soon`'s end: its answer, or what `post` would have raised, to `then`."""
+        call, then = self._replies.pop(reply)
+        self._deadlines.finish(call)
+        got: Answered
+        if reply.cancelled():  # only its deadline cancels it
+            got = NoAnswer(None)
+        else:
+            e = reply.exception()
+            if e is None:
+                got = _Lean.answer(reply.result())
+            elif isinstance(e, TimeoutError):
+                got = NoAnswer(None)
+            elif isinstance(e, self._failures):
+                got = NoAnswer(str(e) or type(e).__name__)
+            else:
+                got = e
+        then(got)
+
     async def close(self) -> None:
         await self._library.close()
 
 
+# What `post_soon`'s caller gets: the answer, no answer, or (a bug) what went wrong.
+Answered = Answer | BaseException
+
+
 class _Call:
-    """One call under its deadline: the task it runs in, when it must end by (the
-    loop's clock), whether the deadline cancelled it, and whether it is over."""
+    """One call under its deadline: the task it runs in (or the reply it waits for,
+    `post_soon`'s), when it must end by (the loop's clock), whether the deadline
+    cancelled it, and whether it is over."""
 
-    __slots__ = ("at", "cancelling", "expired", "over", "task")
+    __slots__ = ("at", "cancelling", "expired", "over", "reply", "task")
 
-    def __init__(self, task: asyncio.Task[Any], at: float) -> None:
+    def __init__(
+        self,
+        task: asyncio.Task[Any] | None,
+        at: float,
+        reply: asyncio.Future[Any] | None = None,
+    ) -> None:
         self.task = task
+        self.reply = reply
         self.at = at
-        self.cancelling = task.cancelling()
+        self.cancelling = 0 if task is None else task.cancelling()
         self.expired = False
         self.over = False
 
@@ -210,7 +268,20 @@ class _Call:
         if not self.expired:
             return False
         self.expired = False  # uncancelled once, here
+        assert self.task is not None
         return self.task.uncancel() <= self.cancelling
+
+    def cancel(self, give_up: Callable[[asyncio.Future[Any]], None]) -> None:
+        """The deadline passed: the task is cancelled (or the reply given up)."""
+        self.expired = True
+        if self.task is not None:
+            self.task.cancel()
+        elif self.reply is not None:
+            give_up(self.reply)
+
+
+def _cancel(reply: asyncio.Future[Any]) -> None:
+    reply.cancel()
 
 
 class _Deadlines:
@@ -223,6 +294,8 @@ class _Deadlines:
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
         self._calls: deque[_Call] = deque()  # in the order they started
+        # How a call without a task is given up (`OneTabletHttp.post_soon`'s library's).
+        self.give_up: Callable[[asyncio.Future[Any]], None] = _cancel
         self._timer: asyncio.TimerHandle | None = None
 
     def start(self) -> _Call:
@@ -235,9 +308,19 @@ class _Deadlines:
             self._timer = loop.call_at(call.at, self._expire, loop)
         return call
 
+    def start_reply(self, reply: asyncio.Future[Any]) -> _Call:
+        """A call without a task of its own: at its deadline `reply` is cancelled."""
+        loop = reply.get_loop()
+        call = _Call(None, loop.time() + self.seconds, reply)
+        self._calls.append(call)
+        if self._timer is None:
+            self._timer = loop.call_at(call.at, self._expire, loop)
+        return call
+
     def finish(self, call: _Call) -> None:
         call.over = True
-        if call.expired:  # cancelled by its deadline, ended some other way: as asyncio.timeout
+        if call.expired and call.task is not None:
+            # Cancelled by its deadline, ended some other way: as asyncio.timeout.
             call.expired = False
             call.task.uncancel()
         calls = self._calls
@@ -251,8 +334,7 @@ class _Deadlines:
         while calls and (calls[0].over or calls[0].at <= now):
             call = calls.popleft()
             if not call.over:
-                call.expired = True
-                call.task.cancel()
+                call.cancel(self.give_up)
         if calls:
             self._timer = loop.call_at(calls[0].at, self._expire, loop)
 
@@ -344,6 +426,31 @@ class _Lean:
         r = await self._pool.request(
             "POST", url[len(self._root) :] or "/", self._fields, content, headers
         )
+        return self.answer(r)
+
+    def post_soon(
+        self,
+        url: str,
+        content: bytes,
+        headers: dict[str, str],
+        then: Callable[[asyncio.Future[Reply]], None],
+    ) -> asyncio.Future[Reply] | None:
+        """`post` without a task, if a connection is idle (`Pool.request_soon`); None
+        (nothing sent) if not, or if `post` would refuse the request."""
+        if not url.startswith(self._root) or isinstance(self._pool, ValueError):
+            return None
+        path = url[len(self._root) :] or "/"
+        return self._pool.request_soon("POST", path, self._fields, content, headers, then)
+
+    def give_up(self, reply: asyncio.Future[Reply]) -> None:
+        """Ends `post_soon`'s exchange of `reply` (its deadline passed)."""
+        if isinstance(self._pool, Pool):
+            self._pool.give_up(reply)
+        else:
+            reply.cancel()
+
+    @staticmethod
+    def answer(r: Reply) -> Answer:
         if 200 <= r.status < 300:  # Retry-After and Location count only for the others
             return Answer(r.status, r.reason, r.body)
         return Answer(r.status, r.reason, r.body, r.header(b"retry-after"), r.header(b"location"))

@@ -17,10 +17,17 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from functools import partial
 
 from courierd.domain.model import value
-from courierd.edges.onetablet import Reply, call, delivery_status_request, write_line
-from courierd.edges.onetablet_http import CLIENTS, LoopThread, OneTabletHttp
+from courierd.edges.onetablet import (
+    Reply,
+    answered,
+    call,
+    delivery_status_request,
+    write_line,
+)
+from courierd.edges.onetablet_http import CLIENTS, Answered, LoopThread, OneTabletHttp
 from courierd.errors import OneTabletError, Unavailable
 from courierd.logs import batched
 
@@ -139,9 +146,44 @@ class Pusher:
         # The task made here as `loop.create_task` makes it (this loop has no task
         # factory), without that method's Python frame; named, since an unnamed task
         # has a name formatted for it ("Task-123").
+        # Most go without a task (`_send_soon`); a task is made for the others.
         loop = self._loop
         for push in pushes:
-            asyncio.Task(self._deliver(push), loop=loop, name="push")
+            if not self._send_soon(push):
+                asyncio.Task(self._deliver(push), loop=loop, name="push")
+
+    def _send_soon(self, push: Push) -> bool:
+        """`_deliver` without a task, where `OneTabletHttp.post_soon` can send at once
+        (an idle connection); False, and nothing done, where it cannot."""
+        sent_at = self._clock()
+        if self._monotonic() >= push.until:
+            self._finished_pushes.append((push, None, sent_at))
+            self._finished()
+            return True
+        try:
+            path, _, content, headers = delivery_status_request(
+                self.transport, push.order_id, push.body, push.idempotency_key, push.source
+            )
+        except Exception:  # `_deliver` meets it again, and says so
+            return False
+        then = partial(self._answered, push, path, sent_at, time.perf_counter())
+        return self._http.post_soon(path, content, headers, then)
+
+    def _answered(
+        self, push: Push, path: str, sent_at: float, started: float, answer: Answered
+    ) -> None:
+        """A push sent by `_send_soon` ended: as `_deliver` ends."""
+        try:
+            outcome: Outcome = answered(
+                path, push.order_id, answer, started, self._clock(), self._line
+            )
+        except OneTabletError as e:
+            outcome = e
+        except Exception as e:  # a bug must not lose the push: it is retried, loudly
+            log.exception("pusher.crash order_id=%s", push.order_id)
+            outcome = Unavailable(f"internal error: {e!r}")
+        self._finished_pushes.append((push, outcome, sent_at))
+        self._finished()
 
     async def _deliver(self, push: Push) -> None:
         sent_at = self._clock()
