@@ -226,6 +226,7 @@ class MqttEdge:
         epoch: int = 0,
         supervised: bool = False,
         room: Room | None = None,
+        bulk_read: bool = True,
     ) -> None:
         self.slot = slot
         self.epoch = epoch
@@ -264,10 +265,11 @@ class MqttEdge:
             "reconnect_on_failure": not supervised,
         }
         # paho reading the socket in bulk, plain messages handed to `_take` directly
-        # (bulkread.py); paho's own reader if this paho is not the one it knows.
+        # (bulkread.py); paho's own reader if this paho is not the one it knows (or
+        # `bulk_read` is False: the tests run that way too).
         client: GentleClose = (
             BulkEdgeClient(CallbackAPIVersion.VERSION2, deliver=self._take, **options)
-            if bulk_usable()
+            if bulk_read and bulk_usable()
             else PlainEdgeClient(CallbackAPIVersion.VERSION2, **options)
         )
         # Without this, one exception in a callback kills paho's thread while
