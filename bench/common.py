@@ -92,7 +92,9 @@ class RunFolder:
 
 
 PING_COURIERS = 10_000  # a fleet: every courier pings every 4 s of fix time
-PING_T0 = time.time() - 86400  # fixes a day old: never "in the future", always newer
+# Fixes a day old: never "in the future", always newer. COURIERD_BENCH_T0 (unix seconds)
+# fixes it, so that instruction counts repeat from run to run (bench/profile_ingest.py).
+PING_T0 = float(os.environ.get("COURIERD_BENCH_T0") or time.time() - 86400)
 
 
 def messages(n: int, ping_share: float, tag: str, first_round: int = 0) -> list[tuple[str, bytes]]:

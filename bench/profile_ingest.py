@@ -19,6 +19,13 @@ Usage: .venv/bin/python -m bench.profile_ingest ingest|mqtt [--messages N] [--ro
 To set a change against the code before it, run this file with PYTHONPATH pointing at a
 copy of the old `courierd/` (`git archive HEAD courierd | tar -x -C /tmp/old`), from
 outside the work tree, alternating with the new.
+
+Instruction counts (`valgrind --tool=cachegrind`) repeat only with a fixed
+`PYTHONHASHSEED` (0, and 1 to check) and a fixed start of the fixes' times,
+`COURIERD_BENCH_T0` (unix seconds, a day or more ago; bench/common.py): e.g.
+`PYTHONHASHSEED=0 COURIERD_BENCH_T0=1796000000 valgrind --tool=cachegrind
+--cache-sim=no .venv/bin/python -m bench.profile_ingest ingest --rounds 1`. Set them
+in the environment: a re-exec of itself would run outside valgrind.
 """
 
 from __future__ import annotations
@@ -124,10 +131,12 @@ def ingest_cpu(
     """CPU µs per message of `commit_messages` over `n` messages of the ping mix."""
     from courierd.config import GeofenceSettings, StoreSettings
     from courierd.daemon.ingest import commit_messages
+    from courierd.daemon.ipc import settle_gc
     from courierd.store import open_store
 
     folder = Path(tempfile.mkdtemp(dir=root))
     store = open_store(StoreSettings(path=folder / "courierd.db"), geofence=GeofenceSettings())
+    settle_gc()  # as the ingest process does once its store is open
     if places:
         with store.db.transaction():
             store.db.executemany(

@@ -369,6 +369,37 @@ def test_a_connection_lost_while_ingest_is_stalled_ends_pahos_thread(message: by
         ours.close()
 
 
+def test_a_wait_for_room_ends_at_once_when_the_connection_is_found_lost() -> None:
+    """The inbox full, nobody taking from it, a 30 s wait for room (keepalive 120 s), and
+    the broker gone: PUBACKs queued meanwhile wake paho's thread, whose write finds the
+    connection lost, and the wait ends there, so that the edge says so (a supervised
+    slot is given up; alone, paho reconnects) at once, not after the rest of the wait.
+    Fails on the wait that went on until room was made or its deadline."""
+    broker_end, ours = socket.socketpair()
+    ours.setblocking(False)
+    room = WatchedRoom()
+    edge = connected_edge(ours, keepalive=120, receive_max=2, room=room)
+    broker_end.sendall(
+        b"".join(publish(True, b"couriers/c1/location", b"{}", 1, m) for m in range(1, 11))
+    )
+    thread = start_network_thread(edge)
+    try:
+        assert room.entered.acquire(timeout=10), "paho's thread did not wait for room"
+        # The batcher's PUBACKs of what it holds, the inbox still at the window.
+        held = [edge.inbox.get_nowait() for _ in range(edge.inbox.qsize())]
+        for m in held:
+            edge.inbox.put(m)
+        broker_end.close()
+        edge.ack_many(held)
+        thread.join(10)  # (the wait's own deadline is 30 s away)
+        assert not thread.is_alive(), "paho's thread still waits for room"
+        assert edge.ended.is_set() and not edge.connected.is_set()
+    finally:
+        if not thread.is_alive():
+            end_network_thread(edge, thread)
+        ours.close()
+
+
 class WatchedRoom(Room):
     """A Room that says when paho's thread waits for room: once it has found none, and
     holding the lock that making room takes, so that room made after this wakes it."""
@@ -512,3 +543,59 @@ def test_a_queued_backlog_arrives_whole_and_in_order(broker: Broker, protocol: s
     assert [(m.topic, m.payload, m.size) for m in got] == [
         (t, p[:KEEP_OVERSIZED] if len(p) > 65_536 else p, len(p)) for t, p in sent
     ]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_without_bulk_reads_paho_s_own_reader_delivers_and_acknowledges(
+    broker: Broker, protocol: str
+) -> None:
+    """The edge's fallback where bulk reads are not usable (a paho without the internals
+    bulkread.py builds on; here `bulk_read=False`): paho's own reader and `on_message`.
+    A queued backlog reaches the inbox whole and in order through a window of 20 (the
+    fallback's wait for room), acknowledged batch by batch; then nothing of it is left
+    unacknowledged in the session: connected again, the edge gets only what is new."""
+    settings_ = MqttSettings(url=broker.url, client_id="plain", protocol=protocol)
+    inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
+
+    def plain_edge(subscribed: bool = True) -> MqttEdge:
+        edge = MqttEdge(settings_, inbox, receive_max=20, bulk_read=False)
+        assert not isinstance(edge._client, BulkReadClient)
+        edge.start()
+        if subscribed:  # (its SUBACK may come behind a backlog nobody takes yet)
+            wait_until(edge.subscribed.is_set, 15, "the edge subscribed")
+        return edge
+
+    plain_edge().stop()  # the session and its subscriptions, for the backlog
+    version = paho.MQTTv5 if protocol == "5" else paho.MQTTv311
+    pub = Publisher(broker.port, "plain-pub", version)
+    sent = []
+    try:
+        for i in range(300):
+            pub.client.publish(f"couriers/c{i % 7}/location", b'{"n": %d}' % i, qos=1)
+            sent.append((f"couriers/c{i % 7}/location", b'{"n": %d}' % i))
+        pub.publish("couriers/last/location", b"{}")  # waits for its PUBACK: all are queued
+        sent.append(("couriers/last/location", b"{}"))
+    finally:
+        pub.close()
+    edge = plain_edge(subscribed=False)
+    got: list[Message] = []
+    try:
+        while len(got) < len(sent):
+            batch = [inbox.get(timeout=30)]
+            while len(batch) < 10 and not inbox.empty():
+                batch.append(inbox.get_nowait())
+            edge.room.made()
+            edge.ack_many(batch)
+            got += batch
+    finally:
+        edge.stop()
+    assert [(m.topic, m.payload) for m in got] == sent
+    edge = plain_edge()
+    try:
+        pub = Publisher(broker.port, "plain-pub", version)
+        pub.publish("couriers/new/location", b"{}")
+        pub.close()
+        assert inbox.get(timeout=30).topic == "couriers/new/location"
+    finally:
+        edge.stop()

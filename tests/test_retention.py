@@ -10,8 +10,16 @@ import pytest
 from courierd.config import StoreSettings
 from courierd.daemon.housekeeping import Housekeeper
 from courierd.devtools.sandbox import Sandbox
-from courierd.domain.model import DeadLetter, Status, StatusEvent
-from courierd.store import open_store
+from courierd.domain.model import (
+    Assignment,
+    DeadLetter,
+    LocationFix,
+    Place,
+    Status,
+    StatusEvent,
+    iso,
+)
+from courierd.store import Store, open_store
 from courierd.store.outbox import PushResult
 from courierd.store.schema import DELIVERED
 from tests.harness import open_path
@@ -257,3 +265,31 @@ def test_an_order_whose_oldest_fixes_were_pruned_is_flagged_not_replayed_over_la
         assert code == 200 and doc["missing_fixes"] == 0 and doc["fixes"] == 5, doc
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("step", ["back", "ahead"])
+def test_fixes_kept_later_outlive_those_kept_earlier_whichever_way_the_clock_stepped(
+    store: Store, step: str
+) -> None:
+    """Five fixes kept, the clock steps (back an hour; or it was a day ahead and comes
+    right), five more kept. Once the later ones are past the fix retention, the earlier
+    ones go as well: what stays is always every fix kept from some point on, which
+    replay relies on (a segment whose first fix is kept is kept whole). Pruning by
+    `recorded_at` alone kept the earlier five and took the later ones. On both engines,
+    the stamps being the writer's `now` (the clock seam) and the pruning's."""
+    t0 = 1_800_000_000.0
+    first, then = (t0, t0 - HOUR) if step == "back" else (t0 + 24 * HOUR, t0)
+    store.writer.commit([Assignment("o1", "c1", pickup=Place(41.0, -74.0))], now=t0)
+    for i in range(10):  # the courier's own stamps move on; the keeping clock steps at 5
+        kept_at = (first if i < 5 else then) + i
+        store.writer.commit([LocationFix("c1", iso(t0 + i), 40.7, -74.0, 5.0)], now=kept_at)
+    kept = [r[0] for r in store.db.rows("SELECT ts FROM track_points ORDER BY id")]
+    assert kept == [iso(t0 + i) for i in range(10)]
+
+    # Past the later five's retention (+30 min), not the earlier five's.
+    now = then + store.retention.fix_retention_s + HOUR / 2
+    while store.retention.step(now).total:
+        pass
+    left = {r[0] for r in store.db.rows("SELECT ts FROM track_points")}
+    assert not left & set(kept[5:])  # the later five are past their retention
+    assert left == set(kept[len(kept) - len(left) :]), sorted(left)  # none before a gap

@@ -32,7 +32,8 @@ class Clock:
 
 @pytest.fixture
 def rig(tmp_path: Path) -> Iterator[tuple[Broker, Sessions, queue.SimpleQueue[Message], Clock]]:
-    broker = Broker(tmp_path / "broker").start()
+    # Every packet in its log (`broker_log`), for a failure to show what the broker did.
+    broker = Broker(tmp_path / "broker", listener_options="log_type all\n").start()
     inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
     clock = Clock()
     sessions = Sessions(
@@ -49,6 +50,10 @@ def rig(tmp_path: Path) -> Iterator[tuple[Broker, Sessions, queue.SimpleQueue[Me
     finally:
         sessions.stop()
         broker.stop()
+
+
+def broker_log(broker: Broker) -> str:
+    return (broker.dir / "mosquitto.log").read_text(errors="replace")
 
 
 def held_at(sessions: Sessions, clock: Clock, slots: dict[int, int]) -> None:
@@ -108,7 +113,8 @@ def test_a_batch_is_acknowledged_on_each_messages_own_connection(
         pub.status("c1", f"sentinel{len(seen)}", "o1", "arriving_at_store")
         seen.append(inbox.get(timeout=10))
     # Each connection redelivers what it holds unacked before anything new.
-    assert all(b"sentinel" in m.payload for m in seen), [m.payload for m in seen]
+    again = [m.payload for m in seen if b"sentinel" not in m.payload]
+    assert not again, f"{again}\nMosquitto's log:\n{broker_log(broker)}"
     pub.close()
 
 

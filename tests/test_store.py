@@ -452,6 +452,36 @@ def test_a_batch_writes_every_track_and_kept_fix_however_many(
         assert sorted(kept) == [(c, k) for c in couriers]
 
 
+def test_a_track_rewritten_without_consumed_fixes_keeps_those_stored(store: Store) -> None:
+    """A new courier's assignment starts the order's track afresh and consumes no fix:
+    its rewrite carries no consumed fixes (NULL; on PostgreSQL through the `VALUES` list
+    of `UPDATE ... FROM`, where the NULL has no type of its own), and the segments
+    stored stay, for replay, beside another order's in the same batch, which are
+    written. The new courier's first fix then starts a segment of its own."""
+    far = Place(41.0, -74.0, 100)
+    store.writer.commit([Assignment(f"o{i}", f"c{i}", b"{}", far, far) for i in (1, 2)], now=T0)
+    store.writer.commit(
+        [LocationFix(f"c{i}", iso(T0 + 1), 40.0, -74.0, 5.0) for i in (1, 2)], now=T0 + 1
+    )
+    store.writer.commit(
+        [Assignment("o1", "c3", b"{}", far, far), LocationFix("c2", iso(T0 + 2), 40.0, -74.0, 5.0)],
+        now=T0 + 2,
+    )
+
+    def stored(order_id: str) -> tuple[dict[str, object], object]:
+        track, consumed = store.db.row(
+            "SELECT track, consumed FROM orders WHERE order_id = ?", (order_id,)
+        )
+        return json.loads(track), json.loads(consumed)
+
+    track, consumed = stored("o1")
+    assert track.get("last") is None  # afresh
+    assert consumed == [["c1", iso(T0 + 1), 1]]
+    assert stored("o2")[1] == [["c2", iso(T0 + 1), 2]]
+    store.writer.commit([LocationFix("c3", iso(T0 + 3), 40.0, -74.0, 5.0)], now=T0 + 3)
+    assert stored("o1")[1] == [["c1", iso(T0 + 1), 1], ["c3", iso(T0 + 3), 1]]
+
+
 def test_the_writer_forgets_a_finished_order_s_track_and_consumed_fixes(store: Store) -> None:
     """An order finished by a status the writer commits: nothing of it is kept (its row
     is not read again), not only its row's order and places."""

@@ -69,16 +69,17 @@ def between(a: LatLng, b: LatLng) -> float:
 # x degrees are nearer than x times this (the meridian is the shortest way between two
 # parallels). A hair under it, and a millimetre more (below that the haversine's terms
 # underflow to 0), so that rounding never puts the shortcut of `beyond` and `within` on
-# the other side of what `between` computes.
-_M_PER_DEG_LAT = EARTH_RADIUS_M * math.pi / 180 * (1 - 1e-9)
-_MARGIN_M = 1e-3
+# the other side of what `between` computes. Public: geofence.py writes the shortcut out
+# in its hot path.
+M_PER_DEG_LAT = EARTH_RADIUS_M * math.pi / 180 * (1 - 1e-9)
+SHORTCUT_MARGIN_M = 1e-3
 
 
 def beyond(a: LatLng, b: LatLng, limit_m: float) -> bool:
     """`between(a, b) > limit_m`, the very same answer, without the haversine when the
     latitudes alone put the points further apart than that (a courier far from a place,
     most of its fixes)."""
-    if abs(a.lat - b.lat) * _M_PER_DEG_LAT > limit_m + _MARGIN_M:
+    if abs(a.lat - b.lat) * M_PER_DEG_LAT > limit_m + SHORTCUT_MARGIN_M:
         return True
     return between(a, b) > limit_m
 
@@ -86,7 +87,7 @@ def beyond(a: LatLng, b: LatLng, limit_m: float) -> bool:
 def within(a: LatLng, b: LatLng, limit_m: float) -> bool:
     """`between(a, b) <= limit_m`, the very same answer (a NaN limit too), with the
     shortcut of `beyond`."""
-    if abs(a.lat - b.lat) * _M_PER_DEG_LAT > limit_m + _MARGIN_M:
+    if abs(a.lat - b.lat) * M_PER_DEG_LAT > limit_m + SHORTCUT_MARGIN_M:
         return False
     return between(a, b) <= limit_m
 

@@ -36,7 +36,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from courierd.domain.geo import _M_PER_DEG_LAT, _MARGIN_M, between, beyond, within
+from courierd.domain.geo import M_PER_DEG_LAT, SHORTCUT_MARGIN_M, between, beyond, within
 from courierd.domain.lifecycle import CHAIN
 from courierd.domain.model import NEW, Place, Status, dumps
 
@@ -360,7 +360,7 @@ def step(
         # Beyond both the radius and the approach distance, neither rule fires: most
         # fixes. `beyond`'s meridian bound, written out (no call, no haversine: a far
         # fix costs a few comparisons); nearer, the distance decides (`beyond`'s test).
-        if not abs(fix.lat - pickup.lat) * _M_PER_DEG_LAT > reach + _MARGIN_M and not (
+        if not abs(fix.lat - pickup.lat) * M_PER_DEG_LAT > reach + SHORTCUT_MARGIN_M and not (
             (d := between(fix, pickup)) > reach
         ):
             if d <= r:

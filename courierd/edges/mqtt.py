@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import logging
 import queue
+import select
 import ssl
 import struct
 import threading
@@ -47,6 +48,62 @@ KEEP_OVERSIZED = 4096
 # if this paho has no such method (then every message is acknowledged on its own).
 _PUBACK_HEAD = (int(paho.PUBACK) << 24) | (2 << 16)
 _PACKET_QUEUE: Callable[..., Any] | None = getattr(paho.Client, "_packet_queue", None)
+
+
+# After its own DISCONNECT, how long an edge waits for the broker to close the connection
+# (`GentleClose`); a broker that has not by then is left to notice the close itself.
+CLOSE_WAIT_S = 1.0
+
+
+class GentleClose(paho.Client):
+    """paho's client, ending a connection it disconnects (`gentle`) only once the broker
+    has: after DISCONNECT is written, what the broker still sends is read and dropped
+    until it closes the connection (at most CLOSE_WAIT_S), then the socket is closed.
+
+    A broker handles a connection's packets in order and closes it on DISCONNECT, so the
+    PUBACKs written before are handled by then. paho closes at once, and a new
+    connection of the same session (a slot held again under a new epoch, at once) could
+    reach the broker first: Mosquitto 2.0 reads one packet per connection per round,
+    takes the session over and closes the old connection with PUBACKs still unread, and
+    the broker delivers those messages again (tests/test_sessions.py caught it). Read to
+    the end, the socket also closes with nothing unread, not with a reset that would
+    discard what it still had to send."""
+
+    gentle = False  # set before `disconnect()`: a stop, not a lost connection
+
+    def _sock_close(self) -> None:
+        sock = self._sock
+        if self.gentle and sock is not None:
+            _read_until_closed(sock, CLOSE_WAIT_S)
+        super()._sock_close()
+
+
+def _read_until_closed(sock: Any, timeout: float) -> None:
+    """Read and drop what `sock` receives until its peer closes it, an error, or `timeout`."""
+    deadline = time.monotonic() + timeout
+    try:
+        sock.setblocking(False)
+        while True:
+            try:
+                if not sock.recv(65536):
+                    return  # the broker closed it
+                continue
+            except (BlockingIOError, ssl.SSLWantReadError):
+                pass
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            select.select([sock], [], [], left)
+    except (OSError, ValueError):
+        return  # reset, or closed already: nothing more to wait for
+
+
+class BulkEdgeClient(GentleClose, BulkReadClient):
+    """The edge's client: bulk reads (bulkread.py), gentle stops."""
+
+
+class PlainEdgeClient(GentleClose):
+    """The edge's client where bulk reads are not usable: paho's own reader."""
 
 
 class Room:
@@ -169,6 +226,7 @@ class MqttEdge:
         epoch: int = 0,
         supervised: bool = False,
         room: Room | None = None,
+        bulk_read: bool = True,
     ) -> None:
         self.slot = slot
         self.epoch = epoch
@@ -207,11 +265,12 @@ class MqttEdge:
             "reconnect_on_failure": not supervised,
         }
         # paho reading the socket in bulk, plain messages handed to `_take` directly
-        # (bulkread.py); paho's own reader if this paho is not the one it knows.
-        client = (
-            BulkReadClient(CallbackAPIVersion.VERSION2, deliver=self._take, **options)
-            if bulk_usable()
-            else paho.Client(CallbackAPIVersion.VERSION2, **options)
+        # (bulkread.py); paho's own reader if this paho is not the one it knows (or
+        # `bulk_read` is False: the tests run that way too).
+        client: GentleClose = (
+            BulkEdgeClient(CallbackAPIVersion.VERSION2, deliver=self._take, **options)
+            if bulk_read and bulk_usable()
+            else PlainEdgeClient(CallbackAPIVersion.VERSION2, **options)
         )
         # Without this, one exception in a callback kills paho's thread while
         # is_connected() keeps answering True.
@@ -257,6 +316,9 @@ class MqttEdge:
     def stop(self) -> None:
         self._stopping = True
         self.room.made()  # paho's thread may be waiting in `_make_room`
+        # Returns once the broker has handled what was written before (GentleClose): a
+        # connection of the same session made next cannot overtake the last PUBACKs.
+        self._client.gentle = True
         self._client.disconnect()
         self._client.loop_stop()
         self.connected.clear()

@@ -2,10 +2,10 @@
 
 What a finished order (dropoff, cancelled or expired) leaves behind (its row, transitions,
 delivered pushes, event ids) and dead letters go once older than the retention.
-Accepted fixes go by their own age, after `fix_retention_s` (a courier's fixes may serve
-several orders, so they cannot go with an order; at 10k fixes/s they are most of the
-database, so they are kept for less time than the orders: replay leaves out, and says
-so, an order whose fixes went first). An
+Accepted fixes go by their own age, after `fix_retention_s`, the first kept first
+(`_fixes`; a courier's fixes may serve several orders, so they cannot go with an order;
+at 10k fixes/s they are most of the database, so they are kept for less time than the
+orders: replay leaves out, and says so, an order whose fixes went first). An
 order with a push still pending, parked or held is kept whole, however old. Each
 step is one short transaction; the number of rows per step adapts so that a step
 stays near `budget_s`, because the ingest writer waits while a step holds the lock.
@@ -71,11 +71,7 @@ class Retention:
                 "WHERE received_at < ? ORDER BY received_at LIMIT ?)",
                 (cutoff, self.batch),
             )
-            done.track_points = self.db.changed(
-                "DELETE FROM track_points WHERE id IN (SELECT id FROM track_points "
-                "WHERE recorded_at < ? ORDER BY recorded_at LIMIT ?)",
-                (fix_cutoff, self.batch * 10),
-            )
+            done.track_points = self._fixes(fix_cutoff, self.batch * 10)
             since = self.db.value("SELECT value FROM meta WHERE key = 'legacy_events_since'")
             if since is not None and since < cutoff:
                 done.legacy_events = self.db.changed(
@@ -110,3 +106,31 @@ class Retention:
         for table in ("transitions", "outbox", "processed_events", "onetablet_events", "orders"):
             self.db.execute(f"DELETE FROM {table} WHERE order_id IN ({qs})", ids)
         return len(ids)
+
+    def _fixes(self, cutoff: str, limit: int) -> int:
+        """Prune accepted fixes kept before `cutoff`, the first kept first (by id): up to
+        `limit` rows, none past the last kept of the `limit` stamped earliest. What stays
+        is then always every fix kept from some point on, whichever way the clock
+        stepped: by `recorded_at` alone, the fixes kept after the clock stepped back
+        (stamped earlier) would go before those kept just before them, while replay takes
+        a segment whose first fix is kept as whole (store/replays.py). A fix kept while
+        the clock was ahead goes with the later ones, so it holds back nothing; that is
+        what the `recorded_at` index is kept for (docs/performance.md).
+
+        Ids follow keeping order: one writer on SQLite. On PostgreSQL the id is an
+        identity, not cached, so numbered in the order of the inserts whichever instance
+        makes them; a batch keeping a courier's fixes holds its `couriers` row locked
+        (writer.py), so one courier's fixes are numbered one transaction after another;
+        and `recorded_at` is the database's clock (DbClock) for every instance."""
+        upto = self.db.value(
+            "SELECT max(id) FROM (SELECT id FROM track_points WHERE recorded_at < ? "
+            "ORDER BY recorded_at LIMIT ?) AS due",
+            (cutoff, limit),
+        )
+        if upto is None:
+            return 0
+        return self.db.changed(
+            "DELETE FROM track_points WHERE id IN (SELECT id FROM track_points "
+            "WHERE id <= ? ORDER BY id LIMIT ?)",
+            (upto, limit),
+        )
