@@ -4,6 +4,7 @@ tokens and acks travel with each message, and a grant that ran out is never outl
 from __future__ import annotations
 
 import queue
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,8 +15,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from courierd.config import MqttSettings
 from courierd.daemon.ipc import Grant
 from courierd.daemon.sessions import RECONNECT_AFTER_S, SHARED_KINDS, Sessions
-from courierd.edges.mqtt import Message
+from courierd.edges.mqtt import CLOSE_WAIT_S, Message
 from tests.harness import Broker, Publisher, wait_until
+from tests.tcpproxy import TcpProxy
 
 pytestmark = pytest.mark.integration
 
@@ -150,3 +152,36 @@ def test_a_grant_that_ran_out_disconnects_and_never_reconnects(
     finally:
         usurper.disconnect()
         usurper.loop_stop()
+
+
+def test_a_stop_waits_for_an_unanswering_broker_once_not_once_per_session(
+    tmp_path: Path,
+) -> None:
+    """Each session waits up to CLOSE_WAIT_S after its DISCONNECT for the broker to close
+    the connection (so its last PUBACKs are handled first). With a broker that no longer
+    answers (a silent network), the stop of a daemon holding eight sessions waits for
+    them together: about one CLOSE_WAIT_S, not eight, one after another (systemd's stop
+    timeout is 45 s and a cluster may hold 64)."""
+    broker = Broker(tmp_path / "broker").start()
+    proxy = TcpProxy(broker.port).start()
+    clock = Clock()
+    sessions = Sessions(
+        MqttSettings(url=f"mqtt://127.0.0.1:{proxy.port}", client_id="fleet"),
+        queue.SimpleQueue(),
+        receive_max=10,
+        subscriptions=SHARED_KINDS,
+        unsubscriptions=(),
+        shared=True,
+        monotonic=clock,
+    )
+    try:
+        held_at(sessions, clock, {slot: 1 for slot in range(8)})
+        proxy.silence()
+        started = time.monotonic()
+        sessions.stop()
+        took = time.monotonic() - started
+        assert took < 4 * CLOSE_WAIT_S, f"stopping 8 sessions took {took:.1f} s"
+    finally:
+        sessions.stop()
+        proxy.stop()
+        broker.stop()

@@ -241,5 +241,7 @@ class Sessions:
         with self._lock:
             self._stopped = True
             for edge in self._edges.values():
+                edge.begin_stop()  # all DISCONNECTs first: their waits overlap
+            for edge in self._edges.values():
                 edge.stop()
             self._edges.clear()

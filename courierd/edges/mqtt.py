@@ -313,13 +313,21 @@ class MqttEdge:
         )
         self._client.loop_start()
 
-    def stop(self) -> None:
+    def begin_stop(self) -> None:
+        """Send DISCONNECT and return; `stop()` then waits for the connection to end.
+        Several edges stopping wait for their brokers together (Sessions.stop), not one
+        CLOSE_WAIT_S after another when the broker does not answer."""
+        if self._stopping:
+            return
         self._stopping = True
         self.room.made()  # paho's thread may be waiting in `_make_room`
-        # Returns once the broker has handled what was written before (GentleClose): a
-        # connection of the same session made next cannot overtake the last PUBACKs.
         self._client.gentle = True
         self._client.disconnect()
+
+    def stop(self) -> None:
+        # Returns once the broker has handled what was written before (GentleClose): a
+        # connection of the same session made next cannot overtake the last PUBACKs.
+        self.begin_stop()
         self._client.loop_stop()
         self.connected.clear()
 
