@@ -308,3 +308,30 @@ def test_a_ts_is_stored_as_the_one_format_whatever_path_it_takes(parts: tuple[st
     assert stored == expected and when == fields.parse_rfc3339(text)
     status = json.dumps({"event_id": "e", "order_id": "o", "status": "dropoff", "ts": text})
     assert parse("couriers/c1/status", status.encode(), now=NOW).ts == stored  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("payload", "detail"),
+    [
+        (b'{"a": 1}\n', None),  # a trailing newline, as many publishers send
+        (b'{"a": 1} \r\n\t', None),
+        (b'  {"a": 1}', None),
+        (b'{"a": 1} x', "Extra data at 9"),
+        (b'{"a": 1}{}', "Extra data at 8"),
+        (b'{"a": }', "Expecting value at 6"),
+        (b'{"a": 1', "Expecting ',' delimiter at 7"),
+        (b'{"a": NaN}', "not strict JSON"),
+    ],
+)
+def test_a_json_object_is_read_or_refused_with_the_decoder_s_own_reason(
+    payload: bytes, detail: str | None
+) -> None:
+    """load_object's shortcut (the C scanner, for a text that starts as an object) reads
+    what `json` reads and refuses the rest as `json` says, whitespace around it or not."""
+    if detail is None:
+        assert fields.load_object(payload) == {"a": 1}
+    else:
+        with pytest.raises(TelemetryError) as refused:
+            fields.load_object(payload)
+        assert refused.value.reason == "bad_json"
+        assert detail in str(refused.value)
