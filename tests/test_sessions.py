@@ -128,9 +128,21 @@ def test_a_grant_that_ran_out_disconnects_and_never_reconnects(
     a session another client took over is left with it."""
     broker, sessions, _, clock = rig
     held_at(sessions, clock, {1: 3})
-    usurper = paho.Client(CallbackAPIVersion.VERSION2, client_id="fleet-1", protocol=paho.MQTTv5)
-    usurper.connect("127.0.0.1", broker.port)
-    usurper.loop_start()
+
+    def usurp() -> paho.Client:
+        # Not connected again by paho itself: its own reconnect, racing the test's, would
+        # replace the connection while the end asserts it is connected.
+        other = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id="fleet-1",
+            protocol=paho.MQTTv5,
+            reconnect_on_failure=False,
+        )
+        other.connect("127.0.0.1", broker.port)
+        other.loop_start()
+        return other
+
+    usurper = usurp()
     try:
         wait_until(lambda: not sessions.connected(), 10, "our session kicked off")
         sessions.tick()
@@ -138,8 +150,10 @@ def test_a_grant_that_ran_out_disconnects_and_never_reconnects(
         sessions.tick()  # the grant still holds: connected again (kicking the other)
         wait_until(sessions.subscribed, 15, "our session back")
         wait_until(lambda: not usurper.is_connected(), 10, "the other kicked off")
-        usurper.reconnect()
+        usurper.loop_stop()
+        usurper = usurp()
         wait_until(lambda: not sessions.connected(), 10, "our session kicked off again")
+        wait_until(usurper.is_connected, 10, "the other connected again")
         clock.now += 30  # the grant runs out
         sessions.tick()
         assert sessions.held() == []
