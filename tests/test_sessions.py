@@ -168,14 +168,12 @@ def test_a_grant_that_ran_out_disconnects_and_never_reconnects(
         usurper.loop_stop()
 
 
-def test_a_stop_waits_for_an_unanswering_broker_once_not_once_per_session(
+@pytest.fixture
+def eight_behind_a_silent_proxy(
     tmp_path: Path,
-) -> None:
-    """Each session waits up to CLOSE_WAIT_S after its DISCONNECT for the broker to close
-    the connection (so its last PUBACKs are handled first). With a broker that no longer
-    answers (a silent network), the stop of a daemon holding eight sessions waits for
-    them together: about one CLOSE_WAIT_S, not eight, one after another (systemd's stop
-    timeout is 45 s and a cluster may hold 64)."""
+) -> Iterator[tuple[Sessions, Clock]]:
+    """Eight sessions held through a TCP proxy, which then stops forwarding (a broker
+    that no longer answers, without closing anything)."""
     broker = Broker(tmp_path / "broker").start()
     proxy = TcpProxy(broker.port).start()
     clock = Clock()
@@ -191,11 +189,38 @@ def test_a_stop_waits_for_an_unanswering_broker_once_not_once_per_session(
     try:
         held_at(sessions, clock, {slot: 1 for slot in range(8)})
         proxy.silence()
-        started = time.monotonic()
-        sessions.stop()
-        took = time.monotonic() - started
-        assert took < 4 * CLOSE_WAIT_S, f"stopping 8 sessions took {took:.1f} s"
+        yield sessions, clock
     finally:
         sessions.stop()
         proxy.stop()
         broker.stop()
+
+
+def test_a_stop_waits_for_an_unanswering_broker_once_not_once_per_session(
+    eight_behind_a_silent_proxy: tuple[Sessions, Clock],
+) -> None:
+    """Each session waits up to CLOSE_WAIT_S after its DISCONNECT for the broker to close
+    the connection (so its last PUBACKs are handled first). With a broker that no longer
+    answers, the stop of a daemon holding eight sessions waits for them together: about
+    one CLOSE_WAIT_S, not eight, one after another (systemd's stop timeout is 45 s and a
+    cluster may hold 64)."""
+    sessions, _ = eight_behind_a_silent_proxy
+    started = time.monotonic()
+    sessions.stop()
+    took = time.monotonic() - started
+    assert took < 4 * CLOSE_WAIT_S, f"stopping 8 sessions took {took:.1f} s"
+
+
+def test_a_grant_running_out_drops_the_sessions_together(
+    eight_behind_a_silent_proxy: tuple[Sessions, Clock],
+) -> None:
+    """The same when the grant runs out (the network, often, is what failed): the
+    sessions are dropped with their waits overlapping, because meanwhile the lock they
+    are dropped under holds back acknowledgements, fences and health."""
+    sessions, clock = eight_behind_a_silent_proxy
+    clock.now += 30  # past the grant
+    started = time.monotonic()
+    sessions.tick()
+    took = time.monotonic() - started
+    assert sessions.held() == []
+    assert took < 4 * CLOSE_WAIT_S, f"dropping 8 sessions took {took:.1f} s"
