@@ -1003,3 +1003,34 @@ def test_a_reply_whose_head_was_read_before_reads_as_the_parser_reads_it(
         assert read_alone(data, cap, known) == read_alone(data, cap, None), data
     read_alone(OK, cap, known)
     assert OK[: -len(b"{}")] in known
+
+
+def test_a_callback_that_fails_as_a_known_head_is_read_is_reported_and_its_connection_kept(
+    servers: Callable[..., Scripted],
+) -> None:
+    """`request_soon`'s `then` that raises (its caller's bug) as a reply of a head read
+    before ends the exchange, inside `data_received`: reported as the loop reports a done
+    callback's (the other way it runs), nothing escaping to the transport (which would
+    drop the connection), and the connection serves again."""
+    server = servers(ok)
+
+    async def use(pool: Pool) -> tuple[list[dict[str, Any]], list[int]]:
+        reported: list[dict[str, Any]] = []
+        asyncio.get_running_loop().set_exception_handler(lambda _, c: reported.append(c))
+        await post(pool)  # its head is remembered
+        statuses: list[int] = []
+
+        def then(reply: asyncio.Future[Reply]) -> None:
+            statuses.append(reply.result().status)
+            raise RuntimeError("a bug in then")
+
+        assert pool.request_soon("POST", "/x", "x-api-key: k\r\n", b"{}", {}, then) is not None
+        await until(lambda: statuses, 5, "the reply")
+        statuses.append((await post(pool)).status)
+        return reported, statuses
+
+    reported, statuses = with_pool(server, use)
+    assert statuses == [200, 200]
+    assert [str(c.get("exception")) for c in reported] == ["a bug in then"]
+    assert "Fatal" not in reported[0]["message"]
+    assert server.connections == 1

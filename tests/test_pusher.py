@@ -17,8 +17,9 @@ import pytest
 
 from courierd import logs
 from courierd.devtools.sandbox import Request, Sandbox
+from courierd.edges.http1 import Reply as Http1Reply
 from courierd.edges.onetablet import OneTabletClient, Reply
-from courierd.edges.onetablet_http import CLIENTS
+from courierd.edges.onetablet_http import CLIENTS, _Lean
 from courierd.edges.pusher import Push, Pusher
 from courierd.errors import Unavailable
 from tests.conftest import API_KEY
@@ -298,22 +299,44 @@ def test_a_done_that_raises_holds_back_no_other_result(onetablet: Sandbox) -> No
     assert sorted(told) == sorted(f"o-{i}" for i in range(1, 10))
 
 
+def push_and_wait(p: Pusher, order_id: str, timeout: float = 10.0) -> object:
+    """One push's outcome, waited for with a deadline (`delivery_status` waits forever:
+    a push never finished would hang the test rather than fail it)."""
+    got: list[object] = []
+    done = threading.Event()
+
+    def report(outcome: object, _sent_at: float) -> None:
+        got.append(outcome)
+        done.set()
+
+    p.send([Push(order_id, BODY, f"k-{order_id}", None, report)])
+    assert done.wait(timeout), f"{order_id} never finished"
+    return got[0]
+
+
 def test_a_push_on_a_kept_connection_has_no_task_and_its_deadline_still_cuts_it(
     onetablet: Sandbox,
 ) -> None:
     """Once a connection is kept, a push goes out on it without a task of its own
-    (`OneTabletHttp.post_soon`). One that gets no reply is still cut at its deadline
-    (no answer in time, retried), its connection is not served again, and the next push
-    is answered on another."""
+    (`OneTabletHttp.post_soon`), and a reply of a head read before ends it at once. One
+    that gets no reply is still cut at its deadline (no answer in time, retried), its
+    connection is not served again (its late reply answers no other push), and the
+    next push is answered on another. Each reply names its order: the replies to o-1..o-4
+    have one head (the same length), remembered from o-1's."""
     release, hanging = threading.Event(), threading.Event()
 
-    def hang(r: Request) -> None:  # "hang" is not answered until released
-        if r.order_id == "hang":
+    def named(r: Request) -> tuple[int, dict[str, str], object]:
+        if r.order_id == "hang":  # not answered until released
             hanging.set()
             release.wait(30)
+        return 200, {}, {"order": r.order_id}
 
     async def other_tasks() -> int:
         return len(asyncio.all_tasks() - {asyncio.current_task()})
+
+    def order_of(outcome: object) -> object:
+        assert isinstance(outcome, Reply), outcome
+        return outcome.body["order"]
 
     got: list[object] = []
     done = threading.Event()
@@ -322,18 +345,77 @@ def test_a_push_on_a_kept_connection_has_no_task_and_its_deadline_still_cuts_it(
         got.append(outcome)
         done.set()
 
-    onetablet.responder = hang
+    onetablet.responder = named
     try:
         with Pusher(onetablet.url, API_KEY, timeout=1.0, max_connections=1) as p:
-            p.delivery_status("o-1", BODY, "k-1")  # opens the one connection, kept
+            assert order_of(push_and_wait(p, "o-1")) == "o-1"  # opens the one connection, kept
+            # On the kept connection, without a task, each read as a head known before.
+            assert [order_of(push_and_wait(p, o)) for o in ("o-2", "o-3")] == ["o-2", "o-3"]
             started = time.monotonic()
-            p.send([Push("hang", BODY, "k-2", None, report)])
+            p.send([Push("hang", BODY, "k-hang", None, report)])
             assert hanging.wait(10)
             assert p._thread.run(other_tasks(), timeout=5) == 0
             assert done.wait(10)
             assert 0.9 <= time.monotonic() - started < 5
             assert isinstance(got[0], Unavailable) and "in time" in str(got[0])
-            release.set()
-            assert p.delivery_status("o-2", BODY, "k-3").status == 200
+            release.set()  # its late reply comes on the connection given up, never read
+            assert order_of(push_and_wait(p, "o-4")) == "o-4"
     finally:
         release.set()
+
+
+def test_a_bug_starting_a_push_without_a_task_loses_neither_it_nor_the_others(
+    onetablet: Sandbox, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A push whose start without a task fails unexpectedly (a bug; here the clock the
+    pusher is given fails once, as the push starts) is said loudly and sent by a task:
+    every push of the batch, it and those after it, still gets its one result."""
+    failing = threading.Event()
+
+    def clock() -> float:
+        if failing.is_set():
+            failing.clear()
+            raise RuntimeError("a bug")
+        return time.time()
+
+    told: list[tuple[str, object]] = []
+    all_told = threading.Event()
+
+    def done_for(order_id: str) -> Callable[[object, float], None]:
+        def done(outcome: object, _sent_at: float) -> None:
+            told.append((order_id, outcome))
+            if len(told) == 3:
+                all_told.set()
+
+        return done
+
+    with Pusher(onetablet.url, API_KEY, clock=clock) as p:
+        p.delivery_status("warm", BODY, "k")  # a kept connection: the next push goes without a task
+        failing.set()
+        p.send([Push(f"o-{i}", BODY, f"k{i}", None, done_for(f"o-{i}")) for i in range(3)])
+        assert all_told.wait(10), f"told only {told}"
+    assert sorted(o for o, _ in told) == ["o-0", "o-1", "o-2"]
+    assert all(isinstance(outcome, Reply) for _, outcome in told), told
+    assert "pusher.crash order_id=o-0" in caplog.text
+
+
+def test_a_bug_reading_a_reply_without_a_task_still_ends_its_push(
+    onetablet: Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A push sent without a task whose answer cannot be made (a bug; here injected into
+    `_Lean.answer`, the one fault no reply can cause) still ends, as one in a task does:
+    an internal error, retried. Its connection serves the next push."""
+    real = _Lean.answer
+    failures = [RuntimeError("a bug")]
+
+    def answer(r: Http1Reply) -> object:
+        if failures:
+            raise failures.pop()
+        return real(r)
+
+    with Pusher(onetablet.url, API_KEY, max_connections=1) as p:
+        p.delivery_status("warm", BODY, "k")  # a kept connection: the next push goes without a task
+        monkeypatch.setattr(_Lean, "answer", staticmethod(answer))
+        outcome = push_and_wait(p, "o-1")
+        assert isinstance(outcome, Unavailable) and "internal error" in str(outcome), outcome
+        assert isinstance(push_and_wait(p, "o-2"), Reply)

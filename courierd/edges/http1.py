@@ -49,8 +49,9 @@ aiohttp's CPU per request (0.36-0.45 of it; README "Performance"):
   goes through a CONNECT tunnel, then TLS to the origin inside it. A proxy URL's
   user-info goes as `Proxy-Authorization: Basic`.
 
-Every wait is bounded by the caller (`asyncio.timeout` around `request`): a request
-cancelled at any point leaves no connection half-used in the pool.
+Every wait is bounded by the caller: `request` cancelled at any point (`onetablet_http`'s
+`_Deadlines` cancels its task), or `request_soon`'s exchange ended by `give_up` (the same
+timer's, for a request without a task), leaves no connection half-used in the pool.
 """
 
 from __future__ import annotations
@@ -210,7 +211,12 @@ class _Connection(asyncio.Protocol):
                 then = self._then
                 if then is not None:  # at once: the reply is whole, nothing more is read
                     self._then = None
-                    then(reply)
+                    try:
+                        then(reply)
+                    except Exception as e:  # as the loop reports a done callback's (the other way)
+                        reply.get_loop().call_exception_handler(
+                            {"message": "Exception in a reply's callback", "exception": e}
+                        )
                 return
         self._then_later()
         self._started = True
@@ -486,7 +492,11 @@ class Pool:
         conn = self._idle_connection()
         if conn is None:
             return None
-        reply = conn.exchange(request)
+        try:
+            reply = conn.exchange(request)
+        except BaseException:
+            self._discard(conn)
+            raise
         # Run by the connection at the exchange's end: at once for a reply of a known
         # head (a done callback was a handle and one more pass of the loop per push),
         # else as the future's done callback.
@@ -508,12 +518,14 @@ class Pool:
         reply: asyncio.Future[Reply],
     ) -> None:
         """`request_soon`'s reply came (or failed, or was cancelled): what `request`
-        does after its exchange, then `then`."""
-        if reply.cancelled() or reply.exception() is not None:
-            self._discard(conn)
-        else:
-            self._done_with(conn)
-        then(reply)
+        does after its exchange, then `then` (whatever happened to the connection)."""
+        try:
+            if reply.cancelled() or reply.exception() is not None:
+                self._discard(conn)
+            else:
+                self._done_with(conn)
+        finally:
+            then(reply)
 
     def _request_bytes(
         self, method: str, path: str, fields: str, body: bytes, extra: dict[str, str]

@@ -218,20 +218,23 @@ class OneTabletHttp:
     def _answered(self, reply: asyncio.Future[Any]) -> None:
         """`post_soon`'s end: its answer, or what `post` would have raised, to `then`."""
         call, then = self._replies.pop(reply)
-        self._deadlines.finish(call)
         got: Answered
-        if reply.cancelled():  # only its deadline cancels it
-            got = NoAnswer(None)
-        else:
-            e = reply.exception()
-            if e is None:
-                got = _Lean.answer(reply.result())
-            elif isinstance(e, TimeoutError):
+        try:
+            self._deadlines.finish(call)
+            if reply.cancelled():  # only its deadline cancels it
                 got = NoAnswer(None)
-            elif isinstance(e, self._failures):
-                got = NoAnswer(str(e) or type(e).__name__)
             else:
-                got = e
+                e = reply.exception()
+                if e is None:
+                    got = _Lean.answer(reply.result())
+                elif isinstance(e, TimeoutError):
+                    got = NoAnswer(None)
+                elif isinstance(e, self._failures):
+                    got = NoAnswer(str(e) or type(e).__name__)
+                else:
+                    got = e
+        except Exception as bug:  # a bug must not lose the call: `then` is told, as `post` raises
+            got = bug
         then(got)
 
     async def close(self) -> None:

@@ -149,7 +149,12 @@ class Pusher:
         # Most go without a task (`_send_soon`); a task is made for the others.
         loop = self._loop
         for push in pushes:
-            if not self._send_soon(push):
+            try:
+                sent = self._send_soon(push)
+            except Exception:  # a bug must not lose this push, nor the rest of the batch
+                log.exception("pusher.crash order_id=%s", push.order_id)
+                sent = False  # by a task then (if it was sent, its Idempotency-Key holds)
+            if not sent:
                 asyncio.Task(self._deliver(push), loop=loop, name="push")
 
     def _send_soon(self, push: Push) -> bool:
