@@ -17,9 +17,8 @@ import pytest
 
 from courierd import logs
 from courierd.devtools.sandbox import Request, Sandbox
-from courierd.edges.http1 import Reply as Http1Reply
 from courierd.edges.onetablet import OneTabletClient, Reply
-from courierd.edges.onetablet_http import CLIENTS, _Lean
+from courierd.edges.onetablet_http import CLIENTS
 from courierd.edges.pusher import Push, Pusher
 from courierd.errors import Unavailable
 from tests.conftest import API_KEY
@@ -397,25 +396,3 @@ def test_a_bug_starting_a_push_without_a_task_loses_neither_it_nor_the_others(
     assert sorted(o for o, _ in told) == ["o-0", "o-1", "o-2"]
     assert all(isinstance(outcome, Reply) for _, outcome in told), told
     assert "pusher.crash order_id=o-0" in caplog.text
-
-
-def test_a_bug_reading_a_reply_without_a_task_still_ends_its_push(
-    onetablet: Sandbox, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A push sent without a task whose answer cannot be made (a bug; here injected into
-    `_Lean.answer`, the one fault no reply can cause) still ends, as one in a task does:
-    an internal error, retried. Its connection serves the next push."""
-    real = _Lean.answer
-    failures = [RuntimeError("a bug")]
-
-    def answer(r: Http1Reply) -> object:
-        if failures:
-            raise failures.pop()
-        return real(r)
-
-    with Pusher(onetablet.url, API_KEY, max_connections=1) as p:
-        p.delivery_status("warm", BODY, "k")  # a kept connection: the next push goes without a task
-        monkeypatch.setattr(_Lean, "answer", staticmethod(answer))
-        outcome = push_and_wait(p, "o-1")
-        assert isinstance(outcome, Unavailable) and "internal error" in str(outcome), outcome
-        assert isinstance(push_and_wait(p, "o-2"), Reply)
