@@ -267,29 +267,56 @@ def test_an_order_whose_oldest_fixes_were_pruned_is_flagged_not_replayed_over_la
         server.stop()
 
 
+def keep_across_a_step(store: Store, t0: float, first: float, then: float, n: int) -> list[str]:
+    """`n` fixes kept by a clock at `first`, then `n` by one at `then` (the courier's own
+    stamps move on); their ts in keeping order."""
+    store.writer.commit([Assignment("o1", "c1", pickup=Place(41.0, -74.0))], now=t0)
+    for i in range(2 * n):
+        kept_at = (first if i < n else then) + i
+        store.writer.commit([LocationFix("c1", iso(t0 + i), 40.7, -74.0, 5.0)], now=kept_at)
+    kept = [r[0] for r in store.db.rows("SELECT ts FROM track_points ORDER BY id")]
+    assert kept == [iso(t0 + i) for i in range(2 * n)]
+    return kept
+
+
+def prune_all(store: Store, now: float) -> set[str]:
+    while store.retention.step(now).total:
+        pass
+    return {r[0] for r in store.db.rows("SELECT ts FROM track_points")}
+
+
 @pytest.mark.parametrize("step", ["back", "ahead"])
 def test_fixes_kept_later_outlive_those_kept_earlier_whichever_way_the_clock_stepped(
     store: Store, step: str
 ) -> None:
-    """Five fixes kept, the clock steps (back an hour; or it was a day ahead and comes
-    right), five more kept. Once the later ones are past the fix retention, the earlier
-    ones go as well: what stays is always every fix kept from some point on, which
-    replay relies on (a segment whose first fix is kept is kept whole). Pruning by
+    """Five fixes kept, the clock steps (back an hour; or it was 45 minutes ahead and
+    comes right), five more kept. Once the later ones are past the fix retention, the
+    earlier ones go as well: what stays is always every fix kept from some point on,
+    which replay relies on (a segment whose first fix is kept is kept whole). Pruning by
     `recorded_at` alone kept the earlier five and took the later ones. On both engines,
     the stamps being the writer's `now` (the clock seam) and the pruning's."""
     t0 = 1_800_000_000.0
-    first, then = (t0, t0 - HOUR) if step == "back" else (t0 + 24 * HOUR, t0)
-    store.writer.commit([Assignment("o1", "c1", pickup=Place(41.0, -74.0))], now=t0)
-    for i in range(10):  # the courier's own stamps move on; the keeping clock steps at 5
-        kept_at = (first if i < 5 else then) + i
-        store.writer.commit([LocationFix("c1", iso(t0 + i), 40.7, -74.0, 5.0)], now=kept_at)
-    kept = [r[0] for r in store.db.rows("SELECT ts FROM track_points ORDER BY id")]
-    assert kept == [iso(t0 + i) for i in range(10)]
-
+    first, then = (t0, t0 - HOUR) if step == "back" else (t0 + 0.75 * HOUR, t0)
+    kept = keep_across_a_step(store, t0, first, then, 5)
     # Past the later five's retention (+30 min), not the earlier five's.
-    now = then + store.retention.fix_retention_s + HOUR / 2
-    while store.retention.step(now).total:
-        pass
-    left = {r[0] for r in store.db.rows("SELECT ts FROM track_points")}
+    left = prune_all(store, then + store.retention.fix_retention_s + HOUR / 2)
     assert not left & set(kept[5:])  # the later five are past their retention
     assert left == set(kept[len(kept) - len(left) :]), sorted(left)  # none before a gap
+    assert not left  # the earlier five went with them, less than CLOCK_STEP_S early
+
+
+def test_a_large_clock_step_takes_no_fix_early_and_holds_none_back(store: Store) -> None:
+    """Past CLOCK_STEP_S, fixes go by their stamps. A host a year behind that comes
+    right: the few fixes it stamped a year ago go, the days of others kept before them
+    stay (by keeping order they would all have gone). A host a day ahead that comes
+    right: the fixes kept since go when due, not a day later."""
+    t0 = 1_800_000_000.0
+    kept = keep_across_a_step(store, t0, t0, t0 - 365 * 24 * HOUR, 5)
+    left = prune_all(store, t0 + HOUR)
+    assert left == set(kept[:5]), sorted(left)
+    store.db.execute("DELETE FROM track_points")
+
+    t1 = t0 + HOUR  # the courier's fixes move on
+    kept = keep_across_a_step(store, t1, t1 + 24 * HOUR, t1, 5)
+    left = prune_all(store, t1 + store.retention.fix_retention_s + HOUR)
+    assert left == set(kept[:5]), sorted(left)  # those stamped a day ahead wait for it

@@ -22,6 +22,11 @@ from courierd.domain.model import iso
 from courierd.store.db import Database, placeholders
 
 MAX_BATCH = 5000
+# How far a step of the host clock pruning makes up for: a fix kept before the clock
+# stepped back goes with those kept after it (by keeping order) at most this much before
+# its own stamp says. Past it (a host that ran a year behind, then came right), fixes go
+# by their stamps alone, so a few misstamped ones cannot take days of others with them.
+CLOCK_STEP_S = 3600.0
 
 
 @dataclass(slots=True)
@@ -71,7 +76,8 @@ class Retention:
                 "WHERE received_at < ? ORDER BY received_at LIMIT ?)",
                 (cutoff, self.batch),
             )
-            done.track_points = self._fixes(fix_cutoff, self.batch * 10)
+            fix_late = iso(now - self.fix_retention_s + CLOCK_STEP_S)
+            done.track_points = self._fixes(fix_cutoff, fix_late, self.batch * 10)
             since = self.db.value("SELECT value FROM meta WHERE key = 'legacy_events_since'")
             if since is not None and since < cutoff:
                 done.legacy_events = self.db.changed(
@@ -107,15 +113,19 @@ class Retention:
             self.db.execute(f"DELETE FROM {table} WHERE order_id IN ({qs})", ids)
         return len(ids)
 
-    def _fixes(self, cutoff: str, limit: int) -> int:
-        """Prune accepted fixes kept before `cutoff`, the first kept first (by id): up to
-        `limit` rows, none past the last kept of the `limit` stamped earliest. What stays
-        is then always every fix kept from some point on, whichever way the clock
-        stepped: by `recorded_at` alone, the fixes kept after the clock stepped back
-        (stamped earlier) would go before those kept just before them, while replay takes
-        a segment whose first fix is kept as whole (store/replays.py). A fix kept while
-        the clock was ahead goes with the later ones, so it holds back nothing; that is
-        what the `recorded_at` index is kept for (docs/performance.md).
+    def _fixes(self, cutoff: str, late: str, limit: int) -> int:
+        """Prune accepted fixes kept before `cutoff`, the first kept first (by id), up to
+        `limit` rows: what stays is then every fix kept from some point on, whichever
+        way the clock stepped. By `recorded_at` alone, the fixes kept after the clock
+        stepped back (stamped earlier) would go before those kept just before them,
+        while replay takes a segment whose first fix is kept as whole (store/replays.py).
+
+        First, by id: up to the last kept of the `limit` stamped earliest, but none
+        stamped `late` (CLOCK_STEP_S past the cutoff) or later and none after it, so a
+        fix goes at most CLOCK_STEP_S early. Then what is still past the cutoff goes by
+        its stamp (a step larger than CLOCK_STEP_S, either way: as before this rule, a
+        gap in a segment is then possible; but a fix kept while the clock was ahead does
+        not hold pruning back, and misstamped fixes take none with them).
 
         Ids follow keeping order: one writer on SQLite. On PostgreSQL the id is an
         identity, not cached, so numbered in the order of the inserts whichever instance
@@ -129,8 +139,21 @@ class Retention:
         )
         if upto is None:
             return 0
-        return self.db.changed(
+        # The first kept that may not go early, among the `limit` the delete may take.
+        held = self.db.value(
+            "SELECT min(id) FROM (SELECT id, recorded_at FROM track_points WHERE id <= ? "
+            "ORDER BY id LIMIT ?) AS head WHERE recorded_at >= ?",
+            (upto, limit, late),
+        )
+        gone = self.db.changed(
             "DELETE FROM track_points WHERE id IN (SELECT id FROM track_points "
             "WHERE id <= ? ORDER BY id LIMIT ?)",
-            (upto, limit),
+            (upto if held is None else held - 1, limit),
         )
+        if gone < limit:
+            gone += self.db.changed(
+                "DELETE FROM track_points WHERE id IN (SELECT id FROM track_points "
+                "WHERE recorded_at < ? ORDER BY recorded_at LIMIT ?)",
+                (cutoff, limit - gone),
+            )
+        return gone
