@@ -718,3 +718,24 @@ def test_a_client_that_does_not_read_is_held_and_then_answered_in_order() -> Non
         ]
     finally:
         sandbox.stop()
+
+
+def test_the_page_shows_refused_bodies_whose_id_is_not_a_string() -> None:
+    """A refused body whose order id is a number or a list is logged without an order, and
+    the page and log still serve: the page raised (html.escape of 5, a list as a key) on
+    every load after it, and its connection closed without a reply."""
+    sandbox = Sandbox(api_key="k").start()
+    try:
+        for path, body in [("/orders", b'{"id": 5}'), ("/webhooks", b'{"order_id": [1]}')]:
+            request = urllib.request.Request(
+                sandbox.url + path, data=body, headers={"x-api-key": "k"}, method="POST"
+            )
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(request, timeout=30)
+            assert refused.value.code == 400
+            refused.value.close()
+        with urllib.request.urlopen(sandbox.url + "/", timeout=30) as page:
+            assert page.status == 200 and b"/webhooks" in page.read()
+        assert [r["order_id"] for r in sandbox.log()] == [None, None]
+    finally:
+        sandbox.stop()
