@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 import warnings
 from collections import defaultdict
@@ -427,6 +428,9 @@ HEAD_PARTS = st.sampled_from(
 @example(POST + b"content-length: 12\r\n\r\n" + ORDER)
 @example(POST + b"content-length: 12\r\ncontent-length: 12\r\n\r\n" + ORDER)
 @example(b"POST /orders HTTP/1.1\r\ncontent-length: \x0b12\r\n\r\n" + ORDER)
+@example(b"POST HTTP/1.1\r\nx-api-key: k\r\ncontent-length: 12\r\n\r\n" + ORDER)  # no target
+@example(b"POST /a b HTTP/1.1\r\ncontent-length: 12\r\n\r\n" + ORDER)  # a space in it
+@example(b"POST /orders HTTP/1.1\r\nConnection: close\r\ncontent-length: 12\r\n\r\n" + ORDER)
 def test_a_request_answered_at_once_is_read_as_the_reader_reads_it(data: bytes) -> None:
     """What the sandbox answers where it arrives (`_quick_request`) is a whole keep-alive
     POST that the connection's reader (`_read_request`) reads the same: target, headers,
@@ -527,3 +531,211 @@ def test_a_started_broker_closes_its_copy_of_the_log(tmp_path: Path) -> None:
     log = str((tmp_path / "broker" / "mosquitto.log").resolve())
     assert broker.proc is not None
     assert [os.readlink(f"/proc/{broker.proc.pid}/fd/{fd}") for fd in (1, 2)] == [log, log]
+
+
+def served_connection(sandbox: Sandbox) -> tuple[socket.socket, BinaryIO]:
+    """A connection to the sandbox that one POST has been answered on (so it is idle, kept
+    alive), and its reading end."""
+    host, port = sandbox.url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    replies = sock.makefile("rb")
+    sock.sendall(POST + b"content-length: 12\r\n\r\n" + ORDER)
+    assert read_reply(replies)[0] == 200
+    return sock, replies
+
+
+def test_a_kept_connection_answers_a_plain_post_where_it_arrives() -> None:
+    """On an idle kept-alive connection a plain POST is answered without the connection's
+    coroutine (Sandbox.quick_answers counts it), as it is in the bench."""
+    sandbox = Sandbox(api_key="k").start()
+    try:
+        sock, replies = served_connection(sandbox)
+        with sock, replies:
+            before = sandbox.quick_answers
+            sock.sendall(POST + b"content-length: 12\r\n\r\n" + ORDER)
+            assert read_reply(replies)[0] == 200
+            assert sandbox.quick_answers == before + 1
+    finally:
+        sandbox.stop()
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"POST HTTP/1.1\r\nx-api-key: k\r\ncontent-length: 12\r\n\r\n" + ORDER,
+        b"POST /a b HTTP/1.1\r\nx-api-key: k\r\ncontent-length: 12\r\n\r\n" + ORDER,
+    ],
+    ids=["no-target", "space-in-target"],
+)
+def test_a_bad_request_line_on_a_kept_connection_is_refused(data: bytes) -> None:
+    """A request line that is not three words, sent alone on an idle kept-alive connection
+    (where the sandbox answers what it can at once), is refused 400 and the connection
+    closes, as on a new connection: `POST HTTP/1.1` was answered 404 and logged."""
+    sandbox = Sandbox(api_key="k").start()
+    try:
+        sock, replies = served_connection(sandbox)
+        with sock, replies:
+            sock.sendall(data)
+            status, headers, body = read_reply(replies)
+            assert (status, headers[b"connection"]) == (400, b"close"), body
+            assert "bad request syntax" in json.loads(body)["message"]
+            assert replies.read() == b""
+        assert [r.status for r in sandbox.requests()] == [200]
+    finally:
+        sandbox.stop()
+
+
+def test_a_lone_closing_post_on_a_kept_connection_is_answered_then_closed() -> None:
+    """A POST with `Connection: close`, alone on an idle kept-alive connection, is answered
+    and then the connection closes."""
+    sandbox = Sandbox(api_key="k").start()
+    try:
+        sock, replies = served_connection(sandbox)
+        with sock, replies:
+            sock.settimeout(10)  # a connection left open fails the test in 10 s, not 30
+            sock.sendall(POST + b"Connection: close\r\ncontent-length: 12\r\n\r\n" + ORDER)
+            assert read_reply(replies)[0] == 200
+            assert replies.read() == b""
+    finally:
+        sandbox.stop()
+
+
+UNREADABLE_BODIES = [
+    ("/orders/o1/delivery-status", b'{"delivery_status": []}'),
+    ("/orders/o1/delivery-status", b'{"delivery_status": {"a": 1}}'),
+    ("/webhooks", b'{"event": {"type": ["order.submit"]}, "id": "o1"}'),
+    ("/orders", b'{"id": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
+    ("/orders", b"[" * 100_000 + b"]" * 100_000),
+]
+
+
+@pytest.mark.parametrize(
+    ("path", "body"), UNREADABLE_BODIES, ids=["list", "object", "type", "deep", "deep-top"]
+)
+def test_a_body_of_the_wrong_shape_is_answered_400_with_the_replies_before_it(
+    path: str, body: bytes
+) -> None:
+    """A status or event type that is a list or object (unhashable), or JSON nested too
+    deep to read, is answered 400, on an idle kept connection and pipelined behind and
+    before served requests: it raised in the checks, and the connection was aborted with
+    the replies before it unsent."""
+    sandbox = Sandbox(api_key="k").start()
+    bad = (
+        f"POST {path} HTTP/1.1\r\nx-api-key: k\r\ncontent-length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    ok = POST + b"content-length: 12\r\n\r\n" + ORDER
+    try:
+        sock, replies = served_connection(sandbox)
+        with sock, replies:
+            sock.sendall(bad)
+            assert read_reply(replies)[0] == 400
+            sock.sendall(ok + bad + ok)
+            assert [read_reply(replies)[0] for _ in range(3)] == [200, 400, 200]
+        assert [r.status for r in sandbox.requests()] == [200, 400, 200, 400, 200]
+    finally:
+        sandbox.stop()
+
+
+def test_wait_for_wakes_when_a_request_is_logged() -> None:
+    """wait_for returns as soon as the request it waits for is logged, not at its timeout."""
+    sandbox = Sandbox(api_key="k").start()
+    waiting = threading.Event()
+
+    def posted(requests: list[object]) -> bool:
+        waiting.set()  # called under the log's lock: a request logged after this wakes it
+        return bool(requests)
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            began = time.monotonic()
+            waiter = pool.submit(sandbox.wait_for, posted, 30)
+            assert waiting.wait(30)
+            sock, replies = served_connection(sandbox)
+            sock.close()
+            replies.close()
+            assert waiter.result(60) is True
+            assert time.monotonic() - began < 15
+    finally:
+        sandbox.stop()
+
+
+def test_an_answer_handed_out_is_a_copy() -> None:
+    """Changing what answer() returned does not change the next reply."""
+    sandbox = Sandbox(api_key="k").start()
+    try:
+        reply = sandbox.answer("POST", "/orders", {"x-api-key": "k"}, ORDER)
+        assert reply == (200, {}, {"ok": True})
+        reply[1]["x-changed"] = "1"
+        reply[2]["ok"] = False
+        assert sandbox.answer("POST", "/orders", {"x-api-key": "k"}, ORDER) == (
+            200,
+            {},
+            {"ok": True},
+        )
+        sock, replies = served_connection(sandbox)
+        with sock, replies:
+            sock.sendall(POST + b"content-length: 12\r\n\r\n" + ORDER)
+            status, headers, body = read_reply(replies)
+            assert (status, b"x-changed" in headers, json.loads(body)) == (200, False, {"ok": True})
+    finally:
+        sandbox.stop()
+
+
+def test_a_client_that_does_not_read_is_held_and_then_answered_in_order() -> None:
+    """A client that sends requests one by one without reading their replies is held once
+    its replies back up (writing paused: the rest goes to the connection's coroutine, which
+    waits in drain()), not answered into a buffer without bound; when it reads, every
+    reply comes, in order."""
+    sandbox = Sandbox(api_key="k").start()
+    count, pad = 3400, "x" * 7000  # about 24 MB of 404 replies, each naming its path
+    requests = [
+        f"POST /{i:05d}{pad} HTTP/1.1\r\nx-api-key: k\r\ncontent-length: 2\r\n\r\n{{}}".encode()
+        for i in range(count)
+    ]
+    try:
+        host, port = sandbox.url.removeprefix("http://").split(":")
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: fixed
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # each request at once
+        sock.settimeout(60)
+        sock.connect((host, int(port)))
+        with sock, sock.makefile("rb") as replies, concurrent.futures.ThreadPoolExecutor(1) as pool:
+            sock.sendall(POST + b"content-length: 12\r\n\r\n" + ORDER)
+            assert read_reply(replies)[0] == 200  # kept alive, idle: answered at once
+            for held, request in enumerate(requests):  # one by one: each arrives whole
+                sock.sendall(request)
+                if not sandbox.wait_for(lambda r, n=held + 2: len(r) >= n, timeout=2):
+                    break  # held: kernel buffers take a few MB of replies, not 24 MB
+            else:
+                pytest.fail("every request answered, its replies unread")
+            rest = pool.submit(sock.sendall, b"".join(requests[held + 1 :]))
+            got = [read_reply(replies) for _ in range(count)]
+            rest.result(60)
+        paths = [r.split(b" ")[1].decode() for r in requests]
+        assert [(s, json.loads(b)["message"]) for s, _, b in got] == [
+            (404, f"no endpoint {p}") for p in paths
+        ]
+    finally:
+        sandbox.stop()
+
+
+def test_the_page_shows_refused_bodies_whose_id_is_not_a_string() -> None:
+    """A refused body whose order id is a number or a list is logged without an order, and
+    the page and log still serve: the page raised (html.escape of 5, a list as a key) on
+    every load after it, and its connection closed without a reply."""
+    sandbox = Sandbox(api_key="k").start()
+    try:
+        for path, body in [("/orders", b'{"id": 5}'), ("/webhooks", b'{"order_id": [1]}')]:
+            request = urllib.request.Request(
+                sandbox.url + path, data=body, headers={"x-api-key": "k"}, method="POST"
+            )
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(request, timeout=30)
+            assert refused.value.code == 400
+            refused.value.close()
+        with urllib.request.urlopen(sandbox.url + "/", timeout=30) as page:
+            assert page.status == 200 and b"/webhooks" in page.read()
+        assert [r["order_id"] for r in sandbox.log()] == [None, None]
+    finally:
+        sandbox.stop()
