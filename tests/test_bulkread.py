@@ -497,6 +497,22 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
         broker.stop()
 
 
+def take_and_ack(
+    edge: MqttEdge, inbox: queue.SimpleQueue[Message], n: int, batch_size: int
+) -> list[Message]:
+    """Take `n` messages from the inbox in batches, acknowledging each as the batcher
+    does after a commit (room made, then one ack_many)."""
+    got: list[Message] = []
+    while len(got) < n:
+        batch = [inbox.get(timeout=30)]
+        while len(batch) < batch_size and not inbox.empty():
+            batch.append(inbox.get_nowait())
+        edge.room.made()
+        edge.ack_many(batch)
+        got += batch
+    return got
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])
 def test_a_queued_backlog_arrives_whole_and_in_order(broker: Broker, protocol: str) -> None:
@@ -529,15 +545,8 @@ def test_a_queued_backlog_arrives_whole_and_in_order(broker: Broker, protocol: s
         pub.close()
     edge = MqttEdge(settings_, inbox, receive_max=100)
     edge.start()
-    got: list[Message] = []
     try:
-        while len(got) < len(sent):
-            batch = [inbox.get(timeout=30)]
-            while len(batch) < 50 and not inbox.empty():
-                batch.append(inbox.get_nowait())
-            edge.room.made()
-            edge.ack_many(batch)
-            got += batch
+        got = take_and_ack(edge, inbox, len(sent), 50)
     finally:
         edge.stop()
     assert [(m.topic, m.payload, m.size) for m in got] == [
@@ -579,15 +588,8 @@ def test_without_bulk_reads_paho_s_own_reader_delivers_and_acknowledges(
     finally:
         pub.close()
     edge = plain_edge(subscribed=False)
-    got: list[Message] = []
     try:
-        while len(got) < len(sent):
-            batch = [inbox.get(timeout=30)]
-            while len(batch) < 10 and not inbox.empty():
-                batch.append(inbox.get_nowait())
-            edge.room.made()
-            edge.ack_many(batch)
-            got += batch
+        got = take_and_ack(edge, inbox, len(sent), 10)
     finally:
         edge.stop()
     assert [(m.topic, m.payload) for m in got] == sent

@@ -32,14 +32,10 @@ class Clock:
         return self.now
 
 
-@pytest.fixture
-def rig(tmp_path: Path) -> Iterator[tuple[Broker, Sessions, queue.SimpleQueue[Message], Clock]]:
-    # Every packet in its log (`broker_log`), for a failure to show what the broker did.
-    broker = Broker(tmp_path / "broker", listener_options="log_type all\n").start()
-    inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
-    clock = Clock()
-    sessions = Sessions(
-        MqttSettings(url=broker.url, client_id="fleet"),
+def fleet(url: str, inbox: queue.SimpleQueue[Message], clock: Clock) -> Sessions:
+    """A cluster instance's sessions (client id "fleet"), on the test's clock."""
+    return Sessions(
+        MqttSettings(url=url, client_id="fleet"),
         inbox,
         receive_max=10,
         subscriptions=SHARED_KINDS,
@@ -47,6 +43,15 @@ def rig(tmp_path: Path) -> Iterator[tuple[Broker, Sessions, queue.SimpleQueue[Me
         shared=True,
         monotonic=clock,
     )
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[tuple[Broker, Sessions, queue.SimpleQueue[Message], Clock]]:
+    # Every packet in its log (`broker_log`), for a failure to show what the broker did.
+    broker = Broker(tmp_path / "broker", listener_options="log_type all\n").start()
+    inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
+    clock = Clock()
+    sessions = fleet(broker.url, inbox, clock)
     try:
         yield broker, sessions, inbox, clock
     finally:
@@ -177,15 +182,7 @@ def eight_behind_a_silent_proxy(
     broker = Broker(tmp_path / "broker").start()
     proxy = TcpProxy(broker.port).start()
     clock = Clock()
-    sessions = Sessions(
-        MqttSettings(url=f"mqtt://127.0.0.1:{proxy.port}", client_id="fleet"),
-        queue.SimpleQueue(),
-        receive_max=10,
-        subscriptions=SHARED_KINDS,
-        unsubscriptions=(),
-        shared=True,
-        monotonic=clock,
-    )
+    sessions = fleet(f"mqtt://127.0.0.1:{proxy.port}", queue.SimpleQueue(), clock)
     try:
         held_at(sessions, clock, {slot: 1 for slot in range(8)})
         proxy.silence()
