@@ -157,6 +157,13 @@ def test_a_full_disk_turns_health_red_then_ingest_resumes(
     pub = rig.publisher()
     pub.status("c1", "f1", "full", "dasher_confirmed")
     assert rig.onetablet.wait_for(lambda _: "full" in delivered(rig.onetablet), 10)
+    # Its delivery recorded too: a result the full disk refused is sent again once space
+    # returns (at least once, the same Idempotency-Key), a fourth request here.
+    wait_until(
+        lambda: daemon.metric('courierd_pushes_total{outcome="delivered"}') == 1,
+        10,
+        "the first delivery recorded",
+    )
     filler = fill(small_disk)
     for i, st in enumerate(["arriving_at_store", "arrived_at_store"], start=2):
         pub.status("c1", f"f{i}", "full", st, pad="x" * 20_000)  # WAL pages need room

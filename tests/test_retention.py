@@ -268,14 +268,20 @@ def test_an_order_whose_oldest_fixes_were_pruned_is_flagged_not_replayed_over_la
 
 
 def keep_across_a_step(store: Store, t0: float, first: float, then: float, n: int) -> list[str]:
-    """`n` fixes kept by a clock at `first`, then `n` by one at `then` (the courier's own
-    stamps move on); their ts in keeping order."""
+    """`n` fixes kept by a clock at `first`, then `n` by one at `then`; see keep_by_clocks."""
+    return keep_by_clocks(store, t0, [first, then], n)
+
+
+def keep_by_clocks(store: Store, t0: float, clocks: list[float], n: int) -> list[str]:
+    """`n` fixes kept by a clock reading `clocks[0]` on, then `n` by one reading
+    `clocks[1]` on, and so on (the courier's own stamps move on from `t0`, one a second);
+    their ts in keeping order."""
     store.writer.commit([Assignment("o1", "c1", pickup=Place(41.0, -74.0))], now=t0)
-    for i in range(2 * n):
-        kept_at = (first if i < n else then) + i
+    for i in range(len(clocks) * n):
+        kept_at = clocks[i // n] + i
         store.writer.commit([LocationFix("c1", iso(t0 + i), 40.7, -74.0, 5.0)], now=kept_at)
     kept = [r[0] for r in store.db.rows("SELECT ts FROM track_points ORDER BY id")]
-    assert kept == [iso(t0 + i) for i in range(2 * n)]
+    assert kept == [iso(t0 + i) for i in range(len(clocks) * n)]
     return kept
 
 
@@ -320,3 +326,20 @@ def test_a_large_clock_step_takes_no_fix_early_and_holds_none_back(store: Store)
     kept = keep_across_a_step(store, t1, t1 + 24 * HOUR, t1, 5)
     left = prune_all(store, t1 + store.retention.fix_retention_s + HOUR)
     assert left == set(kept[:5]), sorted(left)  # those stamped a day ahead wait for it
+
+
+def test_past_an_hour_s_step_nothing_goes_before_its_stamp_says(store: Store) -> None:
+    """CLOCK_STEP_S bounds how early a fix may go by keeping order. A step back of an
+    hour and a half: the fixes kept before it stay until their own stamps are due. A fix
+    kept while the clock was hours ahead, at the head: the fixes after it that are due go
+    by their stamps, and one not yet due stays."""
+    t0 = 1_800_000_000.0
+    kept = keep_by_clocks(store, t0, [t0, t0 - 1.5 * HOUR], 5)
+    left = prune_all(store, t0 - 1.5 * HOUR + store.retention.fix_retention_s + HOUR / 2)
+    assert left == set(kept[:5]), sorted(left)
+    store.db.execute("DELETE FROM track_points")
+
+    t1 = t0 + HOUR  # the courier's fixes move on
+    kept = keep_by_clocks(store, t1, [t1 + 3 * HOUR, t1 - HOUR, t1 + HOUR / 2], 3)
+    left = prune_all(store, t1 + store.retention.fix_retention_s)  # due: the middle three
+    assert left == set(kept[:3] + kept[6:]), sorted(left)

@@ -721,12 +721,18 @@ def test_a_client_that_does_not_read_is_held_and_then_answered_in_order() -> Non
 
 
 def test_the_page_shows_refused_bodies_whose_id_is_not_a_string() -> None:
-    """A refused body whose order id is a number or a list is logged without an order, and
+    """A refused body whose order id is a number or a list, or that is not JSON at all, is
+    logged without an order, and
     the page and log still serve: the page raised (html.escape of 5, a list as a key) on
     every load after it, and its connection closed without a reply."""
     sandbox = Sandbox(api_key="k").start()
     try:
-        for path, body in [("/orders", b'{"id": 5}'), ("/webhooks", b'{"order_id": [1]}')]:
+        for path, body in [
+            ("/orders", b'{"id": 5}'),
+            ("/webhooks", b'{"order_id": [1]}'),
+            ("/webhooks", b'{"order_id": "a"'),  # not JSON at all
+            ("/orders", b'{"id": "\xff"}'),  # not UTF-8
+        ]:
             request = urllib.request.Request(
                 sandbox.url + path, data=body, headers={"x-api-key": "k"}, method="POST"
             )
@@ -736,6 +742,6 @@ def test_the_page_shows_refused_bodies_whose_id_is_not_a_string() -> None:
             refused.value.close()
         with urllib.request.urlopen(sandbox.url + "/", timeout=30) as page:
             assert page.status == 200 and b"/webhooks" in page.read()
-        assert [r["order_id"] for r in sandbox.log()] == [None, None]
+        assert [r["order_id"] for r in sandbox.log()] == [None] * 4
     finally:
         sandbox.stop()

@@ -125,18 +125,19 @@ class Sessions:
     def _hold(self, slots: dict[int, int]) -> None:
         if self._stopped:
             return
-        gone = [(slot, edge) for slot, edge in self._edges.items() if slots.get(slot) != edge.epoch]
-        for slot, edge in gone:
-            log.info("mqtt.slot_released slot=%d epoch=%d", slot, edge.epoch)
+        gone = [slot for slot, edge in self._edges.items() if slots.get(slot) != edge.epoch]
+        edges = [self._edges.pop(slot) for slot in gone]  # out first, whatever stopping does
+        for slot in gone:
+            self._reconnect_at.pop(slot, None)
+            self._failures.pop(slot, None)
+        for edge in edges:
+            log.info("mqtt.slot_released slot=%d epoch=%d", edge.slot, edge.epoch)
             # Every DISCONNECT first: each stop waits (at most CLOSE_WAIT_S) for its broker
             # to close the connection, and a broker that no longer answers would otherwise
             # hold this lock (acks, fences, health) once per slot, one after another.
             edge.begin_stop()
-        for slot, edge in gone:
+        for edge in edges:
             self._retire(edge)
-            del self._edges[slot]
-            self._reconnect_at.pop(slot, None)
-            self._failures.pop(slot, None)
         for slot, epoch in sorted(slots.items()):
             if slot not in self._edges:
                 log.info("mqtt.slot_taken slot=%d epoch=%d", slot, epoch)

@@ -69,7 +69,10 @@ class Request:
         parts = self.path.split("/")
         if len(parts) >= 3 and parts[1] == "orders":
             return unquote(parts[2])
-        doc = self.json if self.body[:1] == b"{" else None
+        try:
+            doc = self.json if self.body[:1] == b"{" else None
+        except (ValueError, RecursionError):  # a refused body: not JSON, or too deep
+            return None
         if isinstance(doc, dict):  # a refused body's id may be anything: a string only
             order_id = doc.get("order_id") or doc.get("id")
             return order_id if isinstance(order_id, str) else None

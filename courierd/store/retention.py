@@ -125,7 +125,9 @@ class Retention:
         fix goes at most CLOCK_STEP_S early. Then what is still past the cutoff goes by
         its stamp (a step larger than CLOCK_STEP_S, either way: as before this rule, a
         gap in a segment is then possible; but a fix kept while the clock was ahead does
-        not hold pruning back, and misstamped fixes take none with them).
+        not hold pruning back, and misstamped fixes take none with them). Such a fix,
+        while it is among the first kept, leaves pruning to go by stamps until it is due
+        itself: a smaller step meanwhile may then leave a gap too.
 
         Ids follow keeping order: one writer on SQLite. On PostgreSQL the id is an
         identity, not cached, so numbered in the order of the inserts whichever instance
