@@ -217,7 +217,10 @@ class OneTabletHttp:
 
     def _answered(self, reply: asyncio.Future[Any]) -> None:
         """`post_soon`'s end: its answer, or what `post` would have raised, to `then`."""
-        call, then = self._replies.pop(reply)
+        entry = self._replies.pop(reply, None)
+        if entry is None:  # `post_soon` failed after sending: the push went by a task then
+            return
+        call, then = entry
         got: Answered
         try:
             self._deadlines.finish(call)
