@@ -375,15 +375,7 @@ def test_a_wait_for_room_ends_at_once_when_the_connection_is_found_lost() -> Non
     connection lost, and the wait ends there, so that the edge says so (a supervised
     slot is given up; alone, paho reconnects) at once, not after the rest of the wait.
     Fails on the wait that went on until room was made or its deadline."""
-    broker_end, ours = socket.socketpair()
-    ours.setblocking(False)
-    room = WatchedRoom()
-    edge = connected_edge(ours, keepalive=120, receive_max=2, room=room)
-    broker_end.sendall(
-        b"".join(publish(True, b"couriers/c1/location", b"{}", 1, m) for m in range(1, 11))
-    )
-    thread = start_network_thread(edge)
-    try:
+    with backlog_behind_a_full_inbox() as (broker_end, edge, room, thread):
         assert room.entered.acquire(timeout=10), "paho's thread did not wait for room"
         # The batcher's PUBACKs of what it holds, the inbox still at the window.
         held = [edge.inbox.get_nowait() for _ in range(edge.inbox.qsize())]
@@ -394,10 +386,6 @@ def test_a_wait_for_room_ends_at_once_when_the_connection_is_found_lost() -> Non
         thread.join(10)  # (the wait's own deadline is 30 s away)
         assert not thread.is_alive(), "paho's thread still waits for room"
         assert edge.ended.is_set() and not edge.connected.is_set()
-    finally:
-        if not thread.is_alive():
-            end_network_thread(edge, thread)
-        ours.close()
 
 
 class WatchedRoom(Room):
@@ -437,10 +425,12 @@ def expect_pubacks(broker_end: socket.socket, batch: list[Message]) -> None:
 
 
 @contextmanager
-def backlog_behind_a_full_inbox() -> Iterator[tuple[socket.socket, MqttEdge, WatchedRoom]]:
+def backlog_behind_a_full_inbox() -> Iterator[
+    tuple[socket.socket, MqttEdge, WatchedRoom, threading.Thread]
+]:
     """Ten QoS 1 PUBLISHes waiting for an edge on paho's own thread, with a window of 2
     (its inbox is full at two) and a 120 s keepalive (a wait for room times out at 30 s):
-    the broker's end of the connection, the edge, its room."""
+    the broker's end of the connection, the edge, its room, paho's thread."""
     broker_end, ours = socket.socketpair()
     ours.setblocking(False)
     broker_end.settimeout(10)
@@ -451,7 +441,7 @@ def backlog_behind_a_full_inbox() -> Iterator[tuple[socket.socket, MqttEdge, Wat
     )
     thread = start_network_thread(edge)
     try:
-        yield broker_end, edge, room
+        yield broker_end, edge, room, thread
     finally:
         end_network_thread(edge, thread)
         broker_end.close()
@@ -465,7 +455,7 @@ def test_acks_queued_while_paho_waited_for_room_are_written_at_once() -> None:
     every packet; the broker sends no more than its window of unacknowledged messages).
     Fails on the edge that wrote them only after a wait that timed out: the batcher
     here waits for each batch's PUBACKs, a wait for room times out only after 30 s."""
-    with backlog_behind_a_full_inbox() as (broker_end, edge, room):
+    with backlog_behind_a_full_inbox() as (broker_end, edge, room, _):
         for _ in range(4):  # paho's thread waits before the 3rd, 5th, 7th and 9th message
             assert room.entered.acquire(timeout=10), "paho's thread did not wait for room"
             batch = [edge.inbox.get_nowait() for _ in range(edge.inbox.qsize())]
@@ -479,7 +469,7 @@ def test_acks_queued_after_room_was_made_are_written_while_paho_waits() -> None:
     inbox from its buffer and waits again at once), then queues the previous batch's
     PUBACKs. They go out while paho's thread still waits, not one commit later (or a
     quarter of the keepalive, 30 s here, if ingest stalls)."""
-    with backlog_behind_a_full_inbox() as (broker_end, edge, room):
+    with backlog_behind_a_full_inbox() as (broker_end, edge, room, _):
         assert room.entered.acquire(timeout=10), "paho's thread did not wait for room"
         batch = [edge.inbox.get_nowait() for _ in range(edge.inbox.qsize())]
         room.made()
