@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from json.encoder import encode_basestring as _string
 from typing import Any
 
-from courierd.domain.geofence import GeofenceRules, Track, float_text
+from courierd.domain.geofence import GeofenceRules, Track
 from courierd.domain.lifecycle import FINISHED, active_sql, valid_state
 from courierd.domain.memo import Memo
 from courierd.domain.model import (
@@ -105,11 +105,6 @@ class BatchWriter:
         # Order and Places): a pure function of those columns, so a row read again with
         # the very same values takes them back instead of building them anew.
         self._rows: dict[str, tuple[tuple[Any, ...], Order, Places | None]] = {}
-        # Per order, the last track and segments written by hand (`Track.stored`,
-        # `stored_consumed`) and the text after their one part that moves from fix to fix
-        # (the track's `last`, the one segment's count): see `_track_text`.
-        self._track_tails: dict[str, tuple[Track, str]] = {}
-        self._segment_heads: dict[str, tuple[str, str, str]] = {}
         # The engine's address (SQLite's rowid) of each order row the batch being
         # committed read: its track is rewritten by that, a cheaper lookup than the key.
         self._addresses: dict[str, Any] = {}
@@ -183,8 +178,6 @@ class BatchWriter:
         self._tracks.forget(order_id)
         self._consumed.forget(order_id)
         self._rows.pop(order_id, None)
-        self._track_tails.pop(order_id, None)
-        self._segment_heads.pop(order_id, None)
 
     def _sweep(self, now: float) -> None:
         """Once every MEMO_SWEEP_S, drop what is kept of the orders no batch touched since
@@ -196,8 +189,6 @@ class BatchWriter:
         self._tracks.keep_only(touched)
         self._consumed.keep_only(touched)
         self._rows = {oid: row for oid, row in self._rows.items() if oid in touched}
-        self._track_tails = {o: t for o, t in self._track_tails.items() if o in touched}
-        self._segment_heads = {o: h for o, h in self._segment_heads.items() if o in touched}
         # And what the change marker lets batches skip reading: a courier is read again
         # once any of its active orders is dropped (or it has none).
         known = {oid: row for oid, row in self._known.items() if oid in touched}
@@ -714,59 +705,15 @@ class BatchWriter:
         )
 
     def _track_text(self, order_id: str, track: Track) -> str:
-        """`track.stored()`'s text, kept as the value's (see `Memo`).
-
-        Most fixes (far from every place) change only the track's `last`: `step` builds
-        the new track from the very objects of the old one's other fields. A track whose
-        other fields are those very objects (`is`, not `==`: 1 == True, 0.0 == -0.0) of
-        the last one written by hand has the same text after `last`, so only `last` is
-        written: the text and the check of the rest cost three times as much."""
-        last = track[0]
-        tail = self._track_tails.get(order_id)
-        if (
-            tail is not None
-            and type(last) is float
-            and last - last == 0.0  # finite, as `Track._canonical` asks
-            and _same_but_first(tail[0], track)
-        ):
-            text: str = '{"last":' + float_text(last) + tail[1]
-            value: Track | None = track
-        else:
-            text, value = track.stored()
-            tails = self._track_tails
-            if value is track and text.startswith('{"last":'):  # written by hand
-                if len(tails) >= self._tracks.size and order_id not in tails:
-                    tails.clear()
-                comma = text.find(",")  # none in a finite float's text
-                tails[order_id] = (track, "}" if comma < 0 else text[comma:])
-            else:
-                tails.pop(order_id, None)
+        text, value = track.stored()
         if value is not None:
             self._tracks.put(order_id, text, value)
         self._wrote[order_id] = (value, None, True)
         return text
 
     def _consumed_text(self, order_id: str, consumed: Consumed | None) -> str | None:
-        """`stored_consumed`'s text, kept as the value's; one segment whose courier and
-        first fix are the very objects of the last one written (`consumed_after` keeps
-        them) is written from that one's text, its count alone anew (see `_track_text`)."""
         if consumed is None:
             return None
-        head = self._segment_heads.get(order_id)
-        if len(consumed) == 1:
-            courier, first, n = consumed[0]
-            if head is not None and head[0] is courier and head[1] is first:
-                if type(n) is int and n > 0:
-                    text: str = f"{head[2]}{n}]]"
-                    self._consumed.put(order_id, text, consumed)
-                    track = self._wrote.get(order_id, (None, None, True))[0]
-                    self._wrote[order_id] = (track, consumed, False)
-                    return text
-            elif type(courier) is str and type(first) is str:
-                heads = self._segment_heads
-                if len(heads) >= self._consumed.size and order_id not in heads:
-                    heads.clear()
-                heads[order_id] = (courier, first, f"[[{_string(courier)},{_string(first)},")
         text, value = stored_consumed(consumed)
         if value is not None:
             self._consumed.put(order_id, text, value)
@@ -782,13 +729,6 @@ class BatchWriter:
                 "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                 (iso(now),),
             )
-
-
-def _same_but_first(a: Track, b: Track) -> bool:
-    """Whether every field of two tracks but the first is the very same object."""
-    _, a1, a2, a3, a4, a5, a6, a7 = a
-    _, b1, b2, b3, b4, b5, b6, b7 = b
-    return a1 is b1 and a2 is b2 and a3 is b3 and a4 is b4 and a5 is b5 and a6 is b6 and a7 is b7
 
 
 def _consumed_json(consumed: Consumed | None) -> str | None:
