@@ -196,6 +196,10 @@ class Daemon:
             on_report=lambda report: record_batch(self.metrics, report),
         )
         self._batch_thread = threading.Thread(target=self._batch_loop, name="batcher")
+        # Read at each scrape, as /healthz reads them: a gauge the main loop set every
+        # 0.2 s could say the database was fine next to a health reply saying it was full.
+        self.metrics.database_ok.set_function(lambda: 0 if self.batcher.database_problem else 1)
+        self.metrics.mqtt_connected.set_function(lambda: 1 if self.sessions.connected() else 0)
         self._watch_backlog()
         self._reporter = threading.Thread(target=self._report_loop, name="reports", daemon=True)
 
@@ -376,8 +380,6 @@ class Daemon:
         dropped = 0
         while not self._stop_now(0.2):
             self.sessions.tick()  # a cluster's grant runs out here, however things stand
-            self.metrics.mqtt_connected.set(1 if self.sessions.connected() else 0)
-            self.metrics.database_ok.set(0 if self.batcher.database_problem else 1)
             now_dropped = self.sessions.dropped_qos0()
             self.metrics.dropped_qos0.inc(max(0, now_dropped - dropped))
             dropped = now_dropped
