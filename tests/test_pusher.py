@@ -12,6 +12,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -153,6 +154,60 @@ def test_a_push_whose_claim_lapsed_is_not_sent(onetablet: Sandbox) -> None:
         p.send([Push("o-1", BODY, "k", None, report, until=99.0)])
         assert done.wait(10)
     assert got == [None] and onetablet.requests() == []
+
+
+class _RefusingLoop(asyncio.SelectorEventLoop):
+    """A loop that refuses to schedule `refuse` once (`call_soon` raises, as on a closed
+    loop): a fault of the loop underneath, not of the pusher."""
+
+    refuse: object = None
+
+    def call_soon(self, callback: Any, *args: Any, context: Any = None) -> asyncio.Handle:
+        if self.refuse is not None and callback == self.refuse:
+            self.refuse = None
+            raise RuntimeError("refused")
+        return super().call_soon(callback, *args, context=context)
+
+
+class _RefusingPolicy(asyncio.DefaultEventLoopPolicy):
+    _loop_factory = _RefusingLoop
+
+
+def test_a_lapsed_push_is_told_once_though_telling_it_failed(
+    onetablet: Sandbox, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A lapsed claim's push whose finishing fails (the loop refuses to schedule the
+    pass's telling) is still told once, not sent by a task as well (a second result:
+    the dispatcher's pushes in flight broken), and the failure does not keep every later
+    result back."""
+    told: list[tuple[str, object]] = []
+    three = threading.Event()
+
+    def done_for(order_id: str) -> Callable[[object, float], None]:
+        def done(outcome: object, _sent_at: float) -> None:
+            told.append((order_id, outcome))
+            if len(told) >= 3:
+                three.set()
+
+        return done
+
+    policy = asyncio.get_event_loop_policy()
+    asyncio.set_event_loop_policy(_RefusingPolicy())
+    try:
+        p = Pusher(onetablet.url, API_KEY, monotonic=lambda: 100.0)
+    finally:
+        asyncio.set_event_loop_policy(policy)
+    with p:
+        assert isinstance(p._loop, _RefusingLoop)
+        p._loop.refuse = p._tell
+        p.send([Push("o-1", BODY, "k1", None, done_for("o-1"), until=99.0)])
+        p.send([Push("o-2", BODY, "k2", None, done_for("o-2"), until=99.0)])
+        p.send([Push("o-3", BODY, "k3", None, done_for("o-3"), until=99.0)])
+        # A second result for o-1 (by a task) would come in the pass after its own,
+        # before o-2's and o-3's were told.
+        assert three.wait(10), f"told only {told}"
+    assert told == [("o-1", None), ("o-2", None), ("o-3", None)]
+    assert "pusher.crash order_id=o-1" in caplog.text and onetablet.requests() == []
 
 
 def test_a_wall_clock_step_does_not_lapse_or_stretch_a_claim(onetablet: Sandbox) -> None:

@@ -101,8 +101,8 @@ class Pusher:
 
     def _finished(self) -> None:
         if not self._telling:
-            self._telling = True
             self._loop.call_soon(self._tell)
+            self._telling = True  # once scheduled: a call that failed must not stop every later one
 
     def _line(
         self,
@@ -163,7 +163,10 @@ class Pusher:
         sent_at = self._clock()
         if self._monotonic() >= push.until:
             self._finished_pushes.append((push, None, sent_at))
-            self._finished()
+            try:
+                self._finished()
+            except Exception:  # finished all the same: `_start` must not send it by a task too
+                log.exception("pusher.crash order_id=%s", push.order_id)
             return True
         try:
             path, _, content, headers = delivery_status_request(
