@@ -745,6 +745,50 @@ def test_a_waiter_cancelled_as_it_is_handed_a_connection_passes_it_on(
     assert server.connections == (1 if kept else 3)
 
 
+def test_a_connection_whose_close_fails_as_its_exchange_ends_still_frees_its_slot(
+    servers: Callable[..., Scripted],
+) -> None:
+    """Limit 1: `request_soon`'s reply says `connection: close`, and closing its
+    connection fails part-way (asyncio's abort raises, once it aborted). The slot is
+    freed all the same: B, waiting for it, opens another connection and is answered (it
+    waited for good), the failure reported as a done callback's."""
+    closing = b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\n{}"
+    gate = threading.Event()  # the second reply: once B waits
+    gate.set()
+    server = servers(lambda n: (closing, True) if n == 1 else (OK, False), gate=gate)
+
+    async def use(pool: Pool) -> tuple[list[object], list[dict[str, Any]]]:
+        reported: list[dict[str, Any]] = []
+        asyncio.get_running_loop().set_exception_handler(lambda _, c: reported.append(c))
+        await post(pool)  # one connection, kept
+        (conn,) = pool._all
+        assert conn.transport is not None
+        abort = conn.transport.abort
+
+        def failing_abort() -> None:
+            abort()
+            raise OSError("abort failed part-way")
+
+        conn.transport.abort = failing_abort  # type: ignore[method-assign]
+        gate.clear()
+        got: list[object] = []
+        sent = pool.request_soon(
+            "POST", "/a", "x-api-key: k\r\n", b"{}", {}, lambda r: got.append(r.result().status)
+        )
+        assert sent is not None
+        b = asyncio.ensure_future(post(pool, "/b"))
+        await until(lambda: len(pool._waiters) == 1, 5, "B waiting")
+        gate.set()
+        got.append((await asyncio.wait_for(b, 5)).status)
+        got.append(pool.connections)
+        return got, reported
+
+    got, reported = with_pool(server, use, limit=1)
+    assert got == [200, 200, 1]
+    assert [str(c.get("exception")) for c in reported] == ["abort failed part-way"]
+    assert server.connections == 2
+
+
 def test_the_push_process_loads_no_aiohttp() -> None:
     """The dispatch process's module, imported as the daemon starts it, loads neither
     aiohttp nor yarl: with the lean client they would cost it 0.2 s and 9 MB for

@@ -686,10 +686,12 @@ class Pool:
 
     def _discard(self, conn: _Connection) -> None:
         conn.on_lost = None
-        conn._close()
-        if conn in self._all:
-            self._all.discard(conn)
-            self._slot_freed()
+        try:
+            conn._close()
+        finally:  # a close that fails part-way must not keep its slot from a waiter
+            if conn in self._all:
+                self._all.discard(conn)
+                self._slot_freed()
 
     def _slot_freed(self) -> None:
         """A connection ended (or never opened): its slot to the first waiter, if any."""
