@@ -3,7 +3,12 @@ tokens and acks travel with each message, and a grant that ran out is never outl
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import os
 import queue
+import resource
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +20,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from courierd.config import MqttSettings
 from courierd.daemon.ipc import Grant
 from courierd.daemon.sessions import RECONNECT_AFTER_S, SHARED_KINDS, Sessions
-from courierd.edges.mqtt import CLOSE_WAIT_S, Message
+from courierd.edges.mqtt import CLOSE_WAIT_S, Message, PlainEdgeClient
 from tests.harness import Broker, Publisher, wait_until
 from tests.tcpproxy import TcpProxy
 
@@ -221,3 +226,73 @@ def test_a_grant_running_out_drops_the_sessions_together(
     took = time.monotonic() - started
     assert sessions.held() == []
     assert took < 4 * CLOSE_WAIT_S, f"dropping 8 sessions took {took:.1f} s"
+
+
+@contextlib.contextmanager
+def descriptors_past_1023() -> Iterator[None]:
+    """Descriptors 0-1023 taken (copies of /dev/null), so that the next socket is past
+    what `select.select` takes; the soft limit raised for them if need be."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1100:
+        if hard != resource.RLIM_INFINITY and hard < 1100:
+            pytest.skip("cannot open 1100 files here")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1100, hard))
+    null = os.open(os.devnull, os.O_RDONLY)
+    taken = [null]
+    try:
+        while taken[-1] < 1023:
+            taken.append(os.dup(null))
+        yield
+    finally:
+        for fd in taken:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_stop_waits_for_the_broker_on_a_descriptor_past_1023(tmp_path: Path) -> None:
+    """An edge client's socket past descriptor 1023: its gentle close still waits for
+    the broker to close the connection (with `select.select` it gave up at once, the
+    PUBACKs before free to be overtaken). The broker silent, the close waits; let
+    through, the broker closes, and the close ends then, before CLOSE_WAIT_S. (paho's own
+    loop selects with `select.select` too, so the client is driven without its thread:
+    `disconnect()` then writes the DISCONNECT and closes on the calling thread.)"""
+    broker = Broker(tmp_path / "broker").start()
+    proxy = TcpProxy(broker.port).start()
+    try:
+        with descriptors_past_1023():
+            client = PlainEdgeClient(CallbackAPIVersion.VERSION2, client_id="far")
+            client.connect("127.0.0.1", proxy.port)
+            assert client.socket().fileno() > 1023
+            wait_until(lambda: (client.loop_read(), client.is_connected())[1], 10, "connected")
+            proxy.silence()
+            client.gentle = True
+            stopping = threading.Thread(target=client.disconnect)
+            started = time.monotonic()
+            stopping.start()
+            stopping.join(CLOSE_WAIT_S / 4)
+            assert stopping.is_alive(), "the close did not wait for the broker"
+            proxy.resume()  # the DISCONNECT reaches the broker, which closes
+            stopping.join(10)
+            took = time.monotonic() - started
+            assert not stopping.is_alive() and took < CLOSE_WAIT_S, took
+            assert client.socket() is None
+    finally:
+        proxy.stop()
+        broker.stop()
+
+
+def test_a_client_collected_with_a_stop_begun_does_not_wait(tmp_path: Path) -> None:
+    """paho's `__del__` closes the socket too: the garbage collector's close never waits
+    for the broker (on whatever thread collects), only an explicit stop does."""
+    broker = Broker(tmp_path / "broker").start()
+    try:
+        client = PlainEdgeClient(CallbackAPIVersion.VERSION2, client_id="dropped")
+        client.connect("127.0.0.1", broker.port)  # open, no DISCONNECT: the broker keeps it
+        client.gentle = True  # a stop begun, its DISCONNECT never written
+        started = time.monotonic()
+        del client
+        gc.collect()
+        took = time.monotonic() - started
+        assert took < CLOSE_WAIT_S / 2, took
+    finally:
+        broker.stop()

@@ -77,12 +77,19 @@ class GentleClose(paho.Client):
             _read_until_closed(sock, CLOSE_WAIT_S)
         super()._sock_close()
 
+    def __del__(self) -> None:
+        # paho's closes the socket too: never with the wait, on whatever thread collects.
+        self.gentle = False
+        super().__del__()
+
 
 def _read_until_closed(sock: Any, timeout: float) -> None:
     """Read and drop what `sock` receives until its peer closes it, an error, or `timeout`."""
     deadline = time.monotonic() + timeout
     try:
         sock.setblocking(False)
+        readable = select.poll()  # not select.select: it refuses a descriptor past 1023
+        readable.register(sock, select.POLLIN)
         while True:
             try:
                 if not sock.recv(65536):
@@ -93,7 +100,7 @@ def _read_until_closed(sock: Any, timeout: float) -> None:
             left = deadline - time.monotonic()
             if left <= 0:
                 return
-            select.select([sock], [], [], left)
+            readable.poll(left * 1000)
     except (OSError, ValueError):
         return  # reset, or closed already: nothing more to wait for
 
