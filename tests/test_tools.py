@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -596,6 +597,65 @@ def test_a_lone_closing_post_on_a_kept_connection_is_answered_then_closed() -> N
             sock.sendall(POST + b"Connection: close\r\ncontent-length: 12\r\n\r\n" + ORDER)
             assert read_reply(replies)[0] == 200
             assert replies.read() == b""
+    finally:
+        sandbox.stop()
+
+
+def order_post(order_id: str) -> bytes:
+    body = json.dumps({"id": order_id}).encode()
+    return POST + b"content-length: %d\r\n\r\n" % len(body) + body
+
+
+def test_a_request_whose_quick_reply_fails_is_logged_once() -> None:
+    """A POST answered at once whose reply cannot be put on the wire (a Retry-After
+    fault the wire cannot carry) goes to the connection's coroutine, as any request whose
+    answer raises there: it is logged once, not once there and once by the coroutine."""
+    sandbox = Sandbox(api_key="k").start()
+    try:
+        sock, replies = served_connection(sandbox)
+        with sock, replies:
+            sandbox.faults.throttle_rate = 1.0
+            sandbox.faults.retry_after_s = "\u20ac"  # type: ignore[assignment]
+            sock.settimeout(10)
+            sock.sendall(order_post("o2"))
+            assert replies.read() == b""  # the coroutine's reply raised too: closed
+        assert [(r.order_id, r.status) for r in sandbox.requests()] == [("o1", 200), ("o2", 429)]
+    finally:
+        sandbox.stop()
+
+
+def test_pipelined_posts_after_a_failed_write_are_not_answered_at_once() -> None:
+    """Pipelined POSTs on an idle kept connection whose client has gone (reset) in the
+    meantime: the first reply's write fails and closes the transport, and the rest are
+    not answered at once and logged as answered (their replies dropped unsent): they go
+    to the coroutine, which stops as its reader fails."""
+    sandbox = Sandbox(api_key="k").start()
+    try:
+        sock, replies = served_connection(sandbox)
+        entered, go_on = threading.Event(), threading.Event()
+
+        def hold() -> None:  # the sandbox's loop reads nothing until the client is gone
+            entered.set()
+            go_on.wait(30)
+
+        sandbox._loop.call_soon_threadsafe(hold)
+        assert entered.wait(10)
+        try:
+            with sock, replies:
+                sock.sendall(b"".join(order_post(o) for o in ("o2", "o3", "o4")))
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        finally:
+            go_on.set()
+
+        async def connections() -> int:
+            return len(asyncio.all_tasks() - {asyncio.current_task()})
+
+        def served() -> bool:
+            running = asyncio.run_coroutine_threadsafe(connections(), sandbox._loop)
+            return running.result(10) == 0
+
+        wait_until(served, 10, "the connection's end")
+        assert [r.order_id for r in sandbox.requests()] == ["o1", "o2"]
     finally:
         sandbox.stop()
 

@@ -274,9 +274,12 @@ class Sandbox:
         """A POST's reply on the wire when `answers_at_once()`: `_answer` without a coroutine."""
         at = time.time()
         reply = self._faulted() or self._normal("POST", path, headers, body)
+        # On the wire before it is logged: a request whose answer raises goes to the
+        # connection's coroutine (`_Connection._answer_at_once`), which logs it itself.
+        wire = _wire(reply)
         self._log(Request("POST", path, headers, body, reply[0], at))
         self.quick_answers += 1
-        return _wire(reply)
+        return wire
 
     def _log(self, request: Request) -> None:
         with self._cond:
