@@ -467,6 +467,30 @@ def test_the_clock_follows_the_database_when_the_hosts_clock_steps(
         a.close()
 
 
+@pytest.mark.parametrize("step", [600.0, -600.0], ids=["ahead", "behind"])
+def test_a_clock_step_while_the_databases_clock_is_read_is_not_halved(
+    shared: StoreSettings, step: float
+) -> None:
+    """The host's clock steps 10 minutes while DbClock reads the database's (between its
+    two readings of the host's clock): the offset comes from the reading after the step,
+    not the midpoint across it, which was 5 minutes off until the next read, a second
+    later."""
+    a = instance(shared, "a")
+    readings = [0]
+
+    def host() -> float:  # steps from the second reading on: the one after the query
+        readings[0] += 1
+        return time.time() + (step if readings[0] >= 2 else 0.0)
+
+    clock = DbClock(a.db, host)
+    try:
+        assert abs(clock() - float(a.db.value(f"SELECT {NOW}"))) < 1
+        assert readings[0] == 2  # the database's clock was read, across the step
+        assert abs(clock() - float(a.db.value(f"SELECT {NOW}"))) < 1
+    finally:
+        a.close()
+
+
 def test_a_status_committed_as_a_hold_is_released_is_not_held_for_good(
     shared: StoreSettings,
 ) -> None:

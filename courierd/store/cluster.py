@@ -56,7 +56,8 @@ class DbClock:
 
     How far the database's clock is from `clock` is read once a second, and at once
     when `clock` stepped (NTP, an operator: it moved apart from `monotonic` since the
-    last read); not at every call. StoreUnavailable if the database cannot be reached
+    last read); not at every call. A step during that read is seen the same way, and the
+    reading after it taken alone. StoreUnavailable if the database cannot be reached
     then."""
 
     def __init__(
@@ -79,9 +80,16 @@ class DbClock:
             if mono >= self._next_read or abs(now - mono - self._apart) > DB_CLOCK_STEP_S:
                 at = float(self.db.value(f"SELECT {NOW}"))
                 after = self.clock()
-                self.offset = at - (now + after) / 2
+                mono_after = self.monotonic()
+                if abs(after - now - (mono_after - mono)) > DB_CLOCK_STEP_S:
+                    # `clock` stepped during the read: a midpoint across the step is off by
+                    # half of it; the later reading is on `clock` as it is now (off by at
+                    # most the round trip).
+                    self.offset = at - after
+                else:
+                    self.offset = at - (now + after) / 2
                 self._next_read = mono + DB_CLOCK_EVERY_S
-                self._apart, now = after - self.monotonic(), after
+                self._apart, now = after - mono_after, after
         return now + self.offset
 
 
