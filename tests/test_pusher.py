@@ -451,3 +451,26 @@ def test_a_bug_starting_a_push_without_a_task_loses_neither_it_nor_the_others(
     assert sorted(o for o, _ in told) == ["o-0", "o-1", "o-2"]
     assert all(isinstance(outcome, Reply) for _, outcome in told), told
     assert "pusher.crash order_id=o-0" in caplog.text
+
+
+def test_a_bug_starting_a_push_by_a_task_still_gives_it_one_result(
+    onetablet: Sandbox, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A push that goes by a task (no connection idle yet) whose start fails there (a
+    bug; here the clock the pusher is given fails at its second reading, in the task):
+    it gets its one result, an internal error (retried), said loudly, rather than its
+    task dying with it and the push in flight for good; the next push is sent."""
+    readings = [0]
+
+    def clock() -> float:
+        readings[0] += 1
+        if readings[0] == 2:
+            raise RuntimeError("a bug")
+        return time.time()
+
+    with Pusher(onetablet.url, API_KEY, clock=clock) as p:
+        outcome = push_and_wait(p, "o-1")
+        assert isinstance(outcome, Unavailable) and "internal error" in str(outcome)
+        assert isinstance(push_and_wait(p, "o-2"), Reply)
+    assert "pusher.crash order_id=o-1" in caplog.text
+    assert [r.order_id for r in onetablet.requests()] == ["o-2"]

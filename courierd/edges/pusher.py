@@ -194,16 +194,17 @@ class Pusher:
         self._finished()
 
     async def _deliver(self, push: Push) -> None:
-        sent_at = self._clock()
-        if self._monotonic() >= push.until:
-            self._finished_pushes.append((push, None, sent_at))
-            self._finished()
-            return
+        sent_at = 0.0  # (the clock failing, a bug: the push is retried all the same)
+        outcome: Outcome | None
         try:  # (`call` awaited here: a coroutine between them was one more frame a push)
-            request = delivery_status_request(
-                self.transport, push.order_id, push.body, push.idempotency_key, push.source
-            )
-            outcome: Outcome = await call(self._http, *request, self._clock, self._line)
+            sent_at = self._clock()
+            if self._monotonic() >= push.until:
+                outcome = None  # not sent: its claim lapsed first
+            else:
+                request = delivery_status_request(
+                    self.transport, push.order_id, push.body, push.idempotency_key, push.source
+                )
+                outcome = await call(self._http, *request, self._clock, self._line)
         except OneTabletError as e:
             outcome = e
         except Exception as e:  # a bug must not lose the push: it is retried, loudly
