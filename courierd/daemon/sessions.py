@@ -30,6 +30,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from courierd.config import MqttSettings
 from courierd.daemon.ipc import Grant
@@ -57,8 +58,10 @@ class Sessions:
         shared: bool,
         on_subscribed: Callable[[], None] = lambda: None,
         monotonic: Callable[[], float] = time.monotonic,
+        interpret: Callable[[str, bytes, int], Any] | None = None,
     ) -> None:
         self.settings = settings
+        self.interpret = interpret  # each edge's (MqttEdge)
         self.inbox = inbox
         self.receive_max = receive_max
         self.subscriptions = subscriptions
@@ -162,6 +165,7 @@ class Sessions:
                 self.subscriptions,
                 self.unsubscriptions,
                 room=self.room,
+                interpret=self.interpret,
             )
         group = self.settings.client_id
         shared = tuple(
@@ -179,6 +183,7 @@ class Sessions:
             epoch=epoch,
             supervised=True,
             room=self.room,
+            interpret=self.interpret,
         )
 
     def admit(self, batch: list[Message]) -> tuple[list[Message], dict[int, int] | None]:

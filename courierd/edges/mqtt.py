@@ -205,6 +205,7 @@ class Message(NamedTuple):
     slot: int = 0  # which of the daemon's MQTT sessions delivered it
     received: float = 0.0  # time.monotonic() when paho read it off the socket
     epoch: int = 0  # a cluster: the slot's epoch (fencing token) it was delivered under
+    parsed: Any = None  # what `interpret` made of it on arrival (None: nothing did)
 
 
 _new_message = tuple.__new__
@@ -227,8 +228,12 @@ class MqttEdge:
         supervised: bool = False,
         room: Room | None = None,
         bulk_read: bool = True,
+        interpret: Callable[[str, bytes, int], Any] | None = None,
     ) -> None:
         self.slot = slot
+        # Run on each message as it arrives (topic, payload, size), its result carried in
+        # the Message: the daemon parses here, beside the ingest process's commits.
+        self.interpret = interpret
         self.epoch = epoch
         # Supervised (a cluster's slot): never connect again by itself. Once the
         # connection is lost (or the first attempt fails), `ended` is set and the owner
@@ -433,6 +438,8 @@ class MqttEdge:
         size = len(payload)
         if size > MAX_PAYLOAD:
             payload = payload[:KEEP_OVERSIZED]
+        interpret = self.interpret
+        parsed = None if interpret is None else interpret(name, payload, size)
         self.inbox.put(
             _new_message(  # Message(...), without the call of its __new__ in Python
                 Message,
@@ -446,6 +453,7 @@ class MqttEdge:
                     self.slot,
                     received,
                     self.epoch,
+                    parsed,
                 ),
             )
         )
