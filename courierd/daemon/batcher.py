@@ -70,14 +70,18 @@ class Reader:
     """Parses a message as it arrives (an MqttEdge's `interpret`), as the ingest process
     would: "now", for the ts too far in the future, is courierd's clock, the database's
     on a shared one (DbClock), so the ingest process tells its distance from this host's
-    clock (`clock_offset`) when it starts and with every batch it commits."""
+    clock (`clock_offset`) when it starts and with every batch it commits. Until it has
+    (a cluster's sessions may connect first), None: the ingest process parses those."""
 
     def __init__(self, owntracks: CourierIdFrom | None) -> None:
         self.owntracks = owntracks
-        self.clock_offset = 0.0
+        self.clock_offset: float | None = None
 
-    def __call__(self, topic: str, payload: bytes, size: int) -> Input:
-        now = time.time() + self.clock_offset
+    def __call__(self, topic: str, payload: bytes, size: int) -> Input | None:
+        offset = self.clock_offset
+        if offset is None:
+            return None
+        now = time.time() + offset
         return parse(topic, payload, now=now, size=size, owntracks=self.owntracks)
 
 

@@ -146,6 +146,16 @@ def _commit_isolating(
     return merged
 
 
+def clock_offset(store: Store) -> float | None:
+    """courierd's clock minus this host's (batcher.Reader's "now"): 0 alone, the
+    database's distance on a shared database; None if it cannot be read now."""
+    try:
+        store.clock()  # reads the database's clock if it is due
+    except StoreUnavailable:
+        return None
+    return store.clock.offset
+
+
 def ingest_main(settings: Settings, pipe: Connection, wake: Connection, instance: str) -> None:
     """Entry point of the ingest process: commit batches until told to stop."""
     worker_setup(settings, "courierd-ingest")
@@ -163,7 +173,7 @@ def ingest_main(settings: Settings, pipe: Connection, wake: Connection, instance
         pipe.send(("fatal", str(e)))
         return
     settle_gc()
-    pipe.send(("ready", store.clock() - time.time()))  # for batcher.Reader's "now"
+    pipe.send(("ready", clock_offset(store)))
     while True:
         try:
             kind, batch = pipe.recv()
@@ -179,7 +189,7 @@ def ingest_main(settings: Settings, pipe: Connection, wake: Connection, instance
             messages, parsed, slots = batch
             now = store.clock()
             result = commit_messages(store, messages, now, owntracks, slots, parsed)
-            result.clock_offset = now - time.time()
+            result.clock_offset = store.clock.offset  # read with `now`
         except FencedOut as e:
             pipe.send(("fenced", str(e)))
             continue

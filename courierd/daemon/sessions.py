@@ -30,7 +30,6 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 
 from courierd.config import MqttSettings
 from courierd.daemon.ipc import Grant
@@ -58,7 +57,7 @@ class Sessions:
         shared: bool,
         on_subscribed: Callable[[], None] = lambda: None,
         monotonic: Callable[[], float] = time.monotonic,
-        interpret: Callable[[str, bytes, int], Any] | None = None,
+        interpret: Callable[[str, bytes, int], object] | None = None,
     ) -> None:
         self.settings = settings
         self.interpret = interpret  # each edge's (MqttEdge)

@@ -5,9 +5,9 @@ network thread needs an interpreter to itself; ingest and push threads in the sa
 process cut the drain rate roughly in half (measured), and sixteen push threads
 starve the ingest writer the same way one level down. So:
 
-- this process: paho (its network thread only converts and enqueues), the batcher
-  (batcher.py), the metrics, and the main thread: READY/WATCHDOG/STOPPING for systemd,
-  supervision, signals;
+- this process: paho (its network thread converts, parses (batcher.Reader) and
+  enqueues), the batcher (batcher.py), the metrics, and the main thread:
+  READY/WATCHDOG/STOPPING for systemd, supervision, signals;
 - the ingest process (ingest.py): commits batches;
 - the dispatch process (dispatch.py): delivers the outbox, and does housekeeping;
 - the HTTP process (web.py): every listener (health, metrics, the dispatch API, the

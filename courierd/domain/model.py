@@ -88,7 +88,7 @@ class StatusEvent:
     def __reduce__(self) -> tuple[Any, ...]:
         # Pickled once per message to the ingest process: rebuilt by a call with its
         # fields, half the cost of the default (a dict of slots set one by one).
-        return StatusEvent, (
+        return type(self), (
             self.event_id,
             self.order_id,
             self.courier_id,
@@ -114,7 +114,7 @@ class LocationFix:
     heading: float | None = None
 
     def __reduce__(self) -> tuple[Any, ...]:  # see StatusEvent's
-        return LocationFix, (
+        return type(self), (
             self.courier_id,
             self.ts,
             self.lat,
