@@ -155,6 +155,7 @@ def ingest_cpu(
     raw = [(t, p, len(p)) for t, p in messages(n, pings, "m", first_round=1)]
     # Each batch as the MQTT process sends it (batcher.py): parsed there, as it arrived.
     reader = Reader("user")
+    reader.clock_offset = 0.0  # as the ingest process tells it, on SQLite
     sent = [
         pickle.dumps((chunk, [reader(*m) for m in chunk], None))
         for chunk in (raw[i : i + batch] for i in range(0, len(raw), batch))
@@ -222,7 +223,9 @@ def _edge(port: int, protocol: str, client_id: str, inbox: queue.SimpleQueue[Any
     settings = MqttSettings(url=f"mqtt://127.0.0.1:{port}", client_id=client_id, protocol=protocol)
     from courierd.daemon.batcher import Reader
 
-    return MqttEdge(settings, inbox, receive_max=1000, interpret=Reader("user"))
+    reader = Reader("user")
+    reader.clock_offset = 0.0  # as the ingest process tells it, on SQLite
+    return MqttEdge(settings, inbox, receive_max=1000, interpret=reader)
 
 
 def _bare(port: int, protocol: str, client_id: str, on_message: Callable[..., None]) -> Any:
