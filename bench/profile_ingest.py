@@ -3,16 +3,17 @@
 Not the bench (`scripts/bench` runs the daemon whole); this isolates one process's
 work, so that a change to it can be set against the code before it, in one run:
 
-- `ingest`: the ingest process's work (`commit_messages`: parse, plan, write, commit
-  under synchronous=FULL) on a real SQLite file, in batches, for the bench's ping mix
+- `ingest`: the ingest process's work (reading the batch off its pipe: the raw
+  messages and what the MQTT process parsed them into; `commit_messages`: plan, write,
+  commit under synchronous=FULL) on a real SQLite file, in batches, for the bench's ping mix
   (95 % pings; `--pings 0`: statuses only) with and without 10k active orders that
   have places (every ping then runs the geofence rules). CPU µs per message of this
   process, each mix in turn, `--rounds` times, and the ratio of the two.
 - `mqtt`: the MQTT process's receive path: a real Mosquitto of our own, a backlog
   published to a persistent session, then drained by courierd's own `MqttEdge` (paho,
-  manual ack) with a thread that acknowledges each batch as the batcher does after a
-  commit, over MQTT 5 and over 3.1.1; beside a bare paho subscriber (auto ack) over
-  each. CPU µs per message of this process while it drains.
+  manual ack, each message parsed as it arrives) with a thread that acknowledges each
+  batch as the batcher does after a commit, over MQTT 5 and over 3.1.1; beside a bare
+  paho subscriber (auto ack) over each. CPU µs per message of this process while it drains.
 
 `--profile FILE` writes a cProfile of the measured part (pstats format).
 Usage: .venv/bin/python -m bench.profile_ingest ingest|mqtt [--messages N] [--rounds R]
@@ -34,6 +35,7 @@ import argparse
 import cProfile
 import json
 import os
+import pickle
 import queue
 import shutil
 import signal
@@ -130,6 +132,7 @@ def ingest_cpu(
 ) -> float:
     """CPU µs per message of `commit_messages` over `n` messages of the ping mix."""
     from courierd.config import GeofenceSettings, StoreSettings
+    from courierd.daemon.batcher import Reader
     from courierd.daemon.ingest import commit_messages
     from courierd.daemon.ipc import settle_gc
     from courierd.store import open_store
@@ -150,6 +153,13 @@ def ingest_cpu(
     for i in range(0, len(warm), batch):
         commit_messages(store, warm[i : i + batch], time.time())
     raw = [(t, p, len(p)) for t, p in messages(n, pings, "m", first_round=1)]
+    # Each batch as the MQTT process sends it (batcher.py): parsed there, as it arrived.
+    reader = Reader("user")
+    reader.clock_offset = 0.0  # as the ingest process tells it, on SQLite
+    sent = [
+        pickle.dumps((chunk, [reader(*m) for m in chunk], None))
+        for chunk in (raw[i : i + batch] for i in range(0, len(raw), batch))
+    ]
     if CACHE_KIB:
         store.db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
     if sql:
@@ -157,8 +167,9 @@ def ingest_cpu(
         time_sql(store.db)
     with profiled(profile):
         started = time.process_time()
-        for i in range(0, len(raw), batch):
-            commit_messages(store, raw[i : i + batch], time.time())
+        for request in sent:
+            chunk, parsed, slots = pickle.loads(request)
+            commit_messages(store, chunk, time.time(), slots=slots, parsed=parsed)
         used = time.process_time() - started
     store.close()
     shutil.rmtree(folder)  # each round's database goes once measured
@@ -210,7 +221,11 @@ def _edge(port: int, protocol: str, client_id: str, inbox: queue.SimpleQueue[Any
     from courierd.edges.mqtt import MqttEdge
 
     settings = MqttSettings(url=f"mqtt://127.0.0.1:{port}", client_id=client_id, protocol=protocol)
-    return MqttEdge(settings, inbox, receive_max=1000)
+    from courierd.daemon.batcher import Reader
+
+    reader = Reader("user")
+    reader.clock_offset = 0.0  # as the ingest process tells it, on SQLite
+    return MqttEdge(settings, inbox, receive_max=1000, interpret=reader)
 
 
 def _bare(port: int, protocol: str, client_id: str, on_message: Callable[..., None]) -> Any:

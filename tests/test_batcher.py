@@ -1,16 +1,28 @@
 """The batcher thread (daemon/batcher.py) against a stand-in ingest pipe and sessions:
 nothing is acknowledged before its commit, and the last batch's acks are sent while the
-ingest process commits the next one."""
+ingest process commits the next one. And its Reader, which parses messages as they
+arrive."""
 
 from __future__ import annotations
 
+import json
+import pickle
 import queue
 import threading
+import time
 from collections.abc import Iterable
+from dataclasses import fields
 from typing import Any
 
-from courierd.daemon.batcher import Batcher
-from courierd.domain.model import BatchReport
+from courierd.daemon.batcher import Batcher, Reader
+from courierd.domain.model import (
+    BatchReport,
+    DeadLetter,
+    LocationFix,
+    Status,
+    StatusEvent,
+    iso,
+)
 from courierd.edges.mqtt import Message, Room
 from tests.harness import wait_until
 
@@ -41,7 +53,7 @@ class Pipe:
     def send(self, request: tuple[str, Any]) -> None:
         kind, value = request
         if kind == "batch":
-            messages, _fence = value
+            messages, _parsed, _fence = value
             topics = [topic for topic, _payload, _size in messages]
             self.log.add("send", topics)
             self.log.add("commit", topics)
@@ -173,3 +185,52 @@ def test_with_batch_ms_the_last_batch_is_acknowledged_before_waiting_for_more() 
         stop.set()
         thread.join(10)
     assert not thread.is_alive()
+
+
+# -- parsing as messages arrive (batcher.Reader) -------------------------------------------
+
+
+def test_the_reader_judges_a_future_ts_by_courierds_clock_not_the_hosts() -> None:
+    """On a shared database courierd's clock is the database's (DbClock): a fix an hour
+    ahead of this host is on time if the database is an hour ahead too, and a fix on
+    this host's time is in the future if the database is an hour behind. Until the
+    ingest process has said where courierd's clock is, it leaves parsing to it."""
+    reader = Reader("user")
+    now = time.time()
+    ahead = json.dumps({"ts": iso(now + 3600), "lat": 41.0, "lng": -73.0}).encode()
+    on_time = json.dumps({"ts": iso(now), "lat": 41.0, "lng": -73.0}).encode()
+    topic = "couriers/c1/location"
+    assert reader(topic, ahead, len(ahead)) is None
+    reader.clock_offset = 0.0
+    refused = reader(topic, ahead, len(ahead))
+    assert isinstance(refused, DeadLetter) and refused.reason == "future_ts"
+    reader.clock_offset = 3600.0
+    assert isinstance(reader(topic, ahead, len(ahead)), LocationFix)
+    reader.clock_offset = -3600.0
+    late = reader(topic, on_time, len(on_time))
+    assert isinstance(late, DeadLetter) and late.reason == "future_ts"
+
+
+def test_what_the_reader_made_reaches_the_ingest_process_whole() -> None:
+    """Statuses and fixes cross the pipe pickled by their own `__reduce__`: every field
+    arrives, the ones equality skips (`raw`) too."""
+    sent = [
+        StatusEvent(
+            "e1",
+            "o1",
+            "c1",
+            Status.ARRIVED_AT_STORE,
+            "2026-12-07T10:00:00.000Z",
+            {"full_name": "Ana", "vehicle": {"color": "red"}},
+            b'{"raw": true}',
+            "geofence",
+            (41.5, -73.25),
+        ),
+        LocationFix("c1", "2026-12-07T10:00:00.000Z", 41.5, -73.25, 4.5, 7.25, -90.0),
+    ]
+    for value, back in zip(sent, pickle.loads(pickle.dumps(sent, 5)), strict=True):
+        assert type(back) is type(value)
+        assert len(value.__reduce__()[1]) == len(fields(value))  # a field added: send it
+        assert [getattr(back, f.name) for f in fields(value)] == [
+            getattr(value, f.name) for f in fields(value)
+        ]

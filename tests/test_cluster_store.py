@@ -4,6 +4,7 @@ concurrent ingest of the same orders, leased claims, fencing, slots and leases."
 from __future__ import annotations
 
 import contextlib
+import json
 import random
 import threading
 import time
@@ -15,13 +16,15 @@ import psycopg
 import pytest
 
 from courierd.config import StoreSettings, load_settings
+from courierd.daemon.batcher import Reader
 from courierd.daemon.dispatch import Dispatcher
 from courierd.daemon.housekeeping import Housekeeper
+from courierd.daemon.ingest import clock_offset
 from courierd.daemon.ipc import Grant
 from courierd.daemon.membership import SlotManager
 from courierd.devtools.sandbox import Sandbox
 from courierd.domain.lifecycle import CHAIN
-from courierd.domain.model import Status, StatusEvent
+from courierd.domain.model import DeadLetter, LocationFix, Status, StatusEvent, iso
 from courierd.edges.pusher import Pusher
 from courierd.errors import FencedOut, StoreUnavailable
 from courierd.services import orders
@@ -303,6 +306,27 @@ def test_leases_are_timed_by_the_databases_clock(
         assert lag < 5
     a.close()
     b.close()
+
+
+def test_messages_are_parsed_on_arrival_by_the_databases_clock(
+    shared: StoreSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """This host's clock an hour behind the database's: the ingest process tells the
+    MQTT process so (`clock_offset`), and a fix stamped by the database's clock is on
+    time when parsed on arrival, not an hour in the future (future_ts)."""
+    real = time.time
+    stamp = json.dumps({"ts": iso(real()), "lat": 41.0, "lng": -73.0}).encode()
+    monkeypatch.setattr(time, "time", lambda: real() - 3600)
+    store = instance(shared, "a")
+    offset = clock_offset(store)
+    assert offset is not None and abs(offset - 3600) < 5
+    reader = Reader("user")
+    reader.clock_offset = offset
+    assert isinstance(reader("couriers/c1/location", stamp, len(stamp)), LocationFix)
+    reader.clock_offset = 0.0  # as if told nothing: judged by this host's clock
+    late = reader("couriers/c1/location", stamp, len(stamp))
+    assert isinstance(late, DeadLetter) and late.reason == "future_ts"
+    store.close()
 
 
 def test_pushes_are_due_at_once_whatever_the_committing_hosts_clock(

@@ -1,7 +1,8 @@
 """The ingest process: parse and commit batches of MQTT messages, one transaction each.
 
-`commit_messages` parses every message (bad ones become dead letters) and commits the
-batch in one transaction; only then does the MQTT process acknowledge it. One fsync
+`commit_messages` parses every message (bad ones become dead letters; the MQTT process
+has parsed them already as they arrived, batcher.Reader) and commits the batch in one
+transaction; only then does the MQTT process acknowledge it. One fsync
 per batch, not per message, is what makes `synchronous=FULL` affordable.
 
 No message can stop ingest (CONTRACT.md 4.14). If the commit fails and the database
@@ -65,16 +66,20 @@ def commit_messages(
     now: float,
     owntracks: CourierIdFrom | None = "user",
     slots: Mapping[int, int] | None = None,
+    parsed: Sequence[Input | None] | None = None,
 ) -> BatchReport:
     """Parse and commit one batch; raises only StoreUnavailable or FencedOut (then
     nothing was written).
 
     `owntracks` says where OwnTracks courier ids come from (None: OwnTracks is off);
-    `slots` are the cluster's MQTT slots (with epochs) the batch came through.
+    `slots` are the cluster's MQTT slots (with epochs) the batch came through;
+    `parsed`, what each message was parsed into already (None: parse it here).
     """
+    if parsed is None:
+        parsed = [None] * len(messages)
     inputs = [
-        parse(topic, payload, now=now, size=size, owntracks=owntracks)
-        for topic, payload, size in messages
+        parse(topic, payload, now=now, size=size, owntracks=owntracks) if done is None else done
+        for (topic, payload, size), done in zip(messages, parsed, strict=True)
     ]
     fx = _commit_isolating(store, messages, inputs, now, slots)
     report = BatchReport(
@@ -141,6 +146,16 @@ def _commit_isolating(
     return merged
 
 
+def clock_offset(store: Store) -> float | None:
+    """courierd's clock minus this host's (batcher.Reader's "now"): 0 alone, the
+    database's distance on a shared database; None if it cannot be read now."""
+    try:
+        store.clock()  # reads the database's clock if it is due
+    except StoreUnavailable:
+        return None
+    return store.clock.offset
+
+
 def ingest_main(settings: Settings, pipe: Connection, wake: Connection, instance: str) -> None:
     """Entry point of the ingest process: commit batches until told to stop."""
     worker_setup(settings, "courierd-ingest")
@@ -158,7 +173,7 @@ def ingest_main(settings: Settings, pipe: Connection, wake: Connection, instance
         pipe.send(("fatal", str(e)))
         return
     settle_gc()
-    pipe.send(("ready", None))
+    pipe.send(("ready", clock_offset(store)))
     while True:
         try:
             kind, batch = pipe.recv()
@@ -171,8 +186,10 @@ def ingest_main(settings: Settings, pipe: Connection, wake: Connection, instance
                 store.writer.heartbeat(time.time())
                 pipe.send(("ok", None))
                 continue
-            messages, slots = batch
-            result = commit_messages(store, messages, store.clock(), owntracks, slots)
+            messages, parsed, slots = batch
+            now = store.clock()
+            result = commit_messages(store, messages, now, owntracks, slots, parsed)
+            result.clock_offset = store.clock.offset  # read with `now`
         except FencedOut as e:
             pipe.send(("fenced", str(e)))
             continue

@@ -5,12 +5,13 @@ starts the ingest, dispatch and HTTP processes with multiprocessing "spawn" and 
 them over pipes; the database is the only state they share. Messages are tuples
 `(kind, value)`:
 
-- ingest pipe, request/reply: ("batch", ([(topic, payload, size), ...], fence)) or
-  ("probe", None) → ("ok", BatchReport | None), ("unavailable", reason: the database
-  failed, nothing was written, try again), ("fenced", reason: the slots in `fence` are
-  another instance's now, nothing written, do not ack) or ("fatal", reason);
-  ("stop", None) ends it. It announces itself with ("ready", None) once its database
-  is open.
+- ingest pipe, request/reply: ("batch", ([(topic, payload, size), ...], [what each
+  was parsed into, or None: parse it], fence)) or ("probe", None) → ("ok",
+  BatchReport | None), ("unavailable", reason: the database failed, nothing was
+  written, try again), ("fenced", reason: the slots in `fence` are another instance's
+  now, nothing written, do not ack) or ("fatal", reason); ("stop", None) ends it. It
+  announces itself with ("ready", clock offset | None: courierd's clock minus the
+  host's, for parsing on arrival, batcher.Reader) once its database is open.
 - report pipe, dispatch → MQTT process: ("ready", None), then ("stats", DispatchStats)
   every REPORT_S, ("slots", Grant) (a cluster: the MQTT sessions to hold, and until
   when), or ("fatal", reason).

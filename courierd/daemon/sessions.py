@@ -57,8 +57,10 @@ class Sessions:
         shared: bool,
         on_subscribed: Callable[[], None] = lambda: None,
         monotonic: Callable[[], float] = time.monotonic,
+        interpret: Callable[[str, bytes, int], object] | None = None,
     ) -> None:
         self.settings = settings
+        self.interpret = interpret  # each edge's (MqttEdge)
         self.inbox = inbox
         self.receive_max = receive_max
         self.subscriptions = subscriptions
@@ -162,6 +164,7 @@ class Sessions:
                 self.subscriptions,
                 self.unsubscriptions,
                 room=self.room,
+                interpret=self.interpret,
             )
         group = self.settings.client_id
         shared = tuple(
@@ -179,6 +182,7 @@ class Sessions:
             epoch=epoch,
             supervised=True,
             room=self.room,
+            interpret=self.interpret,
         )
 
     def admit(self, batch: list[Message]) -> tuple[list[Message], dict[int, int] | None]:

@@ -5,9 +5,9 @@ network thread needs an interpreter to itself; ingest and push threads in the sa
 process cut the drain rate roughly in half (measured), and sixteen push threads
 starve the ingest writer the same way one level down. So:
 
-- this process: paho (its network thread only converts and enqueues), the batcher
-  (batcher.py), the metrics, and the main thread: READY/WATCHDOG/STOPPING for systemd,
-  supervision, signals;
+- this process: paho (its network thread converts, parses (batcher.Reader) and
+  enqueues), the batcher (batcher.py), the metrics, and the main thread:
+  READY/WATCHDOG/STOPPING for systemd, supervision, signals;
 - the ingest process (ingest.py): commits batches;
 - the dispatch process (dispatch.py): delivers the outbox, and does housekeeping;
 - the HTTP process (web.py): every listener (health, metrics, the dispatch API, the
@@ -41,7 +41,7 @@ from typing import Any
 from prometheus_client import generate_latest
 
 from courierd.config import Settings, redact
-from courierd.daemon.batcher import Batcher, IngestFailed
+from courierd.daemon.batcher import Batcher, IngestFailed, Reader
 from courierd.daemon.ipc import (
     WebLink,
     dispatch_process,
@@ -134,6 +134,8 @@ class Daemon:
         self.clustered = settings.store.url is not None
         self.instance = instance_name()
         kinds = (*SHARED_KINDS, PROFILES, ASSIGNMENTS_TOPIC) if self.clustered else SUBSCRIPTIONS
+        # Messages are parsed as they arrive, beside the ingest process (batcher.py).
+        self.reader = Reader(settings.owntracks.courier_id if owntracks else None)
         self.sessions = Sessions(
             settings.mqtt,
             self.inbox,
@@ -142,6 +144,7 @@ class Daemon:
             unsubscriptions=() if owntracks else OWNTRACKS,
             shared=self.clustered,
             on_subscribed=_once(on_subscribed),
+            interpret=self.reader,
         )
         self._dispatch_ready = threading.Event()
         self._slots_known = threading.Event()  # a cluster: the first share came in
@@ -193,7 +196,7 @@ class Daemon:
             self.sessions,
             size=settings.ingest.batch_size,
             wait_s=settings.ingest.batch_ms / 1000,
-            on_report=lambda report: record_batch(self.metrics, report),
+            on_report=self._committed,
         )
         self._batch_thread = threading.Thread(target=self._batch_loop, name="batcher")
         # Read at each scrape, as /healthz reads them: a gauge the main loop set every
@@ -202,6 +205,10 @@ class Daemon:
         self.metrics.mqtt_connected.set_function(lambda: 1 if self.sessions.connected() else 0)
         self._watch_backlog()
         self._reporter = threading.Thread(target=self._report_loop, name="reports", daemon=True)
+
+    def _committed(self, report: BatchReport) -> None:
+        record_batch(self.metrics, report)
+        self.reader.clock_offset = report.clock_offset
 
     def _watch_backlog(self) -> None:
         """The backlog gauges, read when /metrics is scraped (README "When courierd is
@@ -392,7 +399,7 @@ class Daemon:
         return self.shutdown()
 
     def _ingest_started(self) -> bool:
-        """Wait for the ingest process's ("ready", None), or its fatal error."""
+        """Wait for the ingest process's ("ready", its clock offset), or its fatal error."""
         if not self._ingest_pipe.poll(START_TIMEOUT_S):
             self._die("ingest process did not start")
             return False
@@ -404,6 +411,7 @@ class Daemon:
         if kind != "ready":
             self._die(str(value))
             return False
+        self.reader.clock_offset = value
         return True
 
     def _stop_now(self, wait_s: float) -> bool:

@@ -1,7 +1,8 @@
 """The MQTT edge (paho-mqtt 2.x): connect, subscribe, hand messages over, ack later.
 
-Callbacks run on paho's network thread and only convert and enqueue; paho reads the
-broker's stream in bulk (bulkread.py) and hands plain messages to `_take`. Messages are
+Callbacks run on paho's network thread and only convert, `interpret` (the daemon parses
+there) and enqueue; paho reads the broker's stream in bulk (bulkread.py) and hands plain
+messages to `_take`. Messages are
 acknowledged by the ingest thread with `ack()` after the batch holding their effects
 has committed (manual ack). The session is persistent (clean_start=False and a session
 expiry interval on MQTT 5; clean_session=False on 3.1.1), so the broker keeps queueing
@@ -212,6 +213,7 @@ class Message(NamedTuple):
     slot: int = 0  # which of the daemon's MQTT sessions delivered it
     received: float = 0.0  # time.monotonic() when paho read it off the socket
     epoch: int = 0  # a cluster: the slot's epoch (fencing token) it was delivered under
+    parsed: object = None  # what `interpret` made of it on arrival (None: nothing did)
 
 
 _new_message = tuple.__new__
@@ -234,8 +236,12 @@ class MqttEdge:
         supervised: bool = False,
         room: Room | None = None,
         bulk_read: bool = True,
+        interpret: Callable[[str, bytes, int], object] | None = None,
     ) -> None:
         self.slot = slot
+        # Run on each message as it arrives (topic, payload, size), its result carried in
+        # the Message: the daemon parses here, beside the ingest process's commits.
+        self.interpret = interpret
         self.epoch = epoch
         # Supervised (a cluster's slot): never connect again by itself. Once the
         # connection is lost (or the first attempt fails), `ended` is set and the owner
@@ -440,6 +446,8 @@ class MqttEdge:
         size = len(payload)
         if size > MAX_PAYLOAD:
             payload = payload[:KEEP_OVERSIZED]
+        interpret = self.interpret
+        parsed = None if interpret is None else interpret(name, payload, size)
         self.inbox.put(
             _new_message(  # Message(...), without the call of its __new__ in Python
                 Message,
@@ -453,6 +461,7 @@ class MqttEdge:
                     self.slot,
                     received,
                     self.epoch,
+                    parsed,
                 ),
             )
         )
