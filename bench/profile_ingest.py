@@ -155,7 +155,7 @@ def ingest_cpu(
     raw = [(t, p, len(p)) for t, p in messages(n, pings, "m", first_round=1)]
     # Each batch as the MQTT process sends it (batcher.py): parsed there, as it arrived.
     reader = Reader("user")
-    reader.clock_offset = 0.0  # as the ingest process tells it, on SQLite
+    reader.set_clock(0.0)  # as the ingest process tells it, on SQLite
     sent = [
         pickle.dumps((chunk, [reader(*m) for m in chunk], None))
         for chunk in (raw[i : i + batch] for i in range(0, len(raw), batch))
@@ -224,7 +224,7 @@ def _edge(port: int, protocol: str, client_id: str, inbox: queue.SimpleQueue[Any
     from courierd.daemon.batcher import Reader
 
     reader = Reader("user")
-    reader.clock_offset = 0.0  # as the ingest process tells it, on SQLite
+    reader.set_clock(0.0)  # as the ingest process tells it, on SQLite
     return MqttEdge(settings, inbox, receive_max=1000, interpret=reader)
 
 

@@ -14,6 +14,8 @@ from collections.abc import Iterable
 from dataclasses import fields
 from typing import Any
 
+import pytest
+
 from courierd.daemon.batcher import Batcher, Reader
 from courierd.domain.model import (
     BatchReport,
@@ -201,14 +203,32 @@ def test_the_reader_judges_a_future_ts_by_courierds_clock_not_the_hosts() -> Non
     on_time = json.dumps({"ts": iso(now), "lat": 41.0, "lng": -73.0}).encode()
     topic = "couriers/c1/location"
     assert reader(topic, ahead, len(ahead)) is None
-    reader.clock_offset = 0.0
+    reader.set_clock(0.0)
     refused = reader(topic, ahead, len(ahead))
     assert isinstance(refused, DeadLetter) and refused.reason == "future_ts"
-    reader.clock_offset = 3600.0
+    reader.set_clock(3600.0)
     assert isinstance(reader(topic, ahead, len(ahead)), LocationFix)
-    reader.clock_offset = -3600.0
+    reader.set_clock(-3600.0)
     late = reader(topic, on_time, len(on_time))
     assert isinstance(late, DeadLetter) and late.reason == "future_ts"
+
+
+def test_after_a_step_of_the_hosts_clock_the_reader_leaves_parsing_to_ingest(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The offset was read against this host's clock before it stepped: off by the
+    step, it must not judge a ts (the ingest process's DbClock sees the step and reads
+    the database's clock again); told again, it parses."""
+    reader = Reader("user")
+    reader.set_clock(-3600.0)
+    real = time.time
+    on_time = json.dumps({"ts": iso(real() - 3600), "lat": 41.0, "lng": -73.0}).encode()
+    topic = "couriers/c1/location"
+    assert isinstance(reader(topic, on_time, len(on_time)), LocationFix)
+    monkeypatch.setattr(time, "time", lambda: real() - 3600)  # NTP steps it back an hour
+    assert reader(topic, on_time, len(on_time)) is None
+    reader.set_clock(0.0)  # the ingest process's next report
+    assert isinstance(reader(topic, on_time, len(on_time)), LocationFix)
 
 
 def test_what_the_reader_made_reaches_the_ingest_process_whole() -> None:

@@ -321,9 +321,9 @@ def test_messages_are_parsed_on_arrival_by_the_databases_clock(
     offset = clock_offset(store)
     assert offset is not None and abs(offset - 3600) < 5
     reader = Reader("user")
-    reader.clock_offset = offset
+    reader.set_clock(offset)
     assert isinstance(reader("couriers/c1/location", stamp, len(stamp)), LocationFix)
-    reader.clock_offset = 0.0  # as if told nothing: judged by this host's clock
+    reader.set_clock(0.0)  # as if told nothing: judged by this host's clock
     late = reader("couriers/c1/location", stamp, len(stamp))
     assert isinstance(late, DeadLetter) and late.reason == "future_ts"
     store.close()

@@ -232,6 +232,21 @@ def test_an_assignment_from_the_future_is_a_dead_letter() -> None:
     assert isinstance(result, DeadLetter) and result.reason == "future_ts"
 
 
+def test_an_assignment_refused_as_ahead_on_arrival_is_judged_again_at_commit(
+    store: Store,
+) -> None:
+    """Parsed on arrival by a clock an hour behind (a step the MQTT process had not seen
+    yet), an assignment is too far ahead; the ingest process, which alone decides a
+    refusal, judges it again by courierd's clock at commit, and binds the order."""
+    payload = _assignment("o-1", "c-a", iso(NOW))
+    early = parse("dispatch/assignments", payload, now=NOW - 3600)
+    assert isinstance(early, DeadLetter) and early.reason == "future_ts"
+    message = ("dispatch/assignments", payload, len(payload))
+    report = commit_messages(store, [message], NOW, parsed=[early])
+    assert report.rejected == {} and report.kinds == {"assignment": 1}
+    assert _bound_courier(store, "o-1") == "c-a"
+
+
 # -- event ids are per order -------------------------------------------------------------
 
 # A small pool, so that the two couriers' apps pick the same ids, inferred ones included.

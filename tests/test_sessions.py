@@ -20,6 +20,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from courierd.config import MqttSettings
 from courierd.daemon.ipc import Grant
 from courierd.daemon.sessions import RECONNECT_AFTER_S, SHARED_KINDS, Sessions
+from courierd.edges import mqtt
 from courierd.edges.mqtt import CLOSE_WAIT_S, Message, PlainEdgeClient
 from tests.harness import Broker, Publisher, wait_until
 from tests.tcpproxy import TcpProxy
@@ -249,13 +250,18 @@ def descriptors_past_1023() -> Iterator[None]:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
-def test_a_stop_waits_for_the_broker_on_a_descriptor_past_1023(tmp_path: Path) -> None:
+def test_a_stop_waits_for_the_broker_on_a_descriptor_past_1023(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """An edge client's socket past descriptor 1023: its gentle close still waits for
     the broker to close the connection (with `select.select` it gave up at once, the
     PUBACKs before free to be overtaken). The broker silent, the close waits; let
-    through, the broker closes, and the close ends then, before CLOSE_WAIT_S. (paho's own
+    through, the broker closes, and the close ends then, well before its deadline. (paho's own
     loop selects with `select.select` too, so the client is driven without its thread:
     `disconnect()` then writes the DISCONNECT and closes on the calling thread.)"""
+    # A long wait, so that a busy machine's slow hop through the proxy is not taken for
+    # a close that gave up at its deadline.
+    monkeypatch.setattr(mqtt, "CLOSE_WAIT_S", 5.0)
     broker = Broker(tmp_path / "broker").start()
     proxy = TcpProxy(broker.port).start()
     try:
@@ -269,12 +275,12 @@ def test_a_stop_waits_for_the_broker_on_a_descriptor_past_1023(tmp_path: Path) -
             stopping = threading.Thread(target=client.disconnect)
             started = time.monotonic()
             stopping.start()
-            stopping.join(CLOSE_WAIT_S / 4)
+            stopping.join(1.0)
             assert stopping.is_alive(), "the close did not wait for the broker"
             proxy.resume()  # the DISCONNECT reaches the broker, which closes
             stopping.join(10)
             took = time.monotonic() - started
-            assert not stopping.is_alive() and took < CLOSE_WAIT_S, took
+            assert not stopping.is_alive() and took < 4.0, took
             assert client.socket() is None
     finally:
         proxy.stop()

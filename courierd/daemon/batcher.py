@@ -66,23 +66,39 @@ def take_batch(
     return batch
 
 
+# This host's clock moved this far from the monotonic one: it stepped (DbClock's
+# DB_CLOCK_STEP_S, not imported: the MQTT process does not load the store's modules).
+CLOCK_STEP_S = 0.5
+
+
 class Reader:
     """Parses a message as it arrives (an MqttEdge's `interpret`), as the ingest process
     would: "now", for the ts too far in the future, is courierd's clock, the database's
     on a shared one (DbClock), so the ingest process tells its distance from this host's
-    clock (`clock_offset`) when it starts and with every batch it commits. Until it has
-    (a cluster's sessions may connect first), None: the ingest process parses those."""
+    clock (`set_clock`) when it starts and with every batch it commits. Until it has (a
+    cluster's sessions may connect first), and from a step of this host's clock until it
+    tells again, None: the ingest process parses those, by its own clock. It also parses
+    again what was refused here as too far ahead, so that it alone decides a refusal."""
 
     def __init__(self, owntracks: CourierIdFrom | None) -> None:
         self.owntracks = owntracks
-        self.clock_offset: float | None = None
+        self._offset: float | None = None
+        self._apart = 0.0  # this host's clock minus the monotonic one, when told
+
+    def set_clock(self, offset: float | None) -> None:
+        """courierd's clock minus this host's, as the ingest process just read it (None:
+        it could not)."""
+        self._apart = time.time() - time.monotonic()
+        self._offset = offset
 
     def __call__(self, topic: str, payload: bytes, size: int) -> Input | None:
-        offset = self.clock_offset
+        offset = self._offset
         if offset is None:
             return None
-        now = time.time() + offset
-        return parse(topic, payload, now=now, size=size, owntracks=self.owntracks)
+        now = time.time()
+        if abs(now - time.monotonic() - self._apart) > CLOCK_STEP_S:
+            return None  # stepped since the offset was read: it may be off by the step
+        return parse(topic, payload, now=now + offset, size=size, owntracks=self.owntracks)
 
 
 FENCED = object()  # the batch's slots are another instance's now: drop it, unacknowledged

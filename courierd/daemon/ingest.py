@@ -78,7 +78,9 @@ def commit_messages(
     if parsed is None:
         parsed = [None] * len(messages)
     inputs = [
-        parse(topic, payload, now=now, size=size, owntracks=owntracks) if done is None else done
+        parse(topic, payload, now=now, size=size, owntracks=owntracks)
+        if done is None or (type(done) is DeadLetter and done.reason == "future_ts")
+        else done  # too far ahead on arrival: judged again by this clock (batcher.Reader)
         for (topic, payload, size), done in zip(messages, parsed, strict=True)
     ]
     fx = _commit_isolating(store, messages, inputs, now, slots)

@@ -201,14 +201,17 @@ class Daemon:
         self._batch_thread = threading.Thread(target=self._batch_loop, name="batcher")
         # Read at each scrape, as /healthz reads them: a gauge the main loop set every
         # 0.2 s could say the database was fine next to a health reply saying it was full.
-        self.metrics.database_ok.set_function(lambda: 0 if self.batcher.database_problem else 1)
+        self.metrics.database_ok.set_function(
+            lambda: 1 if self.batcher.database_problem is None else 0
+        )
         self.metrics.mqtt_connected.set_function(lambda: 1 if self.sessions.connected() else 0)
         self._watch_backlog()
         self._reporter = threading.Thread(target=self._report_loop, name="reports", daemon=True)
 
     def _committed(self, report: BatchReport) -> None:
         record_batch(self.metrics, report)
-        self.reader.clock_offset = report.clock_offset
+        if report.clock_offset is not None:
+            self.reader.set_clock(report.clock_offset)
 
     def _watch_backlog(self) -> None:
         """The backlog gauges, read when /metrics is scraped (README "When courierd is
@@ -411,7 +414,7 @@ class Daemon:
         if kind != "ready":
             self._die(str(value))
             return False
-        self.reader.clock_offset = value
+        self.reader.set_clock(value)
         return True
 
     def _stop_now(self, wait_s: float) -> bool:

@@ -264,7 +264,7 @@ class BatchReport:
     notifications: int = 0  # MQTT messages written for the notifier to publish
     waited_s: float = 0.0  # the oldest message's wait in the MQTT process (set there)
     commit_s: float = 0.0  # from handing the batch over to hearing it is committed
-    clock_offset: float = 0.0  # courierd's clock (DbClock) minus the ingest host's
+    clock_offset: float | None = None  # courierd's clock (DbClock) minus the host's
 
 
 @dataclass(slots=True)
