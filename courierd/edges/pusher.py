@@ -162,9 +162,8 @@ class Pusher:
         (an idle connection); False, and nothing done, where it cannot."""
         sent_at = self._clock()
         if self._monotonic() >= push.until:
-            self._finished_pushes.append((push, None, sent_at))
             try:
-                self._finished()
+                self._end(push, None, sent_at)
             except Exception:  # finished all the same: `_start` must not send it by a task too
                 log.exception("pusher.crash order_id=%s", push.order_id)
             return True
@@ -187,11 +186,9 @@ class Pusher:
             )
         except OneTabletError as e:
             outcome = e
-        except Exception as e:  # a bug must not lose the push: it is retried, loudly
-            log.exception("pusher.crash order_id=%s", push.order_id)
-            outcome = Unavailable(f"internal error: {e!r}")
-        self._finished_pushes.append((push, outcome, sent_at))
-        self._finished()
+        except Exception as e:
+            outcome = _internal_error(push, e)
+        self._end(push, outcome, sent_at)
 
     async def _deliver(self, push: Push) -> None:
         sent_at = 0.0  # (the clock failing, a bug: the push is retried all the same)
@@ -207,9 +204,12 @@ class Pusher:
                 outcome = await call(self._http, *request, self._clock, self._line)
         except OneTabletError as e:
             outcome = e
-        except Exception as e:  # a bug must not lose the push: it is retried, loudly
-            log.exception("pusher.crash order_id=%s", push.order_id)
-            outcome = Unavailable(f"internal error: {e!r}")
+        except Exception as e:
+            outcome = _internal_error(push, e)
+        self._end(push, outcome, sent_at)
+
+    def _end(self, push: Push, outcome: Outcome | None, sent_at: float) -> None:
+        """A push's one result (None: not sent, its claim lapsed), told with the pass's."""
         self._finished_pushes.append((push, outcome, sent_at))
         self._finished()
 
@@ -241,3 +241,9 @@ class Pusher:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _internal_error(push: Push, error: Exception) -> Unavailable:
+    """A bug on a push's way: said loudly, and the push retried (never lost)."""
+    log.exception("pusher.crash order_id=%s", push.order_id)
+    return Unavailable(f"internal error: {error!r}")
