@@ -313,6 +313,8 @@ BAD_INPUTS = [
         b'{"ts": "2024-01-15T18:05:00Z", "lat": 95, "lng": 0}',
         "out_of_range",
     ),
+    # Parsed as it arrives (the MQTT process), judged again at commit: still too far ahead.
+    ("couriers/c1/location", b'{"ts": "2999-01-01T00:00:00Z", "lat": 1, "lng": 1}', "future_ts"),
     ("couriers/c1/status", b'{"pad": "' + b"x" * 200_000 + b'"}', "too_large"),
 ]
 

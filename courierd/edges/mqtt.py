@@ -2,11 +2,11 @@
 
 Callbacks run on paho's network thread and only convert, `interpret` (the daemon parses
 there) and enqueue; paho reads the broker's stream in bulk (bulkread.py) and hands plain
-messages to `_take`. Messages are
-acknowledged by the ingest thread with `ack()` after the batch holding their effects
-has committed (manual ack). The session is persistent (clean_start=False and a session
-expiry interval on MQTT 5; clean_session=False on 3.1.1), so the broker keeps queueing
-for us while we are down, and redelivers whatever we had not acknowledged.
+messages to `_take`. Messages are acknowledged by the ingest thread with `ack()` after
+the batch holding their effects has committed (manual ack). The session is persistent
+(clean_start=False and a session expiry interval on MQTT 5; clean_session=False on
+3.1.1), so the broker keeps queueing for us while we are down, and redelivers whatever
+we had not acknowledged.
 """
 
 from __future__ import annotations
