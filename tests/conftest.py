@@ -23,7 +23,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 from hypothesis import settings
@@ -272,8 +272,16 @@ class Result:
     err: str
 
 
+class Cli(Protocol):
+    """The `cli` fixture: runs `courierd *args` and returns its exit code and output."""
+
+    def __call__(
+        self, *args: str, stdin: bytes | None = None, env: dict[str, str] | None = None
+    ) -> Result: ...
+
+
 @pytest.fixture
-def cli(tmp_path: Path, db_path: Path, onetablet: Sandbox):
+def cli(tmp_path: Path, db_path: Path, onetablet: Sandbox) -> Cli:
     """Run the real `courierd` entry point in a subprocess, configured by environment."""
 
     def run(*args: str, stdin: bytes | None = None, env: dict[str, str] | None = None) -> Result:

@@ -19,7 +19,7 @@ from typing import Any
 
 import paho.mqtt.client as paho
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from courierd.config import StoreSettings
 from courierd.devtools.localbroker import LocalBroker, free_port
@@ -184,7 +184,8 @@ class Daemon:
 
     def metrics(self) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/metrics", timeout=2) as r:
-            return r.read().decode()
+            body: bytes = r.read()
+            return body.decode()
 
     def metric(self, name: str) -> float:
         """The value of one sample line (name with labels), 0 if absent."""
@@ -254,7 +255,10 @@ class Publisher:
     """A courier-side MQTT client publishing QoS 1 and waiting for each PUBACK."""
 
     def __init__(
-        self, port: int, client_id: str = "test-publisher", protocol: int = paho.MQTTv5
+        self,
+        port: int,
+        client_id: str = "test-publisher",
+        protocol: MQTTProtocolVersion = paho.MQTTv5,
     ) -> None:
         self.client = paho.Client(
             CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol

@@ -45,19 +45,20 @@ fragments = st.one_of(
     st.text(min_size=200, max_size=2000).map(json.dumps),  # over the length limits
 )
 
-EVENT = {
+PROFILE: dict[str, object] = {
+    "full_name": '"Mike Driver"',
+    "phone": '"+15559876543"',
+    "vehicle": {"color": '"Blue"', "make": '"Toyota"', "model": '"Camry"'},
+}
+EVENT: dict[str, object] = {
     "event_id": '"e-1"',
     "order_id": '"o-1"',
     "status": '"arrived_at_store"',
     "ts": '"2024-01-15T18:05:00Z"',
-    "courier_info": {
-        "full_name": '"Mike Driver"',
-        "phone": '"+15559876543"',
-        "vehicle": {"color": '"Blue"', "make": '"Toyota"', "model": '"Camry"'},
-    },
+    "courier_info": PROFILE,
     "location": {"lat": "40.7", "lng": "-74.0"},
 }
-FIX = {
+FIX: dict[str, object] = {
     "ts": '"2024-01-15T18:05:00Z"',
     "lat": "40.7",
     "lng": "-74.0",
@@ -65,14 +66,13 @@ FIX = {
     "speed_mps": "7.5",
     "heading": "90",
 }
-PROFILE = EVENT["courier_info"]
-ASSIGNMENT = {
+ASSIGNMENT: dict[str, object] = {
     "order_id": '"o-1"',
     "courier_id": '"c-1"',
     "pickup": {"lat": "40.7", "lng": "-74.0", "radius_m": "80"},
     "dropoff": {"lat": "40.8", "lng": "-74.1"},
 }
-TOPICS = {
+TOPICS: dict[str, dict[str, object]] = {
     "couriers/c-1/status": EVENT,
     "couriers/c-1/location": FIX,
     "couriers/c-1/profile": PROFILE,

@@ -224,7 +224,7 @@ def available() -> str | None:
 
 def _admin(sql: str) -> None:
     with psycopg.connect(admin_url(), autocommit=True) as conn:
-        conn.execute(sql)  # type: ignore[arg-type]
+        conn.execute(sql)
 
 
 _template: str | None = None

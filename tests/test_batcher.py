@@ -119,7 +119,7 @@ def acked(log: Log) -> list[int]:
 def drained(n: int) -> tuple[Log, list[BatchReport]]:
     """Messages 1..n queued, then taken by a batcher until every one is acknowledged."""
     inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
-    log, reports = Log(), []
+    log, reports = Log(), list[BatchReport]()
     for mid in range(1, n + 1):
         inbox.put(message(mid))
     _batcher, stop, thread = run_batcher(inbox, log, reports)
@@ -156,7 +156,7 @@ def test_with_nothing_more_waiting_the_last_batch_is_acknowledged_at_once() -> N
     """No next batch to send: the committed one is acknowledged (and reported) without
     waiting for more traffic."""
     inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
-    log, reports = Log(), []
+    log, reports = Log(), list[BatchReport]()
     batcher, stop, thread = run_batcher(inbox, log, reports)
     try:
         inbox.put(message(1))
@@ -175,7 +175,7 @@ def test_with_batch_ms_the_last_batch_is_acknowledged_before_waiting_for_more() 
     broker may hold back until it has the last batch's acks (its window): those go out
     first. Fails on the batcher that kept them until the next batch was sent."""
     inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
-    log, reports = Log(), []
+    log, reports = Log(), list[BatchReport]()
     for mid in (1, 2, 3):
         inbox.put(message(mid))
     _batcher, stop, thread = run_batcher(inbox, log, reports, wait_s=30.0)
@@ -234,7 +234,7 @@ def test_after_a_step_of_the_hosts_clock_the_reader_leaves_parsing_to_ingest(
 def test_what_the_reader_made_reaches_the_ingest_process_whole() -> None:
     """Statuses and fixes cross the pipe pickled by their own `__reduce__`: every field
     arrives, the ones equality skips (`raw`) too."""
-    sent = [
+    sent: list[StatusEvent | LocationFix] = [
         StatusEvent(
             "e1",
             "o1",

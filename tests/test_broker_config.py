@@ -59,7 +59,7 @@ class Party:
 
     def _on_message(self, _c: object, _u: object, msg: paho.MQTTMessage) -> None:
         with self._lock:
-            self.got.append((msg.topic, msg.payload))
+            self.got.append((msg.topic, bytes(msg.payload)))
 
     def subscribe(self, *filters: str) -> None:
         done = threading.Event()

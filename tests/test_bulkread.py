@@ -16,7 +16,7 @@ import paho.mqtt.client as paho
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.enums import CallbackAPIVersion, _ConnectionState
 from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -37,19 +37,25 @@ class FakeSocket:
         self.reads = 0
         self.closed = False
 
-    def recv(self, size: int) -> bytes:
+    def recv(self, buffer_size: int) -> bytes:
         if not self.unread:
             raise BlockingIOError
         self.reads += 1
-        data, self.unread = self.unread[:size], self.unread[size:]
+        data, self.unread = self.unread[:buffer_size], self.unread[buffer_size:]
         return data
 
-    def send(self, data: bytes) -> int:
-        self.sent += bytes(data)
-        return len(data)
+    def send(self, buffer: bytes | bytearray) -> int:
+        self.sent += bytes(buffer)
+        return len(buffer)
 
     def close(self) -> None:
         self.closed = True
+
+    def fileno(self) -> int:  # paho's SocketLike; nothing here selects on it
+        raise OSError("a fake socket has no descriptor")
+
+    def setblocking(self, flag: bool) -> None:
+        pass
 
 
 def remaining_length(n: int) -> bytes:
@@ -280,7 +286,7 @@ def connected_edge(ours: socket.socket, keepalive: int, receive_max: int, **kw: 
     edge = MqttEdge(settings_, queue.SimpleQueue(), receive_max, supervised=True, **kw)
     client = edge._client
     client._sock, client._keepalive = ours, keepalive
-    client._state = paho._ConnectionState.MQTT_CS_CONNECTED
+    client._state = _ConnectionState.MQTT_CS_CONNECTED
     client._last_msg_out = client._last_bytes_received = time.monotonic()
     edge.connected.set()
     return edge

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from hypothesis import given, settings
@@ -23,6 +24,10 @@ from courierd.errors import InputError
 NOW = "2026-01-01T00:00:00.000Z"
 T_NOW = 1_767_225_600.0  # the same instant, as courierd's clock gives it
 RANK = {s: i for i, s in enumerate(CHAIN)}
+
+# (kind, value): an "event" carries its StatusEvent, a cancel step its order id,
+# "deliver" nothing.
+Op = tuple[str, StatusEvent | str | None]
 
 
 @dataclass
@@ -45,7 +50,7 @@ class Pipeline:
             self.pushed[p.order_id].append(p.status)
         return True
 
-    def run(self, inputs: list[Input], cuts: list[int], crashes: list[bool]) -> None:
+    def run(self, inputs: Sequence[Input], cuts: list[int], crashes: list[bool]) -> None:
         """Feed in batches of sizes `cuts`; a crashed batch is redelivered whole."""
         queue, i = list(inputs), 0
         while queue:
@@ -76,10 +81,10 @@ def assert_prefix(pushed: list[Status]) -> None:
 
 
 @st.composite
-def mixed_streams(draw: st.DrawFn) -> list[tuple[str, object]]:
+def mixed_streams(draw: st.DrawFn) -> list[Op]:
     """Events over two orders and two couriers, reused event ids, and cancels."""
     n = draw(st.integers(1, 30))
-    ops: list[tuple[str, object]] = []
+    ops: list[Op] = []
     for i in range(n):
         if draw(st.integers(0, 9)) == 0:
             ops.append(("cancel", draw(st.sampled_from(["o1", "o2"]))))
@@ -102,19 +107,21 @@ def mixed_streams(draw: st.DrawFn) -> list[tuple[str, object]]:
 
 @settings(max_examples=300)
 @given(mixed_streams(), cuts, crashes)
-def test_pushes_are_always_a_chain_prefix_once_each(ops, cut, crash) -> None:
+def test_pushes_are_always_a_chain_prefix_once_each(
+    ops: list[Op], cut: list[int], crash: list[bool]
+) -> None:
     """Whatever arrives (dupes, reorders, skips, other couriers, cancels, crashes), every
     order's pushes are a prefix of the chain, in order, each once, none after a cancel."""
     p = Pipeline()
     segment: list[Input] = []
-    for kind, value in [*ops, ("cancel", None)]:
-        if kind == "event":
-            segment.append(value)  # type: ignore[arg-type]
+    for _, value in [*ops, ("cancel", None)]:
+        if isinstance(value, StatusEvent):  # kind "event"
+            segment.append(value)
             continue
         p.run(segment, cut, crash)
         segment = []
         if value is not None:
-            p.cancel(value)  # type: ignore[arg-type]
+            p.cancel(value)
     for order_id, pushed in p.pushed.items():
         assert_prefix(pushed)
         state = p.orders[order_id].state
@@ -133,7 +140,9 @@ def one_courier_streams(draw: st.DrawFn) -> list[StatusEvent]:
 
 @settings(max_examples=300)
 @given(one_courier_streams(), cuts, crashes)
-def test_final_state_is_furthest_status_seen(stream, cut, crash) -> None:
+def test_final_state_is_furthest_status_seen(
+    stream: list[StatusEvent], cut: list[int], crash: list[bool]
+) -> None:
     """Without cancels, the order ends at the furthest status any event carried, and
     every status up to it was pushed exactly once; own statuses are not marked inferred."""
     p = Pipeline()
@@ -145,7 +154,9 @@ def test_final_state_is_furthest_status_seen(stream, cut, crash) -> None:
 
 @settings(max_examples=200)
 @given(one_courier_streams(), st.data())
-def test_deciding_is_order_insensitive_in_final_state(stream, data) -> None:
+def test_deciding_is_order_insensitive_in_final_state(
+    stream: list[StatusEvent], data: st.DataObject
+) -> None:
     """Any two arrival orders of the same events end in the same state."""
     other = data.draw(st.permutations(stream))
     a, b = Pipeline(), Pipeline()
@@ -156,10 +167,10 @@ def test_deciding_is_order_insensitive_in_final_state(stream, data) -> None:
 
 @settings(max_examples=200)
 @given(mixed_streams(), st.data())
-def test_a_duplicate_event_id_never_changes_anything(ops, data) -> None:
+def test_a_duplicate_event_id_never_changes_anything(ops: list[Op], data: st.DataObject) -> None:
     """Replaying a seen event_id for its order, with any other content, adds no
     transition, push or state (ids are per order: CONTRACT.md 12)."""
-    events = [v for k, v in ops if k == "event"]
+    events = [v for _, v in ops if isinstance(v, StatusEvent)]
     if not events:
         return
     p = Pipeline()
@@ -177,7 +188,7 @@ def test_a_duplicate_event_id_never_changes_anything(ops, data) -> None:
 
 
 @given(st.lists(statuses, min_size=1, max_size=10))
-def test_events_from_another_courier_never_push(seq) -> None:
+def test_events_from_another_courier_never_push(seq: list[Status]) -> None:
     """Once c1 holds the order, c2's events are dead-lettered and push nothing."""
     p = Pipeline()
     p.run([ev(0, Status.DASHER_CONFIRMED)], [1], [False])
@@ -255,9 +266,9 @@ modes = st.lists(st.sampled_from(["ok", "ok", "crash", "unacked"]), min_size=1, 
 
 
 @st.composite
-def racing_streams(draw: st.DrawFn) -> list[tuple[str, object]]:
+def racing_streams(draw: st.DrawFn) -> list[Op]:
     """Events, deliveries and cancels (hold, then finish or revert) interleaved."""
-    ops: list[tuple[str, object]] = []
+    ops: list[Op] = []
     for i in range(draw(st.integers(1, 40))):
         roll = draw(st.integers(0, 19))
         order = draw(st.sampled_from(["o1", "o2"]))
@@ -275,7 +286,9 @@ def racing_streams(draw: st.DrawFn) -> list[tuple[str, object]]:
 
 @settings(max_examples=400)
 @given(racing_streams(), cuts, modes)
-def test_cancel_races_and_redelivered_batches_keep_the_chain(ops, cut, mode) -> None:
+def test_cancel_races_and_redelivered_batches_keep_the_chain(
+    ops: list[Op], cut: list[int], mode: list[str]
+) -> None:
     """With cancels racing events (the hold, then OneTablet's answer), crashes before the
     commit and batches committed but redelivered (no ack), what OneTablet receives per
     order is a chain prefix in order, each once; nothing after a cancel went through;
@@ -296,16 +309,16 @@ def test_cancel_races_and_redelivered_batches_keep_the_chain(ops, cut, mode) -> 
         segment.clear()
 
     for kind, value in ops:
-        if kind == "event":
-            segment.append(value)  # type: ignore[arg-type]
+        if isinstance(value, StatusEvent):  # kind "event"
+            segment.append(value)
             continue
         flush()
-        if kind == "deliver":
+        if value is None:  # kind "deliver"
             box.deliver()
-        elif kind == "hold" and box.hold(value):  # type: ignore[arg-type]
-            holding.add(value)  # type: ignore[arg-type]
+        elif kind == "hold" and box.hold(value):
+            holding.add(value)
         elif kind in ("finish", "revert") and value in holding:
-            holding.discard(value)  # type: ignore[arg-type]
+            holding.discard(value)
             getattr(box, kind)(value)
     flush()
     for order_id in list(holding):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from courierd.devtools.sandbox import Sandbox
 from courierd.domain.model import Status, StatusEvent
-from tests.conftest import open_path
+from tests.conftest import Cli, open_path
 
 
 def seed(db_path: Path, order_id: str, status: Status, ts: str | None = None) -> None:
@@ -26,7 +26,7 @@ ORDER = {
 }
 
 
-def test_submit_sends_the_document_as_written(cli, tmp_path: Path, onetablet: Sandbox) -> None:
+def test_submit_sends_the_document_as_written(cli: Cli, tmp_path: Path, onetablet: Sandbox) -> None:
     """A valid order is POSTed byte for byte, OneTablet's reply printed, exit 0."""
     raw = json.dumps(ORDER, indent=3).encode()
     (tmp_path / "order.json").write_bytes(raw)
@@ -38,14 +38,16 @@ def test_submit_sends_the_document_as_written(cli, tmp_path: Path, onetablet: Sa
     assert "onetablet.call endpoint='POST /orders' order_id=o-42 status=200" in r.err
 
 
-def test_submit_from_stdin(cli, onetablet: Sandbox) -> None:
+def test_submit_from_stdin(cli: Cli, onetablet: Sandbox) -> None:
     """`-` reads the order from standard input."""
     r = cli("order", "submit", "-", stdin=json.dumps(ORDER).encode())
     assert r.code == 0, r.err
     assert onetablet.requests()[0].json == ORDER
 
 
-def test_submit_invalid_input_exit_2_nothing_sent(cli, tmp_path: Path, onetablet: Sandbox) -> None:
+def test_submit_invalid_input_exit_2_nothing_sent(
+    cli: Cli, tmp_path: Path, onetablet: Sandbox
+) -> None:
     """Missing id, wrong types, bad JSON, missing file: exit 2, the field named, no request."""
     cases = {
         "noid.json": (json.dumps({"subtotal": 1}), "field 'id': Field required"),
@@ -68,7 +70,9 @@ def test_submit_invalid_input_exit_2_nothing_sent(cli, tmp_path: Path, onetablet
     assert onetablet.requests() == []
 
 
-def test_submit_remote_errors_exit_1_with_message(cli, tmp_path: Path, onetablet: Sandbox) -> None:
+def test_submit_remote_errors_exit_1_with_message(
+    cli: Cli, tmp_path: Path, onetablet: Sandbox
+) -> None:
     """4xx: not retried, OneTablet's message shown; persistent 5xx: retried, then exit 1."""
     (tmp_path / "o.json").write_text(json.dumps(ORDER))
     onetablet.responder = lambda req: (
@@ -85,7 +89,7 @@ def test_submit_remote_errors_exit_1_with_message(cli, tmp_path: Path, onetablet
     assert len(onetablet.requests()) == 1 + 4  # first try and three retries
 
 
-def test_bad_key_and_missing_config(cli, tmp_path: Path, onetablet: Sandbox) -> None:
+def test_bad_key_and_missing_config(cli: Cli, tmp_path: Path, onetablet: Sandbox) -> None:
     """401 exits 1 with the reason; a missing base_url exits 2 naming the variable."""
     (tmp_path / "o.json").write_text(json.dumps(ORDER))
     r = cli("order", "submit", "o.json", env={"COURIERD_ONETABLET__API_KEY": "wrong-key"})
@@ -95,7 +99,7 @@ def test_bad_key_and_missing_config(cli, tmp_path: Path, onetablet: Sandbox) -> 
 
 
 def test_cancel_records_locally_and_drops_pending_pushes(
-    cli, db_path: Path, onetablet: Sandbox
+    cli: Cli, db_path: Path, onetablet: Sandbox
 ) -> None:
     """Cancel POSTs the reason, marks the order cancelled and drops its unsent pushes."""
     seed(db_path, "o-7", Status.ARRIVING_AT_STORE)
@@ -112,7 +116,7 @@ def test_cancel_records_locally_and_drops_pending_pushes(
     assert {p["state"] for p in shown["pushes"]} == {"cancelled"}
 
 
-def test_cancel_refusals(cli, db_path: Path, onetablet: Sandbox) -> None:
+def test_cancel_refusals(cli: Cli, db_path: Path, onetablet: Sandbox) -> None:
     """After dropoff, with an unknown reason, or a bad id: exit 2, nothing sent."""
     seed(db_path, "o-9", Status.DROPOFF)
     r = cli("order", "cancel", "o-9")
@@ -125,7 +129,7 @@ def test_cancel_refusals(cli, db_path: Path, onetablet: Sandbox) -> None:
 
 
 def test_cancel_remote_failure_leaves_order_uncancelled(
-    cli, db_path: Path, onetablet: Sandbox
+    cli: Cli, db_path: Path, onetablet: Sandbox
 ) -> None:
     """If OneTablet refuses the cancel, the order is not marked cancelled locally."""
     seed(db_path, "o-5", Status.DASHER_CONFIRMED)
@@ -135,7 +139,7 @@ def test_cancel_remote_failure_leaves_order_uncancelled(
     assert json.loads(cli("order", "show", "o-5").out)["cancelled"] is False
 
 
-def test_show_contract_shape_and_unknown(cli, db_path: Path) -> None:
+def test_show_contract_shape_and_unknown(cli: Cli, db_path: Path) -> None:
     """show prints the CONTRACT.md fields; an unknown order is exit 1."""
     seed(db_path, "o-3", Status.ARRIVED_AT_STORE, ts="2024-01-15T18:05:00.000Z")
     r = cli("order", "show", "o-3")
@@ -166,7 +170,7 @@ def test_show_contract_shape_and_unknown(cli, db_path: Path) -> None:
     assert r.code == 1 and "unknown order 'nope'" in r.err
 
 
-def test_config_check_masks_secrets_and_flags_errors(cli, tmp_path: Path) -> None:
+def test_config_check_masks_secrets_and_flags_errors(cli: Cli, tmp_path: Path) -> None:
     """config check prints effective settings with the key masked; bad config exits 2."""
     r = cli("config", "check")
     assert r.code == 0
@@ -178,7 +182,7 @@ def test_config_check_masks_secrets_and_flags_errors(cli, tmp_path: Path) -> Non
     assert r.code == 2 and "mqtt.url (COURIERD_MQTT__URL)" in r.err
 
 
-def test_json_log_format(cli, tmp_path: Path, onetablet: Sandbox) -> None:
+def test_json_log_format(cli: Cli, tmp_path: Path, onetablet: Sandbox) -> None:
     """--log-format json prints one JSON object per line, with the stable event name."""
     (tmp_path / "o.json").write_text(json.dumps(ORDER))
     r = cli("order", "submit", "o.json", "--log-format", "json")

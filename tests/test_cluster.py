@@ -102,7 +102,7 @@ def check_pushes(onetablet: Sandbox, orders: list[str], disruptions: int) -> Non
         seq = [r.json["delivery_status"] for r in got[order]]
         deduped = [s for i, s in enumerate(seq) if i == 0 or seq[i - 1] != s]
         assert deduped == STATUSES, (order, seq)
-        keys = {}
+        keys: dict[str, str] = {}
         for r in got[order]:
             key = keys.setdefault(r.json["delivery_status"], r.headers["idempotency-key"])
             assert r.headers["idempotency-key"] == key
@@ -299,7 +299,11 @@ def test_silent_instances_are_taken_over_and_come_back_without_harm(cluster: Clu
                 for p in proxies:
                     p.resume()
             for d in (a, b, c):
-                wait_until(lambda d=d: d.health()[0] == 200, 60, "health 200 again")
+
+                def healthy(d: Daemon = d) -> bool:
+                    return d.health()[0] == 200
+
+                wait_until(healthy, 60, "health 200 again")
         finally:
             orders = stream.stop()
         assert took_over < 60

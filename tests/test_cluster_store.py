@@ -464,7 +464,12 @@ def test_a_database_blip_as_a_reply_is_recorded_loses_no_push(
         wait_until(lambda: not d._results.empty(), 10, "the first push's reply")
         later[0] += 2  # the clock is due to be read again, as the reply is recorded
         a.db.value(f"SELECT pg_terminate_backend({int(b.db.value('SELECT pg_backend_pid()'))})")
-        wait_until(lambda: (turn(), len(onetablet.requests()) >= 2)[1], 20, "the next push")
+
+        def pushed_again() -> bool:
+            turn()
+            return len(onetablet.requests()) >= 2
+
+        wait_until(pushed_again, 20, "the next push")
         assert [r.json["delivery_status"] for r in onetablet.requests()] == [
             s.value for s in statuses
         ]

@@ -5,6 +5,7 @@ Each test starts its own broker and daemon, so it can stop, kill and restart the
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -21,6 +22,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from courierd.devtools.sandbox import Request, Sandbox
 from courierd.domain.lifecycle import CHAIN
+from tests.conftest import Cli
 from tests.harness import (
     API_KEY,
     Broker,
@@ -141,7 +143,7 @@ def test_kill_9_mid_stream_loses_nothing(rig: Rig) -> None:
         target = len(rig.onetablet.requests()) + rng.randint(5, 40)
         # A cluster member that was killed takes its MQTT sessions back only once their
         # leases (5 s in these tests) lapse: allow for that on PostgreSQL.
-        wait_until(lambda n=target: pushed_or_finished(n), 45, "some pushes")
+        wait_until(functools.partial(pushed_or_finished, target), 45, "some pushes")
         daemon.kill()  # the broker keeps queueing for courierd's session meanwhile
         daemon = rig.daemon().start()
     assert done.wait(30)
@@ -360,7 +362,7 @@ def test_every_bad_input_is_dead_lettered_and_daemon_goes_on(rig: Rig) -> None:
     assert daemon.stop() == 0
 
 
-def test_cancelled_order_gets_no_more_pushes(rig: Rig, cli) -> None:
+def test_cancelled_order_gets_no_more_pushes(rig: Rig, cli: Cli) -> None:
     """After `order cancel`, pending pushes are dropped and later events are rejected."""
     rig.onetablet.responder = lambda r: (
         (503, {}, {"error": "Busy", "message": "later"}) if "delivery-status" in r.path else None

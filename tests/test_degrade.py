@@ -170,7 +170,9 @@ def test_above_capacity_the_broker_holds_the_backlog_and_all_arrives(
     assert daemon.metric_total("courierd_fixes_ignored_total") == 0
     assert daemon.metric_total("courierd_messages_rejected_total") == 0
     s = rig.store()
-    last = dict(s.db.rows("SELECT courier_id, fix_ts FROM couriers WHERE courier_id LIKE 'c%'"))
+    last: dict[str, str] = dict(
+        s.db.rows("SELECT courier_id, fix_ts FROM couriers WHERE courier_id LIKE 'c%'")
+    )
     s.close()
     final = f"2026-12-06T10:{(FIXES // COURIERS - 1) // 60:02d}:{(FIXES // COURIERS - 1) % 60:02d}"
     assert len(last) == COURIERS and all(ts.startswith(final) for ts in last.values()), last

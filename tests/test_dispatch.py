@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import random
 import subprocess
 import sys
@@ -246,6 +247,11 @@ def test_retries_follow_elapsed_time_when_the_wall_clock_steps(
         store.close()
 
 
+def skewed(skew: float) -> float:
+    """The wall clock, `skew` seconds off."""
+    return time.time() + skew
+
+
 def test_a_shared_databases_retries_are_due_by_its_clock(onetablet: Sandbox) -> None:
     """In a cluster, pushes are due by the database's clock, as leases are, not by the
     hosts': a push committed by an instance whose clock is an hour ahead is due at once
@@ -270,7 +276,7 @@ def test_a_shared_databases_retries_are_due_by_its_clock(onetablet: Sandbox) -> 
                     pushers[-1],
                     concurrency=4,
                     schedule=(1.0, 5.0, 30.0),
-                    clock=lambda skew=skew: time.time() + skew,
+                    clock=functools.partial(skewed, skew),
                     rng=random.Random(0),
                     follow_clock_steps=False,
                 )

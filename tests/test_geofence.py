@@ -27,13 +27,14 @@ from courierd.domain.geo import (
     eta_speed,
     within,
 )
-from courierd.domain.geofence import Fix, GeofenceRules, Place, Track, screen, step
+from courierd.domain.geofence import Fix, GeofenceRules, Track, screen, step
 from courierd.domain.lifecycle import CHAIN
 from courierd.domain.model import (
     CANCELLED,
     NEW,
     Order,
     Outcome,
+    Place,
     Status,
     StatusEvent,
     dumps,
@@ -348,7 +349,7 @@ def test_stored_track_reads_back_as_kept(track: Track) -> None:
         expected = None
     assert value == expected
     if value is not None and expected is not None:  # and the same types (5 == 5.0)
-        fields = Track.__slots__
+        fields = Track._fields
         assert [type(getattr(value, k)) for k in fields] == [
             type(getattr(expected, k)) for k in fields
         ]

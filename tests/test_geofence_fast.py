@@ -14,9 +14,9 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from courierd.domain.geo import EARTH_RADIUS_M, between
-from courierd.domain.geofence import Fix, GeofenceRules, Place, Track, float_text, step
+from courierd.domain.geofence import Fix, GeofenceRules, Track, float_text, step
 from courierd.domain.lifecycle import CHAIN
-from courierd.domain.model import NEW, Status, dumps
+from courierd.domain.model import NEW, Place, Status, dumps
 
 M_PER_DEG = EARTH_RADIUS_M * math.pi / 180
 RANK = {NEW: -1, **{s.value: i for i, s in enumerate(CHAIN)}}

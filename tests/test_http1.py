@@ -999,7 +999,7 @@ def test_the_string_tests_of_targets_and_values_are_the_regular_expressions(text
 class _Wire(asyncio.Transport):
     """A transport that takes what is written and nothing else."""
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | bytearray | memoryview) -> None:
         pass
 
     def abort(self) -> None:

@@ -83,7 +83,7 @@ def test_a_foreign_host_gets_421_and_no_data_on_every_listener(sqlite_rig: Rig) 
         (api, "GET", "/", None),
         (hook, "POST", "/onetablet/events", event),
     ]
-    key = {"x-api-key": SECRET.encode()}
+    key: dict[str, str | bytes] = {"x-api-key": SECRET.encode()}
     for port, method, path, body in calls:
         for foreign in ("attacker.example", f"attacker.example:{port}", "127.0.0.1.evil.example"):
             status, data = call(port, method, path, foreign, key, body)

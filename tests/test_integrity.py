@@ -165,7 +165,10 @@ def _assignment(order: str, courier: str, ts: str | None) -> bytes:
 
 
 def _bound_courier(store: Store, order: str) -> str | None:
-    return store.db.value("SELECT courier_id FROM orders WHERE order_id = ?", (order,))
+    courier: str | None = store.db.value(
+        "SELECT courier_id FROM orders WHERE order_id = ?", (order,)
+    )
+    return courier
 
 
 @given(

@@ -9,6 +9,7 @@ import time
 import pytest
 
 from courierd.domain.model import iso
+from tests.conftest import Cli
 from tests.harness import Rig, delivered, statuses, wait_until
 from tests.test_telemetry_daemon import STORE, a_delivery, wait_for_pickup
 
@@ -44,7 +45,9 @@ def test_a_late_older_assignment_does_not_replace_the_newer_one(rig: Rig) -> Non
     pub.close()
 
 
-def test_an_abandoned_order_expires_without_a_push_and_refuses_later_events(rig: Rig, cli) -> None:
+def test_an_abandoned_order_expires_without_a_push_and_refuses_later_events(
+    rig: Rig, cli: Cli
+) -> None:
     """With store.abandon_after_h at 2 s, an order nobody touches becomes expired:
     `order show` says so, it is not active, nothing is pushed; a later event for it is an
     `expired` dead letter, while another order's event sent after it is pushed."""

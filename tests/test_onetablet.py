@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from courierd.devtools.sandbox import Request, Sandbox
 from courierd.domain.policy import CLI_MAX_RETRY_AFTER
 from courierd.edges.onetablet import OneTabletClient, _path, with_retries
-from courierd.errors import Rejected, Unauthorized, Unavailable
+from courierd.errors import OneTabletError, Rejected, Unauthorized, Unavailable
 from tests.conftest import API_KEY
 
 ORDER = b'{"id": "o-1", "subtotal": 2500, "zz_custom": {"keep": [1, 2]}}'
@@ -110,7 +110,11 @@ ERROR_REPLIES = [
 
 @pytest.mark.parametrize(("status", "headers", "error", "retry_after"), ERROR_REPLIES)
 def test_error_replies_map_to_the_tree(
-    onetablet: Sandbox, status: int, headers: dict[str, str], error: type, retry_after: float | None
+    onetablet: Sandbox,
+    status: int,
+    headers: dict[str, str],
+    error: type[OneTabletError],
+    retry_after: float | None,
 ) -> None:
     """Each status becomes its error, carrying OneTablet's message and Retry-After."""
     reply_with(onetablet, (status, headers, {"error": "Oops", "message": "order id missing"}))

@@ -34,7 +34,7 @@ from courierd.edges.onetablet_http import (
 )
 from courierd.edges.pusher import Pusher
 from courierd.errors import Rejected, Unavailable
-from tests.conftest import API_KEY
+from tests.conftest import API_KEY, Cli
 from tests.harness import Rig, wait_until
 from tests.onetablet_servers import ConnectProxy, Flood, OtherHost, Trickler, self_signed
 from tests.test_onetablet import BODY, ORDER
@@ -69,7 +69,7 @@ def test_a_redirect_fails_the_call_and_is_not_followed(
 
 
 def test_order_commands_fail_on_a_redirect(
-    cli, tmp_path: Path, onetablet: Sandbox, other_host: OtherHost
+    cli: Cli, tmp_path: Path, onetablet: Sandbox, other_host: OtherHost
 ) -> None:
     """`order submit` and `order cancel` answered 302 exit 1 naming the Location, not retried,
     and send nothing to the other host."""
@@ -158,7 +158,7 @@ def test_every_call_is_cut_at_its_own_deadline_whenever_it_started(onetablet: Sa
     release, second_in = threading.Event(), threading.Event()
 
     def hang(r: Request) -> None:  # "hang-*" never answered until released
-        if r.order_id.startswith("hang"):
+        if (r.order_id or "").startswith("hang"):
             if r.order_id == "hang-2":
                 second_in.set()
             release.wait(30)
@@ -279,7 +279,7 @@ def test_a_reply_both_chunked_and_of_a_stated_length_is_no_surprise(
         thread.stop()
 
 
-def test_order_submit_gives_up_on_a_trickling_reply(cli, tmp_path: Path) -> None:
+def test_order_submit_gives_up_on_a_trickling_reply(cli: Cli, tmp_path: Path) -> None:
     """`order submit` against a reply trickling in: each attempt ends at timeout_s, then
     exit 1 saying so (each read is quick: a per-read timeout would wait 30 s a try)."""
     (tmp_path / "o.json").write_bytes(ORDER)
@@ -404,7 +404,7 @@ def test_tls_is_verified_alike_by_every_caller(
 
 @pytest.mark.integration
 def test_a_push_answered_302_is_parked_not_delivered(
-    sqlite_rig: Rig, other_host: OtherHost, cli
+    sqlite_rig: Rig, other_host: OtherHost, cli: Cli
 ) -> None:
     """Through the daemon: the redirected push is parked as failed with the Location in
     last_error; the other host never hears of it, and the next order's push goes out."""

@@ -5,6 +5,7 @@ and months of data (CONTRACT.md 4.12, 4.13, 4.15, section 6)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import signal
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from courierd.domain.model import Status, StatusEvent
+from tests.conftest import Cli
 from tests.harness import Rig, delivered, statuses, tmpfs, wait_until
 
 pytestmark = pytest.mark.integration
@@ -61,7 +63,7 @@ def notify(tmp_path: Path) -> Iterator[NotifySocket]:
     sock.close()
 
 
-def test_a_second_daemon_on_the_same_database_refuses_to_start(sqlite_rig: Rig, cli) -> None:
+def test_a_second_daemon_on_the_same_database_refuses_to_start(sqlite_rig: Rig, cli: Cli) -> None:
     """One daemon per database (4.13): the second exits 1 with one line naming the
     holder; order commands keep working beside the first."""
     rig = sqlite_rig
@@ -263,7 +265,7 @@ def test_a_stalled_loop_turns_health_red_and_stops_watchdog_pings(
             os.kill(pid, signal.SIGCONT)
         wait_until(lambda: daemon.health()[0] == 200, 15, f"health after {name} resumes")
         resumed = time.monotonic()
-        wait_until(lambda t=resumed: notify.count("WATCHDOG=1", since=t), 5, "pings again")
+        wait_until(functools.partial(notify.count, "WATCHDOG=1", since=resumed), 5, "pings again")
     assert rig.onetablet.wait_for(
         lambda _: {"stall-ingest", "stall-dispatch"} <= set(delivered(rig.onetablet)), 10
     )
@@ -285,7 +287,7 @@ def test_an_unusable_notify_socket_does_not_stop_the_daemon(
     assert daemon.stop() == 0
 
 
-def test_retention_prunes_finished_orders_while_running(rig: Rig, cli) -> None:
+def test_retention_prunes_finished_orders_while_running(rig: Rig, cli: Cli) -> None:
     """With a short retention, a finished order disappears while the daemon runs; an order
     whose push OneTablet keeps refusing (parked) stays, however old."""
     rig.onetablet.responder = lambda r: (

@@ -16,7 +16,7 @@ from courierd.domain.model import DeadLetter, Status, StatusEvent
 from courierd.store import Store
 from courierd.store.outbox import PushResult
 from courierd.store.schema import FAILED
-from tests.conftest import API_KEY, open_path
+from tests.conftest import API_KEY, Cli, open_path
 from tests.harness import Broker, Daemon, Publisher, tmpfs, wait_until
 
 
@@ -37,7 +37,7 @@ def parked(db_path: Path) -> None:
     s.close()
 
 
-def test_status_failed_and_dead_letters_as_json(cli, parked: None) -> None:
+def test_status_failed_and_dead_letters_as_json(cli: Cli, parked: None) -> None:
     """Scripts get counts, parked pushes with their reason, and dead letters by reason."""
     status = json.loads(cli("outbox", "status", "--json").out)
     assert status["pending"] == 1 and status["failed"] == 1 and status["dead_letters"] == 2
@@ -58,7 +58,7 @@ def test_status_failed_and_dead_letters_as_json(cli, parked: None) -> None:
     assert "order_id" in text and "400 bad courier_info" in text
 
 
-def test_retry_one_order_and_refusals(cli, parked: None, db_path: Path) -> None:
+def test_retry_one_order_and_refusals(cli: Cli, parked: None, db_path: Path) -> None:
     """retry ORDER_ID makes its failed pushes pending; bad arguments exit 2."""
     assert cli("outbox", "retry").code == 2
     assert cli("outbox", "retry", "o1", "--all").code == 2
@@ -74,7 +74,7 @@ def test_retry_one_order_and_refusals(cli, parked: None, db_path: Path) -> None:
     s.close()
 
 
-def test_backup_is_a_consistent_copy(cli, parked: None, tmp_path: Path) -> None:
+def test_backup_is_a_consistent_copy(cli: Cli, parked: None, tmp_path: Path) -> None:
     """backup writes a usable copy; it refuses to overwrite a file."""
     r = cli("backup", "copy.db")
     assert r.code == 0, r.err
@@ -86,7 +86,9 @@ def test_backup_is_a_consistent_copy(cli, parked: None, tmp_path: Path) -> None:
 
 
 @pytest.mark.integration
-def test_parked_push_retried_while_daemon_runs(tmp_path: Path, onetablet: Sandbox, cli) -> None:
+def test_parked_push_retried_while_daemon_runs(
+    tmp_path: Path, onetablet: Sandbox, cli: Cli
+) -> None:
     """A 400 parks the push and holds the order; after the fix, `outbox retry` delivers
     the whole order in order, while the daemon keeps running."""
     onetablet.responder = lambda r: (
@@ -154,7 +156,7 @@ def _fill_and_free(s: Store) -> None:
 
 
 def test_compact_gives_a_legacy_databases_free_pages_back(
-    cli, db_path: Path, caplog: pytest.LogCaptureFixture
+    cli: Cli, db_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """`courierd compact` rewrites a database made without auto-vacuum: the freed space
     goes back to the file system, the data stays, and from then on retention gives
@@ -178,7 +180,7 @@ def test_compact_gives_a_legacy_databases_free_pages_back(
     s.close()
 
 
-def test_compact_refuses_while_the_daemon_runs_and_on_postgresql(cli, db_path: Path) -> None:
+def test_compact_refuses_while_the_daemon_runs_and_on_postgresql(cli: Cli, db_path: Path) -> None:
     """compact takes the daemon's lock (a VACUUM would hold every write up for as long
     as it takes), and PostgreSQL is not its business."""
     _legacy_database(db_path)
@@ -210,7 +212,7 @@ def _legacy_database_in_use(db_path: Path, megabytes: int) -> None:
 
 
 def test_compact_rewrites_beside_the_database_not_in_a_small_tmp(
-    cli, db_path: Path, small_tmp: Path
+    cli: Cli, db_path: Path, small_tmp: Path
 ) -> None:
     """VACUUM builds its copy in SQLite's temporary folder (TMPDIR, else /var/tmp), often a
     small file system: compact has it built beside the database, where it checked the
@@ -222,7 +224,7 @@ def test_compact_rewrites_beside_the_database_not_in_a_small_tmp(
 
 
 def test_compact_refuses_a_temporary_folder_without_room(
-    cli, db_path: Path, small_tmp: Path
+    cli: Cli, db_path: Path, small_tmp: Path
 ) -> None:
     """A temporary folder the operator chose (SQLITE_TMPDIR) is kept, and checked: too
     small, and compact refuses before it starts, naming it; the file is untouched."""

@@ -48,11 +48,12 @@ from selenium.common.exceptions import StaleElementReferenceException  # noqa: E
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.remote.webdriver import WebDriver  # noqa: E402
+from selenium.webdriver.remote.webelement import WebElement  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 
 @pytest.fixture
-def browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[WebDriver]:
+def browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[webdriver.Chrome]:
     """Headless Chromium with a fresh profile; always quit, even when the test failed."""
     monkeypatch.setenv("SE_OFFLINE", "true")  # Selenium Manager: never download anything
     options = webdriver.ChromeOptions()
@@ -66,6 +67,20 @@ def browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[WebDriv
         yield driver
     finally:
         driver.quit()
+
+
+def severe(browser: webdriver.Chrome) -> list[str]:
+    """The messages of the browser console's errors (script errors, CSP refusals)."""
+    # Selenium leaves Chromium's get_log unannotated.
+    entries: list[dict[str, Any]] = browser.get_log("browser")  # type: ignore[no-untyped-call]
+    return [e["message"] for e in entries if e["level"] == "SEVERE"]
+
+
+def attribute(element: WebElement, name: str) -> str:
+    """An attribute the page always sets (None, for one missing, fails the test)."""
+    value = element.get_attribute(name)
+    assert value is not None, name
+    return value
 
 
 def wait(driver: WebDriver, css: str, text: str | None = None, timeout: float = 15) -> None:
@@ -94,7 +109,7 @@ def settled(driver: WebDriver, read: Callable[[WebDriver], T], timeout: float = 
 
 
 def test_dashboard_shows_active_orders_states_and_problems(
-    sqlite_rig: Rig, browser: WebDriver
+    sqlite_rig: Rig, browser: webdriver.Chrome
 ) -> None:
     """The front page lists active orders with their states, counts, offline couriers and
     dead letters, and follows new events by itself."""
@@ -115,11 +130,13 @@ def test_dashboard_shows_active_orders_states_and_problems(
     pub.status("c-app", "app-2", "o-app", "arrived_at_store")  # no reload: the page polls
     pub.close()
     wait(browser, '#active-orders tr[data-order-id="o-app"] td.state', "at store")
-    errors = [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    errors = severe(browser)
     assert errors == []  # no script error, nothing the page's CSP had to block
 
 
-def test_order_view_draws_transitions_pushes_and_track(sqlite_rig: Rig, browser: WebDriver) -> None:
+def test_order_view_draws_transitions_pushes_and_track(
+    sqlite_rig: Rig, browser: webdriver.Chrome
+) -> None:
     """One order's view: each transition with its source, its pushes, and an SVG map of the
     courier's track with the pickup and dropoff circles and a marker per status."""
     port = with_traffic(sqlite_rig, token=None)
@@ -138,7 +155,7 @@ def test_order_view_draws_transitions_pushes_and_track(sqlite_rig: Rig, browser:
     wait(browser, '#pushes tr[data-status="dasher_out_for_delivery"]', "delivered")
     svg = browser.find_element(By.CSS_SELECTOR, "#track svg#track-svg")
     places = {
-        (c.get_attribute("data-place"), c.get_attribute("data-kind")): float(c.get_attribute("r"))
+        (c.get_attribute("data-place"), c.get_attribute("data-kind")): float(attribute(c, "r"))
         for c in svg.find_elements(By.CSS_SELECTOR, "circle.place")
     }
     assert places == {
@@ -147,7 +164,7 @@ def test_order_view_draws_transitions_pushes_and_track(sqlite_rig: Rig, browser:
         ("dropoff", "radius"): 40,
         ("dropoff", "exit"): 80,
     }
-    route = svg.find_element(By.CSS_SELECTOR, "polyline.route").get_attribute("points")
+    route = attribute(svg.find_element(By.CSS_SELECTOR, "polyline.route"), "points")
     assert len(route.split()) == 19
     markers = svg.find_elements(By.CSS_SELECTOR, "circle.status-marker")
     assert {m.get_attribute("data-status") for m in markers} >= {
@@ -158,7 +175,7 @@ def test_order_view_draws_transitions_pushes_and_track(sqlite_rig: Rig, browser:
     assert browser.find_element(By.ID, "order-state").text == "out for delivery"
 
 
-def test_health_shows_on_every_view(sqlite_rig: Rig, browser: WebDriver) -> None:
+def test_health_shows_on_every_view(sqlite_rig: Rig, browser: webdriver.Chrome) -> None:
     """The health pill is filled on the order and stores views too, opened directly
     (not through the dashboard), and follows the daemon's health there: the broker
     stopped, the order view's pill turns unhealthy, saying why, without a reload."""
@@ -173,7 +190,7 @@ def test_health_shows_on_every_view(sqlite_rig: Rig, browser: WebDriver) -> None
     sqlite_rig.broker.stop()
     wait(browser, "#health.bad", "unhealthy", timeout=30)
     assert "mqtt" in (browser.find_element(By.ID, "health").get_attribute("title") or "")
-    errors = [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    errors = severe(browser)
     expected = (
         "/healthz - Failed to load resource: the server responded with a status of 503",
         "401 (Unauthorized)",
@@ -181,7 +198,7 @@ def test_health_shows_on_every_view(sqlite_rig: Rig, browser: WebDriver) -> None
     assert all(any(x in e for x in expected) for e in errors), errors  # no script error
 
 
-def test_page_asks_for_the_token_once(sqlite_rig: Rig, browser: WebDriver) -> None:
+def test_page_asks_for_the_token_once(sqlite_rig: Rig, browser: webdriver.Chrome) -> None:
     """With http.token set the page asks for it, says when it is wrong, then keeps it for
     the tab (sessionStorage) and sends it with every request."""
     port = with_traffic(sqlite_rig, token=TOKEN)
@@ -223,7 +240,7 @@ def centre(element: Any) -> tuple[float, float]:
 
 
 def test_order_view_replays_with_a_geofence_override_from_the_url(
-    sqlite_rig: Rig, browser: WebDriver
+    sqlite_rig: Rig, browser: webdriver.Chrome
 ) -> None:
     """`?geofence.approach_m=300` in the page's address: o-geo (driven through the
     daemon) shows arriving_at_store would fire later and nearer the store than it did,
@@ -265,11 +282,13 @@ def test_order_view_replays_with_a_geofence_override_from_the_url(
     browser.find_element(By.CSS_SELECTOR, "#override-form button").click()
     wait(browser, "#replay-error", "greater than 0")
     assert "geofence.approach_m=-5" in browser.execute_script("return location.hash")
-    errors = [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    errors = severe(browser)
     assert all("400" in e for e in errors), errors  # the refused replay's request, nothing else
 
 
-def test_store_view_shows_the_suggested_pickup_point(sqlite_rig: Rig, browser: WebDriver) -> None:
+def test_store_view_shows_the_suggested_pickup_point(
+    sqlite_rig: Rig, browser: webdriver.Chrome
+) -> None:
     """Three deliveries through the daemon from store s-back, whose couriers wait 60 m
     east of its registered point: the store view shows the suggested point ~60 m from
     the registered one (within 25 m), with its three stays, drawn beside it."""
@@ -306,7 +325,7 @@ def test_store_view_shows_the_suggested_pickup_point(sqlite_rig: Rig, browser: W
     browser.find_element(By.ID, "stores-link").click()
     wait(browser, '#stores tr[data-store-id="s-back"]')
     row = browser.find_element(By.CSS_SELECTOR, '#stores tr[data-store-id="s-back"]')
-    moved_m = float(row.find_element(By.CSS_SELECTOR, "td.moved").get_attribute("data-moved-m"))
+    moved_m = float(attribute(row.find_element(By.CSS_SELECTOR, "td.moved"), "data-moved-m"))
     assert 35 <= moved_m <= 85, moved_m
     assert row.find_element(By.CSS_SELECTOR, "td.visits").text == "3"
     registered = row.find_element(By.CSS_SELECTOR, "td.registered").text
@@ -320,5 +339,5 @@ def test_store_view_shows_the_suggested_pickup_point(sqlite_rig: Rig, browser: W
     )
     off = math.dist(points["suggested"], (points["registered"][0] + 60, points["registered"][1]))
     assert off < 25, points  # 60 m east of the registered point, on the drawing
-    errors = [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    errors = severe(browser)
     assert errors == []

@@ -5,6 +5,8 @@ and reads replies the same way."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import gc
 import json
 import logging
@@ -12,7 +14,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TypeVarTuple, Unpack
 
 import pytest
 
@@ -21,7 +23,7 @@ from courierd.devtools.sandbox import Request, Sandbox
 from courierd.edges.onetablet import OneTabletClient, Reply
 from courierd.edges.onetablet_http import CLIENTS
 from courierd.edges.pusher import Push, Pusher
-from courierd.errors import Unavailable
+from courierd.errors import OneTabletError, Unavailable
 from tests.conftest import API_KEY
 from tests.onetablet_servers import Scripted
 from tests.test_onetablet import BODY, ERROR_REPLIES, reply_with
@@ -88,7 +90,7 @@ def test_error_replies_map_to_the_same_errors(
     delivery_status: Callable[..., Call],
     status: int,
     headers: dict[str, str],
-    error: type,
+    error: type[OneTabletError],
     retry_after: float | None,
 ) -> None:
     reply_with(onetablet, (status, headers, {"error": "Oops", "message": "order id missing"}))
@@ -116,7 +118,11 @@ def test_timeout_and_connection_refused_are_unavailable(
     onetablet: Sandbox, delivery_status: Callable[..., Call]
 ) -> None:
     release = threading.Event()
-    onetablet.responder = lambda _: release.wait(5) and None
+
+    def hold(_: Request) -> None:
+        release.wait(5)
+
+    onetablet.responder = hold
     with pytest.raises(Unavailable, match="in time"):
         delivery_status(onetablet.url, timeout=0.2)("o-1", BODY, "k")
     release.set()
@@ -156,13 +162,21 @@ def test_a_push_whose_claim_lapsed_is_not_sent(onetablet: Sandbox) -> None:
     assert got == [None] and onetablet.requests() == []
 
 
+_Ts = TypeVarTuple("_Ts")
+
+
 class _RefusingLoop(asyncio.SelectorEventLoop):
     """A loop that refuses to schedule `refuse` once (`call_soon` raises, as on a closed
     loop): a fault of the loop underneath, not of the pusher."""
 
     refuse: object = None
 
-    def call_soon(self, callback: Any, *args: Any, context: Any = None) -> asyncio.Handle:
+    def call_soon(
+        self,
+        callback: Callable[[Unpack[_Ts]], object],
+        *args: *_Ts,
+        context: contextvars.Context | None = None,
+    ) -> asyncio.Handle:
         if self.refuse is not None and callback == self.refuse:
             self.refuse = None
             raise RuntimeError("refused")
@@ -287,7 +301,7 @@ def test_the_lines_of_replies_read_together_are_written_together() -> None:
     outcomes: list[object] = []
     logged_when_done: list[bool] = []
 
-    def done(order_id: str, outcome: object) -> None:
+    def done(order_id: str, outcome: object, _sent: float = 0.0) -> None:
         written = {line.split(" order_id=")[1].split()[0] for line in "".join(writes).splitlines()}
         logged_when_done.append(order_id in written)
         outcomes.append(outcome)
@@ -302,7 +316,7 @@ def test_the_lines_of_replies_read_together_are_written_together() -> None:
 
             p.send(
                 [
-                    Push(f"o-{i}", BODY, f"k{i}", None, lambda o, _, i=i: done(f"o-{i}", o))
+                    Push(f"o-{i}", BODY, f"k{i}", None, functools.partial(done, f"o-{i}"))
                     for i in range(n)
                 ]
             )

@@ -31,7 +31,7 @@ from courierd.domain.replay import replay
 from courierd.errors import InputError
 from courierd.store import Store, open_store
 from courierd.store.replays import ReplayReads
-from tests.conftest import open_path
+from tests.conftest import Cli, open_path
 
 STORE = (40.7000, -74.0000)
 HOME = (40.7200, -74.0300)
@@ -322,7 +322,7 @@ def test_any_override_is_rules_or_a_clear_error(value: str) -> None:
         ["replay", "--order", "no-such-order"],
     ],
 )
-def test_hostile_arguments_exit_2_with_one_line(cli, db_path: Path, args: list[str]) -> None:  # type: ignore[no-untyped-def]
+def test_hostile_arguments_exit_2_with_one_line(cli: Cli, db_path: Path, args: list[str]) -> None:
     """Dates out of range, unknown keys, NaN, unknown orders: one line on stderr, exit 2."""
     open_path(db_path).close()
     r = cli(*args)
@@ -331,7 +331,9 @@ def test_hostile_arguments_exit_2_with_one_line(cli, db_path: Path, args: list[s
     assert len(r.err.strip().splitlines()) == 1 and r.err.startswith("courierd: ")
 
 
-def test_suggest_csv_round_trips_through_stores_import(cli, tmp_path: Path, db_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_suggest_csv_round_trips_through_stores_import(
+    cli: Cli, tmp_path: Path, db_path: Path
+) -> None:
     """`stores suggest --csv` is a file `stores import` takes as it is."""
     store = open_path(db_path)
     try:
@@ -368,7 +370,7 @@ def test_suggest_csv_round_trips_through_stores_import(cli, tmp_path: Path, db_p
     assert as_json["stores"][0]["moved_m"] < 1  # the registry now holds the suggestion
 
 
-def test_a_read_only_postgresql_store_never_migrates_nor_writes(cli) -> None:  # type: ignore[no-untyped-def]
+def test_a_read_only_postgresql_store_never_migrates_nor_writes(cli: Cli) -> None:
     """Opened read-only (replay, stores suggest, the API's reads), a PostgreSQL database
     one version behind is an error telling to upgrade the daemon first, left as it was;
     once the daemon's open migrated it, the read-only sessions refuse any write."""

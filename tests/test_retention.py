@@ -22,6 +22,7 @@ from courierd.domain.model import (
 from courierd.store import Store, open_store
 from courierd.store.outbox import PushResult
 from courierd.store.schema import DELIVERED
+from tests.conftest import Cli
 from tests.harness import open_path
 from tests.test_api import TOKEN, Client, serve
 
@@ -125,8 +126,8 @@ def test_a_big_backlog_is_pruned_in_many_small_transactions(tmp_path: Path) -> N
 
 
 def test_accepted_fixes_go_after_their_own_retention_and_replay_names_who_lost_them(
-    cli, db_path: Path, onetablet: Sandbox
-) -> None:  # type: ignore[no-untyped-def]
+    cli: Cli, db_path: Path, onetablet: Sandbox
+) -> None:
     """Accepted fixes are kept `store.fix_retention_days` (7 by default), apart from the
     orders' 30: fixes older than that go, younger ones stay, and the finished order the
     old ones served stays for its own retention. `courierd replay` then shows that order
@@ -210,8 +211,8 @@ def test_fix_retention_is_a_setting_like_the_others(tmp_path: Path) -> None:
 
 
 def test_an_order_whose_oldest_fixes_were_pruned_is_flagged_not_replayed_over_later_ones(
-    cli, db_path: Path, onetablet: Sandbox
-) -> None:  # type: ignore[no-untyped-def]
+    cli: Cli, db_path: Path, onetablet: Sandbox
+) -> None:
     """Retention prunes a courier's oldest fixes first: when those of an order's segment
     went, the fixes from its first one on that are still kept are the courier's LATER
     ones (another order's), so replay must not take them: the whole segment counts as

@@ -268,7 +268,8 @@ def test_a_stop_waits_for_the_broker_on_a_descriptor_past_1023(
         with descriptors_past_1023():
             client = PlainEdgeClient(CallbackAPIVersion.VERSION2, client_id="far")
             client.connect("127.0.0.1", proxy.port)
-            assert client.socket().fileno() > 1023
+            sock = client.socket()
+            assert sock is not None and sock.fileno() > 1023
             wait_until(lambda: (client.loop_read(), client.is_connected())[1], 10, "connected")
             proxy.silence()
             client.gentle = True

@@ -376,7 +376,10 @@ def test_the_writer_forgets_an_order_row_once_the_order_is_finished(store: Store
         [status("a2", "o1", Status.ARRIVED_AT_STORE), status("b2", "o2", Status.ARRIVED_AT_STORE)],
         now=T0 + 1,
     )
-    kept = lambda: set(writer._rows) | set(writer._known)  # noqa: E731
+
+    def kept() -> set[str]:
+        return set(writer._rows) | set(writer._known)
+
     assert {"o1", "o2"} <= kept()
     writer.commit([status("a3", "o1", Status.DROPOFF)], now=T0 + 2)
     assert store.db.value("SELECT state FROM orders WHERE order_id = 'o1'") == "dropoff"
@@ -469,9 +472,9 @@ def test_a_track_rewritten_without_consumed_fixes_keeps_those_stored(store: Stor
     )
 
     def stored(order_id: str) -> tuple[dict[str, object], object]:
-        track, consumed = store.db.row(
-            "SELECT track, consumed FROM orders WHERE order_id = ?", (order_id,)
-        )
+        row = store.db.row("SELECT track, consumed FROM orders WHERE order_id = ?", (order_id,))
+        assert row is not None
+        track, consumed = row
         return json.loads(track), json.loads(consumed)
 
     track, consumed = stored("o1")

@@ -25,7 +25,14 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from courierd.devtools.sandbox import Sandbox, _json, _quick_request, _read_request, _Refused
+from courierd.devtools.sandbox import (
+    Request,
+    Sandbox,
+    _json,
+    _quick_request,
+    _read_request,
+    _Refused,
+)
 from courierd.devtools.simulate import Noise, Simulation
 from courierd.domain.lifecycle import CHAIN
 from tests.harness import Broker, free_port, wait_until
@@ -102,7 +109,8 @@ def test_sandbox_command_answers_and_injects_faults(tmp_path: Path) -> None:
             )
             try:
                 with urllib.request.urlopen(req, timeout=2) as r:
-                    return r.status
+                    status: int = r.status
+                    return status
             except urllib.error.HTTPError as e:
                 e.close()  # the reply it holds
                 return e.code
@@ -702,7 +710,7 @@ def test_wait_for_wakes_when_a_request_is_logged() -> None:
     sandbox = Sandbox(api_key="k").start()
     waiting = threading.Event()
 
-    def posted(requests: list[object]) -> bool:
+    def posted(requests: list[Request]) -> bool:
         waiting.set()  # called under the log's lock: a request logged after this wakes it
         return bool(requests)
 
@@ -726,7 +734,8 @@ def test_an_answer_handed_out_is_a_copy() -> None:
     try:
         reply = sandbox.answer("POST", "/orders", {"x-api-key": "k"}, ORDER)
         assert reply == (200, {}, {"ok": True})
-        reply[1]["x-changed"] = "1"
+        handed: dict[str, str] = reply[1]
+        handed["x-changed"] = "1"
         reply[2]["ok"] = False
         assert sandbox.answer("POST", "/orders", {"x-api-key": "k"}, ORDER) == (
             200,
@@ -765,7 +774,11 @@ def test_a_client_that_does_not_read_is_held_and_then_answered_in_order() -> Non
             assert read_reply(replies)[0] == 200  # kept alive, idle: answered at once
             for held, request in enumerate(requests):  # one by one: each arrives whole
                 sock.sendall(request)
-                if not sandbox.wait_for(lambda r, n=held + 2: len(r) >= n, timeout=2):
+
+                def logged(r: list[Request], n: int = held + 2) -> bool:
+                    return len(r) >= n
+
+                if not sandbox.wait_for(logged, timeout=2):
                     break  # held: kernel buffers take a few MB of replies, not 24 MB
             else:
                 pytest.fail("every request answered, its replies unread")

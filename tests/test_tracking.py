@@ -21,6 +21,7 @@ from courierd.domain.model import (
 from courierd.domain.order_schema import OrderFacts
 from courierd.domain.telemetry import parse
 from courierd.store import Store
+from tests.conftest import Cli
 
 T0 = 1_700_000_000.0
 STORE = (40.7000, -74.0000)
@@ -252,7 +253,7 @@ def test_the_active_orders_lookup_uses_its_partial_index(sqlite_store: Store) ->
     assert any("USING INDEX orders_active" in step for step in plan), plan
 
 
-def test_stores_import_is_all_or_nothing(cli, tmp_path: Path) -> None:
+def test_stores_import_is_all_or_nothing(cli: Cli, tmp_path: Path) -> None:
     """`stores import` loads a CSV; a bad line imports nothing and names the line."""
     good = tmp_path / "stores.csv"
     good.write_text("merchant_supplied_id,lat,lng,radius_m\ns-1,40.7,-74.0,80\ns-2,40.8,-74.1,\n")

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from courierd.domain.model import Status, StatusEvent
 from courierd.domain.restaurant import Kind, RestaurantEvent
 from courierd.store import Store
+from tests.conftest import Cli
 from tests.harness import Daemon, Rig, delivered, free_port, statuses, wait_until
 from tests.hostile import fragments
 from tests.test_telemetry_daemon import Listener
@@ -196,13 +197,13 @@ def test_hostile_bodies_never_break_the_listener(
     assert reply == {"status": "ok"} or set(reply) == {"error", "message"}
 
 
-def test_a_listener_without_a_secret_is_a_config_error(cli) -> None:  # type: ignore[no-untyped-def]
+def test_a_listener_without_a_secret_is_a_config_error(cli: Cli) -> None:
     """webhook.listen without webhook.secret stops startup (exit 2) naming the setting."""
     r = cli("run", env={"COURIERD_WEBHOOK__LISTEN": "127.0.0.1:9999"})
     assert r.code == 2 and "COURIERD_WEBHOOK__SECRET" in r.err
 
 
-def test_a_short_or_unsendable_secret_is_a_config_error(cli) -> None:  # type: ignore[no-untyped-def]
+def test_a_short_or_unsendable_secret_is_a_config_error(cli: Cli) -> None:
     """A webhook.secret too short, or one no HTTP header can carry, is exit 2 naming it."""
     for bad in ("short", "x" * 257, "tab\there-0123456789", " padded-0123456789 "):
         r = cli(
