@@ -183,10 +183,6 @@ class _RefusingLoop(asyncio.SelectorEventLoop):
         return super().call_soon(callback, *args, context=context)
 
 
-class _RefusingPolicy(asyncio.DefaultEventLoopPolicy):
-    _loop_factory = _RefusingLoop
-
-
 def test_a_lapsed_push_is_told_once_though_telling_it_failed(
     onetablet: Sandbox, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -205,13 +201,7 @@ def test_a_lapsed_push_is_told_once_though_telling_it_failed(
 
         return done
 
-    policy = asyncio.get_event_loop_policy()
-    asyncio.set_event_loop_policy(_RefusingPolicy())
-    try:
-        p = Pusher(onetablet.url, API_KEY, monotonic=lambda: 100.0)
-    finally:
-        asyncio.set_event_loop_policy(policy)
-    with p:
+    with Pusher(onetablet.url, API_KEY, monotonic=lambda: 100.0, loop_factory=_RefusingLoop) as p:
         assert isinstance(p._loop, _RefusingLoop)
         p._loop.refuse = p._tell
         p.send([Push("o-1", BODY, "k1", None, done_for("o-1"), until=99.0)])

@@ -553,10 +553,17 @@ async def _capped(chunks: AsyncIterator[bytes]) -> bytes:
 
 
 class LoopThread:
-    """An asyncio loop running in a thread of its own; `run` from any other thread."""
+    """An asyncio loop running in a thread of its own; `run` from any other thread.
 
-    def __init__(self, name: str) -> None:
-        self.loop = asyncio.new_event_loop()
+    `loop_factory` makes the loop (as `asyncio.Runner`'s does): a test's own kind of loop,
+    without an event loop policy (deprecated since Python 3.14, removed in 3.16)."""
+
+    def __init__(
+        self,
+        name: str,
+        loop_factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop,
+    ) -> None:
+        self.loop = loop_factory()
         self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
         self._thread.start()
 

@@ -68,11 +68,12 @@ class Pusher:
         client: str = CLIENTS[0],
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        loop_factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop,
     ) -> None:
         self.transport = transport
         self._clock = clock
         self._monotonic = monotonic
-        self._thread = LoopThread("pusher")
+        self._thread = LoopThread("pusher", loop_factory)
         self._loop = self._thread.loop
 
         self._http = OneTabletHttp.open_on(
