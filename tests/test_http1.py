@@ -789,6 +789,52 @@ def test_a_connection_whose_close_fails_as_its_exchange_ends_still_frees_its_slo
     assert server.connections == 2
 
 
+def test_a_connection_whose_abort_raised_is_still_closed_by_the_pool(
+    servers: Callable[..., Scripted],
+) -> None:
+    """A reply says `connection: close` (the server keeps the connection open), and
+    asyncio's abort raises before it closed anything. The pool keeps the connection
+    (open as it is) and its close aborts it again: the socket is closed, the server sees
+    the client close it. Once forgotten, it stayed open until the garbage collector."""
+    closing = b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\n{}"
+    server = servers(lambda n: (OK, False) if n == 0 else (closing, False))
+
+    async def use(pool: Pool) -> tuple[list[object], list[str]]:
+        reported: list[str] = []
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda _, c: reported.append(str(c.get("exception"))))
+        await post(pool)  # one connection, kept
+        (conn,) = pool._all
+        transport = conn.transport
+        assert transport is not None
+        failed: list[bool] = []
+
+        def failing_abort() -> None:  # once, before aborting anything
+            if not failed:
+                failed.append(True)
+                raise OSError("abort failed before closing")
+            type(transport).abort(transport)
+
+        transport.abort = failing_abort  # type: ignore[method-assign]
+        got: list[object] = []
+        sent = pool.request_soon(
+            "POST", "/a", "x-api-key: k\r\n", b"{}", {}, lambda r: got.append(r.result().status)
+        )
+        assert sent is not None
+        await until(lambda: got and reported, 5, "the reply, and the failed close reported")
+        assert failed and not transport.is_closing()  # still open
+        got.append(pool.connections)
+        await pool.close()
+        await until(lambda: server.closed_by_client == 1, 5, "the server sees it closed")
+        got += [pool.connections, transport.get_extra_info("socket").fileno()]
+        return got, reported
+
+    got, reported = with_pool(server, use, limit=1)
+    assert got == [200, 1, 0, -1]  # the socket closed
+    assert reported == ["abort failed before closing"]
+    assert server.connections == 1 and server.closed_by_client == 1
+
+
 def test_the_push_process_loads_no_aiohttp() -> None:
     """The dispatch process's module, imported as the daemon starts it, loads neither
     aiohttp nor yarl: with the lean client they would cost it 0.2 s and 9 MB for

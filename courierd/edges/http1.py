@@ -169,6 +169,7 @@ class _Connection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self.transport: asyncio.Transport | None = None
         self.lost = False  # the peer closed, or we did
+        self.ended = False  # connection_lost came: the transport closes the socket now
         self.keep = False  # the last reply allows the connection to serve again
         self._reply: asyncio.Future[Reply] | None = None
         self._started = False  # a byte of the reply came
@@ -256,6 +257,7 @@ class _Connection(asyncio.Protocol):
         known[data[:end]] = _KnownHead(self._status, reason, tuple(self._headers), length)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.ended = True
         self._then_later()
         self.lost = True
         self.keep = False
@@ -556,10 +558,19 @@ class Pool:
                 waiter.set_exception(Http1Error("the client is closed"))
         self._waiters.clear()
         self._idle.clear()
+        failed: BaseException | None = None
         for conn in list(self._all):
-            conn._fail(Http1Error("the client is closed"))
-        self._all.clear()
+            try:
+                conn._fail(Http1Error("the client is closed"))
+            except BaseException as e:
+                failed = failed or e
+                if not conn.ended:  # still open: kept, as `_discard` keeps it
+                    conn.on_lost = self._forget
+                    continue
+            self._all.discard(conn)
         self._opened = 0
+        if failed is not None:
+            raise failed
 
     # the pool
 
@@ -686,12 +697,22 @@ class Pool:
 
     def _discard(self, conn: _Connection) -> None:
         conn.on_lost = None
+        closed = False
         try:
             conn._close()
+            closed = True
         finally:  # a close that fails part-way must not keep its slot from a waiter
             if conn in self._all:
-                self._all.discard(conn)
+                if closed or conn.ended:
+                    self._all.discard(conn)
+                else:  # its abort raised: kept where `close` aborts it again, till it ends
+                    conn.on_lost = self._forget
                 self._slot_freed()
+
+    def _forget(self, conn: _Connection) -> None:
+        """A connection whose close failed has ended at last (its slot freed already)."""
+        conn.on_lost = None
+        self._all.discard(conn)
 
     def _slot_freed(self) -> None:
         """A connection ended (or never opened): its slot to the first waiter, if any."""
