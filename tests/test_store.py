@@ -696,6 +696,60 @@ def test_upgrade_to_the_respelled_indexes_keeps_them_serving(tmp_path: Path) -> 
     s.close()
 
 
+# Every read and write of the outbox by order (history, cancels, retention), and what
+# each must search with: the one index by order (no scan of the outbox).
+_OUTBOX_BY_ORDER = (
+    "SELECT status, state FROM outbox WHERE order_id = ? ORDER BY id",
+    "UPDATE outbox SET last_error = 'x' WHERE order_id = ? AND state = 'pending'",
+    "DELETE FROM outbox WHERE order_id IN (?)",
+)
+
+
+def test_upgrade_to_pushes_unique_by_order_and_status(tmp_path: Path) -> None:
+    """SQLite tells pushes apart by order and status (the idempotency key is a function
+    of the two), with one index that also serves every read by order: a database of
+    migration 9 loses the indexes on the key's text and on (order_id, id), and a push
+    written again is still written once."""
+    path = tmp_path / "v9.db"
+    old = SqliteDatabase(path, migrations=SQLITE_MIGRATIONS[:9])
+    old.execute(
+        "INSERT INTO outbox (order_id, status, body, idempotency_key, state, attempts, "
+        "next_attempt_at, created_at) VALUES ('o1', 'dasher_confirmed', '{}', 'k1', "
+        "'delivered', 1, 0, 0), ('o1', 'arriving_at_store', '{}', 'k2', 'pending', 0, 0, 0)"
+    )
+    old.close()
+    s = open_path(path)
+    assert s.db.schema_version == len(SQLITE_MIGRATIONS)
+    indexes = {
+        name: sql
+        for name, sql in s.db.rows(
+            "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND tbl_name = 'outbox'"
+        )
+    }
+    assert "outbox_order_status" in indexes
+    assert not [sql for sql in indexes.values() if sql and "idempotency_key" in sql], indexes
+    assert "idx_outbox_order_id_id" not in indexes
+    for sql in _OUTBOX_BY_ORDER:
+        plan = " ".join(r[3] for r in s.db.rows(f"EXPLAIN QUERY PLAN {sql}", ("o1",)))
+        assert "SEARCH outbox USING INDEX outbox_" in plan, (sql, plan)
+        assert "SCAN outbox" not in plan, (sql, plan)
+    # The rows from before are kept, and a push of the same order and status written
+    # again (a redelivery the planner did not see as one) is not written twice.
+    fx = s.writer.commit([status("e1", "o2", Status.DASHER_CONFIRMED)], now=T0)
+    assert len(fx.pushes) == 1
+    again = Effects()
+    again.pushes.extend(fx.pushes)
+    with s.db.transaction():
+        s.writer.write(again, Snapshot(), now=T0 + 1)
+    rows = s.db.rows("SELECT order_id, status FROM outbox ORDER BY id")
+    assert rows == [
+        ("o1", "dasher_confirmed"),
+        ("o1", "arriving_at_store"),
+        ("o2", "dasher_confirmed"),
+    ]
+    s.close()
+
+
 def test_a_failing_migration_changes_nothing(tmp_path: Path) -> None:
     """Each migration is atomic with its version bump: a failure midway leaves no table
     behind (sqlite-utils must not commit inside Table.create)."""

@@ -43,6 +43,9 @@ class Database(abc.ABC):
     # The due time of a push due at once, for a `now` parameter: on a shared database
     # never later than the database's own now, since the instances claim on its clock.
     at_once: ClassVar[str] = "?"
+    # The columns of the outbox's unique index that tells pushes apart (schema.py): the
+    # same rows either way, since the idempotency key is a function of order and status.
+    push_key: ClassVar[str] = "idempotency_key"
 
     #: Where the data lives, for messages (a path, or a URL without its password).
     location: str

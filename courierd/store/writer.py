@@ -651,7 +651,7 @@ class BatchWriter:
                 )
                 for p in fx.pushes
             ],
-            " ON CONFLICT (idempotency_key) DO NOTHING",
+            f" ON CONFLICT ({db.push_key}) DO NOTHING",
         )
         db.executemany(
             "INSERT INTO dead_letters (topic, payload, reason, detail, received_at, size) "
