@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import psycopg
@@ -696,20 +697,30 @@ def test_upgrade_to_the_respelled_indexes_keeps_them_serving(tmp_path: Path) -> 
     s.close()
 
 
-# Every read and write of the outbox by order (history, cancels, retention), and what
-# each must search with: the one index by order (no scan of the outbox).
+# Reads and writes of the outbox by order, as the store spells them (history, a
+# cancel's outcome, retention), and the index each must search with.
 _OUTBOX_BY_ORDER = (
-    "SELECT status, state FROM outbox WHERE order_id = ? ORDER BY id",
-    "UPDATE outbox SET last_error = 'x' WHERE order_id = ? AND state = 'pending'",
+    "SELECT status, state, attempts, last_error, idempotency_key FROM outbox "
+    "WHERE order_id = ? ORDER BY id",
+    "UPDATE outbox SET state = 'cancelled', last_error = ? WHERE order_id = ? "
+    "AND state IN ('pending', 'failed', 'held')",
     "DELETE FROM outbox WHERE order_id IN (?)",
 )
+
+
+def _outbox_indexes(store: Store) -> dict[str, str | None]:
+    return dict(
+        store.db.rows(
+            "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND tbl_name = 'outbox'"
+        )
+    )
 
 
 def test_upgrade_to_pushes_unique_by_order_and_status(tmp_path: Path) -> None:
     """SQLite tells pushes apart by order and status (the idempotency key is a function
     of the two), with one index that also serves every read by order: a database of
-    migration 9 loses the indexes on the key's text and on (order_id, id), and a push
-    written again is still written once."""
+    migration 9 loses the indexes on the key's text and on (order_id, id), its pushes
+    are kept, and a push of an order and status already there is not written again."""
     path = tmp_path / "v9.db"
     old = SqliteDatabase(path, migrations=SQLITE_MIGRATIONS[:9])
     old.execute(
@@ -720,33 +731,76 @@ def test_upgrade_to_pushes_unique_by_order_and_status(tmp_path: Path) -> None:
     old.close()
     s = open_path(path)
     assert s.db.schema_version == len(SQLITE_MIGRATIONS)
-    indexes = {
-        name: sql
-        for name, sql in s.db.rows(
-            "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND tbl_name = 'outbox'"
-        )
-    }
+    indexes = _outbox_indexes(s)
     assert "outbox_order_status" in indexes
     assert not [sql for sql in indexes.values() if sql and "idempotency_key" in sql], indexes
     assert "idx_outbox_order_id_id" not in indexes
     for sql in _OUTBOX_BY_ORDER:
-        plan = " ".join(r[3] for r in s.db.rows(f"EXPLAIN QUERY PLAN {sql}", ("o1",)))
-        assert "SEARCH outbox USING INDEX outbox_" in plan, (sql, plan)
-        assert "SCAN outbox" not in plan, (sql, plan)
-    # The rows from before are kept, and a push of the same order and status written
-    # again (a redelivery the planner did not see as one) is not written twice.
+        params = ("o1",) * sql.count("?")
+        plan = " ".join(r[3] for r in s.db.rows(f"EXPLAIN QUERY PLAN {sql}", params))
+        assert "SEARCH outbox USING INDEX outbox_order_status" in plan, (sql, plan)
+    # Pushes of the same order and status, one with another key (none is ever written:
+    # the key is a function of the two), and one the planner wrote before: not again.
     fx = s.writer.commit([status("e1", "o2", Status.DASHER_CONFIRMED)], now=T0)
     assert len(fx.pushes) == 1
     again = Effects()
     again.pushes.extend(fx.pushes)
+    again.pushes.append(replace(fx.pushes[0], idempotency_key="another"))
     with s.db.transaction():
         s.writer.write(again, Snapshot(), now=T0 + 1)
-    rows = s.db.rows("SELECT order_id, status FROM outbox ORDER BY id")
-    assert rows == [
+    rows = s.db.rows("SELECT order_id, status, idempotency_key FROM outbox ORDER BY id")
+    assert [r[:2] for r in rows] == [
         ("o1", "dasher_confirmed"),
         ("o1", "arriving_at_store"),
         ("o2", "dasher_confirmed"),
     ]
+    assert rows[2][2] == fx.pushes[0].idempotency_key
+    s.close()
+
+
+# What two builds of main between releases ran as their migration 10, both reverted
+# (schema._sqlite_10): a database either opened is at 10.
+_REVERTED_10 = {
+    "marker": (
+        "DROP TRIGGER orders_insert_marker",
+        "CREATE TRIGGER orders_insert_marker AFTER INSERT ON orders WHEN NEW.track_rev = 0 "
+        "BEGIN UPDATE changes SET seq = seq + 1 WHERE name = 'orders'; END",
+    ),
+    "fixes": ("DROP INDEX track_points_recorded",),
+}
+
+
+@pytest.mark.parametrize("reverted", sorted(_REVERTED_10))
+def test_a_database_at_a_reverted_migration_10_is_brought_to_the_latest(
+    tmp_path: Path, reverted: str
+) -> None:
+    """Such a database is not taken for up to date: it gets the outbox's index (a push
+    is written), and what its migration 10 changed is as migration 8 made it."""
+    fresh = open_path(tmp_path / "fresh.db")
+    want: dict[str, str] = dict(
+        fresh.db.rows("SELECT name, sql FROM sqlite_master WHERE type = 'trigger'")
+    )
+    fresh.close()
+    path = tmp_path / "v10.db"
+    old = SqliteDatabase(path, migrations=SQLITE_MIGRATIONS[:9])
+    with old.transaction():
+        for statement in _REVERTED_10[reverted]:
+            old.execute(statement)
+    old.execute("PRAGMA user_version = 10")
+    old.close()
+    s = open_path(path)
+    assert s.db.schema_version == len(SQLITE_MIGRATIONS)
+    fx = s.writer.commit([status("e1", "o1", Status.DASHER_CONFIRMED)], now=T0)
+    assert len(fx.pushes) == 1
+    assert s.outbox.claim_due(T0 + 1, 10)
+    assert "outbox_order_status" in _outbox_indexes(s)
+    triggers: dict[str, str] = dict(
+        s.db.rows("SELECT name, sql FROM sqlite_master WHERE type = 'trigger'")
+    )
+    assert triggers == want
+    assert s.db.rows(
+        "SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = 'track_points_recorded'"
+    )
     s.close()
 
 

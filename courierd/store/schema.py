@@ -336,6 +336,19 @@ def _sqlite_9(db: sqlite_utils.Database) -> None:
         db.execute(statement)
 
 
+def _sqlite_10(db: sqlite_utils.Database) -> None:
+    """Reserved: two builds of main between releases each had a migration 10, both
+    reverted (a change-marker trigger, 920d56c; dropping `track_points_recorded`,
+    ccb0a96). A database one of them opened is at 10: migration 11 undoes either."""
+
+
+# Undoing a reverted migration 10 (above), on a database at 10: the insert trigger as
+# migration 8 made it, and the index on fixes' `recorded_at` (no-ops on any other).
+_SQLITE_11_REPAIR = (
+    "DROP TRIGGER IF EXISTS orders_insert_marker",
+    f"CREATE TRIGGER orders_insert_marker AFTER INSERT ON orders {_MOVE_MARKER}",
+    "CREATE INDEX IF NOT EXISTS track_points_recorded ON track_points(recorded_at)",
+)
 # A push per status and order (lifecycle.idempotency_key is uuid5 of the two), told
 # apart by the two, not by the key's text: a unique index on 36 random characters put
 # each push at a random place in its B-tree, and it and (order_id, id) were about 8 of
@@ -347,16 +360,17 @@ def _sqlite_9(db: sqlite_utils.Database) -> None:
 # `ON CONFLICT (idempotency_key)`, which needs that index (a rolling upgrade would stop
 # it); there, the change waits for a migration that can add the new index first and
 # drop the old ones a release later (Database.push_key).
-_SQLITE_10 = (
+_SQLITE_11 = (
+    *_SQLITE_11_REPAIR,
     "CREATE UNIQUE INDEX outbox_order_status ON outbox(order_id, status)",
     "DROP INDEX idx_outbox_idempotency_key",
     "DROP INDEX idx_outbox_order_id_id",
 )
 
 
-def _sqlite_10(db: sqlite_utils.Database) -> None:
+def _sqlite_11(db: sqlite_utils.Database) -> None:
     """Pushes unique by order and status; no index on the idempotency key's text."""
-    for statement in _SQLITE_10:
+    for statement in _SQLITE_11:
         db.execute(statement)
 
 
@@ -372,6 +386,7 @@ SQLITE_MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (
     _sqlite_8,
     _sqlite_9,
     _sqlite_10,
+    _sqlite_11,
 )
 
 

@@ -56,7 +56,7 @@ class SqliteDatabase(Database):
     row_address = "rowid"
     change_marker = True
     update_from = sqlite3.sqlite_version_info >= (3, 33, 0)
-    push_key = "order_id, status"  # schema.py, _SQLITE_10
+    push_key = "order_id, status"  # schema.py, _SQLITE_11
 
     def __init__(
         self,
