@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import json
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +17,8 @@ from courierd.devtools.sandbox import Request, Sandbox
 from courierd.domain.model import DeadLetter, Status, StatusEvent
 from courierd.store import Store
 from courierd.store.outbox import PushResult
-from courierd.store.schema import FAILED
+from courierd.store.schema import FAILED, SQLITE_MIGRATIONS
+from courierd.store.sqlite import SqliteDatabase
 from tests.conftest import API_KEY, Cli, open_path
 from tests.harness import Broker, Daemon, Publisher, tmpfs, wait_until
 
@@ -192,6 +195,42 @@ def test_compact_refuses_while_the_daemon_runs_and_on_postgresql(cli: Cli, db_pa
         lock.release()
     assert cli("compact", env={"COURIERD_STORE__URL": "postgresql://h/db"}).code == 2
     assert cli("compact").code == 0
+
+
+def test_a_newer_command_does_not_migrate_the_database_under_an_older_daemon(
+    cli: Cli, db_path: Path
+) -> None:
+    """After an upgrade, before the daemon is restarted: an operator command of the new
+    courierd would migrate the database under the old daemon, which then writes as its
+    own schema says (after migration 11, every push it writes fails). It refuses, names
+    the daemon, and changes nothing; once the daemon is gone it migrates as before."""
+    SqliteDatabase(db_path, migrations=SQLITE_MIGRATIONS[:9]).close()
+    holder = subprocess.Popen(  # another process, as the daemon is to a shell's command
+        [
+            sys.executable,
+            "-c",
+            "import sys; from pathlib import Path; from courierd.daemon.lock import DaemonLock; "
+            "DaemonLock(Path(sys.argv[1])).acquire(); print('held', flush=True); "
+            "sys.stdin.read()",
+            str(db_path),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
+        refused = cli("outbox", "status")
+        assert refused.code == 1, refused
+        assert f"pid {holder.pid}" in refused.err and "restart the daemon" in refused.err
+        with contextlib.closing(sqlite3.connect(db_path)) as conn:
+            assert conn.execute("PRAGMA user_version").fetchone() == (9,)
+    finally:
+        holder.kill()
+        holder.wait()
+    done = cli("outbox", "status")
+    assert done.code == 0, done.err
+    with contextlib.closing(sqlite3.connect(db_path)) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (len(SQLITE_MIGRATIONS),)
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -230,6 +231,7 @@ class SqliteDatabase(Database):
             )
         if version == latest:
             return
+        self._refuse_under_an_older_daemon(version, latest)
         import sqlite_utils  # only when there is schema to build: it costs ~13 MB
 
         db = sqlite_utils.Database(self.conn)
@@ -244,6 +246,29 @@ class SqliteDatabase(Database):
                 raise StoreError(
                     f"migration {number} of {self.path} failed, nothing changed: {e}"
                 ) from e
+
+    def _refuse_under_an_older_daemon(self, version: int, latest: int) -> None:
+        """An operator command of a newer courierd, run before the daemon was restarted
+        after an upgrade, must not migrate the database under the old daemon: that one
+        would go on writing as its own schema says (after migration 11, every push it
+        writes would fail). The daemon holds its flock on the file (daemon/lock.py); its
+        own processes (its pid, or its workers') migrate as they start."""
+        if str(self.path) == ":memory:":
+            return
+        from courierd.daemon.lock import holder_pid  # reads /proc/locks: takes no lock
+
+        try:
+            holder = holder_pid(self.path.stat())
+        except OSError:
+            return
+        if holder is None or int(holder) in (os.getpid(), os.getppid()):
+            return
+        raise StoreError(
+            f"database {self.path} is at schema version {version}, and this courierd "
+            f"would migrate it to {latest} while a courierd daemon (pid {holder}), an "
+            "older one, runs on it: restart the daemon first (it migrates the database "
+            "as it starts), then run this again"
+        )
 
     def backup(self, destination: Path) -> None:
         """A consistent copy with SQLite's online backup API, safe while the daemon runs."""
