@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from courierd.daemon.lock import DaemonLock
+from courierd.daemonlock import DaemonLock
 from courierd.devtools.sandbox import Request, Sandbox
 from courierd.domain.model import DeadLetter, Status, StatusEvent
 from courierd.store import Store
@@ -198,18 +198,21 @@ def test_compact_refuses_while_the_daemon_runs_and_on_postgresql(cli: Cli, db_pa
 
 
 def test_a_newer_command_does_not_migrate_the_database_under_an_older_daemon(
-    cli: Cli, db_path: Path
+    tmp_path: Path, onetablet: Sandbox, cli: Cli
 ) -> None:
     """After an upgrade, before the daemon is restarted: an operator command of the new
     courierd would migrate the database under the old daemon, which then writes as its
     own schema says (after migration 11, every push it writes fails). It refuses, names
-    the daemon, and changes nothing; once the daemon is gone it migrates as before."""
+    the daemon, and changes nothing. The new daemon, started on that database, migrates
+    it with its own workers, under its own lock, and the commands work beside it."""
+    db_path = tmp_path / "courierd.db"  # the harness's daemon's
+    store_env = {"COURIERD_STORE__PATH": str(db_path)}
     SqliteDatabase(db_path, migrations=SQLITE_MIGRATIONS[:9]).close()
     holder = subprocess.Popen(  # another process, as the daemon is to a shell's command
         [
             sys.executable,
             "-c",
-            "import sys; from pathlib import Path; from courierd.daemon.lock import DaemonLock; "
+            "import sys; from pathlib import Path; from courierd.daemonlock import DaemonLock; "
             "DaemonLock(Path(sys.argv[1])).acquire(); print('held', flush=True); "
             "sys.stdin.read()",
             str(db_path),
@@ -219,18 +222,36 @@ def test_a_newer_command_does_not_migrate_the_database_under_an_older_daemon(
     )
     try:
         assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
-        refused = cli("outbox", "status")
+        refused = cli("outbox", "status", env=store_env)
         assert refused.code == 1, refused
-        assert f"pid {holder.pid}" in refused.err and "restart the daemon" in refused.err
+        assert f"pid {holder.pid}" in refused.err and "restart it first" in refused.err
+        with contextlib.closing(sqlite3.connect(db_path)) as conn:
+            assert conn.execute("PRAGMA user_version").fetchone() == (9,)
+        # A copy needs no migration: taken read-only, beside the old daemon.
+        copy = tmp_path / "before-upgrade.db"
+        assert cli("backup", str(copy), env=store_env).code == 0
         with contextlib.closing(sqlite3.connect(db_path)) as conn:
             assert conn.execute("PRAGMA user_version").fetchone() == (9,)
     finally:
         holder.kill()
         holder.wait()
-    done = cli("outbox", "status")
-    assert done.code == 0, done.err
-    with contextlib.closing(sqlite3.connect(db_path)) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone() == (len(SQLITE_MIGRATIONS),)
+    broker = Broker(tmp_path / "broker").start()
+    try:
+        daemon = Daemon(
+            tmp_path,
+            {
+                "COURIERD_MQTT__URL": broker.url,
+                "COURIERD_ONETABLET__BASE_URL": onetablet.url,
+                "COURIERD_ONETABLET__API_KEY": API_KEY,
+            },
+        ).start()
+        with contextlib.closing(sqlite3.connect(db_path)) as conn:
+            assert conn.execute("PRAGMA user_version").fetchone() == (len(SQLITE_MIGRATIONS),)
+        done = cli("outbox", "status", env=store_env)
+        assert done.code == 0, done.err
+        assert daemon.stop() == 0
+    finally:
+        broker.stop()
 
 
 @pytest.fixture

@@ -758,9 +758,14 @@ def test_upgrade_to_pushes_unique_by_order_and_status(tmp_path: Path) -> None:
     s.close()
 
 
-# What two builds of main between releases ran as their migration 10, both reverted
-# (schema._sqlite_10): a database either opened is at 10.
+# What three builds of main between releases ran as their migration 10 (two reverted,
+# one moved to 11; schema._sqlite_10): a database one of them opened is at 10.
 _REVERTED_10 = {
+    "swap": (
+        "CREATE UNIQUE INDEX outbox_order_status ON outbox(order_id, status)",
+        "DROP INDEX idx_outbox_idempotency_key",
+        "DROP INDEX idx_outbox_order_id_id",
+    ),
     "marker": (
         "DROP TRIGGER orders_insert_marker",
         "CREATE TRIGGER orders_insert_marker AFTER INSERT ON orders WHEN NEW.track_rev = 0 "
@@ -774,8 +779,9 @@ _REVERTED_10 = {
 def test_a_database_at_a_reverted_migration_10_is_brought_to_the_latest(
     tmp_path: Path, reverted: str
 ) -> None:
-    """Such a database is not taken for up to date: it gets the outbox's index (a push
-    is written), and what its migration 10 changed is as migration 8 made it."""
+    """Such a database is not taken for up to date, nor refused: it has the outbox's
+    index (a push is written), and what its migration 10 changed is as migration 8
+    made it."""
     fresh = open_path(tmp_path / "fresh.db")
     want: dict[str, str] = dict(
         fresh.db.rows("SELECT name, sql FROM sqlite_master WHERE type = 'trigger'")
@@ -802,6 +808,26 @@ def test_a_database_at_a_reverted_migration_10_is_brought_to_the_latest(
         "SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = 'track_points_recorded'"
     )
     s.close()
+
+
+def test_a_postgresql_database_at_the_reverted_migration_5_is_brought_to_the_latest() -> None:
+    """A build of main between releases had a PostgreSQL migration 5 (dropping
+    `track_points_recorded`), reverted: a database it opened is at 5. It is not refused
+    as newer than this courierd, and gets its index back (migration 6)."""
+    if (why := pg.available()) is not None:
+        pytest.skip(why)
+    from courierd.store.postgres import PostgresDatabase
+    from courierd.store.schema import POSTGRES_MIGRATIONS
+
+    with pg.database(from_template=False) as url:
+        old = PostgresDatabase(url, migrations=POSTGRES_MIGRATIONS[:4])
+        with old.transaction():
+            old.execute("DROP INDEX track_points_recorded")
+            old.execute("INSERT INTO schema_version (version) VALUES (5)")
+        old.close()
+        with open_store(StoreSettings(url=url)) as s:
+            assert s.db.schema_version == len(POSTGRES_MIGRATIONS)
+            assert s.db.value("SELECT to_regclass('track_points_recorded') IS NOT NULL")
 
 
 def test_a_failing_migration_changes_nothing(tmp_path: Path) -> None:

@@ -60,7 +60,11 @@ def _backup(args: argparse.Namespace, settings: Settings) -> int:
     destination = args.destination
     if destination.exists():
         raise InputError(f"{destination} exists; choose a new file")
-    db = SqliteDatabase(settings.store.path, busy_timeout_s=settings.store.busy_timeout_s)
+    # Read-only: a copy needs no migration, and a newer courierd's backup, taken before
+    # the old daemon is restarted (README "Upgrade"), must not migrate under it.
+    db = SqliteDatabase(
+        settings.store.path, busy_timeout_s=settings.store.busy_timeout_s, readonly=True
+    )
     try:
         db.backup(destination)
     finally:
@@ -75,7 +79,7 @@ def _compact(settings: Settings) -> int:
     daemon stopped: a database made by 0.1.0 reuses freed pages but never gives them
     back, and only a VACUUM changes that. It takes as long as the file is big, hence a
     command, not something the daemon does as it starts."""
-    from courierd.daemon.lock import DaemonLock
+    from courierd.daemonlock import DaemonLock
     from courierd.store.sqlite import SqliteDatabase
 
     if settings.store.url is not None:

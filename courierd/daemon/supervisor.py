@@ -50,8 +50,8 @@ from courierd.daemon.ipc import (
     set_process_name,
     web_process,
 )
-from courierd.daemon.lock import DaemonLock
 from courierd.daemon.sessions import PROFILES, SHARED_KINDS, Sessions
+from courierd.daemonlock import DaemonLock
 from courierd.domain.model import BatchReport, DispatchStats
 from courierd.domain.owntracks import SUBSCRIPTIONS as OWNTRACKS
 from courierd.domain.telemetry import ASSIGNMENTS_TOPIC, SUBSCRIPTIONS

@@ -337,9 +337,10 @@ def _sqlite_9(db: sqlite_utils.Database) -> None:
 
 
 def _sqlite_10(db: sqlite_utils.Database) -> None:
-    """Reserved: two builds of main between releases each had a migration 10, both
-    reverted (a change-marker trigger, 920d56c; dropping `track_points_recorded`,
-    ccb0a96). A database one of them opened is at 10: migration 11 undoes either."""
+    """Reserved: three builds of main between releases each had a migration 10: a
+    change-marker trigger (920d56c) and dropping `track_points_recorded` (ccb0a96), both
+    reverted, and migration 11's swap (573bea5). A database one of them opened is at
+    10: migration 11 undoes the first two and makes the third whatever it finds."""
 
 
 # Undoing a reverted migration 10 (above), on a database at 10: the insert trigger as
@@ -362,9 +363,9 @@ _SQLITE_11_REPAIR = (
 # drop the old ones a release later (Database.push_key).
 _SQLITE_11 = (
     *_SQLITE_11_REPAIR,
-    "CREATE UNIQUE INDEX outbox_order_status ON outbox(order_id, status)",
-    "DROP INDEX idx_outbox_idempotency_key",
-    "DROP INDEX idx_outbox_order_id_id",
+    "CREATE UNIQUE INDEX IF NOT EXISTS outbox_order_status ON outbox(order_id, status)",
+    "DROP INDEX IF EXISTS idx_outbox_idempotency_key",
+    "DROP INDEX IF EXISTS idx_outbox_order_id_id",
 )
 
 
@@ -454,10 +455,14 @@ _PG_1 = (
     "epoch bigint NOT NULL DEFAULT 0, lease_until double precision)",
 )
 
-# Append only, like SQLite's.
+# Append only, like SQLite's. 5 is reserved: a build of main between releases had a
+# migration 5, reverted (ccb0a96, as SQLite's 10), and a database it opened is at 5;
+# 6 undoes it (a no-op on any other).
 POSTGRES_MIGRATIONS: tuple[tuple[str, ...], ...] = (
     _PG_1,
     _EVENTS,
     (*_INTEGRITY, *_PG_EVENTS_PER_ORDER),
     _REPLAY,
+    (),
+    ("CREATE INDEX IF NOT EXISTS track_points_recorded ON track_points(recorded_at)",),
 )

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -92,7 +91,12 @@ class SqliteDatabase(Database):
                 conn.execute("PRAGMA foreign_keys=ON")
                 self._migrate()
         except (sqlite3.Error, OSError) as e:
+            with contextlib.suppress(AttributeError, sqlite3.Error):
+                self.conn.close()
             raise StoreError(f"cannot open database {path}: {e}") from e
+        except StoreError:
+            self.conn.close()
+            raise
 
     # -- Database ---------------------------------------------------------------------
 
@@ -251,23 +255,21 @@ class SqliteDatabase(Database):
         """An operator command of a newer courierd, run before the daemon was restarted
         after an upgrade, must not migrate the database under the old daemon: that one
         would go on writing as its own schema says (after migration 11, every push it
-        writes would fail). The daemon holds its flock on the file (daemon/lock.py); its
-        own processes (its pid, or its workers') migrate as they start."""
-        if str(self.path) == ":memory:":
+        writes would fail). The daemon holds its flock on the file (courierd/daemonlock.py); its
+        own processes migrate as they start. A new file (version 0) is anyone's."""
+        if version == 0 or str(self.path) == ":memory:":
             return
-        from courierd.daemon.lock import holder_pid  # reads /proc/locks: takes no lock
+        from courierd.daemonlock import held_elsewhere
 
-        try:
-            holder = holder_pid(self.path.stat())
-        except OSError:
+        holder = held_elsewhere(self.path)
+        if holder is None:
             return
-        if holder is None or int(holder) in (os.getpid(), os.getppid()):
-            return
+        who = "in another PID namespace" if holder == "0" else holder
         raise StoreError(
-            f"database {self.path} is at schema version {version}, and this courierd "
-            f"would migrate it to {latest} while a courierd daemon (pid {holder}), an "
-            "older one, runs on it: restart the daemon first (it migrates the database "
-            "as it starts), then run this again"
+            f"database {self.path} is at schema version {version}, and this courierd would "
+            f"migrate it to {latest} while a courierd daemon (pid {who}) runs on it: if "
+            "that daemon is an older courierd, restart it first (it migrates the database "
+            "as it starts); if it is starting, wait until it is ready; then run this again"
         )
 
     def backup(self, destination: Path) -> None:

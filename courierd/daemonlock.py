@@ -9,8 +9,12 @@ file finds it taken. (A `.lock` file beside the path, as before, was one per spe
 flock and SQLite's own locks do not meet: SQLite takes fcntl (POSIX) byte-range locks,
 which on Linux are a separate kind. The flock belongs to the open file description,
 so SQLite closing its own descriptors of the file never drops it; the kernel drops it
-when the process that took it (and the workers it forked) die, even by kill -9. Order
-and operator commands never take it.
+when the process that took it dies, even by kill -9 (its descriptor is close-on-exec,
+and the daemon's workers are spawned: they never hold it). Order and operator
+commands never take it, and do not migrate the database while another process holds
+it (`held_elsewhere`, store/sqlite.py). The process that holds it says so to the
+workers it starts, which inherit its environment (HOLDER_ENV): they migrate as they
+start, whatever pid namespace /proc/locks speaks of.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from pathlib import Path
 from courierd.errors import StoreError
 
 PROC_LOCKS = Path("/proc/locks")
+# Set while this process holds the daemon lock: the file's "device:inode".
+HOLDER_ENV = "COURIERD_HOLDS_DAEMON_LOCK"
 
 
 class DaemonLock:
@@ -49,14 +55,43 @@ class DaemonLock:
                 "one daemon per database"
             ) from None
         self._fd = fd
+        os.environ[HOLDER_ENV] = _identity(os.fstat(fd))
         return self
 
     def release(self) -> None:
         if self._fd is not None:
+            os.environ.pop(HOLDER_ENV, None)
             with contextlib.suppress(OSError):
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+
+
+def _identity(st: os.stat_result) -> str:
+    return f"{st.st_dev}:{st.st_ino}"
+
+
+def held_elsewhere(db_path: Path) -> str | None:
+    """Who holds the daemon lock on this file, if another process than this one and the
+    workers it started does: its pid as /proc/locks tells ("unknown" if it does not);
+    None if nobody holds it (or the file does not exist). Asks the kernel (a shared
+    flock tried and at once given back), not /proc/locks."""
+    try:
+        fd = os.open(db_path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if os.environ.get(HOLDER_ENV) == _identity(st):
+            return None  # the daemon itself, or a worker it started
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return holder_pid(st) or "unknown"
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
 
 
 def holder_pid(st: os.stat_result) -> str | None:
