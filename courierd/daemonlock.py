@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import time
 from pathlib import Path
 
 from courierd.errors import StoreError
@@ -45,9 +46,7 @@ class DaemonLock:
             fd = os.open(self.db_path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o666)
         except OSError as e:
             raise StoreError(f"cannot open database {self.db_path}: {e}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        if not _exclusive(fd):
             holder = holder_pid(os.fstat(fd)) or "unknown"
             os.close(fd)
             raise StoreError(
@@ -67,8 +66,29 @@ class DaemonLock:
             self._fd = None
 
 
+def _exclusive(fd: int, tries: int = 10, pause_s: float = 0.05) -> bool:
+    """The exclusive flock, tried for about half a second: a command's probe
+    (`held_elsewhere`) holds a shared one for two system calls."""
+    for attempt in range(tries):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError:
+            if attempt + 1 < tries:
+                time.sleep(pause_s)
+    return False
+
+
 def _identity(st: os.stat_result) -> str:
     return f"{st.st_dev}:{st.st_ino}"
+
+
+# One descriptor per database file a process probed, never closed: on Linux, closing
+# any descriptor of a file drops every POSIX lock the process holds on it, SQLite's
+# included (the one a WAL connection keeps on the database file for its whole life);
+# another process could then take the file for its own, checkpoint and delete the WAL
+# under this one's writes. (SQLite's own layer defers such closes; this cannot.)
+_probes: dict[str, int] = {}
 
 
 def held_elsewhere(db_path: Path) -> str | None:
@@ -77,21 +97,25 @@ def held_elsewhere(db_path: Path) -> str | None:
     None if nobody holds it (or the file does not exist). Asks the kernel (a shared
     flock tried and at once given back), not /proc/locks."""
     try:
-        fd = os.open(db_path, os.O_RDONLY | os.O_CLOEXEC)
+        st = os.stat(db_path)
     except OSError:
         return None
-    try:
-        st = os.fstat(fd)
-        if os.environ.get(HOLDER_ENV) == _identity(st):
-            return None  # the daemon itself, or a worker it started
+    identity = _identity(st)
+    if os.environ.get(HOLDER_ENV) == identity:
+        return None  # the daemon itself, or a worker it started: no descriptor opened
+    fd = _probes.get(identity)
+    if fd is None:
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fd = os.open(db_path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
-            return holder_pid(st) or "unknown"
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    finally:
-        os.close(fd)
+            return None
+        _probes[identity] = fd
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return holder_pid(st) or "unknown"
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    return None
 
 
 def holder_pid(st: os.stat_result) -> str | None:

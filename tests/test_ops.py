@@ -197,6 +197,7 @@ def test_compact_refuses_while_the_daemon_runs_and_on_postgresql(cli: Cli, db_pa
     assert cli("compact").code == 0
 
 
+@pytest.mark.integration
 def test_a_newer_command_does_not_migrate_the_database_under_an_older_daemon(
     tmp_path: Path, onetablet: Sandbox, cli: Cli
 ) -> None:
@@ -230,6 +231,9 @@ def test_a_newer_command_does_not_migrate_the_database_under_an_older_daemon(
         # A copy needs no migration: taken read-only, beside the old daemon.
         copy = tmp_path / "before-upgrade.db"
         assert cli("backup", str(copy), env=store_env).code == 0
+        with contextlib.closing(sqlite3.connect(copy)) as conn:
+            assert conn.execute("PRAGMA user_version").fetchone() == (9,)
+            assert conn.execute("SELECT count(*) FROM outbox").fetchone() == (0,)
         with contextlib.closing(sqlite3.connect(db_path)) as conn:
             assert conn.execute("PRAGMA user_version").fetchone() == (9,)
     finally:

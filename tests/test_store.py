@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import subprocess
+import sys
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -828,6 +830,32 @@ def test_a_postgresql_database_at_the_reverted_migration_5_is_brought_to_the_lat
         with open_store(StoreSettings(url=url)) as s:
             assert s.db.schema_version == len(POSTGRES_MIGRATIONS)
             assert s.db.value("SELECT to_regclass('track_points_recorded') IS NOT NULL")
+
+
+def test_a_migrating_process_keeps_its_wal_when_another_process_comes_and_goes(
+    tmp_path: Path,
+) -> None:
+    """Before migrating, the store asks whether a daemon holds the file (daemonlock.
+    held_elsewhere). Closing a descriptor of the file would drop this process's SQLite
+    locks on it: another process closing its last connection would then take the file
+    for its own, checkpoint and delete the WAL under this one's later commits, which
+    would be lost. So: a command's store migrates, another process opens and closes the
+    file (a second command), the first writes on, and its writes are there for all."""
+    path = tmp_path / "v9.db"
+    SqliteDatabase(path, migrations=SQLITE_MIGRATIONS[:9]).close()
+    s = open_path(path)  # migrates: probes the daemon's lock first
+    s.writer.commit([status("e1", "o1", Status.DASHER_CONFIRMED)], now=T0)
+    count = (
+        "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); "
+        "print(c.execute('SELECT count(*) FROM transitions').fetchone()[0]); c.close()"
+    )
+    first = subprocess.run([sys.executable, "-c", count, str(path)], capture_output=True)
+    assert first.stdout.split() == [b"1"], first
+    s.writer.commit([status("e2", "o1", Status.ARRIVING_AT_STORE)], now=T0 + 1)
+    assert path.with_name("v9.db-wal").exists()
+    after = subprocess.run([sys.executable, "-c", count, str(path)], capture_output=True)
+    assert after.stdout.split() == [b"2"], after
+    s.close()
 
 
 def test_a_failing_migration_changes_nothing(tmp_path: Path) -> None:

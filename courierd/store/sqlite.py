@@ -264,10 +264,10 @@ class SqliteDatabase(Database):
         holder = held_elsewhere(self.path)
         if holder is None:
             return
-        who = "in another PID namespace" if holder == "0" else holder
+        who = "a process in another PID namespace" if holder == "0" else f"pid {holder}"
         raise StoreError(
             f"database {self.path} is at schema version {version}, and this courierd would "
-            f"migrate it to {latest} while a courierd daemon (pid {who}) runs on it: if "
+            f"migrate it to {latest} while a courierd daemon ({who}) runs on it: if "
             "that daemon is an older courierd, restart it first (it migrates the database "
             "as it starts); if it is starting, wait until it is ready; then run this again"
         )
