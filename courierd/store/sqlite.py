@@ -255,7 +255,7 @@ class SqliteDatabase(Database):
         """An operator command of a newer courierd, run before the daemon was restarted
         after an upgrade, must not migrate the database under the old daemon: that one
         would go on writing as its own schema says (after migration 11, every push it
-        writes would fail). The daemon holds its flock on the file (courierd/daemonlock.py); its
+        writes would fail). The daemon holds its flock on the file (daemonlock.py); its
         own processes migrate as they start. A new file (version 0) is anyone's."""
         if version == 0 or str(self.path) == ":memory:":
             return
