@@ -88,6 +88,18 @@ def test_backup_is_a_consistent_copy(cli: Cli, parked: None, tmp_path: Path) -> 
     assert r.code == 2 and "exists" in r.err
 
 
+def _daemon(tmp_path: Path, broker: Broker, onetablet: Sandbox) -> Daemon:
+    """A daemon started on `tmp_path / "courierd.db"`, on this broker and stand-in."""
+    return Daemon(
+        tmp_path,
+        {
+            "COURIERD_MQTT__URL": broker.url,
+            "COURIERD_ONETABLET__BASE_URL": onetablet.url,
+            "COURIERD_ONETABLET__API_KEY": API_KEY,
+        },
+    ).start()
+
+
 @pytest.mark.integration
 def test_parked_push_retried_while_daemon_runs(
     tmp_path: Path, onetablet: Sandbox, cli: Cli
@@ -100,14 +112,7 @@ def test_parked_push_retried_while_daemon_runs(
         else None
     )
     broker = Broker(tmp_path / "broker").start()
-    daemon = Daemon(
-        tmp_path,
-        {
-            "COURIERD_MQTT__URL": broker.url,
-            "COURIERD_ONETABLET__BASE_URL": onetablet.url,
-            "COURIERD_ONETABLET__API_KEY": API_KEY,
-        },
-    ).start()
+    daemon = _daemon(tmp_path, broker, onetablet)
     pub = Publisher(broker.port)
     pub.status("c1", "e1", "held", "arrived_at_store")
     store_env = {"COURIERD_STORE__PATH": str(tmp_path / "courierd.db")}
@@ -241,14 +246,7 @@ def test_a_newer_command_does_not_migrate_the_database_under_an_older_daemon(
         holder.wait()
     broker = Broker(tmp_path / "broker").start()
     try:
-        daemon = Daemon(
-            tmp_path,
-            {
-                "COURIERD_MQTT__URL": broker.url,
-                "COURIERD_ONETABLET__BASE_URL": onetablet.url,
-                "COURIERD_ONETABLET__API_KEY": API_KEY,
-            },
-        ).start()
+        daemon = _daemon(tmp_path, broker, onetablet)
         with contextlib.closing(sqlite3.connect(db_path)) as conn:
             assert conn.execute("PRAGMA user_version").fetchone() == (len(SQLITE_MIGRATIONS),)
         done = cli("outbox", "status", env=store_env)
