@@ -33,6 +33,7 @@ from courierd.domain.planner import Effects, Snapshot
 from courierd.errors import InputError, StoreError, StoreUnavailable
 from courierd.store import Store, open_store
 from courierd.store.outbox import CLAIM_SQL, PushResult
+from courierd.store.queries import FAILED_PUSHES_SQL
 from courierd.store.schema import DELIVERED, FAILED, PENDING, SQLITE_MIGRATIONS
 from courierd.store.sqlite import SqliteDatabase
 from courierd.store.writer import MEMO_SWEEP_S, BatchWriter, read_consumed, stored_consumed
@@ -856,6 +857,29 @@ def test_a_migrating_process_keeps_its_wal_when_another_process_comes_and_goes(
     after = subprocess.run([sys.executable, "-c", count, str(path)], capture_output=True)
     assert after.stdout.split() == [b"2"], after
     s.close()
+
+
+def test_the_failed_pushes_are_read_through_their_own_index(store: Store) -> None:
+    """`courierd outbox failed` reads the pushes parked as failed (few, however large the
+    outbox) in id order, through the partial index that holds only them, not by walking
+    the outbox; and lists them as before."""
+    if store.db.dialect == "sqlite":
+        explained = store.db.rows(f"EXPLAIN QUERY PLAN {FAILED_PUSHES_SQL}", (5,))
+        plan = [r[3] for r in explained]  # no step walks the outbox itself
+        assert "SCAN outbox USING INDEX outbox_failed" in plan and "SCAN outbox" not in plan
+    for n, order in enumerate(("o1", "o2", "o3")):
+        store.writer.commit([status(f"e{n}", order, Status.DASHER_CONFIRMED)], now=T0 + n)
+    rows = store.outbox.claim_due(T0 + 10, 10)
+    for row in rows[:2]:
+        store.outbox.record_results(
+            [PushResult(row.id, FAILED, T0 + 11, error="400 unknown store")]
+        )
+    failed = store.queries.failed_pushes(10)
+    assert [(f["order_id"], f["last_error"]) for f in failed] == [
+        ("o1", "400 unknown store"),
+        ("o2", "400 unknown store"),
+    ]
+    assert [f["order_id"] for f in store.queries.failed_pushes(1)] == ["o1"]
 
 
 def test_a_failing_migration_changes_nothing(tmp_path: Path) -> None:

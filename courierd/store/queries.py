@@ -11,6 +11,13 @@ from courierd.errors import InputError
 from courierd.store.db import Database, Row, chunks, placeholders
 from courierd.store.schema import DELIVERED
 
+# The ids through the partial index of failed pushes (a handful), then their rows: with
+# `WHERE state = 'failed' ORDER BY id` alone, SQLite walks the whole outbox in id order.
+FAILED_PUSHES_SQL = (
+    "SELECT order_id, status, attempts, last_error, created_at FROM outbox WHERE id IN "
+    "(SELECT id FROM outbox WHERE state = 'failed') ORDER BY id LIMIT ?"
+)
+
 
 class Queries:
     """Read models over one database connection."""
@@ -131,11 +138,7 @@ class Queries:
         }
 
     def failed_pushes(self, limit: int) -> list[dict[str, Any]]:
-        rows = self.db.rows(
-            "SELECT order_id, status, attempts, last_error, created_at FROM outbox "
-            "WHERE state = 'failed' ORDER BY id LIMIT ?",
-            (limit,),
-        )
+        rows = self.db.rows(FAILED_PUSHES_SQL, (limit,))
         return [
             {"order_id": o, "status": s, "attempts": n, "last_error": e, "created_at": c}
             for o, s, n, e, c in rows
