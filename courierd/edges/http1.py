@@ -560,14 +560,13 @@ class Pool:
         self._idle.clear()
         failed: BaseException | None = None
         for conn in list(self._all):
+            closed = False
             try:
                 conn._fail(Http1Error("the client is closed"))
+                closed = True
             except BaseException as e:
                 failed = failed or e
-                if not conn.ended:  # still open: kept, as `_discard` keeps it
-                    conn.on_lost = self._forget
-                    continue
-            self._all.discard(conn)
+            self._drop(conn, closed)
         self._opened = 0
         if failed is not None:
             raise failed
@@ -703,11 +702,17 @@ class Pool:
             closed = True
         finally:  # a close that fails part-way must not keep its slot from a waiter
             if conn in self._all:
-                if closed or conn.ended:
-                    self._all.discard(conn)
-                else:  # its abort raised: kept where `close` aborts it again, till it ends
-                    conn.on_lost = self._forget
+                self._drop(conn, closed)
                 self._slot_freed()
+
+    def _drop(self, conn: _Connection, closed: bool) -> None:
+        """Out of the pool's connections once closed; one whose abort raised (`closed`
+        False) and that has not ended stays among them, where `close` aborts it again,
+        until its `connection_lost` comes."""
+        if closed or conn.ended:
+            self._all.discard(conn)
+        else:
+            conn.on_lost = self._forget
 
     def _forget(self, conn: _Connection) -> None:
         """A connection whose close failed has ended at last (its slot freed already)."""
