@@ -132,7 +132,6 @@ def ingest_cpu(
 ) -> float:
     """CPU µs per message of `commit_messages` over `n` messages of the ping mix."""
     from courierd.config import GeofenceSettings, StoreSettings
-    from courierd.daemon.batcher import Reader
     from courierd.daemon.ingest import commit_messages
     from courierd.daemon.ipc import settle_gc
     from courierd.store import open_store
@@ -154,8 +153,7 @@ def ingest_cpu(
         commit_messages(store, warm[i : i + batch], time.time())
     raw = [(t, p, len(p)) for t, p in messages(n, pings, "m", first_round=1)]
     # Each batch as the MQTT process sends it (batcher.py): parsed there, as it arrived.
-    reader = Reader("user")
-    reader.set_clock(0.0)  # as the ingest process tells it, on SQLite
+    reader = _reader()
     sent = [
         pickle.dumps((chunk, [reader(*m) for m in chunk], None))
         for chunk in (raw[i : i + batch] for i in range(0, len(raw), batch))
@@ -174,6 +172,16 @@ def ingest_cpu(
     store.close()
     shutil.rmtree(folder)  # each round's database goes once measured
     return used / n * 1e6
+
+
+def _reader() -> Any:
+    """The MQTT process's parser (batcher.Reader), told the clock's offset as the ingest
+    process tells it on SQLite (0)."""
+    from courierd.daemon.batcher import Reader
+
+    reader = Reader("user")
+    reader.set_clock(0.0)
+    return reader
 
 
 def _say_sql(label: str, n: int) -> None:
@@ -221,11 +229,7 @@ def _edge(port: int, protocol: str, client_id: str, inbox: queue.SimpleQueue[Any
     from courierd.edges.mqtt import MqttEdge
 
     settings = MqttSettings(url=f"mqtt://127.0.0.1:{port}", client_id=client_id, protocol=protocol)
-    from courierd.daemon.batcher import Reader
-
-    reader = Reader("user")
-    reader.set_clock(0.0)  # as the ingest process tells it, on SQLite
-    return MqttEdge(settings, inbox, receive_max=1000, interpret=reader)
+    return MqttEdge(settings, inbox, receive_max=1000, interpret=_reader())
 
 
 def _bare(port: int, protocol: str, client_id: str, on_message: Callable[..., None]) -> Any:
