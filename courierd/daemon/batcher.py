@@ -14,6 +14,16 @@ then commits the next batch while this thread acknowledges the last one, instead
 waiting for it. Nothing is acknowledged before its commit; and it is acknowledged
 before this thread waits for new messages or stops.
 
+While the ingest process commits a batch, a full batch waiting in the inbox is taken
+and prepared (admitted, its request pickled): the moment the commit is reported, it goes
+out, instead of the ingest process waiting while this thread takes, admits and pickles
+it. Nothing changes for the guarantees: the prepared batch is sent only after the one
+before it is committed (a retried batch is sent again first), it is admitted again just
+before it is sent (its sessions may have been handed over meanwhile: then what is left
+of it is prepared again), it counts as received and not acknowledged (`in_hand`,
+`inflight`, `lag_s`, `behind_s`), and on stop it is dropped unacknowledged, redelivered
+later.
+
 Messages are parsed as they arrive (`Reader`, on paho's thread), not in the ingest
 process: that one process is where every message waits its turn, and parsing there was
 about a quarter of its work, while the MQTT process has time to spare. The batch that
@@ -28,7 +38,9 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 from courierd.daemon.sessions import Sessions
@@ -41,6 +53,9 @@ log = logging.getLogger(__name__)
 
 PROBE_EVERY_S = 5.0
 BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+# While a batch commits, how often the inbox is looked at for a full batch to prepare;
+# the reply itself is read the moment it arrives (Connection.poll returns then).
+PREFETCH_POLL_S = 0.005
 
 
 def take_batch(
@@ -101,6 +116,26 @@ class Reader:
         return parse(topic, payload, now=now + offset, size=size, owntracks=self.owntracks)
 
 
+def pickled(request: tuple[str, Any]) -> memoryview:
+    """The request as `Connection.send` would pickle it (for `send_bytes`)."""
+    return ForkingPickler.dumps(request)
+
+
+@dataclass
+class Taken:
+    """A batch taken from the inbox and admitted: its messages and its request, ready."""
+
+    messages: list[Message]
+    request: memoryview
+    received: float  # when its oldest message was received (monotonic)
+
+    @classmethod
+    def of(cls, messages: list[Message], fence: dict[int, int] | None) -> Taken:
+        raw = [(m.topic, m.payload, m.size) for m in messages]
+        request = pickled(("batch", (raw, [m.parsed for m in messages], fence)))
+        return cls(messages, request, min(m.received for m in messages))
+
+
 FENCED = object()  # the batch's slots are another instance's now: drop it, unacknowledged
 
 
@@ -133,8 +168,12 @@ class Batcher:
         # How far behind ingest is (README "When courierd is behind"), read by health and
         # /metrics on other threads; plain attributes, each written only by this thread.
         self.caught_up_at = time.monotonic()  # last time the inbox held less than a batch
-        self.oldest_pending: float | None = None  # received (monotonic) of the batch in hand
-        self.in_hand = 0  # messages of the batch being committed
+        self.oldest_pending: float | None = None  # received (monotonic), of what is in hand
+        self.in_hand = 0  # messages of the batch being committed and of the one prepared
+        # The batch being committed, and the next one, prepared meanwhile (see the module
+        # text); written and read by this thread only (`_hold` tells the others).
+        self._current: Taken | None = None
+        self._prepared: Taken | None = None
         # The last batch committed, not yet acknowledged (see the module text), and its
         # report; written and read by this thread only (`inflight` reads its length).
         self._unacked: list[Message] = []
@@ -142,7 +181,7 @@ class Batcher:
 
     def behind_s(self, now: float) -> float:
         """How long ingest has not caught up: since a batch last took everything waiting
-        (the batch being committed counts as not yet caught up)."""
+        (the batch being committed, or prepared, counts as not yet caught up)."""
         return max(0.0, now - self.caught_up_at)
 
     def lag_s(self, now: float) -> float:
@@ -151,8 +190,16 @@ class Batcher:
         return 0.0 if oldest is None else max(0.0, now - oldest)
 
     def inflight(self) -> int:
-        """Messages received and not yet acknowledged (queued here or being committed)."""
+        """Messages received and not yet acknowledged (queued here, being committed, or
+        prepared)."""
         return self.inbox.qsize() + self.in_hand + len(self._unacked)
+
+    def _hold(self) -> None:
+        """Tell the other threads what is in hand: the batch being committed and the one
+        prepared."""
+        held = [b for b in (self._current, self._prepared) if b is not None]
+        self.oldest_pending = min((b.received for b in held), default=None)
+        self.in_hand = sum(len(b.messages) for b in held)
 
     def run(self, stop: threading.Event) -> None:
         """Until `stop`; raises IngestFailed if the ingest process fails."""
@@ -180,47 +227,72 @@ class Batcher:
     def _run(self, stop: threading.Event) -> None:
         while not stop.is_set():
             self.heartbeat = time.monotonic()
-            # Acknowledge now if taking a batch may wait: for messages (none waiting), or
-            # for more of them (batch_ms, less than a batch waiting), which the broker may
-            # hold back until it has these acknowledgements (its window). Only this thread
-            # takes from the inbox: what it holds can only grow until the take.
-            waiting = self.inbox.qsize()
-            if self._unacked and (not waiting or (self.wait_s > 0 and waiting < self.size)):
-                self._settle()
-            batch = take_batch(self.inbox, size=self.size, wait_s=self.wait_s, timeout=0.2)
-            if batch:
-                self.sessions.room.made()  # paho's thread may wait for room in the inbox
-            if len(batch) < self.size:  # nothing more was waiting: caught up
-                self.caught_up_at = time.monotonic()
-            if not batch:
-                if time.monotonic() - self._last_write >= PROBE_EVERY_S:
-                    self._until_committed(("probe", None), stop)
+            batch = self._next(stop)
+            if batch is None:
                 continue
-            batch, fence = self.sessions.admit(batch)
-            if not batch:
-                continue  # all from sessions handed over: their next holder gets them
-            raw = [(m.topic, m.payload, m.size) for m in batch]
-            request = ("batch", (raw, [m.parsed for m in batch], fence))
+            self._current = batch
+            self._hold()
             handed_over = time.monotonic()
-            received = min(m.received for m in batch)
-            self.oldest_pending, self.in_hand = received, len(batch)
             try:
-                report = self._until_committed(request, stop)
+                report = self._until_committed(batch.request, stop, prefetch=True)
                 if report is None:
                     return  # stopping with the batch uncommitted: it is redelivered later
                 if report is FENCED:
                     continue  # our slots were taken over: the new holder gets these again
-                report.waited_s = max(0.0, handed_over - received)
+                report.waited_s = max(0.0, handed_over - batch.received)
                 report.commit_s = time.monotonic() - handed_over
-                self._unacked, self._unreported = batch, report
+                self._unacked, self._unreported = batch.messages, report
             finally:
-                self.oldest_pending, self.in_hand = None, 0
+                self._current = None
+                self._hold()
 
-    def _until_committed(self, request: tuple[str, Any], stop: threading.Event) -> Any:
+    def _next(self, stop: threading.Event) -> Taken | None:
+        """The batch to commit next: the one prepared, admitted again, or one taken from
+        the inbox now; None if there is none (or none of it is ours)."""
+        prepared = self._prepared
+        if prepared is not None:
+            self._prepared = None
+            kept, fence = self.sessions.admit(prepared.messages)
+            if len(kept) == len(prepared.messages):
+                return prepared
+            # Sessions handed over since it was prepared: what is left, under its fence.
+            self._hold()
+            return Taken.of(kept, fence) if kept else None
+        # Acknowledge now if taking a batch may wait: for messages (none waiting), or
+        # for more of them (batch_ms, less than a batch waiting), which the broker may
+        # hold back until it has these acknowledgements (its window). Only this thread
+        # takes from the inbox: what it holds can only grow until the take.
+        waiting = self.inbox.qsize()
+        if self._unacked and (not waiting or (self.wait_s > 0 and waiting < self.size)):
+            self._settle()
+        batch = take_batch(self.inbox, size=self.size, wait_s=self.wait_s, timeout=0.2)
+        if batch:
+            self.sessions.room.made()  # paho's thread may wait for room in the inbox
+        if len(batch) < self.size:  # nothing more was waiting: caught up
+            self.caught_up_at = time.monotonic()
+        if not batch:
+            if time.monotonic() - self._last_write >= PROBE_EVERY_S:
+                self._until_committed(pickled(("probe", None)), stop, prefetch=False)
+            return None
+        kept, fence = self.sessions.admit(batch)
+        return Taken.of(kept, fence) if kept else None  # (none: handed over, see admit)
+
+    def _prepare(self) -> None:
+        """Take the full batch waiting and prepare it, while the last one commits."""
+        batch = [self.inbox.get_nowait() for _ in range(self.size)]  # waiting: see _exchange
+        self.sessions.room.made()
+        kept, fence = self.sessions.admit(batch)
+        if kept:
+            self._prepared = Taken.of(kept, fence)
+            self._hold()
+
+    def _until_committed(
+        self, request: memoryview, stop: threading.Event, *, prefetch: bool
+    ) -> Any:
         """Send until the ingest process commits it; None if stopped first."""
         failures = 0
         while True:
-            kind, value = self._exchange(request)
+            kind, value = self._exchange(request, prefetch)
             if kind == "ok":
                 self._last_write = time.monotonic()
                 if self.database_problem is not None:
@@ -242,13 +314,18 @@ class Batcher:
                 if stop.wait(min(0.2, deadline - time.monotonic())):
                     return None
 
-    def _exchange(self, request: tuple[str, Any]) -> tuple[str, Any]:
+    def _exchange(self, request: memoryview, prefetch: bool) -> tuple[str, Any]:
         try:
-            self.pipe.send(request)
+            self.pipe.send_bytes(request)
         except OSError as e:
             raise self._ingest_gone(e) from None
         self._settle()  # the last batch's acks, while the ingest process works on this
         try:
+            # Until the reply, and while none is prepared: a full batch waiting is
+            # prepared (only this thread takes from the inbox: it stays there).
+            while prefetch and self._prepared is None and not self.pipe.poll(PREFETCH_POLL_S):
+                if self.inbox.qsize() >= self.size:
+                    self._prepare()
             kind, value = self.pipe.recv()
         except (EOFError, OSError) as e:
             raise self._ingest_gone(e) from None
