@@ -21,8 +21,8 @@ it. Nothing changes for the guarantees: the prepared batch is sent only after th
 before it is committed (a retried batch is sent again first), it is admitted again just
 before it is sent (its sessions may have been handed over meanwhile: then what is left
 of it is prepared again), it counts as received and not acknowledged (`in_hand`,
-`inflight`, `lag_s`, `behind_s`), and on stop it is dropped unacknowledged, redelivered
-later.
+`inflight`, `lag_s`, `behind_s`) and in the window (`Room.held`: courierd holds no more
+messages than without it), and on stop it is dropped unacknowledged, redelivered later.
 
 Messages are parsed as they arrive (`Reader`, on paho's thread), not in the ingest
 process: that one process is where every message waits its turn, and parsing there was
@@ -252,6 +252,7 @@ class Batcher:
         prepared = self._prepared
         if prepared is not None:
             self._prepared = None
+            self.sessions.room.hold(0)  # out of the window now (room made): see _prepare
             kept, fence = self.sessions.admit(prepared.messages)
             if len(kept) == len(prepared.messages):
                 return prepared
@@ -279,9 +280,13 @@ class Batcher:
 
     def _prepare(self) -> None:
         """Take the full batch waiting and prepare it, while the last one commits."""
+        # It still counts in the window, which paho's thread holds (MqttEdge._make_room),
+        # until it is sent: courierd holds no more messages than without it. Counted
+        # before it leaves the inbox, so no room is seen in between.
+        self.sessions.room.hold(self.size)
         batch = [self.inbox.get_nowait() for _ in range(self.size)]  # waiting: see _exchange
-        self.sessions.room.made()
         kept, fence = self.sessions.admit(batch)
+        self.sessions.room.hold(len(kept))  # (the others are not ours: gone)
         if kept:
             self._prepared = Taken.of(kept, fence)
             self._hold()
