@@ -1,13 +1,13 @@
-"""The batcher's prefetch (daemon/batcher.py), through the real path: a real Mosquitto,
-real MQTT sessions (Sessions, its edges) filling the inbox, the batcher thread, and the
-real ingest process at the other end of a real Pipe, committing to SQLite.
+"""The batch sent behind the one committing (daemon/batcher.py), through the real path: a
+real Mosquitto, real MQTT sessions (Sessions, its edges) filling the inbox, the batcher
+thread, and the real ingest process at the other end of a real Pipe, committing to SQLite.
 
 While the ingest process commits a batch (held there: SIGSTOP, or a database locked by
-another connection), the full batch waiting in the inbox is taken and prepared; it counts
-as received and not acknowledged, it is committed only after the batch before it (a
-retried one too), and a batch whose session was handed over meanwhile is not sent as it
-was prepared. Each test fails on the batcher without prefetch, which left the next batch
-in the inbox until the last one was committed.
+another connection), the full batch waiting in the inbox is taken and sent behind it; it
+counts as received and not acknowledged and in the window, and it is committed only after
+the batch before it (a retried one too: the ingest process skips it until the retry).
+Each test fails on the batcher before, which left the next batch in the inbox until the
+last one was committed.
 
 Every message is a payload that is not JSON: each becomes a dead letter, whose ids tell
 the order in which the messages were committed.
@@ -97,12 +97,12 @@ class Line:
         with contextlib.closing(sqlite3.connect(self.db)) as db:
             return [t for (t,) in db.execute("SELECT topic FROM dead_letters ORDER BY id")]
 
-    def prepared_while_committing(self) -> None:
+    def sent_behind_the_one_committing(self) -> None:
         """Until the batch waiting is in hand beside the one committing."""
         wait_until(
             lambda: self.batcher.in_hand == 2 * BATCH,
             10,
-            "the waiting batch taken and prepared while the first one commits",
+            "the waiting batch taken and sent behind the one committing",
         )
 
     def pause_ingest(self) -> None:
@@ -176,11 +176,11 @@ def intake(
         resource_tracker._resource_tracker._stop()  # type: ignore[attr-defined]
 
 
-def test_while_a_batch_commits_the_full_batch_waiting_is_prepared_and_counted(
+def test_while_a_batch_commits_the_full_batch_waiting_is_sent_behind_it_and_counted(
     tmp_path: Path,
 ) -> None:
     """The first batch is with the (stopped) ingest process, the second waits in full: it
-    is taken and prepared meanwhile, and still counts as received and not acknowledged
+    is taken and sent behind it, and still counts as received and not acknowledged
     (inflight, lag, behind). Once the first commits, all arrive, in order, and nothing is
     left in hand."""
     with intake(tmp_path) as line:
@@ -188,7 +188,7 @@ def test_while_a_batch_commits_the_full_batch_waiting_is_prepared_and_counted(
         line.publish(range(3 * BATCH))
         line.window_waiting()  # the third batch waits in the broker (Receive Maximum)
         line.start()
-        line.prepared_while_committing()
+        line.sent_behind_the_one_committing()
         b = line.batcher
         assert (b.inbox.qsize(), b.inflight()) == (0, 2 * BATCH)  # counted: received, unacked
         oldest = b.oldest_pending
@@ -203,10 +203,10 @@ def test_while_a_batch_commits_the_full_batch_waiting_is_prepared_and_counted(
         assert sum(r.size for r in line.reports) == 3 * BATCH
 
 
-def test_the_prepared_batch_still_counts_in_the_window(tmp_path: Path) -> None:
+def test_the_batch_sent_behind_still_counts_in_the_window(tmp_path: Path) -> None:
     """Over MQTT 3.1.1 the broker sends up to its max_inflight_messages (2000 here), and
     courierd holds its window itself: paho's thread stops reading once a window's worth
-    waits for a batch. The prepared batch is one of those: with it, only a batch more
+    waits for a batch. The batch sent behind is one of those: with it, only a batch more
     waits in the inbox, so that courierd holds the window and the batch being committed,
     as without prefetch, not a batch more (README "The window")."""
     with intake(tmp_path, protocol="3.1.1") as line:
@@ -214,25 +214,26 @@ def test_the_prepared_batch_still_counts_in_the_window(tmp_path: Path) -> None:
         line.publish(range(2 * BATCH))
         line.window_waiting()
         line.start()
-        line.prepared_while_committing()
+        line.sent_behind_the_one_committing()
         assert line.inbox.qsize() == 0
         room = line.sessions.room
         assert room.waiting == 0  # (the inbox never held more than the window)
         line.publish(range(2 * BATCH, 5 * BATCH))
         wait_until(lambda: room.waiting == 1, 10, "paho's thread waiting for room")
-        assert line.inbox.qsize() == BATCH  # and the prepared batch: the window
+        assert line.inbox.qsize() == BATCH  # and the batch sent behind: the window
         assert line.batcher.inflight() == 3 * BATCH  # the window, and the batch committing
         line.resume_ingest()
         every = [topic(n) for n in range(5 * BATCH)]
         wait_until(lambda: line.committed() == every, 15, "every message committed, in order")
 
 
-def test_a_batch_retried_on_an_unavailable_database_is_committed_before_the_prepared_one(
+def test_a_batch_retried_on_an_unavailable_database_is_committed_before_the_one_behind_it(
     tmp_path: Path,
 ) -> None:
     """Another connection holds SQLite's write lock: the first batch's commit fails
-    ("unavailable") and is retried with backoff, while the next batch is prepared. When
-    the lock goes, the first batch is committed first, then the prepared one."""
+    ("unavailable") and is retried with backoff; the next batch, sent behind it, is
+    skipped. When the lock goes, the first batch is committed first, then the one behind
+    it."""
     with intake(tmp_path, busy_timeout_s=0.1) as line:
         line.publish(range(3 * BATCH))
         line.window_waiting()
@@ -240,7 +241,7 @@ def test_a_batch_retried_on_an_unavailable_database_is_committed_before_the_prep
         try:
             lock.execute("BEGIN EXCLUSIVE")
             line.start()
-            line.prepared_while_committing()
+            line.sent_behind_the_one_committing()
             assert line.inbox.qsize() == 0
             wait_until(
                 lambda: line.batcher.database_problem is not None, 10, "the database unavailable"
@@ -253,28 +254,30 @@ def test_a_batch_retried_on_an_unavailable_database_is_committed_before_the_prep
         wait_until(lambda: line.batcher.database_problem is None, 10, "the database back")
 
 
-def test_a_prepared_batch_whose_session_was_handed_over_is_not_sent(tmp_path: Path) -> None:
-    """A cluster: while the first batch commits and the second is prepared, slot 0 is
-    handed over (here: taken again at a new epoch, with a new connection). The prepared
-    batch is admitted again before it is sent: none of it is ours any more, so it is not
-    committed; the broker gives its messages to the session's new holder, which commits
-    them once. (The first batch was committed under the old epoch, and is committed again
-    when redelivered: its acknowledgements had no connection to go on.) Sent as
-    prepared, the second batch would be committed twice."""
+def test_a_batch_sent_behind_is_committed_under_its_fence_and_later_ones_are_admitted_again(
+    tmp_path: Path,
+) -> None:
+    """A cluster: while the first batch commits and the second is sent behind it, slot 0
+    is handed over (here: taken again at a new epoch, with a new connection). Both batches
+    sent are committed under the epoch they were admitted at (the database's fence is what
+    refuses a batch whose slots were taken over: not here, where only this process moved
+    on); their acknowledgements have no connection to go on, so the broker gives them to
+    the session's new holder, which commits them again (idempotent). The third batch,
+    taken after the hand-over, is admitted at the new epoch and committed once."""
     with intake(tmp_path, shared=True) as line:
         line.pause_ingest()
         line.publish(range(3 * BATCH))
         line.window_waiting()
         line.start()
-        line.prepared_while_committing()
+        line.sent_behind_the_one_committing()
         assert line.inbox.qsize() == 0
         line.sessions.hold({0: 2})  # (its messages are redelivered once there is room)
         line.resume_ingest()
-        expected = Counter({topic(n): 2 if n < BATCH else 1 for n in range(3 * BATCH)})
+        expected = Counter({topic(n): 2 if n < 2 * BATCH else 1 for n in range(3 * BATCH)})
         wait_until(
             lambda: Counter(line.committed()) == expected,
             20,
-            "the first batch committed twice, every other message once",
+            "the two batches sent committed twice, the third once",
         )
         wait_until(lambda: line.batcher.inflight() == 0, 10, "everything acknowledged")
         assert Counter(line.committed()) == expected
