@@ -170,4 +170,4 @@ def test_a_window_smaller_than_a_batch_is_refused(monkeypatch: pytest.MonkeyPatc
         load_settings()
     for ok in ("0", "500", "5000"):
         monkeypatch.setenv("COURIERD_INGEST__WINDOW", ok)
-        assert load_settings().ingest.receive_maximum == (int(ok) or 2000)
+        assert load_settings().ingest.receive_maximum == (int(ok) or 1000)
