@@ -281,3 +281,38 @@ def test_a_batch_sent_behind_is_committed_under_its_fence_and_later_ones_are_adm
         )
         wait_until(lambda: line.batcher.inflight() == 0, 10, "everything acknowledged")
         assert Counter(line.committed()) == expected
+
+
+def test_the_ingest_process_skips_batches_behind_a_failed_one_until_told_to_resume(
+    tmp_path: Path,
+) -> None:
+    """The protocol itself, on the real ingest process: a batch fails (another connection
+    holds SQLite's write lock); the batch sent behind it is skipped, unwritten, even though
+    the lock is gone by the time it is read; after ("resume", None) both are committed,
+    in order. Without the skip, the batch behind would be committed before the failed one
+    is sent again."""
+    with intake(tmp_path, busy_timeout_s=0.1) as line:
+        pipe = line.pipe
+
+        def batch(numbers: range) -> tuple[str, object]:
+            raw = [(topic(n), b"not json", 8) for n in numbers]
+            return ("batch", (raw, [None] * len(raw), None))
+
+        lock = sqlite3.connect(line.db, isolation_level=None)
+        try:
+            lock.execute("BEGIN EXCLUSIVE")
+            pipe.send(batch(range(0, BATCH)))
+            assert pipe.poll(15), "no answer for the first batch"
+            assert pipe.recv()[0] == "unavailable"
+        finally:
+            lock.close()
+        pipe.send(batch(range(BATCH, 2 * BATCH)))  # sent behind the failed one
+        assert pipe.poll(15), "no answer for the batch behind"
+        assert pipe.recv()[0] == "skipped"
+        assert line.committed() == []
+        pipe.send(("resume", None))
+        for numbers in (range(0, BATCH), range(BATCH, 2 * BATCH)):
+            pipe.send(batch(numbers))
+            assert pipe.poll(15), "no answer after resuming"
+            assert pipe.recv()[0] == "ok"
+        assert line.committed() == [topic(n) for n in range(2 * BATCH)]

@@ -58,9 +58,9 @@ log = logging.getLogger(__name__)
 
 PROBE_EVERY_S = 5.0
 BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
-# While a batch commits, how often the inbox is looked at for a full batch to prepare;
+# While a batch commits, how often the inbox is looked at for a full batch to send behind;
 # the reply itself is read the moment it arrives (Connection.poll returns then).
-PREFETCH_POLL_S = 0.005
+BEHIND_POLL_S = 0.005
 
 
 def take_batch(
@@ -284,25 +284,29 @@ class Batcher:
         else:
             self._hold()  # (none of it ours: gone)
 
-    def _send(self, batch: Taken) -> None:
+    def _send(self, *batches: Taken) -> None:
+        """Hand these to the ingest process, in order. Counted in hand first: a batch can
+        be larger than the pipe's buffer, so sending one behind waits until the ingest
+        process reads it, once the one ahead is committed."""
+        self._sent.extend(batches)
+        self._hold()
         try:
             if self._resume:
                 self.pipe.send(("resume", None))
                 self._resume = False
-            batch.sent_at = batch.sent_at or time.monotonic()  # (the first time: a retry's
-            # commit_s includes its backoff, as waited_s does not)
-            self.pipe.send_bytes(batch.request)
+            for batch in batches:
+                # The first time only: a retry's commit_s includes its backoff.
+                batch.sent_at = batch.sent_at or time.monotonic()
+                self.pipe.send_bytes(batch.request)
         except OSError as e:
             raise self._ingest_gone(e) from None
-        self._sent.append(batch)
-        self._hold()
 
     def _reply(self, stop: threading.Event) -> tuple[str, Any]:
         """The ingest process's answer for the oldest batch sent. Until it comes, a full
         batch waiting in the inbox is sent behind that one (only this thread takes from
         the inbox: it stays there); the reply is read the moment it arrives."""
         try:
-            while len(self._sent) == 1 and not self.pipe.poll(PREFETCH_POLL_S):
+            while len(self._sent) == 1 and not self.pipe.poll(BEHIND_POLL_S):
                 if self.inbox.qsize() >= self.size and not stop.is_set():
                     self._take_behind()
             kind, value = self.pipe.recv()
@@ -349,8 +353,7 @@ class Batcher:
         if not self._backoff(str(value), stop):
             self._hold()
             return False
-        for b in [head, *behind]:  # again, in the same order
-            self._send(b)
+        self._send(head, *behind)  # again, in the same order
         return True
 
     def _probe(self, stop: threading.Event) -> None:

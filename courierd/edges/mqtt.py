@@ -124,7 +124,7 @@ class Room:
         self._cond = threading.Condition()
         self.waiting = 0  # threads waiting now (for tests and their synchronisation)
         # Messages taken out of the inbox that still count in the window: the batch the
-        # batcher prepared while the one before it commits (daemon/batcher.py).
+        # batcher sent behind the one being committed (daemon/batcher.py).
         self.held = 0
 
     def made(self) -> None:
@@ -479,7 +479,8 @@ class MqttEdge:
         )
 
     def _full(self) -> bool:
-        """A window's worth waits for a batch: in the inbox, or prepared (Room.held)."""
+        """A window's worth waits for a batch: in the inbox, or sent behind the batch
+        being committed (Room.held)."""
         return self.inbox.qsize() + self.room.held >= self.max_inbox
 
     def _make_room(self) -> None:
