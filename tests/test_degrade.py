@@ -202,7 +202,7 @@ def test_what_the_broker_drops_beyond_its_queue_limit_is_made_visible(sqlite_rig
     wait_until(
         lambda: daemon.metric("courierd_broker_dropped_messages") == 0, 15, "the broker's counts"
     )
-    fixes = 3000  # more than the window (1000) and the broker's queue (100) together
+    fixes = 3000  # more than the window (2000) and the broker's queue (100) together
     messages = burst()[:fixes]
     os.kill(ingest_pid, signal.SIGSTOP)
     try:

@@ -176,6 +176,10 @@ def ingest_main(settings: Settings, pipe: Connection, wake: Connection, instance
         return
     settle_gc()
     pipe.send(("ready", clock_offset(store)))
+    # A batch that failed (database unavailable, fenced) is sent again, or dropped, by the
+    # MQTT process: the ones it had already sent behind it are skipped, unwritten, until
+    # it says to resume, so that batches are committed in the order they were taken.
+    skipping = False
     while True:
         try:
             kind, batch = pipe.recv()
@@ -183,6 +187,12 @@ def ingest_main(settings: Settings, pipe: Connection, wake: Connection, instance
             orphaned()
         if kind == "stop":
             break
+        if kind == "resume":
+            skipping = False
+            continue
+        if skipping and kind == "batch":
+            pipe.send(("skipped", None))
+            continue
         try:
             if kind == "probe":
                 store.writer.heartbeat(time.time())
@@ -194,10 +204,12 @@ def ingest_main(settings: Settings, pipe: Connection, wake: Connection, instance
             result.clock_offset = store.clock.offset  # read with `now`
         except FencedOut as e:
             pipe.send(("fenced", str(e)))
+            skipping = True
             continue
         except StoreUnavailable as e:
             log.error("ingest.database_unavailable error=%s", e)
             pipe.send(("unavailable", str(e)))
+            skipping = kind == "batch"
             continue
         except Exception as e:  # a bug: say so, and let systemd restart us
             log.exception("ingest.failed")

@@ -453,6 +453,7 @@ class Daemon:
         self._stop_intake.set()
         if self._batch_thread.is_alive():
             self._batch_thread.join(timeout=left())
+        batcher_done = not self._batch_thread.is_alive()
         # After the batcher (the last batch's acks still go out), before the dispatch
         # process gives a cluster's slots back: the next holder must not find us there.
         self.sessions.stop()
@@ -460,7 +461,9 @@ class Daemon:
             (self._ingest, self._ingest_pipe),
             (self._dispatch_proc, self._control_pipe),
         ):
-            if proc.is_alive():
+            # The ingest pipe has one writer, the batcher thread: still at it (the ingest
+            # process hangs, and a send to it may wait), the process is killed below.
+            if proc.is_alive() and (pipe is not self._ingest_pipe or batcher_done):
                 with contextlib.suppress(OSError), self._control_lock:
                     pipe.send(("stop", None))
                 proc.join(timeout=left())

@@ -123,10 +123,22 @@ class Room:
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self.waiting = 0  # threads waiting now (for tests and their synchronisation)
+        # Messages taken out of the inbox that still count in the window: the batch the
+        # batcher sent behind the one being committed (daemon/batcher.py).
+        self.held = 0
 
     def made(self) -> None:
         with self._cond:
             self._cond.notify_all()
+
+    def hold(self, held: int) -> None:
+        """`held` messages out of the inbox still count in the window; room is made if
+        that is fewer than before."""
+        with self._cond:
+            fewer = held < self.held
+            self.held = held
+            if fewer:
+                self._cond.notify_all()
 
     def wait_for(self, ready: Callable[[], bool], timeout: float) -> bool:
         """Until `ready()` (checked whenever room is made) or `timeout`: `ready()`."""
@@ -441,7 +453,7 @@ class MqttEdge:
         if qos == 0 and self.inbox.qsize() > self.max_backlog:
             self.dropped_qos0 += 1
             return
-        if self.inbox.qsize() >= self.max_inbox:
+        if self._full():
             self._make_room()
         size = len(payload)
         if size > MAX_PAYLOAD:
@@ -466,6 +478,11 @@ class MqttEdge:
             )
         )
 
+    def _full(self) -> bool:
+        """A window's worth waits for a batch: in the inbox, or sent behind the batch
+        being committed (Room.held)."""
+        return self.inbox.qsize() + self.room.held >= self.max_inbox
+
     def _make_room(self) -> None:
         """On paho's thread, with the inbox at the window: wait until the batcher takes
         a batch. The broker should never send more than the Receive Maximum unacked, but
@@ -477,12 +494,12 @@ class MqttEdge:
         batch; if ingest is stalled, it lets one message in per quarter of the keepalive,
         so that paho's thread still keeps the connection alive. It waits on `room`,
         which the batcher makes whenever it takes a batch: woken at once, not polling."""
-        if self.inbox.qsize() < self.max_inbox:
+        if not self._full():
             return
         client = self._client
         if not isinstance(client, BulkReadClient):
             self.room.wait_for(
-                lambda: self.inbox.qsize() < self.max_inbox or self._stopping,
+                lambda: not self._full() or self._stopping,
                 self.settings.keepalive_s / 4,
             )
             return
@@ -494,13 +511,13 @@ class MqttEdge:
         deadline = time.monotonic() + self.settings.keepalive_s / 4
         while True:
             self.room.wait_for(
-                lambda: self.inbox.qsize() < self.max_inbox or self._stopping or self._acked,
+                lambda: not self._full() or self._stopping or self._acked,
                 max(0.0, deadline - time.monotonic()),
             )
             self._acked = False
             client.between_packets()
             # Room, a stop, or the connection found lost there (paho's thread reconnects).
-            if self.inbox.qsize() < self.max_inbox or self._stopping or client._sock is None:
+            if not self._full() or self._stopping or client._sock is None:
                 return
             if time.monotonic() >= deadline:
                 return
