@@ -79,12 +79,12 @@ class Line:
         self.thread = threading.Thread(target=self.batcher.run, args=(self.stop,), daemon=True)
         self.thread.start()
 
-    def publish(self, numbers: range) -> None:
+    def publish(self, numbers: range, payload: bytes = b"not json") -> None:
         """QoS 1 messages, each acknowledged by the broker."""
         publisher = Publisher(self.port, "courier-app")
         try:
             for n in numbers:
-                publisher.publish(topic(n), b"not json")
+                publisher.publish(topic(n), payload)
         finally:
             publisher.close()
 
@@ -316,3 +316,28 @@ def test_the_ingest_process_skips_batches_behind_a_failed_one_until_told_to_resu
             assert pipe.poll(15), "no answer after resuming"
             assert pipe.recv()[0] == "ok"
         assert line.committed() == [topic(n) for n in range(2 * BATCH)]
+
+
+def test_a_batch_larger_than_the_pipes_buffer_is_counted_while_its_send_waits(
+    tmp_path: Path,
+) -> None:
+    """A batch can be larger than the pipe's buffer (1000 statuses are about 240 KB, the
+    socketpair's buffer about 208 KB): the send of the batch behind then waits until the
+    ingest process reads it, after the batch ahead commits. Meanwhile both count as in
+    hand, and the one behind in the window: here a small batch, then batches of five
+    payloads of 60 KB, with the ingest process stopped."""
+    with intake(tmp_path) as line:
+        line.pause_ingest()
+        line.publish(range(BATCH))
+        line.publish(range(BATCH, 3 * BATCH), b"x" * 60_000)
+        line.window_waiting()
+        line.start()
+        line.sent_behind_the_one_committing()
+        b = line.batcher
+        assert (b.inbox.qsize(), b.inflight()) == (0, 2 * BATCH)
+        assert line.sessions.room.held == BATCH
+        line.resume_ingest()
+        every = [topic(n) for n in range(3 * BATCH)]
+        wait_until(lambda: line.committed() == every, 20, "every message committed, in order")
+        wait_until(lambda: b.inflight() == 0, 10, "everything acknowledged")
+        assert line.sessions.room.held == 0
