@@ -268,8 +268,14 @@ class Batcher:
             if time.monotonic() - self._last_write >= PROBE_EVERY_S:
                 self._probe(stop)
             return None
+        # In hand from now (nothing else is: this is taken only then), not from its send:
+        # admitting and pickling 1000 messages takes a few milliseconds.
+        self.in_hand, self.oldest_pending = len(batch), min(m.received for m in batch)
         kept, fence = self.sessions.admit(batch)
-        return Taken.of(kept, fence) if kept else None  # (none: handed over, see admit)
+        if not kept:  # (handed over, see admit)
+            self._hold()
+            return None
+        return Taken.of(kept, fence)
 
     def _take_behind(self) -> None:
         """While a batch commits, the full batch waiting in the inbox is sent behind it."""
@@ -278,6 +284,7 @@ class Batcher:
         # no room is seen in between.
         self.sessions.room.hold(self.size)
         batch = [self.inbox.get_nowait() for _ in range(self.size)]  # waiting: see _reply
+        self.in_hand += len(batch)  # (the one ahead is older)
         kept, fence = self.sessions.admit(batch)
         if kept:
             self._send(Taken.of(kept, fence))
@@ -338,6 +345,8 @@ class Batcher:
             skipped = self._reply(stop)[0]
             if skipped != "skipped":
                 raise IngestFailed(f"ingest answered {skipped} for a batch behind a failed one")
+        # Out of `_sent` until sent again (or dropped), but still counted meanwhile:
+        # in_hand, the lag and Room.held are told again (`_hold`) only then.
         self._sent.clear()
         self._resume = True
         if kind == "fenced":
