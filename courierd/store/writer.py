@@ -599,8 +599,8 @@ class BatchWriter:
         for rows, column in ((by_key, "order_id"), (by_address, db.row_address)):
             if not db.update_from:  # one statement per row
                 db.executemany(
-                    f"UPDATE orders SET track = ?, consumed = COALESCE(?, consumed){rev} "
-                    f"WHERE {column} = ?",
+                    f"UPDATE{db.or_fail} orders SET track = ?, "
+                    f"consumed = COALESCE(?, consumed){rev} WHERE {column} = ?",
                     rows,
                 )
                 continue
@@ -608,8 +608,8 @@ class BatchWriter:
                 "WITH v (track, consumed, k) AS (VALUES",
                 "(?, ?, ?)",
                 rows,
-                ") UPDATE orders SET track = v.track, consumed = COALESCE(v.consumed, "
-                f"orders.consumed){rev} FROM v WHERE orders.{column} = v.k",
+                f") UPDATE{db.or_fail} orders SET track = v.track, consumed = COALESCE("
+                f"v.consumed, orders.consumed){rev} FROM v WHERE orders.{column} = v.k",
             )
         db.insert_rows(
             "INSERT INTO transitions (order_id, status, inferred, event_id, at, recorded_at, "
@@ -695,7 +695,8 @@ class BatchWriter:
             [_courier_row(cid, state) for cid, state in sorted(fx.couriers.items())],
         )
         db.insert_rows(
-            "INSERT INTO track_points (courier_id, ts, lat, lng, accuracy_m, recorded_at) VALUES",
+            f"INSERT{db.or_fail} INTO track_points (courier_id, ts, lat, lng, accuracy_m, "
+            "recorded_at) VALUES",
             "(?, ?, ?, ?, ?, ?)",
             [(f.courier_id, f.ts, f.lat, f.lng, f.accuracy_m, now_iso) for f in fx.track_points],
         )
