@@ -580,6 +580,41 @@ def test_batch_fails_midway_nothing_lands(store: Store) -> None:
     assert store.outbox.get_order("o1").state == "arriving_at_store"  # type: ignore[union-attr]
 
 
+def test_statuses_failing_midway_leave_no_transition_nor_event(store: Store) -> None:
+    """A transition that cannot be written, in the middle of a statement of several (the
+    writer's transitions go many rows a statement, and on SQLite with OR FAIL: a failing
+    row does not undo the statement's earlier rows), fails the batch, and the rollback
+    leaves none of it. The writer goes on afterwards."""
+    n = 40  # transitions: a statement of 32 rows, then one of 8, which fails at its second
+    oids = [f"o{i:03}" for i in range(n)]
+    store.writer.commit(
+        [status(f"e{i}", oid, Status.DASHER_CONFIRMED) for i, oid in enumerate(oids)], now=T0
+    )
+
+    def counts() -> list[object]:
+        return [
+            store.db.value(f"SELECT count(*) FROM {table}")
+            for table in ("transitions", "outbox", "processed_events")
+        ]
+
+    before = counts()
+    poisoned = Effects()
+    for i, oid in enumerate(oids):
+        poisoned.event_ids.add((oid, f"f{i}"))
+        at = None if i == 33 else iso(T0 + 1)
+        poisoned.transitions.append(
+            Transition(oid, Status.ARRIVING_AT_STORE, False, f"f{i}", at)  # type: ignore[arg-type]
+        )
+    with pytest.raises((sqlite3.IntegrityError, psycopg.IntegrityError)), store.db.transaction():
+        store.writer.write(poisoned, Snapshot(), now=T0 + 1)
+    assert counts() == before
+    store.writer.commit(
+        [status(f"g{i}", oid, Status.ARRIVING_AT_STORE) for i, oid in enumerate(oids)],
+        now=T0 + 2,
+    )
+    assert counts() == [2 * n, 2 * n, 2 * n]
+
+
 def test_fixes_failing_midway_leave_no_track_nor_kept_fix(store: Store) -> None:
     """A kept fix that cannot be written, in the middle of a statement of several (the
     writer's tracks and kept fixes go many rows a statement, and on SQLite with OR FAIL:

@@ -553,7 +553,7 @@ class BatchWriter:
         # A new row moves it through the insert trigger, as anyone's does.
         rev = ", track_rev = orders.track_rev + 1" if db.change_marker else ""
         db.insert_rows(
-            "INSERT INTO orders (order_id, state, courier_id, updated_at, status_at, "
+            f"INSERT{db.or_fail} INTO orders (order_id, state, courier_id, updated_at, status_at, "
             "assigned_at, status_ts) VALUES",
             "(?, ?, ?, ?, ?, ?, ?)",
             [
@@ -612,8 +612,8 @@ class BatchWriter:
                 f"v.consumed, orders.consumed){rev} FROM v WHERE orders.{column} = v.k",
             )
         db.insert_rows(
-            "INSERT INTO transitions (order_id, status, inferred, event_id, at, recorded_at, "
-            "source, lat, lng, fixes, clocked) VALUES",
+            f"INSERT{db.or_fail} INTO transitions (order_id, status, inferred, event_id, at, "
+            "recorded_at, source, lat, lng, fixes, clocked) VALUES",
             "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 (
@@ -635,7 +635,7 @@ class BatchWriter:
         # A push of an order whose cancel is in progress waits ("held") for its outcome.
         held = {oid for oid, o in {**snap.orders, **fx.orders}.items() if o.held}
         db.insert_rows(
-            "INSERT INTO outbox (order_id, status, body, idempotency_key, state, "
+            f"INSERT{db.or_fail} INTO outbox (order_id, status, body, idempotency_key, state, "
             "attempts, next_attempt_at, created_at, source) VALUES",
             f"(?, ?, ?, ?, ?, 0, {db.at_once}, ?, ?)",
             [
@@ -669,7 +669,7 @@ class BatchWriter:
             ],
         )
         db.insert_rows(
-            "INSERT INTO processed_events (order_id, event_id, seen_at) VALUES",
+            f"INSERT{db.or_fail} INTO processed_events (order_id, event_id, seen_at) VALUES",
             "(?, ?, ?)",
             [(order_id, e, now_iso) for order_id, e in sorted(fx.event_ids)],
             " ON CONFLICT (order_id, event_id) DO NOTHING",
@@ -685,8 +685,8 @@ class BatchWriter:
         )
         # The planner read these rows in this transaction: what it says is the truth.
         db.executemany(
-            "INSERT INTO couriers (courier_id, fix_ts, lat, lng, accuracy_m, speed_mps, "
-            "heading, last_seen, offline, fix_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            f"INSERT{db.or_fail} INTO couriers (courier_id, fix_ts, lat, lng, accuracy_m, "
+            "speed_mps, heading, last_seen, offline, fix_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (courier_id) DO UPDATE SET fix_ts = excluded.fix_ts, "
             "lat = excluded.lat, lng = excluded.lng, accuracy_m = excluded.accuracy_m, "
             "speed_mps = excluded.speed_mps, heading = excluded.heading, "
