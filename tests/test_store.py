@@ -15,6 +15,7 @@ import pytest
 
 from courierd.config import GeofenceSettings, StoreSettings
 from courierd.daemon.ingest import _commit_isolating
+from courierd.domain.geofence import Track
 from courierd.domain.lifecycle import active_sql, finished_sql
 from courierd.domain.memo import Memo
 from courierd.domain.model import (
@@ -577,6 +578,77 @@ def test_batch_fails_midway_nothing_lands(store: Store) -> None:
     # and the store is still usable afterwards
     store.writer.commit([status("e3", "o1", Status.ARRIVING_AT_STORE)], now=T0)
     assert store.outbox.get_order("o1").state == "arriving_at_store"  # type: ignore[union-attr]
+
+
+def test_statuses_failing_midway_leave_no_transition_nor_event(store: Store) -> None:
+    """A transition that cannot be written, in the middle of a statement of several (the
+    writer's transitions go many rows a statement, and on SQLite with OR FAIL: a failing
+    row does not undo the statement's earlier rows), fails the batch, and the rollback
+    leaves none of it. The writer goes on afterwards."""
+    n = 40  # transitions: a statement of 32 rows, then one of 8, which fails at its second
+    oids = [f"o{i:03}" for i in range(n)]
+    store.writer.commit(
+        [status(f"e{i}", oid, Status.DASHER_CONFIRMED) for i, oid in enumerate(oids)], now=T0
+    )
+
+    def counts() -> list[object]:
+        return [
+            store.db.value(f"SELECT count(*) FROM {table}")
+            for table in ("transitions", "outbox", "processed_events")
+        ]
+
+    before = counts()
+    poisoned = Effects()
+    for i, oid in enumerate(oids):
+        poisoned.event_ids.add((oid, f"f{i}"))
+        at = None if i == 33 else iso(T0 + 1)
+        poisoned.transitions.append(
+            Transition(oid, Status.ARRIVING_AT_STORE, False, f"f{i}", at)  # type: ignore[arg-type]
+        )
+    with pytest.raises((sqlite3.IntegrityError, psycopg.IntegrityError)), store.db.transaction():
+        store.writer.write(poisoned, Snapshot(), now=T0 + 1)
+    assert counts() == before
+    store.writer.commit(
+        [status(f"g{i}", oid, Status.ARRIVING_AT_STORE) for i, oid in enumerate(oids)],
+        now=T0 + 2,
+    )
+    assert counts() == [2 * n, 2 * n, 2 * n]
+
+
+def test_fixes_failing_midway_leave_no_track_nor_kept_fix(store: Store) -> None:
+    """A kept fix that cannot be written, in the middle of a statement of several (the
+    writer's tracks and kept fixes go many rows a statement, and on SQLite with OR FAIL:
+    a failing row does not undo the statement's earlier rows), fails the batch, and the
+    rollback leaves none of it: no kept fix, every track and its consumed fixes as they
+    were. The writer goes on afterwards."""
+    n = 40  # kept fixes: a statement of 32 rows, then one of 8, which fails at its second
+    far = Place(41.0, -74.0, 100)
+    couriers = [f"c{i:03}" for i in range(n)]
+    store.writer.commit(
+        [Assignment(f"o{i:03}", c, b"{}", far, far) for i, c in enumerate(couriers)], now=T0
+    )
+    store.writer.commit(
+        [LocationFix(c, iso(T0 + 1), 40.0, -74.0, 5.0) for c in couriers], now=T0 + 1
+    )
+    before = store.db.rows("SELECT order_id, track, consumed FROM orders ORDER BY order_id")
+    assert store.db.value("SELECT count(*) FROM track_points") == n
+    poisoned = Effects()
+    for i, c in enumerate(couriers):
+        fix = LocationFix(c, iso(T0 + 2), 40.0, -74.0, 5.0)
+        poisoned.tracks[f"o{i:03}"] = Track(T0 + 2)
+        poisoned.consumed[f"o{i:03}"] = ((c, iso(T0 + 1), 2),)
+        poisoned.track_points.append(replace(fix, lat=None) if i == 33 else fix)  # type: ignore[arg-type]
+    with pytest.raises((sqlite3.IntegrityError, psycopg.IntegrityError)), store.db.transaction():
+        store.writer.write(poisoned, Snapshot(), now=T0 + 2)
+    assert store.db.value("SELECT count(*) FROM track_points") == n
+    assert store.db.rows("SELECT order_id, track, consumed FROM orders ORDER BY order_id") == before
+    store.writer.commit(
+        [LocationFix(c, iso(T0 + 3), 40.0, -74.0, 5.0) for c in couriers], now=T0 + 3
+    )
+    assert store.db.value("SELECT count(*) FROM track_points") == 2 * n
+    for courier, track, consumed in store.db.rows("SELECT courier_id, track, consumed FROM orders"):
+        assert json.loads(track)["last"] == T0 + 3
+        assert json.loads(consumed) == [[courier, iso(T0 + 1), 2]]
 
 
 def test_migrations_on_empty_and_existing_database(tmp_path: Path) -> None:

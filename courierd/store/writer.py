@@ -553,7 +553,7 @@ class BatchWriter:
         # A new row moves it through the insert trigger, as anyone's does.
         rev = ", track_rev = orders.track_rev + 1" if db.change_marker else ""
         db.insert_rows(
-            "INSERT INTO orders (order_id, state, courier_id, updated_at, status_at, "
+            f"INSERT{db.or_fail} INTO orders (order_id, state, courier_id, updated_at, status_at, "
             "assigned_at, status_ts) VALUES",
             "(?, ?, ?, ?, ?, ?, ?)",
             [
@@ -599,8 +599,8 @@ class BatchWriter:
         for rows, column in ((by_key, "order_id"), (by_address, db.row_address)):
             if not db.update_from:  # one statement per row
                 db.executemany(
-                    f"UPDATE orders SET track = ?, consumed = COALESCE(?, consumed){rev} "
-                    f"WHERE {column} = ?",
+                    f"UPDATE{db.or_fail} orders SET track = ?, "
+                    f"consumed = COALESCE(?, consumed){rev} WHERE {column} = ?",
                     rows,
                 )
                 continue
@@ -608,12 +608,12 @@ class BatchWriter:
                 "WITH v (track, consumed, k) AS (VALUES",
                 "(?, ?, ?)",
                 rows,
-                ") UPDATE orders SET track = v.track, consumed = COALESCE(v.consumed, "
-                f"orders.consumed){rev} FROM v WHERE orders.{column} = v.k",
+                f") UPDATE{db.or_fail} orders SET track = v.track, consumed = COALESCE("
+                f"v.consumed, orders.consumed){rev} FROM v WHERE orders.{column} = v.k",
             )
         db.insert_rows(
-            "INSERT INTO transitions (order_id, status, inferred, event_id, at, recorded_at, "
-            "source, lat, lng, fixes, clocked) VALUES",
+            f"INSERT{db.or_fail} INTO transitions (order_id, status, inferred, event_id, at, "
+            "recorded_at, source, lat, lng, fixes, clocked) VALUES",
             "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 (
@@ -635,7 +635,7 @@ class BatchWriter:
         # A push of an order whose cancel is in progress waits ("held") for its outcome.
         held = {oid for oid, o in {**snap.orders, **fx.orders}.items() if o.held}
         db.insert_rows(
-            "INSERT INTO outbox (order_id, status, body, idempotency_key, state, "
+            f"INSERT{db.or_fail} INTO outbox (order_id, status, body, idempotency_key, state, "
             "attempts, next_attempt_at, created_at, source) VALUES",
             f"(?, ?, ?, ?, ?, 0, {db.at_once}, ?, ?)",
             [
@@ -669,7 +669,7 @@ class BatchWriter:
             ],
         )
         db.insert_rows(
-            "INSERT INTO processed_events (order_id, event_id, seen_at) VALUES",
+            f"INSERT{db.or_fail} INTO processed_events (order_id, event_id, seen_at) VALUES",
             "(?, ?, ?)",
             [(order_id, e, now_iso) for order_id, e in sorted(fx.event_ids)],
             " ON CONFLICT (order_id, event_id) DO NOTHING",
@@ -685,8 +685,8 @@ class BatchWriter:
         )
         # The planner read these rows in this transaction: what it says is the truth.
         db.executemany(
-            "INSERT INTO couriers (courier_id, fix_ts, lat, lng, accuracy_m, speed_mps, "
-            "heading, last_seen, offline, fix_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            f"INSERT{db.or_fail} INTO couriers (courier_id, fix_ts, lat, lng, accuracy_m, "
+            "speed_mps, heading, last_seen, offline, fix_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (courier_id) DO UPDATE SET fix_ts = excluded.fix_ts, "
             "lat = excluded.lat, lng = excluded.lng, accuracy_m = excluded.accuracy_m, "
             "speed_mps = excluded.speed_mps, heading = excluded.heading, "
@@ -695,7 +695,8 @@ class BatchWriter:
             [_courier_row(cid, state) for cid, state in sorted(fx.couriers.items())],
         )
         db.insert_rows(
-            "INSERT INTO track_points (courier_id, ts, lat, lng, accuracy_m, recorded_at) VALUES",
+            f"INSERT{db.or_fail} INTO track_points (courier_id, ts, lat, lng, accuracy_m, "
+            "recorded_at) VALUES",
             "(?, ?, ?, ?, ?, ?)",
             [(f.courier_id, f.ts, f.lat, f.lng, f.accuracy_m, now_iso) for f in fx.track_points],
         )
