@@ -105,6 +105,16 @@ class Line:
             "the waiting batch taken and sent behind the one committing",
         )
 
+    def two_batches_in_hand(self, messages: int) -> None:
+        """With the ingest process stopped: `messages` published, the window waiting, the
+        batcher started, until it has sent the first batch and the one behind it."""
+        self.pause_ingest()
+        self.publish(range(messages))
+        self.window_waiting()
+        self.start()
+        self.sent_behind_the_one_committing()
+        assert self.inbox.qsize() == 0
+
     def pause_ingest(self) -> None:
         assert self.ingest.pid is not None
         os.kill(self.ingest.pid, signal.SIGSTOP)
@@ -184,13 +194,9 @@ def test_while_a_batch_commits_the_full_batch_waiting_is_sent_behind_it_and_coun
     (inflight, lag, behind). Once the first commits, all arrive, in order, and nothing is
     left in hand."""
     with intake(tmp_path) as line:
-        line.pause_ingest()
-        line.publish(range(3 * BATCH))
-        line.window_waiting()  # the third batch waits in the broker (Receive Maximum)
-        line.start()
-        line.sent_behind_the_one_committing()
+        line.two_batches_in_hand(3 * BATCH)  # the third waits in the broker (its window)
         b = line.batcher
-        assert (b.inbox.qsize(), b.inflight()) == (0, 2 * BATCH)  # counted: received, unacked
+        assert b.inflight() == 2 * BATCH  # counted: received, unacknowledged
         oldest = b.oldest_pending
         assert oldest is not None and b.lag_s(oldest + 1.0) == pytest.approx(1.0)
         assert b.behind_s(b.caught_up_at + 1.0) == pytest.approx(1.0)
@@ -210,12 +216,7 @@ def test_the_batch_sent_behind_still_counts_in_the_window(tmp_path: Path) -> Non
     waits in the inbox, so that courierd holds the window and the batch being committed,
     as without prefetch, not a batch more (README "The window")."""
     with intake(tmp_path, protocol="3.1.1") as line:
-        line.pause_ingest()
-        line.publish(range(2 * BATCH))
-        line.window_waiting()
-        line.start()
-        line.sent_behind_the_one_committing()
-        assert line.inbox.qsize() == 0
+        line.two_batches_in_hand(2 * BATCH)
         room = line.sessions.room
         assert room.waiting == 0  # (the inbox never held more than the window)
         line.publish(range(2 * BATCH, 5 * BATCH))
@@ -265,12 +266,7 @@ def test_a_batch_sent_behind_is_committed_under_its_fence_and_later_ones_are_adm
     the session's new holder, which commits them again (idempotent). The third batch,
     taken after the hand-over, is admitted at the new epoch and committed once."""
     with intake(tmp_path, shared=True) as line:
-        line.pause_ingest()
-        line.publish(range(3 * BATCH))
-        line.window_waiting()
-        line.start()
-        line.sent_behind_the_one_committing()
-        assert line.inbox.qsize() == 0
+        line.two_batches_in_hand(3 * BATCH)
         line.sessions.hold({0: 2})  # (its messages are redelivered once there is room)
         line.resume_ingest()
         expected = Counter({topic(n): 2 if n < 2 * BATCH else 1 for n in range(3 * BATCH)})
