@@ -41,10 +41,11 @@ class Database(abc.ABC):
     # The engine understands UPDATE ... FROM (a join): SQLite from 3.33 on.
     update_from: ClassVar[bool] = True
     # Put after UPDATE or INSERT in the ingest writer's statements of every status and
-    # fix (orders, transitions, pushes, event ids, couriers, tracks, kept fixes): a
-    # failing row then ends the statement without undoing its earlier rows, which the
-    # transaction's rollback undoes anyway (the writer never goes on after an error).
-    # SQLite's " OR FAIL" spares its statement journal.
+    # fix (transitions, pushes, event ids, tracks, kept fixes; not its DO UPDATE upserts,
+    # which SQLite runs with ABORT anyway): a failing row then ends the statement without
+    # undoing its earlier rows, which the transaction's rollback undoes anyway (the
+    # writer never goes on after an error). SQLite's " OR FAIL" spares its statement
+    # journal.
     or_fail: ClassVar[str] = ""
     # The due time of a push due at once, for a `now` parameter: on a shared database
     # never later than the database's own now, since the instances claim on its clock.

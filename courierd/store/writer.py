@@ -553,7 +553,9 @@ class BatchWriter:
         # A new row moves it through the insert trigger, as anyone's does.
         rev = ", track_rev = orders.track_rev + 1" if db.change_marker else ""
         db.insert_rows(
-            f"INSERT{db.or_fail} INTO orders (order_id, state, courier_id, updated_at, status_at, "
+            # (No OR FAIL: SQLite runs an upsert's DO UPDATE with ABORT whatever the
+            # statement says, so it keeps its statement journal anyway.)
+            "INSERT INTO orders (order_id, state, courier_id, updated_at, status_at, "
             "assigned_at, status_ts) VALUES",
             "(?, ?, ?, ?, ?, ?, ?)",
             [
@@ -685,8 +687,8 @@ class BatchWriter:
         )
         # The planner read these rows in this transaction: what it says is the truth.
         db.executemany(
-            f"INSERT{db.or_fail} INTO couriers (courier_id, fix_ts, lat, lng, accuracy_m, "
-            "speed_mps, heading, last_seen, offline, fix_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "INSERT INTO couriers (courier_id, fix_ts, lat, lng, accuracy_m, speed_mps, "
+            "heading, last_seen, offline, fix_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (courier_id) DO UPDATE SET fix_ts = excluded.fix_ts, "
             "lat = excluded.lat, lng = excluded.lng, accuracy_m = excluded.accuracy_m, "
             "speed_mps = excluded.speed_mps, heading = excluded.heading, "
