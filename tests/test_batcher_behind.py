@@ -22,6 +22,7 @@ import queue
 import signal
 import sqlite3
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -207,6 +208,25 @@ def test_while_a_batch_commits_the_full_batch_waiting_is_sent_behind_it_and_coun
         wait_until(lambda: b.inflight() == 0, 10, "everything acknowledged")
         assert (b.in_hand, b.oldest_pending) == (0, None)
         assert sum(r.size for r in line.reports) == 3 * BATCH
+
+
+def test_a_batch_sent_behind_waits_in_the_receive_stage_not_the_commit_stage(
+    tmp_path: Path,
+) -> None:
+    """/metrics' latency stages: a batch sent behind another waits for it before its own
+    commit begins. That wait is "receive" (the batch's `waited_s`), as it was before
+    batches were sent behind; its "commit" (`commit_s`) begins once the one ahead is
+    committed. Here the ingest process is stopped for at least half a second."""
+    with intake(tmp_path) as line:
+        line.two_batches_in_hand(2 * BATCH)
+        stopped_at = time.monotonic()
+        wait_until(lambda: time.monotonic() - stopped_at > 0.5, 5, "half a second stopped")
+        line.resume_ingest()
+        wait_until(lambda: len(line.reports) == 2, 15, "both batches reported")
+        ahead, behind = line.reports
+        assert ahead.commit_s > 0.5  # (sent, then the ingest process was stopped)
+        assert behind.waited_s > 0.5
+        assert behind.commit_s < behind.waited_s
 
 
 def test_the_batch_sent_behind_still_counts_in_the_window(tmp_path: Path) -> None:

@@ -178,6 +178,7 @@ class Batcher:
         # written and read by this thread only (`_hold` tells the others).
         self._sent: deque[Taken] = deque()
         self._failures = 0  # commits failed in a row (the database unavailable)
+        self._committed_at = 0.0  # when the last batch was reported committed (monotonic)
         # After a failed batch, the ingest process skips the batches sent behind it until
         # told to resume; this thread tells it before the next batch it sends.
         self._resume = False
@@ -329,8 +330,12 @@ class Batcher:
             self._hold()
             self._committed()
             report: BatchReport = value
-            report.waited_s = max(0.0, head.sent_at - head.received)
-            report.commit_s = time.monotonic() - head.sent_at
+            # Its commit began when it was sent, or, sent behind, when the one ahead was
+            # committed: the wait before that is still "receive" on /metrics.
+            now, began = time.monotonic(), max(head.sent_at, self._committed_at)
+            report.waited_s = max(0.0, began - head.received)
+            report.commit_s = now - began
+            self._committed_at = now
             self._settle()  # (normally acknowledged already)
             self._unacked, self._unreported = head.messages, report
             if self._sent:  # the next one commits meanwhile: acknowledge this one now
