@@ -60,7 +60,7 @@ class SqliteDatabase(Database):
     # A statement that may write several rows and stop on a constraint keeps a statement
     # journal, a copy of each page before its first change in the statement, to undo
     # only the statement: with OR FAIL nothing is undone, so nothing is copied. 0.3 to
-    # 0.9 µs of CPU per track rewritten, about 1 µs a status (docs/performance.md).
+    # 0.9 µs of CPU per track rewritten, about 0.8 µs a status (docs/performance.md).
     or_fail = " OR FAIL"
 
     def __init__(
