@@ -233,6 +233,38 @@ def test_stop_has_one_deadline_even_when_onetablet_hangs(rig: Rig) -> None:
     pub.close()
 
 
+def test_stop_has_one_deadline_even_when_ingest_hangs_mid_send(sqlite_rig: Rig) -> None:
+    """SIGTERM while the ingest process hangs (SIGSTOP) and the batcher is sending it a
+    batch larger than the pipe's buffer (five payloads of 60 KB), so that the send waits
+    for a read that never comes: the daemon still exits within its stop deadline (the
+    ingest process killed at it), leaving no process behind. Nothing was acknowledged,
+    so after a restart every message is committed."""
+    rig = sqlite_rig
+    batch = 5
+    daemon = rig.daemon(
+        COURIERD_INGEST__BATCH_SIZE=str(batch), COURIERD_DAEMON__STOP_TIMEOUT_S="3"
+    ).start()
+    os.kill(daemon.workers()["ingest"], signal.SIGSTOP)
+    pub = rig.publisher()
+    for n in range(3 * batch):
+        pub.publish(f"couriers/c{n:02d}/location", b"x" * 60_000)
+    pub.close()
+    wait_until(
+        lambda: daemon.metric("courierd_mqtt_inflight_messages") >= 2 * batch,
+        15,
+        "a batch in hand and the window waiting",
+    )
+    # Past the deadline the ingest process is killed: its batcher's pipe ends, fatally.
+    assert daemon.stop(timeout=30) == 1
+    rig.daemon().start()
+    with contextlib.closing(sqlite3.connect(rig.dir / "courierd.db")) as db:
+        wait_until(
+            lambda: db.execute("SELECT count(*) FROM dead_letters").fetchone()[0] == 3 * batch,
+            20,
+            "every message committed after the restart",
+        )
+
+
 def test_a_stalled_loop_turns_health_red_and_stops_watchdog_pings(
     sqlite_rig: Rig, notify: NotifySocket
 ) -> None:
