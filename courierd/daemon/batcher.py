@@ -299,15 +299,20 @@ class Batcher:
         self._sent.extend(batches)
         self._hold()
         try:
-            if self._resume:
-                self.pipe.send(("resume", None))
-                self._resume = False
+            self._resume_if_due()
             for batch in batches:
                 # The first time only: a retry's commit_s includes its backoff.
                 batch.sent_at = batch.sent_at or time.monotonic()
                 self.pipe.send_bytes(batch.request)
         except OSError as e:
             raise self._ingest_gone(e) from None
+
+    def _resume_if_due(self) -> None:
+        """After a failed batch, before anything else is sent: the ingest process skips
+        batches until told to resume (see the module text)."""
+        if self._resume:
+            self.pipe.send(("resume", None))
+            self._resume = False
 
     def _reply(self, stop: threading.Event) -> tuple[str, Any]:
         """The ingest process's answer for the oldest batch sent. Until it comes, a full
@@ -375,9 +380,7 @@ class Batcher:
         request = pickled(("probe", None))
         while True:
             try:
-                if self._resume:
-                    self.pipe.send(("resume", None))
-                    self._resume = False
+                self._resume_if_due()
                 self.pipe.send_bytes(request)
                 kind, value = self.pipe.recv()
             except (EOFError, OSError) as e:
